@@ -1,0 +1,244 @@
+//! The file format: what operators write. Checked and turned into [`super::Config`].
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::{self, Deserializer, MapAccess, Visitor};
+use serde::Deserialize;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSection {
+    #[serde(default = "default_listen")]
+    pub listen: Vec<String>,
+    /// Worker threads, each with its own runtime and `SO_REUSEPORT` listener; 0 = one per core.
+    #[serde(default)]
+    pub workers: usize,
+    #[serde(default = "default_header_read_timeout", deserialize_with = "duration")]
+    pub header_read_timeout: Duration,
+    #[serde(default = "default_idle_timeout", deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    #[serde(default = "default_max_header_bytes")]
+    pub max_header_bytes: usize,
+    #[serde(default = "default_shutdown_grace", deserialize_with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerSection {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            workers: 0,
+            header_read_timeout: default_header_read_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_header_bytes: default_max_header_bytes(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+
+fn default_listen() -> Vec<String> {
+    vec!["127.0.0.1:8080".to_string()]
+}
+fn default_header_read_timeout() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_header_bytes() -> usize {
+    16 * 1024
+}
+fn default_shutdown_grace() -> Duration {
+    Duration::from_secs(30)
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    #[serde(default = "default_admin_listen")]
+    pub listen: String,
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl Default for AdminSection {
+    fn default() -> Self {
+        Self {
+            listen: default_admin_listen(),
+            token: None,
+        }
+    }
+}
+
+fn default_admin_listen() -> String {
+    "127.0.0.1:9901".to_string()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LbPolicy {
+    RoundRobin,
+    LeastRequests,
+    ConsistentHash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpstreamProtocol {
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c) to the endpoints.
+    Http2,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSection {
+    pub endpoints: Vec<EndpointSpec>,
+    #[serde(default = "default_lb")]
+    pub lb: LbPolicy,
+    /// For `consistent_hash`: `client_ip` or `header:<name>`.
+    #[serde(default)]
+    pub hash_key: Option<String>,
+    #[serde(default = "default_protocol")]
+    pub protocol: UpstreamProtocol,
+    #[serde(default = "default_resolve_interval", deserialize_with = "duration")]
+    pub resolve_interval: Duration,
+    /// Send the client's `Host` upstream (true) or the endpoint's `host:port` (false).
+    #[serde(default = "default_true")]
+    pub preserve_host: bool,
+    #[serde(default)]
+    pub timeouts: TimeoutsSection,
+}
+
+fn default_lb() -> LbPolicy {
+    LbPolicy::RoundRobin
+}
+fn default_protocol() -> UpstreamProtocol {
+    UpstreamProtocol::Http1
+}
+fn default_resolve_interval() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TimeoutsSection {
+    /// TCP connect to an endpoint.
+    #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
+    pub connect: Duration,
+    /// Longest wait for the response head, and for each response body chunk after it.
+    #[serde(default = "default_read_timeout", deserialize_with = "duration")]
+    pub read: Duration,
+    /// Deadline for the whole exchange, from sending the request to the last body byte.
+    #[serde(default, deserialize_with = "optional_duration")]
+    pub total: Option<Duration>,
+}
+
+impl Default for TimeoutsSection {
+    fn default() -> Self {
+        Self {
+            connect: default_connect_timeout(),
+            read: default_read_timeout(),
+            total: None,
+        }
+    }
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(3)
+}
+fn default_read_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// `"10.0.0.1:9000"` or `{ address = "10.0.0.1:9000", weight = 2 }`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EndpointSpec {
+    pub address: String,
+    pub weight: u32,
+}
+
+impl<'de> Deserialize<'de> for EndpointSpec {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct EndpointVisitor;
+
+        impl<'de> Visitor<'de> for EndpointVisitor {
+            type Value = EndpointSpec;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("\"host:port\" or { address = \"host:port\", weight = N }")
+            }
+
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<EndpointSpec, E> {
+                Ok(EndpointSpec {
+                    address: v.to_string(),
+                    weight: 1,
+                })
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EndpointSpec, A::Error> {
+                let mut address = None;
+                let mut weight = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    match key.as_str() {
+                        "address" => address = Some(map.next_value::<String>()?),
+                        "weight" => weight = Some(map.next_value::<u32>()?),
+                        other => return Err(de::Error::unknown_field(other, &["address", "weight"])),
+                    }
+                }
+                Ok(EndpointSpec {
+                    address: address.ok_or_else(|| de::Error::missing_field("address"))?,
+                    weight: weight.unwrap_or(1),
+                })
+            }
+        }
+
+        deserializer.deserialize_any(EndpointVisitor)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSection {
+    pub name: String,
+    /// Exact (`api.example.com`) or wildcard (`*.example.com`); empty = any host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    /// Path prefix, matched on segment boundaries; the longest match wins.
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// Empty = any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    pub upstream: String,
+    #[serde(default)]
+    pub strip_prefix: bool,
+}
+
+fn default_path() -> String {
+    "/".to_string()
+}
+
+/// Top-level sections; each is checked on its own so one bad section does not hide another.
+pub const SECTIONS: &[&str] = &["data_dir", "server", "admin", "upstreams", "routes"];
+
+pub type Upstreams = BTreeMap<String, UpstreamSection>;
+
+fn duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    parse_duration(&text).map_err(de::Error::custom)
+}
+
+fn optional_duration<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Duration>, D::Error> {
+    duration(deserializer).map(Some)
+}
+
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("invalid duration {text:?} ({e}); write e.g. \"200ms\", \"10s\", \"1m\""))
+}

@@ -1,0 +1,2 @@
+//! Tollgate: a self-hosted API gateway for metered APIs.
+pub mod config;
