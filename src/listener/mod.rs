@@ -1,0 +1,173 @@
+//! Listeners and workers, NGINX-style: one thread per worker, each with its own
+//! current-thread tokio runtime and its own `SO_REUSEPORT` socket per listen address, so
+//! the kernel spreads connections and a connection never leaves its thread.
+
+mod guard;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::sync::watch;
+
+pub use guard::{ConnPhase, GuardedStream, HeadLimits};
+
+use crate::proxy::{ConnInfo, Gateway, Worker};
+
+/// Binds `workers` sockets per address with `SO_REUSEPORT`. Port 0 is resolved by the first
+/// bind and reused for the rest, so all workers share one port.
+pub fn bind(addrs: &[SocketAddr], workers: usize) -> std::io::Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>)> {
+    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
+    let mut bound = Vec::new();
+    for addr in addrs {
+        let mut actual = *addr;
+        for listeners in per_worker.iter_mut() {
+            let listener = reuseport_listener(actual)?;
+            actual = listener.local_addr()?;
+            listeners.push(listener);
+        }
+        bound.push(actual);
+    }
+    Ok((per_worker, bound))
+}
+
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket
+        .bind(&addr.into())
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Starts one worker thread per entry of `listeners`. Each stops accepting when `shutdown`
+/// turns true, then lets open connections finish for up to `grace`.
+pub fn spawn_workers(
+    gateway: Arc<Gateway>,
+    listeners: Vec<Vec<std::net::TcpListener>>,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) -> std::io::Result<Vec<JoinHandle<()>>> {
+    let mut handles = Vec::new();
+    for (id, listeners) in listeners.into_iter().enumerate() {
+        let worker = Worker {
+            gateway: gateway.clone(),
+            id,
+        };
+        let shutdown = shutdown.clone();
+        let handle = std::thread::Builder::new()
+            .name(format!("tollgate-worker-{id}"))
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => runtime,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot start worker runtime");
+                        return;
+                    }
+                };
+                runtime.block_on(run_worker(worker, listeners, shutdown, grace));
+            })?;
+        handles.push(handle);
+    }
+    Ok(handles)
+}
+
+async fn run_worker(
+    worker: Worker,
+    listeners: Vec<std::net::TcpListener>,
+    shutdown: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let graceful = Arc::new(GracefulShutdown::new());
+    let mut accept_loops = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!(%error, "cannot register listener");
+                continue;
+            }
+        };
+        accept_loops.spawn(accept_loop(worker.clone(), listener, shutdown.clone(), graceful.clone()));
+    }
+    while accept_loops.join_next().await.is_some() {}
+    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(worker = worker.id, "shutdown grace period ended with connections still open");
+    }
+}
+
+async fn accept_loop(
+    worker: Worker,
+    listener: tokio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+    graceful: Arc<GracefulShutdown>,
+) {
+    let config = worker.gateway.snapshot().config.clone();
+    let limits = HeadLimits {
+        header_read_timeout: config.server.header_read_timeout,
+        idle_timeout: config.server.idle_timeout,
+        max_header_bytes: config.server.max_header_bytes,
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // The guard enforces the head limit; hyper's buffer only has to be larger.
+        .max_buf_size((limits.max_header_bytes * 2).max(64 * 1024));
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.max_header_bytes as u32);
+    let builder = Arc::new(builder);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                    continue;
+                }
+            },
+            _ = stopped(&mut shutdown) => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let phase = ConnPhase::new();
+        let conn = Arc::new(ConnInfo {
+            peer,
+            phase: Some(phase.clone()),
+        });
+        let io = TokioIo::new(GuardedStream::new(stream, phase, limits));
+        let open = worker.gateway.metrics.connection_opened();
+        let handler = worker.clone();
+        let service = service_fn(move |req| {
+            let handler = handler.clone();
+            let conn = conn.clone();
+            async move { Ok::<_, Infallible>(handler.handle(req, &conn).await) }
+        });
+        let connection = graceful.watch(builder.serve_connection_with_upgrades(io, service).into_owned());
+        tokio::spawn(async move {
+            let _open = open;
+            if let Err(error) = connection.await {
+                tracing::debug!(%peer, %error, "connection ended with error");
+            }
+        });
+    }
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|stop| *stop).await;
+}

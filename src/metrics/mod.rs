@@ -1,0 +1,220 @@
+//! Prometheus metrics. Counters are plain atomics resolved once per configuration (a
+//! route holds its own `Arc<RouteMetrics>`), so recording costs a few relaxed atomic adds
+//! and no map lookup or lock on the request path. Rendering happens on scrape.
+//!
+//! Hand-written rather than `prometheus-client`/`metrics`: those resolve label sets
+//! through a locked map per observation, which is the cost this design avoids.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::proxy::ErrorKind;
+
+pub const REQUESTS_TOTAL: &str = "tollgate_requests_total";
+pub const REQUEST_DURATION: &str = "tollgate_request_duration_seconds";
+pub const UPSTREAM_ERRORS_TOTAL: &str = "tollgate_upstream_errors_total";
+pub const OPEN_CONNECTIONS: &str = "tollgate_open_connections";
+pub const CONNECTIONS_TOTAL: &str = "tollgate_connections_total";
+pub const CONFIG_RELOADS_TOTAL: &str = "tollgate_config_reloads_total";
+
+/// Upper bounds of the latency histogram, in seconds.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+const STATUS_MIN: u16 = 100;
+const STATUS_SLOTS: usize = 500;
+
+/// Requests and latency of one route, by status code.
+pub struct RouteMetrics {
+    status: Box<[AtomicU64]>,
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    latency_sum_micros: AtomicU64,
+}
+
+impl RouteMetrics {
+    fn new() -> Self {
+        RouteMetrics {
+            status: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
+            buckets: Default::default(),
+            latency_sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn record(&self, status: u16, latency: Duration) {
+        let slot = usize::from(status.saturating_sub(STATUS_MIN)).min(STATUS_SLOTS - 1);
+        self.status[slot].fetch_add(1, Ordering::Relaxed);
+        let seconds = latency.as_secs_f64();
+        let bucket = LATENCY_BUCKETS.iter().position(|&b| seconds <= b).unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.latency_sum_micros.fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    pub fn count(&self, status: u16) -> u64 {
+        let slot = usize::from(status.saturating_sub(STATUS_MIN)).min(STATUS_SLOTS - 1);
+        self.status[slot].load(Ordering::Relaxed)
+    }
+}
+
+const ERROR_KINDS: [ErrorKind; 4] = [
+    ErrorKind::NoEndpoint,
+    ErrorKind::UpstreamConnect,
+    ErrorKind::UpstreamTimeout,
+    ErrorKind::UpstreamProtocol,
+];
+
+/// Failed upstream exchanges of one pool, by kind.
+#[derive(Default)]
+pub struct UpstreamMetrics {
+    errors: [AtomicU64; ERROR_KINDS.len()],
+}
+
+impl UpstreamMetrics {
+    pub fn record_error(&self, kind: ErrorKind) {
+        if let Some(i) = ERROR_KINDS.iter().position(|&k| k == kind) {
+            self.errors[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// All metrics of one process. Per-route and per-upstream entries are kept by name, so
+/// counts survive configuration reloads.
+#[derive(Default)]
+pub struct Metrics {
+    // Locked only when a configuration is compiled and on scrape, never per request.
+    routes: Mutex<BTreeMap<String, Arc<RouteMetrics>>>,
+    upstreams: Mutex<BTreeMap<String, Arc<UpstreamMetrics>>>,
+    open_connections: AtomicI64,
+    connections_total: AtomicU64,
+    reloads_ok: AtomicU64,
+    reloads_failed: AtomicU64,
+}
+
+/// Keeps `tollgate_open_connections` right on every exit path of a connection.
+pub struct ConnectionGuard(Arc<Metrics>);
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Label used for requests that matched no route.
+pub const NO_ROUTE: &str = "(none)";
+
+impl Metrics {
+    pub fn route(&self, name: &str) -> Arc<RouteMetrics> {
+        let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
+        routes.entry(name.to_string()).or_insert_with(|| Arc::new(RouteMetrics::new())).clone()
+    }
+
+    pub fn upstream(&self, name: &str) -> Arc<UpstreamMetrics> {
+        let mut upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner());
+        upstreams.entry(name.to_string()).or_default().clone()
+    }
+
+    pub fn connection_opened(self: &Arc<Self>) -> ConnectionGuard {
+        self.open_connections.fetch_add(1, Ordering::Relaxed);
+        self.connections_total.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard(self.clone())
+    }
+
+    pub fn open_connections(&self) -> i64 {
+        self.open_connections.load(Ordering::Relaxed)
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let counter = if ok { &self.reloads_ok } else { &self.reloads_failed };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Prometheus text exposition format 0.0.4.
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(out, "# HELP {REQUESTS_TOTAL} Requests answered, by route and status code.");
+        let _ = writeln!(out, "# TYPE {REQUESTS_TOTAL} counter");
+        for (name, m) in &routes {
+            for (slot, count) in m.status.iter().enumerate() {
+                let count = count.load(Ordering::Relaxed);
+                if count > 0 {
+                    let status = slot as u16 + STATUS_MIN;
+                    let _ = writeln!(out, "{REQUESTS_TOTAL}{{route=\"{}\",status=\"{status}\"}} {count}", escape(name));
+                }
+            }
+        }
+        let _ = writeln!(out, "# HELP {REQUEST_DURATION} Time from request head to response head, by route.");
+        let _ = writeln!(out, "# TYPE {REQUEST_DURATION} histogram");
+        for (name, m) in &routes {
+            let name = escape(name);
+            let mut cumulative = 0;
+            for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+                cumulative += m.buckets[i].load(Ordering::Relaxed);
+                let _ = writeln!(out, "{REQUEST_DURATION}_bucket{{route=\"{name}\",le=\"{bound}\"}} {cumulative}");
+            }
+            cumulative += m.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{REQUEST_DURATION}_bucket{{route=\"{name}\",le=\"+Inf\"}} {cumulative}");
+            let sum = m.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "{REQUEST_DURATION}_sum{{route=\"{name}\"}} {sum}");
+            let _ = writeln!(out, "{REQUEST_DURATION}_count{{route=\"{name}\"}} {cumulative}");
+        }
+        let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(out, "# HELP {UPSTREAM_ERRORS_TOTAL} Failed upstream exchanges, by upstream and kind.");
+        let _ = writeln!(out, "# TYPE {UPSTREAM_ERRORS_TOTAL} counter");
+        for (name, m) in &upstreams {
+            for (i, kind) in ERROR_KINDS.iter().enumerate() {
+                let count = m.errors[i].load(Ordering::Relaxed);
+                let _ = writeln!(
+                    out,
+                    "{UPSTREAM_ERRORS_TOTAL}{{upstream=\"{}\",kind=\"{}\"}} {count}",
+                    escape(name),
+                    kind.code()
+                );
+            }
+        }
+        let _ = writeln!(out, "# HELP {OPEN_CONNECTIONS} Client connections currently open.");
+        let _ = writeln!(out, "# TYPE {OPEN_CONNECTIONS} gauge");
+        let _ = writeln!(out, "{OPEN_CONNECTIONS} {}", self.open_connections());
+        let _ = writeln!(out, "# HELP {CONNECTIONS_TOTAL} Client connections accepted.");
+        let _ = writeln!(out, "# TYPE {CONNECTIONS_TOTAL} counter");
+        let _ = writeln!(out, "{CONNECTIONS_TOTAL} {}", self.connections_total.load(Ordering::Relaxed));
+        let _ = writeln!(out, "# HELP {CONFIG_RELOADS_TOTAL} Configuration reloads, by result.");
+        let _ = writeln!(out, "# TYPE {CONFIG_RELOADS_TOTAL} counter");
+        let _ = writeln!(out, "{CONFIG_RELOADS_TOTAL}{{result=\"success\"}} {}", self.reloads_ok.load(Ordering::Relaxed));
+        let _ = writeln!(out, "{CONFIG_RELOADS_TOTAL}{{result=\"failure\"}} {}", self.reloads_failed.load(Ordering::Relaxed));
+        out
+    }
+}
+
+fn escape(label: &str) -> String {
+    label.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counts_and_histogram() {
+        let metrics = Arc::new(Metrics::default());
+        let route = metrics.route("lookup");
+        route.record(200, Duration::from_micros(300));
+        route.record(200, Duration::from_millis(30));
+        route.record(404, Duration::from_millis(2));
+        metrics.upstream("geo").record_error(ErrorKind::UpstreamTimeout);
+        let _conn = metrics.connection_opened();
+        metrics.reload(true);
+        let text = metrics.render();
+        assert!(text.contains("tollgate_requests_total{route=\"lookup\",status=\"200\"} 2"), "{text}");
+        assert!(text.contains("tollgate_requests_total{route=\"lookup\",status=\"404\"} 1"));
+        assert!(text.contains("tollgate_request_duration_seconds_bucket{route=\"lookup\",le=\"0.0005\"} 1"));
+        assert!(text.contains("tollgate_request_duration_seconds_bucket{route=\"lookup\",le=\"0.05\"} 3"));
+        assert!(text.contains("tollgate_request_duration_seconds_count{route=\"lookup\"} 3"));
+        assert!(text.contains("tollgate_upstream_errors_total{upstream=\"geo\",kind=\"upstream_timeout\"} 1"));
+        assert!(text.contains("tollgate_open_connections 1"));
+        assert!(text.contains("tollgate_config_reloads_total{result=\"success\"} 1"));
+        assert_eq!(Arc::ptr_eq(&route, &metrics.route("lookup")), true);
+    }
+}

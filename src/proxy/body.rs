@@ -1,0 +1,133 @@
+//! The response body type of the proxy: either a small generated body or the upstream's
+//! streamed body under read-idle and total deadlines.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::BodyExt;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use tokio::time::{Instant, Sleep};
+
+use crate::listener::ConnPhase;
+use crate::upstream::InflightGuard;
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body, plus what must live exactly as long as it: the endpoint's in-flight
+/// count and the connection's "response finished" signal.
+pub struct ProxyBody {
+    kind: Kind,
+    _inflight: Option<InflightGuard>,
+    finished: Option<Arc<ConnPhase>>,
+}
+
+enum Kind {
+    Full(Option<Bytes>),
+    Upstream(Box<TimedBody>),
+}
+
+struct TimedBody {
+    inner: Incoming,
+    idle: Duration,
+    deadline: Option<Instant>,
+    timer: Pin<Box<Sleep>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("upstream body {0}")]
+pub struct BodyTimeout(&'static str);
+
+impl ProxyBody {
+    pub fn full(bytes: Bytes) -> Self {
+        ProxyBody {
+            kind: Kind::Full(Some(bytes)),
+            _inflight: None,
+            finished: None,
+        }
+    }
+
+    pub fn empty() -> Self {
+        Self::full(Bytes::new())
+    }
+
+    /// Streams `inner`, failing when no frame arrives for `idle` or `deadline` passes.
+    pub fn upstream(inner: Incoming, idle: Duration, deadline: Option<Instant>, inflight: InflightGuard) -> Self {
+        let first = next_deadline(idle, deadline);
+        ProxyBody {
+            kind: Kind::Upstream(Box::new(TimedBody {
+                inner,
+                idle,
+                deadline,
+                timer: Box::pin(tokio::time::sleep_until(first)),
+            })),
+            _inflight: Some(inflight),
+            finished: None,
+        }
+    }
+
+    /// Signals `phase` when this body has been written out (or abandoned).
+    pub fn set_finished_signal(&mut self, phase: Arc<ConnPhase>) {
+        self.finished = Some(phase);
+    }
+
+    /// A boxed body for places that need one type (e.g. axum).
+    pub fn boxed(self) -> http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> {
+        BodyExt::boxed_unsync(self)
+    }
+}
+
+impl Drop for ProxyBody {
+    fn drop(&mut self) {
+        if let Some(phase) = &self.finished {
+            phase.response_finished();
+        }
+    }
+}
+
+fn next_deadline(idle: Duration, deadline: Option<Instant>) -> Instant {
+    let idle_at = Instant::now() + idle;
+    deadline.map_or(idle_at, |d| d.min(idle_at))
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.get_mut().kind {
+            Kind::Full(bytes) => Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+            Kind::Upstream(timed) => {
+                if let Poll::Ready(frame) = Pin::new(&mut timed.inner).poll_frame(cx) {
+                    if frame.is_some() {
+                        let next = next_deadline(timed.idle, timed.deadline);
+                        timed.timer.as_mut().reset(next);
+                    }
+                    return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
+                }
+                ready!(timed.timer.as_mut().poll(cx));
+                let which = match timed.deadline {
+                    Some(d) if Instant::now() >= d => "exceeded the total timeout",
+                    _ => "stalled longer than the read timeout",
+                };
+                Poll::Ready(Some(Err(Box::new(BodyTimeout(which)))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            Kind::Upstream(timed) => timed.inner.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.kind {
+            Kind::Full(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
+            Kind::Upstream(timed) => timed.inner.size_hint(),
+        }
+    }
+}

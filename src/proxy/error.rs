@@ -1,0 +1,168 @@
+//! The one error type of the request path, and the one place that maps it to HTTP.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode, header};
+
+use super::body::ProxyBody;
+
+/// Who caused a failure: decides logging level and which metric counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    Client,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No route matches host, path and method.
+    RouteNotFound,
+    /// Malformed request (e.g. both `Content-Length` and `Transfer-Encoding`).
+    BadRequest,
+    /// The request head did not arrive within `server.header_read_timeout`.
+    HeaderTimeout,
+    /// The request head is larger than `server.max_header_bytes`.
+    HeadersTooLarge,
+    /// The pool has no endpoint with an address to send to.
+    NoEndpoint,
+    /// The TCP connection to the endpoint was refused or failed.
+    UpstreamConnect,
+    /// Connecting, or waiting for the response head, took longer than configured.
+    UpstreamTimeout,
+    /// The endpoint closed or broke the exchange, or answered with invalid HTTP.
+    UpstreamProtocol,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::RouteNotFound => StatusCode::NOT_FOUND,
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::UpstreamConnect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code in the JSON error body.
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::RouteNotFound => "route_not_found",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::HeaderTimeout => "request_timeout",
+            ErrorKind::HeadersTooLarge => "headers_too_large",
+            ErrorKind::NoEndpoint => "upstream_unavailable",
+            ErrorKind::UpstreamConnect => "upstream_connect_failed",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::UpstreamProtocol => "upstream_error",
+            ErrorKind::Internal => "internal_error",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            ErrorKind::RouteNotFound => "no route matches this host, path and method",
+            ErrorKind::BadRequest => "malformed request",
+            ErrorKind::HeaderTimeout => "the request head was not received in time",
+            ErrorKind::HeadersTooLarge => "request headers are too large",
+            ErrorKind::NoEndpoint => "no upstream endpoint is available",
+            ErrorKind::UpstreamConnect => "could not connect to the upstream",
+            ErrorKind::UpstreamTimeout => "the upstream did not answer in time",
+            ErrorKind::UpstreamProtocol => "the upstream failed to answer",
+            ErrorKind::Internal => "internal error",
+        }
+    }
+
+    pub fn source(self) -> ErrorSource {
+        match self {
+            ErrorKind::RouteNotFound
+            | ErrorKind::BadRequest
+            | ErrorKind::HeaderTimeout
+            | ErrorKind::HeadersTooLarge => ErrorSource::Client,
+            ErrorKind::NoEndpoint
+            | ErrorKind::UpstreamConnect
+            | ErrorKind::UpstreamTimeout
+            | ErrorKind::UpstreamProtocol => ErrorSource::Upstream,
+            ErrorKind::Internal => ErrorSource::Internal,
+        }
+    }
+}
+
+/// An error on the request path: what went wrong and, optionally, the underlying cause.
+#[derive(Debug)]
+pub struct ProxyError {
+    pub kind: ErrorKind,
+    pub cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl ProxyError {
+    pub fn new(kind: ErrorKind) -> Self {
+        ProxyError { kind, cause: None }
+    }
+
+    pub fn with_cause(kind: ErrorKind, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        ProxyError {
+            kind,
+            cause: Some(cause.into()),
+        }
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind.code())?;
+        if let Some(cause) = &self.cause {
+            write!(f, ": {cause}")?;
+            let mut source = cause.source();
+            while let Some(inner) = source {
+                write!(f, ": {inner}")?;
+                source = inner.source();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+/// `{"error": {"code": ..., "message": ..., "request_id": ...}}` (DESIGN §4).
+pub fn error_body(code: &str, message: &str, request_id: &str) -> Bytes {
+    let body = serde_json::json!({
+        "error": { "code": code, "message": message, "request_id": request_id }
+    });
+    Bytes::from(body.to_string())
+}
+
+/// The response a client sees for `kind`.
+pub fn error_response(kind: ErrorKind, request_id: &HeaderValue) -> Response<ProxyBody> {
+    let body = error_body(kind.code(), kind.message(), request_id.to_str().unwrap_or(""));
+    let mut response = Response::new(ProxyBody::full(body));
+    *response.status_mut() = kind.status();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(&super::headers::X_REQUEST_ID, request_id.clone());
+    response
+}
+
+/// The same response as raw HTTP/1.1 bytes, for errors found before hyper parses a
+/// request (slow or oversized heads); the connection is closed after it.
+pub fn raw_error_response(kind: ErrorKind, request_id: &str) -> Vec<u8> {
+    let body = error_body(kind.code(), kind.message(), request_id);
+    let status = kind.status();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\nconnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len(),
+        request_id
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}

@@ -1,0 +1,386 @@
+//! The request pipeline. Every request runs the same named phases, in this order, with one
+//! [`RequestCtx`] carried through them (the phase chart is in `docs/architecture.md`):
+//!
+//! `request_filter → upstream_peer → upstream_request_filter → (exchange) →
+//! response_filter → logging`
+//!
+//! Phases call into modules that know nothing of hyper (router, upstream selection);
+//! only this module and the listener touch hyper types.
+
+pub mod body;
+mod error;
+pub mod headers;
+mod snapshot;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+
+use arc_swap::ArcSwap;
+use http::uri::{PathAndQuery, Scheme};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use hyper::body::Incoming;
+use tokio::time::Instant;
+
+pub use body::ProxyBody;
+pub use error::{ErrorKind, ErrorSource, ProxyError, error_body, error_response, raw_error_response};
+pub use snapshot::{ClientCache, Route, Snapshot, UpstreamPool};
+
+use crate::config::{self, Config, ConfigErrors, HashKey, UpstreamProtocol};
+use crate::listener::ConnPhase;
+use crate::metrics::Metrics;
+use crate::upstream::{InflightGuard, Target};
+
+/// State shared by every worker: the live configuration snapshot and the metrics.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    clients: ClientCache,
+    workers: usize,
+    ready: AtomicBool,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Gateway {
+    /// Compiles `config` and resolves its host-name endpoints.
+    pub async fn new(config: Config, metrics: Arc<Metrics>, workers: usize) -> Arc<Gateway> {
+        let clients = ClientCache::default();
+        let snapshot = Snapshot::build(Arc::new(config), None, &metrics, &clients, workers);
+        snapshot.resolve_new_endpoints().await;
+        Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            metrics,
+            clients,
+            workers,
+            ready: AtomicBool::new(false),
+            reload_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    pub fn workers(&self) -> usize {
+        self.workers
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Reads the configuration file again and swaps it in when valid. An invalid file is
+    /// rejected with all its errors and the running configuration stays.
+    pub async fn reload(&self) -> Result<(), ConfigErrors> {
+        let _serialized = self.reload_lock.lock().await;
+        let current = self.snapshot();
+        let result = config::load(&current.config.path);
+        let config = match result {
+            Ok(config) => config,
+            Err(errors) => {
+                self.metrics.reload(false);
+                tracing::warn!(errors = %errors, "configuration reload rejected; keeping the running configuration");
+                return Err(errors);
+            }
+        };
+        if config.listen != current.config.listen || config.admin_listen != current.config.admin_listen {
+            tracing::warn!("listen addresses changed; they take effect on restart only");
+        }
+        let next = Snapshot::build(Arc::new(config), Some(&current), &self.metrics, &self.clients, self.workers);
+        next.resolve_new_endpoints().await;
+        self.snapshot.store(Arc::new(next));
+        self.metrics.reload(true);
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+}
+
+/// What the connection knows about itself, shared by its requests.
+pub struct ConnInfo {
+    pub peer: SocketAddr,
+    /// Present on HTTP/1 connections guarded by the listener's head reader.
+    pub phase: Option<Arc<ConnPhase>>,
+}
+
+/// Per-request state carried through the phases.
+pub struct RequestCtx {
+    pub request_id: HeaderValue,
+    pub start: Instant,
+    pub client_addr: SocketAddr,
+    /// The `Host` the client asked for (header, or authority on HTTP/2).
+    pub host: Option<HeaderValue>,
+    /// Index into `Snapshot::routes` once `request_filter` matched one.
+    pub route: Option<usize>,
+    pub upstream_addr: Option<SocketAddr>,
+    pub error: Option<ErrorKind>,
+    pub upgrade: bool,
+}
+
+/// The endpoint chosen for one exchange.
+pub struct Peer {
+    pub target: Target,
+    pub guard: InflightGuard,
+}
+
+/// One worker's handle on the pipeline; `id` selects the worker's upstream clients.
+#[derive(Clone)]
+pub struct Worker {
+    pub gateway: Arc<Gateway>,
+    pub id: usize,
+}
+
+impl Worker {
+    /// Runs a request through every phase. Never fails: errors become JSON responses.
+    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+        let snapshot = self.gateway.snapshot();
+        let mut ctx = RequestCtx {
+            request_id: headers::request_id(req.headers()),
+            start: Instant::now(),
+            client_addr: conn.peer,
+            host: None,
+            route: None,
+            upstream_addr: None,
+            error: None,
+            upgrade: false,
+        };
+        let mut response = match self.proxy(&snapshot, &mut ctx, req).await {
+            Ok(response) => response,
+            Err(error) => self.fail_to_proxy(&snapshot, &mut ctx, error),
+        };
+        self.response_filter(&mut ctx, &mut response);
+        if let Some(phase) = &conn.phase {
+            if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                phase.upgraded();
+            } else {
+                response.body_mut().set_finished_signal(phase.clone());
+            }
+        }
+        self.logging(&snapshot, &ctx, response.status());
+        response
+    }
+
+    async fn proxy(
+        &self,
+        snapshot: &Snapshot,
+        ctx: &mut RequestCtx,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let route = self.request_filter(snapshot, ctx, &req)?;
+        let upstream = &route.upstream;
+        let peer = self.upstream_peer(upstream, ctx, &req)?;
+        let client_upgrade = ctx.upgrade.then(|| hyper::upgrade::on(&mut req));
+        self.upstream_request_filter(route, ctx, &mut req, &peer)?;
+
+        let timeouts = &upstream.pool.timeouts;
+        let total_deadline = timeouts.total.map(|t| ctx.start + t);
+        let head_deadline = ctx.start + timeouts.connect + timeouts.read;
+        let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
+        let client = &upstream.clients[self.id % upstream.clients.len()];
+        let mut response = match tokio::time::timeout_at(head_deadline, client.request(req)).await {
+            Err(_) => return Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
+            Ok(Err(e)) => return Err(classify_client_error(e)),
+            Ok(Ok(response)) => response,
+        };
+
+        if response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(client_upgrade) = client_upgrade
+        {
+            let upstream_upgrade = hyper::upgrade::on(&mut response);
+            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, peer.guard));
+            return Ok(response.map(|_| ProxyBody::empty()));
+        }
+        Ok(response.map(|body| ProxyBody::upstream(body, timeouts.read, total_deadline, peer.guard)))
+    }
+
+    /// Phase 1, first for every request: finds the route. Later phases of the product
+    /// (identify the caller, rate limits, quotas) attach here and may answer at once by
+    /// returning an error.
+    fn request_filter<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        ctx: &mut RequestCtx,
+        req: &Request<Incoming>,
+    ) -> Result<&'s Route, ProxyError> {
+        ctx.host = match req.headers().get(header::HOST) {
+            Some(host) => Some(host.clone()),
+            None => req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+        };
+        let host = ctx.host.as_ref().and_then(|h| h.to_str().ok());
+        let index = snapshot
+            .router
+            .find(host, req.method().as_str(), req.uri().path())
+            .ok_or_else(|| ProxyError::new(ErrorKind::RouteNotFound))?;
+        ctx.route = Some(index);
+        ctx.upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+        snapshot
+            .routes
+            .get(index)
+            .ok_or_else(|| ProxyError::new(ErrorKind::Internal))
+    }
+
+    /// Phase 2: picks the endpoint by the pool's policy.
+    fn upstream_peer(
+        &self,
+        upstream: &UpstreamPool,
+        ctx: &mut RequestCtx,
+        req: &Request<Incoming>,
+    ) -> Result<Peer, ProxyError> {
+        let client_ip;
+        let hash: Option<&[u8]> = match &upstream.pool.hash_key {
+            None => None,
+            Some(HashKey::ClientIp) => {
+                client_ip = ctx.client_addr.ip().to_string();
+                Some(client_ip.as_bytes())
+            }
+            Some(HashKey::Header(name)) => req.headers().get(name.as_str()).map(HeaderValue::as_bytes),
+        };
+        let endpoint = upstream
+            .pool
+            .select(hash)
+            .ok_or_else(|| ProxyError::new(ErrorKind::NoEndpoint))?;
+        let target = endpoint.target().ok_or_else(|| ProxyError::new(ErrorKind::NoEndpoint))?;
+        ctx.upstream_addr = Some(target.addr);
+        Ok(Peer {
+            guard: InflightGuard::new(endpoint.clone()),
+            target,
+        })
+    }
+
+    /// Phase 3: turns the client's request into the upstream's: URI, `Host`, forwarding
+    /// headers, request id; hop-by-hop headers removed.
+    fn upstream_request_filter(
+        &self,
+        route: &Route,
+        ctx: &RequestCtx,
+        req: &mut Request<Incoming>,
+        peer: &Peer,
+    ) -> Result<(), ProxyError> {
+        let pool = &route.upstream.pool;
+        let path_and_query = if route.strip_prefix {
+            let path = crate::router::strip_route_prefix(&route.path, req.uri().path());
+            let rewritten = match req.uri().query() {
+                Some(query) => format!("{path}?{query}"),
+                None => path.to_string(),
+            };
+            PathAndQuery::try_from(rewritten).map_err(|e| ProxyError::with_cause(ErrorKind::BadRequest, e))?
+        } else {
+            req.uri()
+                .path_and_query()
+                .cloned()
+                .unwrap_or_else(|| PathAndQuery::from_static("/"))
+        };
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(Scheme::HTTP);
+        parts.authority = Some(peer.target.authority.clone());
+        parts.path_and_query = Some(path_and_query);
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| ProxyError::with_cause(ErrorKind::Internal, e))?;
+        *req.version_mut() = match pool.protocol {
+            UpstreamProtocol::Http1 => Version::HTTP_11,
+            UpstreamProtocol::Http2 => Version::HTTP_2,
+        };
+
+        let headers = req.headers_mut();
+        headers::remove_hop_by_hop(headers, ctx.upgrade);
+        let host = if pool.preserve_host { ctx.host.clone() } else { None };
+        match host {
+            Some(host) => headers.insert(header::HOST, host),
+            None => headers.insert(header::HOST, peer.guard.endpoint().host_header.clone()),
+        };
+        if let Some(host) = &ctx.host {
+            headers.insert(&headers::X_FORWARDED_HOST, host.clone());
+        }
+        headers::append_forwarded_for(headers, ctx.client_addr.ip());
+        headers.insert(&headers::X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+        headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
+        Ok(())
+    }
+
+    /// Phase 4: edits the response head for the client: hop-by-hop headers removed
+    /// (kept on a protocol switch) and `X-Request-Id` set.
+    fn response_filter(&self, ctx: &mut RequestCtx, response: &mut Response<ProxyBody>) {
+        let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers::remove_hop_by_hop(headers, switching);
+        headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
+    }
+
+    /// Phase 5, last for every request: records metrics and the access log event.
+    fn logging(&self, snapshot: &Snapshot, ctx: &RequestCtx, status: StatusCode) {
+        let elapsed = ctx.start.elapsed();
+        let route = ctx.route.and_then(|i| snapshot.routes.get(i));
+        let metrics = route.map_or(&snapshot.no_route_metrics, |r| &r.metrics);
+        metrics.record(status.as_u16(), elapsed);
+        tracing::debug!(
+            target: "tollgate::access",
+            request_id = ?ctx.request_id,
+            route = route.map_or("", |r| r.name.as_str()),
+            client = %ctx.client_addr,
+            upstream = ?ctx.upstream_addr,
+            status = status.as_u16(),
+            error = ctx.error.map_or("", ErrorKind::code),
+            micros = elapsed.as_micros() as u64,
+            "request"
+        );
+    }
+
+    /// Maps an error to the client's response; the only place errors become HTTP.
+    fn fail_to_proxy(&self, snapshot: &Snapshot, ctx: &mut RequestCtx, error: ProxyError) -> Response<ProxyBody> {
+        ctx.error = Some(error.kind);
+        match error.kind.source() {
+            ErrorSource::Upstream => {
+                if let Some(route) = ctx.route.and_then(|i| snapshot.routes.get(i)) {
+                    route.upstream.metrics.record_error(error.kind);
+                }
+                tracing::warn!(request_id = ?ctx.request_id, upstream = ?ctx.upstream_addr, %error, "upstream request failed");
+            }
+            ErrorSource::Internal => tracing::error!(request_id = ?ctx.request_id, %error, "internal error"),
+            ErrorSource::Client => tracing::debug!(request_id = ?ctx.request_id, %error, "request refused"),
+        }
+        error_response(error.kind, &ctx.request_id)
+    }
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream one.
+async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade, _inflight: InflightGuard) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(error) => {
+            tracing::debug!(%error, "protocol switch failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%error, "upgraded connection closed with error");
+    }
+}
+
+fn classify_client_error(error: hyper_util::client::legacy::Error) -> ProxyError {
+    let timed_out = {
+        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&error);
+        let mut found = false;
+        while let Some(inner) = source {
+            if let Some(io) = inner.downcast_ref::<std::io::Error>()
+                && io.kind() == std::io::ErrorKind::TimedOut
+            {
+                found = true;
+                break;
+            }
+            source = inner.source();
+        }
+        found
+    };
+    let kind = match (error.is_connect(), timed_out) {
+        (_, true) => ErrorKind::UpstreamTimeout,
+        (true, false) => ErrorKind::UpstreamConnect,
+        (false, false) => ErrorKind::UpstreamProtocol,
+    };
+    ProxyError::with_cause(kind, error)
+}
+

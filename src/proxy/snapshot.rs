@@ -1,0 +1,151 @@
+//! The runtime tables compiled from one configuration. A reload builds a new
+//! [`Snapshot`] and swaps it in atomically; in-flight requests keep the one they started with.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+
+use crate::config::{Config, UpstreamProtocol};
+use crate::metrics::{Metrics, NO_ROUTE, RouteMetrics, UpstreamMetrics};
+use crate::router::{RouteSpec, Router};
+use crate::upstream::Pool;
+
+pub type UpstreamClient = Client<HttpConnector, Incoming>;
+
+/// A route with everything the request path needs resolved to direct references.
+pub struct Route {
+    pub name: String,
+    pub path: String,
+    pub strip_prefix: bool,
+    pub upstream: Arc<UpstreamPool>,
+    pub metrics: Arc<RouteMetrics>,
+}
+
+/// A pool plus one HTTP client per worker thread, so each worker keeps its own
+/// keep-alive connections and never contends with another on a pool lock.
+pub struct UpstreamPool {
+    pub pool: Pool,
+    pub clients: Box<[UpstreamClient]>,
+    pub metrics: Arc<UpstreamMetrics>,
+}
+
+pub struct Snapshot {
+    pub config: Arc<Config>,
+    pub router: Router,
+    pub routes: Vec<Route>,
+    pub pools: BTreeMap<String, Arc<UpstreamPool>>,
+    pub no_route_metrics: Arc<RouteMetrics>,
+}
+
+/// Clients are keyed by worker and by the settings a connector fixes, and kept across
+/// reloads so a reload does not drop warm upstream connections.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct ClientKey {
+    worker: usize,
+    http2: bool,
+    connect_timeout: Duration,
+}
+
+#[derive(Default)]
+pub struct ClientCache {
+    // Locked only while a snapshot is built.
+    clients: Mutex<HashMap<ClientKey, UpstreamClient>>,
+}
+
+impl ClientCache {
+    fn get(&self, key: ClientKey) -> UpstreamClient {
+        let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
+        clients
+            .entry(key)
+            .or_insert_with(|| {
+                let mut connector = HttpConnector::new();
+                connector.set_nodelay(true);
+                connector.set_connect_timeout(Some(key.connect_timeout));
+                connector.set_keepalive(Some(Duration::from_secs(60)));
+                let mut builder = Client::builder(TokioExecutor::new());
+                builder
+                    .timer(TokioTimer::new())
+                    .pool_timer(TokioTimer::new())
+                    .pool_idle_timeout(Duration::from_secs(60))
+                    .pool_max_idle_per_host(1024)
+                    .http2_only(key.http2);
+                builder.build(connector)
+            })
+            .clone()
+    }
+}
+
+impl Snapshot {
+    /// Compiles `config`. Endpoints of `previous` with the same address are reused.
+    pub fn build(
+        config: Arc<Config>,
+        previous: Option<&Snapshot>,
+        metrics: &Metrics,
+        clients: &ClientCache,
+        workers: usize,
+    ) -> Snapshot {
+        let mut pools = BTreeMap::new();
+        for (name, section) in &config.upstreams {
+            let old = previous.and_then(|p| p.pools.get(name)).map(|p| &p.pool);
+            let pool = Pool::from_config(name, section, old);
+            let clients = (0..workers)
+                .map(|worker| {
+                    clients.get(ClientKey {
+                        worker,
+                        http2: pool.protocol == UpstreamProtocol::Http2,
+                        connect_timeout: pool.timeouts.connect,
+                    })
+                })
+                .collect();
+            pools.insert(
+                name.clone(),
+                Arc::new(UpstreamPool {
+                    pool,
+                    clients,
+                    metrics: metrics.upstream(name),
+                }),
+            );
+        }
+        let specs: Vec<RouteSpec> = config.routes.iter().map(RouteSpec::from).collect();
+        let routes = config
+            .routes
+            .iter()
+            .filter_map(|r| {
+                // `config::parse` guarantees every route names a declared upstream.
+                let upstream = pools.get(&r.upstream)?.clone();
+                Some(Route {
+                    name: r.name.clone(),
+                    path: r.path.clone(),
+                    strip_prefix: r.strip_prefix,
+                    upstream,
+                    metrics: metrics.route(&r.name),
+                })
+            })
+            .collect();
+        Snapshot {
+            router: Router::new(&specs),
+            routes,
+            pools,
+            no_route_metrics: metrics.route(NO_ROUTE),
+            config,
+        }
+    }
+
+    /// Resolves host-name endpoints that have no address yet (new pools).
+    pub async fn resolve_new_endpoints(&self) {
+        for upstream in self.pools.values() {
+            for endpoint in &upstream.pool.endpoints {
+                if !endpoint.is_resolved()
+                    && let Err(error) = endpoint.resolve().await
+                {
+                    tracing::warn!(upstream = %upstream.pool.name, endpoint = %endpoint.address, %error, "cannot resolve upstream endpoint");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,237 @@
+//! Route matching, compiled once per configuration.
+//!
+//! Hosts are looked up in hash maps (exact, then wildcard suffixes longest first, then
+//! routes without hosts); paths are matched on segment boundaries by looking up each
+//! prefix of the request path from the longest down, so a request costs a handful of
+//! hash lookups however many routes there are.
+
+use std::collections::HashMap;
+
+use crate::config::RouteSection;
+
+/// What the router needs to know about one route.
+#[derive(Debug, Clone)]
+pub struct RouteSpec {
+    pub hosts: Vec<String>,
+    pub path: String,
+    pub methods: Vec<String>,
+}
+
+impl From<&RouteSection> for RouteSpec {
+    fn from(route: &RouteSection) -> Self {
+        RouteSpec {
+            hosts: route.hosts.clone(),
+            path: route.path.clone(),
+            methods: route.methods.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct PathTable {
+    /// Normalised prefix → routes in configuration order.
+    by_prefix: HashMap<Box<str>, Vec<Candidate>>,
+}
+
+#[derive(Debug)]
+struct Candidate {
+    index: usize,
+    /// Empty = any method.
+    methods: Box<[Box<str>]>,
+}
+
+impl PathTable {
+    fn insert(&mut self, prefix: &str, candidate: Candidate) {
+        self.by_prefix.entry(prefix.into()).or_default().push(candidate);
+    }
+
+    fn find(&self, method: &str, path: &str) -> Option<usize> {
+        let mut candidate = normalize_prefix(path);
+        loop {
+            if let Some(routes) = self.by_prefix.get(candidate)
+                && let Some(route) = routes
+                    .iter()
+                    .find(|r| r.methods.is_empty() || r.methods.iter().any(|m| &**m == method))
+            {
+                return Some(route.index);
+            }
+            if candidate == "/" {
+                return None;
+            }
+            candidate = match candidate.rfind('/') {
+                Some(0) | None => "/",
+                Some(pos) => &candidate[..pos],
+            };
+        }
+    }
+}
+
+/// Routes compiled for lookup; `find` returns the index of the route in configuration order.
+#[derive(Debug, Default)]
+pub struct Router {
+    exact: HashMap<Box<str>, PathTable>,
+    /// Keyed by the suffix after `*.`.
+    wildcard: HashMap<Box<str>, PathTable>,
+    any_host: PathTable,
+}
+
+impl Router {
+    pub fn new(routes: &[RouteSpec]) -> Self {
+        let mut router = Router::default();
+        for (index, route) in routes.iter().enumerate() {
+            let prefix = normalize_prefix(&route.path);
+            let methods: Box<[Box<str>]> = route.methods.iter().map(|m| m.as_str().into()).collect();
+            let candidate = || Candidate {
+                index,
+                methods: methods.clone(),
+            };
+            if route.hosts.is_empty() {
+                router.any_host.insert(prefix, candidate());
+            }
+            for host in &route.hosts {
+                let host = host.to_ascii_lowercase();
+                match host.strip_prefix("*.") {
+                    Some(suffix) => router.wildcard.entry(suffix.into()).or_default().insert(prefix, candidate()),
+                    None => router.exact.entry(host.into()).or_default().insert(prefix, candidate()),
+                }
+            }
+        }
+        router
+    }
+
+    /// Finds the route for a request. `host` may carry a port and any letter case.
+    pub fn find(&self, host: Option<&str>, method: &str, path: &str) -> Option<usize> {
+        if let Some(host) = host.map(strip_port).filter(|h| !h.is_empty())
+            && !(self.exact.is_empty() && self.wildcard.is_empty())
+        {
+            let lowered;
+            let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
+                lowered = host.to_ascii_lowercase();
+                lowered.as_str()
+            } else {
+                host
+            };
+            if let Some(found) = self.exact.get(host).and_then(|t| t.find(method, path)) {
+                return Some(found);
+            }
+            for (pos, _) in host.match_indices('.') {
+                if let Some(found) = self.wildcard.get(&host[pos + 1..]).and_then(|t| t.find(method, path)) {
+                    return Some(found);
+                }
+            }
+        }
+        self.any_host.find(method, path)
+    }
+}
+
+/// `/v1/lookup/` and `/v1/lookup` are the same prefix; `/` stays `/`.
+fn normalize_prefix(path: &str) -> &str {
+    let trimmed = path.trim_end_matches('/');
+    if trimmed.is_empty() { "/" } else { trimmed }
+}
+
+fn strip_port(host: &str) -> &str {
+    if let Some(rest) = host.strip_prefix('[') {
+        // IPv6 literal: keep the brackets, drop the port.
+        return rest.find(']').map_or(host, |end| &host[..end + 2]);
+    }
+    host.rsplit_once(':')
+        .filter(|(_, port)| port.bytes().all(|b| b.is_ascii_digit()))
+        .map_or(host, |(name, _)| name)
+}
+
+/// The path sent upstream when a route strips its prefix: `/v1/lookup/1.2.3.4` under
+/// prefix `/v1/lookup` becomes `/1.2.3.4`; the bare prefix becomes `/`.
+pub fn strip_route_prefix<'a>(prefix: &str, path: &'a str) -> &'a str {
+    let prefix = normalize_prefix(prefix);
+    if prefix == "/" {
+        return path;
+    }
+    match path.get(prefix.len()..) {
+        Some("") | None => "/",
+        Some(rest) => rest,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(hosts: &[&str], path: &str, methods: &[&str]) -> RouteSpec {
+        RouteSpec {
+            hosts: hosts.iter().map(|s| s.to_string()).collect(),
+            path: path.to_string(),
+            methods: methods.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn longest_prefix_wins_on_segment_boundaries() {
+        let router = Router::new(&[spec(&[], "/", &[]), spec(&[], "/v1", &[]), spec(&[], "/v1/lookup/", &[])]);
+        assert_eq!(router.find(None, "GET", "/v1/lookup/1.2.3.4"), Some(2));
+        assert_eq!(router.find(None, "GET", "/v1/lookup"), Some(2));
+        assert_eq!(router.find(None, "GET", "/v1/lookupx"), Some(1));
+        assert_eq!(router.find(None, "GET", "/v1"), Some(1));
+        assert_eq!(router.find(None, "GET", "/v2"), Some(0));
+        assert_eq!(router.find(None, "GET", "/"), Some(0));
+    }
+
+    #[test]
+    fn no_match_without_root_route() {
+        let router = Router::new(&[spec(&[], "/v1", &[])]);
+        assert_eq!(router.find(None, "GET", "/v2/x"), None);
+        assert_eq!(router.find(None, "GET", "/"), None);
+    }
+
+    #[test]
+    fn hosts_exact_then_wildcard_then_any() {
+        let router = Router::new(&[
+            spec(&["api.example.com"], "/", &[]),
+            spec(&["*.example.com"], "/", &[]),
+            spec(&[], "/", &[]),
+            spec(&["*.eu.example.com"], "/", &[]),
+        ]);
+        assert_eq!(router.find(Some("api.example.com"), "GET", "/x"), Some(0));
+        assert_eq!(router.find(Some("API.Example.com:8080"), "GET", "/x"), Some(0));
+        assert_eq!(router.find(Some("www.example.com"), "GET", "/x"), Some(1));
+        assert_eq!(router.find(Some("a.b.example.com"), "GET", "/x"), Some(1));
+        assert_eq!(router.find(Some("a.eu.example.com"), "GET", "/x"), Some(3));
+        assert_eq!(router.find(Some("example.com"), "GET", "/x"), Some(2));
+        assert_eq!(router.find(Some("other.org"), "GET", "/x"), Some(2));
+        assert_eq!(router.find(None, "GET", "/x"), Some(2));
+    }
+
+    #[test]
+    fn host_route_falls_back_to_shorter_any_host_route() {
+        let router = Router::new(&[spec(&["api.example.com"], "/admin", &[]), spec(&[], "/", &[])]);
+        assert_eq!(router.find(Some("api.example.com"), "GET", "/admin/x"), Some(0));
+        assert_eq!(router.find(Some("api.example.com"), "GET", "/public"), Some(1));
+    }
+
+    #[test]
+    fn methods_filter_and_fall_through() {
+        let router = Router::new(&[
+            spec(&[], "/items", &["POST"]),
+            spec(&[], "/items", &["GET", "HEAD"]),
+            spec(&[], "/", &["GET"]),
+        ]);
+        assert_eq!(router.find(None, "POST", "/items"), Some(0));
+        assert_eq!(router.find(None, "HEAD", "/items/3"), Some(1));
+        assert_eq!(router.find(None, "DELETE", "/items"), None);
+        assert_eq!(router.find(None, "GET", "/other"), Some(2));
+    }
+
+    #[test]
+    fn strip_prefix() {
+        assert_eq!(strip_route_prefix("/v1/lookup", "/v1/lookup/1.2.3.4"), "/1.2.3.4");
+        assert_eq!(strip_route_prefix("/v1/lookup/", "/v1/lookup"), "/");
+        assert_eq!(strip_route_prefix("/", "/a"), "/a");
+    }
+
+    #[test]
+    fn ports_and_ipv6_hosts() {
+        assert_eq!(strip_port("a.com:80"), "a.com");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("a.com"), "a.com");
+    }
+}

@@ -1,0 +1,204 @@
+//! Upstream pools: endpoints, their resolved addresses, and load balancing.
+//!
+//! Nothing here knows about hyper: the proxy asks a [`Pool`] for an endpoint and holds an
+//! [`InflightGuard`] while the exchange runs, so least-requests sees every exit path.
+
+mod balancer;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::uri::Authority;
+
+pub use balancer::Balancer;
+
+use crate::config::{HashKey, LbPolicy, TimeoutsSection, UpstreamProtocol, UpstreamSection};
+
+/// One resolved address of an endpoint, with its URI authority ready for requests.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub addr: SocketAddr,
+    pub authority: Authority,
+}
+
+impl Target {
+    fn new(addr: SocketAddr) -> Self {
+        // A SocketAddr always renders as a valid authority.
+        let authority = Authority::try_from(addr.to_string()).unwrap_or_else(|_| Authority::from_static("invalid"));
+        Target { addr, authority }
+    }
+}
+
+/// A configured endpoint (`host:port` with a weight) and the addresses it resolves to.
+#[derive(Debug)]
+pub struct Endpoint {
+    pub address: String,
+    pub weight: u32,
+    /// `host:port` as configured, sent as `Host` when the pool does not preserve it.
+    pub host_header: http::HeaderValue,
+    targets: ArcSwap<Vec<Target>>,
+    next_target: AtomicUsize,
+    inflight: AtomicUsize,
+}
+
+impl Endpoint {
+    fn new(address: &str, weight: u32) -> Self {
+        let literal: Vec<Target> = address.parse::<SocketAddr>().map(Target::new).into_iter().collect();
+        Endpoint {
+            address: address.to_string(),
+            weight,
+            host_header: http::HeaderValue::from_str(address).unwrap_or_else(|_| http::HeaderValue::from_static("")),
+            targets: ArcSwap::from_pointee(literal),
+            next_target: AtomicUsize::new(0),
+            inflight: AtomicUsize::new(0),
+        }
+    }
+
+    /// True when the address is a host name that must be resolved (and re-resolved).
+    pub fn needs_resolution(&self) -> bool {
+        self.address.parse::<SocketAddr>().is_err()
+    }
+
+    /// The next resolved address, rotating over all of them.
+    pub fn target(&self) -> Option<Target> {
+        let targets = self.targets.load();
+        match targets.len() {
+            0 => None,
+            1 => Some(targets[0].clone()),
+            n => Some(targets[self.next_target.fetch_add(1, Ordering::Relaxed) % n].clone()),
+        }
+    }
+
+    pub fn is_resolved(&self) -> bool {
+        !self.targets.load().is_empty()
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.load(Ordering::Relaxed)
+    }
+
+    pub fn set_targets(&self, addrs: Vec<SocketAddr>) {
+        self.targets.store(Arc::new(addrs.into_iter().map(Target::new).collect()));
+    }
+
+    pub fn resolved_addrs(&self) -> Vec<SocketAddr> {
+        self.targets.load().iter().map(|t| t.addr).collect()
+    }
+
+    /// Resolves a host-name endpoint again; keeps the previous addresses when lookup fails.
+    pub async fn resolve(&self) -> std::io::Result<()> {
+        if !self.needs_resolution() {
+            return Ok(());
+        }
+        let mut addrs: Vec<SocketAddr> = tokio::net::lookup_host(self.address.as_str()).await?.collect();
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() {
+            return Err(std::io::Error::new(std::io::ErrorKind::NotFound, "no addresses"));
+        }
+        if addrs != self.resolved_addrs() {
+            tracing::info!(endpoint = %self.address, ?addrs, "upstream endpoint resolved");
+            self.set_targets(addrs);
+        }
+        Ok(())
+    }
+}
+
+/// Counts a request against an endpoint until dropped.
+#[derive(Debug)]
+pub struct InflightGuard(Arc<Endpoint>);
+
+impl InflightGuard {
+    pub fn new(endpoint: Arc<Endpoint>) -> Self {
+        endpoint.inflight.fetch_add(1, Ordering::Relaxed);
+        InflightGuard(endpoint)
+    }
+
+    pub fn endpoint(&self) -> &Arc<Endpoint> {
+        &self.0
+    }
+}
+
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A named pool of endpoints with its balancing policy and timeouts.
+#[derive(Debug)]
+pub struct Pool {
+    pub name: String,
+    pub endpoints: Vec<Arc<Endpoint>>,
+    pub protocol: UpstreamProtocol,
+    pub timeouts: TimeoutsSection,
+    pub preserve_host: bool,
+    pub resolve_interval: Duration,
+    pub hash_key: Option<HashKey>,
+    balancer: Balancer,
+}
+
+impl Pool {
+    /// Builds a pool, reusing endpoints of `previous` with the same address so their
+    /// in-flight counts survive a reload.
+    pub fn from_config(name: &str, section: &UpstreamSection, previous: Option<&Pool>) -> Self {
+        let endpoints: Vec<Arc<Endpoint>> = section
+            .endpoints
+            .iter()
+            .map(|spec| {
+                previous
+                    .and_then(|p| p.endpoints.iter().find(|e| e.address == spec.address && e.weight == spec.weight))
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(&spec.address, spec.weight)))
+            })
+            .collect();
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight).collect();
+        let hash_key = match (section.lb, section.hash_key.as_deref()) {
+            (_, Some(text)) => HashKey::parse(text).ok(),
+            (LbPolicy::ConsistentHash, None) => Some(HashKey::ClientIp),
+            _ => None,
+        };
+        let balancer = match section.lb {
+            LbPolicy::RoundRobin => Balancer::round_robin(&weights),
+            LbPolicy::LeastRequests => Balancer::least_requests(&weights),
+            LbPolicy::ConsistentHash => {
+                let addresses: Vec<&str> = endpoints.iter().map(|e| e.address.as_str()).collect();
+                Balancer::consistent_hash(&addresses, &weights)
+            }
+        };
+        Pool {
+            name: name.to_string(),
+            endpoints,
+            protocol: section.protocol,
+            timeouts: section.timeouts.clone(),
+            preserve_host: section.preserve_host,
+            resolve_interval: section.resolve_interval,
+            hash_key,
+            balancer,
+        }
+    }
+
+    /// Picks an endpoint that has at least one address. `hash` is the consistent-hash key,
+    /// when the pool uses one.
+    pub fn select(&self, hash: Option<&[u8]>) -> Option<&Arc<Endpoint>> {
+        let index = self.balancer.pick(
+            self.endpoints.len(),
+            hash,
+            |i| self.endpoints[i].is_resolved(),
+            |i| self.endpoints[i].inflight(),
+        )?;
+        self.endpoints.get(index)
+    }
+
+    /// Resolves every host-name endpoint; errors are logged, old addresses kept.
+    pub async fn resolve(&self) {
+        for endpoint in &self.endpoints {
+            if let Err(error) = endpoint.resolve().await {
+                tracing::warn!(upstream = %self.name, endpoint = %endpoint.address, %error, "cannot resolve upstream endpoint");
+            }
+        }
+    }
+}
