@@ -5,3 +5,5 @@ pub mod upstream;
 pub mod listener;
 pub mod metrics;
 pub mod proxy;
+pub mod admin;
+pub mod cli;

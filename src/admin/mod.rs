@@ -1,0 +1,145 @@
+//! The admin API (axum) on its own listener: probes, metrics and configuration reload.
+//! Everything except `/healthz` and `/readyz` requires `Authorization: Bearer <token>`
+//! when `[admin] token` is set.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::proxy::Gateway;
+use crate::proxy::headers::new_request_id;
+
+#[derive(Clone)]
+struct AdminState {
+    gateway: Arc<Gateway>,
+    token: Option<Arc<str>>,
+}
+
+pub fn router(gateway: Arc<Gateway>) -> Router {
+    let token = gateway
+        .snapshot()
+        .config
+        .admin
+        .token
+        .clone()
+        .filter(|t| !t.is_empty())
+        .map(Arc::from);
+    let state = AdminState { gateway, token };
+    let protected = Router::new()
+        .route("/metrics", get(metrics))
+        .route("/v1/reload", post(reload))
+        .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .merge(protected)
+        .fallback(not_found)
+        .with_state(state)
+}
+
+/// Serves the admin API on `listener` until `shutdown` turns true.
+pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
+    let app = router(gateway);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { crate::listener::stopped(&mut shutdown).await })
+        .await;
+    if let Err(error) = result {
+        tracing::error!(%error, "admin listener failed");
+    }
+}
+
+/// The JSON error body of DESIGN §4, shared with the proxy's.
+pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
+    let request_id = new_request_id();
+    let body = crate::proxy::error_body(code, message, request_id.to_str().unwrap_or(""));
+    let mut response = (status, body).into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
+    if let Some(expected) = &state.token {
+        let presented = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
+            return json_error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid admin token");
+        }
+    }
+    next.run(request).await
+}
+
+/// Compares without an early exit, so timing does not reveal how much of a token matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn healthz() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AdminState>) -> Response {
+    if state.gateway.is_ready() {
+        axum::Json(json!({"status": "ready"})).into_response()
+    } else {
+        json_error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the gateway is starting or stopping")
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let mut response = state.gateway.metrics.render().into_response();
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    response
+}
+
+async fn reload(State(state): State<AdminState>) -> Response {
+    match state.gateway.reload().await {
+        Ok(()) => axum::Json(json!({"status": "reloaded"})).into_response(),
+        Err(errors) => {
+            let details: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+            let body = json!({
+                "error": {
+                    "code": "invalid_config",
+                    "message": "configuration rejected; the running configuration is unchanged",
+                    "request_id": new_request_id().to_str().unwrap_or(""),
+                    "details": details,
+                }
+            });
+            (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
+        }
+    }
+}
+
+async fn not_found() -> Response {
+    json_error(StatusCode::NOT_FOUND, "not_found", "no such admin endpoint")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+}

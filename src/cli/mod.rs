@@ -1,0 +1,107 @@
+//! The `tollgate` command line.
+
+mod demo;
+pub mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "tollgate", version, about = "A self-hosted API gateway for metered APIs")]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (proxy listeners and admin API).
+    Serve {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a configuration file; print every error with its location; exit 1 on error.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start the gateway with a built-in example upstream and show it working.
+    Demo(demo::DemoArgs),
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Serve { config } => serve_file(&config),
+        Command::Demo(args) => demo::run(args),
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn check(path: &std::path::Path) -> ExitCode {
+    match crate::config::load(path) {
+        Ok(config) => {
+            println!(
+                "{}: OK ({} routes, {} upstreams)",
+                path.display(),
+                config.routes.len(),
+                config.upstreams.len()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("{}: {} error(s)", path.display(), errors.0.len());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread().enable_all().build()
+}
+
+fn serve_file(path: &std::path::Path) -> ExitCode {
+    let config = match crate::config::load(path) {
+        Ok(config) => config,
+        Err(errors) => {
+            eprintln!("{errors}");
+            eprintln!("refusing to start: {} configuration error(s)", errors.0.len());
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async {
+            let running = serve::start(config).await?;
+            print_ready(&running);
+            running.run_until_signalled().await
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("tollgate: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One line on stdout that scripts (and the tests) wait for.
+fn print_ready(running: &serve::Running) {
+    use std::io::Write;
+    let proxy: Vec<String> = running.proxy_addrs.iter().map(ToString::to_string).collect();
+    println!("tollgate ready proxy={} admin={}", proxy.join(","), running.admin_addr);
+    let _ = std::io::stdout().flush();
+}

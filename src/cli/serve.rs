@@ -1,0 +1,117 @@
+//! Running a gateway: bind, start workers and the admin API, handle signals, drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::proxy::Gateway;
+
+/// A started gateway.
+pub struct Running {
+    pub proxy_addrs: Vec<SocketAddr>,
+    pub admin_addr: SocketAddr,
+    pub gateway: Arc<Gateway>,
+    shutdown: watch::Sender<bool>,
+    workers: Vec<JoinHandle<()>>,
+    admin: tokio::task::JoinHandle<()>,
+}
+
+pub fn worker_count(config: &Config) -> usize {
+    match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+}
+
+/// Binds every listener, starts the workers, the admin API and the resolver.
+pub async fn start(config: Config) -> std::io::Result<Running> {
+    let workers = worker_count(&config);
+    let grace = config.server.shutdown_grace;
+    let (listeners, proxy_addrs) = crate::listener::bind(&config.listen, workers)?;
+    let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.admin_listen)))?;
+    let admin_addr = admin_listener.local_addr()?;
+    let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers).await;
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let worker_handles = crate::listener::spawn_workers(gateway.clone(), listeners, shutdown_rx.clone(), grace)?;
+    let admin = tokio::spawn(crate::admin::serve(admin_listener, gateway.clone(), shutdown_rx.clone()));
+    tokio::spawn(resolve_periodically(gateway.clone(), shutdown_rx));
+    gateway.set_ready(true);
+    tracing::info!(proxy = ?proxy_addrs, admin = %admin_addr, workers, "tollgate ready");
+    Ok(Running {
+        proxy_addrs,
+        admin_addr,
+        gateway,
+        shutdown,
+        workers: worker_handles,
+        admin,
+    })
+}
+
+impl Running {
+    /// Serves until SIGTERM or SIGINT; SIGHUP reloads the configuration.
+    pub async fn run_until_signalled(self) -> std::io::Result<()> {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut hangup = signal(SignalKind::hangup())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        loop {
+            tokio::select! {
+                _ = hangup.recv() => {
+                    tracing::info!("SIGHUP: reloading configuration");
+                    let _ = self.gateway.reload().await;
+                }
+                _ = terminate.recv() => break,
+                _ = interrupt.recv() => break,
+            }
+        }
+        self.stop().await;
+        Ok(())
+    }
+
+    /// Stops accepting, lets in-flight requests finish within the grace period, and waits
+    /// for every worker.
+    pub async fn stop(self) {
+        tracing::info!("shutting down: draining connections");
+        self.gateway.set_ready(false);
+        let _ = self.shutdown.send(true);
+        let workers = self.workers;
+        let _ = tokio::task::spawn_blocking(move || {
+            for worker in workers {
+                let _ = worker.join();
+            }
+        })
+        .await;
+        let _ = self.admin.await;
+        tracing::info!("stopped");
+    }
+}
+
+/// Re-resolves host-name endpoints of the live configuration at each pool's interval.
+async fn resolve_periodically(gateway: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
+    let mut last: std::collections::HashMap<String, tokio::time::Instant> = Default::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = crate::listener::stopped(&mut shutdown) => return,
+        }
+        let snapshot = gateway.snapshot();
+        for upstream in snapshot.pools.values() {
+            let pool = &upstream.pool;
+            if !pool.endpoints.iter().any(|e| e.needs_resolution()) {
+                continue;
+            }
+            let due = last.get(&pool.name).is_none_or(|t| t.elapsed() >= pool.resolve_interval);
+            if due {
+                last.insert(pool.name.clone(), tokio::time::Instant::now());
+                pool.resolve().await;
+            }
+        }
+    }
+}
