@@ -131,7 +131,8 @@ pub struct TimeoutsSection {
     /// TCP connect to an endpoint.
     #[serde(default = "default_connect_timeout", deserialize_with = "duration")]
     pub connect: Duration,
-    /// Longest wait for the response head, and for each response body chunk after it.
+    /// Longest wait for the response head (counted from handing the request to the pool, so
+    /// it includes a connect), and for each response body chunk after it.
     #[serde(default = "default_read_timeout", deserialize_with = "duration")]
     pub read: Duration,
     /// Deadline for the whole exchange, from sending the request to the last body byte.

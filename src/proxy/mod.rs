@@ -178,7 +178,9 @@ impl Worker {
 
         let timeouts = &upstream.pool.timeouts;
         let total_deadline = timeouts.total.map(|t| ctx.start + t);
-        let head_deadline = ctx.start + timeouts.connect + timeouts.read;
+        // `read` counts from handing the request to the pool, so it includes a connect when no
+        // idle connection exists; the connector enforces `connect` on its own.
+        let head_deadline = Instant::now() + timeouts.read;
         let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
         let client = &upstream.clients[self.id % upstream.clients.len()];
         let mut response = match tokio::time::timeout_at(head_deadline, client.request(req)).await {

@@ -1,0 +1,70 @@
+//! Upstream timeouts and failures become the JSON errors of DESIGN §4.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn config_for(endpoint: &str, timeouts: &str) -> String {
+    format!(
+        "{}[upstreams.u]\nendpoints = [\"{endpoint}\"]\n\n[upstreams.u.timeouts]\n{timeouts}\n\n[[routes]]\nname = \"all\"\nupstream = \"u\"\n",
+        base_config()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn slow_upstream_gives_504_after_read_timeout() {
+    let upstream = Upstream::start("slow").await;
+    let gateway = Gateway::start(&config_for(&upstream.addr.to_string(), "read = \"300ms\""));
+    let started = Instant::now();
+    let reply = get(&gateway.url("/slow/3000")).await;
+    let waited = started.elapsed();
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_millis(2500), "{waited:?}");
+    // Fast requests still pass.
+    assert_eq!(get(&gateway.url("/slow/10")).await.status, 200);
+
+    let metrics = admin(&gateway, "GET", "/metrics").await.text();
+    assert!(metrics.contains("tollgate_upstream_errors_total{upstream=\"u\",kind=\"upstream_timeout\"} 1"), "{metrics}");
+    assert!(metrics.contains("tollgate_requests_total{route=\"all\",status=\"504\"} 1"), "{metrics}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn total_timeout_cuts_a_response_before_its_head() {
+    let upstream = Upstream::start("slow").await;
+    let gateway = Gateway::start(&config_for(&upstream.addr.to_string(), "read = \"10s\"\ntotal = \"400ms\""));
+    let started = Instant::now();
+    let reply = get(&gateway.url("/slow/3000")).await;
+    assert_eq!(reply.status, 504);
+    assert!(started.elapsed() < Duration::from_millis(2500));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn dead_upstream_gives_502() {
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let gateway = Gateway::start(&config_for(&format!("127.0.0.1:{port}"), "connect = \"1s\""));
+    let reply = get(&gateway.url("/")).await;
+    assert_eq!(reply.status, 502);
+    let body = reply.json();
+    assert_eq!(body["error"]["code"], "upstream_connect_failed");
+    assert_eq!(body["error"]["request_id"], reply.headers["x-request-id"].to_str().unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unresolvable_host_gives_503() {
+    let gateway = Gateway::start(&config_for("no-such-host.invalid:80", "connect = \"1s\""));
+    let reply = get(&gateway.url("/")).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_error_statuses_pass_through() {
+    let upstream = Upstream::start("u").await;
+    let gateway = Gateway::start(&config_for(&upstream.addr.to_string(), "read = \"5s\""));
+    let reply = get(&gateway.url("/status/503")).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["upstream"], "u");
+}
