@@ -76,6 +76,8 @@ pub struct GuardedStream {
     limits: HeadLimits,
     state: State,
     head: Vec<u8>,
+    /// An incomplete pipelined head that arrived with the previous request.
+    pipelined: Vec<u8>,
     timer: Pin<Box<Sleep>>,
 }
 
@@ -87,6 +89,7 @@ impl GuardedStream {
             limits,
             state: State::Waiting { first: true },
             head: Vec::new(),
+            pipelined: Vec::new(),
             timer: Box::pin(tokio::time::sleep(limits.header_read_timeout)),
         }
     }
@@ -104,13 +107,7 @@ impl GuardedStream {
 
     /// Scans newly read bytes of a head. `Some(kind)` = refuse the request.
     fn scan(&mut self, new: &[u8]) -> Option<ErrorKind> {
-        // Clients may send stray CRLFs between requests; they are not part of a head.
-        let new = if self.head.is_empty() {
-            let start = new.iter().position(|b| *b != b'\r' && *b != b'\n').unwrap_or(new.len());
-            &new[start..]
-        } else {
-            new
-        };
+        let new = if self.head.is_empty() { trim_leading_crlf(new) } else { new };
         if new.is_empty() {
             return None;
         }
@@ -119,54 +116,97 @@ impl GuardedStream {
             self.state = State::Unguarded;
             return None;
         }
-        if self.head.is_empty()
+        let max = self.limits.max_header_bytes;
+        let owned;
+        let (head, rest): (&[u8], &[u8]) = if self.head.is_empty()
             && let Some(end) = find_head_end(new)
         {
             // The common case: the whole head arrived in one read; no copy needed.
-            if end > self.limits.max_header_bytes {
-                return Some(ErrorKind::HeadersTooLarge);
-            }
-            self.state = State::Passing;
-            self.phase.0.store(IN_REQUEST, Ordering::Release);
-            return check_head(&new[..end]);
-        }
-        let search_from = self.head.len().saturating_sub(3);
-        let room = self.limits.max_header_bytes + 4 - self.head.len().min(self.limits.max_header_bytes + 4);
-        self.head.extend_from_slice(&new[..new.len().min(room)]);
-        match find_head_end(&self.head[search_from..]) {
-            Some(end) => {
-                let end = search_from + end;
-                if end > self.limits.max_header_bytes {
-                    return Some(ErrorKind::HeadersTooLarge);
+            (&new[..end], &new[end..])
+        } else {
+            let search_from = self.head.len().saturating_sub(3);
+            let room = (max + 4).saturating_sub(self.head.len());
+            self.head.extend_from_slice(&new[..new.len().min(room)]);
+            match find_head_end(&self.head[search_from..]) {
+                Some(end) => {
+                    owned = std::mem::take(&mut self.head);
+                    let end = search_from + end;
+                    (&owned[..end], &owned[end..])
                 }
-                let verdict = check_head(&self.head[..end]);
-                self.head.clear();
-                self.state = State::Passing;
-                self.phase.0.store(IN_REQUEST, Ordering::Release);
-                verdict
+                None if self.head.len() > max => return Some(ErrorKind::HeadersTooLarge),
+                None => return None,
             }
-            None if self.head.len() > self.limits.max_header_bytes => Some(ErrorKind::HeadersTooLarge),
-            None => None,
+        };
+        if head.len() > max {
+            return Some(ErrorKind::HeadersTooLarge);
         }
+        self.state = State::Passing;
+        self.phase.0.store(IN_REQUEST, Ordering::Release);
+        let mut has_body = match check_head(head) {
+            Ok(has_body) => has_body,
+            Err(kind) => return Some(kind),
+        };
+        // Pipelined requests behind a bodiless head are already in hyper's buffer, and hyper
+        // will act on them without reading again: check complete ones now, and remember an
+        // incomplete one so its timer starts when its turn comes.
+        self.pipelined.clear();
+        let mut rest = rest;
+        while !has_body {
+            rest = trim_leading_crlf(rest);
+            if rest.is_empty() {
+                break;
+            }
+            match find_head_end(rest) {
+                Some(end) if end > max => return Some(ErrorKind::HeadersTooLarge),
+                Some(end) => {
+                    has_body = match check_head(&rest[..end]) {
+                        Ok(has_body) => has_body,
+                        Err(kind) => return Some(kind),
+                    };
+                    rest = &rest[end..];
+                }
+                None if rest.len() > max => return Some(ErrorKind::HeadersTooLarge),
+                None => {
+                    self.pipelined.extend_from_slice(rest);
+                    break;
+                }
+            }
+        }
+        None
     }
+}
+
+fn trim_leading_crlf(bytes: &[u8]) -> &[u8] {
+    // Clients may send stray CRLFs between requests; they are not part of a head.
+    let start = bytes.iter().position(|b| *b != b'\r' && *b != b'\n').unwrap_or(bytes.len());
+    &bytes[start..]
 }
 
 fn find_head_end(bytes: &[u8]) -> Option<usize> {
     bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
 }
 
-/// Refuses heads with both `Content-Length` and `Transfer-Encoding`. Other malformations
-/// are left to hyper, which answers them with its own 400.
-fn check_head(head: &[u8]) -> Option<ErrorKind> {
+/// Refuses heads with both `Content-Length` and `Transfer-Encoding`; otherwise tells whether
+/// a body follows. Other malformations are left to hyper, which answers them with a 400.
+fn check_head(head: &[u8]) -> Result<bool, ErrorKind> {
     let mut headers = [httparse::EMPTY_HEADER; 128];
     let mut request = httparse::Request::new(&mut headers);
     match request.parse(head) {
         Ok(httparse::Status::Complete(_)) => {
-            let has = |name: &str| request.headers.iter().any(|h| h.name.eq_ignore_ascii_case(name));
-            (has("content-length") && has("transfer-encoding")).then_some(ErrorKind::BadRequest)
+            let find = |name: &str| request.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name));
+            match (find("content-length"), find("transfer-encoding")) {
+                (Some(_), Some(_)) => Err(ErrorKind::BadRequest),
+                (None, Some(_)) => Ok(true),
+                (Some(length), None) => Ok(std::str::from_utf8(length.value)
+                    .ok()
+                    .and_then(|v| v.trim().parse::<u64>().ok())
+                    != Some(0)),
+                (None, None) => Ok(false),
+            }
         }
-        Err(httparse::Error::TooManyHeaders) => Some(ErrorKind::HeadersTooLarge),
-        _ => None,
+        Err(httparse::Error::TooManyHeaders) => Err(ErrorKind::HeadersTooLarge),
+        // Not ours to judge; assume a body so pipelined bytes are not misread as heads.
+        _ => Ok(true),
     }
 }
 
@@ -175,9 +215,14 @@ impl AsyncRead for GuardedStream {
         let this = self.get_mut();
         if matches!(this.state, State::Passing) {
             match this.phase.0.load(Ordering::Acquire) {
-                AWAITING_HEAD => {
+                AWAITING_HEAD if this.pipelined.is_empty() => {
                     this.state = State::Waiting { first: false };
                     this.timer.as_mut().reset(Instant::now() + this.limits.idle_timeout);
+                }
+                AWAITING_HEAD => {
+                    this.state = State::Head;
+                    this.head = std::mem::take(&mut this.pipelined);
+                    this.timer.as_mut().reset(Instant::now() + this.limits.header_read_timeout);
                 }
                 UNGUARDED => this.state = State::Unguarded,
                 _ => {}
@@ -281,10 +326,12 @@ mod tests {
 
     #[test]
     fn head_checks() {
-        assert_eq!(check_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), None);
+        assert_eq!(check_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(false));
+        assert_eq!(check_head(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n"), Ok(true));
+        assert_eq!(check_head(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"), Ok(false));
         assert_eq!(
             check_head(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            Some(ErrorKind::BadRequest)
+            Err(ErrorKind::BadRequest)
         );
         assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
     }
