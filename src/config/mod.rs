@@ -134,7 +134,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
                 let item = Item::Table(table.clone());
                 let field = format!("routes[{i}]");
                 if let Some(route) = read_section::<RouteSection>(&mut sink, &item, &field) {
-                    routes.push((route, item));
+                    routes.push((i, route, item));
                 }
             }
         }
@@ -143,7 +143,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     }
 
     let mut seen_names = HashSet::new();
-    for (i, (route, item)) in routes.iter().enumerate() {
+    for (i, route, item) in &routes {
         let field = format!("routes[{i}]");
         check_route(&mut sink, item, &field, route);
         if !seen_names.insert(route.name.as_str()) {
@@ -198,7 +198,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
             Ok(addr) => {
                 if !addr.ip().is_loopback() && admin.token.as_deref().unwrap_or("").is_empty() {
                     sink.push(
-                        admin_item.and_then(|i| field_span(i, "token")).or(admin_item.and_then(|i| field_span(i, "listen"))),
+                        admin_item.and_then(|i| key_span(i, "token").or_else(|| field_span(i, "listen"))),
                         "admin.token",
                         "an admin API listening beyond loopback requires a token",
                     );
@@ -214,6 +214,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     }
 
     if !sink.errors.is_empty() {
+        sink.errors.sort_by_key(|e| (e.line, e.column));
         return Err(ConfigErrors(sink.errors));
     }
     // All sections parsed: any `None` above has pushed an error, so these are present.
@@ -230,7 +231,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         admin,
         admin_listen,
         upstreams,
-        routes: routes.into_iter().map(|(r, _)| r).collect(),
+        routes: routes.into_iter().map(|(_, r, _)| r).collect(),
     })
 }
 
@@ -245,19 +246,30 @@ fn read_section<T: DeserializeOwned>(sink: &mut ErrorSink<'_>, item: &Item, fiel
             return None;
         }
     };
-    match T::deserialize(value.into_deserializer()) {
-        Ok(section) => Some(section),
-        Err(e) => {
-            let span = e.span().or_else(|| item_span(item));
-            let path = span
-                .as_ref()
-                .and_then(|s| field_at(item, s.start))
-                .map(|inner| if inner.is_empty() { field.to_string() } else { format!("{field}.{inner}") })
-                .unwrap_or_else(|| field.to_string());
-            sink.push(span, &path, e.message().to_string());
-            None
+    // serde stops at the first bad field; to report every one, drop the offending key and
+    // try again until the rest parses or an error cannot be pinned to a key.
+    let mut value = value;
+    for _ in 0..64 {
+        match T::deserialize(value.clone().into_deserializer()) {
+            // A section parsed without its bad keys (defaults in their place) still goes
+            // through the semantic checks, so one run reports those errors too; the
+            // configuration as a whole is refused because errors were recorded.
+            Ok(section) => return Some(section),
+            Err(e) => {
+                let span = e.span().or_else(|| item_span(item));
+                let inner = span.as_ref().and_then(|s| field_at(item, s.start)).unwrap_or_default();
+                let path = if inner.is_empty() { field.to_string() } else { format!("{field}.{inner}") };
+                sink.push(span, &path, e.message().to_string());
+                let top_key = inner.split(['.', '[']).next().unwrap_or("");
+                let removed = !top_key.is_empty()
+                    && value.as_inline_table_mut().is_some_and(|t| t.remove(top_key).is_some());
+                if !removed {
+                    return None;
+                }
+            }
         }
     }
+    None
 }
 
 /// Replaces `${NAME}` in every string value with the environment variable `NAME`.
@@ -343,14 +355,22 @@ fn item_span(item: &Item) -> Option<Range<usize>> {
     }
 }
 
-/// The span of `key` inside a table-like item (its value, else its key).
+/// The span of `key` inside a table-like item (its value, else its key), or the item's
+/// own span when the key is absent.
 fn field_span(item: &Item, key: &str) -> Option<Range<usize>> {
-    if let Some(table) = item.as_table_like()
-        && let Some((k, v)) = table.get_key_value(key)
-    {
-        return v.span().or_else(|| k.span());
-    }
-    item_span(item)
+    key_span(item, key).or_else(|| item_span(item))
+}
+
+fn key_span(item: &Item, key: &str) -> Option<Range<usize>> {
+    let table = item.as_table_like()?;
+    let (k, v) = table.get_key_value(key)?;
+    v.span().or_else(|| k.span())
+}
+
+/// The span of element `index` of the array under `key`.
+fn element_span(item: &Item, key: &str, index: usize) -> Option<Range<usize>> {
+    let array = item.as_table_like()?.get(key)?.as_array()?;
+    array.get(index)?.span().or_else(|| field_span(item, key))
 }
 
 /// The dotted path (relative to `item`) of the deepest key whose key or value contains `offset`.
@@ -385,11 +405,11 @@ fn check_upstream(sink: &mut ErrorSink<'_>, item: &Item, field: &str, upstream: 
     }
     for (i, endpoint) in upstream.endpoints.iter().enumerate() {
         if let Err(message) = check_host_port(&endpoint.address) {
-            sink.push(field_span(item, "endpoints"), &format!("{field}.endpoints[{i}]"), message);
+            sink.push(element_span(item, "endpoints", i), &format!("{field}.endpoints[{i}]"), message);
         }
         if endpoint.weight == 0 || endpoint.weight > 1000 {
             sink.push(
-                field_span(item, "endpoints"),
+                element_span(item, "endpoints", i),
                 &format!("{field}.endpoints[{i}].weight"),
                 "weight must be between 1 and 1000",
             );
