@@ -21,7 +21,11 @@ async fn pool_config(upstreams: &[Upstream], weights: &[u32], extra: &str) -> St
 
 #[tokio::test(flavor = "multi_thread")]
 async fn round_robin_follows_weights_exactly() {
-    let upstreams = vec![Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await];
+    let upstreams = vec![
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
     let gateway = Gateway::start(&pool_config(&upstreams, &[1, 2, 1], "lb = \"round_robin\"").await);
     for _ in 0..400 {
         assert_eq!(get(&gateway.url("/")).await.status, 200);
@@ -70,9 +74,18 @@ async fn least_requests_avoids_the_busy_endpoint() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn consistent_hash_by_header_is_sticky() {
-    let upstreams = vec![Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await];
+    let upstreams = vec![
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
     let gateway = Gateway::start(
-        &pool_config(&upstreams, &[1, 1, 1], "lb = \"consistent_hash\"\nhash_key = \"header:x-user\"").await,
+        &pool_config(
+            &upstreams,
+            &[1, 1, 1],
+            "lb = \"consistent_hash\"\nhash_key = \"header:x-user\"",
+        )
+        .await,
     );
     let mut owner: HashMap<String, String> = HashMap::new();
     for round in 0..3 {
@@ -96,11 +109,19 @@ async fn consistent_hash_by_header_is_sticky() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn consistent_hash_by_client_ip_pins_one_client() {
-    let upstreams = vec![Upstream::start("a").await, Upstream::start("b").await, Upstream::start("c").await];
+    let upstreams = vec![
+        Upstream::start("a").await,
+        Upstream::start("b").await,
+        Upstream::start("c").await,
+    ];
     let gateway = Gateway::start(&pool_config(&upstreams, &[1, 1, 1], "lb = \"consistent_hash\"").await);
     for _ in 0..30 {
         assert_eq!(get(&gateway.url("/")).await.status, 200);
     }
     let hits: Vec<usize> = upstreams.iter().map(Upstream::hits).collect();
-    assert_eq!(hits.iter().filter(|&&h| h == 30).count(), 1, "one client IP → one endpoint: {hits:?}");
+    assert_eq!(
+        hits.iter().filter(|&&h| h == 30).count(),
+        1,
+        "one client IP → one endpoint: {hits:?}"
+    );
 }

@@ -53,14 +53,27 @@ fn each_broken_fixture_names_the_right_lines_and_fields() {
         let (ok, _, stderr) = check(&path);
         assert!(!ok, "{} was accepted", path.display());
         let error_lines: Vec<&str> = stderr.lines().filter(|l| l.contains(".toml:")).collect();
-        let located: Vec<&str> = error_lines.iter().copied().filter(|l| !l.ends_with("error(s)")).collect();
-        assert_eq!(located.len(), expected.len(), "{}: every error at once:\n{stderr}", path.display());
+        let located: Vec<&str> = error_lines
+            .iter()
+            .copied()
+            .filter(|l| !l.ends_with("error(s)"))
+            .collect();
+        assert_eq!(
+            located.len(),
+            expected.len(),
+            "{}: every error at once:\n{stderr}",
+            path.display()
+        );
         for (line, field) in &expected {
             let prefix = format!("{}:{line}:", path.display());
-            let found = located.iter().any(|l| {
-                l.starts_with(&prefix) && (field == "-" || l.contains(&format!("field `{field}`")))
-            });
-            assert!(found, "{}: expected an error at line {line} for `{field}`:\n{stderr}", path.display());
+            let found = located
+                .iter()
+                .any(|l| l.starts_with(&prefix) && (field == "-" || l.contains(&format!("field `{field}`"))));
+            assert!(
+                found,
+                "{}: expected an error at line {line} for `{field}`:\n{stderr}",
+                path.display()
+            );
         }
         assert!(stderr.contains(&format!("{} error(s)", expected.len())));
         checked += 1;
@@ -85,19 +98,36 @@ fn serve_refuses_a_broken_config() {
 fn missing_file_is_reported() {
     let (ok, _, stderr) = check(std::path::Path::new("/nonexistent/tollgate.toml"));
     assert!(!ok);
-    assert!(stderr.contains("/nonexistent/tollgate.toml: cannot read file"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/tollgate.toml: cannot read file"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn demo_runs_its_sample_requests() {
     let output = Command::new(binary())
-        .args(["demo", "--once", "--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .args([
+            "demo",
+            "--once",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("curl -i http://127.0.0.1:"), "{stdout}");
     assert!(stdout.contains("→ 200 OK {\""), "{stdout}");
     assert!(stdout.contains("\"ip\":\"8.8.8.8\""), "{stdout}");
-    assert!(stdout.contains("→ 404 Not Found {\"error\":{\"code\":\"route_not_found\""), "{stdout}");
+    assert!(
+        stdout.contains("→ 404 Not Found {\"error\":{\"code\":\"route_not_found\""),
+        "{stdout}"
+    );
 }

@@ -14,8 +14,7 @@ fn config_with_routes(a: std::net::SocketAddr, b: std::net::SocketAddr, routes: 
 }
 
 const ROUTES_V1: &str = "[[routes]]\nname = \"old\"\npath = \"/\"\nupstream = \"a\"\n";
-const ROUTES_V2: &str =
-    "[[routes]]\nname = \"old\"\npath = \"/\"\nupstream = \"a\"\n\n[[routes]]\nname = \"new\"\npath = \"/new\"\nupstream = \"b\"\n";
+const ROUTES_V2: &str = "[[routes]]\nname = \"old\"\npath = \"/\"\nupstream = \"a\"\n\n[[routes]]\nname = \"new\"\npath = \"/new\"\nupstream = \"b\"\n";
 
 #[tokio::test(flavor = "multi_thread")]
 async fn reload_keeps_in_flight_requests_and_applies_new_routes() {
@@ -47,14 +46,21 @@ async fn reload_keeps_in_flight_requests_and_applies_new_routes() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let metrics = admin(&gateway, "GET", "/metrics").await.text();
-    assert!(metrics.contains("tollgate_config_reloads_total{result=\"success\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("tollgate_config_reloads_total{result=\"success\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn invalid_reload_is_rejected_and_old_config_keeps_serving() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
     let gateway = Gateway::start(&config_with_routes(a.addr, b.addr, ROUTES_V1));
-    let broken = config_with_routes(a.addr, b.addr, "[[routes]]\nname = \"x\"\npath = \"/\"\nupstream = \"missing\"\nbogus = 1\n");
+    let broken = config_with_routes(
+        a.addr,
+        b.addr,
+        "[[routes]]\nname = \"x\"\npath = \"/\"\nupstream = \"missing\"\nbogus = 1\n",
+    );
     gateway.write_config(&broken);
     let reply = admin(&gateway, "POST", "/v1/reload").await;
     assert_eq!(reply.status, 400);
@@ -74,7 +80,10 @@ async fn invalid_reload_is_rejected_and_old_config_keeps_serving() {
     assert_eq!(get(&gateway.url("/x")).await.status, 200);
     assert!(gateway.stderr().contains("reload rejected"));
     let metrics = admin(&gateway, "GET", "/metrics").await.text();
-    assert!(metrics.contains("tollgate_config_reloads_total{result=\"failure\"} 2"), "{metrics}");
+    assert!(
+        metrics.contains("tollgate_config_reloads_total{result=\"failure\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -91,28 +100,39 @@ async fn sigterm_drains_in_flight_requests_then_exits() {
     tokio::time::sleep(Duration::from_millis(200)).await;
 
     // No longer accepting.
-    assert!(std::net::TcpStream::connect(gateway.proxy).is_err(), "listener still open after SIGTERM");
+    assert!(
+        std::net::TcpStream::connect(gateway.proxy).is_err(),
+        "listener still open after SIGTERM"
+    );
     for task in in_flight {
         let reply = task.await.unwrap();
         assert_eq!(reply.status, 200, "in-flight request was cut off");
     }
-    let status = gateway.wait_exit(Duration::from_secs(10)).expect("gateway did not exit");
+    let status = gateway
+        .wait_exit(Duration::from_secs(10))
+        .expect("gateway did not exit");
     assert!(status.success(), "{status:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn shutdown_grace_bounds_the_drain() {
     let (a, b) = (Upstream::start("a").await, Upstream::start("b").await);
-    let config = config_with_routes(a.addr, b.addr, ROUTES_V1).replace("workers = 2\n", "workers = 2\nshutdown_grace = \"500ms\"\n");
+    let config = config_with_routes(a.addr, b.addr, ROUTES_V1)
+        .replace("workers = 2\n", "workers = 2\nshutdown_grace = \"500ms\"\n");
     let mut gateway = Gateway::start(&config);
     let url = gateway.url("/slow/10000");
     let stuck = tokio::spawn(async move { client().request(Request::get(url).body(full("")).unwrap()).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let started = Instant::now();
     gateway.signal(libc::SIGTERM);
-    gateway.wait_exit(Duration::from_secs(5)).expect("grace period not enforced");
+    gateway
+        .wait_exit(Duration::from_secs(5))
+        .expect("grace period not enforced");
     assert!(started.elapsed() < Duration::from_secs(3));
-    assert!(stuck.await.unwrap().is_err(), "the request past the grace period is cut");
+    assert!(
+        stuck.await.unwrap().is_err(),
+        "the request past the grace period is cut"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -136,7 +156,10 @@ async fn admin_api_requires_token_except_probes() {
     assert_eq!(reload.status, 401);
     assert_eq!(get(&gateway.admin_url("/healthz")).await.status, 200);
     let ready = get(&gateway.admin_url("/readyz")).await;
-    assert_eq!((ready.status.as_u16(), ready.json()["status"].as_str()), (200, Some("ready")));
+    assert_eq!(
+        (ready.status.as_u16(), ready.json()["status"].as_str()),
+        (200, Some("ready"))
+    );
     let missing = admin(&gateway, "GET", "/v1/nothing").await;
     assert_eq!(missing.status, 404);
     assert_eq!(missing.json()["error"]["code"], "not_found");
@@ -145,9 +168,17 @@ async fn admin_api_requires_token_except_probes() {
         get(&gateway.url("/x")).await;
     }
     let metrics = admin(&gateway, "GET", "/metrics").await;
-    assert!(metrics.headers["content-type"].to_str().unwrap().starts_with("text/plain"));
+    assert!(
+        metrics.headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/plain")
+    );
     let text = metrics.text();
-    assert!(text.contains("tollgate_requests_total{route=\"old\",status=\"200\"} 3"), "{text}");
+    assert!(
+        text.contains("tollgate_requests_total{route=\"old\",status=\"200\"} 3"),
+        "{text}"
+    );
     assert!(text.contains("tollgate_request_duration_seconds_count{route=\"old\"} 3"));
     assert!(text.contains("# TYPE tollgate_open_connections gauge"));
 }

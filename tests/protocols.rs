@@ -35,12 +35,23 @@ async fn http2_downstream_and_upstream() {
 
     // HTTP/1.1 client to an HTTP/2 upstream, and HTTP/2 client to an HTTP/1.1 upstream.
     let reply = get(&gateway.url("/a")).await;
-    assert_eq!((reply.version, reply.json()["version"].as_str().unwrap()), (Version::HTTP_11, "HTTP/2.0"));
+    assert_eq!(
+        (reply.version, reply.json()["version"].as_str().unwrap()),
+        (Version::HTTP_11, "HTTP/2.0")
+    );
     let h1_upstream = Upstream::start("h1").await;
     let gateway = Gateway::start(&single_upstream(h1_upstream.addr, "", ""));
     let reply = send_with(&client, Request::get(gateway.url("/b")).body(full("")).unwrap()).await;
-    assert_eq!((reply.version, reply.json()["version"].as_str().unwrap()), (Version::HTTP_2, "HTTP/1.1"));
-    assert!(reply.json()["headers"]["host"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert_eq!(
+        (reply.version, reply.json()["version"].as_str().unwrap()),
+        (Version::HTTP_2, "HTTP/1.1")
+    );
+    assert!(
+        reply.json()["headers"]["host"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
 }
 
 /// A WebSocket echo server (not hyper: a different implementation on the far side).
@@ -50,7 +61,9 @@ async fn websocket_echo() -> std::net::SocketAddr {
     tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
             tokio::spawn(async move {
-                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else { return };
+                let Ok(mut ws) = tokio_tungstenite::accept_async(stream).await else {
+                    return;
+                };
                 while let Some(Ok(message)) = ws.next().await {
                     if message.is_text() || message.is_binary() {
                         if ws.send(message).await.is_err() {
@@ -102,7 +115,9 @@ async fn hundred_mib_bodies_stream_without_buffering() {
 
     // Upload: a chunked body produced on the fly.
     let chunk = Bytes::from(vec![b'u'; 64 * 1024]);
-    let stream = futures_util::stream::iter((0..SIZE / chunk.len()).map(move |_| Ok::<_, hyper::Error>(Frame::data(chunk.clone()))));
+    let stream = futures_util::stream::iter(
+        (0..SIZE / chunk.len()).map(move |_| Ok::<_, hyper::Error>(Frame::data(chunk.clone()))),
+    );
     let body = BodyExt::boxed(StreamBody::new(stream));
     let reply = send(Request::post(gateway.url("/count")).body(body).unwrap()).await;
     assert_eq!(reply.status, 200);
@@ -111,7 +126,11 @@ async fn hundred_mib_bodies_stream_without_buffering() {
 
     // Download: read it chunk by chunk, counting.
     let response = client()
-        .request(Request::get(gateway.url(&format!("/download/{SIZE}"))).body(full("")).unwrap())
+        .request(
+            Request::get(gateway.url(&format!("/download/{SIZE}")))
+                .body(full(""))
+                .unwrap(),
+        )
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -127,7 +146,10 @@ async fn hundred_mib_bodies_stream_without_buffering() {
     assert_eq!(received, SIZE);
     let grown = rss_after_upload.max(peak_rss).saturating_sub(rss_before);
     // Buffering 100 MiB would grow RSS by ~100 000 KiB; streaming stays within socket buffers.
-    assert!(grown < 24 * 1024, "gateway RSS grew by {grown} KiB while streaming 100 MiB");
+    assert!(
+        grown < 24 * 1024,
+        "gateway RSS grew by {grown} KiB while streaming 100 MiB"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -164,7 +186,10 @@ async fn malformed_requests_are_refused_before_routing() {
     assert!(response.starts_with("HTTP/1.1 408"), "{response}");
     assert_eq!(raw_json_body(&response)["error"]["code"], "request_timeout");
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(450) && waited < Duration::from_secs(3), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(450) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
 
     // A second, slow head on a keep-alive connection gets the same treatment.
     let response = raw_exchange(

@@ -116,7 +116,14 @@ async fn no_route_gives_404_json_body() {
     );
     let gateway = Gateway::start(&config);
     for (method, path) in [("GET", "/v2/x"), ("DELETE", "/v1/x"), ("GET", "/")] {
-        let reply = send(Request::builder().method(method).uri(gateway.url(path)).body(full("")).unwrap()).await;
+        let reply = send(
+            Request::builder()
+                .method(method)
+                .uri(gateway.url(path))
+                .body(full(""))
+                .unwrap(),
+        )
+        .await;
         assert_eq!(reply.status, 404, "{method} {path}");
         assert_eq!(reply.headers["content-type"], "application/json");
         let body = reply.json();
@@ -175,7 +182,13 @@ async fn preserve_host_false_sends_endpoint_address() {
         upstream.addr.port()
     );
     let gateway = Gateway::start(&config);
-    let reply = send(Request::get(gateway.url("/h")).header("host", "public.test").body(full("")).unwrap()).await;
+    let reply = send(
+        Request::get(gateway.url("/h"))
+            .header("host", "public.test")
+            .body(full(""))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(reply.status, 200, "{}", reply.text());
     let seen = &reply.json()["headers"];
     assert_eq!(seen["host"], format!("localhost:{}", upstream.addr.port()));

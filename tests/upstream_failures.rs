@@ -21,19 +21,31 @@ async fn slow_upstream_gives_504_after_read_timeout() {
     let waited = started.elapsed();
     assert_eq!(reply.status, 504);
     assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
-    assert!(waited >= Duration::from_millis(300) && waited < Duration::from_millis(2500), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(300) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
     // Fast requests still pass.
     assert_eq!(get(&gateway.url("/slow/10")).await.status, 200);
 
     let metrics = admin(&gateway, "GET", "/metrics").await.text();
-    assert!(metrics.contains("tollgate_upstream_errors_total{upstream=\"u\",kind=\"upstream_timeout\"} 1"), "{metrics}");
-    assert!(metrics.contains("tollgate_requests_total{route=\"all\",status=\"504\"} 1"), "{metrics}");
+    assert!(
+        metrics.contains("tollgate_upstream_errors_total{upstream=\"u\",kind=\"upstream_timeout\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("tollgate_requests_total{route=\"all\",status=\"504\"} 1"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn total_timeout_cuts_a_response_before_its_head() {
     let upstream = Upstream::start("slow").await;
-    let gateway = Gateway::start(&config_for(&upstream.addr.to_string(), "read = \"10s\"\ntotal = \"400ms\""));
+    let gateway = Gateway::start(&config_for(
+        &upstream.addr.to_string(),
+        "read = \"10s\"\ntotal = \"400ms\"",
+    ));
     let started = Instant::now();
     let reply = get(&gateway.url("/slow/3000")).await;
     assert_eq!(reply.status, 504);
@@ -43,13 +55,20 @@ async fn total_timeout_cuts_a_response_before_its_head() {
 #[tokio::test(flavor = "multi_thread")]
 async fn dead_upstream_gives_502() {
     // A port that was just free: nothing listens there.
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let gateway = Gateway::start(&config_for(&format!("127.0.0.1:{port}"), "connect = \"1s\""));
     let reply = get(&gateway.url("/")).await;
     assert_eq!(reply.status, 502);
     let body = reply.json();
     assert_eq!(body["error"]["code"], "upstream_connect_failed");
-    assert_eq!(body["error"]["request_id"], reply.headers["x-request-id"].to_str().unwrap());
+    assert_eq!(
+        body["error"]["request_id"],
+        reply.headers["x-request-id"].to_str().unwrap()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]

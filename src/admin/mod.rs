@@ -75,7 +75,11 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
             .and_then(|v| v.strip_prefix("Bearer "))
             .unwrap_or("");
         if !constant_time_eq(presented.as_bytes(), expected.as_bytes()) {
-            return json_error(StatusCode::UNAUTHORIZED, "unauthorized", "missing or invalid admin token");
+            return json_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                "missing or invalid admin token",
+            );
         }
     }
     next.run(request).await
@@ -97,7 +101,11 @@ async fn readyz(State(state): State<AdminState>) -> Response {
     if state.gateway.is_ready() {
         axum::Json(json!({"status": "ready"})).into_response()
     } else {
-        json_error(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the gateway is starting or stopping")
+        json_error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the gateway is starting or stopping",
+        )
     }
 }
 

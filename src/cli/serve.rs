@@ -40,7 +40,11 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers).await;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let worker_handles = crate::listener::spawn_workers(gateway.clone(), listeners, shutdown_rx.clone(), grace)?;
-    let admin = tokio::spawn(crate::admin::serve(admin_listener, gateway.clone(), shutdown_rx.clone()));
+    let admin = tokio::spawn(crate::admin::serve(
+        admin_listener,
+        gateway.clone(),
+        shutdown_rx.clone(),
+    ));
     tokio::spawn(resolve_periodically(gateway.clone(), shutdown_rx));
     gateway.set_ready(true);
     tracing::info!(proxy = ?proxy_addrs, admin = %admin_addr, workers, "tollgate ready");
@@ -107,7 +111,9 @@ async fn resolve_periodically(gateway: Arc<Gateway>, mut shutdown: watch::Receiv
             if !pool.endpoints.iter().any(|e| e.needs_resolution()) {
                 continue;
             }
-            let due = last.get(&pool.name).is_none_or(|t| t.elapsed() >= pool.resolve_interval);
+            let due = last
+                .get(&pool.name)
+                .is_none_or(|t| t.elapsed() >= pool.resolve_interval);
             if due {
                 last.insert(pool.name.clone(), tokio::time::Instant::now());
                 pool.resolve().await;

@@ -13,8 +13,8 @@ use std::path::{Path, PathBuf};
 use serde::de::{DeserializeOwned, IntoDeserializer};
 use toml_edit::{Item, Value};
 
-pub use error::{ConfigError, ConfigErrors};
 use error::ErrorSink;
+pub use error::{ConfigError, ConfigErrors};
 pub use schema::{
     AdminSection, EndpointSpec, LbPolicy, RouteSection, ServerSection, TimeoutsSection, UpstreamProtocol,
     UpstreamSection,
@@ -88,7 +88,10 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
             sink.push(
                 span,
                 key,
-                format!("unknown section `{key}`, expected one of {}", schema::SECTIONS.join(", ")),
+                format!(
+                    "unknown section `{key}`, expected one of {}",
+                    schema::SECTIONS.join(", ")
+                ),
             );
         }
     }
@@ -258,11 +261,15 @@ fn read_section<T: DeserializeOwned>(sink: &mut ErrorSink<'_>, item: &Item, fiel
             Err(e) => {
                 let span = e.span().or_else(|| item_span(item));
                 let inner = span.as_ref().and_then(|s| field_at(item, s.start)).unwrap_or_default();
-                let path = if inner.is_empty() { field.to_string() } else { format!("{field}.{inner}") };
+                let path = if inner.is_empty() {
+                    field.to_string()
+                } else {
+                    format!("{field}.{inner}")
+                };
                 sink.push(span, &path, e.message().to_string());
                 let top_key = inner.split(['.', '[']).next().unwrap_or("");
-                let removed = !top_key.is_empty()
-                    && value.as_inline_table_mut().is_some_and(|t| t.remove(top_key).is_some());
+                let removed =
+                    !top_key.is_empty() && value.as_inline_table_mut().is_some_and(|t| t.remove(top_key).is_some());
                 if !removed {
                     return None;
                 }
@@ -318,8 +325,12 @@ fn substitute_value(sink: &mut ErrorSink<'_>, value: &mut Value, span: Option<Ra
     }
 }
 
-/// Expands `${NAME}`; `$${` is a literal `${`.
+/// Expands `${NAME}` from the process environment; `$${` is a literal `${`.
 pub fn expand_env(text: &str) -> Result<String, String> {
+    expand_with(text, |name| std::env::var(name).ok())
+}
+
+fn expand_with(text: &str, lookup: impl Fn(&str) -> Option<String>) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(pos) = rest.find('$') {
@@ -333,9 +344,9 @@ pub fn expand_env(text: &str) -> Result<String, String> {
                 return Err(format!("unterminated ${{...}} in {text:?}"));
             };
             let name = &after[..end];
-            match std::env::var(name) {
-                Ok(v) => out.push_str(&v),
-                Err(_) => return Err(format!("environment variable {name} is not set")),
+            match lookup(name) {
+                Some(v) => out.push_str(&v),
+                None => return Err(format!("environment variable {name} is not set")),
             }
             rest = &after[end + 1..];
         } else {
@@ -375,7 +386,8 @@ fn element_span(item: &Item, key: &str, index: usize) -> Option<Range<usize>> {
 
 /// The dotted path (relative to `item`) of the deepest key whose key or value contains `offset`.
 fn field_at(item: &Item, offset: usize) -> Option<String> {
-    let contains = |span: Option<Range<usize>>| span.is_some_and(|s| s.start <= offset && offset < s.end.max(s.start + 1));
+    let contains =
+        |span: Option<Range<usize>>| span.is_some_and(|s| s.start <= offset && offset < s.end.max(s.start + 1));
     if let Some(table) = item.as_table_like() {
         for (key, child) in table.iter() {
             let key_span = table.get_key_value(key).and_then(|(k, _)| k.span());
@@ -392,7 +404,11 @@ fn field_at(item: &Item, offset: usize) -> Option<String> {
         for (i, v) in array.iter().enumerate() {
             if contains(v.span()) {
                 let inner = field_at(&Item::Value(v.clone()), offset).unwrap_or_default();
-                return Some(if inner.is_empty() { format!("[{i}]") } else { format!("[{i}].{inner}") });
+                return Some(if inner.is_empty() {
+                    format!("[{i}]")
+                } else {
+                    format!("[{i}].{inner}")
+                });
             }
         }
     }
@@ -401,11 +417,19 @@ fn field_at(item: &Item, offset: usize) -> Option<String> {
 
 fn check_upstream(sink: &mut ErrorSink<'_>, item: &Item, field: &str, upstream: &UpstreamSection) {
     if upstream.endpoints.is_empty() {
-        sink.push(field_span(item, "endpoints"), &format!("{field}.endpoints"), "at least one endpoint is required");
+        sink.push(
+            field_span(item, "endpoints"),
+            &format!("{field}.endpoints"),
+            "at least one endpoint is required",
+        );
     }
     for (i, endpoint) in upstream.endpoints.iter().enumerate() {
         if let Err(message) = check_host_port(&endpoint.address) {
-            sink.push(element_span(item, "endpoints", i), &format!("{field}.endpoints[{i}]"), message);
+            sink.push(
+                element_span(item, "endpoints", i),
+                &format!("{field}.endpoints[{i}]"),
+                message,
+            );
         }
         if endpoint.weight == 0 || endpoint.weight > 1000 {
             sink.push(
@@ -425,7 +449,11 @@ fn check_upstream(sink: &mut ErrorSink<'_>, item: &Item, field: &str, upstream: 
         _ => {}
     }
     if upstream.timeouts.connect.is_zero() || upstream.timeouts.read.is_zero() {
-        sink.push(field_span(item, "timeouts"), &format!("{field}.timeouts"), "timeouts must be greater than zero");
+        sink.push(
+            field_span(item, "timeouts"),
+            &format!("{field}.timeouts"),
+            "timeouts must be greater than zero",
+        );
     }
 }
 
@@ -452,16 +480,26 @@ fn check_host_port(address: &str) -> Result<(), String> {
 
 fn check_route(sink: &mut ErrorSink<'_>, item: &Item, field: &str, route: &RouteSection) {
     if route.name.trim().is_empty() {
-        sink.push(field_span(item, "name"), &format!("{field}.name"), "route name must not be empty");
+        sink.push(
+            field_span(item, "name"),
+            &format!("{field}.name"),
+            "route name must not be empty",
+        );
     }
     if !route.path.starts_with('/') {
-        sink.push(field_span(item, "path"), &format!("{field}.path"), format!("path {:?} must start with '/'", route.path));
+        sink.push(
+            field_span(item, "path"),
+            &format!("{field}.path"),
+            format!("path {:?} must start with '/'", route.path),
+        );
     }
     for host in &route.hosts {
         let bare = host.strip_prefix("*.").unwrap_or(host);
         let valid = !bare.is_empty()
             && !bare.contains('*')
-            && bare.split('.').all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+            && bare
+                .split('.')
+                .all(|l| !l.is_empty() && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
         if !valid {
             sink.push(
                 field_span(item, "hosts"),
@@ -486,7 +524,9 @@ mod tests {
     use super::*;
 
     fn errors(src: &str) -> Vec<ConfigError> {
-        parse(Path::new("t.toml"), src).expect_err("config should be rejected").0
+        parse(Path::new("t.toml"), src)
+            .expect_err("config should be rejected")
+            .0
     }
 
     const VALID: &str = r#"
@@ -544,11 +584,13 @@ upstream = "nope"
 
     #[test]
     fn env_substitution() {
-        // SAFETY-free: set_var is safe in tests that own the variable name.
-        unsafe { std::env::set_var("TG_TEST_TOKEN_1", "s3cret") };
-        let src = format!("{VALID}\n[admin]\ntoken = \"${{TG_TEST_TOKEN_1}}\"\n");
+        let path = std::env::var("PATH").expect("PATH is set");
+        let src = format!("{VALID}\n[admin]\ntoken = \"x${{PATH}}y\"\n");
         let config = parse(Path::new("t.toml"), &src).expect("valid");
-        assert_eq!(config.admin.token.as_deref(), Some("s3cret"));
+        assert_eq!(config.admin.token, Some(format!("x{path}y")));
+        let fake = |name: &str| (name == "A").then(|| "1".to_string());
+        assert_eq!(expand_with("${A}-${A}", fake).unwrap(), "1-1");
+        assert!(expand_with("${A", fake).is_err());
         let src = format!("{VALID}\n[admin]\ntoken = \"${{TG_TEST_UNSET_VAR}}\"\n");
         let errs = errors(&src);
         assert_eq!(errs[0].field, "admin.token");
@@ -568,7 +610,11 @@ hash_key = "cookie:x"
 connect = "3 parsecs"
 "#;
         let errs = errors(src);
-        assert!(errs.iter().any(|e| e.field == "upstreams.geo.timeouts.connect" && e.line == 8), "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.field == "upstreams.geo.timeouts.connect" && e.line == 8),
+            "{errs:?}"
+        );
     }
 
     #[test]

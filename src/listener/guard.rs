@@ -60,14 +60,18 @@ pub struct HeadLimits {
 
 enum State {
     /// Waiting for the first byte of a head; `first` = first request on the connection.
-    Waiting { first: bool },
+    Waiting {
+        first: bool,
+    },
     /// Inside a head; its bytes so far are in `head`.
     Head,
     /// The head went to hyper; the body and response are not the guard's business.
     Passing,
     Unguarded,
     /// An error response was written; discard input until EOF or the linger ends.
-    Rejecting { drained: usize },
+    Rejecting {
+        drained: usize,
+    },
 }
 
 pub struct GuardedStream {
@@ -107,7 +111,11 @@ impl GuardedStream {
 
     /// Scans newly read bytes of a head. `Some(kind)` = refuse the request.
     fn scan(&mut self, new: &[u8]) -> Option<ErrorKind> {
-        let new = if self.head.is_empty() { trim_leading_crlf(new) } else { new };
+        let new = if self.head.is_empty() {
+            trim_leading_crlf(new)
+        } else {
+            new
+        };
         if new.is_empty() {
             return None;
         }
@@ -178,7 +186,10 @@ impl GuardedStream {
 
 fn trim_leading_crlf(bytes: &[u8]) -> &[u8] {
     // Clients may send stray CRLFs between requests; they are not part of a head.
-    let start = bytes.iter().position(|b| *b != b'\r' && *b != b'\n').unwrap_or(bytes.len());
+    let start = bytes
+        .iter()
+        .position(|b| *b != b'\r' && *b != b'\n')
+        .unwrap_or(bytes.len());
     &bytes[start..]
 }
 
@@ -222,7 +233,9 @@ impl AsyncRead for GuardedStream {
                 AWAITING_HEAD => {
                     this.state = State::Head;
                     this.head = std::mem::take(&mut this.pipelined);
-                    this.timer.as_mut().reset(Instant::now() + this.limits.header_read_timeout);
+                    this.timer
+                        .as_mut()
+                        .reset(Instant::now() + this.limits.header_read_timeout);
                 }
                 UNGUARDED => this.state = State::Unguarded,
                 _ => {}
@@ -276,7 +289,9 @@ impl AsyncRead for GuardedStream {
                 if let State::Waiting { first } = this.state {
                     this.state = State::Head;
                     if !first {
-                        this.timer.as_mut().reset(Instant::now() + this.limits.header_read_timeout);
+                        this.timer
+                            .as_mut()
+                            .reset(Instant::now() + this.limits.header_read_timeout);
                     }
                 }
                 match this.scan(&buf.filled()[before..filled]) {

@@ -23,7 +23,10 @@ use crate::proxy::{ConnInfo, Gateway, Worker};
 
 /// Binds `workers` sockets per address with `SO_REUSEPORT`. Port 0 is resolved by the first
 /// bind and reused for the rest, so all workers share one port.
-pub fn bind(addrs: &[SocketAddr], workers: usize) -> std::io::Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>)> {
+pub fn bind(
+    addrs: &[SocketAddr],
+    workers: usize,
+) -> std::io::Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>)> {
     let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
     let mut bound = Vec::new();
     for addr in addrs {
@@ -98,12 +101,20 @@ async fn run_worker(
                 continue;
             }
         };
-        accept_loops.spawn(accept_loop(worker.clone(), listener, shutdown.clone(), graceful.clone()));
+        accept_loops.spawn(accept_loop(
+            worker.clone(),
+            listener,
+            shutdown.clone(),
+            graceful.clone(),
+        ));
     }
     while accept_loops.join_next().await.is_some() {}
     let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
-        tracing::warn!(worker = worker.id, "shutdown grace period ended with connections still open");
+        tracing::warn!(
+            worker = worker.id,
+            "shutdown grace period ended with connections still open"
+        );
     }
 }
 

@@ -47,9 +47,13 @@ impl RouteMetrics {
         let slot = usize::from(status.saturating_sub(STATUS_MIN)).min(STATUS_SLOTS - 1);
         self.status[slot].fetch_add(1, Ordering::Relaxed);
         let seconds = latency.as_secs_f64();
-        let bucket = LATENCY_BUCKETS.iter().position(|&b| seconds <= b).unwrap_or(LATENCY_BUCKETS.len());
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
         self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros.fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+        self.latency_sum_micros
+            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
     }
 
     pub fn count(&self, status: u16) -> u64 {
@@ -107,7 +111,10 @@ pub const NO_ROUTE: &str = "(none)";
 impl Metrics {
     pub fn route(&self, name: &str) -> Arc<RouteMetrics> {
         let mut routes = self.routes.lock().unwrap_or_else(|e| e.into_inner());
-        routes.entry(name.to_string()).or_insert_with(|| Arc::new(RouteMetrics::new())).clone()
+        routes
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(RouteMetrics::new()))
+            .clone()
     }
 
     pub fn upstream(&self, name: &str) -> Arc<UpstreamMetrics> {
@@ -134,34 +141,53 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = writeln!(out, "# HELP {REQUESTS_TOTAL} Requests answered, by route and status code.");
+        let _ = writeln!(
+            out,
+            "# HELP {REQUESTS_TOTAL} Requests answered, by route and status code."
+        );
         let _ = writeln!(out, "# TYPE {REQUESTS_TOTAL} counter");
         for (name, m) in &routes {
             for (slot, count) in m.status.iter().enumerate() {
                 let count = count.load(Ordering::Relaxed);
                 if count > 0 {
                     let status = slot as u16 + STATUS_MIN;
-                    let _ = writeln!(out, "{REQUESTS_TOTAL}{{route=\"{}\",status=\"{status}\"}} {count}", escape(name));
+                    let _ = writeln!(
+                        out,
+                        "{REQUESTS_TOTAL}{{route=\"{}\",status=\"{status}\"}} {count}",
+                        escape(name)
+                    );
                 }
             }
         }
-        let _ = writeln!(out, "# HELP {REQUEST_DURATION} Time from request head to response head, by route.");
+        let _ = writeln!(
+            out,
+            "# HELP {REQUEST_DURATION} Time from request head to response head, by route."
+        );
         let _ = writeln!(out, "# TYPE {REQUEST_DURATION} histogram");
         for (name, m) in &routes {
             let name = escape(name);
             let mut cumulative = 0;
             for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
                 cumulative += m.buckets[i].load(Ordering::Relaxed);
-                let _ = writeln!(out, "{REQUEST_DURATION}_bucket{{route=\"{name}\",le=\"{bound}\"}} {cumulative}");
+                let _ = writeln!(
+                    out,
+                    "{REQUEST_DURATION}_bucket{{route=\"{name}\",le=\"{bound}\"}} {cumulative}"
+                );
             }
             cumulative += m.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{REQUEST_DURATION}_bucket{{route=\"{name}\",le=\"+Inf\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "{REQUEST_DURATION}_bucket{{route=\"{name}\",le=\"+Inf\"}} {cumulative}"
+            );
             let sum = m.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
             let _ = writeln!(out, "{REQUEST_DURATION}_sum{{route=\"{name}\"}} {sum}");
             let _ = writeln!(out, "{REQUEST_DURATION}_count{{route=\"{name}\"}} {cumulative}");
         }
         let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = writeln!(out, "# HELP {UPSTREAM_ERRORS_TOTAL} Failed upstream exchanges, by upstream and kind.");
+        let _ = writeln!(
+            out,
+            "# HELP {UPSTREAM_ERRORS_TOTAL} Failed upstream exchanges, by upstream and kind."
+        );
         let _ = writeln!(out, "# TYPE {UPSTREAM_ERRORS_TOTAL} counter");
         for (name, m) in &upstreams {
             for (i, kind) in ERROR_KINDS.iter().enumerate() {
@@ -179,11 +205,23 @@ impl Metrics {
         let _ = writeln!(out, "{OPEN_CONNECTIONS} {}", self.open_connections());
         let _ = writeln!(out, "# HELP {CONNECTIONS_TOTAL} Client connections accepted.");
         let _ = writeln!(out, "# TYPE {CONNECTIONS_TOTAL} counter");
-        let _ = writeln!(out, "{CONNECTIONS_TOTAL} {}", self.connections_total.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "{CONNECTIONS_TOTAL} {}",
+            self.connections_total.load(Ordering::Relaxed)
+        );
         let _ = writeln!(out, "# HELP {CONFIG_RELOADS_TOTAL} Configuration reloads, by result.");
         let _ = writeln!(out, "# TYPE {CONFIG_RELOADS_TOTAL} counter");
-        let _ = writeln!(out, "{CONFIG_RELOADS_TOTAL}{{result=\"success\"}} {}", self.reloads_ok.load(Ordering::Relaxed));
-        let _ = writeln!(out, "{CONFIG_RELOADS_TOTAL}{{result=\"failure\"}} {}", self.reloads_failed.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "{CONFIG_RELOADS_TOTAL}{{result=\"success\"}} {}",
+            self.reloads_ok.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "{CONFIG_RELOADS_TOTAL}{{result=\"failure\"}} {}",
+            self.reloads_failed.load(Ordering::Relaxed)
+        );
         out
     }
 }
@@ -207,7 +245,10 @@ mod tests {
         let _conn = metrics.connection_opened();
         metrics.reload(true);
         let text = metrics.render();
-        assert!(text.contains("tollgate_requests_total{route=\"lookup\",status=\"200\"} 2"), "{text}");
+        assert!(
+            text.contains("tollgate_requests_total{route=\"lookup\",status=\"200\"} 2"),
+            "{text}"
+        );
         assert!(text.contains("tollgate_requests_total{route=\"lookup\",status=\"404\"} 1"));
         assert!(text.contains("tollgate_request_duration_seconds_bucket{route=\"lookup\",le=\"0.0005\"} 1"));
         assert!(text.contains("tollgate_request_duration_seconds_bucket{route=\"lookup\",le=\"0.05\"} 3"));
@@ -215,6 +256,6 @@ mod tests {
         assert!(text.contains("tollgate_upstream_errors_total{upstream=\"geo\",kind=\"upstream_timeout\"} 1"));
         assert!(text.contains("tollgate_open_connections 1"));
         assert!(text.contains("tollgate_config_reloads_total{result=\"success\"} 1"));
-        assert_eq!(Arc::ptr_eq(&route, &metrics.route("lookup")), true);
+        assert!(Arc::ptr_eq(&route, &metrics.route("lookup")));
     }
 }

@@ -16,7 +16,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-
 use arc_swap::ArcSwap;
 use http::uri::{PathAndQuery, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
@@ -91,7 +90,13 @@ impl Gateway {
         if config.listen != current.config.listen || config.admin_listen != current.config.admin_listen {
             tracing::warn!("listen addresses changed; they take effect on restart only");
         }
-        let next = Snapshot::build(Arc::new(config), Some(&current), &self.metrics, &self.clients, self.workers);
+        let next = Snapshot::build(
+            Arc::new(config),
+            Some(&current),
+            &self.metrics,
+            &self.clients,
+            self.workers,
+        );
         next.resolve_new_endpoints().await;
         self.snapshot.store(Arc::new(next));
         self.metrics.reload(true);
@@ -210,7 +215,10 @@ impl Worker {
     ) -> Result<&'s Route, ProxyError> {
         ctx.host = match req.headers().get(header::HOST) {
             Some(host) => Some(host.clone()),
-            None => req.uri().authority().and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+            None => req
+                .uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
         };
         let host = ctx.host.as_ref().and_then(|h| h.to_str().ok());
         let index = snapshot
@@ -245,7 +253,9 @@ impl Worker {
             .pool
             .select(hash)
             .ok_or_else(|| ProxyError::new(ErrorKind::NoEndpoint))?;
-        let target = endpoint.target().ok_or_else(|| ProxyError::new(ErrorKind::NoEndpoint))?;
+        let target = endpoint
+            .target()
+            .ok_or_else(|| ProxyError::new(ErrorKind::NoEndpoint))?;
         ctx.upstream_addr = Some(target.addr);
         Ok(Peer {
             guard: InflightGuard::new(endpoint.clone()),
@@ -385,4 +395,3 @@ fn classify_client_error(error: hyper_util::client::legacy::Error) -> ProxyError
     };
     ProxyError::with_cause(kind, error)
 }
-

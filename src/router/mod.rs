@@ -91,7 +91,11 @@ impl Router {
             for host in &route.hosts {
                 let host = host.to_ascii_lowercase();
                 match host.strip_prefix("*.") {
-                    Some(suffix) => router.wildcard.entry(suffix.into()).or_default().insert(prefix, candidate()),
+                    Some(suffix) => router
+                        .wildcard
+                        .entry(suffix.into())
+                        .or_default()
+                        .insert(prefix, candidate()),
                     None => router.exact.entry(host.into()).or_default().insert(prefix, candidate()),
                 }
             }
@@ -167,7 +171,11 @@ mod tests {
 
     #[test]
     fn longest_prefix_wins_on_segment_boundaries() {
-        let router = Router::new(&[spec(&[], "/", &[]), spec(&[], "/v1", &[]), spec(&[], "/v1/lookup/", &[])]);
+        let router = Router::new(&[
+            spec(&[], "/", &[]),
+            spec(&[], "/v1", &[]),
+            spec(&[], "/v1/lookup/", &[]),
+        ]);
         assert_eq!(router.find(None, "GET", "/v1/lookup/1.2.3.4"), Some(2));
         assert_eq!(router.find(None, "GET", "/v1/lookup"), Some(2));
         assert_eq!(router.find(None, "GET", "/v1/lookupx"), Some(1));

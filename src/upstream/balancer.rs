@@ -157,7 +157,9 @@ mod tests {
     fn least_requests_prefers_idle_endpoint() {
         let lr = Balancer::least_requests(&[1, 1, 1]);
         let busy = [50, 0, 50];
-        let picks = (0..1000).filter(|_| lr.pick(3, None, |_| true, |i| busy[i]) == Some(1)).count();
+        let picks = (0..1000)
+            .filter(|_| lr.pick(3, None, |_| true, |i| busy[i]) == Some(1))
+            .count();
         // Endpoint 1 wins whenever it is one of the two choices: 2/3 of picks in expectation.
         assert!(picks > 550, "{picks}");
         let even = counts(&lr, 3, 3000, |_| None);

@@ -81,7 +81,8 @@ impl Endpoint {
     }
 
     pub fn set_targets(&self, addrs: Vec<SocketAddr>) {
-        self.targets.store(Arc::new(addrs.into_iter().map(Target::new).collect()));
+        self.targets
+            .store(Arc::new(addrs.into_iter().map(Target::new).collect()));
     }
 
     pub fn resolved_addrs(&self) -> Vec<SocketAddr> {
@@ -150,7 +151,11 @@ impl Pool {
             .iter()
             .map(|spec| {
                 previous
-                    .and_then(|p| p.endpoints.iter().find(|e| e.address == spec.address && e.weight == spec.weight))
+                    .and_then(|p| {
+                        p.endpoints
+                            .iter()
+                            .find(|e| e.address == spec.address && e.weight == spec.weight)
+                    })
                     .cloned()
                     .unwrap_or_else(|| Arc::new(Endpoint::new(&spec.address, spec.weight)))
             })

@@ -38,14 +38,18 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(name: &str) -> Upstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind upstream");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind upstream");
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let name_owned = name.to_string();
         let counter = hits.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
                 let name = name_owned.clone();
                 let counter = counter.clone();
                 tokio::spawn(async move {
@@ -151,7 +155,9 @@ fn echo(name: &str, req: &Request<Incoming>) -> Response<Body> {
 fn json_response(status: StatusCode, value: serde_json::Value) -> Response<Body> {
     let mut response = Response::new(full(value.to_string()));
     *response.status_mut() = status;
-    response.headers_mut().insert("content-type", "application/json".parse().unwrap());
+    response
+        .headers_mut()
+        .insert("content-type", "application/json".parse().unwrap());
     response
 }
 
@@ -205,7 +211,10 @@ impl Gateway {
             Ok(line) => line,
             Err(_) => {
                 let _ = child.kill();
-                panic!("gateway did not start: {}", std::fs::read_to_string(&stderr_log).unwrap_or_default());
+                panic!(
+                    "gateway did not start: {}",
+                    std::fs::read_to_string(&stderr_log).unwrap_or_default()
+                );
             }
         };
         let field = |key: &str| -> SocketAddr {
