@@ -1,0 +1,237 @@
+"""Measures direct, Tollgate and NGINX on loopback; prints a markdown report.
+
+Method (docs/benchmarks.md): the proxy under test is pinned to CPU 0; wrk and the upstream
+(NGINX `return 200`, one worker) share CPU 1. Each round runs the three systems in turn with
+the same wrk settings; medians over rounds are reported. CPU time per request is read from
+/proc/PID/stat (utime + stime) of the proxy's process before and after each run.
+"""
+import argparse, datetime, os, platform, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TICKS = os.sysconf("SC_CLK_TCK")
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port, timeout=10):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def cpu_ticks(pid):
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of the whole line)
+
+
+def rss_kib(pid):
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def start_nginx(workdir, name, server_block, cpu):
+    conf = os.path.join(workdir, f"{name}.conf")
+    os.makedirs(os.path.join(workdir, name), exist_ok=True)
+    with open(conf, "w") as f:
+        f.write(f"""
+worker_processes 1;
+daemon off;
+master_process on;
+pid {workdir}/{name}.pid;
+error_log {workdir}/{name}/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  client_body_temp_path {workdir}/{name};
+  proxy_temp_path {workdir}/{name};
+  fastcgi_temp_path {workdir}/{name};
+  uwsgi_temp_path {workdir}/{name};
+  scgi_temp_path {workdir}/{name};
+  keepalive_requests 1000000;
+  {server_block}
+}}
+""")
+    proc = subprocess.Popen(["taskset", "-c", str(cpu), NGINX, "-c", conf, "-p", workdir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc
+
+
+def nginx_worker_pid(master):
+    for _ in range(100):
+        try:
+            children = open(f"/proc/{master.pid}/task/{master.pid}/children").read().split()
+            if children:
+                return int(children[0])
+        except OSError:
+            pass
+        time.sleep(0.05)
+    raise SystemExit("nginx worker not found")
+
+
+def run_wrk(url, args):
+    cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency", url]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    requests = int(re.search(r"(\d+) requests in", out).group(1))
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+
+    def latency(pct):
+        m = re.search(rf"\s{pct}%\s+([\d.]+)(us|ms|s)\b", out)
+        value, unit = float(m.group(1)), m.group(2)
+        return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+    return {"rps": rps, "requests": requests, "p50": latency(50), "p99": latency(99),
+            "errors": int(errors.group(1)) if errors else 0}
+
+
+def measure(url, pid, args):
+    before = cpu_ticks(pid) if pid else 0
+    result = run_wrk(url, args)
+    if pid:
+        used_us = (cpu_ticks(pid) - before) * 1e6 / TICKS
+        result["cpu_us"] = used_us / max(result["requests"], 1)
+    return result
+
+
+def idle_connections_rss(port, pid, count):
+    """Opens `count` keep-alive connections, one request each, and reads the proxy's RSS."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, count + 1000), hard))
+    base = rss_kib(pid)
+    conns = []
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    for _ in range(count):
+        s = socket.create_connection(("127.0.0.1", port))
+        s.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += s.recv(4096)
+        conns.append(s)
+    time.sleep(1)
+    rss = rss_kib(pid)
+    for s in conns:
+        s.close()
+    return base, rss
+
+
+def median(values):
+    return statistics.median(values) if values else float("nan")
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=6)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--idle-connections", type=int, default=10000)
+    parser.add_argument("--core-hour-usd", type=float, default=0.04,
+                        help="price of one core-hour, for the cost per billion requests")
+    args = parser.parse_args()
+
+    workdir = tempfile.mkdtemp(prefix="tollgate-bench-")
+    procs = []
+    try:
+        up_port = free_port()
+        procs.append(start_nginx(workdir, "upstream",
+                                 f"server {{ listen 127.0.0.1:{up_port} backlog=4096; location / {{ return 200 'ok'; }} }}", 1))
+        wait_port(up_port)
+
+        ng_port = free_port()
+        nginx = start_nginx(workdir, "proxy", f"""
+upstream backend {{ server 127.0.0.1:{up_port}; keepalive 64; }}
+server {{
+  listen 127.0.0.1:{ng_port} backlog=4096;
+  location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+}}""", 0)
+        procs.append(nginx)
+        wait_port(ng_port)
+        nginx_pid = nginx_worker_pid(nginx)
+
+        tg_port, tg_admin = free_port(), free_port()
+        config = os.path.join(workdir, "tollgate.toml")
+        with open(config, "w") as f:
+            f.write(f"""
+[server]
+listen = ["127.0.0.1:{tg_port}"]
+workers = 1
+
+[admin]
+listen = "127.0.0.1:{tg_admin}"
+
+[upstreams.bench]
+endpoints = ["127.0.0.1:{up_port}"]
+
+[[routes]]
+name = "all"
+path = "/"
+upstream = "bench"
+""")
+        binary = os.path.join(ROOT, "target", "release", "tollgate")
+        tollgate = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
+                                    stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "tollgate.log"), "w"),
+                                    env={**os.environ, "RUST_LOG": "warn"})
+        procs.append(tollgate)
+        wait_port(tg_port)
+
+        systems = [("direct", f"http://127.0.0.1:{up_port}/", None),
+                   ("tollgate", f"http://127.0.0.1:{tg_port}/", tollgate.pid),
+                   ("nginx", f"http://127.0.0.1:{ng_port}/", nginx_pid)]
+        for _, url, _ in systems:  # warm-up
+            subprocess.run(["wrk", "-t1", "-c10", "-d1s", url], capture_output=True)
+        results = {name: [] for name, _, _ in systems}
+        for r in range(args.rounds):
+            order = systems if r % 2 == 0 else list(reversed(systems))
+            for name, url, pid in order:
+                res = measure(url, pid, args)
+                results[name].append(res)
+                print(f"round {r + 1} {name:9} {res['rps']:9.0f} req/s  p50 {res['p50']:.2f} ms  p99 {res['p99']:.2f} ms"
+                      + (f"  {res['cpu_us']:.1f} CPU µs/req" if 'cpu_us' in res else "")
+                      + (f"  NON-2XX {res['errors']}" if res['errors'] else ""), file=sys.stderr)
+
+        base, rss = idle_connections_rss(tg_port, tollgate.pid, args.idle_connections)
+
+        def med(name, key):
+            return median([x[key] for x in results[name] if key in x])
+
+        print(f"## Core proxy benchmark — {datetime.date.today()}\n")
+        print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.release()}; "
+              f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} rounds, medians. "
+              "Proxy on CPU 0; wrk and the upstream (NGINX `return 200`) on CPU 1.\n")
+        print("| system | req/s | p50 ms | p99 ms | CPU µs/request | $ per billion requests |")
+        print("|---|---|---|---|---|---|")
+        for name, _, _ in systems:
+            cpu = med(name, "cpu_us")
+            cost = "" if cpu != cpu else f"{cpu * 1000 / 3600 * args.core_hour_usd:.2f}"
+            cpu_text = "" if cpu != cpu else f"{cpu:.1f}"
+            print(f"| {name} | {med(name, 'rps'):.0f} | {med(name, 'p50'):.2f} | {med(name, 'p99'):.2f} | {cpu_text} | {cost} |")
+        t, n, d = med("tollgate", "rps"), med("nginx", "rps"), med("direct", "rps")
+        print()
+        print(f"- Tollgate / NGINX throughput: **{t / n:.2f}×**; Tollgate / direct: **{t / d:.2f}×**")
+        print(f"- Tollgate / NGINX CPU per request: **{med('tollgate', 'cpu_us') / med('nginx', 'cpu_us'):.2f}×** (lower is better)")
+        print(f"- Tollgate RSS: {base / 1024:.1f} MiB idle, **{rss / 1024:.1f} MiB with {args.idle_connections} idle keep-alive connections**")
+        print(f"- Cost column: CPU µs/request × 10⁹ requests at ${args.core_hour_usd}/core-hour.")
+    finally:
+        for p in procs:
+            try:
+                p.send_signal(signal.SIGTERM)
+                p.wait(timeout=10)
+            except Exception:
+                p.kill()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
