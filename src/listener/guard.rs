@@ -17,8 +17,9 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 
+use crate::proxy::deadline::Deadline;
 use crate::proxy::{ErrorKind, headers::new_request_id, raw_error_response};
 
 const AWAITING_HEAD: u8 = 0;
@@ -82,7 +83,7 @@ pub struct GuardedStream {
     head: Vec<u8>,
     /// An incomplete pipelined head that arrived with the previous request.
     pipelined: Vec<u8>,
-    timer: Pin<Box<Sleep>>,
+    timer: Deadline,
 }
 
 impl GuardedStream {
@@ -94,7 +95,7 @@ impl GuardedStream {
             state: State::Waiting { first: true },
             head: Vec::new(),
             pipelined: Vec::new(),
-            timer: Box::pin(tokio::time::sleep(limits.header_read_timeout)),
+            timer: Deadline::new(Instant::now() + limits.header_read_timeout),
         }
     }
 
@@ -105,7 +106,7 @@ impl GuardedStream {
         let _ = self.inner.try_write(&response);
         let _ = socket2::SockRef::from(&self.inner).shutdown(std::net::Shutdown::Write);
         self.state = State::Rejecting { drained: 0 };
-        self.timer.as_mut().reset(Instant::now() + LINGER);
+        self.timer.set(Instant::now() + LINGER);
         tracing::debug!(code = kind.code(), "request head refused");
     }
 
@@ -228,14 +229,12 @@ impl AsyncRead for GuardedStream {
             match this.phase.0.load(Ordering::Acquire) {
                 AWAITING_HEAD if this.pipelined.is_empty() => {
                     this.state = State::Waiting { first: false };
-                    this.timer.as_mut().reset(Instant::now() + this.limits.idle_timeout);
+                    this.timer.set(Instant::now() + this.limits.idle_timeout);
                 }
                 AWAITING_HEAD => {
                     this.state = State::Head;
                     this.head = std::mem::take(&mut this.pipelined);
-                    this.timer
-                        .as_mut()
-                        .reset(Instant::now() + this.limits.header_read_timeout);
+                    this.timer.set(Instant::now() + this.limits.header_read_timeout);
                 }
                 UNGUARDED => this.state = State::Unguarded,
                 _ => {}
@@ -247,7 +246,7 @@ impl AsyncRead for GuardedStream {
                 let mut scratch = [0u8; 8192];
                 let mut drained = drained;
                 loop {
-                    if this.timer.as_mut().poll(cx).is_ready() || drained > LINGER_BYTES {
+                    if this.timer.poll_expired(cx).is_ready() || drained > LINGER_BYTES {
                         return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
                     }
                     let mut sink = ReadBuf::new(&mut scratch);
@@ -270,7 +269,7 @@ impl AsyncRead for GuardedStream {
         let before = buf.filled().len();
         match Pin::new(&mut this.inner).poll_read(cx, buf) {
             Poll::Pending => {
-                ready!(this.timer.as_mut().poll(cx));
+                ready!(this.timer.poll_expired(cx));
                 match this.state {
                     // An idle keep-alive connection just closes, as in NGINX.
                     State::Waiting { first: false } => Poll::Ready(Ok(())),
@@ -289,9 +288,7 @@ impl AsyncRead for GuardedStream {
                 if let State::Waiting { first } = this.state {
                     this.state = State::Head;
                     if !first {
-                        this.timer
-                            .as_mut()
-                            .reset(Instant::now() + this.limits.header_read_timeout);
+                        this.timer.set(Instant::now() + this.limits.header_read_timeout);
                     }
                 }
                 match this.scan(&buf.filled()[before..filled]) {

@@ -9,7 +9,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
+
+use super::deadline::Deadline;
 
 use crate::listener::ConnPhase;
 use crate::upstream::InflightGuard;
@@ -33,7 +35,7 @@ struct TimedBody {
     inner: Incoming,
     idle: Duration,
     deadline: Option<Instant>,
-    timer: Pin<Box<Sleep>>,
+    timer: Deadline,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +63,7 @@ impl ProxyBody {
                 inner,
                 idle,
                 deadline,
-                timer: Box::pin(tokio::time::sleep_until(first)),
+                timer: Deadline::new(first),
             })),
             _inflight: Some(inflight),
             finished: None,
@@ -103,11 +105,11 @@ impl Body for ProxyBody {
                 if let Poll::Ready(frame) = Pin::new(&mut timed.inner).poll_frame(cx) {
                     if frame.is_some() {
                         let next = next_deadline(timed.idle, timed.deadline);
-                        timed.timer.as_mut().reset(next);
+                        timed.timer.set(next);
                     }
                     return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
                 }
-                ready!(timed.timer.as_mut().poll(cx));
+                ready!(timed.timer.poll_expired(cx));
                 let which = match timed.deadline {
                     Some(d) if Instant::now() >= d => "exceeded the total timeout",
                     _ => "stalled longer than the read timeout",

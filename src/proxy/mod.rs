@@ -8,6 +8,7 @@
 //! only this module and the listener touch hyper types.
 
 pub mod body;
+pub mod deadline;
 mod error;
 pub mod headers;
 mod snapshot;
