@@ -87,3 +87,26 @@ async fn upstream_error_statuses_pass_through() {
     assert_eq!(reply.status, 503);
     assert_eq!(reply.json()["upstream"], "u");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_connections_are_kept_alive_and_reused() {
+    let upstream = Upstream::start("u").await;
+    let gateway = Gateway::start(&config_for(&upstream.addr.to_string(), "read = \"5s\""));
+    for _ in 0..50 {
+        assert_eq!(get(&gateway.url("/x")).await.status, 200);
+    }
+    // Sequential requests: at most one connection per worker (2).
+    let opened = upstream.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        (1..=2).contains(&opened),
+        "{opened} upstream connections for 50 requests"
+    );
+
+    // Streamed bodies also hand their connection back once read to the end.
+    for _ in 0..10 {
+        let reply = get(&gateway.url("/download/200000")).await;
+        assert_eq!(reply.body.len(), 200_000);
+    }
+    let opened = upstream.connections.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(opened <= 2, "{opened} upstream connections after streamed responses");
+}

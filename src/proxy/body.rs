@@ -11,6 +11,7 @@ use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
+use super::client::PooledConn;
 use super::deadline::Deadline;
 
 use crate::listener::ConnPhase;
@@ -36,6 +37,20 @@ struct TimedBody {
     idle: Duration,
     deadline: Option<Instant>,
     timer: Deadline,
+    /// Returned to the worker's pool once the body has been read to its end.
+    conn: Option<PooledConn>,
+}
+
+impl TimedBody {
+    /// `ended`: the body just returned its last frame (a chunked body never reports
+    /// `is_end_stream`, so the caller says so).
+    fn release_if_done(&mut self, ended: bool) {
+        if (ended || self.inner.is_end_stream())
+            && let Some(conn) = self.conn.take()
+        {
+            conn.release();
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +71,13 @@ impl ProxyBody {
     }
 
     /// Streams `inner`, failing when no frame arrives for `idle` or `deadline` passes.
-    pub fn upstream(inner: Incoming, idle: Duration, deadline: Option<Instant>, inflight: InflightGuard) -> Self {
+    pub fn upstream(
+        inner: Incoming,
+        idle: Duration,
+        deadline: Option<Instant>,
+        inflight: InflightGuard,
+        conn: Option<PooledConn>,
+    ) -> Self {
         let first = next_deadline(idle, deadline);
         ProxyBody {
             kind: Kind::Upstream(Box::new(TimedBody {
@@ -64,6 +85,7 @@ impl ProxyBody {
                 idle,
                 deadline,
                 timer: Deadline::new(first),
+                conn,
             })),
             _inflight: Some(inflight),
             finished: None,
@@ -83,6 +105,11 @@ impl ProxyBody {
 
 impl Drop for ProxyBody {
     fn drop(&mut self) {
+        // hyper stops polling a body once its announced length is written, so the end may
+        // only be visible here.
+        if let Kind::Upstream(timed) = &mut self.kind {
+            timed.release_if_done(false);
+        }
         if let Some(phase) = &self.finished {
             phase.response_finished();
         }
@@ -107,6 +134,7 @@ impl Body for ProxyBody {
                         let next = next_deadline(timed.idle, timed.deadline);
                         timed.timer.set(next);
                     }
+                    timed.release_if_done(frame.is_none());
                     return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
                 }
                 ready!(timed.timer.poll_expired(cx));

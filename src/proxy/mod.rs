@@ -8,6 +8,7 @@
 //! only this module and the listener touch hyper types.
 
 pub mod body;
+mod client;
 pub mod deadline;
 mod error;
 pub mod headers;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
 use tokio::time::Instant;
@@ -189,10 +190,10 @@ impl Worker {
         let head_deadline = Instant::now() + timeouts.read;
         let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
         let client = &upstream.clients[self.id % upstream.clients.len()];
-        let mut response = match tokio::time::timeout_at(head_deadline, client.request(req)).await {
+        let (mut response, pooled) = match tokio::time::timeout_at(head_deadline, client.send(&peer.target, req)).await
+        {
             Err(_) => return Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
-            Ok(Err(e)) => return Err(classify_client_error(e)),
-            Ok(Ok(response)) => response,
+            Ok(result) => result?,
         };
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -202,7 +203,7 @@ impl Worker {
             tokio::spawn(tunnel(client_upgrade, upstream_upgrade, peer.guard));
             return Ok(response.map(|_| ProxyBody::empty()));
         }
-        Ok(response.map(|body| ProxyBody::upstream(body, timeouts.read, total_deadline, peer.guard)))
+        Ok(response.map(|body| ProxyBody::upstream(body, timeouts.read, total_deadline, peer.guard, pooled)))
     }
 
     /// Phase 1, first for every request: finds the route. Later phases of the product
@@ -287,11 +288,8 @@ impl Worker {
                 .cloned()
                 .unwrap_or_else(|| PathAndQuery::from_static("/"))
         };
-        let mut parts = http::uri::Parts::default();
-        parts.scheme = Some(Scheme::HTTP);
-        parts.authority = Some(peer.target.authority.clone());
-        parts.path_and_query = Some(path_and_query);
-        *req.uri_mut() = Uri::from_parts(parts).map_err(|e| ProxyError::with_cause(ErrorKind::Internal, e))?;
+        // Origin-form; the HTTP/2 client adds scheme and authority itself.
+        *req.uri_mut() = Uri::from(path_and_query);
         *req.version_mut() = match pool.protocol {
             UpstreamProtocol::Http1 => Version::HTTP_11,
             UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -372,27 +370,4 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(%error, "upgraded connection closed with error");
     }
-}
-
-fn classify_client_error(error: hyper_util::client::legacy::Error) -> ProxyError {
-    let timed_out = {
-        let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&error);
-        let mut found = false;
-        while let Some(inner) = source {
-            if let Some(io) = inner.downcast_ref::<std::io::Error>()
-                && io.kind() == std::io::ErrorKind::TimedOut
-            {
-                found = true;
-                break;
-            }
-            source = inner.source();
-        }
-        found
-    };
-    let kind = match (error.is_connect(), timed_out) {
-        (_, true) => ErrorKind::UpstreamTimeout,
-        (true, false) => ErrorKind::UpstreamConnect,
-        (false, false) => ErrorKind::UpstreamProtocol,
-    };
-    ProxyError::with_cause(kind, error)
 }

@@ -5,7 +5,6 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -15,7 +14,7 @@ use crate::metrics::{Metrics, NO_ROUTE, RouteMetrics, UpstreamMetrics};
 use crate::router::{RouteSpec, Router};
 use crate::upstream::Pool;
 
-pub type UpstreamClient = Client<HttpConnector, Incoming>;
+use super::client::{LegacyClient, UpstreamClient};
 
 /// A route with everything the request path needs resolved to direct references.
 pub struct Route {
@@ -26,8 +25,8 @@ pub struct Route {
     pub metrics: Arc<RouteMetrics>,
 }
 
-/// A pool plus one HTTP client per worker thread, so each worker keeps its own
-/// keep-alive connections and never contends with another on a pool lock.
+/// A pool plus one client per worker thread, so each worker keeps its own keep-alive
+/// connections and never contends with another on a pool lock.
 pub struct UpstreamPool {
     pub pool: Pool,
     pub clients: Box<[UpstreamClient]>,
@@ -42,23 +41,23 @@ pub struct Snapshot {
     pub no_route_metrics: Arc<RouteMetrics>,
 }
 
-/// Clients are keyed by worker and by the settings a connector fixes, and kept across
-/// reloads so a reload does not drop warm upstream connections.
+/// HTTP/2 clients are keyed by worker and connect timeout, and kept across reloads so a
+/// reload does not drop warm upstream connections. (HTTP/1.1 pools are per worker thread
+/// and survive reloads by construction.)
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct ClientKey {
     worker: usize,
-    http2: bool,
     connect_timeout: Duration,
 }
 
 #[derive(Default)]
 pub struct ClientCache {
     // Locked only while a snapshot is built.
-    clients: Mutex<HashMap<ClientKey, UpstreamClient>>,
+    clients: Mutex<HashMap<ClientKey, LegacyClient>>,
 }
 
 impl ClientCache {
-    fn get(&self, key: ClientKey) -> UpstreamClient {
+    fn http2(&self, key: ClientKey) -> LegacyClient {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
             .entry(key)
@@ -73,7 +72,7 @@ impl ClientCache {
                     .pool_timer(TokioTimer::new())
                     .pool_idle_timeout(Duration::from_secs(60))
                     .pool_max_idle_per_host(1024)
-                    .http2_only(key.http2);
+                    .http2_only(true);
                 builder.build(connector)
             })
             .clone()
@@ -94,12 +93,14 @@ impl Snapshot {
             let old = previous.and_then(|p| p.pools.get(name)).map(|p| &p.pool);
             let pool = Pool::from_config(name, section, old);
             let clients = (0..workers)
-                .map(|worker| {
-                    clients.get(ClientKey {
-                        worker,
-                        http2: pool.protocol == UpstreamProtocol::Http2,
+                .map(|worker| match pool.protocol {
+                    UpstreamProtocol::Http1 => UpstreamClient::Http1 {
                         connect_timeout: pool.timeouts.connect,
-                    })
+                    },
+                    UpstreamProtocol::Http2 => UpstreamClient::Http2(clients.http2(ClientKey {
+                        worker,
+                        connect_timeout: pool.timeouts.connect,
+                    })),
                 })
                 .collect();
             pools.insert(

@@ -33,6 +33,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub name: String,
     pub hits: Arc<AtomicUsize>,
+    /// TCP connections accepted, to observe keep-alive reuse.
+    pub connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -45,11 +47,14 @@ impl Upstream {
         let hits = Arc::new(AtomicUsize::new(0));
         let name_owned = name.to_string();
         let counter = hits.clone();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let accepted = connections.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
                     continue;
                 };
+                accepted.fetch_add(1, Ordering::SeqCst);
                 let name = name_owned.clone();
                 let counter = counter.clone();
                 tokio::spawn(async move {
@@ -67,6 +72,7 @@ impl Upstream {
             addr,
             name: name.to_string(),
             hits,
+            connections,
             task,
         }
     }
