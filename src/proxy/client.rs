@@ -95,7 +95,7 @@ async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<http1::S
 /// How one pool talks to its endpoints.
 pub enum UpstreamClient {
     Http1 { connect_timeout: Duration },
-    Http2(LegacyClient),
+    Http2(Box<LegacyClient>),
 }
 
 impl UpstreamClient {

@@ -97,10 +97,10 @@ impl Snapshot {
                     UpstreamProtocol::Http1 => UpstreamClient::Http1 {
                         connect_timeout: pool.timeouts.connect,
                     },
-                    UpstreamProtocol::Http2 => UpstreamClient::Http2(clients.http2(ClientKey {
+                    UpstreamProtocol::Http2 => UpstreamClient::Http2(Box::new(clients.http2(ClientKey {
                         worker,
                         connect_timeout: pool.timeouts.connect,
-                    })),
+                    }))),
                 })
                 .collect();
             pools.insert(
