@@ -137,6 +137,8 @@ def main():
     parser.add_argument("--duration", type=int, default=6)
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--idle-connections", type=int, default=10000)
+    parser.add_argument("--also", action="append", default=[], metavar="NAME=BINARY",
+                        help="also measure another tollgate build in the same rounds (A/B of a change)")
     parser.add_argument("--core-hour-usd", type=float, default=0.04,
                         help="price of one core-hour, for the cost per billion requests")
     args = parser.parse_args()
@@ -160,16 +162,17 @@ server {{
         wait_port(ng_port)
         nginx_pid = nginx_worker_pid(nginx)
 
-        tg_port, tg_admin = free_port(), free_port()
-        config = os.path.join(workdir, "tollgate.toml")
-        with open(config, "w") as f:
-            f.write(f"""
+        def start_tollgate(name, binary):
+            port, admin = free_port(), free_port()
+            config = os.path.join(workdir, f"{name}.toml")
+            with open(config, "w") as f:
+                f.write(f"""
 [server]
-listen = ["127.0.0.1:{tg_port}"]
+listen = ["127.0.0.1:{port}"]
 workers = 1
 
 [admin]
-listen = "127.0.0.1:{tg_admin}"
+listen = "127.0.0.1:{admin}"
 
 [upstreams.bench]
 endpoints = ["127.0.0.1:{up_port}"]
@@ -179,16 +182,24 @@ name = "all"
 path = "/"
 upstream = "bench"
 """)
-        binary = os.path.join(ROOT, "target", "release", "tollgate")
-        tollgate = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
-                                    stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "tollgate.log"), "w"),
+            proc = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
+                                    stdout=subprocess.DEVNULL,
+                                    stderr=open(os.path.join(workdir, f"{name}.log"), "w"),
                                     env={**os.environ, "RUST_LOG": "warn"})
-        procs.append(tollgate)
-        wait_port(tg_port)
+            procs.append(proc)
+            wait_port(port)
+            return port, proc
+
+        tg_port, tollgate = start_tollgate("tollgate", os.path.join(ROOT, "target", "release", "tollgate"))
+        extra = []
+        for spec in args.also:
+            name, binary = spec.split("=", 1)
+            port, proc = start_tollgate(name, binary)
+            extra.append((name, f"http://127.0.0.1:{port}/", proc.pid))
 
         systems = [("direct", f"http://127.0.0.1:{up_port}/", None),
                    ("tollgate", f"http://127.0.0.1:{tg_port}/", tollgate.pid),
-                   ("nginx", f"http://127.0.0.1:{ng_port}/", nginx_pid)]
+                   ("nginx", f"http://127.0.0.1:{ng_port}/", nginx_pid)] + extra
         for _, url, _ in systems:  # warm-up
             subprocess.run(["wrk", "-t1", "-c10", "-d1s", url], capture_output=True)
         results = {name: [] for name, _, _ in systems}
@@ -221,6 +232,9 @@ upstream = "bench"
         print()
         print(f"- Tollgate / NGINX throughput: **{t / n:.2f}×**; Tollgate / direct: **{t / d:.2f}×**")
         print(f"- Tollgate / NGINX CPU per request: **{med('tollgate', 'cpu_us') / med('nginx', 'cpu_us'):.2f}×** (lower is better)")
+        for name, _, _ in extra:
+            print(f"- Tollgate / {name}: throughput {t / med(name, 'rps'):.2f}×, "
+                  f"CPU per request {med('tollgate', 'cpu_us') / med(name, 'cpu_us'):.2f}×")
         print(f"- Tollgate RSS: {base / 1024:.1f} MiB idle, **{rss / 1024:.1f} MiB with {args.idle_connections} idle keep-alive connections**")
         print(f"- Cost column: CPU µs/request × 10⁹ requests at ${args.core_hour_usd}/core-hour.")
     finally:

@@ -133,8 +133,9 @@ async fn accept_loop(
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
-        .timer(TokioTimer::new())
-        // The guard enforces the head limit; hyper's buffer only has to be larger.
+        // The guard enforces header timeouts and limits. Without a timer hyper arms no
+        // header timer of its own (it would allocate one per request); its buffer only
+        // has to be larger than the guard's limit.
         .max_buf_size((limits.max_header_bytes * 2).max(64 * 1024));
     builder
         .http2()

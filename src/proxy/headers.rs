@@ -47,17 +47,24 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if !keep_upgrade && !headers.keys().any(|name| hop_by_hop().contains(&name)) {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
+    if headers.get_all(header::CONNECTION).iter().nth(1).is_some() {
+        // Several Connection lines: rare enough to join them into one first.
+        let joined: Vec<u8> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .filter(|name| !(keep_upgrade && name == header::UPGRADE))
-            .collect();
-        for name in named {
-            headers.remove(name);
+            .map(HeaderValue::as_bytes)
+            .collect::<Vec<_>>()
+            .join(&b","[..]);
+        if let Ok(value) = HeaderValue::from_bytes(&joined) {
+            headers.insert(header::CONNECTION, value);
+        }
+    }
+    if let Some(connection) = headers.remove(header::CONNECTION) {
+        for token in connection.to_str().unwrap_or("").split(',').map(str::trim) {
+            // `&str` keys are looked up without allocating a HeaderName.
+            if !token.is_empty() && !(keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
+                headers.remove(token);
+            }
         }
     }
     for name in hop_by_hop() {
@@ -73,12 +80,28 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// Appends the client address to `X-Forwarded-For` (as NGINX's `$proxy_add_x_forwarded_for`).
 pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    let value = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(existing) if !existing.is_empty() => format!("{existing}, {client}"),
-        _ => client.to_string(),
+    use std::io::Write;
+    // Formatted on the stack: one allocation (the header value) per request.
+    let mut buf = [0u8; 512];
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let written = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+        Some(existing) if !existing.is_empty() => cursor
+            .write_all(existing)
+            .and_then(|()| write!(cursor, ", {client}")),
+        _ => write!(cursor, "{client}"),
     };
-    // Takes the String's buffer without copying it.
-    if let Ok(value) = HeaderValue::from_maybe_shared(bytes::Bytes::from(value)) {
+    let len = cursor.position() as usize;
+    let value = match written {
+        Ok(()) => HeaderValue::from_bytes(&buf[..len]),
+        // A very long chain from the client: fall back to the heap.
+        Err(_) => {
+            let existing = headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes).unwrap_or(b"");
+            let mut value = existing.to_vec();
+            value.extend_from_slice(format!(", {client}").as_bytes());
+            HeaderValue::from_bytes(&value)
+        }
+    };
+    if let Ok(value) = value {
         headers.insert(&X_FORWARDED_FOR, value);
     }
 }
@@ -103,7 +126,9 @@ pub fn new_request_id() -> HeaderValue {
     for (i, byte) in out.iter_mut().enumerate() {
         *byte = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
     }
-    HeaderValue::from_bytes(&out).unwrap_or_else(|_| HeaderValue::from_static("0"))
+    // An owned array: the id is cloned into the upstream request and the response, and
+    // clones of owner-backed bytes only bump a count.
+    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out)).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]
@@ -140,6 +165,10 @@ mod tests {
         append_forwarded_for(&mut headers, "10.0.0.1".parse().unwrap());
         append_forwarded_for(&mut headers, "10.0.0.2".parse().unwrap());
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2");
+        let long = "1".repeat(600);
+        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_str(&long).unwrap());
+        append_forwarded_for(&mut headers, "::1".parse().unwrap());
+        assert_eq!(headers[&X_FORWARDED_FOR], format!("{long}, ::1").as_str());
     }
 
     #[test]
