@@ -29,7 +29,7 @@ pub struct ProxyBody {
 
 enum Kind {
     Full(Option<Bytes>),
-    Upstream(Box<TimedBody>),
+    Upstream(TimedBody),
 }
 
 struct TimedBody {
@@ -80,13 +80,13 @@ impl ProxyBody {
     ) -> Self {
         let first = next_deadline(idle, deadline);
         ProxyBody {
-            kind: Kind::Upstream(Box::new(TimedBody {
+            kind: Kind::Upstream(TimedBody {
                 inner,
                 idle,
                 deadline,
                 timer: Deadline::new(first),
                 conn,
-            })),
+            }),
             _inflight: Some(inflight),
             finished: None,
         }

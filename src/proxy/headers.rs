@@ -62,7 +62,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if let Some(connection) = headers.remove(header::CONNECTION) {
         for token in connection.to_str().unwrap_or("").split(',').map(str::trim) {
             // `&str` keys are looked up without allocating a HeaderName.
-            if !token.is_empty() && !(keep_upgrade && token.eq_ignore_ascii_case("upgrade")) {
+            let kept = token.is_empty() || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"));
+            if !kept {
                 headers.remove(token);
             }
         }
@@ -85,9 +86,9 @@ pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
     let mut buf = [0u8; 512];
     let mut cursor = std::io::Cursor::new(&mut buf[..]);
     let written = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
-        Some(existing) if !existing.is_empty() => cursor
-            .write_all(existing)
-            .and_then(|()| write!(cursor, ", {client}")),
+        Some(existing) if !existing.is_empty() => {
+            cursor.write_all(existing).and_then(|()| write!(cursor, ", {client}"))
+        }
         _ => write!(cursor, "{client}"),
     };
     let len = cursor.position() as usize;
