@@ -201,9 +201,10 @@ fn find_head_end(bytes: &[u8]) -> Option<usize> {
 /// Refuses heads with both `Content-Length` and `Transfer-Encoding`; otherwise tells whether
 /// a body follows. Other malformations are left to hyper, which answers them with a 400.
 fn check_head(head: &[u8]) -> Result<bool, ErrorKind> {
-    let mut headers = [httparse::EMPTY_HEADER; 128];
-    let mut request = httparse::Request::new(&mut headers);
-    match request.parse(head) {
+    // Uninitialised slots: initialising 128 headers would cost more than the parse.
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
+    let mut request = httparse::Request::new(&mut []);
+    match request.parse_with_uninit_headers(head, &mut headers) {
         Ok(httparse::Status::Complete(_)) => {
             let find = |name: &str| request.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name));
             match (find("content-length"), find("transfer-encoding")) {

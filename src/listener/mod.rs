@@ -159,6 +159,7 @@ async fn accept_loop(
         let phase = ConnPhase::new();
         let conn = Arc::new(ConnInfo {
             peer,
+            peer_ip: crate::proxy::headers::ip_header_value(peer.ip()),
             phase: Some(phase.clone()),
         });
         let io = TokioIo::new(GuardedStream::new(stream, phase, limits));

@@ -4,7 +4,6 @@
 //! HTTP/2 pools multiplex streams over one connection and use hyper-util's client.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -14,6 +13,7 @@ use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioIo;
+use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
 use super::error::{ErrorKind, ProxyError};
@@ -32,7 +32,7 @@ struct IdleConn {
 }
 
 thread_local! {
-    static IDLE: RefCell<HashMap<SocketAddr, Vec<IdleConn>>> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<FxHashMap<SocketAddr, Vec<IdleConn>>> = RefCell::default();
 }
 
 /// An HTTP/1.1 connection lent to one exchange; it goes back to the worker's pool when the

@@ -9,70 +9,94 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1).
-fn hop_by_hop() -> [&'static HeaderName; 8] {
-    [
-        &header::CONNECTION,
-        &KEEP_ALIVE,
-        &PROXY_CONNECTION,
-        &header::TE,
-        &header::TRAILER,
-        &header::TRANSFER_ENCODING,
-        &header::UPGRADE,
-        &header::PROXY_AUTHORIZATION,
-    ]
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), as bits.
+const CONNECTION_BIT: u8 = 1;
+const UPGRADE_BIT: u8 = 1 << 6;
+
+fn hop_by_hop_bit(name: &str) -> u8 {
+    match name {
+        "connection" => CONNECTION_BIT,
+        "keep-alive" => 1 << 1,
+        "proxy-connection" => 1 << 2,
+        "te" => 1 << 3,
+        "trailer" => 1 << 4,
+        "transfer-encoding" => 1 << 5,
+        "upgrade" => UPGRADE_BIT,
+        "proxy-authorization" => 1 << 7,
+        _ => 0,
+    }
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+fn lowercase(token: &str) -> std::borrow::Cow<'_, str> {
+    if token.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(token.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(token)
+    }
 }
 
 /// True when the client asks to switch protocols (WebSocket) on an HTTP/1.1 connection.
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_has_token(headers, "upgrade")
-}
-
-fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// Removes hop-by-hop headers, including those named by `Connection`. When `keep_upgrade`
 /// is set, `Connection: upgrade` and `Upgrade` survive so the switch can be forwarded.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Most messages carry none: one pass over the names is cheaper than eight removals.
-    if !keep_upgrade && !headers.keys().any(|name| hop_by_hop().contains(&name)) {
+    // One pass over the names finds which are present; most messages carry none or one.
+    let present = headers
+        .keys()
+        .fold(0u8, |acc, name| acc | hop_by_hop_bit(name.as_str()));
+    if present == 0 && !keep_upgrade {
         return;
     }
-    if headers.get_all(header::CONNECTION).iter().nth(1).is_some() {
-        // Several Connection lines: rare enough to join them into one first.
-        let joined: Vec<u8> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .map(HeaderValue::as_bytes)
-            .collect::<Vec<_>>()
-            .join(&b","[..]);
-        if let Ok(value) = HeaderValue::from_bytes(&joined) {
-            headers.insert(header::CONNECTION, value);
+    if present & CONNECTION_BIT != 0 {
+        if headers.get_all(header::CONNECTION).iter().nth(1).is_some() {
+            // Several Connection lines: rare enough to join them into one first.
+            let joined: Vec<u8> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .map(HeaderValue::as_bytes)
+                .collect::<Vec<_>>()
+                .join(&b","[..]);
+            if let Ok(value) = HeaderValue::from_bytes(&joined) {
+                headers.insert(header::CONNECTION, value);
+            }
         }
-    }
-    if let Some(connection) = headers.remove(header::CONNECTION) {
-        for token in connection.to_str().unwrap_or("").split(',').map(str::trim) {
-            // `&str` keys are looked up without allocating a HeaderName.
-            let kept = token.is_empty() || (keep_upgrade && token.eq_ignore_ascii_case("upgrade"));
-            if !kept {
-                headers.remove(token);
+        if let Some(connection) = headers.remove(header::CONNECTION) {
+            for token in connection.to_str().unwrap_or("").split(',').map(str::trim) {
+                // Standard hop-by-hop names are removed below; `&str` keys are looked up
+                // without allocating a HeaderName.
+                if !token.is_empty() && hop_by_hop_bit(&lowercase(token)) == 0 {
+                    headers.remove(token);
+                }
             }
         }
     }
-    for name in hop_by_hop() {
-        if keep_upgrade && (name == header::CONNECTION || name == header::UPGRADE) {
-            continue;
+    for (bit, name) in HOP_BY_HOP.iter().enumerate() {
+        let bit = 1u8 << bit;
+        let kept = keep_upgrade && (bit == CONNECTION_BIT || bit == UPGRADE_BIT);
+        if present & bit != 0 && !kept {
+            headers.remove(*name);
         }
-        headers.remove(name);
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -80,31 +104,26 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 }
 
 /// Appends the client address to `X-Forwarded-For` (as NGINX's `$proxy_add_x_forwarded_for`).
-pub fn append_forwarded_for(headers: &mut HeaderMap, client: IpAddr) {
-    use std::io::Write;
-    // Formatted on the stack: one allocation (the header value) per request.
-    let mut buf = [0u8; 512];
-    let mut cursor = std::io::Cursor::new(&mut buf[..]);
-    let written = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+/// `client` is the address already rendered as a header value (once per connection).
+pub fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
+    let value = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(existing) if !existing.is_empty() => {
-            cursor.write_all(existing).and_then(|()| write!(cursor, ", {client}"))
+            let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
+            joined.extend_from_slice(existing);
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client.as_bytes());
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(joined))
         }
-        _ => write!(cursor, "{client}"),
-    };
-    let len = cursor.position() as usize;
-    let value = match written {
-        Ok(()) => HeaderValue::from_bytes(&buf[..len]),
-        // A very long chain from the client: fall back to the heap.
-        Err(_) => {
-            let existing = headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes).unwrap_or(b"");
-            let mut value = existing.to_vec();
-            value.extend_from_slice(format!(", {client}").as_bytes());
-            HeaderValue::from_bytes(&value)
-        }
+        _ => Ok(client.clone()),
     };
     if let Ok(value) = value {
         headers.insert(&X_FORWARDED_FOR, value);
     }
+}
+
+/// An IP address as a header value whose clones share one buffer.
+pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(ip.to_string())).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// The client's request id when it is short and printable, else a new random one.
@@ -141,7 +160,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONNECTION, HeaderValue::from_static("keep-alive, x-secret-hop"));
         headers.insert("x-secret-hop", HeaderValue::from_static("1"));
-        headers.insert(&KEEP_ALIVE, HeaderValue::from_static("timeout=5"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
         headers.insert("x-kept", HeaderValue::from_static("1"));
         remove_hop_by_hop(&mut headers, false);
@@ -163,13 +182,11 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let mut headers = HeaderMap::new();
-        append_forwarded_for(&mut headers, "10.0.0.1".parse().unwrap());
-        append_forwarded_for(&mut headers, "10.0.0.2".parse().unwrap());
+        append_forwarded_for(&mut headers, &ip_header_value("10.0.0.1".parse().unwrap()));
+        append_forwarded_for(&mut headers, &ip_header_value("10.0.0.2".parse().unwrap()));
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2");
-        let long = "1".repeat(600);
-        headers.insert(&X_FORWARDED_FOR, HeaderValue::from_str(&long).unwrap());
-        append_forwarded_for(&mut headers, "::1".parse().unwrap());
-        assert_eq!(headers[&X_FORWARDED_FOR], format!("{long}, ::1").as_str());
+        append_forwarded_for(&mut headers, &ip_header_value("::1".parse().unwrap()));
+        assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, ::1");
     }
 
     #[test]

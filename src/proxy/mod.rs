@@ -110,6 +110,8 @@ impl Gateway {
 /// What the connection knows about itself, shared by its requests.
 pub struct ConnInfo {
     pub peer: SocketAddr,
+    /// The peer's IP rendered once, for `X-Forwarded-For`.
+    pub peer_ip: HeaderValue,
     /// Present on HTTP/1 connections guarded by the listener's head reader.
     pub phase: Option<Arc<ConnPhase>>,
 }
@@ -119,6 +121,7 @@ pub struct RequestCtx {
     pub request_id: HeaderValue,
     pub start: Instant,
     pub client_addr: SocketAddr,
+    pub client_ip: HeaderValue,
     /// The `Host` the client asked for (header, or authority on HTTP/2).
     pub host: Option<HeaderValue>,
     /// Index into `Snapshot::routes` once `request_filter` matched one.
@@ -149,6 +152,7 @@ impl Worker {
             request_id: headers::request_id(req.headers()),
             start: Instant::now(),
             client_addr: conn.peer,
+            client_ip: conn.peer_ip.clone(),
             host: None,
             route: None,
             upstream_addr: None,
@@ -305,7 +309,7 @@ impl Worker {
         if let Some(host) = &ctx.host {
             headers.insert(&headers::X_FORWARDED_HOST, host.clone());
         }
-        headers::append_forwarded_for(headers, ctx.client_addr.ip());
+        headers::append_forwarded_for(headers, &ctx.client_ip);
         headers.insert(&headers::X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
         Ok(())

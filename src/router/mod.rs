@@ -5,7 +5,7 @@
 //! prefix of the request path from the longest down, so a request costs a handful of
 //! hash lookups however many routes there are.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::config::RouteSection;
 
