@@ -212,3 +212,86 @@ async fn malformed_requests_are_refused_before_routing() {
     // Normal requests still work.
     assert_eq!(get(&gateway.url("/ok")).await.status, 200);
 }
+
+/// Reads one HTTP/1.1 response with a Content-Length body from a raw stream.
+fn read_response(stream: &mut std::net::TcpStream) -> String {
+    use std::io::Read;
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut chunk).expect("read");
+        assert!(
+            n > 0,
+            "connection closed mid-response: {:?}",
+            String::from_utf8_lossy(&data)
+        );
+        data.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&data).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let length: usize = head
+                .lines()
+                .find_map(|l| {
+                    l.to_ascii_lowercase()
+                        .strip_prefix("content-length: ")
+                        .map(|v| v.trim().parse().unwrap())
+                })
+                .unwrap_or(0);
+            if body.len() >= length {
+                return text;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_keep_alive_connections_are_parked_and_resumed() {
+    use std::io::{Read, Write};
+    let upstream = Upstream::start("u").await;
+    let gateway = Gateway::start(&single_upstream(
+        upstream.addr,
+        "",
+        "park_idle_after = \"200ms\"\nidle_timeout = \"3s\"\nheader_read_timeout = \"500ms\"",
+    ));
+    let parked = |text: &str| -> i64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix("tollgate_parked_connections "))
+            .and_then(|v| v.parse().ok())
+            .expect("parked gauge")
+    };
+    let mut stream = std::net::TcpStream::connect(gateway.proxy).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for round in 0..3 {
+        stream
+            .write_all(format!("GET /round/{round} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .unwrap();
+        let response = read_response(&mut stream);
+        assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+        assert!(response.contains(&format!("\"path\":\"/round/{round}\"")), "{response}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            parked(&admin(&gateway, "GET", "/metrics").await.text()),
+            1,
+            "round {round}"
+        );
+    }
+    // A resumed connection still gets the head timeout: half a head, then nothing.
+    stream.write_all(b"GET /slow-head HTTP/1.1\r\n").unwrap();
+    let mut rest = String::new();
+    stream.read_to_string(&mut rest).unwrap();
+    assert!(rest.starts_with("HTTP/1.1 408"), "{rest}");
+    assert_eq!(parked(&admin(&gateway, "GET", "/metrics").await.text()), 0);
+
+    // A parked connection is closed at idle_timeout, counted from its last response.
+    let mut idle = std::net::TcpStream::connect(gateway.proxy).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(6))).unwrap();
+    idle.write_all(b"GET /once HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    assert!(read_response(&mut idle).starts_with("HTTP/1.1 200"));
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    assert_eq!(idle.read(&mut buf).unwrap(), 0, "server closes the idle connection");
+    let waited = started.elapsed();
+    assert!(
+        waited > Duration::from_millis(2500) && waited < Duration::from_millis(4500),
+        "{waited:?}"
+    );
+}

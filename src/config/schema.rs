@@ -21,6 +21,10 @@ pub struct ServerSection {
     pub idle_timeout: Duration,
     #[serde(default = "default_max_header_bytes")]
     pub max_header_bytes: usize,
+    /// An idle HTTP/1 keep-alive connection hands its HTTP buffers back after this long and
+    /// waits as a bare socket; `"0s"` keeps every connection's buffers until it closes.
+    #[serde(default = "default_park_idle_after", deserialize_with = "duration")]
+    pub park_idle_after: Duration,
     #[serde(default = "default_shutdown_grace", deserialize_with = "duration")]
     pub shutdown_grace: Duration,
 }
@@ -33,6 +37,7 @@ impl Default for ServerSection {
             header_read_timeout: default_header_read_timeout(),
             idle_timeout: default_idle_timeout(),
             max_header_bytes: default_max_header_bytes(),
+            park_idle_after: default_park_idle_after(),
             shutdown_grace: default_shutdown_grace(),
         }
     }
@@ -49,6 +54,9 @@ fn default_idle_timeout() -> Duration {
 }
 fn default_max_header_bytes() -> usize {
     16 * 1024
+}
+fn default_park_idle_after() -> Duration {
+    Duration::from_secs(1)
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)

@@ -32,23 +32,35 @@ const LINGER_BYTES: usize = 256 * 1024;
 
 /// Where an HTTP/1 connection is between requests, shared by the guard and the responses.
 #[derive(Debug)]
-pub struct ConnPhase(AtomicU8);
+pub struct ConnPhase {
+    state: AtomicU8,
+    /// The guard's read, woken when a response finishes: hyper may already be waiting for
+    /// the next head, and the guard must start its idle and park timers.
+    reader: atomic_waker::AtomicWaker,
+}
 
 impl ConnPhase {
     pub fn new() -> Arc<Self> {
-        Arc::new(ConnPhase(AtomicU8::new(AWAITING_HEAD)))
+        Arc::new(ConnPhase {
+            state: AtomicU8::new(AWAITING_HEAD),
+            reader: atomic_waker::AtomicWaker::new(),
+        })
     }
 
     /// The response was written out: the next bytes start a new request head.
     pub fn response_finished(&self) {
-        let _ = self
-            .0
-            .compare_exchange(IN_REQUEST, AWAITING_HEAD, Ordering::AcqRel, Ordering::Acquire);
+        if self
+            .state
+            .compare_exchange(IN_REQUEST, AWAITING_HEAD, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.reader.wake();
+        }
     }
 
     /// The connection switched protocols (WebSocket): stop watching it.
     pub fn upgraded(&self) {
-        self.0.store(UNGUARDED, Ordering::Release);
+        self.state.store(UNGUARDED, Ordering::Release);
     }
 }
 
@@ -57,7 +69,12 @@ pub struct HeadLimits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_header_bytes: usize,
+    /// Idle time after which a keep-alive connection is parked (see [`GuardedStream::parked`]).
+    pub park_after: Duration,
 }
+
+/// Where a parked socket goes: the listener waits on it with no HTTP state at all.
+pub type ParkSlot = tokio::sync::oneshot::Sender<(TcpStream, Instant)>;
 
 enum State {
     /// Waiting for the first byte of a head; `first` = first request on the connection.
@@ -76,7 +93,11 @@ enum State {
 }
 
 pub struct GuardedStream {
-    inner: TcpStream,
+    /// `None` once parked: hyper then sees end of input and lets go of the connection.
+    inner: Option<TcpStream>,
+    park: Option<ParkSlot>,
+    /// When an idle keep-alive connection closes; it is parked before that.
+    idle_until: Instant,
     phase: Arc<ConnPhase>,
     limits: HeadLimits,
     state: State,
@@ -87,15 +108,66 @@ pub struct GuardedStream {
 }
 
 impl GuardedStream {
-    pub fn new(inner: TcpStream, phase: Arc<ConnPhase>, limits: HeadLimits) -> Self {
+    /// A new connection: the first head must arrive within `header_read_timeout`.
+    pub fn new(inner: TcpStream, phase: Arc<ConnPhase>, limits: HeadLimits, park: Option<ParkSlot>) -> Self {
+        let now = Instant::now();
         GuardedStream {
-            inner,
+            inner: Some(inner),
+            park,
+            idle_until: now + limits.idle_timeout,
             phase,
             limits,
             state: State::Waiting { first: true },
             head: Vec::new(),
             pipelined: Vec::new(),
-            timer: Deadline::new(Instant::now() + limits.header_read_timeout),
+            timer: Deadline::new(now + limits.header_read_timeout),
+        }
+    }
+
+    /// A parked keep-alive connection coming back because bytes arrived; it still closes at
+    /// `idle_until` if no head starts.
+    pub fn resume(
+        inner: TcpStream,
+        phase: Arc<ConnPhase>,
+        limits: HeadLimits,
+        idle_until: Instant,
+        park: Option<ParkSlot>,
+    ) -> Self {
+        GuardedStream {
+            inner: Some(inner),
+            park,
+            idle_until,
+            phase,
+            limits,
+            state: State::Waiting { first: false },
+            head: Vec::new(),
+            pipelined: Vec::new(),
+            timer: Deadline::new(idle_until),
+        }
+    }
+
+    fn stream(&mut self) -> io::Result<&mut TcpStream> {
+        self.inner.as_mut().ok_or_else(|| io::ErrorKind::NotConnected.into())
+    }
+
+    /// Hands the socket to the park slot. hyper keeps ~30 KiB of buffers and state per
+    /// HTTP/1 connection for as long as it lives; a parked socket costs a few hundred bytes,
+    /// and a fresh hyper connection takes it over when the next request arrives (what NGINX
+    /// does with its keep-alive state).
+    fn park(&mut self) -> bool {
+        match (self.park.take(), self.inner.take()) {
+            (Some(slot), Some(stream)) => match slot.send((stream, self.idle_until)) {
+                Ok(()) => true,
+                Err((stream, _)) => {
+                    self.inner = Some(stream);
+                    false
+                }
+            },
+            (slot, stream) => {
+                self.park = slot;
+                self.inner = stream;
+                false
+            }
         }
     }
 
@@ -103,8 +175,10 @@ impl GuardedStream {
         let response = raw_error_response(kind, new_request_id().to_str().unwrap_or(""));
         // Best effort: the socket buffer of a connection that is sending us a head has room
         // for a few hundred bytes; if not, the client only misses the explanation.
-        let _ = self.inner.try_write(&response);
-        let _ = socket2::SockRef::from(&self.inner).shutdown(std::net::Shutdown::Write);
+        if let Some(stream) = &self.inner {
+            let _ = stream.try_write(&response);
+            let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+        }
         self.state = State::Rejecting { drained: 0 };
         self.timer.set(Instant::now() + LINGER);
         tracing::debug!(code = kind.code(), "request head refused");
@@ -150,7 +224,7 @@ impl GuardedStream {
             return Some(ErrorKind::HeadersTooLarge);
         }
         self.state = State::Passing;
-        self.phase.0.store(IN_REQUEST, Ordering::Release);
+        self.phase.state.store(IN_REQUEST, Ordering::Release);
         let mut has_body = match check_head(head) {
             Ok(has_body) => has_body,
             Err(kind) => return Some(kind),
@@ -227,10 +301,20 @@ impl AsyncRead for GuardedStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if matches!(this.state, State::Passing) {
-            match this.phase.0.load(Ordering::Acquire) {
+            // Register before looking, so a response finishing in between still wakes us.
+            this.phase.reader.register(cx.waker());
+            match this.phase.state.load(Ordering::Acquire) {
                 AWAITING_HEAD if this.pipelined.is_empty() => {
+                    let now = Instant::now();
                     this.state = State::Waiting { first: false };
-                    this.timer.set(Instant::now() + this.limits.idle_timeout);
+                    this.idle_until = now + this.limits.idle_timeout;
+                    let park_at = now + this.limits.park_after;
+                    let wake_at = if this.park.is_some() {
+                        park_at.min(this.idle_until)
+                    } else {
+                        this.idle_until
+                    };
+                    this.timer.set(wake_at);
                 }
                 AWAITING_HEAD => {
                     this.state = State::Head;
@@ -242,7 +326,8 @@ impl AsyncRead for GuardedStream {
             }
         }
         match this.state {
-            State::Passing | State::Unguarded => return Pin::new(&mut this.inner).poll_read(cx, buf),
+            State::Unguarded => return Pin::new(this.stream()?).poll_read(cx, buf),
+            State::Passing => return Pin::new(this.stream()?).poll_read(cx, buf),
             State::Rejecting { drained } => {
                 let mut scratch = [0u8; 8192];
                 let mut drained = drained;
@@ -251,7 +336,7 @@ impl AsyncRead for GuardedStream {
                         return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
                     }
                     let mut sink = ReadBuf::new(&mut scratch);
-                    match Pin::new(&mut this.inner).poll_read(cx, &mut sink) {
+                    match Pin::new(this.stream()?).poll_read(cx, &mut sink) {
                         Poll::Ready(Ok(())) if sink.filled().is_empty() => {
                             return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
                         }
@@ -268,12 +353,21 @@ impl AsyncRead for GuardedStream {
         }
 
         let before = buf.filled().len();
-        match Pin::new(&mut this.inner).poll_read(cx, buf) {
+        match Pin::new(this.stream()?).poll_read(cx, buf) {
             Poll::Pending => {
                 ready!(this.timer.poll_expired(cx));
                 match this.state {
-                    // An idle keep-alive connection just closes, as in NGINX.
-                    State::Waiting { first: false } => Poll::Ready(Ok(())),
+                    // Between requests: park the socket, or close it once idle_timeout has
+                    // passed, as NGINX does. Either way hyper sees a clean end of input.
+                    State::Waiting { first: false } => {
+                        if Instant::now() < this.idle_until && !this.park() {
+                            // No park slot: wait out the idle timeout.
+                            let until = this.idle_until;
+                            this.timer.set(until);
+                            ready!(this.timer.poll_expired(cx));
+                        }
+                        Poll::Ready(Ok(()))
+                    }
                     _ => {
                         this.reject(ErrorKind::HeaderTimeout);
                         Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
@@ -309,7 +403,7 @@ impl AsyncRead for GuardedStream {
 
 impl AsyncWrite for GuardedStream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        Pin::new(self.get_mut().stream()?).poll_write(cx, buf)
     }
 
     fn poll_write_vectored(
@@ -317,19 +411,26 @@ impl AsyncWrite for GuardedStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        Pin::new(self.get_mut().stream()?).poll_write_vectored(cx, bufs)
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        self.inner.as_ref().is_some_and(TcpStream::is_write_vectored)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        match self.get_mut().inner.as_mut() {
+            Some(stream) => Pin::new(stream).poll_flush(cx),
+            None => Poll::Ready(Ok(())),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+        match self.get_mut().inner.as_mut() {
+            Some(stream) => Pin::new(stream).poll_shutdown(cx),
+            // Parked: the socket lives on elsewhere and must not be shut down.
+            None => Poll::Ready(Ok(())),
+        }
     }
 }
 

@@ -13,11 +13,10 @@ use std::time::Duration;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
-pub use guard::{ConnPhase, GuardedStream, HeadLimits};
+pub use guard::{ConnPhase, GuardedStream, HeadLimits, ParkSlot};
 
 use crate::proxy::{ConnInfo, Gateway, Worker};
 
@@ -91,7 +90,8 @@ async fn run_worker(
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let graceful = Arc::new(GracefulShutdown::new());
+    // Every connection task holds a clone of `alive`; `recv` returns `None` once all are gone.
+    let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let mut accept_loops = tokio::task::JoinSet::new();
     for listener in listeners {
         let listener = match tokio::net::TcpListener::from_std(listener) {
@@ -101,16 +101,11 @@ async fn run_worker(
                 continue;
             }
         };
-        accept_loops.spawn(accept_loop(
-            worker.clone(),
-            listener,
-            shutdown.clone(),
-            graceful.clone(),
-        ));
+        accept_loops.spawn(accept_loop(worker.clone(), listener, shutdown.clone(), alive.clone()));
     }
     while accept_loops.join_next().await.is_some() {}
-    let graceful = Arc::try_unwrap(graceful).unwrap_or_else(|_| GracefulShutdown::new());
-    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+    drop(alive);
+    if tokio::time::timeout(grace, all_closed.recv()).await.is_err() {
         tracing::warn!(
             worker = worker.id,
             "shutdown grace period ended with connections still open"
@@ -122,14 +117,16 @@ async fn accept_loop(
     worker: Worker,
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
-    graceful: Arc<GracefulShutdown>,
+    alive: tokio::sync::mpsc::Sender<()>,
 ) {
     let config = worker.gateway.snapshot().config.clone();
     let limits = HeadLimits {
         header_read_timeout: config.server.header_read_timeout,
         idle_timeout: config.server.idle_timeout,
         max_header_bytes: config.server.max_header_bytes,
+        park_after: config.server.park_idle_after,
     };
+    let parking = !config.server.park_idle_after.is_zero();
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -162,22 +159,62 @@ async fn accept_loop(
             peer_ip: crate::proxy::headers::ip_header_value(peer.ip()),
             phase: Some(phase.clone()),
         });
-        let io = TokioIo::new(GuardedStream::new(stream, phase, limits));
-        let open = worker.gateway.metrics.connection_opened();
+        let metrics = worker.gateway.metrics.clone();
+        let open = metrics.connection_opened();
         let handler = worker.clone();
         let service = service_fn(move |req| {
             let handler = handler.clone();
             let conn = conn.clone();
             async move { Ok::<_, Infallible>(handler.handle(req, &conn).await) }
         });
-        let connection = graceful.watch(builder.serve_connection_with_upgrades(io, service).into_owned());
+        let builder = builder.clone();
+        let alive = alive.clone();
+        let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _open = open;
-            if let Err(error) = connection.await {
-                tracing::debug!(%peer, %error, "connection ended with error");
+            let _alive = alive;
+            let (park, mut parked) = park_slot(parking);
+            let mut io = GuardedStream::new(stream, phase.clone(), limits, park);
+            loop {
+                // Boxed so that a parked connection does not keep room for hyper's state.
+                let mut connection =
+                    Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service.clone()));
+                let result = tokio::select! {
+                    result = connection.as_mut() => result,
+                    _ = stopped(&mut shutdown) => {
+                        // Finish the request in flight (HTTP/2: GOAWAY), then close.
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                };
+                if let Err(error) = result {
+                    tracing::debug!(%peer, %error, "connection ended with error");
+                }
+                let Some(Ok((stream, idle_until))) = parked.as_mut().map(|rx| rx.try_recv()) else {
+                    break;
+                };
+                let _parked = metrics.connection_parked();
+                tokio::select! {
+                    ready = stream.readable() => if ready.is_err() { break },
+                    _ = tokio::time::sleep_until(idle_until) => break,
+                    _ = stopped(&mut shutdown) => break,
+                }
+                let (park, next) = park_slot(parking);
+                parked = next;
+                io = GuardedStream::resume(stream, phase.clone(), limits, idle_until, park);
             }
         });
     }
+}
+
+type Parked = tokio::sync::oneshot::Receiver<(tokio::net::TcpStream, tokio::time::Instant)>;
+
+fn park_slot(enabled: bool) -> (Option<guard::ParkSlot>, Option<Parked>) {
+    if !enabled {
+        return (None, None);
+    }
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    (Some(tx), Some(rx))
 }
 
 /// Resolves once `shutdown` turns true (or its sender is gone).

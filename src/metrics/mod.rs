@@ -18,6 +18,7 @@ pub const REQUEST_DURATION: &str = "tollgate_request_duration_seconds";
 pub const UPSTREAM_ERRORS_TOTAL: &str = "tollgate_upstream_errors_total";
 pub const OPEN_CONNECTIONS: &str = "tollgate_open_connections";
 pub const CONNECTIONS_TOTAL: &str = "tollgate_connections_total";
+pub const PARKED_CONNECTIONS: &str = "tollgate_parked_connections";
 pub const CONFIG_RELOADS_TOTAL: &str = "tollgate_config_reloads_total";
 
 /// Upper bounds of the latency histogram, in seconds.
@@ -92,6 +93,7 @@ pub struct Metrics {
     upstreams: Mutex<BTreeMap<String, Arc<UpstreamMetrics>>>,
     open_connections: AtomicI64,
     connections_total: AtomicU64,
+    parked_connections: AtomicI64,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
 }
@@ -102,6 +104,14 @@ pub struct ConnectionGuard(Arc<Metrics>);
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.open_connections.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct ParkedGuard(Arc<Metrics>);
+
+impl Drop for ParkedGuard {
+    fn drop(&mut self) {
+        self.0.parked_connections.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -126,6 +136,12 @@ impl Metrics {
         self.open_connections.fetch_add(1, Ordering::Relaxed);
         self.connections_total.fetch_add(1, Ordering::Relaxed);
         ConnectionGuard(self.clone())
+    }
+
+    /// Counts a keep-alive connection waiting without HTTP state, until the guard drops.
+    pub fn connection_parked(self: &Arc<Self>) -> ParkedGuard {
+        self.parked_connections.fetch_add(1, Ordering::Relaxed);
+        ParkedGuard(self.clone())
     }
 
     pub fn open_connections(&self) -> i64 {
@@ -203,6 +219,16 @@ impl Metrics {
         let _ = writeln!(out, "# HELP {OPEN_CONNECTIONS} Client connections currently open.");
         let _ = writeln!(out, "# TYPE {OPEN_CONNECTIONS} gauge");
         let _ = writeln!(out, "{OPEN_CONNECTIONS} {}", self.open_connections());
+        let _ = writeln!(
+            out,
+            "# HELP {PARKED_CONNECTIONS} Idle keep-alive connections parked without HTTP buffers."
+        );
+        let _ = writeln!(out, "# TYPE {PARKED_CONNECTIONS} gauge");
+        let _ = writeln!(
+            out,
+            "{PARKED_CONNECTIONS} {}",
+            self.parked_connections.load(Ordering::Relaxed)
+        );
         let _ = writeln!(out, "# HELP {CONNECTIONS_TOTAL} Client connections accepted.");
         let _ = writeln!(out, "# TYPE {CONNECTIONS_TOTAL} counter");
         let _ = writeln!(
