@@ -56,7 +56,7 @@ fn default_max_header_bytes() -> usize {
     16 * 1024
 }
 fn default_park_idle_after() -> Duration {
-    Duration::from_secs(1)
+    Duration::from_millis(100)
 }
 fn default_shutdown_grace() -> Duration {
     Duration::from_secs(30)

@@ -184,12 +184,14 @@ async fn accept_loop(
                     _ = stopped(&mut shutdown) => {
                         // Finish the request in flight (HTTP/2: GOAWAY), then close.
                         connection.as_mut().graceful_shutdown();
-                        connection.await
+                        connection.as_mut().await
                     }
                 };
                 if let Err(error) = result {
                     tracing::debug!(%peer, %error, "connection ended with error");
                 }
+                // hyper's buffers go now, not when this loop turn ends after the parked wait.
+                drop(connection);
                 let Some(Ok((stream, idle_until))) = parked.as_mut().map(|rx| rx.try_recv()) else {
                     break;
                 };
