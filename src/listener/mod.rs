@@ -180,6 +180,8 @@ async fn accept_loop(
                 let mut connection =
                     Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service.clone()));
                 let result = tokio::select! {
+                    // The connection first: no random branch order on every wake.
+                    biased;
                     result = connection.as_mut() => result,
                     _ = stopped(&mut shutdown) => {
                         // Finish the request in flight (HTTP/2: GOAWAY), then close.
