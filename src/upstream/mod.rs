@@ -207,3 +207,79 @@ impl Pool {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::EndpointSpec;
+
+    fn section(endpoints: &[(&str, u32)], lb: LbPolicy) -> UpstreamSection {
+        UpstreamSection {
+            endpoints: endpoints
+                .iter()
+                .map(|(a, w)| EndpointSpec {
+                    address: a.to_string(),
+                    weight: *w,
+                })
+                .collect(),
+            lb,
+            hash_key: None,
+            protocol: UpstreamProtocol::Http1,
+            resolve_interval: Duration::from_secs(30),
+            preserve_host: true,
+            timeouts: TimeoutsSection::default(),
+        }
+    }
+
+    #[tokio::test]
+    async fn host_names_resolve_and_literals_need_nothing() {
+        let pool = Pool::from_config(
+            "p",
+            &section(&[("localhost:8080", 1), ("10.0.0.1:80", 1)], LbPolicy::RoundRobin),
+            None,
+        );
+        assert!(!pool.endpoints[0].is_resolved());
+        assert!(pool.endpoints[1].is_resolved());
+        // Unresolved endpoints are skipped by the balancer.
+        for _ in 0..4 {
+            assert_eq!(pool.select(None).unwrap().address, "10.0.0.1:80");
+        }
+        pool.resolve().await;
+        let addrs = pool.endpoints[0].resolved_addrs();
+        assert!(
+            addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 8080),
+            "{addrs:?}"
+        );
+        assert!(!addrs.is_empty());
+    }
+
+    #[test]
+    fn reload_keeps_endpoint_state_for_unchanged_addresses() {
+        let old = Pool::from_config(
+            "p",
+            &section(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 1)], LbPolicy::RoundRobin),
+            None,
+        );
+        let guard = InflightGuard::new(old.endpoints[0].clone());
+        let new = Pool::from_config(
+            "p",
+            &section(&[("10.0.0.1:80", 1), ("10.0.0.3:80", 1)], LbPolicy::LeastRequests),
+            Some(&old),
+        );
+        assert!(Arc::ptr_eq(&new.endpoints[0], &old.endpoints[0]));
+        assert_eq!(new.endpoints[0].inflight(), 1);
+        drop(guard);
+        assert_eq!(new.endpoints[0].inflight(), 0);
+        assert!(!Arc::ptr_eq(&new.endpoints[1], &old.endpoints[1]));
+    }
+
+    #[test]
+    fn endpoint_rotates_over_its_addresses() {
+        let endpoint = Endpoint::new("api.internal:80", 1);
+        endpoint.set_targets(vec!["10.0.0.1:80".parse().unwrap(), "10.0.0.2:80".parse().unwrap()]);
+        let seen: Vec<SocketAddr> = (0..4).map(|_| endpoint.target().unwrap().addr).collect();
+        assert_eq!(seen[0], seen[2]);
+        assert_ne!(seen[0], seen[1]);
+        assert_eq!(endpoint.host_header, "api.internal:80");
+    }
+}
