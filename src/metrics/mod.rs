@@ -56,11 +56,6 @@ impl RouteMetrics {
         self.latency_sum_micros
             .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
     }
-
-    pub fn count(&self, status: u16) -> u64 {
-        let slot = usize::from(status.saturating_sub(STATUS_MIN)).min(STATUS_SLOTS - 1);
-        self.status[slot].load(Ordering::Relaxed)
-    }
 }
 
 const ERROR_KINDS: [ErrorKind; 4] = [

@@ -7,7 +7,6 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
@@ -95,11 +94,6 @@ impl ProxyBody {
     /// Signals `phase` when this body has been written out (or abandoned).
     pub fn set_finished_signal(&mut self, phase: Arc<ConnPhase>) {
         self.finished = Some(phase);
-    }
-
-    /// A boxed body for places that need one type (e.g. axum).
-    pub fn boxed(self) -> http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError> {
-        BodyExt::boxed_unsync(self)
     }
 }
 

@@ -18,10 +18,6 @@ impl Deadline {
         Deadline { at, sleep: None }
     }
 
-    pub fn at(&self) -> Instant {
-        self.at
-    }
-
     pub fn set(&mut self, at: Instant) {
         self.at = at;
         if let Some(sleep) = &mut self.sleep

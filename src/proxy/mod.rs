@@ -63,10 +63,6 @@ impl Gateway {
         self.snapshot.load_full()
     }
 
-    pub fn workers(&self) -> usize {
-        self.workers
-    }
-
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
     }
