@@ -81,6 +81,8 @@ async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<http1::S
     };
     let _ = stream.set_nodelay(true);
     let (sender, connection) = http1::Builder::new()
+        // Flat writes, as on the client side of the listener.
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| ProxyError::with_cause(ErrorKind::UpstreamConnect, e))?;
