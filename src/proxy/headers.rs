@@ -28,15 +28,16 @@ fn hop_by_hop_bit(name: &str) -> u8 {
     }
 }
 
-const HOP_BY_HOP: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "proxy-authorization",
+/// Same order as the bits of `hop_by_hop_bit`; `HeaderName`s, so removal needs no parsing.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
 ];
 
 fn lowercase(token: &str) -> std::borrow::Cow<'_, str> {
@@ -68,7 +69,10 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     if present == 0 && !keep_upgrade {
         return;
     }
+    let mut present = present;
     if present & CONNECTION_BIT != 0 {
+        // Removed here with the headers it names, so not again below.
+        present &= !CONNECTION_BIT;
         if headers.get_all(header::CONNECTION).iter().nth(1).is_some() {
             // Several Connection lines: rare enough to join them into one first.
             let joined: Vec<u8> = headers
@@ -93,9 +97,9 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     for (bit, name) in HOP_BY_HOP.iter().enumerate() {
         let bit = 1u8 << bit;
-        let kept = keep_upgrade && (bit == CONNECTION_BIT || bit == UPGRADE_BIT);
+        let kept = keep_upgrade && bit == UPGRADE_BIT;
         if present & bit != 0 && !kept {
-            headers.remove(*name);
+            headers.remove(name);
         }
     }
     if keep_upgrade {
