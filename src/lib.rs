@@ -7,3 +7,4 @@ pub mod metrics;
 pub mod proxy;
 pub mod router;
 pub mod upstream;
+pub mod state;

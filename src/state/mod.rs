@@ -1,0 +1,150 @@
+//! The state seam: consumers, API keys and plans. The proxy never reads a backend on the
+//! request path; it reads the in-memory tables in [`crate::auth`], which are rebuilt from
+//! a backend at start and updated after every admin write.
+
+mod sqlite;
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+
+pub use sqlite::SqliteBackend;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Plan {
+    pub name: String,
+    /// Requests per second (enforced by the limits issue).
+    pub rate_per_second: Option<u32>,
+    pub burst: Option<u32>,
+    pub daily: Option<u64>,
+    pub monthly: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Consumer {
+    pub id: String,
+    /// The plan of the consumer's keys unless a key names its own.
+    pub plan: Option<String>,
+    pub created_at: i64,
+}
+
+/// A stored API key: only the SHA-256 of the secret is kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiKey {
+    pub id: String,
+    pub consumer: String,
+    pub plan: Option<String>,
+    pub hash: [u8; 32],
+    /// The readable start of the secret (`tg_live_ab12…`), to recognise a key in listings.
+    pub prefix: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    /// Route names this key may call; empty = all.
+    pub allowed_routes: Vec<String>,
+    pub revoked: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateData {
+    pub plans: BTreeMap<String, Plan>,
+    pub consumers: BTreeMap<String, Consumer>,
+    pub keys: BTreeMap<String, ApiKey>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("state backend: {0}")]
+    Backend(String),
+}
+
+/// Where consumers, keys and plans are stored. Calls block; the admin API runs them on
+/// the blocking pool.
+pub trait StateBackend: Send + Sync + 'static {
+    fn load(&self) -> Result<StateData, StateError>;
+    fn put_plan(&self, plan: &Plan) -> Result<(), StateError>;
+    fn delete_plan(&self, name: &str) -> Result<(), StateError>;
+    fn create_consumer(&self, consumer: &Consumer) -> Result<(), StateError>;
+    fn delete_consumer(&self, id: &str) -> Result<(), StateError>;
+    fn create_key(&self, key: &ApiKey) -> Result<(), StateError>;
+    fn revoke_key(&self, id: &str) -> Result<(), StateError>;
+}
+
+/// For unit tests and `data_dir`-less runs.
+#[derive(Default)]
+pub struct MemoryBackend {
+    data: Mutex<StateData>,
+}
+
+impl MemoryBackend {
+    fn with<T>(&self, f: impl FnOnce(&mut StateData) -> Result<T, StateError>) -> Result<T, StateError> {
+        let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut data)
+    }
+}
+
+impl StateBackend for MemoryBackend {
+    fn load(&self) -> Result<StateData, StateError> {
+        self.with(|d| Ok(d.clone()))
+    }
+
+    fn put_plan(&self, plan: &Plan) -> Result<(), StateError> {
+        self.with(|d| {
+            d.plans.insert(plan.name.clone(), plan.clone());
+            Ok(())
+        })
+    }
+
+    fn delete_plan(&self, name: &str) -> Result<(), StateError> {
+        self.with(|d| {
+            d.plans
+                .remove(name)
+                .map(|_| ())
+                .ok_or_else(|| StateError::NotFound(format!("plan {name}")))
+        })
+    }
+
+    fn create_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
+        self.with(|d| {
+            if d.consumers.contains_key(&consumer.id) {
+                return Err(StateError::Conflict(format!("consumer {}", consumer.id)));
+            }
+            d.consumers.insert(consumer.id.clone(), consumer.clone());
+            Ok(())
+        })
+    }
+
+    fn delete_consumer(&self, id: &str) -> Result<(), StateError> {
+        self.with(|d| {
+            d.consumers
+                .remove(id)
+                .ok_or_else(|| StateError::NotFound(format!("consumer {id}")))?;
+            for key in d.keys.values_mut().filter(|k| k.consumer == id) {
+                key.revoked = true;
+            }
+            Ok(())
+        })
+    }
+
+    fn create_key(&self, key: &ApiKey) -> Result<(), StateError> {
+        self.with(|d| {
+            if !d.consumers.contains_key(&key.consumer) {
+                return Err(StateError::NotFound(format!("consumer {}", key.consumer)));
+            }
+            d.keys.insert(key.id.clone(), key.clone());
+            Ok(())
+        })
+    }
+
+    fn revoke_key(&self, id: &str) -> Result<(), StateError> {
+        self.with(|d| {
+            let key = d.keys.get_mut(id).ok_or_else(|| StateError::NotFound(format!("key {id}")))?;
+            key.revoked = true;
+            Ok(())
+        })
+    }
+}
