@@ -8,3 +8,4 @@ pub mod proxy;
 pub mod router;
 pub mod upstream;
 pub mod state;
+pub mod auth;

@@ -1,0 +1,224 @@
+//! Who is calling: API keys looked up in memory. One hash and one map lookup per request;
+//! no I/O. The tables are rebuilt from the state backend at start and updated per shard
+//! after each admin write, so a write copies 1/256 of the keys, not all of them.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use sha2::{Digest, Sha256};
+
+use crate::state::{ApiKey, StateData};
+
+/// Readable start of every secret, so leaked keys are recognisable (and scannable).
+pub const KEY_PREFIX: &str = "tg_live_";
+const SHARDS: usize = 256;
+
+/// What the proxy needs to know about a key at request time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyEntry {
+    pub key_id: Arc<str>,
+    pub consumer_id: Arc<str>,
+    pub plan: Arc<str>,
+    pub expires_at: Option<i64>,
+    pub allowed_routes: Box<[Box<str>]>,
+    pub revoked: bool,
+}
+
+/// The caller once authenticated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub key_id: Arc<str>,
+    pub consumer_id: Arc<str>,
+    pub plan: Arc<str>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthError {
+    MissingCredentials,
+    InvalidApiKey,
+    KeyRevoked,
+    KeyExpired,
+    RouteNotAllowed,
+}
+
+type Shard = HashMap<[u8; 32], Arc<KeyEntry>>;
+
+/// Key hash → entry, in shards by the hash's first byte.
+pub struct KeyTable {
+    shards: Box<[ArcSwap<Shard>]>,
+}
+
+impl Default for KeyTable {
+    fn default() -> Self {
+        KeyTable {
+            shards: (0..SHARDS).map(|_| ArcSwap::from_pointee(Shard::new())).collect(),
+        }
+    }
+}
+
+/// The plan a key runs under: its own, else its consumer's, else `default`.
+fn effective_plan(key: &ApiKey, data: &StateData, default: &str) -> Arc<str> {
+    key.plan
+        .clone()
+        .or_else(|| data.consumers.get(&key.consumer).and_then(|c| c.plan.clone()))
+        .map_or_else(|| Arc::from(default), Arc::from)
+}
+
+fn entry(key: &ApiKey, data: &StateData, default_plan: &str) -> Arc<KeyEntry> {
+    Arc::new(KeyEntry {
+        key_id: Arc::from(key.id.as_str()),
+        consumer_id: Arc::from(key.consumer.as_str()),
+        plan: effective_plan(key, data, default_plan),
+        expires_at: key.expires_at,
+        allowed_routes: key.allowed_routes.iter().map(|r| r.as_str().into()).collect(),
+        revoked: key.revoked || !data.consumers.contains_key(&key.consumer),
+    })
+}
+
+impl KeyTable {
+    /// Replaces every shard with the keys of `data`.
+    pub fn load(&self, data: &StateData, default_plan: &str) {
+        let mut shards: Vec<Shard> = (0..SHARDS).map(|_| Shard::new()).collect();
+        for key in data.keys.values() {
+            shards[key.hash[0] as usize].insert(key.hash, entry(key, data, default_plan));
+        }
+        for (slot, shard) in self.shards.iter().zip(shards) {
+            slot.store(Arc::new(shard));
+        }
+    }
+
+    /// Updates the shard of one key (created, revoked, or its plan changed).
+    pub fn upsert(&self, key: &ApiKey, data: &StateData, default_plan: &str) {
+        let slot = &self.shards[key.hash[0] as usize];
+        let mut shard = Shard::clone(&slot.load());
+        shard.insert(key.hash, entry(key, data, default_plan));
+        slot.store(Arc::new(shard));
+    }
+
+    pub fn get(&self, hash: &[u8; 32]) -> Option<Arc<KeyEntry>> {
+        self.shards[hash[0] as usize].load().get(hash).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.load().len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+pub fn hash_key(secret: &str) -> [u8; 32] {
+    Sha256::digest(secret.as_bytes()).into()
+}
+
+/// A new secret: the prefix and 32 random bytes in hex. Only its hash is stored.
+pub fn generate_secret() -> Result<String, getrandom::Error> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes)?;
+    let mut secret = String::with_capacity(KEY_PREFIX.len() + 64);
+    secret.push_str(KEY_PREFIX);
+    for b in bytes {
+        secret.push_str(&format!("{b:02x}"));
+    }
+    Ok(secret)
+}
+
+/// Checks a presented key for `route` at unix time `now`.
+pub fn authenticate(table: &KeyTable, presented: Option<&str>, route: &str, now: i64) -> Result<Identity, AuthError> {
+    let presented = presented.filter(|k| !k.is_empty()).ok_or(AuthError::MissingCredentials)?;
+    let entry = table.get(&hash_key(presented)).ok_or(AuthError::InvalidApiKey)?;
+    if entry.revoked {
+        return Err(AuthError::KeyRevoked);
+    }
+    if entry.expires_at.is_some_and(|at| now >= at) {
+        return Err(AuthError::KeyExpired);
+    }
+    if !entry.allowed_routes.is_empty() && !entry.allowed_routes.iter().any(|r| &**r == route) {
+        return Err(AuthError::RouteNotAllowed);
+    }
+    Ok(Identity {
+        key_id: entry.key_id.clone(),
+        consumer_id: entry.consumer_id.clone(),
+        plan: entry.plan.clone(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::Consumer;
+
+    fn data_with(secret: &str, mutate: impl FnOnce(&mut ApiKey)) -> StateData {
+        let mut data = StateData::default();
+        data.consumers.insert(
+            "acme".into(),
+            Consumer {
+                id: "acme".into(),
+                plan: Some("pro".into()),
+                created_at: 0,
+            },
+        );
+        let mut key = ApiKey {
+            id: "key_1".into(),
+            consumer: "acme".into(),
+            plan: None,
+            hash: hash_key(secret),
+            prefix: secret[..12].into(),
+            created_at: 0,
+            expires_at: None,
+            allowed_routes: vec![],
+            revoked: false,
+        };
+        mutate(&mut key);
+        data.keys.insert(key.id.clone(), key);
+        data
+    }
+
+    #[test]
+    fn every_outcome() {
+        let secret = generate_secret().unwrap();
+        assert!(secret.starts_with(KEY_PREFIX) && secret.len() == KEY_PREFIX.len() + 64);
+        let table = KeyTable::default();
+        table.load(&data_with(&secret, |_| {}), "free");
+        let id = authenticate(&table, Some(&secret), "lookup", 10).unwrap();
+        assert_eq!((&*id.consumer_id, &*id.plan, &*id.key_id), ("acme", "pro", "key_1"));
+        assert_eq!(authenticate(&table, None, "lookup", 10), Err(AuthError::MissingCredentials));
+        assert_eq!(authenticate(&table, Some(""), "lookup", 10), Err(AuthError::MissingCredentials));
+        assert_eq!(authenticate(&table, Some("tg_live_nope"), "lookup", 10), Err(AuthError::InvalidApiKey));
+
+        table.load(&data_with(&secret, |k| k.expires_at = Some(10)), "free");
+        assert_eq!(authenticate(&table, Some(&secret), "lookup", 9).map(|_| ()), Ok(()));
+        assert_eq!(authenticate(&table, Some(&secret), "lookup", 10), Err(AuthError::KeyExpired));
+
+        table.load(&data_with(&secret, |k| k.allowed_routes = vec!["batch".into()]), "free");
+        assert_eq!(authenticate(&table, Some(&secret), "lookup", 0), Err(AuthError::RouteNotAllowed));
+        assert!(authenticate(&table, Some(&secret), "batch", 0).is_ok());
+
+        let mut data = data_with(&secret, |k| k.plan = Some("gold".into()));
+        table.load(&data, "free");
+        assert_eq!(&*authenticate(&table, Some(&secret), "x", 0).unwrap().plan, "gold");
+        data.keys.get_mut("key_1").unwrap().revoked = true;
+        table.upsert(&data.keys["key_1"], &data, "free");
+        assert_eq!(authenticate(&table, Some(&secret), "x", 0), Err(AuthError::KeyRevoked));
+        assert_eq!(table.len(), 1);
+    }
+
+    #[test]
+    fn lookup_with_many_keys() {
+        let mut data = data_with("tg_live_seed0000", |_| {});
+        for i in 0..50_000 {
+            let secret = format!("tg_live_{i:064}");
+            let mut key = data.keys["key_1"].clone();
+            key.id = format!("key_n{i}");
+            key.hash = hash_key(&secret);
+            data.keys.insert(key.id.clone(), key);
+        }
+        let table = KeyTable::default();
+        table.load(&data, "free");
+        assert_eq!(table.len(), 50_001);
+        let id = authenticate(&table, Some(&format!("tg_live_{:064}", 31_337)), "x", 0).unwrap();
+        assert_eq!(&*id.key_id, "key_n31337");
+    }
+}
