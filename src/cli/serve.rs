@@ -37,7 +37,11 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.admin_listen)))?;
     let admin_addr = admin_listener.local_addr()?;
-    let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers).await;
+    let store = crate::state::SqliteBackend::open(&config.data_dir.join("tollgate.db"))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers, Arc::new(store))
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let (shutdown, shutdown_rx) = watch::channel(false);
     let worker_handles = crate::listener::spawn_workers(gateway.clone(), listeners, shutdown_rx.clone(), grace)?;
     let admin = tokio::spawn(crate::admin::serve(

@@ -16,7 +16,7 @@ use toml_edit::{Item, Value};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
 pub use schema::{
-    AdminSection, EndpointSpec, LbPolicy, RouteSection, ServerSection, TimeoutsSection, UpstreamProtocol,
+    AdminSection, AuthMethod, PlanSection, EndpointSpec, LbPolicy, RouteSection, ServerSection, TimeoutsSection, UpstreamProtocol,
     UpstreamSection,
 };
 
@@ -32,6 +32,7 @@ pub struct Config {
     pub admin_listen: SocketAddr,
     pub upstreams: BTreeMap<String, UpstreamSection>,
     pub routes: Vec<RouteSection>,
+    pub plans: BTreeMap<String, PlanSection>,
 }
 
 /// How a consistent-hash pool picks its key.
@@ -129,6 +130,19 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         .and_then(Item::as_table)
         .map(|t| t.iter().map(|(k, _)| k).collect())
         .unwrap_or_default();
+
+    let mut plans = BTreeMap::new();
+    match root.get("plans") {
+        Some(Item::Table(table)) => {
+            for (name, item) in table.iter() {
+                if let Some(plan) = read_section::<PlanSection>(&mut sink, item, &format!("plans.{name}")) {
+                    plans.insert(name.to_string(), plan);
+                }
+            }
+        }
+        Some(other) => sink.push(other.span(), "plans", "expected a table of named plans"),
+        None => {}
+    }
 
     let mut routes = Vec::new();
     match root.get("routes") {
@@ -235,6 +249,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         admin_listen,
         upstreams,
         routes: routes.into_iter().map(|(_, r, _)| r).collect(),
+        plans,
     })
 }
 

@@ -227,6 +227,36 @@ pub struct RouteSection {
     pub upstream: String,
     #[serde(default)]
     pub strip_prefix: bool,
+    /// How callers must identify themselves; empty = public route.
+    #[serde(default)]
+    pub auth: Vec<AuthMethod>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthMethod {
+    /// `X-API-Key`, `Authorization: Bearer <key>`, or query `api-key` / `api_key`.
+    ApiKey,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateSection {
+    pub per_second: u32,
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// A plan defined in the file; plans can also be created through the admin API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanSection {
+    #[serde(default)]
+    pub rate: Option<RateSection>,
+    #[serde(default)]
+    pub daily: Option<u64>,
+    #[serde(default)]
+    pub monthly: Option<u64>,
 }
 
 fn default_path() -> String {
@@ -234,7 +264,7 @@ fn default_path() -> String {
 }
 
 /// Top-level sections; each is checked on its own so one bad section does not hide another.
-pub const SECTIONS: &[&str] = &["data_dir", "server", "admin", "upstreams", "routes"];
+pub const SECTIONS: &[&str] = &["data_dir", "server", "admin", "upstreams", "routes", "plans"];
 
 pub type Upstreams = BTreeMap<String, UpstreamSection>;
 

@@ -19,6 +19,11 @@ pub enum ErrorSource {
 pub enum ErrorKind {
     /// No route matches host, path and method.
     RouteNotFound,
+    MissingCredentials,
+    InvalidApiKey,
+    KeyRevoked,
+    KeyExpired,
+    RouteNotAllowed,
     /// Malformed request (e.g. both `Content-Length` and `Transfer-Encoding`).
     BadRequest,
     /// The request head did not arrive within `server.header_read_timeout`.
@@ -40,6 +45,8 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::RouteNotFound => StatusCode::NOT_FOUND,
+            ErrorKind::MissingCredentials | ErrorKind::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            ErrorKind::KeyRevoked | ErrorKind::KeyExpired | ErrorKind::RouteNotAllowed => StatusCode::FORBIDDEN,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -54,6 +61,11 @@ impl ErrorKind {
     pub fn code(self) -> &'static str {
         match self {
             ErrorKind::RouteNotFound => "route_not_found",
+            ErrorKind::MissingCredentials => "missing_credentials",
+            ErrorKind::InvalidApiKey => "invalid_api_key",
+            ErrorKind::KeyRevoked => "key_revoked",
+            ErrorKind::KeyExpired => "key_expired",
+            ErrorKind::RouteNotAllowed => "route_not_allowed",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::HeaderTimeout => "request_timeout",
             ErrorKind::HeadersTooLarge => "headers_too_large",
@@ -68,6 +80,11 @@ impl ErrorKind {
     pub fn message(self) -> &'static str {
         match self {
             ErrorKind::RouteNotFound => "no route matches this host, path and method",
+            ErrorKind::MissingCredentials => "an API key is required (X-API-Key, Authorization: Bearer, or ?api_key=)",
+            ErrorKind::InvalidApiKey => "the API key is not valid",
+            ErrorKind::KeyRevoked => "the API key has been revoked",
+            ErrorKind::KeyExpired => "the API key has expired",
+            ErrorKind::RouteNotAllowed => "the API key may not call this route",
             ErrorKind::BadRequest => "malformed request",
             ErrorKind::HeaderTimeout => "the request head was not received in time",
             ErrorKind::HeadersTooLarge => "request headers are too large",
@@ -82,6 +99,11 @@ impl ErrorKind {
     pub fn source(self) -> ErrorSource {
         match self {
             ErrorKind::RouteNotFound
+            | ErrorKind::MissingCredentials
+            | ErrorKind::InvalidApiKey
+            | ErrorKind::KeyRevoked
+            | ErrorKind::KeyExpired
+            | ErrorKind::RouteNotAllowed
             | ErrorKind::BadRequest
             | ErrorKind::HeaderTimeout
             | ErrorKind::HeadersTooLarge => ErrorSource::Client,

@@ -28,7 +28,9 @@ pub use body::ProxyBody;
 pub use error::{ErrorKind, ErrorSource, ProxyError, error_body, error_response, raw_error_response};
 pub use snapshot::{ClientCache, Route, Snapshot, UpstreamPool};
 
+use crate::auth::{AuthError, Identity, KeyTable};
 use crate::config::{self, Config, ConfigErrors, HashKey, UpstreamProtocol};
+use crate::state::{StateBackend, StateData};
 use crate::listener::ConnPhase;
 use crate::metrics::Metrics;
 use crate::upstream::{InflightGuard, Target};
@@ -37,6 +39,11 @@ use crate::upstream::{InflightGuard, Target};
 pub struct Gateway {
     snapshot: ArcSwap<Snapshot>,
     pub metrics: Arc<Metrics>,
+    /// API keys for the request path; rebuilt from `store` at start, updated per write.
+    pub keys: KeyTable,
+    pub store: Arc<dyn StateBackend>,
+    /// The backend's contents as last written, for the admin API; never used per request.
+    pub state: tokio::sync::Mutex<StateData>,
     clients: ClientCache,
     workers: usize,
     ready: AtomicBool,
@@ -45,18 +52,32 @@ pub struct Gateway {
 
 impl Gateway {
     /// Compiles `config` and resolves its host-name endpoints.
-    pub async fn new(config: Config, metrics: Arc<Metrics>, workers: usize) -> Arc<Gateway> {
+    pub async fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        workers: usize,
+        store: Arc<dyn StateBackend>,
+    ) -> Result<Arc<Gateway>, crate::state::StateError> {
         let clients = ClientCache::default();
         let snapshot = Snapshot::build(Arc::new(config), None, &metrics, &clients, workers);
         snapshot.resolve_new_endpoints().await;
-        Arc::new(Gateway {
+        let loader = store.clone();
+        let data = tokio::task::spawn_blocking(move || loader.load())
+            .await
+            .map_err(|e| crate::state::StateError::Backend(e.to_string()))??;
+        let keys = KeyTable::default();
+        keys.load(&data, DEFAULT_PLAN);
+        Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,
+            keys,
+            store,
+            state: tokio::sync::Mutex::new(data),
             clients,
             workers,
             ready: AtomicBool::new(false),
             reload_lock: tokio::sync::Mutex::new(()),
-        })
+        }))
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -103,6 +124,17 @@ impl Gateway {
     }
 }
 
+/// The plan of keys whose consumer has none and that name none themselves.
+pub const DEFAULT_PLAN: &str = "default";
+
+/// Where the caller's API key was found, so it can be removed before proxying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    Header,
+    Bearer,
+    Query,
+}
+
 /// What the connection knows about itself, shared by its requests.
 pub struct ConnInfo {
     pub peer: SocketAddr,
@@ -125,6 +157,8 @@ pub struct RequestCtx {
     pub upstream_addr: Option<SocketAddr>,
     pub error: Option<ErrorKind>,
     pub upgrade: bool,
+    pub identity: Option<Identity>,
+    pub key_source: Option<KeySource>,
 }
 
 /// The endpoint chosen for one exchange.
@@ -154,6 +188,8 @@ impl Worker {
             upstream_addr: None,
             error: None,
             upgrade: false,
+            identity: None,
+            key_source: None,
         };
         let mut response = match self.proxy(&snapshot, &mut ctx, req).await {
             Ok(response) => response,
@@ -229,10 +265,21 @@ impl Worker {
             .ok_or_else(|| ProxyError::new(ErrorKind::RouteNotFound))?;
         ctx.route = Some(index);
         ctx.upgrade = req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
-        snapshot
+        let route = snapshot
             .routes
             .get(index)
-            .ok_or_else(|| ProxyError::new(ErrorKind::Internal))
+            .ok_or_else(|| ProxyError::new(ErrorKind::Internal))?;
+        if route.api_key {
+            let (presented, source) = match find_api_key(req) {
+                Some((key, source)) => (Some(key), Some(source)),
+                None => (None, None),
+            };
+            let identity = crate::auth::authenticate(&self.gateway.keys, presented, &route.name, unix_now())
+                .map_err(|e| ProxyError::new(auth_error_kind(e)))?;
+            ctx.identity = Some(identity);
+            ctx.key_source = source;
+        }
+        Ok(route)
     }
 
     /// Phase 2: picks the endpoint by the pool's policy.
@@ -275,9 +322,19 @@ impl Worker {
         peer: &Peer,
     ) -> Result<(), ProxyError> {
         let pool = &route.upstream.pool;
-        let path_and_query = if route.strip_prefix {
-            let path = crate::router::strip_route_prefix(&route.path, req.uri().path());
-            let rewritten = match req.uri().query() {
+        let key_in_query = ctx.key_source == Some(KeySource::Query);
+        let path_and_query = if route.strip_prefix || key_in_query {
+            let path = if route.strip_prefix {
+                crate::router::strip_route_prefix(&route.path, req.uri().path())
+            } else {
+                req.uri().path()
+            };
+            let query = req
+                .uri()
+                .query()
+                .map(|q| if key_in_query { without_api_key(q) } else { q.to_string() })
+                .filter(|q| !q.is_empty());
+            let rewritten = match query {
                 Some(query) => format!("{path}?{query}"),
                 None => path.to_string(),
             };
@@ -308,6 +365,22 @@ impl Worker {
         headers::append_forwarded_for(headers, &ctx.client_ip);
         headers.insert(&headers::X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
+        // The caller's credentials never reach the upstream; who they are does.
+        match ctx.key_source {
+            Some(KeySource::Header) => drop(headers.remove(&headers::X_API_KEY)),
+            Some(KeySource::Bearer) => drop(headers.remove(header::AUTHORIZATION)),
+            Some(KeySource::Query) | None => {}
+        }
+        headers.remove(&headers::X_CONSUMER_ID);
+        headers.remove(&headers::X_PLAN);
+        if let Some(identity) = &ctx.identity {
+            if let Ok(value) = HeaderValue::from_str(&identity.consumer_id) {
+                headers.insert(&headers::X_CONSUMER_ID, value);
+            }
+            if let Ok(value) = HeaderValue::from_str(&identity.plan) {
+                headers.insert(&headers::X_PLAN, value);
+            }
+        }
         Ok(())
     }
 
@@ -370,4 +443,53 @@ async fn tunnel(client: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnU
     if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
         tracing::debug!(%error, "upgraded connection closed with error");
     }
+}
+
+/// The caller's API key: `X-API-Key`, then `Authorization: Bearer`, then query `api-key`/`api_key`.
+fn find_api_key(req: &Request<Incoming>) -> Option<(&str, KeySource)> {
+    if let Some(key) = req.headers().get(&headers::X_API_KEY).and_then(|v| v.to_str().ok()) {
+        return Some((key.trim(), KeySource::Header));
+    }
+    if let Some(key) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    {
+        return Some((key.trim(), KeySource::Bearer));
+    }
+    req.uri()
+        .query()?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(name, _)| *name == "api-key" || *name == "api_key")
+        .map(|(_, key)| (key, KeySource::Query))
+}
+
+/// The query string without `api-key`/`api_key` parameters.
+fn without_api_key(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+            name != "api-key" && name != "api_key"
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn auth_error_kind(error: AuthError) -> ErrorKind {
+    match error {
+        AuthError::MissingCredentials => ErrorKind::MissingCredentials,
+        AuthError::InvalidApiKey => ErrorKind::InvalidApiKey,
+        AuthError::KeyRevoked => ErrorKind::KeyRevoked,
+        AuthError::KeyExpired => ErrorKind::KeyExpired,
+        AuthError::RouteNotAllowed => ErrorKind::RouteNotAllowed,
+    }
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }

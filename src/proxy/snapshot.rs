@@ -21,6 +21,8 @@ pub struct Route {
     pub name: String,
     pub path: String,
     pub strip_prefix: bool,
+    /// Callers must present an API key.
+    pub api_key: bool,
     pub upstream: Arc<UpstreamPool>,
     pub metrics: Arc<RouteMetrics>,
 }
@@ -123,6 +125,7 @@ impl Snapshot {
                     name: r.name.clone(),
                     path: r.path.clone(),
                     strip_prefix: r.strip_prefix,
+                    api_key: r.auth.contains(&crate::config::AuthMethod::ApiKey),
                     upstream,
                     metrics: metrics.route(&r.name),
                 })
