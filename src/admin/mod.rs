@@ -2,6 +2,8 @@
 //! Everything except `/healthz` and `/readyz` requires `Authorization: Bearer <token>`
 //! when `[admin] token` is set.
 
+mod state_api;
+
 use std::sync::Arc;
 
 use axum::Router;
@@ -10,14 +12,16 @@ use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+
 use serde_json::json;
+use state_api as api;
 use tokio::sync::watch;
 
 use crate::proxy::Gateway;
 use crate::proxy::headers::new_request_id;
 
 #[derive(Clone)]
-struct AdminState {
+pub(crate) struct AdminState {
     gateway: Arc<Gateway>,
     token: Option<Arc<str>>,
 }
@@ -35,6 +39,18 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
     let protected = Router::new()
         .route("/metrics", get(metrics))
         .route("/v1/reload", post(reload))
+        .route("/v1/plans", get(api::list_plans).post(api::create_plan))
+        .route(
+            "/v1/plans/{name}",
+            get(api::get_plan).put(api::put_plan).delete(api::delete_plan),
+        )
+        .route("/v1/consumers", get(api::list_consumers).post(api::create_consumer))
+        .route(
+            "/v1/consumers/{id}",
+            get(api::get_consumer).delete(api::delete_consumer),
+        )
+        .route("/v1/keys", get(api::list_keys).post(api::create_key))
+        .route("/v1/keys/{id}", get(api::get_key).delete(api::revoke_key))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/healthz", get(healthz))

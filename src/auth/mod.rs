@@ -127,7 +127,9 @@ pub fn generate_secret() -> Result<String, getrandom::Error> {
 
 /// Checks a presented key for `route` at unix time `now`.
 pub fn authenticate(table: &KeyTable, presented: Option<&str>, route: &str, now: i64) -> Result<Identity, AuthError> {
-    let presented = presented.filter(|k| !k.is_empty()).ok_or(AuthError::MissingCredentials)?;
+    let presented = presented
+        .filter(|k| !k.is_empty())
+        .ok_or(AuthError::MissingCredentials)?;
     let entry = table.get(&hash_key(presented)).ok_or(AuthError::InvalidApiKey)?;
     if entry.revoked {
         return Err(AuthError::KeyRevoked);
@@ -184,16 +186,31 @@ mod tests {
         table.load(&data_with(&secret, |_| {}), "free");
         let id = authenticate(&table, Some(&secret), "lookup", 10).unwrap();
         assert_eq!((&*id.consumer_id, &*id.plan, &*id.key_id), ("acme", "pro", "key_1"));
-        assert_eq!(authenticate(&table, None, "lookup", 10), Err(AuthError::MissingCredentials));
-        assert_eq!(authenticate(&table, Some(""), "lookup", 10), Err(AuthError::MissingCredentials));
-        assert_eq!(authenticate(&table, Some("tg_live_nope"), "lookup", 10), Err(AuthError::InvalidApiKey));
+        assert_eq!(
+            authenticate(&table, None, "lookup", 10),
+            Err(AuthError::MissingCredentials)
+        );
+        assert_eq!(
+            authenticate(&table, Some(""), "lookup", 10),
+            Err(AuthError::MissingCredentials)
+        );
+        assert_eq!(
+            authenticate(&table, Some("tg_live_nope"), "lookup", 10),
+            Err(AuthError::InvalidApiKey)
+        );
 
         table.load(&data_with(&secret, |k| k.expires_at = Some(10)), "free");
         assert_eq!(authenticate(&table, Some(&secret), "lookup", 9).map(|_| ()), Ok(()));
-        assert_eq!(authenticate(&table, Some(&secret), "lookup", 10), Err(AuthError::KeyExpired));
+        assert_eq!(
+            authenticate(&table, Some(&secret), "lookup", 10),
+            Err(AuthError::KeyExpired)
+        );
 
         table.load(&data_with(&secret, |k| k.allowed_routes = vec!["batch".into()]), "free");
-        assert_eq!(authenticate(&table, Some(&secret), "lookup", 0), Err(AuthError::RouteNotAllowed));
+        assert_eq!(
+            authenticate(&table, Some(&secret), "lookup", 0),
+            Err(AuthError::RouteNotAllowed)
+        );
         assert!(authenticate(&table, Some(&secret), "batch", 0).is_ok());
 
         let mut data = data_with(&secret, |k| k.plan = Some("gold".into()));

@@ -16,8 +16,8 @@ use toml_edit::{Item, Value};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
 pub use schema::{
-    AdminSection, AuthMethod, PlanSection, EndpointSpec, LbPolicy, RouteSection, ServerSection, TimeoutsSection, UpstreamProtocol,
-    UpstreamSection,
+    AdminSection, AuthMethod, EndpointSpec, LbPolicy, PlanSection, RouteSection, ServerSection, TimeoutsSection,
+    UpstreamProtocol, UpstreamSection,
 };
 
 /// A checked configuration. Only [`load`] and [`parse`] build one.

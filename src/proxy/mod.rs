@@ -30,9 +30,9 @@ pub use snapshot::{ClientCache, Route, Snapshot, UpstreamPool};
 
 use crate::auth::{AuthError, Identity, KeyTable};
 use crate::config::{self, Config, ConfigErrors, HashKey, UpstreamProtocol};
-use crate::state::{StateBackend, StateData};
 use crate::listener::ConnPhase;
 use crate::metrics::Metrics;
+use crate::state::{StateBackend, StateData};
 use crate::upstream::{InflightGuard, Target};
 
 /// State shared by every worker: the live configuration snapshot and the metrics.
@@ -332,7 +332,13 @@ impl Worker {
             let query = req
                 .uri()
                 .query()
-                .map(|q| if key_in_query { without_api_key(q) } else { q.to_string() })
+                .map(|q| {
+                    if key_in_query {
+                        without_api_key(q)
+                    } else {
+                        q.to_string()
+                    }
+                })
                 .filter(|q| !q.is_empty());
             let rewritten = match query {
                 Some(query) => format!("{path}?{query}"),

@@ -142,7 +142,10 @@ impl StateBackend for MemoryBackend {
 
     fn revoke_key(&self, id: &str) -> Result<(), StateError> {
         self.with(|d| {
-            let key = d.keys.get_mut(id).ok_or_else(|| StateError::NotFound(format!("key {id}")))?;
+            let key = d
+                .keys
+                .get_mut(id)
+                .ok_or_else(|| StateError::NotFound(format!("key {id}")))?;
             key.revoked = true;
             Ok(())
         })

@@ -124,8 +124,12 @@ impl StateBackend for SqliteBackend {
 
     fn create_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
         let exists = self.with(|c| {
-            c.query_row("SELECT 1 FROM consumers WHERE id = ?1", params![consumer.id], |_| Ok(()))
-                .optional()
+            c.query_row(
+                "SELECT 1 FROM consumers WHERE id = ?1",
+                params![consumer.id],
+                |_| Ok(()),
+            )
+            .optional()
         })?;
         if exists.is_some() {
             return Err(StateError::Conflict(format!("consumer {}", consumer.id)));
@@ -155,8 +159,10 @@ impl StateBackend for SqliteBackend {
 
     fn create_key(&self, key: &ApiKey) -> Result<(), StateError> {
         let consumer = self.with(|c| {
-            c.query_row("SELECT 1 FROM consumers WHERE id = ?1", params![key.consumer], |_| Ok(()))
-                .optional()
+            c.query_row("SELECT 1 FROM consumers WHERE id = ?1", params![key.consumer], |_| {
+                Ok(())
+            })
+            .optional()
         })?;
         if consumer.is_none() {
             return Err(StateError::NotFound(format!("consumer {}", key.consumer)));
@@ -236,7 +242,10 @@ mod tests {
                 Err(StateError::Conflict(_))
             ));
             db.create_key(&sample_key("key_1", "acme")).unwrap();
-            assert!(matches!(db.create_key(&sample_key("key_2", "nobody")), Err(StateError::NotFound(_))));
+            assert!(matches!(
+                db.create_key(&sample_key("key_2", "nobody")),
+                Err(StateError::NotFound(_))
+            ));
             db.revoke_key("key_1").unwrap();
         }
         let db = SqliteBackend::open(&path).unwrap();

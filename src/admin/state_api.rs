@@ -1,0 +1,335 @@
+//! Admin endpoints for plans, consumers and API keys (DESIGN §4). Writes go to the state
+//! backend first, then to the in-memory tables the proxy reads; a key secret is returned
+//! once, at creation, and never stored or logged.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{AdminState, json_error};
+use crate::auth::{KEY_PREFIX, generate_secret, hash_key};
+use crate::proxy::{DEFAULT_PLAN, Gateway};
+use crate::state::{ApiKey, Consumer, Plan, StateError};
+
+fn state_error(error: StateError) -> Response {
+    match error {
+        StateError::NotFound(what) => json_error(StatusCode::NOT_FOUND, "not_found", &format!("{what} not found")),
+        StateError::Conflict(what) => json_error(StatusCode::CONFLICT, "conflict", &format!("{what} already exists")),
+        StateError::Backend(message) => {
+            tracing::error!(%message, "state backend failed");
+            json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "state_unavailable",
+                "the state store failed",
+            )
+        }
+    }
+}
+
+fn bad_request(message: &str) -> Response {
+    json_error(StatusCode::BAD_REQUEST, "invalid_request", message)
+}
+
+fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
+    payload
+        .map(|Json(v)| v)
+        .map_err(|rejection| bad_request(&rejection.body_text()))
+}
+
+/// Runs a blocking backend call off the async runtime.
+async fn blocking<T: Send + 'static>(
+    gateway: &Arc<Gateway>,
+    call: impl FnOnce(&dyn crate::state::StateBackend) -> Result<T, StateError> + Send + 'static,
+) -> Result<T, Response> {
+    let store = gateway.store.clone();
+    tokio::task::spawn_blocking(move || call(store.as_ref()))
+        .await
+        .map_err(|e| state_error(StateError::Backend(e.to_string())))?
+        .map_err(state_error)
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+// ----- plans
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlanBody {
+    name: Option<String>,
+    rate_per_second: Option<u32>,
+    burst: Option<u32>,
+    daily: Option<u64>,
+    monthly: Option<u64>,
+}
+
+pub async fn list_plans(State(state): State<AdminState>) -> Response {
+    let data = state.gateway.state.lock().await;
+    Json(json!({ "plans": data.plans.values().collect::<Vec<_>>() })).into_response()
+}
+
+pub async fn get_plan(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
+    match state.gateway.state.lock().await.plans.get(&name) {
+        Some(plan) => Json(plan).into_response(),
+        None => state_error(StateError::NotFound(format!("plan {name}"))),
+    }
+}
+
+pub async fn create_plan(State(state): State<AdminState>, payload: Result<Json<PlanBody>, JsonRejection>) -> Response {
+    let plan = match body(payload) {
+        Ok(plan) => plan,
+        Err(response) => return response,
+    };
+    let Some(name) = plan.name.clone() else {
+        return bad_request("missing field `name`");
+    };
+    save_plan(&state, name, plan, StatusCode::CREATED).await
+}
+
+pub async fn put_plan(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    payload: Result<Json<PlanBody>, JsonRejection>,
+) -> Response {
+    match body(payload) {
+        Ok(plan) => save_plan(&state, name, plan, StatusCode::OK).await,
+        Err(response) => response,
+    }
+}
+
+async fn save_plan(state: &AdminState, name: String, body: PlanBody, status: StatusCode) -> Response {
+    if !valid_id(&name) {
+        return bad_request("field `name`: use letters, digits, '-', '_', '.' (at most 128)");
+    }
+    if body.name.as_ref().is_some_and(|n| *n != name) {
+        return bad_request("field `name` does not match the path");
+    }
+    let plan = Plan {
+        name,
+        rate_per_second: body.rate_per_second,
+        burst: body.burst,
+        daily: body.daily,
+        monthly: body.monthly,
+    };
+    let mut data = state.gateway.state.lock().await;
+    let stored = plan.clone();
+    if let Err(response) = blocking(&state.gateway, move |s| s.put_plan(&stored)).await {
+        return response;
+    }
+    data.plans.insert(plan.name.clone(), plan.clone());
+    (status, Json(plan)).into_response()
+}
+
+pub async fn delete_plan(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
+    let mut data = state.gateway.state.lock().await;
+    let target = name.clone();
+    match blocking(&state.gateway, move |s| s.delete_plan(&target)).await {
+        Ok(()) => {
+            data.plans.remove(&name);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Err(response) => response,
+    }
+}
+
+// ----- consumers
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerBody {
+    id: String,
+    plan: Option<String>,
+}
+
+pub async fn list_consumers(State(state): State<AdminState>) -> Response {
+    let data = state.gateway.state.lock().await;
+    Json(json!({ "consumers": data.consumers.values().collect::<Vec<_>>() })).into_response()
+}
+
+pub async fn get_consumer(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    match state.gateway.state.lock().await.consumers.get(&id) {
+        Some(consumer) => Json(consumer).into_response(),
+        None => state_error(StateError::NotFound(format!("consumer {id}"))),
+    }
+}
+
+pub async fn create_consumer(
+    State(state): State<AdminState>,
+    payload: Result<Json<ConsumerBody>, JsonRejection>,
+) -> Response {
+    let body = match body(payload) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    if !valid_id(&body.id) {
+        return bad_request("field `id`: use letters, digits, '-', '_', '.', '@' (at most 128)");
+    }
+    let consumer = Consumer {
+        id: body.id,
+        plan: body.plan,
+        created_at: now(),
+    };
+    let mut data = state.gateway.state.lock().await;
+    let stored = consumer.clone();
+    if let Err(response) = blocking(&state.gateway, move |s| s.create_consumer(&stored)).await {
+        return response;
+    }
+    data.consumers.insert(consumer.id.clone(), consumer.clone());
+    (StatusCode::CREATED, Json(consumer)).into_response()
+}
+
+pub async fn delete_consumer(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    let mut data = state.gateway.state.lock().await;
+    let target = id.clone();
+    if let Err(response) = blocking(&state.gateway, move |s| s.delete_consumer(&target)).await {
+        return response;
+    }
+    data.consumers.remove(&id);
+    let owned: Vec<String> = data
+        .keys
+        .values()
+        .filter(|k| k.consumer == id)
+        .map(|k| k.id.clone())
+        .collect();
+    for key_id in owned {
+        if let Some(key) = data.keys.get_mut(&key_id) {
+            key.revoked = true;
+        }
+        if let Some(key) = data.keys.get(&key_id) {
+            state.gateway.keys.upsert(key, &data, DEFAULT_PLAN);
+        }
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+// ----- keys
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyBody {
+    consumer: String,
+    plan: Option<String>,
+    /// Unix seconds.
+    expires_at: Option<i64>,
+    #[serde(default)]
+    routes: Vec<String>,
+}
+
+/// A key as the admin API shows it: never the secret.
+#[derive(Serialize)]
+struct KeyView<'a> {
+    id: &'a str,
+    consumer: &'a str,
+    plan: Option<&'a str>,
+    prefix: &'a str,
+    created_at: i64,
+    expires_at: Option<i64>,
+    routes: &'a [String],
+    revoked: bool,
+}
+
+fn view(key: &ApiKey) -> KeyView<'_> {
+    KeyView {
+        id: &key.id,
+        consumer: &key.consumer,
+        plan: key.plan.as_deref(),
+        prefix: &key.prefix,
+        created_at: key.created_at,
+        expires_at: key.expires_at,
+        routes: &key.allowed_routes,
+        revoked: key.revoked,
+    }
+}
+
+pub async fn create_key(State(state): State<AdminState>, payload: Result<Json<KeyBody>, JsonRejection>) -> Response {
+    let body = match body(payload) {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let secret = match generate_secret() {
+        Ok(secret) => secret,
+        Err(error) => {
+            tracing::error!(%error, "no randomness for a new key");
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "cannot generate a key",
+            );
+        }
+    };
+    let id = match generate_secret() {
+        Ok(random) => format!("key_{}", &random[KEY_PREFIX.len()..KEY_PREFIX.len() + 20]),
+        Err(_) => {
+            return json_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal_error",
+                "cannot generate a key id",
+            );
+        }
+    };
+    let key = ApiKey {
+        id,
+        consumer: body.consumer,
+        plan: body.plan,
+        hash: hash_key(&secret),
+        prefix: secret[..KEY_PREFIX.len() + 4].to_string(),
+        created_at: now(),
+        expires_at: body.expires_at,
+        allowed_routes: body.routes,
+        revoked: false,
+    };
+    let mut data = state.gateway.state.lock().await;
+    let stored = key.clone();
+    if let Err(response) = blocking(&state.gateway, move |s| s.create_key(&stored)).await {
+        return response;
+    }
+    data.keys.insert(key.id.clone(), key.clone());
+    state.gateway.keys.upsert(&key, &data, DEFAULT_PLAN);
+    let mut shown = serde_json::to_value(view(&key)).unwrap_or_default();
+    shown["key"] = json!(secret);
+    (StatusCode::CREATED, Json(shown)).into_response()
+}
+
+pub async fn get_key(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    match state.gateway.state.lock().await.keys.get(&id) {
+        Some(key) => Json(view(key)).into_response(),
+        None => state_error(StateError::NotFound(format!("key {id}"))),
+    }
+}
+
+pub async fn list_keys(State(state): State<AdminState>) -> Response {
+    let data = state.gateway.state.lock().await;
+    Json(json!({ "keys": data.keys.values().map(view).collect::<Vec<_>>() })).into_response()
+}
+
+pub async fn revoke_key(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
+    let mut data = state.gateway.state.lock().await;
+    let target = id.clone();
+    if let Err(response) = blocking(&state.gateway, move |s| s.revoke_key(&target)).await {
+        return response;
+    }
+    if let Some(key) = data.keys.get_mut(&id) {
+        key.revoked = true;
+    }
+    if let Some(key) = data.keys.get(&id) {
+        state.gateway.keys.upsert(key, &data, DEFAULT_PLAN);
+    }
+    StatusCode::NO_CONTENT.into_response()
+}

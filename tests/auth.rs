@@ -1,0 +1,225 @@
+//! API keys end to end: admin API → SQLite → in-memory table → request path.
+mod common;
+
+use common::*;
+use http::Request;
+use serde_json::{Value, json};
+
+fn config(upstream: std::net::SocketAddr, data_dir: &std::path::Path) -> String {
+    format!(
+        "data_dir = \"{}\"\n{}[upstreams.u]\nendpoints = [\"{upstream}\"]\n\n\
+         [[routes]]\nname = \"api\"\npath = \"/v1\"\nupstream = \"u\"\nauth = [\"api_key\"]\n\n\
+         [[routes]]\nname = \"other\"\npath = \"/v2\"\nupstream = \"u\"\nauth = [\"api_key\"]\n\n\
+         [[routes]]\nname = \"public\"\npath = \"/public\"\nupstream = \"u\"\n",
+        data_dir.display(),
+        base_config()
+    )
+}
+
+async fn admin_json(gateway: &Gateway, method: &str, path: &str, body: Value) -> Reply {
+    send(
+        Request::builder()
+            .method(method)
+            .uri(gateway.admin_url(path))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .header("content-type", "application/json")
+            .body(full(body.to_string()))
+            .unwrap(),
+    )
+    .await
+}
+
+async fn create_key(gateway: &Gateway, body: Value) -> (String, String) {
+    let reply = admin_json(gateway, "POST", "/v1/keys", body).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let created = reply.json();
+    (
+        created["id"].as_str().unwrap().to_string(),
+        created["key"].as_str().unwrap().to_string(),
+    )
+}
+
+async fn call(gateway: &Gateway, path: &str, header: Option<(&str, String)>) -> Reply {
+    let mut request = Request::get(gateway.url(path));
+    if let Some((name, value)) = header {
+        request = request.header(name, value);
+    }
+    send(request.body(full("")).unwrap()).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_authenticate_identify_and_revoke() {
+    let upstream = Upstream::start("u").await;
+    let data = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(&config(upstream.addr, data.path()));
+
+    let reply = admin_json(&gateway, "POST", "/v1/consumers", json!({"id": "acme", "plan": "pro"})).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    assert_eq!(
+        admin_json(&gateway, "POST", "/v1/consumers", json!({"id": "acme"}))
+            .await
+            .status,
+        409
+    );
+    let (key_id, secret) = create_key(&gateway, json!({"consumer": "acme"})).await;
+    assert!(secret.starts_with("tg_live_") && secret.len() == 72, "{secret}");
+
+    // Every location; the credential never reaches the upstream, the identity does.
+    for (path, header) in [
+        ("/v1/a", Some(("x-api-key", secret.clone()))),
+        ("/v1/a", Some(("authorization", format!("Bearer {secret}")))),
+        (&format!("/v1/a?x=1&api_key={secret}&y=2") as &str, None),
+        (&format!("/v1/a?api-key={secret}") as &str, None),
+    ] {
+        let reply = call(&gateway, path, header.clone()).await;
+        assert_eq!(reply.status, 200, "{path} {header:?}: {}", reply.text());
+        let seen = reply.json();
+        assert_eq!(seen["headers"]["x-consumer-id"], "acme");
+        assert_eq!(seen["headers"]["x-plan"], "pro");
+        assert!(seen["headers"].get("x-api-key").is_none());
+        assert!(seen["headers"].get("authorization").is_none());
+        assert!(!seen["path"].as_str().unwrap().contains(&secret), "{seen}");
+    }
+    let seen = call(&gateway, &format!("/v1/a?x=1&api_key={secret}&y=2"), None)
+        .await
+        .json();
+    assert_eq!(seen["path"], "/v1/a?x=1&y=2");
+
+    // Rejections, each with its code.
+    let expect = |reply: Reply, status: u16, code: &str| {
+        assert_eq!(reply.status.as_u16(), status, "{}", reply.text());
+        assert_eq!(reply.json()["error"]["code"], code);
+    };
+    expect(call(&gateway, "/v1/a", None).await, 401, "missing_credentials");
+    expect(
+        call(&gateway, "/v1/a", Some(("x-api-key", "tg_live_wrong".into()))).await,
+        401,
+        "invalid_api_key",
+    );
+    let (_, limited) = create_key(&gateway, json!({"consumer": "acme", "routes": ["other"]})).await;
+    expect(
+        call(&gateway, "/v1/a", Some(("x-api-key", limited.clone()))).await,
+        403,
+        "route_not_allowed",
+    );
+    assert_eq!(call(&gateway, "/v2/a", Some(("x-api-key", limited))).await.status, 200);
+    let (_, expired) = create_key(&gateway, json!({"consumer": "acme", "expires_at": 1})).await;
+    expect(
+        call(&gateway, "/v1/a", Some(("x-api-key", expired))).await,
+        403,
+        "key_expired",
+    );
+    let (_, own_plan) = create_key(&gateway, json!({"consumer": "acme", "plan": "gold"})).await;
+    assert_eq!(
+        call(&gateway, "/v1/a", Some(("x-api-key", own_plan))).await.json()["headers"]["x-plan"],
+        "gold"
+    );
+
+    // A public route passes without a key, and spoofed identity headers are dropped.
+    let seen = call(&gateway, "/public", Some(("x-consumer-id", "admin".into())))
+        .await
+        .json();
+    assert!(seen["headers"].get("x-consumer-id").is_none(), "{seen}");
+
+    // Admin reads never show the secret.
+    let shown = admin(&gateway, "GET", &format!("/v1/keys/{key_id}")).await;
+    assert_eq!(shown.status, 200);
+    assert!(!shown.text().contains(&secret));
+    assert_eq!(shown.json()["prefix"], &secret[..12]);
+    assert!(!admin(&gateway, "GET", "/v1/keys").await.text().contains(&secret));
+
+    // Revocation takes effect on the next request.
+    assert_eq!(
+        admin(&gateway, "DELETE", &format!("/v1/keys/{key_id}")).await.status,
+        204
+    );
+    expect(
+        call(&gateway, "/v1/a", Some(("x-api-key", secret.clone()))).await,
+        403,
+        "key_revoked",
+    );
+    assert_eq!(admin(&gateway, "DELETE", "/v1/keys/key_missing").await.status, 404);
+    assert!(!gateway.stderr().contains(&secret), "the secret reached the log");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_survive_a_restart() {
+    let upstream = Upstream::start("u").await;
+    let data = tempfile::tempdir().unwrap();
+    let config = config(upstream.addr, data.path());
+    let secret = {
+        let gateway = Gateway::start(&config);
+        assert_eq!(
+            admin_json(&gateway, "POST", "/v1/consumers", json!({"id": "acme"}))
+                .await
+                .status,
+            201
+        );
+        let (_, secret) = create_key(&gateway, json!({"consumer": "acme"})).await;
+        assert_eq!(
+            call(&gateway, "/v1/a", Some(("x-api-key", secret.clone())))
+                .await
+                .status,
+            200
+        );
+        secret
+    };
+    assert!(data.path().join("tollgate.db").exists());
+    let gateway = Gateway::start(&config);
+    let reply = call(&gateway, "/v1/a", Some(("x-api-key", secret))).await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(reply.json()["headers"]["x-plan"], "default");
+    // Deleting the consumer revokes its keys.
+    assert_eq!(admin(&gateway, "DELETE", "/v1/consumers/acme").await.status, 204);
+    assert_eq!(admin(&gateway, "GET", "/v1/consumers/acme").await.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_state_api_validates_input() {
+    let upstream = Upstream::start("u").await;
+    let data = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(&config(upstream.addr, data.path()));
+    let reply = admin_json(&gateway, "POST", "/v1/consumers", json!({"idd": "x"})).await;
+    assert_eq!(reply.status, 400);
+    assert_eq!(reply.json()["error"]["code"], "invalid_request");
+    assert!(
+        reply.json()["error"]["message"].as_str().unwrap().contains("idd"),
+        "{}",
+        reply.text()
+    );
+    let reply = admin_json(&gateway, "POST", "/v1/consumers", json!({"id": "no spaces"})).await;
+    assert_eq!(reply.status, 400);
+    assert!(reply.text().contains("`id`"));
+    let reply = admin_json(&gateway, "POST", "/v1/keys", json!({"consumer": "ghost"})).await;
+    assert_eq!(reply.status, 404);
+    let unauthenticated = send(
+        Request::post(gateway.admin_url("/v1/consumers"))
+            .header("content-type", "application/json")
+            .body(full(r#"{"id":"x"}"#))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(unauthenticated.status, 401);
+
+    let reply = admin_json(
+        &gateway,
+        "POST",
+        "/v1/plans",
+        json!({"name": "pro", "rate_per_second": 100, "burst": 200, "monthly": 2000000}),
+    )
+    .await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let reply = admin_json(&gateway, "PUT", "/v1/plans/pro", json!({"daily": 5000})).await;
+    assert_eq!(reply.status, 200);
+    let plan = admin(&gateway, "GET", "/v1/plans/pro").await.json();
+    assert_eq!((plan["daily"].as_u64(), plan["monthly"].as_u64()), (Some(5000), None));
+    assert_eq!(
+        admin(&gateway, "GET", "/v1/plans").await.json()["plans"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(admin(&gateway, "DELETE", "/v1/plans/pro").await.status, 204);
+    assert_eq!(admin(&gateway, "GET", "/v1/plans/pro").await.status, 404);
+}
