@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -71,9 +71,30 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
         std::process::id()
     );
     println!();
+    let key = match demo_key(admin, &token).await {
+        Ok(key) => key,
+        Err(error) => {
+            running.stop().await;
+            return Err(std::io::Error::other(format!("cannot create the demo key: {error}")));
+        }
+    };
+    println!("  demo key     {key}  (consumer \"demo\", plan \"free\")");
+    println!();
     println!("Try:");
+    let lookup = format!("http://{proxy}/v1/lookup/8.8.8.8");
+    let admin_auth = format!("Bearer {token}");
     let samples = [
-        ("a proxied lookup", format!("http://{proxy}/v1/lookup/8.8.8.8"), None),
+        (
+            "an authorised lookup",
+            lookup.clone(),
+            Some(("X-API-Key", key.as_str())),
+        ),
+        ("the same without a key (401 missing_credentials)", lookup.clone(), None),
+        (
+            "with a bad key (401 invalid_api_key)",
+            lookup.clone(),
+            Some(("X-API-Key", "tg_live_not-a-real-key")),
+        ),
         (
             "a path with no route (404 JSON error)",
             format!("http://{proxy}/nowhere"),
@@ -82,15 +103,15 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
         (
             "the admin metrics",
             format!("http://{admin}/metrics"),
-            Some(token.as_str()),
+            Some(("Authorization", admin_auth.as_str())),
         ),
     ];
     let mut ok = true;
-    for (what, url, bearer) in &samples {
-        let auth = bearer.map_or(String::new(), |t| format!("-H 'Authorization: Bearer {t}' "));
+    for (what, url, header) in &samples {
+        let shown = header.map_or(String::new(), |(name, value)| format!("-H '{name}: {value}' "));
         println!("  # {what}");
-        println!("  curl -i {auth}{url}");
-        match fetch(url, *bearer).await {
+        println!("  curl -i {shown}{url}");
+        match fetch(url, *header).await {
             Ok((status, body)) => {
                 let first_line = body
                     .lines()
@@ -100,7 +121,7 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
                     .take(120)
                     .collect::<String>();
                 println!("  → {status} {first_line}");
-                ok &= status.is_success() || status == StatusCode::NOT_FOUND;
+                ok &= status.is_success() || status.is_client_error();
             }
             Err(error) => {
                 println!("  → failed: {error}");
@@ -153,24 +174,55 @@ name = "lookup"
 path = "/v1/lookup"
 methods = ["GET", "HEAD"]
 upstream = "geo"
+auth = ["api_key"]
 "#,
         data = data_dir.display()
     )
 }
 
-async fn fetch(
-    url: &str,
-    bearer: Option<&str>,
-) -> Result<(StatusCode, String), Box<dyn std::error::Error + Send + Sync>> {
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+async fn fetch(url: &str, header: Option<(&str, &str)>) -> Result<(StatusCode, String), BoxError> {
     let mut request = Request::get(url);
-    if let Some(token) = bearer {
-        request = request.header("authorization", format!("Bearer {token}"));
+    if let Some((name, value)) = header {
+        request = request.header(name, value);
     }
-    let response = client.request(request.body(Empty::new())?).await?;
+    send(request.body(Full::new(Bytes::new()))?).await
+}
+
+async fn send(request: Request<Full<Bytes>>) -> Result<(StatusCode, String), BoxError> {
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let response = client.request(request).await?;
     let status = response.status();
     let body = response.into_body().collect().await?.to_bytes();
     Ok((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// Creates consumer `demo` on plan `free` and a key for it, through the admin API.
+async fn demo_key(admin: SocketAddr, token: &str) -> Result<String, BoxError> {
+    let post = |path: &str, body: serde_json::Value| {
+        Request::post(format!("http://{admin}{path}"))
+            .header("authorization", format!("Bearer {token}"))
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body.to_string())))
+    };
+    let (status, text) = send(post(
+        "/v1/consumers",
+        serde_json::json!({"id": "demo", "plan": "free"}),
+    )?)
+    .await?;
+    if !status.is_success() && status != StatusCode::CONFLICT {
+        return Err(format!("{status}: {text}").into());
+    }
+    let (status, text) = send(post("/v1/keys", serde_json::json!({"consumer": "demo"}))?).await?;
+    if !status.is_success() {
+        return Err(format!("{status}: {text}").into());
+    }
+    let created: serde_json::Value = serde_json::from_str(&text)?;
+    created["key"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| "no key in the answer".into())
 }
 
 /// The built-in example API: `GET /v1/lookup/{ip}` returns a made-up location.
