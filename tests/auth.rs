@@ -223,3 +223,74 @@ async fn admin_state_api_validates_input() {
     assert_eq!(admin(&gateway, "DELETE", "/v1/plans/pro").await.status, 204);
     assert_eq!(admin(&gateway, "GET", "/v1/plans/pro").await.status, 404);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn cli_manages_consumers_keys_and_plans() {
+    let upstream = Upstream::start("u").await;
+    let data = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(&config(upstream.addr, data.path()));
+    let admin_url = format!("http://{}", gateway.admin);
+    let cli = |args: &[&str]| {
+        let output = std::process::Command::new(binary())
+            .args(args)
+            .args(["--admin-url", &admin_url])
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = cli(&[
+        "plans",
+        "create",
+        "pro",
+        "--rate",
+        "10",
+        "--burst",
+        "20",
+        "--monthly",
+        "1000",
+    ]);
+    assert!(ok, "{err}");
+    let (ok, out, _) = cli(&["plans", "list"]);
+    assert!(ok);
+    assert!(out.lines().next().unwrap().starts_with("NAME"), "{out}");
+    assert!(out.contains("pro") && out.contains("1000"), "{out}");
+    assert!(cli(&["consumers", "create", "acme", "--plan", "pro"]).0);
+    let (ok, out, err) = cli(&["keys", "create", "--consumer", "acme", "--route", "api"]);
+    assert!(ok, "{err}");
+    let created: Value = serde_json::from_str(&out).unwrap();
+    let (id, secret) = (created["id"].as_str().unwrap(), created["key"].as_str().unwrap());
+    assert_eq!(created["routes"], json!(["api"]));
+    assert_eq!(
+        call(&gateway, "/v1/x", Some(("x-api-key", secret.to_string())))
+            .await
+            .status,
+        200
+    );
+    let (_, out, _) = cli(&["keys", "list"]);
+    assert!(out.contains(id) && !out.contains(secret), "{out}");
+    assert!(cli(&["keys", "revoke", id]).0);
+    assert_eq!(
+        call(&gateway, "/v1/x", Some(("x-api-key", secret.to_string())))
+            .await
+            .status,
+        403
+    );
+    let (ok, _, err) = cli(&["keys", "revoke", "key_nope"]);
+    assert!(!ok);
+    assert!(err.contains("404"), "{err}");
+    let (ok, _, err) = cli(&["consumers", "create", "acme"]);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    // Without the token the admin API refuses.
+    let output = std::process::Command::new(binary())
+        .args(["consumers", "list", "--admin-url", &admin_url])
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("401"));
+}

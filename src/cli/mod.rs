@@ -1,6 +1,7 @@
 //! The `tollgate` command line.
 
 mod demo;
+mod remote;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -29,6 +30,27 @@ enum Command {
     },
     /// Start the gateway with a built-in example upstream and show it working.
     Demo(demo::DemoArgs),
+    /// API keys, through the admin API (token from TOLLGATE_ADMIN_TOKEN).
+    Keys {
+        #[command(flatten)]
+        remote: remote::Remote,
+        #[command(subcommand)]
+        command: remote::KeysCommand,
+    },
+    /// Plans, through the admin API.
+    Plans {
+        #[command(flatten)]
+        remote: remote::Remote,
+        #[command(subcommand)]
+        command: remote::PlansCommand,
+    },
+    /// Consumers, through the admin API.
+    Consumers {
+        #[command(flatten)]
+        remote: remote::Remote,
+        #[command(subcommand)]
+        command: remote::ConsumersCommand,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -38,6 +60,9 @@ pub fn main() -> ExitCode {
         Command::Check { config } => check(&config),
         Command::Serve { config } => serve_file(&config),
         Command::Demo(args) => demo::run(args),
+        Command::Keys { remote, command } => remote::keys(remote, command),
+        Command::Plans { remote, command } => remote::plans(remote, command),
+        Command::Consumers { remote, command } => remote::consumers(remote, command),
     }
 }
 
