@@ -2,11 +2,15 @@
 //! no I/O. The tables are rebuilt from the state backend at start and updated per shard
 //! after each admin write, so a write copies 1/256 of the keys, not all of them.
 
+mod client_ip;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use sha2::{Digest, Sha256};
+
+pub use client_ip::{client_ip, referer_host};
 
 use crate::state::{ApiKey, StateData};
 

@@ -16,7 +16,7 @@ use toml_edit::{Item, Value};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
 pub use schema::{
-    AdminSection, AuthMethod, EndpointSpec, LbPolicy, PlanSection, RouteSection, ServerSection, TimeoutsSection,
+    AdminSection, AnonymousBy, AnonymousSection, AuthMethod, EndpointSpec, LbPolicy, PlanSection, RouteSection, ServerSection, TimeoutsSection,
     UpstreamProtocol, UpstreamSection,
 };
 
@@ -33,6 +33,9 @@ pub struct Config {
     pub upstreams: BTreeMap<String, UpstreamSection>,
     pub routes: Vec<RouteSection>,
     pub plans: BTreeMap<String, PlanSection>,
+    pub anonymous: AnonymousSection,
+    /// `server.trusted_proxies`, parsed.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 /// How a consistent-hash pool picks its key.
@@ -131,6 +134,11 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         .map(|t| t.iter().map(|(k, _)| k).collect())
         .unwrap_or_default();
 
+    let anonymous: Option<AnonymousSection> = match root.get("anonymous") {
+        Some(item) => read_section(&mut sink, item, "anonymous"),
+        None => Some(AnonymousSection::default()),
+    };
+
     let mut plans = BTreeMap::new();
     match root.get("plans") {
         Some(Item::Table(table)) => {
@@ -180,6 +188,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     }
 
     let mut listen = Vec::new();
+    let mut trusted_proxies = Vec::new();
     if let Some(server) = &server {
         let server_item = root.get("server");
         for text in &server.listen {
@@ -198,6 +207,19 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
                 "server.listen",
                 "at least one listen address is required",
             );
+        }
+        for text in &server.trusted_proxies {
+            let parsed = text
+                .parse::<ipnet::IpNet>()
+                .or_else(|_| text.parse::<std::net::IpAddr>().map(ipnet::IpNet::from));
+            match parsed {
+                Ok(net) => trusted_proxies.push(net),
+                Err(_) => sink.push(
+                    server_item.and_then(|i| field_span(i, "trusted_proxies")),
+                    "server.trusted_proxies",
+                    format!("invalid CIDR {text:?}: expected e.g. 10.0.0.0/8 or 192.0.2.1"),
+                ),
+            }
         }
         if server.max_header_bytes < 1024 {
             sink.push(
@@ -235,7 +257,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         return Err(ConfigErrors(sink.errors));
     }
     // All sections parsed: any `None` above has pushed an error, so these are present.
-    let (Some(server), Some(admin), Some(admin_listen)) = (server, admin, admin_listen) else {
+    let (Some(server), Some(admin), Some(admin_listen), Some(anonymous)) = (server, admin, admin_listen, anonymous) else {
         return Err(ConfigErrors(sink.errors));
     };
     let base = path.parent().unwrap_or_else(|| Path::new("."));
@@ -250,6 +272,8 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         upstreams,
         routes: routes.into_iter().map(|(_, r, _)| r).collect(),
         plans,
+        anonymous,
+        trusted_proxies,
     })
 }
 

@@ -27,6 +27,12 @@ pub struct ServerSection {
     pub park_idle_after: Duration,
     #[serde(default = "default_shutdown_grace", deserialize_with = "duration")]
     pub shutdown_grace: Duration,
+    /// Expect a PROXY protocol (v1 or v2) header on every connection.
+    #[serde(default)]
+    pub proxy_protocol: bool,
+    /// Peers (CIDRs or addresses) whose `X-Forwarded-For` is believed.
+    #[serde(default)]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for ServerSection {
@@ -39,6 +45,8 @@ impl Default for ServerSection {
             max_header_bytes: default_max_header_bytes(),
             park_idle_after: default_park_idle_after(),
             shutdown_grace: default_shutdown_grace(),
+            proxy_protocol: false,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -237,6 +245,41 @@ pub struct RouteSection {
 pub enum AuthMethod {
     /// `X-API-Key`, `Authorization: Bearer <key>`, or query `api-key` / `api_key`.
     ApiKey,
+    /// Callers without credentials get the `[anonymous]` plan (the no-sign-up free tier).
+    Anonymous,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AnonymousBy {
+    Ip,
+    Referer,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnonymousSection {
+    #[serde(default = "default_anonymous_plan")]
+    pub plan: String,
+    /// The subjects an anonymous request is charged to.
+    #[serde(default = "default_anonymous_by")]
+    pub by: Vec<AnonymousBy>,
+}
+
+impl Default for AnonymousSection {
+    fn default() -> Self {
+        AnonymousSection {
+            plan: default_anonymous_plan(),
+            by: default_anonymous_by(),
+        }
+    }
+}
+
+fn default_anonymous_plan() -> String {
+    "anonymous".to_string()
+}
+fn default_anonymous_by() -> Vec<AnonymousBy> {
+    vec![AnonymousBy::Ip, AnonymousBy::Referer]
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -264,7 +307,7 @@ fn default_path() -> String {
 }
 
 /// Top-level sections; each is checked on its own so one bad section does not hide another.
-pub const SECTIONS: &[&str] = &["data_dir", "server", "admin", "upstreams", "routes", "plans"];
+pub const SECTIONS: &[&str] = &["data_dir", "server", "admin", "upstreams", "routes", "plans", "anonymous"];
 
 pub type Upstreams = BTreeMap<String, UpstreamSection>;
 

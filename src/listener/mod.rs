@@ -3,6 +3,7 @@
 //! the kernel spreads connections and a connection never leaves its thread.
 
 mod guard;
+mod proxy_protocol;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -127,6 +128,7 @@ async fn accept_loop(
         park_after: config.server.park_idle_after,
     };
     let parking = !config.server.park_idle_after.is_zero();
+    let proxy_protocol = config.server.proxy_protocol;
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
@@ -156,26 +158,38 @@ async fn accept_loop(
             _ = stopped(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
-        let phase = ConnPhase::new();
-        let conn = Arc::new(ConnInfo {
-            peer,
-            peer_ip: crate::proxy::headers::ip_header_value(peer.ip()),
-            phase: Some(phase.clone()),
-        });
         let metrics = worker.gateway.metrics.clone();
         let open = metrics.connection_opened();
         let handler = worker.clone();
-        let service = service_fn(move |req| {
-            let handler = handler.clone();
-            let conn = conn.clone();
-            async move { Ok::<_, Infallible>(handler.handle(req, &conn).await) }
-        });
         let builder = builder.clone();
         let alive = alive.clone();
         let mut shutdown = shutdown.clone();
         tokio::spawn(async move {
             let _open = open;
             let _alive = alive;
+            let mut stream = stream;
+            let peer = if proxy_protocol {
+                match proxy_protocol::read_header(&mut stream, limits.header_read_timeout).await {
+                    Ok(source) => source.unwrap_or(peer),
+                    Err(error) => {
+                        tracing::debug!(%peer, %error, "connection refused: PROXY protocol");
+                        return;
+                    }
+                }
+            } else {
+                peer
+            };
+            let phase = ConnPhase::new();
+            let conn = Arc::new(ConnInfo {
+                peer,
+                peer_ip: crate::proxy::headers::ip_header_value(peer.ip()),
+                phase: Some(phase.clone()),
+            });
+            let service = service_fn(move |req| {
+                let handler = handler.clone();
+                let conn = conn.clone();
+                async move { Ok::<_, Infallible>(handler.handle(req, &conn).await) }
+            });
             let (park, mut parked) = park_slot(parking);
             let mut io = GuardedStream::new(stream, phase.clone(), limits, park);
             loop {

@@ -12,6 +12,7 @@ pub static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-h
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 pub static X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
 pub static X_PLAN: HeaderName = HeaderName::from_static("x-plan");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), as bits.
 const CONNECTION_BIT: u8 = 1;

@@ -159,6 +159,11 @@ pub struct RequestCtx {
     pub upgrade: bool,
     pub identity: Option<Identity>,
     pub key_source: Option<KeySource>,
+    /// The client after trusted proxies (`server.trusted_proxies`) are looked through.
+    pub caller_ip: std::net::IpAddr,
+    /// Served on the anonymous plan, charged to `caller_ip` and `referer_host`.
+    pub anonymous: bool,
+    pub referer_host: Option<String>,
 }
 
 /// The endpoint chosen for one exchange.
@@ -190,6 +195,9 @@ impl Worker {
             upgrade: false,
             identity: None,
             key_source: None,
+            caller_ip: conn.peer.ip(),
+            anonymous: false,
+            referer_host: None,
         };
         let mut response = match self.proxy(&snapshot, &mut ctx, req).await {
             Ok(response) => response,
@@ -217,7 +225,7 @@ impl Worker {
         let upstream = &route.upstream;
         let peer = self.upstream_peer(upstream, ctx, &req)?;
         let client_upgrade = ctx.upgrade.then(|| hyper::upgrade::on(&mut req));
-        self.upstream_request_filter(route, ctx, &mut req, &peer)?;
+        self.upstream_request_filter(&snapshot.anonymous_plan, route, ctx, &mut req, &peer)?;
 
         let timeouts = &upstream.pool.timeouts;
         let total_deadline = timeouts.total.map(|t| ctx.start + t);
@@ -269,15 +277,32 @@ impl Worker {
             .routes
             .get(index)
             .ok_or_else(|| ProxyError::new(ErrorKind::Internal))?;
-        if route.api_key {
-            let (presented, source) = match find_api_key(req) {
-                Some((key, source)) => (Some(key), Some(source)),
-                None => (None, None),
-            };
-            let identity = crate::auth::authenticate(&self.gateway.keys, presented, &route.name, unix_now())
-                .map_err(|e| ProxyError::new(auth_error_kind(e)))?;
-            ctx.identity = Some(identity);
-            ctx.key_source = source;
+        let trusted = &snapshot.config.trusted_proxies;
+        if !trusted.is_empty() {
+            let forwarded = req.headers().get(&headers::X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+            ctx.caller_ip = crate::auth::client_ip(ctx.client_addr.ip(), forwarded, trusted);
+        }
+        let presented = if route.api_key { find_api_key(req) } else { None };
+        match presented {
+            // A key that is presented must be valid, even where anonymous calls are allowed.
+            Some((key, source)) => {
+                let identity = crate::auth::authenticate(&self.gateway.keys, Some(key), &route.name, unix_now())
+                    .map_err(|e| ProxyError::new(auth_error_kind(e)))?;
+                ctx.identity = Some(identity);
+                ctx.key_source = Some(source);
+            }
+            None if route.anonymous => {
+                ctx.anonymous = true;
+                if snapshot.config.anonymous.by.contains(&crate::config::AnonymousBy::Referer) {
+                    ctx.referer_host = req
+                        .headers()
+                        .get(header::REFERER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(crate::auth::referer_host);
+                }
+            }
+            None if route.api_key => return Err(ProxyError::new(ErrorKind::MissingCredentials)),
+            None => {}
         }
         Ok(route)
     }
@@ -293,7 +318,7 @@ impl Worker {
         let hash: Option<&[u8]> = match &upstream.pool.hash_key {
             None => None,
             Some(HashKey::ClientIp) => {
-                client_ip = ctx.client_addr.ip().to_string();
+                client_ip = ctx.caller_ip.to_string();
                 Some(client_ip.as_bytes())
             }
             Some(HashKey::Header(name)) => req.headers().get(name.as_str()).map(HeaderValue::as_bytes),
@@ -316,6 +341,7 @@ impl Worker {
     /// headers, request id; hop-by-hop headers removed.
     fn upstream_request_filter(
         &self,
+        anonymous_plan: &HeaderValue,
         route: &Route,
         ctx: &RequestCtx,
         req: &mut Request<Incoming>,
@@ -369,6 +395,13 @@ impl Worker {
             headers.insert(&headers::X_FORWARDED_HOST, host.clone());
         }
         headers::append_forwarded_for(headers, &ctx.client_ip);
+        // The caller as Tollgate identified it (after trusted proxies and PROXY protocol).
+        let real_ip = if ctx.caller_ip == ctx.client_addr.ip() {
+            ctx.client_ip.clone()
+        } else {
+            headers::ip_header_value(ctx.caller_ip)
+        };
+        headers.insert(&headers::X_REAL_IP, real_ip);
         headers.insert(&headers::X_FORWARDED_PROTO, HeaderValue::from_static("http"));
         headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
         // The caller's credentials never reach the upstream; who they are does.
@@ -379,6 +412,9 @@ impl Worker {
         }
         headers.remove(&headers::X_CONSUMER_ID);
         headers.remove(&headers::X_PLAN);
+        if ctx.anonymous {
+            headers.insert(&headers::X_PLAN, anonymous_plan.clone());
+        }
         if let Some(identity) = &ctx.identity {
             if let Ok(value) = HeaderValue::from_str(&identity.consumer_id) {
                 headers.insert(&headers::X_CONSUMER_ID, value);
@@ -409,7 +445,7 @@ impl Worker {
             target: "tollgate::access",
             request_id = ?ctx.request_id,
             route = route.map_or("", |r| r.name.as_str()),
-            client = %ctx.client_addr,
+            client = %ctx.caller_ip,
             upstream = ?ctx.upstream_addr,
             status = status.as_u16(),
             error = ctx.error.map_or("", ErrorKind::code),

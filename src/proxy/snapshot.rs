@@ -21,8 +21,10 @@ pub struct Route {
     pub name: String,
     pub path: String,
     pub strip_prefix: bool,
-    /// Callers must present an API key.
+    /// Callers may present an API key (and must, unless `anonymous`).
     pub api_key: bool,
+    /// Callers without credentials are served on the anonymous plan.
+    pub anonymous: bool,
     pub upstream: Arc<UpstreamPool>,
     pub metrics: Arc<RouteMetrics>,
 }
@@ -41,6 +43,8 @@ pub struct Snapshot {
     pub routes: Vec<Route>,
     pub pools: BTreeMap<String, Arc<UpstreamPool>>,
     pub no_route_metrics: Arc<RouteMetrics>,
+    /// `X-Plan` for anonymous callers.
+    pub anonymous_plan: http::HeaderValue,
 }
 
 /// HTTP/2 clients are keyed by worker and connect timeout, and kept across reloads so a
@@ -126,6 +130,7 @@ impl Snapshot {
                     path: r.path.clone(),
                     strip_prefix: r.strip_prefix,
                     api_key: r.auth.contains(&crate::config::AuthMethod::ApiKey),
+                    anonymous: r.auth.contains(&crate::config::AuthMethod::Anonymous),
                     upstream,
                     metrics: metrics.route(&r.name),
                 })
@@ -136,6 +141,8 @@ impl Snapshot {
             routes,
             pools,
             no_route_metrics: metrics.route(NO_ROUTE),
+            anonymous_plan: http::HeaderValue::from_str(&config.anonymous.plan)
+                .unwrap_or_else(|_| http::HeaderValue::from_static("anonymous")),
             config,
         }
     }

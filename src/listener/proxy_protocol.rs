@@ -1,0 +1,71 @@
+//! PROXY protocol v1 and v2 (parsed by `ppp`): the real client address when Tollgate sits
+//! behind a TCP load balancer. The header is consumed exactly, so the HTTP bytes after it
+//! are left in the socket for hyper.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ppp::{HeaderResult, PartialResult, v1, v2};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
+
+/// The longest header: v2 with a UNIX address block and some TLVs.
+const MAX_HEADER: usize = 536;
+
+/// Reads the header; `Ok(None)` for a `LOCAL`/`UNKNOWN` header (health checks), which
+/// keeps the socket peer as the client.
+pub async fn read_header(stream: &mut TcpStream, timeout: Duration) -> io::Result<Option<SocketAddr>> {
+    tokio::time::timeout(timeout, read(stream))
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no PROXY protocol header in time"))?
+}
+
+async fn read(stream: &mut TcpStream) -> io::Result<Option<SocketAddr>> {
+    let mut buf = [0u8; MAX_HEADER];
+    loop {
+        let n = stream.peek(&mut buf).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let parsed = HeaderResult::parse(&buf[..n]);
+        if parsed.is_incomplete() {
+            if n == MAX_HEADER {
+                return Err(invalid("PROXY protocol header too long"));
+            }
+            // Part of the header is still in flight; it is at most a few hundred bytes.
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            continue;
+        }
+        let (len, source) = match parsed {
+            HeaderResult::V1(Ok(header)) => (header.header.len(), v1_source(&header.addresses)),
+            HeaderResult::V2(Ok(header)) => (header.len(), v2_source(&header.addresses)),
+            HeaderResult::V1(Err(_)) | HeaderResult::V2(Err(_)) => {
+                return Err(invalid("malformed PROXY protocol header"));
+            }
+        };
+        let mut consumed = vec![0u8; len];
+        stream.read_exact(&mut consumed).await?;
+        return Ok(source);
+    }
+}
+
+fn invalid(message: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, message.to_string())
+}
+
+fn v1_source(addresses: &v1::Addresses) -> Option<SocketAddr> {
+    match addresses {
+        v1::Addresses::Tcp4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        v1::Addresses::Tcp6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        v1::Addresses::Unknown => None,
+    }
+}
+
+fn v2_source(addresses: &v2::Addresses) -> Option<SocketAddr> {
+    match addresses {
+        v2::Addresses::IPv4(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        v2::Addresses::IPv6(a) => Some(SocketAddr::from((a.source_address, a.source_port))),
+        v2::Addresses::Unspecified | v2::Addresses::Unix(_) => None,
+    }
+}
