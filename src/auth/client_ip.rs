@@ -68,9 +68,15 @@ mod tests {
         // The client spoofed 6.6.6.6; the edge proxy appended the real 198.51.100.4.
         let ip = client_ip(peer, Some("6.6.6.6, 198.51.100.4, 192.168.1.1"), &trusted);
         assert_eq!(ip, "198.51.100.4".parse::<IpAddr>().unwrap());
-        assert_eq!(client_ip(peer, Some("10.1.1.1, 192.168.3.3"), &trusted), "10.1.1.1".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(peer, Some("10.1.1.1, 192.168.3.3"), &trusted),
+            "10.1.1.1".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(client_ip(peer, None, &trusted), peer);
-        assert_eq!(client_ip(peer, Some("garbage, 10.9.9.9"), &trusted), "10.9.9.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(peer, Some("garbage, 10.9.9.9"), &trusted),
+            "10.9.9.9".parse::<IpAddr>().unwrap()
+        );
         assert_eq!(
             client_ip(peer, Some("[2001:db8::1]:443"), &trusted),
             "2001:db8::1".parse::<IpAddr>().unwrap()
@@ -79,7 +85,10 @@ mod tests {
 
     #[test]
     fn referer_hosts() {
-        assert_eq!(referer_host("https://Shop.Example.com:8443/page?q=1").as_deref(), Some("shop.example.com"));
+        assert_eq!(
+            referer_host("https://Shop.Example.com:8443/page?q=1").as_deref(),
+            Some("shop.example.com")
+        );
         assert_eq!(referer_host("not a url"), None);
         assert_eq!(referer_host("/relative"), None);
     }

@@ -16,8 +16,8 @@ use toml_edit::{Item, Value};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
 pub use schema::{
-    AdminSection, AnonymousBy, AnonymousSection, AuthMethod, EndpointSpec, LbPolicy, PlanSection, RouteSection, ServerSection, TimeoutsSection,
-    UpstreamProtocol, UpstreamSection,
+    AdminSection, AnonymousBy, AnonymousSection, AuthMethod, EndpointSpec, LbPolicy, PlanSection, RouteSection,
+    ServerSection, TimeoutsSection, UpstreamProtocol, UpstreamSection,
 };
 
 /// A checked configuration. Only [`load`] and [`parse`] build one.
@@ -257,7 +257,8 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         return Err(ConfigErrors(sink.errors));
     }
     // All sections parsed: any `None` above has pushed an error, so these are present.
-    let (Some(server), Some(admin), Some(admin_listen), Some(anonymous)) = (server, admin, admin_listen, anonymous) else {
+    let (Some(server), Some(admin), Some(admin_listen), Some(anonymous)) = (server, admin, admin_listen, anonymous)
+    else {
         return Err(ConfigErrors(sink.errors));
     };
     let base = path.parent().unwrap_or_else(|| Path::new("."));

@@ -307,7 +307,15 @@ fn default_path() -> String {
 }
 
 /// Top-level sections; each is checked on its own so one bad section does not hide another.
-pub const SECTIONS: &[&str] = &["data_dir", "server", "admin", "upstreams", "routes", "plans", "anonymous"];
+pub const SECTIONS: &[&str] = &[
+    "data_dir",
+    "server",
+    "admin",
+    "upstreams",
+    "routes",
+    "plans",
+    "anonymous",
+];
 
 pub type Upstreams = BTreeMap<String, UpstreamSection>;
 

@@ -279,7 +279,10 @@ impl Worker {
             .ok_or_else(|| ProxyError::new(ErrorKind::Internal))?;
         let trusted = &snapshot.config.trusted_proxies;
         if !trusted.is_empty() {
-            let forwarded = req.headers().get(&headers::X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+            let forwarded = req
+                .headers()
+                .get(&headers::X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok());
             ctx.caller_ip = crate::auth::client_ip(ctx.client_addr.ip(), forwarded, trusted);
         }
         let presented = if route.api_key { find_api_key(req) } else { None };
@@ -293,7 +296,12 @@ impl Worker {
             }
             None if route.anonymous => {
                 ctx.anonymous = true;
-                if snapshot.config.anonymous.by.contains(&crate::config::AnonymousBy::Referer) {
+                if snapshot
+                    .config
+                    .anonymous
+                    .by
+                    .contains(&crate::config::AnonymousBy::Referer)
+                {
                     ctx.referer_host = req
                         .headers()
                         .get(header::REFERER)
