@@ -294,3 +294,57 @@ async fn cli_manages_consumers_keys_and_plans() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("401"));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwt_bearer_tokens_identify_the_consumer() {
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    let upstream = Upstream::start("u").await;
+    let data = tempfile::tempdir().unwrap();
+    let config = format!(
+        "data_dir = \"{}\"\n{}[upstreams.u]\nendpoints = [\"{}\"]\n\n\
+         [[jwt.issuers]]\nissuer = \"https://auth.test/\"\nalgorithm = \"HS256\"\nsecret = \"jwt-secret\"\n\
+         audiences = [\"geo\"]\nplan_claim = \"plan\"\n\n\
+         [[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"u\"\nauth = [\"api_key\", \"jwt\"]\n",
+        data.path().display(),
+        base_config(),
+        upstream.addr
+    );
+    let gateway = Gateway::start(&config);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |exp: u64, secret: &str| {
+        encode(
+            &Header::default(),
+            &json!({"iss": "https://auth.test/", "aud": "geo", "sub": "user-7", "plan": "pro", "exp": exp}),
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    };
+    let reply = call(
+        &gateway,
+        "/x",
+        Some(("authorization", format!("Bearer {}", token(now + 300, "jwt-secret")))),
+    )
+    .await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let seen = &reply.json()["headers"];
+    assert_eq!(
+        (seen["x-consumer-id"].as_str(), seen["x-plan"].as_str()),
+        (Some("user-7"), Some("pro"))
+    );
+    assert!(seen.get("authorization").is_none());
+    for (token, reason) in [
+        (token(now - 300, "jwt-secret"), "expired"),
+        (token(now + 300, "forged"), "bad signature"),
+    ] {
+        let reply = call(&gateway, "/x", Some(("authorization", format!("Bearer {token}")))).await;
+        assert_eq!(reply.status, 401);
+        let body = reply.json();
+        assert_eq!(body["error"]["code"], "invalid_token");
+        assert!(body["error"]["message"].as_str().unwrap().contains(reason), "{body}");
+    }
+    let reply = call(&gateway, "/x", None).await;
+    assert_eq!(reply.json()["error"]["code"], "missing_credentials");
+}

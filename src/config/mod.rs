@@ -16,8 +16,8 @@ use toml_edit::{Item, Value};
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
 pub use schema::{
-    AdminSection, AnonymousBy, AnonymousSection, AuthMethod, EndpointSpec, LbPolicy, PlanSection, RouteSection,
-    ServerSection, TimeoutsSection, UpstreamProtocol, UpstreamSection,
+    AdminSection, AnonymousBy, AnonymousSection, AuthMethod, EndpointSpec, JwtSection, LbPolicy, PlanSection,
+    RouteSection, ServerSection, TimeoutsSection, UpstreamProtocol, UpstreamSection,
 };
 
 /// A checked configuration. Only [`load`] and [`parse`] build one.
@@ -34,6 +34,7 @@ pub struct Config {
     pub routes: Vec<RouteSection>,
     pub plans: BTreeMap<String, PlanSection>,
     pub anonymous: AnonymousSection,
+    pub jwt: JwtSection,
     /// `server.trusted_proxies`, parsed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
@@ -138,6 +139,17 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         Some(item) => read_section(&mut sink, item, "anonymous"),
         None => Some(AnonymousSection::default()),
     };
+
+    let jwt: JwtSection = match root.get("jwt") {
+        Some(item) => read_section(&mut sink, item, "jwt").unwrap_or_default(),
+        None => JwtSection::default(),
+    };
+    if let Err(message) =
+        crate::auth::jwt::JwtVerifier::from_config(&jwt.issuers, path.parent().unwrap_or(Path::new(".")))
+    {
+        let span = root.get("jwt").and_then(|i| field_span(i, "issuers"));
+        sink.push(span, "jwt.issuers", message);
+    }
 
     let mut plans = BTreeMap::new();
     match root.get("plans") {
@@ -274,6 +286,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         routes: routes.into_iter().map(|(_, r, _)| r).collect(),
         plans,
         anonymous,
+        jwt,
         trusted_proxies,
     })
 }
@@ -434,6 +447,7 @@ fn field_at(item: &Item, offset: usize) -> Option<String> {
             let inner = field_at(child, offset);
             if contains(key_span) || contains(child.span()) || inner.is_some() {
                 return Some(match inner {
+                    Some(inner) if inner.starts_with('[') => format!("{key}{inner}"),
                     Some(inner) if !inner.is_empty() => format!("{key}.{inner}"),
                     _ => key.to_string(),
                 });

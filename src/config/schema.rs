@@ -247,6 +247,15 @@ pub enum AuthMethod {
     ApiKey,
     /// Callers without credentials get the `[anonymous]` plan (the no-sign-up free tier).
     Anonymous,
+    /// `Authorization: Bearer <jwt>` from a `[[jwt.issuers]]` issuer.
+    Jwt,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSection {
+    #[serde(default)]
+    pub issuers: Vec<crate::auth::jwt::IssuerConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -315,6 +324,7 @@ pub const SECTIONS: &[&str] = &[
     "routes",
     "plans",
     "anonymous",
+    "jwt",
 ];
 
 pub type Upstreams = BTreeMap<String, UpstreamSection>;

@@ -21,6 +21,8 @@ pub enum ErrorKind {
     RouteNotFound,
     MissingCredentials,
     InvalidApiKey,
+    /// A bearer JWT was refused; the reason goes into the message.
+    InvalidToken(&'static str),
     KeyRevoked,
     KeyExpired,
     RouteNotAllowed,
@@ -45,7 +47,9 @@ impl ErrorKind {
     pub fn status(self) -> StatusCode {
         match self {
             ErrorKind::RouteNotFound => StatusCode::NOT_FOUND,
-            ErrorKind::MissingCredentials | ErrorKind::InvalidApiKey => StatusCode::UNAUTHORIZED,
+            ErrorKind::MissingCredentials | ErrorKind::InvalidApiKey | ErrorKind::InvalidToken(_) => {
+                StatusCode::UNAUTHORIZED
+            }
             ErrorKind::KeyRevoked | ErrorKind::KeyExpired | ErrorKind::RouteNotAllowed => StatusCode::FORBIDDEN,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
@@ -63,6 +67,7 @@ impl ErrorKind {
             ErrorKind::RouteNotFound => "route_not_found",
             ErrorKind::MissingCredentials => "missing_credentials",
             ErrorKind::InvalidApiKey => "invalid_api_key",
+            ErrorKind::InvalidToken(_) => "invalid_token",
             ErrorKind::KeyRevoked => "key_revoked",
             ErrorKind::KeyExpired => "key_expired",
             ErrorKind::RouteNotAllowed => "route_not_allowed",
@@ -82,6 +87,7 @@ impl ErrorKind {
             ErrorKind::RouteNotFound => "no route matches this host, path and method",
             ErrorKind::MissingCredentials => "an API key is required (X-API-Key, Authorization: Bearer, or ?api_key=)",
             ErrorKind::InvalidApiKey => "the API key is not valid",
+            ErrorKind::InvalidToken(reason) => reason,
             ErrorKind::KeyRevoked => "the API key has been revoked",
             ErrorKind::KeyExpired => "the API key has expired",
             ErrorKind::RouteNotAllowed => "the API key may not call this route",
@@ -101,6 +107,7 @@ impl ErrorKind {
             ErrorKind::RouteNotFound
             | ErrorKind::MissingCredentials
             | ErrorKind::InvalidApiKey
+            | ErrorKind::InvalidToken(_)
             | ErrorKind::KeyRevoked
             | ErrorKind::KeyExpired
             | ErrorKind::RouteNotAllowed

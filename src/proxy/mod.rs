@@ -286,6 +286,21 @@ impl Worker {
             ctx.caller_ip = crate::auth::client_ip(ctx.client_addr.ip(), forwarded, trusted);
         }
         let presented = if route.api_key { find_api_key(req) } else { None };
+        // A bearer value that is not one of our keys is a JWT on routes that take them.
+        let token = match presented {
+            Some((value, KeySource::Bearer)) if route.jwt && !value.starts_with(crate::auth::KEY_PREFIX) => Some(value),
+            None if route.jwt => bearer(req),
+            _ => None,
+        };
+        if let Some(token) = token {
+            let identity = snapshot
+                .jwt
+                .verify(token, DEFAULT_PLAN)
+                .map_err(|e| ProxyError::new(ErrorKind::InvalidToken(e.reason())))?;
+            ctx.identity = Some(identity);
+            ctx.key_source = Some(KeySource::Bearer);
+            return Ok(route);
+        }
         match presented {
             // A key that is presented must be valid, even where anonymous calls are allowed.
             Some((key, source)) => {
@@ -309,7 +324,7 @@ impl Worker {
                         .and_then(crate::auth::referer_host);
                 }
             }
-            None if route.api_key => return Err(ProxyError::new(ErrorKind::MissingCredentials)),
+            None if route.api_key || route.jwt => return Err(ProxyError::new(ErrorKind::MissingCredentials)),
             None => {}
         }
         Ok(route)
@@ -514,6 +529,14 @@ fn find_api_key(req: &Request<Incoming>) -> Option<(&str, KeySource)> {
         .filter_map(|pair| pair.split_once('='))
         .find(|(name, _)| *name == "api-key" || *name == "api_key")
         .map(|(_, key)| (key, KeySource::Query))
+}
+
+fn bearer(req: &Request<Incoming>) -> Option<&str> {
+    req.headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
 }
 
 /// The query string without `api-key`/`api_key` parameters.

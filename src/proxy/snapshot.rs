@@ -25,6 +25,8 @@ pub struct Route {
     pub api_key: bool,
     /// Callers without credentials are served on the anonymous plan.
     pub anonymous: bool,
+    /// Callers may present a JWT from a configured issuer.
+    pub jwt: bool,
     pub upstream: Arc<UpstreamPool>,
     pub metrics: Arc<RouteMetrics>,
 }
@@ -45,6 +47,7 @@ pub struct Snapshot {
     pub no_route_metrics: Arc<RouteMetrics>,
     /// `X-Plan` for anonymous callers.
     pub anonymous_plan: http::HeaderValue,
+    pub jwt: crate::auth::jwt::JwtVerifier,
 }
 
 /// HTTP/2 clients are keyed by worker and connect timeout, and kept across reloads so a
@@ -131,6 +134,7 @@ impl Snapshot {
                     strip_prefix: r.strip_prefix,
                     api_key: r.auth.contains(&crate::config::AuthMethod::ApiKey),
                     anonymous: r.auth.contains(&crate::config::AuthMethod::Anonymous),
+                    jwt: r.auth.contains(&crate::config::AuthMethod::Jwt),
                     upstream,
                     metrics: metrics.route(&r.name),
                 })
@@ -141,6 +145,15 @@ impl Snapshot {
             routes,
             pools,
             no_route_metrics: metrics.route(NO_ROUTE),
+            jwt: crate::auth::jwt::JwtVerifier::from_config(
+                &config.jwt.issuers,
+                config.path.parent().unwrap_or(std::path::Path::new(".")),
+            )
+            .unwrap_or_else(|error| {
+                // Checked when the file was parsed; a JWKS file may have changed since.
+                tracing::error!(%error, "JWT issuers unusable; tokens will be refused");
+                crate::auth::jwt::JwtVerifier::default()
+            }),
             anonymous_plan: http::HeaderValue::from_str(&config.anonymous.plan)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("anonymous")),
             config,
