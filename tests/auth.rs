@@ -348,3 +348,52 @@ async fn jwt_bearer_tokens_identify_the_consumer() {
     let reply = call(&gateway, "/x", None).await;
     assert_eq!(reply.json()["error"]["code"], "missing_credentials");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn admin_writes_while_the_proxy_serves() {
+    let upstream = Upstream::start("u").await;
+    let data = tempfile::tempdir().unwrap();
+    let gateway = std::sync::Arc::new(Gateway::start(&config(upstream.addr, data.path())));
+    assert_eq!(
+        admin_json(&gateway, "POST", "/v1/consumers", json!({"id": "acme"}))
+            .await
+            .status,
+        201
+    );
+    let (_, steady) = create_key(&gateway, json!({"consumer": "acme"})).await;
+    // Traffic on one key while 100 keys are created concurrently: no request fails.
+    let traffic = {
+        let gateway = gateway.clone();
+        tokio::spawn(async move {
+            let mut ok = 0;
+            for _ in 0..300 {
+                let reply = call(&gateway, "/v1/x", Some(("x-api-key", steady.clone()))).await;
+                assert_eq!(reply.status, 200, "{}", reply.text());
+                ok += 1;
+            }
+            ok
+        })
+    };
+    let mut writers = Vec::new();
+    for _ in 0..4 {
+        let gateway = gateway.clone();
+        writers.push(tokio::spawn(async move {
+            let mut secrets = Vec::new();
+            for _ in 0..25 {
+                secrets.push(create_key(&gateway, json!({"consumer": "acme"})).await.1);
+            }
+            secrets
+        }));
+    }
+    let mut created = Vec::new();
+    for writer in writers {
+        created.extend(writer.await.unwrap());
+    }
+    assert_eq!(traffic.await.unwrap(), 300);
+    assert_eq!(created.len(), 100);
+    for secret in created {
+        assert_eq!(call(&gateway, "/v1/x", Some(("x-api-key", secret))).await.status, 200);
+    }
+    let listed = admin(&gateway, "GET", "/v1/keys").await.json();
+    assert_eq!(listed["keys"].as_array().unwrap().len(), 101);
+}
