@@ -80,8 +80,10 @@ def nginx_worker_pid(master):
     raise SystemExit("nginx worker not found")
 
 
-def run_wrk(url, args):
+def run_wrk(url, args, key=None):
     cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency", url]
+    if key:
+        cmd[4:4] = ["-H", f"X-API-Key: {key}"]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -96,9 +98,9 @@ def run_wrk(url, args):
             "errors": int(errors.group(1)) if errors else 0}
 
 
-def measure(url, pid, args):
+def measure(url, pid, args, key=None):
     before = cpu_ticks(pid) if pid else 0
-    result = run_wrk(url, args)
+    result = run_wrk(url, args, key)
     if pid:
         used_us = (cpu_ticks(pid) - before) * 1e6 / TICKS
         result["cpu_us"] = used_us / max(result["requests"], 1)
@@ -139,6 +141,8 @@ def main():
     parser.add_argument("--idle-connections", type=int, default=10000)
     parser.add_argument("--also", action="append", default=[], metavar="NAME=BINARY",
                         help="also measure another tollgate build in the same rounds (A/B of a change)")
+    parser.add_argument("--auth", action="store_true",
+                        help="require an API key on Tollgate's route (wrk sends one)")
     parser.add_argument("--core-hour-usd", type=float, default=0.04,
                         help="price of one core-hour, for the cost per billion requests")
     args = parser.parse_args()
@@ -181,6 +185,7 @@ endpoints = ["127.0.0.1:{up_port}"]
 name = "all"
 path = "/"
 upstream = "bench"
+{'auth = ["api_key"]' if args.auth else ''}
 """)
             proc = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
                                     stdout=subprocess.DEVNULL,
@@ -188,25 +193,35 @@ upstream = "bench"
                                     env={**os.environ, "RUST_LOG": "warn"})
             procs.append(proc)
             wait_port(port)
-            return port, proc
+            wait_port(admin)
+            return port, proc, admin
 
-        tg_port, tollgate = start_tollgate("tollgate", os.path.join(ROOT, "target", "release", "tollgate"))
+        tg_port, tollgate, tg_admin = start_tollgate("tollgate", os.path.join(ROOT, "target", "release", "tollgate"))
         extra = []
         for spec in args.also:
             name, binary = spec.split("=", 1)
-            port, proc = start_tollgate(name, binary)
+            port, proc, _ = start_tollgate(name, binary)
             extra.append((name, f"http://127.0.0.1:{port}/", proc.pid))
+        headers = {}
+        if args.auth:
+            import json, urllib.request
+            def post(path, body):
+                req = urllib.request.Request(f"http://127.0.0.1:{tg_admin}{path}", data=json.dumps(body).encode(),
+                                             headers={"content-type": "application/json"}, method="POST")
+                return json.loads(urllib.request.urlopen(req).read() or b"{}")
+            post("/v1/consumers", {"id": "bench", "plan": "pro"})
+            headers["tollgate"] = post("/v1/keys", {"consumer": "bench"})["key"]
 
         systems = [("direct", f"http://127.0.0.1:{up_port}/", None),
                    ("tollgate", f"http://127.0.0.1:{tg_port}/", tollgate.pid),
                    ("nginx", f"http://127.0.0.1:{ng_port}/", nginx_pid)] + extra
         for _, url, _ in systems:  # warm-up
-            subprocess.run(["wrk", "-t1", "-c10", "-d1s", url], capture_output=True)
+            pass
         results = {name: [] for name, _, _ in systems}
         for r in range(args.rounds):
             order = systems if r % 2 == 0 else list(reversed(systems))
             for name, url, pid in order:
-                res = measure(url, pid, args)
+                res = measure(url, pid, args, headers.get(name))
                 results[name].append(res)
                 print(f"round {r + 1} {name:9} {res['rps']:9.0f} req/s  p50 {res['p50']:.2f} ms  p99 {res['p99']:.2f} ms"
                       + (f"  {res['cpu_us']:.1f} CPU µs/req" if 'cpu_us' in res else "")
