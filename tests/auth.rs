@@ -397,3 +397,26 @@ async fn admin_writes_while_the_proxy_serves() {
     let listed = admin(&gateway, "GET", "/v1/keys").await.json();
     assert_eq!(listed["keys"].as_array().unwrap().len(), 101);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn openapi_document_describes_the_admin_api() {
+    let upstream = Upstream::start("u").await;
+    let data = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(&config(upstream.addr, data.path()));
+    let reply = get(&gateway.admin_url("/openapi.json")).await;
+    assert_eq!(reply.status, 200);
+    let doc = reply.json();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    for (path, method) in [
+        ("/v1/keys", "post"),
+        ("/v1/keys/{id}", "delete"),
+        ("/v1/consumers", "post"),
+        ("/v1/plans/{name}", "put"),
+        ("/v1/reload", "post"),
+        ("/readyz", "get"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "{path} {method} missing");
+    }
+    assert!(doc["components"]["schemas"]["KeyBody"]["properties"]["consumer"].is_object());
+    assert_eq!(doc["components"]["securitySchemes"]["admin_token"]["scheme"], "bearer");
+}

@@ -53,6 +53,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/keys/{id}", get(api::get_key).delete(api::revoke_key))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
+        .route("/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .merge(protected)
@@ -109,10 +110,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+#[utoipa::path(get, path = "/healthz", security(()), responses((status = 200, description = "The process is up")))]
 async fn healthz() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
+#[utoipa::path(get, path = "/readyz", security(()), responses((status = 200, description = "Serving"), (status = 503, body = ErrorBody)))]
 async fn readyz(State(state): State<AdminState>) -> Response {
     if state.gateway.is_ready() {
         axum::Json(json!({"status": "ready"})).into_response()
@@ -134,6 +137,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     response
 }
 
+#[utoipa::path(post, path = "/v1/reload", responses((status = 200, description = "Reloaded"), (status = 400, description = "Invalid configuration; `error.details` lists every error", body = ErrorBody)))]
 async fn reload(State(state): State<AdminState>) -> Response {
     match state.gateway.reload().await {
         Ok(()) => axum::Json(json!({"status": "reloaded"})).into_response(),
@@ -150,6 +154,52 @@ async fn reload(State(state): State<AdminState>) -> Response {
             (StatusCode::BAD_REQUEST, axum::Json(body)).into_response()
         }
     }
+}
+
+/// The JSON error body every endpoint uses (DESIGN §4).
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    error: ErrorDetail,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct ErrorDetail {
+    code: String,
+    message: String,
+    request_id: String,
+}
+
+#[derive(utoipa::OpenApi)]
+#[openapi(
+    info(title = "Tollgate admin API", description = "Plans, consumers, API keys, probes and reload."),
+    paths(
+        healthz, readyz, reload,
+        api::list_plans, api::get_plan, api::create_plan, api::put_plan, api::delete_plan,
+        api::list_consumers, api::get_consumer, api::create_consumer, api::delete_consumer,
+        api::list_keys, api::get_key, api::create_key, api::revoke_key,
+    ),
+    components(schemas(ErrorBody, ErrorDetail)),
+    modifiers(&BearerAuth)
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl utoipa::Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme};
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "admin_token",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+        openapi.security = Some(vec![SecurityRequirement::new("admin_token", Vec::<String>::new())]);
+    }
+}
+
+/// The OpenAPI 3.1 document of this API, generated from the handlers' annotations.
+async fn openapi() -> Response {
+    axum::Json(<ApiDoc as utoipa::OpenApi>::openapi()).into_response()
 }
 
 async fn not_found() -> Response {

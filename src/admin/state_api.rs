@@ -73,7 +73,7 @@ fn now() -> i64 {
 
 // ----- plans
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanBody {
     name: Option<String>,
@@ -83,11 +83,13 @@ pub struct PlanBody {
     monthly: Option<u64>,
 }
 
+#[utoipa::path(get, path = "/v1/plans", responses((status = 200, description = "All plans")))]
 pub async fn list_plans(State(state): State<AdminState>) -> Response {
     let data = state.gateway.state.lock().await;
     Json(json!({ "plans": data.plans.values().collect::<Vec<_>>() })).into_response()
 }
 
+#[utoipa::path(get, path = "/v1/plans/{name}", params(("name" = String, Path)), responses((status = 200, body = crate::state::Plan), (status = 404, body = super::ErrorBody)))]
 pub async fn get_plan(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
     match state.gateway.state.lock().await.plans.get(&name) {
         Some(plan) => Json(plan).into_response(),
@@ -95,6 +97,7 @@ pub async fn get_plan(State(state): State<AdminState>, Path(name): Path<String>)
     }
 }
 
+#[utoipa::path(post, path = "/v1/plans", request_body = PlanBody, responses((status = 201, body = crate::state::Plan), (status = 400, body = super::ErrorBody)))]
 pub async fn create_plan(State(state): State<AdminState>, payload: Result<Json<PlanBody>, JsonRejection>) -> Response {
     let plan = match body(payload) {
         Ok(plan) => plan,
@@ -106,6 +109,7 @@ pub async fn create_plan(State(state): State<AdminState>, payload: Result<Json<P
     save_plan(&state, name, plan, StatusCode::CREATED).await
 }
 
+#[utoipa::path(put, path = "/v1/plans/{name}", params(("name" = String, Path)), request_body = PlanBody, responses((status = 200, body = crate::state::Plan), (status = 400, body = super::ErrorBody)))]
 pub async fn put_plan(
     State(state): State<AdminState>,
     Path(name): Path<String>,
@@ -140,6 +144,7 @@ async fn save_plan(state: &AdminState, name: String, body: PlanBody, status: Sta
     (status, Json(plan)).into_response()
 }
 
+#[utoipa::path(delete, path = "/v1/plans/{name}", params(("name" = String, Path)), responses((status = 204, description = "Deleted"), (status = 404, body = super::ErrorBody)))]
 pub async fn delete_plan(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
     let mut data = state.gateway.state.lock().await;
     let target = name.clone();
@@ -154,18 +159,20 @@ pub async fn delete_plan(State(state): State<AdminState>, Path(name): Path<Strin
 
 // ----- consumers
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ConsumerBody {
     id: String,
     plan: Option<String>,
 }
 
+#[utoipa::path(get, path = "/v1/consumers", responses((status = 200, description = "All consumers")))]
 pub async fn list_consumers(State(state): State<AdminState>) -> Response {
     let data = state.gateway.state.lock().await;
     Json(json!({ "consumers": data.consumers.values().collect::<Vec<_>>() })).into_response()
 }
 
+#[utoipa::path(get, path = "/v1/consumers/{id}", params(("id" = String, Path)), responses((status = 200, body = crate::state::Consumer), (status = 404, body = super::ErrorBody)))]
 pub async fn get_consumer(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
     match state.gateway.state.lock().await.consumers.get(&id) {
         Some(consumer) => Json(consumer).into_response(),
@@ -173,6 +180,7 @@ pub async fn get_consumer(State(state): State<AdminState>, Path(id): Path<String
     }
 }
 
+#[utoipa::path(post, path = "/v1/consumers", request_body = ConsumerBody, responses((status = 201, body = crate::state::Consumer), (status = 400, body = super::ErrorBody), (status = 409, body = super::ErrorBody)))]
 pub async fn create_consumer(
     State(state): State<AdminState>,
     payload: Result<Json<ConsumerBody>, JsonRejection>,
@@ -198,6 +206,7 @@ pub async fn create_consumer(
     (StatusCode::CREATED, Json(consumer)).into_response()
 }
 
+#[utoipa::path(delete, path = "/v1/consumers/{id}", params(("id" = String, Path)), responses((status = 204, description = "Deleted; its keys are revoked"), (status = 404, body = super::ErrorBody)))]
 pub async fn delete_consumer(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
     let mut data = state.gateway.state.lock().await;
     let target = id.clone();
@@ -224,7 +233,7 @@ pub async fn delete_consumer(State(state): State<AdminState>, Path(id): Path<Str
 
 // ----- keys
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct KeyBody {
     consumer: String,
@@ -236,8 +245,8 @@ pub struct KeyBody {
 }
 
 /// A key as the admin API shows it: never the secret.
-#[derive(Serialize)]
-struct KeyView<'a> {
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct KeyView<'a> {
     id: &'a str,
     consumer: &'a str,
     plan: Option<&'a str>,
@@ -261,6 +270,7 @@ fn view(key: &ApiKey) -> KeyView<'_> {
     }
 }
 
+#[utoipa::path(post, path = "/v1/keys", request_body = KeyBody, responses((status = 201, description = "The key, with its secret in `key` (shown once)", body = KeyView), (status = 404, body = super::ErrorBody)))]
 pub async fn create_key(State(state): State<AdminState>, payload: Result<Json<KeyBody>, JsonRejection>) -> Response {
     let body = match body(payload) {
         Ok(body) => body,
@@ -310,6 +320,7 @@ pub async fn create_key(State(state): State<AdminState>, payload: Result<Json<Ke
     (StatusCode::CREATED, Json(shown)).into_response()
 }
 
+#[utoipa::path(get, path = "/v1/keys/{id}", params(("id" = String, Path)), responses((status = 200, body = KeyView), (status = 404, body = super::ErrorBody)))]
 pub async fn get_key(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
     match state.gateway.state.lock().await.keys.get(&id) {
         Some(key) => Json(view(key)).into_response(),
@@ -317,11 +328,13 @@ pub async fn get_key(State(state): State<AdminState>, Path(id): Path<String>) ->
     }
 }
 
+#[utoipa::path(get, path = "/v1/keys", responses((status = 200, description = "All keys, without secrets")))]
 pub async fn list_keys(State(state): State<AdminState>) -> Response {
     let data = state.gateway.state.lock().await;
     Json(json!({ "keys": data.keys.values().map(view).collect::<Vec<_>>() })).into_response()
 }
 
+#[utoipa::path(delete, path = "/v1/keys/{id}", params(("id" = String, Path)), responses((status = 204, description = "Revoked"), (status = 404, body = super::ErrorBody)))]
 pub async fn revoke_key(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
     let mut data = state.gateway.state.lock().await;
     let target = id.clone();

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 pub use sqlite::SqliteBackend;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Plan {
     pub name: String,
     /// Requests per second (enforced by the limits issue).
@@ -21,7 +21,7 @@ pub struct Plan {
     pub monthly: Option<u64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Consumer {
     pub id: String,
     /// The plan of the consumer's keys unless a key names its own.
