@@ -63,30 +63,48 @@ impl Default for KeyTable {
 }
 
 /// The plan a key runs under: its own, else its consumer's, else `default`.
-fn effective_plan(key: &ApiKey, data: &StateData, default: &str) -> Arc<str> {
+fn effective_plan<'a>(key: &'a ApiKey, data: &'a StateData, default: &'a str) -> &'a str {
     key.plan
-        .clone()
-        .or_else(|| data.consumers.get(&key.consumer).and_then(|c| c.plan.clone()))
-        .map_or_else(|| Arc::from(default), Arc::from)
+        .as_deref()
+        .or_else(|| data.consumers.get(&key.consumer).and_then(|c| c.plan.as_deref()))
+        .unwrap_or(default)
 }
 
-fn entry(key: &ApiKey, data: &StateData, default_plan: &str) -> Arc<KeyEntry> {
+fn entry(key: &ApiKey, data: &StateData, default_plan: &str, names: &mut Names) -> Arc<KeyEntry> {
+    let plan = effective_plan(key, data, default_plan);
     Arc::new(KeyEntry {
         key_id: Arc::from(key.id.as_str()),
-        consumer_id: Arc::from(key.consumer.as_str()),
-        plan: effective_plan(key, data, default_plan),
+        consumer_id: names.intern(&key.consumer),
+        plan: names.intern(plan),
         expires_at: key.expires_at,
         allowed_routes: key.allowed_routes.iter().map(|r| r.as_str().into()).collect(),
         revoked: key.revoked || !data.consumers.contains_key(&key.consumer),
     })
 }
 
+/// One shared copy of each consumer and plan name: with a million keys and a few thousand
+/// consumers, per-key copies would be most of the table.
+#[derive(Default)]
+struct Names(HashMap<Arc<str>, ()>);
+
+impl Names {
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some((shared, _)) = self.0.get_key_value(name) {
+            return shared.clone();
+        }
+        let shared: Arc<str> = Arc::from(name);
+        self.0.insert(shared.clone(), ());
+        shared
+    }
+}
+
 impl KeyTable {
     /// Replaces every shard with the keys of `data`.
     pub fn load(&self, data: &StateData, default_plan: &str) {
         let mut shards: Vec<Shard> = (0..SHARDS).map(|_| Shard::new()).collect();
+        let mut names = Names::default();
         for key in data.keys.values() {
-            shards[key.hash[0] as usize].insert(key.hash, entry(key, data, default_plan));
+            shards[key.hash[0] as usize].insert(key.hash, entry(key, data, default_plan, &mut names));
         }
         for (slot, shard) in self.shards.iter().zip(shards) {
             slot.store(Arc::new(shard));
@@ -97,7 +115,7 @@ impl KeyTable {
     pub fn upsert(&self, key: &ApiKey, data: &StateData, default_plan: &str) {
         let slot = &self.shards[key.hash[0] as usize];
         let mut shard = Shard::clone(&slot.load());
-        shard.insert(key.hash, entry(key, data, default_plan));
+        shard.insert(key.hash, entry(key, data, default_plan, &mut Names::default()));
         slot.store(Arc::new(shard));
     }
 
