@@ -420,3 +420,23 @@ async fn openapi_document_describes_the_admin_api() {
     assert!(doc["components"]["schemas"]["KeyBody"]["properties"]["consumer"].is_object());
     assert_eq!(doc["components"]["securitySchemes"]["admin_token"]["scheme"], "bearer");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plans_from_the_config_file_are_listed() {
+    let upstream = Upstream::start("u").await;
+    let data = tempfile::tempdir().unwrap();
+    let config = format!(
+        "{}\n[plans.free]\nrate = {{ per_second = 5, burst = 10 }}\ndaily = 1500\n",
+        config(upstream.addr, data.path())
+    );
+    let gateway = Gateway::start(&config);
+    let plan = admin(&gateway, "GET", "/v1/plans/free").await.json();
+    assert_eq!(
+        (
+            plan["rate_per_second"].as_u64(),
+            plan["burst"].as_u64(),
+            plan["daily"].as_u64()
+        ),
+        (Some(5), Some(10), Some(1500))
+    );
+}

@@ -89,7 +89,11 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
             lookup.clone(),
             Some(("X-API-Key", key.as_str())),
         ),
-        ("the same without a key (401 missing_credentials)", lookup.clone(), None),
+        (
+            "the same without a key: the anonymous free tier",
+            lookup.clone(),
+            Some(("Referer", "https://blog.example.org/")),
+        ),
         (
             "with a bad key (401 invalid_api_key)",
             lookup.clone(),
@@ -174,7 +178,11 @@ name = "lookup"
 path = "/v1/lookup"
 methods = ["GET", "HEAD"]
 upstream = "geo"
-auth = ["api_key"]
+auth = ["api_key", "anonymous"]
+
+[anonymous]
+plan = "anonymous"
+by = ["ip", "referer"]
 "#,
         data = data_dir.display()
     )

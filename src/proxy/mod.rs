@@ -65,6 +65,18 @@ impl Gateway {
         let data = tokio::task::spawn_blocking(move || loader.load())
             .await
             .map_err(|e| crate::state::StateError::Backend(e.to_string()))??;
+        let mut data = data;
+        // Plans from the file are listed with the stored ones; a stored plan of the same
+        // name wins, so the admin API can override a file plan.
+        for (name, plan) in &snapshot.config.plans {
+            data.plans.entry(name.clone()).or_insert_with(|| crate::state::Plan {
+                name: name.clone(),
+                rate_per_second: plan.rate.as_ref().map(|r| r.per_second),
+                burst: plan.rate.as_ref().and_then(|r| r.burst),
+                daily: plan.daily,
+                monthly: plan.monthly,
+            });
+        }
         let keys = KeyTable::default();
         keys.load(&data, DEFAULT_PLAN);
         Ok(Arc::new(Gateway {
