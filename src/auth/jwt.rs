@@ -352,6 +352,43 @@ mod tests {
     }
 
     #[test]
+    fn ecdsa_eddsa_and_pss_issuers() {
+        let cases: [(&str, Algorithm, &str, EncodingKey); 3] = [
+            (
+                "ES256",
+                Algorithm::ES256,
+                include_str!("../../tests/fixtures/jwt/ec_public.pem"),
+                EncodingKey::from_ec_pem(include_bytes!("../../tests/fixtures/jwt/ec_private.pem")).unwrap(),
+            ),
+            (
+                "EdDSA",
+                Algorithm::EdDSA,
+                include_str!("../../tests/fixtures/jwt/ed_public.pem"),
+                EncodingKey::from_ed_pem(include_bytes!("../../tests/fixtures/jwt/ed_private.pem")).unwrap(),
+            ),
+            (
+                "PS256",
+                Algorithm::PS256,
+                RSA_PUBLIC,
+                EncodingKey::from_rsa_pem(RSA_PRIVATE.as_bytes()).unwrap(),
+            ),
+        ];
+        for (name, algorithm, public, private) in cases {
+            let mut config = issuer(name);
+            config.public_key = Some(public.into());
+            let verifier = JwtVerifier::from_config(&[config], std::path::Path::new(".")).unwrap();
+            let token = encode(&Header::new(algorithm), &claims(json!({})), &private).unwrap();
+            assert_eq!(&*verifier.verify(&token, "d").unwrap().consumer_id, "acme", "{name}");
+            let expired = encode(&Header::new(algorithm), &claims(json!({"exp": now() - 5})), &private).unwrap();
+            assert_eq!(
+                verifier.verify(&expired, "d").unwrap_err(),
+                TokenError::Expired,
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
     fn bad_issuer_config_is_reported() {
         let config = issuer("RS256");
         let error = JwtVerifier::from_config(&[config], std::path::Path::new("."))
