@@ -16,26 +16,29 @@ fn table_with(keys: usize) -> (KeyTable, Vec<String>) {
         },
     );
     let mut secrets = Vec::with_capacity(keys);
+    let mut rows = Vec::with_capacity(keys);
     for i in 0..keys {
         let secret = format!("tg_live_{i:064x}");
-        data.keys.insert(
-            format!("key_{i}"),
-            ApiKey {
-                id: format!("key_{i}"),
-                consumer: "acme".into(),
-                plan: None,
-                hash: hash_key(&secret),
-                prefix: secret[..12].to_string(),
-                created_at: 0,
-                expires_at: None,
-                allowed_routes: vec![],
-                revoked: false,
-            },
-        );
+        rows.push(ApiKey {
+            id: format!("key_{i}"),
+            consumer: "acme".into(),
+            plan: None,
+            hash: hash_key(&secret),
+            prefix: secret[..12].to_string(),
+            created_at: 0,
+            expires_at: None,
+            allowed_routes: vec![],
+            revoked: false,
+        });
         secrets.push(secret);
     }
     let table = KeyTable::default();
-    table.load(&data, "default");
+    table
+        .load(&data, "default", |add| {
+            rows.into_iter().for_each(add);
+            Ok::<(), ()>(())
+        })
+        .ok();
     (table, secrets)
 }
 

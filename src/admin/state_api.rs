@@ -214,19 +214,13 @@ pub async fn delete_consumer(State(state): State<AdminState>, Path(id): Path<Str
         return response;
     }
     data.consumers.remove(&id);
-    let owned: Vec<String> = data
-        .keys
-        .values()
-        .filter(|k| k.consumer == id)
-        .map(|k| k.id.clone())
-        .collect();
-    for key_id in owned {
-        if let Some(key) = data.keys.get_mut(&key_id) {
-            key.revoked = true;
-        }
-        if let Some(key) = data.keys.get(&key_id) {
-            state.gateway.keys.upsert(key, &data, DEFAULT_PLAN);
-        }
+    let owner = id.clone();
+    match blocking(&state.gateway, move |s| s.consumer_keys(&owner)).await {
+        // The consumer is gone from `data`, so its keys load as revoked.
+        Ok(keys) => keys
+            .iter()
+            .for_each(|key| state.gateway.keys.upsert(key, &data, DEFAULT_PLAN)),
+        Err(response) => return response,
     }
     StatusCode::NO_CONTENT.into_response()
 }
@@ -308,12 +302,11 @@ pub async fn create_key(State(state): State<AdminState>, payload: Result<Json<Ke
         allowed_routes: body.routes,
         revoked: false,
     };
-    let mut data = state.gateway.state.lock().await;
+    let data = state.gateway.state.lock().await;
     let stored = key.clone();
     if let Err(response) = blocking(&state.gateway, move |s| s.create_key(&stored)).await {
         return response;
     }
-    data.keys.insert(key.id.clone(), key.clone());
     state.gateway.keys.upsert(&key, &data, DEFAULT_PLAN);
     let mut shown = serde_json::to_value(view(&key)).unwrap_or_default();
     shown["key"] = json!(secret);
@@ -322,30 +315,37 @@ pub async fn create_key(State(state): State<AdminState>, payload: Result<Json<Ke
 
 #[utoipa::path(get, path = "/v1/keys/{id}", params(("id" = String, Path)), responses((status = 200, body = KeyView), (status = 404, body = super::ErrorBody)))]
 pub async fn get_key(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
-    match state.gateway.state.lock().await.keys.get(&id) {
-        Some(key) => Json(view(key)).into_response(),
-        None => state_error(StateError::NotFound(format!("key {id}"))),
+    let target = id.clone();
+    match blocking(&state.gateway, move |s| s.get_key(&target)).await {
+        Ok(Some(key)) => Json(view(&key)).into_response(),
+        Ok(None) => state_error(StateError::NotFound(format!("key {id}"))),
+        Err(response) => response,
     }
 }
 
 #[utoipa::path(get, path = "/v1/keys", responses((status = 200, description = "All keys, without secrets")))]
 pub async fn list_keys(State(state): State<AdminState>) -> Response {
-    let data = state.gateway.state.lock().await;
-    Json(json!({ "keys": data.keys.values().map(view).collect::<Vec<_>>() })).into_response()
+    match blocking(&state.gateway, |s| s.list_keys()).await {
+        Ok(keys) => Json(json!({ "keys": keys.iter().map(view).collect::<Vec<_>>() })).into_response(),
+        Err(response) => response,
+    }
 }
 
 #[utoipa::path(delete, path = "/v1/keys/{id}", params(("id" = String, Path)), responses((status = 204, description = "Revoked"), (status = 404, body = super::ErrorBody)))]
 pub async fn revoke_key(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
-    let mut data = state.gateway.state.lock().await;
+    let data = state.gateway.state.lock().await;
     let target = id.clone();
-    if let Err(response) = blocking(&state.gateway, move |s| s.revoke_key(&target)).await {
-        return response;
+    let revoked = blocking(&state.gateway, move |s| {
+        s.revoke_key(&target)?;
+        s.get_key(&target)
+    })
+    .await;
+    match revoked {
+        Ok(Some(key)) => {
+            state.gateway.keys.upsert(&key, &data, DEFAULT_PLAN);
+            StatusCode::NO_CONTENT.into_response()
+        }
+        Ok(None) => state_error(StateError::NotFound(format!("key {id}"))),
+        Err(response) => response,
     }
-    if let Some(key) = data.keys.get_mut(&id) {
-        key.revoked = true;
-    }
-    if let Some(key) = data.keys.get(&id) {
-        state.gateway.keys.upsert(key, &data, DEFAULT_PLAN);
-    }
-    StatusCode::NO_CONTENT.into_response()
 }

@@ -99,16 +99,22 @@ impl Names {
 }
 
 impl KeyTable {
-    /// Replaces every shard with the keys of `data`.
-    pub fn load(&self, data: &StateData, default_plan: &str) {
+    /// Replaces every shard with the keys `each_key` feeds in (from a backend's stream).
+    pub fn load<E>(
+        &self,
+        data: &StateData,
+        default_plan: &str,
+        each_key: impl FnOnce(&mut dyn FnMut(ApiKey)) -> Result<(), E>,
+    ) -> Result<(), E> {
         let mut shards: Vec<Shard> = (0..SHARDS).map(|_| Shard::new()).collect();
         let mut names = Names::default();
-        for key in data.keys.values() {
-            shards[key.hash[0] as usize].insert(key.hash, entry(key, data, default_plan, &mut names));
-        }
+        each_key(&mut |key: ApiKey| {
+            shards[key.hash[0] as usize].insert(key.hash, entry(&key, data, default_plan, &mut names));
+        })?;
         for (slot, shard) in self.shards.iter().zip(shards) {
             slot.store(Arc::new(shard));
         }
+        Ok(())
     }
 
     /// Updates the shard of one key (created, revoked, or its plan changed).
@@ -175,7 +181,16 @@ mod tests {
     use super::*;
     use crate::state::Consumer;
 
-    fn data_with(secret: &str, mutate: impl FnOnce(&mut ApiKey)) -> StateData {
+    fn load(table: &KeyTable, (data, keys): &(StateData, Vec<ApiKey>)) {
+        table
+            .load(data, "free", |add| {
+                keys.iter().cloned().for_each(add);
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+    }
+
+    fn data_with(secret: &str, mutate: impl FnOnce(&mut ApiKey)) -> (StateData, Vec<ApiKey>) {
         let mut data = StateData::default();
         data.consumers.insert(
             "acme".into(),
@@ -197,8 +212,7 @@ mod tests {
             revoked: false,
         };
         mutate(&mut key);
-        data.keys.insert(key.id.clone(), key);
-        data
+        (data, vec![key])
     }
 
     #[test]
@@ -206,7 +220,7 @@ mod tests {
         let secret = generate_secret().unwrap();
         assert!(secret.starts_with(KEY_PREFIX) && secret.len() == KEY_PREFIX.len() + 64);
         let table = KeyTable::default();
-        table.load(&data_with(&secret, |_| {}), "free");
+        load(&table, &data_with(&secret, |_| {}));
         let id = authenticate(&table, Some(&secret), "lookup", 10).unwrap();
         assert_eq!((&*id.consumer_id, &*id.plan, &*id.key_id), ("acme", "pro", "key_1"));
         assert_eq!(
@@ -222,41 +236,41 @@ mod tests {
             Err(AuthError::InvalidApiKey)
         );
 
-        table.load(&data_with(&secret, |k| k.expires_at = Some(10)), "free");
+        load(&table, &data_with(&secret, |k| k.expires_at = Some(10)));
         assert_eq!(authenticate(&table, Some(&secret), "lookup", 9).map(|_| ()), Ok(()));
         assert_eq!(
             authenticate(&table, Some(&secret), "lookup", 10),
             Err(AuthError::KeyExpired)
         );
 
-        table.load(&data_with(&secret, |k| k.allowed_routes = vec!["batch".into()]), "free");
+        load(&table, &data_with(&secret, |k| k.allowed_routes = vec!["batch".into()]));
         assert_eq!(
             authenticate(&table, Some(&secret), "lookup", 0),
             Err(AuthError::RouteNotAllowed)
         );
         assert!(authenticate(&table, Some(&secret), "batch", 0).is_ok());
 
-        let mut data = data_with(&secret, |k| k.plan = Some("gold".into()));
-        table.load(&data, "free");
+        let mut state = data_with(&secret, |k| k.plan = Some("gold".into()));
+        load(&table, &state);
         assert_eq!(&*authenticate(&table, Some(&secret), "x", 0).unwrap().plan, "gold");
-        data.keys.get_mut("key_1").unwrap().revoked = true;
-        table.upsert(&data.keys["key_1"], &data, "free");
+        state.1[0].revoked = true;
+        table.upsert(&state.1[0], &state.0, "free");
         assert_eq!(authenticate(&table, Some(&secret), "x", 0), Err(AuthError::KeyRevoked));
         assert_eq!(table.len(), 1);
     }
 
     #[test]
     fn lookup_with_many_keys() {
-        let mut data = data_with("tg_live_seed0000", |_| {});
+        let mut state = data_with("tg_live_seed0000", |_| {});
         for i in 0..50_000 {
             let secret = format!("tg_live_{i:064}");
-            let mut key = data.keys["key_1"].clone();
+            let mut key = state.1[0].clone();
             key.id = format!("key_n{i}");
             key.hash = hash_key(&secret);
-            data.keys.insert(key.id.clone(), key);
+            state.1.push(key);
         }
         let table = KeyTable::default();
-        table.load(&data, "free");
+        load(&table, &state);
         assert_eq!(table.len(), 50_001);
         let id = authenticate(&table, Some(&format!("tg_live_{:064}", 31_337)), "x", 0).unwrap();
         assert_eq!(&*id.key_id, "key_n31337");

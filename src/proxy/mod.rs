@@ -77,8 +77,15 @@ impl Gateway {
                 monthly: plan.monthly,
             });
         }
-        let keys = KeyTable::default();
-        keys.load(&data, DEFAULT_PLAN);
+        let source = store.clone();
+        // Keys stream from the backend into the table; they are never all held twice.
+        let (keys, data) = tokio::task::spawn_blocking(move || {
+            let keys = KeyTable::default();
+            keys.load(&data, DEFAULT_PLAN, |add| source.for_each_key(add))
+                .map(|()| (keys, data))
+        })
+        .await
+        .map_err(|e| crate::state::StateError::Backend(e.to_string()))??;
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             metrics,

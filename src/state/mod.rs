@@ -45,11 +45,12 @@ pub struct ApiKey {
     pub revoked: bool,
 }
 
+/// Plans and consumers, held in memory by the admin API. Keys are not: a million of them
+/// are read from the backend straight into the request-path table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StateData {
     pub plans: BTreeMap<String, Plan>,
     pub consumers: BTreeMap<String, Consumer>,
-    pub keys: BTreeMap<String, ApiKey>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +66,13 @@ pub enum StateError {
 /// Where consumers, keys and plans are stored. Calls block; the admin API runs them on
 /// the blocking pool.
 pub trait StateBackend: Send + Sync + 'static {
+    /// Plans and consumers.
     fn load(&self) -> Result<StateData, StateError>;
+    /// Every key, one at a time, without holding them all.
+    fn for_each_key(&self, f: &mut dyn FnMut(ApiKey)) -> Result<(), StateError>;
+    fn get_key(&self, id: &str) -> Result<Option<ApiKey>, StateError>;
+    fn list_keys(&self) -> Result<Vec<ApiKey>, StateError>;
+    fn consumer_keys(&self, consumer: &str) -> Result<Vec<ApiKey>, StateError>;
     fn put_plan(&self, plan: &Plan) -> Result<(), StateError>;
     fn delete_plan(&self, name: &str) -> Result<(), StateError>;
     fn create_consumer(&self, consumer: &Consumer) -> Result<(), StateError>;
@@ -77,11 +84,18 @@ pub trait StateBackend: Send + Sync + 'static {
 /// For unit tests and `data_dir`-less runs.
 #[derive(Default)]
 pub struct MemoryBackend {
-    data: Mutex<StateData>,
+    data: Mutex<MemoryData>,
+}
+
+#[derive(Default)]
+struct MemoryData {
+    plans: BTreeMap<String, Plan>,
+    consumers: BTreeMap<String, Consumer>,
+    keys: BTreeMap<String, ApiKey>,
 }
 
 impl MemoryBackend {
-    fn with<T>(&self, f: impl FnOnce(&mut StateData) -> Result<T, StateError>) -> Result<T, StateError> {
+    fn with<T>(&self, f: impl FnOnce(&mut MemoryData) -> Result<T, StateError>) -> Result<T, StateError> {
         let mut data = self.data.lock().unwrap_or_else(|e| e.into_inner());
         f(&mut data)
     }
@@ -89,7 +103,31 @@ impl MemoryBackend {
 
 impl StateBackend for MemoryBackend {
     fn load(&self) -> Result<StateData, StateError> {
-        self.with(|d| Ok(d.clone()))
+        self.with(|d| {
+            Ok(StateData {
+                plans: d.plans.clone(),
+                consumers: d.consumers.clone(),
+            })
+        })
+    }
+
+    fn for_each_key(&self, f: &mut dyn FnMut(ApiKey)) -> Result<(), StateError> {
+        self.with(|d| {
+            d.keys.values().cloned().for_each(f);
+            Ok(())
+        })
+    }
+
+    fn get_key(&self, id: &str) -> Result<Option<ApiKey>, StateError> {
+        self.with(|d| Ok(d.keys.get(id).cloned()))
+    }
+
+    fn list_keys(&self) -> Result<Vec<ApiKey>, StateError> {
+        self.with(|d| Ok(d.keys.values().cloned().collect()))
+    }
+
+    fn consumer_keys(&self, consumer: &str) -> Result<Vec<ApiKey>, StateError> {
+        self.with(|d| Ok(d.keys.values().filter(|k| k.consumer == consumer).cloned().collect()))
     }
 
     fn put_plan(&self, plan: &Plan) -> Result<(), StateError> {

@@ -12,6 +12,28 @@ pub struct SqliteBackend {
     conn: Mutex<Connection>,
 }
 
+const KEY_COLUMNS: &str = "id, consumer, plan, hash, prefix, created_at, expires_at, allowed_routes, revoked";
+
+fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKey> {
+    let hash: Vec<u8> = r.get(3)?;
+    let routes: String = r.get(7)?;
+    Ok(ApiKey {
+        id: r.get(0)?,
+        consumer: r.get(1)?,
+        plan: r.get(2)?,
+        hash: hash.try_into().unwrap_or([0; 32]),
+        prefix: r.get(4)?,
+        created_at: r.get(5)?,
+        expires_at: r.get(6)?,
+        allowed_routes: routes
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect(),
+        revoked: r.get::<_, i64>(8)? != 0,
+    })
+}
+
 fn backend_error(e: rusqlite::Error) -> StateError {
     StateError::Backend(e.to_string())
 }
@@ -73,28 +95,42 @@ impl StateBackend for SqliteBackend {
                 let consumer = consumer?;
                 data.consumers.insert(consumer.id.clone(), consumer);
             }
-            let mut stmt = c.prepare(
-                "SELECT id, consumer, plan, hash, prefix, created_at, expires_at, allowed_routes, revoked FROM api_keys",
-            )?;
-            for key in stmt.query_map([], |r| {
-                let hash: Vec<u8> = r.get(3)?;
-                let routes: String = r.get(7)?;
-                Ok(ApiKey {
-                    id: r.get(0)?,
-                    consumer: r.get(1)?,
-                    plan: r.get(2)?,
-                    hash: hash.try_into().unwrap_or([0; 32]),
-                    prefix: r.get(4)?,
-                    created_at: r.get(5)?,
-                    expires_at: r.get(6)?,
-                    allowed_routes: routes.split(',').filter(|s| !s.is_empty()).map(str::to_string).collect(),
-                    revoked: r.get::<_, i64>(8)? != 0,
-                })
-            })? {
-                let key = key?;
-                data.keys.insert(key.id.clone(), key);
-            }
             Ok(data)
+        })
+    }
+
+    fn for_each_key(&self, f: &mut dyn FnMut(ApiKey)) -> Result<(), StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys"))?;
+            for key in stmt.query_map([], key_row)? {
+                f(key?);
+            }
+            Ok(())
+        })
+    }
+
+    fn get_key(&self, id: &str) -> Result<Option<ApiKey>, StateError> {
+        self.with(|c| {
+            c.query_row(
+                &format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE id = ?1"),
+                params![id],
+                key_row,
+            )
+            .optional()
+        })
+    }
+
+    fn list_keys(&self) -> Result<Vec<ApiKey>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys ORDER BY id"))?;
+            stmt.query_map([], key_row)?.collect()
+        })
+    }
+
+    fn consumer_keys(&self, consumer: &str) -> Result<Vec<ApiKey>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare(&format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE consumer = ?1"))?;
+            stmt.query_map(params![consumer], key_row)?.collect()
         })
     }
 
@@ -252,7 +288,12 @@ mod tests {
         let data = db.load().unwrap();
         assert_eq!(data.plans["pro"].monthly, Some(2_000_000));
         assert_eq!(data.consumers["acme"].created_at, 1);
-        let key = &data.keys["key_1"];
+        let key = &db.get_key("key_1").unwrap().unwrap();
+        assert_eq!(db.list_keys().unwrap().len(), 1);
+        assert_eq!(db.consumer_keys("acme").unwrap().len(), 1);
+        let mut streamed = 0;
+        db.for_each_key(&mut |_| streamed += 1).unwrap();
+        assert_eq!(streamed, 1);
         assert!(key.revoked);
         assert_eq!(key.allowed_routes, vec!["lookup", "batch"]);
         assert_eq!(key.hash, [7; 32]);
