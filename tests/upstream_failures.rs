@@ -110,3 +110,26 @@ async fn upstream_connections_are_kept_alive_and_reused() {
     let opened = upstream.connections.load(std::sync::atomic::Ordering::SeqCst);
     assert!(opened <= 2, "{opened} upstream connections after streamed responses");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn connect_timeout_gives_504() {
+    // A listener that never accepts, with a backlog of 0: once one connection waits in its
+    // queue, the kernel drops further SYNs and a connect hangs until it times out.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket
+        .bind(&"127.0.0.1:0".parse::<std::net::SocketAddr>().unwrap().into())
+        .unwrap();
+    socket.listen(0).unwrap();
+    let addr = socket.local_addr().unwrap().as_socket().unwrap();
+    let _queued = std::net::TcpStream::connect(addr).unwrap();
+    let gateway = Gateway::start(&config_for(&addr.to_string(), "connect = \"300ms\"\nread = \"5s\""));
+    let started = Instant::now();
+    let reply = get(&gateway.url("/")).await;
+    let waited = started.elapsed();
+    assert_eq!(reply.status, 504, "{}", reply.text());
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+}
