@@ -440,3 +440,80 @@ async fn plans_from_the_config_file_are_listed() {
         (Some(5), Some(10), Some(1500))
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn jwks_url_is_fetched_and_refreshed() {
+    use base64::Engine;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+    use std::sync::{Arc, Mutex};
+    let oct = |kid: &str, secret: &str| {
+        json!({"kty": "oct", "kid": kid, "alg": "HS256",
+               "k": base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)})
+    };
+    // An identity provider on loopback whose JWKS the test can rotate.
+    let served = Arc::new(Mutex::new(json!({"keys": [oct("k1", "one")]}).to_string()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let idp = listener.local_addr().unwrap();
+    let document = served.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let document = document.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |_req| {
+                    let body = document.lock().unwrap().clone();
+                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(full(body))) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+
+    let upstream = Upstream::start("u").await;
+    let data = tempfile::tempdir().unwrap();
+    let config = format!(
+        "data_dir = \"{}\"\n{}[upstreams.u]\nendpoints = [\"{}\"]\n\n\
+         [[jwt.issuers]]\nissuer = \"https://auth.test/\"\nalgorithm = \"HS256\"\n\
+         jwks_url = \"http://{idp}/.well-known/jwks.json\"\njwks_refresh = \"1s\"\n\n\
+         [[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"u\"\nauth = [\"jwt\"]\n",
+        data.path().display(),
+        base_config(),
+        upstream.addr
+    );
+    let gateway = Gateway::start(&config);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = |kid: &str, secret: &str| {
+        let header = Header {
+            kid: Some(kid.into()),
+            ..Header::default()
+        };
+        let claims = json!({"iss": "https://auth.test/", "sub": "user-1", "exp": now + 300});
+        encode(&header, &claims, &EncodingKey::from_secret(secret.as_bytes())).unwrap()
+    };
+    let bearer = |t: String| Some(("authorization", format!("Bearer {t}")));
+    assert_eq!(call(&gateway, "/x", bearer(token("k1", "one"))).await.status, 200);
+    let refused = call(&gateway, "/x", bearer(token("k2", "two"))).await;
+    assert_eq!(refused.status, 401);
+    assert!(
+        refused.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown key id")
+    );
+
+    *served.lock().unwrap() = json!({"keys": [oct("k2", "two")]}).to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while call(&gateway, "/x", bearer(token("k2", "two"))).await.status != 200 {
+        assert!(std::time::Instant::now() < deadline, "rotated key not picked up");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    // The retired key stops working once the new document is in.
+    assert_eq!(call(&gateway, "/x", bearer(token("k1", "one"))).await.status, 401);
+}

@@ -28,6 +28,11 @@ pub struct IssuerConfig {
     /// A JWKS document (re-read on reload); keys are matched by `kid`.
     #[serde(default)]
     pub jwks_file: Option<String>,
+    /// A JWKS URL (http or https), fetched at start and every `jwks_refresh`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh", deserialize_with = "seconds")]
+    pub jwks_refresh: u64,
     /// Accepted `aud` values; empty = `aud` not checked.
     #[serde(default)]
     pub audiences: Vec<String>,
@@ -43,6 +48,9 @@ pub struct IssuerConfig {
 
 fn default_leeway() -> u64 {
     30
+}
+fn default_jwks_refresh() -> u64 {
+    300
 }
 fn default_consumer_claim() -> String {
     "sub".to_string()
@@ -84,11 +92,26 @@ impl TokenError {
     }
 }
 
+type Keys = Vec<(Option<String>, DecodingKey)>;
+
 struct Issuer {
     config: IssuerConfig,
     algorithm: Algorithm,
-    keys: Vec<(Option<String>, DecodingKey)>,
+    /// Swapped whole when a JWKS URL is fetched again.
+    keys: arc_swap::ArcSwap<Keys>,
     validation: Validation,
+}
+
+fn parse_jwks(text: &str) -> Result<Keys, String> {
+    let set: JwkSet = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    set.keys
+        .iter()
+        .map(|jwk| {
+            DecodingKey::from_jwk(jwk)
+                .map(|key| (jwk.common.key_id.clone(), key))
+                .map_err(|e| e.to_string())
+        })
+        .collect()
 }
 
 /// Every configured issuer, compiled once per configuration.
@@ -108,42 +131,46 @@ impl JwtVerifier {
                 .map_err(|_| format!("issuer {}: unknown algorithm {:?}", config.issuer, config.algorithm))?;
             let mut keys = Vec::new();
             let is_hmac = matches!(algorithm, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512);
-            match (&config.secret, &config.public_key, &config.jwks_file, is_hmac) {
-                (Some(secret), None, None, true) => keys.push((None, DecodingKey::from_secret(secret.as_bytes()))),
-                (None, Some(pem), None, false) => {
-                    let pem = pem.as_bytes();
-                    let key = match algorithm {
-                        Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
-                        Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
-                        _ => DecodingKey::from_rsa_pem(pem),
+            let sources = [
+                config.secret.is_some(),
+                config.public_key.is_some(),
+                config.jwks_file.is_some(),
+                config.jwks_url.is_some(),
+            ];
+            if sources.iter().filter(|s| **s).count() != 1 {
+                return Err(format!(
+                    "issuer {}: give exactly one of `secret`, `public_key`, `jwks_file`, `jwks_url`",
+                    config.issuer
+                ));
+            }
+            if let Some(secret) = &config.secret {
+                if !is_hmac {
+                    return Err(format!("issuer {}: `secret` is only for HS256/384/512", config.issuer));
+                }
+                keys.push((None, DecodingKey::from_secret(secret.as_bytes())));
+            }
+            if let Some(pem) = &config.public_key {
+                let pem = pem.as_bytes();
+                let key = match algorithm {
+                    Algorithm::ES256 | Algorithm::ES384 => DecodingKey::from_ec_pem(pem),
+                    Algorithm::EdDSA => DecodingKey::from_ed_pem(pem),
+                    _ if is_hmac => {
+                        return Err(format!(
+                            "issuer {}: HS* needs `secret`, not `public_key`",
+                            config.issuer
+                        ));
                     }
-                    .map_err(|e| format!("issuer {}: public_key: {e}", config.issuer))?;
-                    keys.push((None, key));
+                    _ => DecodingKey::from_rsa_pem(pem),
                 }
-                (None, None, Some(file), _) => {
-                    let path = base.join(file);
-                    let text = std::fs::read_to_string(&path)
-                        .map_err(|e| format!("issuer {}: jwks_file {}: {e}", config.issuer, path.display()))?;
-                    let set: JwkSet = serde_json::from_str(&text)
-                        .map_err(|e| format!("issuer {}: jwks_file {}: {e}", config.issuer, path.display()))?;
-                    for jwk in &set.keys {
-                        let key = DecodingKey::from_jwk(jwk)
-                            .map_err(|e| format!("issuer {}: jwks_file key: {e}", config.issuer))?;
-                        keys.push((jwk.common.key_id.clone(), key));
-                    }
-                }
-                (_, _, _, true) => {
-                    return Err(format!(
-                        "issuer {}: {algorithm:?} needs exactly one of `secret`, `jwks_file`",
-                        config.issuer
-                    ));
-                }
-                _ => {
-                    return Err(format!(
-                        "issuer {}: {algorithm:?} needs exactly one of `public_key`, `jwks_file`",
-                        config.issuer
-                    ));
-                }
+                .map_err(|e| format!("issuer {}: public_key: {e}", config.issuer))?;
+                keys.push((None, key));
+            }
+            if let Some(file) = &config.jwks_file {
+                let path = base.join(file);
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| format!("issuer {}: jwks_file {}: {e}", config.issuer, path.display()))?;
+                keys = parse_jwks(&text)
+                    .map_err(|e| format!("issuer {}: jwks_file {}: {e}", config.issuer, path.display()))?;
             }
             let mut validation = Validation::new(algorithm);
             validation.leeway = config.leeway;
@@ -157,7 +184,7 @@ impl JwtVerifier {
             built.push(Issuer {
                 config: config.clone(),
                 algorithm,
-                keys,
+                keys: arc_swap::ArcSwap::from_pointee(keys),
                 validation,
             });
         }
@@ -168,14 +195,35 @@ impl JwtVerifier {
         self.issuers.is_empty()
     }
 
+    /// Issuers whose keys come from a URL: (index, url, refresh interval).
+    pub fn jwks_urls(&self) -> Vec<(usize, String, Duration)> {
+        self.issuers
+            .iter()
+            .enumerate()
+            .filter_map(|(i, issuer)| {
+                let url = issuer.config.jwks_url.clone()?;
+                Some((i, url, Duration::from_secs(issuer.config.jwks_refresh.max(1))))
+            })
+            .collect()
+    }
+
+    /// Installs a freshly fetched JWKS document for issuer `index`; returns the key count.
+    pub fn set_jwks(&self, index: usize, text: &str) -> Result<usize, String> {
+        let issuer = self.issuers.get(index).ok_or("no such issuer")?;
+        let keys = parse_jwks(text)?;
+        let count = keys.len();
+        issuer.keys.store(Arc::new(keys));
+        Ok(count)
+    }
+
     /// Verifies `token`; `default_plan` applies when neither claim nor issuer names one.
     pub fn verify(&self, token: &str, default_plan: &str) -> Result<Identity, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
         let mut error = TokenError::AlgorithmNotAllowed;
         for issuer in self.issuers.iter().filter(|i| i.algorithm == header.alg) {
             let mut key_found = false;
-            let keys = issuer
-                .keys
+            let loaded = issuer.keys.load();
+            let keys = loaded
                 .iter()
                 .filter(|(kid, _)| header.kid.is_none() || kid.is_none() || *kid == header.kid);
             for (_, key) in keys {
@@ -250,6 +298,8 @@ mod tests {
             secret: None,
             public_key: None,
             jwks_file: None,
+            jwks_url: None,
+            jwks_refresh: 300,
             audiences: vec!["geo".into()],
             leeway: 0,
             consumer_claim: "sub".into(),

@@ -3,6 +3,7 @@
 //! after each admin write, so a write copies 1/256 of the keys, not all of them.
 
 mod client_ip;
+pub mod jwks_fetch;
 pub mod jwt;
 
 use std::collections::HashMap;

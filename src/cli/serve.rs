@@ -49,7 +49,8 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         gateway.clone(),
         shutdown_rx.clone(),
     ));
-    tokio::spawn(resolve_periodically(gateway.clone(), shutdown_rx));
+    tokio::spawn(resolve_periodically(gateway.clone(), shutdown_rx.clone()));
+    tokio::spawn(refresh_jwks_periodically(gateway.clone(), shutdown_rx));
     gateway.set_ready(true);
     tracing::info!(proxy = ?proxy_addrs, admin = %admin_addr, workers, "tollgate ready");
     Ok(Running {
@@ -123,5 +124,34 @@ async fn resolve_periodically(gateway: Arc<Gateway>, mut shutdown: watch::Receiv
                 pool.resolve().await;
             }
         }
+    }
+}
+
+/// Fetches JWKS URLs of the live configuration again at each issuer's `jwks_refresh`.
+async fn refresh_jwks_periodically(gateway: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
+    // Keyed by snapshot and issuer: a reload brings a new verifier, fetched when built.
+    let mut last: std::collections::HashMap<(usize, usize), tokio::time::Instant> = Default::default();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = crate::listener::stopped(&mut shutdown) => return,
+        }
+        let snapshot = gateway.snapshot();
+        let generation = Arc::as_ptr(&snapshot) as usize;
+        let urls = snapshot.jwt.jwks_urls();
+        if urls.is_empty() {
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        let mut due = Vec::new();
+        for (index, _, interval) in &urls {
+            let entry = last.entry((generation, *index)).or_insert(now);
+            if now.duration_since(*entry) >= *interval {
+                *entry = now;
+                due.push(*index);
+            }
+        }
+        crate::auth::jwks_fetch::refresh(&snapshot.jwt, |index| due.contains(&index)).await;
+        last.retain(|(g, _), _| *g == generation);
     }
 }

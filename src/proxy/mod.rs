@@ -61,6 +61,7 @@ impl Gateway {
         let clients = ClientCache::default();
         let snapshot = Snapshot::build(Arc::new(config), None, &metrics, &clients, workers);
         snapshot.resolve_new_endpoints().await;
+        crate::auth::jwks_fetch::refresh(&snapshot.jwt, |_| true).await;
         let loader = store.clone();
         let data = tokio::task::spawn_blocking(move || loader.load())
             .await
