@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{AdminState, json_error};
-use crate::auth::{KEY_PREFIX, generate_secret, hash_key};
+use crate::auth::{KEY_PREFIX, generate_secret, hash_key, unix_now};
 use crate::proxy::{DEFAULT_PLAN, Gateway};
 use crate::state::{ApiKey, Consumer, Plan, StateError};
 
@@ -63,12 +63,6 @@ fn valid_id(id: &str) -> bool {
         && id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
-}
-
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 // ----- plans
@@ -195,7 +189,7 @@ pub async fn create_consumer(
     let consumer = Consumer {
         id: body.id,
         plan: body.plan,
-        created_at: now(),
+        created_at: unix_now(),
     };
     let mut data = state.gateway.state.lock().await;
     let stored = consumer.clone();
@@ -297,7 +291,7 @@ pub async fn create_key(State(state): State<AdminState>, payload: Result<Json<Ke
         plan: body.plan,
         hash: hash_key(&secret),
         prefix: secret[..KEY_PREFIX.len() + 4].to_string(),
-        created_at: now(),
+        created_at: unix_now(),
         expires_at: body.expires_at,
         allowed_routes: body.routes,
         revoked: false,

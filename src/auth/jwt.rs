@@ -191,10 +191,6 @@ impl JwtVerifier {
         Ok(JwtVerifier { issuers: built })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.issuers.is_empty()
-    }
-
     /// Issuers whose keys come from a URL: (index, url, refresh interval).
     pub fn jwks_urls(&self) -> Vec<(usize, String, Duration)> {
         self.issuers

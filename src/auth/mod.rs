@@ -139,6 +139,13 @@ impl KeyTable {
     }
 }
 
+/// Seconds since the Unix epoch: the clock key expiry is judged by.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
 pub fn hash_key(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }

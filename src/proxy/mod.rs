@@ -324,8 +324,9 @@ impl Worker {
         match presented {
             // A key that is presented must be valid, even where anonymous calls are allowed.
             Some((key, source)) => {
-                let identity = crate::auth::authenticate(&self.gateway.keys, Some(key), &route.name, unix_now())
-                    .map_err(|e| ProxyError::new(auth_error_kind(e)))?;
+                let identity =
+                    crate::auth::authenticate(&self.gateway.keys, Some(key), &route.name, crate::auth::unix_now())
+                        .map_err(|e| ProxyError::new(auth_error_kind(e)))?;
                 ctx.identity = Some(identity);
                 ctx.key_source = Some(source);
             }
@@ -535,13 +536,8 @@ fn find_api_key(req: &Request<Incoming>) -> Option<(&str, KeySource)> {
     if let Some(key) = req.headers().get(&headers::X_API_KEY).and_then(|v| v.to_str().ok()) {
         return Some((key.trim(), KeySource::Header));
     }
-    if let Some(key) = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-    {
-        return Some((key.trim(), KeySource::Bearer));
+    if let Some(key) = bearer(req) {
+        return Some((key, KeySource::Bearer));
     }
     req.uri()
         .query()?
@@ -579,10 +575,4 @@ fn auth_error_kind(error: AuthError) -> ErrorKind {
         AuthError::KeyExpired => ErrorKind::KeyExpired,
         AuthError::RouteNotAllowed => ErrorKind::RouteNotAllowed,
     }
-}
-
-fn unix_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
