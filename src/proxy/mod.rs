@@ -169,7 +169,8 @@ pub struct RequestCtx {
     pub request_id: HeaderValue,
     pub start: Instant,
     pub client_addr: SocketAddr,
-    pub client_ip: HeaderValue,
+    /// The socket peer (or PROXY-protocol source) rendered once, for `X-Forwarded-For`.
+    pub peer_ip: HeaderValue,
     /// The `Host` the client asked for (header, or authority on HTTP/2).
     pub host: Option<HeaderValue>,
     /// Index into `Snapshot::routes` once `request_filter` matched one.
@@ -207,7 +208,7 @@ impl Worker {
             request_id: headers::request_id(req.headers()),
             start: Instant::now(),
             client_addr: conn.peer,
-            client_ip: conn.peer_ip.clone(),
+            peer_ip: conn.peer_ip.clone(),
             host: None,
             route: None,
             upstream_addr: None,
@@ -438,10 +439,10 @@ impl Worker {
         if let Some(host) = &ctx.host {
             headers.insert(&headers::X_FORWARDED_HOST, host.clone());
         }
-        headers::append_forwarded_for(headers, &ctx.client_ip);
+        headers::append_forwarded_for(headers, &ctx.peer_ip);
         // The caller as Tollgate identified it (after trusted proxies and PROXY protocol).
         let real_ip = if ctx.caller_ip == ctx.client_addr.ip() {
-            ctx.client_ip.clone()
+            ctx.peer_ip.clone()
         } else {
             headers::ip_header_value(ctx.caller_ip)
         };
