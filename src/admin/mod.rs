@@ -3,6 +3,7 @@
 //! when `[admin] token` is set.
 
 mod state_api;
+mod usage_api;
 
 use std::sync::Arc;
 
@@ -47,10 +48,17 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/consumers", get(api::list_consumers).post(api::create_consumer))
         .route(
             "/v1/consumers/{id}",
-            get(api::get_consumer).delete(api::delete_consumer),
+            get(api::get_consumer)
+                .patch(api::update_consumer)
+                .delete(api::delete_consumer),
         )
         .route("/v1/keys", get(api::list_keys).post(api::create_key))
-        .route("/v1/keys/{id}", get(api::get_key).delete(api::revoke_key))
+        .route(
+            "/v1/keys/{id}",
+            get(api::get_key).patch(api::update_key).delete(api::revoke_key),
+        )
+        .route("/v1/usage", get(usage_api::usage_report))
+        .route("/v1/usage/top", get(usage_api::usage_top))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/openapi.json", get(openapi))
@@ -171,12 +179,13 @@ pub struct ErrorDetail {
 
 #[derive(utoipa::OpenApi)]
 #[openapi(
-    info(title = "Tollgate admin API", description = "Plans, consumers, API keys, probes and reload."),
+    info(title = "Tollgate admin API", description = "Plans, consumers, API keys, usage reports, probes and reload."),
     paths(
         healthz, readyz, reload,
         api::list_plans, api::get_plan, api::create_plan, api::put_plan, api::delete_plan,
-        api::list_consumers, api::get_consumer, api::create_consumer, api::delete_consumer,
-        api::list_keys, api::get_key, api::create_key, api::revoke_key,
+        api::list_consumers, api::get_consumer, api::create_consumer, api::update_consumer, api::delete_consumer,
+        api::list_keys, api::get_key, api::create_key, api::update_key, api::revoke_key,
+        usage_api::usage_report, usage_api::usage_top,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth)

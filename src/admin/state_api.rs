@@ -75,17 +75,21 @@ pub struct PlanBody {
     burst: Option<u32>,
     daily: Option<u64>,
     monthly: Option<u64>,
+    #[serde(default)]
+    groups: std::collections::BTreeMap<String, crate::state::GroupQuota>,
 }
 
-#[utoipa::path(get, path = "/v1/plans", responses((status = 200, description = "All plans")))]
+#[utoipa::path(get, path = "/v1/plans", responses((status = 200, description = "All plans: the file's, and stored ones (which override a file plan of the same name)")))]
 pub async fn list_plans(State(state): State<AdminState>) -> Response {
     let data = state.gateway.state.lock().await;
-    Json(json!({ "plans": data.plans.values().collect::<Vec<_>>() })).into_response()
+    let plans = state.gateway.effective_plans(&data);
+    Json(json!({ "plans": plans.values().collect::<Vec<_>>() })).into_response()
 }
 
 #[utoipa::path(get, path = "/v1/plans/{name}", params(("name" = String, Path)), responses((status = 200, body = crate::state::Plan), (status = 404, body = super::ErrorBody)))]
 pub async fn get_plan(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
-    match state.gateway.state.lock().await.plans.get(&name) {
+    let data = state.gateway.state.lock().await;
+    match state.gateway.effective_plans(&data).get(&name) {
         Some(plan) => Json(plan).into_response(),
         None => state_error(StateError::NotFound(format!("plan {name}"))),
     }
@@ -128,13 +132,18 @@ async fn save_plan(state: &AdminState, name: String, body: PlanBody, status: Sta
         burst: body.burst,
         daily: body.daily,
         monthly: body.monthly,
+        groups: body.groups,
     };
+    if plan.rate_per_second == Some(0) {
+        return bad_request("field `rate_per_second`: must be at least 1 (omit it for no rate limit)");
+    }
     let mut data = state.gateway.state.lock().await;
     let stored = plan.clone();
     if let Err(response) = blocking(&state.gateway, move |s| s.put_plan(&stored)).await {
         return response;
     }
     data.plans.insert(plan.name.clone(), plan.clone());
+    state.gateway.rebuild_plans(&data);
     (status, Json(plan)).into_response()
 }
 
@@ -145,6 +154,7 @@ pub async fn delete_plan(State(state): State<AdminState>, Path(name): Path<Strin
     match blocking(&state.gateway, move |s| s.delete_plan(&target)).await {
         Ok(()) => {
             data.plans.remove(&name);
+            state.gateway.rebuild_plans(&data);
             StatusCode::NO_CONTENT.into_response()
         }
         Err(response) => response,
@@ -198,6 +208,51 @@ pub async fn create_consumer(
     }
     data.consumers.insert(consumer.id.clone(), consumer.clone());
     (StatusCode::CREATED, Json(consumer)).into_response()
+}
+
+/// `null` and absent differ for PATCH: `"plan": null` clears the plan.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConsumerPatch {
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    plan: Option<Option<String>>,
+}
+
+#[utoipa::path(patch, path = "/v1/consumers/{id}", params(("id" = String, Path)), request_body = ConsumerPatch, responses((status = 200, body = crate::state::Consumer), (status = 404, body = super::ErrorBody)))]
+pub async fn update_consumer(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    payload: Result<Json<ConsumerPatch>, JsonRejection>,
+) -> Response {
+    let patch = match body(payload) {
+        Ok(patch) => patch,
+        Err(response) => return response,
+    };
+    let mut data = state.gateway.state.lock().await;
+    let Some(mut consumer) = data.consumers.get(&id).cloned() else {
+        return state_error(StateError::NotFound(format!("consumer {id}")));
+    };
+    if let Some(plan) = patch.plan {
+        consumer.plan = plan;
+    }
+    let stored = consumer.clone();
+    if let Err(response) = blocking(&state.gateway, move |s| s.update_consumer(&stored)).await {
+        return response;
+    }
+    data.consumers.insert(id.clone(), consumer.clone());
+    // Keys without a plan of their own follow the consumer's; usage stays with the keys.
+    match blocking(&state.gateway, move |s| s.consumer_keys(&id)).await {
+        Ok(keys) => keys
+            .iter()
+            .for_each(|key| state.gateway.keys.upsert(key, &data, DEFAULT_PLAN)),
+        Err(response) => return response,
+    }
+    Json(consumer).into_response()
 }
 
 #[utoipa::path(delete, path = "/v1/consumers/{id}", params(("id" = String, Path)), responses((status = 204, description = "Deleted; its keys are revoked"), (status = 404, body = super::ErrorBody)))]
@@ -321,6 +376,58 @@ pub async fn get_key(State(state): State<AdminState>, Path(id): Path<String>) ->
 pub async fn list_keys(State(state): State<AdminState>) -> Response {
     match blocking(&state.gateway, |s| s.list_keys()).await {
         Ok(keys) => Json(json!({ "keys": keys.iter().map(view).collect::<Vec<_>>() })).into_response(),
+        Err(response) => response,
+    }
+}
+
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct KeyPatch {
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    plan: Option<Option<String>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<i64>)]
+    expires_at: Option<Option<i64>>,
+    routes: Option<Vec<String>>,
+}
+
+/// Changes a key's plan, expiry or routes. A plan change applies from the next request
+/// and keeps the key's usage: quotas are counted per key, not per plan.
+#[utoipa::path(patch, path = "/v1/keys/{id}", params(("id" = String, Path)), request_body = KeyPatch, responses((status = 200, body = KeyView), (status = 404, body = super::ErrorBody)))]
+pub async fn update_key(
+    State(state): State<AdminState>,
+    Path(id): Path<String>,
+    payload: Result<Json<KeyPatch>, JsonRejection>,
+) -> Response {
+    let patch = match body(payload) {
+        Ok(patch) => patch,
+        Err(response) => return response,
+    };
+    let data = state.gateway.state.lock().await;
+    let target = id.clone();
+    let updated = blocking(&state.gateway, move |s| {
+        let mut key = s
+            .get_key(&target)?
+            .ok_or_else(|| StateError::NotFound(format!("key {target}")))?;
+        if let Some(plan) = patch.plan {
+            key.plan = plan;
+        }
+        if let Some(expires_at) = patch.expires_at {
+            key.expires_at = expires_at;
+        }
+        if let Some(routes) = patch.routes {
+            key.allowed_routes = routes;
+        }
+        s.update_key(&key)?;
+        Ok(key)
+    })
+    .await;
+    match updated {
+        Ok(key) => {
+            state.gateway.keys.upsert(&key, &data, DEFAULT_PLAN);
+            Json(view(&key)).into_response()
+        }
         Err(response) => response,
     }
 }

@@ -227,7 +227,7 @@ impl JwtVerifier {
                 let decoded =
                     jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(token, key, &issuer.validation);
                 match decoded {
-                    Ok(data) => return identity(&issuer.config, &data.claims, header.kid.as_deref(), default_plan),
+                    Ok(data) => return identity(&issuer.config, &data.claims, default_plan),
                     Err(e) => {
                         error = match e.kind() {
                             JwtErrorKind::ExpiredSignature => TokenError::Expired,
@@ -255,7 +255,6 @@ impl JwtVerifier {
 fn identity(
     config: &IssuerConfig,
     claims: &serde_json::Map<String, serde_json::Value>,
-    kid: Option<&str>,
     default_plan: &str,
 ) -> Result<Identity, TokenError> {
     let consumer = claims
@@ -271,7 +270,8 @@ fn identity(
         .or(config.default_plan.as_deref())
         .unwrap_or(default_plan);
     Ok(Identity {
-        key_id: Arc::from(format!("jwt:{}", kid.unwrap_or(&config.issuer)).as_str()),
+        // Usage is charged per consumer: every token of one consumer shares its quota.
+        key_id: Arc::from(format!("jwt:{consumer}").as_str()),
         consumer_id: Arc::from(consumer),
         plan: Arc::from(plan),
     })
@@ -394,7 +394,7 @@ mod tests {
         let rotated = hs("two", Some("k2"), &claims(json!({})));
         assert_eq!(verifier.verify(&rotated, "d").unwrap_err(), TokenError::UnknownKid);
         std::fs::write(&jwks, json!({"keys": [oct("k1", "one"), oct("k2", "two")]}).to_string()).unwrap();
-        assert_eq!(&*build().verify(&rotated, "d").unwrap().key_id, "jwt:k2");
+        assert_eq!(&*build().verify(&rotated, "d").unwrap().key_id, "jwt:acme");
     }
 
     #[test]

@@ -17,6 +17,8 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
     shutdown: watch::Sender<bool>,
+    stop_flusher: watch::Sender<bool>,
+    flusher: tokio::task::JoinHandle<()>,
     workers: Vec<JoinHandle<()>>,
     admin: tokio::task::JoinHandle<()>,
 }
@@ -39,10 +41,14 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     let admin_addr = admin_listener.local_addr()?;
     let store = crate::state::SqliteBackend::open(&config.data_dir.join("tollgate.db"))
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers, Arc::new(store))
+    let clock = crate::limits::window::Clock::from_env().map_err(std::io::Error::other)?;
+    let flush_interval = config.usage.flush_interval;
+    let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers, Arc::new(store), clock)
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let (shutdown, shutdown_rx) = watch::channel(false);
+    // The flusher stops after the workers, so counts of drained requests are written too.
+    let (stop_flusher, flusher_rx) = watch::channel(false);
     let worker_handles = crate::listener::spawn_workers(gateway.clone(), listeners, shutdown_rx.clone(), grace)?;
     let admin = tokio::spawn(crate::admin::serve(
         admin_listener,
@@ -51,6 +57,7 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     ));
     tokio::spawn(resolve_periodically(gateway.clone(), shutdown_rx.clone()));
     tokio::spawn(refresh_jwks_periodically(gateway.clone(), shutdown_rx));
+    let flusher = tokio::spawn(gateway.usage.clone().run(flush_interval, flusher_rx));
     gateway.set_ready(true);
     tracing::info!(proxy = ?proxy_addrs, admin = %admin_addr, workers, "tollgate ready");
     Ok(Running {
@@ -58,6 +65,8 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         admin_addr,
         gateway,
         shutdown,
+        stop_flusher,
+        flusher,
         workers: worker_handles,
         admin,
     })
@@ -98,6 +107,8 @@ impl Running {
         })
         .await;
         let _ = self.admin.await;
+        let _ = self.stop_flusher.send(true);
+        let _ = self.flusher.await;
         tracing::info!("stopped");
     }
 }

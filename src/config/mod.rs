@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::de::{DeserializeOwned, IntoDeserializer};
 use toml_edit::{Item, Value};
@@ -17,7 +18,7 @@ use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
 pub use schema::{
     AdminSection, AnonymousBy, AnonymousSection, AuthMethod, EndpointSpec, JwtSection, LbPolicy, PlanSection,
-    RouteSection, ServerSection, TimeoutsSection, UpstreamProtocol, UpstreamSection,
+    RouteSection, ServerSection, TimeoutsSection, UpstreamProtocol, UpstreamSection, UsageSection,
 };
 
 /// A checked configuration. Only [`load`] and [`parse`] build one.
@@ -35,6 +36,7 @@ pub struct Config {
     pub plans: BTreeMap<String, PlanSection>,
     pub anonymous: AnonymousSection,
     pub jwt: JwtSection,
+    pub usage: UsageSection,
     /// `server.trusted_proxies`, parsed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
@@ -164,6 +166,44 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         None => {}
     }
 
+    for (name, plan) in &plans {
+        let item = root.get("plans").and_then(|p| p.get(name));
+        if plan.rate.as_ref().is_some_and(|r| r.per_second == 0) {
+            sink.push(
+                item.and_then(|i| i.get("rate"))
+                    .and_then(|i| field_span(i, "per_second")),
+                &format!("plans.{name}.rate.per_second"),
+                "must be at least 1",
+            );
+        }
+    }
+
+    let usage: UsageSection = match root.get("usage") {
+        Some(item) => read_section(&mut sink, item, "usage").unwrap_or_default(),
+        None => UsageSection::default(),
+    };
+    let usage_item = root.get("usage");
+    if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&usage.flush_interval) {
+        sink.push(
+            usage_item.and_then(|i| field_span(i, "flush_interval")),
+            "usage.flush_interval",
+            "must be between 10ms and 60s",
+        );
+    }
+    for (field, value) in [
+        ("retention", usage.retention),
+        ("anonymous_retention", usage.anonymous_retention),
+    ] {
+        // A month's counters are rebuilt from its days at start, so a month must survive.
+        if value < Duration::from_secs(32 * 86_400) {
+            sink.push(
+                usage_item.and_then(|i| field_span(i, field)),
+                &format!("usage.{field}"),
+                "must be at least 32 days",
+            );
+        }
+    }
+
     let mut routes = Vec::new();
     match root.get("routes") {
         Some(Item::ArrayOfTables(array)) => {
@@ -287,6 +327,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         plans,
         anonymous,
         jwt,
+        usage,
         trusted_proxies,
     })
 }

@@ -235,6 +235,9 @@ pub struct RouteSection {
     pub upstream: String,
     #[serde(default)]
     pub strip_prefix: bool,
+    /// Route group whose quotas (`[plans.NAME.groups.GROUP]`) this route counts against.
+    #[serde(default)]
+    pub group: Option<String>,
     /// How callers must identify themselves; empty = public route.
     #[serde(default)]
     pub auth: Vec<AuthMethod>,
@@ -309,6 +312,43 @@ pub struct PlanSection {
     pub daily: Option<u64>,
     #[serde(default)]
     pub monthly: Option<u64>,
+    /// Quotas of route groups, by group name.
+    #[serde(default)]
+    pub groups: BTreeMap<String, crate::state::GroupQuota>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageSection {
+    /// How often changed counters are written to the state backend.
+    #[serde(default = "default_flush_interval", deserialize_with = "duration")]
+    pub flush_interval: Duration,
+    /// How long per-key usage (per consumer, route and day) is kept for reports.
+    #[serde(default = "default_retention", deserialize_with = "duration")]
+    pub retention: Duration,
+    /// How long anonymous usage (per IP and Referer) is kept.
+    #[serde(default = "default_anonymous_retention", deserialize_with = "duration")]
+    pub anonymous_retention: Duration,
+}
+
+impl Default for UsageSection {
+    fn default() -> Self {
+        UsageSection {
+            flush_interval: default_flush_interval(),
+            retention: default_retention(),
+            anonymous_retention: default_anonymous_retention(),
+        }
+    }
+}
+
+fn default_flush_interval() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_retention() -> Duration {
+    Duration::from_secs(400 * 86_400)
+}
+fn default_anonymous_retention() -> Duration {
+    Duration::from_secs(90 * 86_400)
 }
 
 fn default_path() -> String {
@@ -325,6 +365,7 @@ pub const SECTIONS: &[&str] = &[
     "plans",
     "anonymous",
     "jwt",
+    "usage",
 ];
 
 pub type Upstreams = BTreeMap<String, UpstreamSection>;

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::limits::PlanDecisions;
 use crate::proxy::ErrorKind;
 
 pub const REQUESTS_TOTAL: &str = "tollgate_requests_total";
@@ -20,6 +21,11 @@ pub const OPEN_CONNECTIONS: &str = "tollgate_open_connections";
 pub const CONNECTIONS_TOTAL: &str = "tollgate_connections_total";
 pub const PARKED_CONNECTIONS: &str = "tollgate_parked_connections";
 pub const CONFIG_RELOADS_TOTAL: &str = "tollgate_config_reloads_total";
+pub const LIMIT_DECISIONS_TOTAL: &str = "tollgate_limit_decisions_total";
+pub const USAGE_COUNTERS: &str = "tollgate_usage_counters";
+pub const USAGE_FLUSH_DURATION: &str = "tollgate_usage_flush_duration_seconds";
+pub const USAGE_FLUSHES_TOTAL: &str = "tollgate_usage_flushes_total";
+pub const USAGE_ROWS_WRITTEN_TOTAL: &str = "tollgate_usage_rows_written_total";
 
 /// Upper bounds of the latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -91,6 +97,43 @@ pub struct Metrics {
     parked_connections: AtomicI64,
     reloads_ok: AtomicU64,
     reloads_failed: AtomicU64,
+    plans: Mutex<BTreeMap<String, Arc<PlanDecisions>>>,
+    pub usage: UsageMetrics,
+}
+
+/// The usage flusher's health: how many counters are held and how writes go.
+#[derive(Default)]
+pub struct UsageMetrics {
+    counters: AtomicI64,
+    flushes_ok: AtomicU64,
+    flushes_failed: AtomicU64,
+    rows_written: AtomicU64,
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    duration_sum_micros: AtomicU64,
+}
+
+impl UsageMetrics {
+    pub fn set_counters(&self, count: usize) {
+        self.counters.store(count as i64, Ordering::Relaxed);
+    }
+
+    pub fn flushed(&self, result: Result<usize, ()>, took: Duration) {
+        match result {
+            Ok(rows) => {
+                self.flushes_ok.fetch_add(1, Ordering::Relaxed);
+                self.rows_written.fetch_add(rows as u64, Ordering::Relaxed);
+            }
+            Err(()) => drop(self.flushes_failed.fetch_add(1, Ordering::Relaxed)),
+        }
+        let seconds = took.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.duration_sum_micros
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
 }
 
 /// Keeps `tollgate_open_connections` right on every exit path of a connection.
@@ -120,6 +163,12 @@ impl Metrics {
             .entry(name.to_string())
             .or_insert_with(|| Arc::new(RouteMetrics::new()))
             .clone()
+    }
+
+    /// Decision counters of a plan; kept by name across plan edits and reloads.
+    pub fn plan(&self, name: &str) -> Arc<PlanDecisions> {
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        plans.entry(name.to_string()).or_default().clone()
     }
 
     pub fn upstream(&self, name: &str) -> Arc<UpstreamMetrics> {
@@ -243,7 +292,78 @@ impl Metrics {
             "{CONFIG_RELOADS_TOTAL}{{result=\"failure\"}} {}",
             self.reloads_failed.load(Ordering::Relaxed)
         );
+        self.render_limits(&mut out);
         out
+    }
+
+    fn render_limits(&self, out: &mut String) {
+        let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let _ = writeln!(
+            out,
+            "# HELP {LIMIT_DECISIONS_TOTAL} Plan decisions on charged requests, by plan and decision."
+        );
+        let _ = writeln!(out, "# TYPE {LIMIT_DECISIONS_TOTAL} counter");
+        for (name, d) in &plans {
+            let name = escape(name);
+            for (decision, counter) in [
+                ("admitted", &d.admitted),
+                ("rate_limited", &d.rate_limited),
+                ("quota_exceeded", &d.quota_exceeded),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "{LIMIT_DECISIONS_TOTAL}{{plan=\"{name}\",decision=\"{decision}\"}} {}",
+                    counter.load(Ordering::Relaxed)
+                );
+            }
+        }
+        let u = &self.usage;
+        let _ = writeln!(
+            out,
+            "# HELP {USAGE_COUNTERS} Subjects with usage counters held in memory."
+        );
+        let _ = writeln!(out, "# TYPE {USAGE_COUNTERS} gauge");
+        let _ = writeln!(out, "{USAGE_COUNTERS} {}", u.counters.load(Ordering::Relaxed));
+        let _ = writeln!(
+            out,
+            "# HELP {USAGE_FLUSHES_TOTAL} Usage flushes to the state backend, by result."
+        );
+        let _ = writeln!(out, "# TYPE {USAGE_FLUSHES_TOTAL} counter");
+        let _ = writeln!(
+            out,
+            "{USAGE_FLUSHES_TOTAL}{{result=\"success\"}} {}",
+            u.flushes_ok.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "{USAGE_FLUSHES_TOTAL}{{result=\"failure\"}} {}",
+            u.flushes_failed.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {USAGE_ROWS_WRITTEN_TOTAL} Counter slots written to the state backend."
+        );
+        let _ = writeln!(out, "# TYPE {USAGE_ROWS_WRITTEN_TOTAL} counter");
+        let _ = writeln!(
+            out,
+            "{USAGE_ROWS_WRITTEN_TOTAL} {}",
+            u.rows_written.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {USAGE_FLUSH_DURATION} Time to write one batch of usage slots."
+        );
+        let _ = writeln!(out, "# TYPE {USAGE_FLUSH_DURATION} histogram");
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += u.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{USAGE_FLUSH_DURATION}_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += u.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{USAGE_FLUSH_DURATION}_bucket{{le=\"+Inf\"}} {cumulative}");
+        let sum = u.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let _ = writeln!(out, "{USAGE_FLUSH_DURATION}_sum {sum}");
+        let _ = writeln!(out, "{USAGE_FLUSH_DURATION}_count {cumulative}");
     }
 }
 

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode, header};
 
 use super::body::ProxyBody;
+use crate::limits::{Now, RejectKind, Rejection, window};
 
 /// Who caused a failure: decides logging level and which metric counts it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +27,10 @@ pub enum ErrorKind {
     KeyRevoked,
     KeyExpired,
     RouteNotAllowed,
+    /// The plan's rate limit (GCRA) refused the request.
+    RateLimited,
+    /// A daily or monthly quota of the plan is used up.
+    QuotaExceeded,
     /// Malformed request (e.g. both `Content-Length` and `Transfer-Encoding`).
     BadRequest,
     /// The request head did not arrive within `server.header_read_timeout`.
@@ -51,6 +56,7 @@ impl ErrorKind {
                 StatusCode::UNAUTHORIZED
             }
             ErrorKind::KeyRevoked | ErrorKind::KeyExpired | ErrorKind::RouteNotAllowed => StatusCode::FORBIDDEN,
+            ErrorKind::RateLimited | ErrorKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -71,6 +77,8 @@ impl ErrorKind {
             ErrorKind::KeyRevoked => "key_revoked",
             ErrorKind::KeyExpired => "key_expired",
             ErrorKind::RouteNotAllowed => "route_not_allowed",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::QuotaExceeded => "quota_exceeded",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::HeaderTimeout => "request_timeout",
             ErrorKind::HeadersTooLarge => "headers_too_large",
@@ -91,6 +99,8 @@ impl ErrorKind {
             ErrorKind::KeyRevoked => "the API key has been revoked",
             ErrorKind::KeyExpired => "the API key has expired",
             ErrorKind::RouteNotAllowed => "the API key may not call this route",
+            ErrorKind::RateLimited => "too many requests; slow down",
+            ErrorKind::QuotaExceeded => "the plan's quota is used up",
             ErrorKind::BadRequest => "malformed request",
             ErrorKind::HeaderTimeout => "the request head was not received in time",
             ErrorKind::HeadersTooLarge => "request headers are too large",
@@ -111,6 +121,8 @@ impl ErrorKind {
             | ErrorKind::KeyRevoked
             | ErrorKind::KeyExpired
             | ErrorKind::RouteNotAllowed
+            | ErrorKind::RateLimited
+            | ErrorKind::QuotaExceeded
             | ErrorKind::BadRequest
             | ErrorKind::HeaderTimeout
             | ErrorKind::HeadersTooLarge => ErrorSource::Client,
@@ -128,17 +140,36 @@ impl ErrorKind {
 pub struct ProxyError {
     pub kind: ErrorKind,
     pub cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+    /// For 429s: which limit refused, and until when.
+    pub rejection: Option<Box<Rejection>>,
 }
 
 impl ProxyError {
     pub fn new(kind: ErrorKind) -> Self {
-        ProxyError { kind, cause: None }
+        ProxyError {
+            kind,
+            cause: None,
+            rejection: None,
+        }
     }
 
     pub fn with_cause(kind: ErrorKind, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
         ProxyError {
             kind,
             cause: Some(cause.into()),
+            rejection: None,
+        }
+    }
+
+    pub fn limited(rejection: Rejection) -> Self {
+        let kind = match rejection.kind {
+            RejectKind::RateLimited => ErrorKind::RateLimited,
+            RejectKind::QuotaExceeded => ErrorKind::QuotaExceeded,
+        };
+        ProxyError {
+            kind,
+            cause: None,
+            rejection: Some(Box::new(rejection)),
         }
     }
 }
@@ -166,6 +197,48 @@ pub fn error_body(code: &str, message: &str, request_id: &str) -> Bytes {
         "error": { "code": code, "message": message, "request_id": request_id }
     });
     Bytes::from(body.to_string())
+}
+
+/// A 429: the error body names the limit, how many requests it allows, and when it resets
+/// (DESIGN §4); `Retry-After` is set by the response phase with the `RateLimit` headers.
+pub fn limit_response(
+    kind: ErrorKind,
+    rejection: &Rejection,
+    now: Now,
+    request_id: &HeaderValue,
+) -> Response<ProxyBody> {
+    let status = &rejection.status;
+    let policy = status.name.policy();
+    let message = match rejection.kind {
+        RejectKind::RateLimited => format!(
+            "rate limit of {} requests per {} s exceeded; retry in {} s",
+            status.quota, status.window_secs, rejection.retry_after
+        ),
+        RejectKind::QuotaExceeded => format!(
+            "{policy} quota of {} requests is used up; it resets at {}",
+            status.quota,
+            window::format_timestamp(now.secs() + status.reset_secs)
+        ),
+    };
+    let body = serde_json::json!({
+        "error": {
+            "code": kind.code(),
+            "message": message,
+            "request_id": request_id.to_str().unwrap_or(""),
+            "policy": policy,
+            "window": status.name.window(),
+            "limit": status.quota,
+            "remaining": 0,
+            "reset": window::format_timestamp(now.secs() + rejection.retry_after),
+            "retry_after": rejection.retry_after,
+        }
+    });
+    let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
+    *response.status_mut() = kind.status();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers.insert(&super::headers::X_REQUEST_ID, request_id.clone());
+    response
 }
 
 /// The response a client sees for `kind`.

@@ -53,6 +53,24 @@ fn lowercase(token: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// True when the client asks to switch protocols (WebSocket) on an HTTP/1.1 connection.
+static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+
+/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) for one
+/// limit, and `Retry-After` on a refusal.
+pub fn insert_rate_limit(headers: &mut HeaderMap, status: &crate::limits::LimitStatus, retry_after: Option<u64>) {
+    let name = status.name.policy();
+    let policy = format!("\"{name}\";q={};w={}", status.quota, status.window_secs);
+    let current = format!("\"{name}\";r={};t={}", status.remaining, status.reset_secs);
+    if let (Ok(policy), Ok(current)) = (HeaderValue::from_str(&policy), HeaderValue::from_str(&current)) {
+        headers.insert(&RATELIMIT_POLICY, policy);
+        headers.insert(&RATELIMIT, current);
+    }
+    if let Some(seconds) = retry_after {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+}
+
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers

@@ -25,15 +25,18 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 pub use body::ProxyBody;
-pub use error::{ErrorKind, ErrorSource, ProxyError, error_body, error_response, raw_error_response};
+pub use error::{ErrorKind, ErrorSource, ProxyError, error_body, error_response, limit_response, raw_error_response};
 pub use snapshot::{ClientCache, Route, Snapshot, UpstreamPool};
 
 use crate::auth::{AuthError, Identity, KeyTable};
 use crate::config::{self, Config, ConfigErrors, HashKey, UpstreamProtocol};
+use crate::limits::{LimitStatus, PlanLimits, PlanTable};
 use crate::listener::ConnPhase;
 use crate::metrics::Metrics;
 use crate::state::{StateBackend, StateData};
 use crate::upstream::{InflightGuard, Target};
+use crate::usage::flush::{Retention, Usage};
+use crate::usage::{Charge, Subject};
 
 /// State shared by every worker: the live configuration snapshot and the metrics.
 pub struct Gateway {
@@ -43,7 +46,11 @@ pub struct Gateway {
     pub keys: KeyTable,
     pub store: Arc<dyn StateBackend>,
     /// The backend's contents as last written, for the admin API; never used per request.
+    /// Its plans are the stored ones; [`Gateway::plans`] merges them with the file's.
     pub state: tokio::sync::Mutex<StateData>,
+    /// Plans compiled for the request path.
+    plans: ArcSwap<PlanTable>,
+    pub usage: Arc<Usage>,
     clients: ClientCache,
     workers: usize,
     ready: AtomicBool,
@@ -57,6 +64,7 @@ impl Gateway {
         metrics: Arc<Metrics>,
         workers: usize,
         store: Arc<dyn StateBackend>,
+        clock: crate::limits::window::Clock,
     ) -> Result<Arc<Gateway>, crate::state::StateError> {
         let clients = ClientCache::default();
         let snapshot = Snapshot::build(Arc::new(config), None, &metrics, &clients, workers);
@@ -66,18 +74,6 @@ impl Gateway {
         let data = tokio::task::spawn_blocking(move || loader.load())
             .await
             .map_err(|e| crate::state::StateError::Backend(e.to_string()))??;
-        let mut data = data;
-        // Plans from the file are listed with the stored ones; a stored plan of the same
-        // name wins, so the admin API can override a file plan.
-        for (name, plan) in &snapshot.config.plans {
-            data.plans.entry(name.clone()).or_insert_with(|| crate::state::Plan {
-                name: name.clone(),
-                rate_per_second: plan.rate.as_ref().map(|r| r.per_second),
-                burst: plan.rate.as_ref().and_then(|r| r.burst),
-                daily: plan.daily,
-                monthly: plan.monthly,
-            });
-        }
         let source = store.clone();
         // Keys stream from the backend into the table; they are never all held twice.
         let (keys, data) = tokio::task::spawn_blocking(move || {
@@ -87,8 +83,34 @@ impl Gateway {
         })
         .await
         .map_err(|e| crate::state::StateError::Backend(e.to_string()))??;
+        let days = |d: std::time::Duration| (d.as_secs() / 86_400) as u32;
+        let usage = Arc::new(Usage::new(
+            LOCAL_NODE.to_string(),
+            clock,
+            store.clone(),
+            metrics.clone(),
+            Retention {
+                key_days: days(snapshot.config.usage.retention),
+                anonymous_days: days(snapshot.config.usage.anonymous_retention),
+            },
+        ));
+        let plans = plan_table(&snapshot.config, &data, &metrics);
+        usage
+            .table
+            .set_anonymous_month(plans.get(&snapshot.config.anonymous.plan).tracks_month());
+        let restoring = usage.clone();
+        let restored = tokio::task::spawn_blocking(move || restoring.restore())
+            .await
+            .map_err(|e| crate::state::StateError::Backend(e.to_string()))??;
+        tracing::info!(
+            slots = restored,
+            subjects = usage.table.len(),
+            "usage counters restored"
+        );
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
+            plans: ArcSwap::from_pointee(plans),
+            usage,
             metrics,
             keys,
             store,
@@ -102,6 +124,26 @@ impl Gateway {
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
         self.snapshot.load_full()
+    }
+
+    /// Every plan: the file's, overridden by stored ones of the same name.
+    pub fn effective_plans(&self, data: &StateData) -> std::collections::BTreeMap<String, crate::state::Plan> {
+        effective_plans(&self.snapshot().config, data)
+    }
+
+    /// Recompiles the request path's plans after a plan write or a reload; applies to the
+    /// next request, and usage counts are untouched.
+    pub fn rebuild_plans(&self, data: &StateData) {
+        let snapshot = self.snapshot();
+        let table = plan_table(&snapshot.config, data, &self.metrics);
+        self.usage
+            .table
+            .set_anonymous_month(table.get(&snapshot.config.anonymous.plan).tracks_month());
+        self.plans.store(Arc::new(table));
+    }
+
+    pub fn plan(&self, name: &str) -> Arc<PlanLimits> {
+        self.plans.load().get(name).clone()
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -138,6 +180,7 @@ impl Gateway {
         );
         next.resolve_new_endpoints().await;
         self.snapshot.store(Arc::new(next));
+        self.rebuild_plans(&*self.state.lock().await);
         self.metrics.reload(true);
         tracing::info!("configuration reloaded");
         Ok(())
@@ -146,6 +189,34 @@ impl Gateway {
 
 /// The plan of keys whose consumer has none and that name none themselves.
 pub const DEFAULT_PLAN: &str = "default";
+
+/// This node's slot name in usage counters until nodes are named by `[cluster]`.
+pub const LOCAL_NODE: &str = "local";
+
+fn effective_plans(config: &Config, data: &StateData) -> std::collections::BTreeMap<String, crate::state::Plan> {
+    let mut plans = data.plans.clone();
+    for (name, plan) in &config.plans {
+        plans.entry(name.clone()).or_insert_with(|| crate::state::Plan {
+            name: name.clone(),
+            rate_per_second: plan.rate.as_ref().map(|r| r.per_second),
+            burst: plan.rate.as_ref().and_then(|r| r.burst),
+            daily: plan.daily,
+            monthly: plan.monthly,
+            groups: plan.groups.clone(),
+        });
+    }
+    plans
+}
+
+fn plan_table(config: &Config, data: &StateData, metrics: &Metrics) -> PlanTable {
+    let plans = effective_plans(config, data);
+    PlanTable::new(
+        plans
+            .values()
+            .map(|plan| PlanLimits::from_plan(plan, metrics.plan(&plan.name))),
+        metrics.plan(crate::limits::UNDEFINED_PLAN),
+    )
+}
 
 /// Where the caller's API key was found, so it can be removed before proxying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -185,6 +256,10 @@ pub struct RequestCtx {
     /// Served on the anonymous plan, charged to `caller_ip` and `referer_host`.
     pub anonymous: bool,
     pub referer_host: Option<String>,
+    /// The limit closest to exhaustion, for the `RateLimit` headers.
+    pub limit: Option<LimitStatus>,
+    /// Seconds, on a 429.
+    pub retry_after: Option<u64>,
 }
 
 /// The endpoint chosen for one exchange.
@@ -219,6 +294,8 @@ impl Worker {
             caller_ip: conn.peer.ip(),
             anonymous: false,
             referer_host: None,
+            limit: None,
+            retry_after: None,
         };
         let mut response = match self.proxy(&snapshot, &mut ctx, req).await {
             Ok(response) => response,
@@ -349,7 +426,65 @@ impl Worker {
             None if route.api_key || route.jwt => return Err(ProxyError::new(ErrorKind::MissingCredentials)),
             None => {}
         }
+        self.limit_filter(snapshot, route, ctx)?;
         Ok(route)
+    }
+
+    /// Charges the request to its subjects under the caller's plan: the key (or JWT
+    /// consumer), or the client IP and Referer host of an anonymous caller. Refuses with
+    /// 429 when a rate limit or quota is exhausted; nothing is charged then.
+    fn limit_filter(&self, snapshot: &Snapshot, route: &Route, ctx: &mut RequestCtx) -> Result<(), ProxyError> {
+        let usage = &self.gateway.usage;
+        let plans = self.gateway.plans.load();
+        let now = usage.clock.now();
+        let (plan, outcome) = if let Some(identity) = &ctx.identity {
+            let plan = plans.get(&identity.plan);
+            let subject = Subject::Key(identity.key_id.clone());
+            let charge = Charge {
+                subject: &subject,
+                consumer: Some(&identity.consumer_id),
+                route: Some(&route.name),
+            };
+            let group = plan.group(route.group.as_deref());
+            (plan, usage.table.admit(&[charge], plan, group, now))
+        } else if ctx.anonymous {
+            let plan = plans.get(&snapshot.config.anonymous.plan);
+            let ip = snapshot.anonymous_by_ip.then_some(Subject::Ip(ctx.caller_ip));
+            let referer = ctx.referer_host.as_deref().map(|host| Subject::Referer(host.into()));
+            let charge = |subject| Charge {
+                subject,
+                consumer: None,
+                route: None,
+            };
+            let (one, two);
+            let charges: &[Charge<'_>] = match (&ip, &referer) {
+                (Some(ip), Some(referer)) => {
+                    two = [charge(ip), charge(referer)];
+                    &two
+                }
+                (Some(subject), None) | (None, Some(subject)) => {
+                    one = [charge(subject)];
+                    &one
+                }
+                (None, None) => &[],
+            };
+            let group = plan.group(route.group.as_deref());
+            (plan, usage.table.admit(charges, plan, group, now))
+        } else {
+            return Ok(());
+        };
+        plan.decisions.record(outcome.as_ref().map(|_| ()).map_err(|r| r.kind));
+        match outcome {
+            Ok(status) => {
+                ctx.limit = status;
+                Ok(())
+            }
+            Err(rejection) => {
+                ctx.limit = Some(rejection.status.clone());
+                ctx.retry_after = Some(rejection.retry_after);
+                Err(ProxyError::limited(rejection))
+            }
+        }
     }
 
     /// Phase 2: picks the endpoint by the pool's policy.
@@ -478,6 +613,9 @@ impl Worker {
         let headers = response.headers_mut();
         headers::remove_hop_by_hop(headers, switching);
         headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
+        if let Some(status) = &ctx.limit {
+            headers::insert_rate_limit(headers, status, ctx.retry_after);
+        }
     }
 
     /// Phase 5, last for every request: records metrics and the access log event.
@@ -489,7 +627,7 @@ impl Worker {
         tracing::debug!(
             target: "tollgate::access",
             request_id = ?ctx.request_id,
-            route = route.map_or("", |r| r.name.as_str()),
+            route = route.map_or("", |r| &*r.name),
             client = %ctx.caller_ip,
             upstream = ?ctx.upstream_addr,
             status = status.as_u16(),
@@ -512,7 +650,10 @@ impl Worker {
             ErrorSource::Internal => tracing::error!(request_id = ?ctx.request_id, %error, "internal error"),
             ErrorSource::Client => tracing::debug!(request_id = ?ctx.request_id, %error, "request refused"),
         }
-        error_response(error.kind, &ctx.request_id)
+        match &error.rejection {
+            Some(rejection) => limit_response(error.kind, rejection, self.gateway.usage.clock.now(), &ctx.request_id),
+            None => error_response(error.kind, &ctx.request_id),
+        }
     }
 }
 

@@ -18,7 +18,9 @@ use super::client::{LegacyClient, UpstreamClient};
 
 /// A route with everything the request path needs resolved to direct references.
 pub struct Route {
-    pub name: String,
+    pub name: Arc<str>,
+    /// The route group whose plan quotas this route counts against.
+    pub group: Option<Arc<str>>,
     pub path: String,
     pub strip_prefix: bool,
     /// Callers may present an API key (and must, unless `anonymous`).
@@ -47,6 +49,8 @@ pub struct Snapshot {
     pub no_route_metrics: Arc<RouteMetrics>,
     /// `X-Plan` for anonymous callers.
     pub anonymous_plan: http::HeaderValue,
+    /// Anonymous requests are charged to the client IP (`[anonymous] by`).
+    pub anonymous_by_ip: bool,
     pub jwt: crate::auth::jwt::JwtVerifier,
 }
 
@@ -129,7 +133,8 @@ impl Snapshot {
                 // `config::parse` guarantees every route names a declared upstream.
                 let upstream = pools.get(&r.upstream)?.clone();
                 Some(Route {
-                    name: r.name.clone(),
+                    name: r.name.as_str().into(),
+                    group: r.group.as_deref().map(Arc::from),
                     path: r.path.clone(),
                     strip_prefix: r.strip_prefix,
                     api_key: r.auth.contains(&crate::config::AuthMethod::ApiKey),
@@ -154,6 +159,7 @@ impl Snapshot {
                 tracing::error!(%error, "JWT issuers unusable; tokens will be refused");
                 crate::auth::jwt::JwtVerifier::default()
             }),
+            anonymous_by_ip: config.anonymous.by.contains(&crate::config::AnonymousBy::Ip),
             anonymous_plan: http::HeaderValue::from_str(&config.anonymous.plan)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("anonymous")),
             config,

@@ -5,6 +5,9 @@
 mod sqlite;
 
 use std::collections::BTreeMap;
+
+use crate::usage::report::UsageScan;
+use crate::usage::{StoredRow, UsageRow};
 use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
@@ -14,9 +17,19 @@ pub use sqlite::SqliteBackend;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Plan {
     pub name: String,
-    /// Requests per second (enforced by the limits issue).
+    /// Requests per second (GCRA), with `burst` requests at once.
     pub rate_per_second: Option<u32>,
     pub burst: Option<u32>,
+    pub daily: Option<u64>,
+    pub monthly: Option<u64>,
+    /// Quotas of route groups (`group = "..."` on routes), by group name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, GroupQuota>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GroupQuota {
     pub daily: Option<u64>,
     pub monthly: Option<u64>,
 }
@@ -79,6 +92,14 @@ pub trait StateBackend: Send + Sync + 'static {
     fn delete_consumer(&self, id: &str) -> Result<(), StateError>;
     fn create_key(&self, key: &ApiKey) -> Result<(), StateError>;
     fn revoke_key(&self, id: &str) -> Result<(), StateError>;
+    /// Replaces a key's plan, expiry and routes (not its secret, consumer or revocation).
+    fn update_key(&self, key: &ApiKey) -> Result<(), StateError>;
+    fn update_consumer(&self, consumer: &Consumer) -> Result<(), StateError>;
+    /// Writes this node's slots; a stored slot keeps the larger count (idempotent).
+    fn write_usage(&self, node: &str, rows: &[UsageRow]) -> Result<(), StateError>;
+    fn scan_usage(&self, scan: &UsageScan, f: &mut dyn FnMut(StoredRow)) -> Result<(), StateError>;
+    /// Deletes key rows before `key_day` and anonymous rows before `anonymous_day`.
+    fn prune_usage(&self, key_day: u32, anonymous_day: u32) -> Result<usize, StateError>;
 }
 
 /// For unit tests and `data_dir`-less runs.
@@ -92,6 +113,8 @@ struct MemoryData {
     plans: BTreeMap<String, Plan>,
     consumers: BTreeMap<String, Consumer>,
     keys: BTreeMap<String, ApiKey>,
+    /// (subject, scope, day, node) → (consumer, count)
+    usage: BTreeMap<(String, String, u32, String), (Option<String>, u64)>,
 }
 
 impl MemoryBackend {
@@ -186,6 +209,78 @@ impl StateBackend for MemoryBackend {
                 .ok_or_else(|| StateError::NotFound(format!("key {id}")))?;
             key.revoked = true;
             Ok(())
+        })
+    }
+
+    fn update_key(&self, key: &ApiKey) -> Result<(), StateError> {
+        self.with(|d| {
+            let stored = d
+                .keys
+                .get_mut(&key.id)
+                .ok_or_else(|| StateError::NotFound(format!("key {}", key.id)))?;
+            stored.plan = key.plan.clone();
+            stored.expires_at = key.expires_at;
+            stored.allowed_routes = key.allowed_routes.clone();
+            Ok(())
+        })
+    }
+
+    fn update_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
+        self.with(|d| {
+            let stored = d
+                .consumers
+                .get_mut(&consumer.id)
+                .ok_or_else(|| StateError::NotFound(format!("consumer {}", consumer.id)))?;
+            stored.plan = consumer.plan.clone();
+            Ok(())
+        })
+    }
+
+    fn write_usage(&self, node: &str, rows: &[UsageRow]) -> Result<(), StateError> {
+        self.with(|d| {
+            for row in rows {
+                let slot = d
+                    .usage
+                    .entry((row.subject.clone(), row.scope.clone(), row.day, node.to_string()))
+                    .or_insert((row.consumer.clone(), 0));
+                slot.1 = slot.1.max(row.count);
+            }
+            Ok(())
+        })
+    }
+
+    fn scan_usage(&self, scan: &UsageScan, f: &mut dyn FnMut(StoredRow)) -> Result<(), StateError> {
+        let rows: Vec<StoredRow> = self.with(|d| {
+            Ok(d.usage
+                .iter()
+                .map(|((subject, scope, day, node), (consumer, count))| StoredRow {
+                    row: UsageRow {
+                        subject: subject.clone(),
+                        consumer: consumer.clone(),
+                        scope: scope.clone(),
+                        day: *day,
+                        count: *count,
+                    },
+                    node: node.clone(),
+                })
+                .filter(|row| scan.matches(row))
+                .collect())
+        })?;
+        rows.into_iter().for_each(f);
+        Ok(())
+    }
+
+    fn prune_usage(&self, key_day: u32, anonymous_day: u32) -> Result<usize, StateError> {
+        self.with(|d| {
+            let before = d.usage.len();
+            d.usage.retain(|(subject, _, day, _), _| {
+                *day >= if subject.starts_with("key:") {
+                    key_day
+                } else {
+                    anonymous_day
+                }
+            });
+            Ok(before - d.usage.len())
         })
     }
 }

@@ -6,10 +6,16 @@ use std::sync::Mutex;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{ApiKey, Consumer, Plan, StateBackend, StateData, StateError};
+use crate::usage::report::{ScopeFilter, UsageScan};
+use crate::usage::{StoredRow, UsageRow};
 
 pub struct SqliteBackend {
-    // Admin writes are rare and run on the blocking pool; one connection is enough.
+    // Admin writes are rare and run on the blocking pool; one connection is enough for
+    // them and for the usage flusher's batches.
     conn: Mutex<Connection>,
+    /// Reports read on their own connection (WAL lets it run beside writes), so a long
+    /// report never delays a usage flush.
+    reader: Mutex<Connection>,
 }
 
 const KEY_COLUMNS: &str = "id, consumer, plan, hash, prefix, created_at, expires_at, allowed_routes, revoked";
@@ -44,6 +50,8 @@ impl SqliteBackend {
             std::fs::create_dir_all(dir).map_err(|e| StateError::Backend(format!("{}: {e}", dir.display())))?;
         }
         let conn = Connection::open(path).map_err(backend_error)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(backend_error)?;
         conn.execute_batch(
             "PRAGMA journal_mode = WAL;
              PRAGMA synchronous = FULL;
@@ -55,10 +63,36 @@ impl SqliteBackend {
              CREATE TABLE IF NOT EXISTS api_keys (
                  id TEXT PRIMARY KEY, consumer TEXT NOT NULL, plan TEXT, hash BLOB NOT NULL UNIQUE,
                  prefix TEXT NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER,
-                 allowed_routes TEXT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);",
+                 allowed_routes TEXT NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE IF NOT EXISTS usage (
+                 subject TEXT NOT NULL, scope TEXT NOT NULL, day INTEGER NOT NULL, node TEXT NOT NULL,
+                 consumer TEXT, count INTEGER NOT NULL,
+                 PRIMARY KEY (subject, scope, day, node)) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS usage_by_day ON usage (day);
+             CREATE INDEX IF NOT EXISTS usage_by_consumer ON usage (consumer, day) WHERE consumer IS NOT NULL;",
         )
         .map_err(backend_error)?;
-        Ok(SqliteBackend { conn: Mutex::new(conn) })
+        // Databases created before plans had route-group quotas.
+        let has_groups: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('plans') WHERE name = 'groups'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(backend_error)?
+            > 0;
+        if !has_groups {
+            conn.execute_batch("ALTER TABLE plans ADD COLUMN groups TEXT")
+                .map_err(backend_error)?;
+        }
+        let reader = Connection::open(path).map_err(backend_error)?;
+        reader
+            .busy_timeout(std::time::Duration::from_secs(5))
+            .map_err(backend_error)?;
+        Ok(SqliteBackend {
+            conn: Mutex::new(conn),
+            reader: Mutex::new(reader),
+        })
     }
 
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StateError> {
@@ -71,14 +105,16 @@ impl StateBackend for SqliteBackend {
     fn load(&self) -> Result<StateData, StateError> {
         self.with(|c| {
             let mut data = StateData::default();
-            let mut stmt = c.prepare("SELECT name, rate_per_second, burst, daily, monthly FROM plans")?;
+            let mut stmt = c.prepare("SELECT name, rate_per_second, burst, daily, monthly, groups FROM plans")?;
             for plan in stmt.query_map([], |r| {
+                let groups: Option<String> = r.get(5)?;
                 Ok(Plan {
                     name: r.get(0)?,
                     rate_per_second: r.get(1)?,
                     burst: r.get(2)?,
                     daily: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
                     monthly: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
+                    groups: groups.and_then(|g| serde_json::from_str(&g).ok()).unwrap_or_default(),
                 })
             })? {
                 let plan = plan?;
@@ -137,14 +173,15 @@ impl StateBackend for SqliteBackend {
     fn put_plan(&self, plan: &Plan) -> Result<(), StateError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO plans (name, rate_per_second, burst, daily, monthly) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT(name) DO UPDATE SET rate_per_second = ?2, burst = ?3, daily = ?4, monthly = ?5",
+                "INSERT INTO plans (name, rate_per_second, burst, daily, monthly, groups) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(name) DO UPDATE SET rate_per_second = ?2, burst = ?3, daily = ?4, monthly = ?5, groups = ?6",
                 params![
                     plan.name,
                     plan.rate_per_second,
                     plan.burst,
                     plan.daily.map(|v| v as i64),
-                    plan.monthly.map(|v| v as i64)
+                    plan.monthly.map(|v| v as i64),
+                    (!plan.groups.is_empty()).then(|| serde_json::to_string(&plan.groups).unwrap_or_default())
                 ],
             )
             .map(|_| ())
@@ -229,6 +266,123 @@ impl StateBackend for SqliteBackend {
             _ => Ok(()),
         }
     }
+
+    fn update_key(&self, key: &ApiKey) -> Result<(), StateError> {
+        let updated = self.with(|c| {
+            c.execute(
+                "UPDATE api_keys SET plan = ?2, expires_at = ?3, allowed_routes = ?4 WHERE id = ?1",
+                params![key.id, key.plan, key.expires_at, key.allowed_routes.join(",")],
+            )
+        })?;
+        match updated {
+            0 => Err(StateError::NotFound(format!("key {}", key.id))),
+            _ => Ok(()),
+        }
+    }
+
+    fn update_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
+        let updated = self.with(|c| {
+            c.execute(
+                "UPDATE consumers SET plan = ?2 WHERE id = ?1",
+                params![consumer.id, consumer.plan],
+            )
+        })?;
+        match updated {
+            0 => Err(StateError::NotFound(format!("consumer {}", consumer.id))),
+            _ => Ok(()),
+        }
+    }
+
+    fn write_usage(&self, node: &str, rows: &[UsageRow]) -> Result<(), StateError> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            {
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO usage (subject, scope, day, node, consumer, count) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                     ON CONFLICT (subject, scope, day, node) DO UPDATE SET count = max(count, excluded.count)",
+                )?;
+                for row in rows {
+                    upsert.execute(params![
+                        row.subject,
+                        row.scope,
+                        row.day,
+                        node,
+                        row.consumer,
+                        row.count as i64
+                    ])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    fn scan_usage(&self, scan: &UsageScan, f: &mut dyn FnMut(StoredRow)) -> Result<(), StateError> {
+        use rusqlite::types::Value;
+        let mut sql =
+            String::from("SELECT subject, scope, day, node, consumer, count FROM usage WHERE day BETWEEN ?1 AND ?2");
+        let mut values = vec![
+            Value::from(i64::from(scan.from_day)),
+            Value::from(i64::from(scan.to_day)),
+        ];
+        let mut bind = |sql: &mut String, clause: &str, value: Value| {
+            values.push(value);
+            sql.push_str(&clause.replace('?', &format!("?{}", values.len())));
+        };
+        if let Some(subject) = &scan.subject {
+            bind(&mut sql, " AND subject = ?", Value::from(subject.clone()));
+        }
+        if let Some(prefix) = scan.subject_prefix {
+            // Prefix ranges use the primary key, unlike LIKE.
+            bind(&mut sql, " AND subject >= ?", Value::from(prefix.to_string()));
+            let mut end = prefix.to_string();
+            end.pop();
+            end.push(';');
+            bind(&mut sql, " AND subject < ?", Value::from(end));
+        }
+        if let Some(consumer) = &scan.consumer {
+            bind(&mut sql, " AND consumer = ?", Value::from(consumer.clone()));
+        }
+        match &scan.scope {
+            ScopeFilter::All => {}
+            ScopeFilter::Total => sql.push_str(" AND scope = ''"),
+            ScopeFilter::AnyRoute => sql.push_str(" AND scope >= 'route:' AND scope < 'route;'"),
+            ScopeFilter::Route(scope) => bind(&mut sql, " AND scope = ?", Value::from(scope.clone())),
+        }
+        let conn = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let mut stmt = conn.prepare(&sql).map_err(backend_error)?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(values), |r| {
+                Ok(StoredRow {
+                    row: UsageRow {
+                        subject: r.get(0)?,
+                        scope: r.get(1)?,
+                        day: r.get(2)?,
+                        consumer: r.get(4)?,
+                        count: r.get::<_, i64>(5)?.max(0) as u64,
+                    },
+                    node: r.get(3)?,
+                })
+            })
+            .map_err(backend_error)?;
+        for row in rows {
+            f(row.map_err(backend_error)?);
+        }
+        Ok(())
+    }
+
+    fn prune_usage(&self, key_day: u32, anonymous_day: u32) -> Result<usize, StateError> {
+        self.with(|c| {
+            let keys = c.execute(
+                "DELETE FROM usage WHERE day < ?1 AND subject >= 'key:' AND subject < 'key;'",
+                params![key_day],
+            )?;
+            let anonymous = c.execute(
+                "DELETE FROM usage WHERE day < ?1 AND NOT (subject >= 'key:' AND subject < 'key;')",
+                params![anonymous_day],
+            )?;
+            Ok(keys + anonymous)
+        })
+    }
 }
 
 #[cfg(test)]
@@ -261,6 +415,14 @@ mod tests {
                 burst: Some(200),
                 daily: None,
                 monthly: Some(2_000_000),
+                groups: [(
+                    "batch".to_string(),
+                    crate::state::GroupQuota {
+                        daily: Some(5),
+                        monthly: None,
+                    },
+                )]
+                .into(),
             })
             .unwrap();
             db.create_consumer(&Consumer {
@@ -287,6 +449,7 @@ mod tests {
         let db = SqliteBackend::open(&path).unwrap();
         let data = db.load().unwrap();
         assert_eq!(data.plans["pro"].monthly, Some(2_000_000));
+        assert_eq!(data.plans["pro"].groups["batch"].daily, Some(5));
         assert_eq!(data.consumers["acme"].created_at, 1);
         let key = &db.get_key("key_1").unwrap().unwrap();
         assert_eq!(db.list_keys().unwrap().len(), 1);
@@ -299,5 +462,57 @@ mod tests {
         assert_eq!(key.hash, [7; 32]);
         db.delete_consumer("acme").unwrap();
         assert!(matches!(db.delete_consumer("acme"), Err(StateError::NotFound(_))));
+    }
+
+    #[test]
+    fn usage_slots_keep_the_larger_count_and_scan_by_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state.db");
+        let row = |subject: &str, scope: &str, day, count| UsageRow {
+            subject: subject.into(),
+            consumer: subject.starts_with("key:").then(|| "acme".to_string()),
+            scope: scope.into(),
+            day,
+            count,
+        };
+        {
+            let db = SqliteBackend::open(&path).unwrap();
+            db.write_usage("n1", &[row("key:a", "", 10, 5), row("key:a", "route:lookup", 10, 5)])
+                .unwrap();
+            // A replayed, older value never lowers a slot.
+            db.write_usage("n1", &[row("key:a", "", 10, 3), row("ip:10.0.0.1", "", 10, 2)])
+                .unwrap();
+            db.write_usage("n2", &[row("key:a", "", 10, 4), row("referer:x.com", "", 3, 1)])
+                .unwrap();
+        }
+        let db = SqliteBackend::open(&path).unwrap();
+        let scan = |subject_prefix, scope| UsageScan {
+            from_day: 0,
+            to_day: 100,
+            subject: None,
+            subject_prefix,
+            consumer: None,
+            scope,
+        };
+        let mut seen = Vec::new();
+        db.scan_usage(&scan(Some("key:"), ScopeFilter::Total), &mut |r| {
+            seen.push((r.node, r.row.count))
+        })
+        .unwrap();
+        seen.sort();
+        assert_eq!(seen, vec![("n1".to_string(), 5), ("n2".to_string(), 4)]);
+        let mut routes = 0;
+        db.scan_usage(&scan(None, ScopeFilter::AnyRoute), &mut |_| routes += 1)
+            .unwrap();
+        assert_eq!(routes, 1);
+        let mut all = 0;
+        db.scan_usage(&scan(None, ScopeFilter::All), &mut |_| all += 1).unwrap();
+        assert_eq!(all, 5);
+        // Key rows are kept longer than anonymous ones.
+        assert_eq!(db.prune_usage(5, 11).unwrap(), 2);
+        let mut left = Vec::new();
+        db.scan_usage(&scan(None, ScopeFilter::All), &mut |r| left.push(r.row.subject))
+            .unwrap();
+        assert!(left.iter().all(|s| s == "key:a") && left.len() == 3);
     }
 }

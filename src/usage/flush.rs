@@ -1,0 +1,228 @@
+//! Moving counts between memory and the state backend: restore at start, write changed
+//! slots every `usage.flush_interval`, write everything at shutdown, prune once a day.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+
+use super::report::{ScopeFilter, UsageScan};
+use super::{UsageRow, UsageTable};
+use crate::limits::window::{self, Clock};
+use crate::metrics::Metrics;
+use crate::state::{StateBackend, StateError};
+
+/// Rows that failed to write are kept for the next attempt; past this many they are
+/// compacted (one row per slot, the largest count), which loses nothing.
+const COMPACT_PENDING_AT: usize = 100_000;
+
+/// How long stored day rows are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub key_days: u32,
+    pub anonymous_days: u32,
+}
+
+/// The usage table of this node with its persistence.
+pub struct Usage {
+    pub table: UsageTable,
+    pub node: String,
+    pub clock: Clock,
+    store: Arc<dyn StateBackend>,
+    metrics: Arc<Metrics>,
+    retention: Retention,
+    /// Collected rows not yet written; the lock also serialises flushes.
+    pending: tokio::sync::Mutex<Vec<UsageRow>>,
+    pruned_day: AtomicU32,
+}
+
+impl Usage {
+    pub fn new(
+        node: String,
+        clock: Clock,
+        store: Arc<dyn StateBackend>,
+        metrics: Arc<Metrics>,
+        retention: Retention,
+    ) -> Usage {
+        Usage {
+            table: UsageTable::default(),
+            node,
+            clock,
+            store,
+            metrics,
+            retention,
+            pending: Default::default(),
+            pruned_day: AtomicU32::new(clock.now().day()),
+        }
+    }
+
+    /// Loads this month's stored counts (blocking; called before the node is ready).
+    pub fn restore(&self) -> Result<usize, StateError> {
+        let now = self.clock.now();
+        let today = now.day();
+        let month_start = window::month_start(now.month());
+        let mut restored = 0;
+        let mut apply = |stored: super::StoredRow| {
+            let own = stored.node == self.node;
+            if self.table.restore(&stored, own, now) {
+                restored += 1;
+            }
+        };
+        let scan = |from_day, to_day, subject_prefix| UsageScan {
+            from_day,
+            to_day,
+            subject: None,
+            subject_prefix,
+            consumer: None,
+            scope: ScopeFilter::All,
+        };
+        self.store.scan_usage(&scan(today, today, None), &mut apply)?;
+        if today > month_start {
+            // Earlier days of the month feed month counters: keys always, anonymous
+            // subjects only when their plan has a monthly quota.
+            let mut prefixes = vec!["key:"];
+            if self.table.anonymous_month() {
+                prefixes.extend(["ip:", "referer:"]);
+            }
+            for prefix in prefixes {
+                self.store
+                    .scan_usage(&scan(month_start, today - 1, Some(prefix)), &mut apply)?;
+            }
+        }
+        self.metrics.usage.set_counters(self.table.len());
+        Ok(restored)
+    }
+
+    /// Writes every changed slot; returns how many rows were written. Failed rows stay
+    /// queued for the next flush.
+    pub async fn flush(&self) -> Result<usize, StateError> {
+        let mut pending = self.pending.lock().await;
+        self.table.collect(&mut pending);
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let rows = std::mem::take(&mut *pending);
+        let store = self.store.clone();
+        let node = self.node.clone();
+        let started = Instant::now();
+        let written = tokio::task::spawn_blocking(move || {
+            let result = store.write_usage(&node, &rows);
+            (rows, result)
+        })
+        .await;
+        let took = started.elapsed();
+        match written {
+            Ok((rows, Ok(()))) => {
+                self.metrics.usage.flushed(Ok(rows.len()), took);
+                Ok(rows.len())
+            }
+            Ok((rows, Err(error))) => {
+                self.metrics.usage.flushed(Err(()), took);
+                *pending = rows;
+                if pending.len() > COMPACT_PENDING_AT {
+                    compact(&mut pending);
+                }
+                Err(error)
+            }
+            Err(join) => {
+                self.metrics.usage.flushed(Err(()), took);
+                Err(StateError::Backend(format!("usage write panicked: {join}")))
+            }
+        }
+    }
+
+    /// Once per UTC day: drops ended windows from memory and expired rows from the store.
+    async fn prune_if_new_day(&self) {
+        let now = self.clock.now();
+        let day = now.day();
+        if self.pruned_day.swap(day, Ordering::Relaxed) == day {
+            return;
+        }
+        let removed = self.table.prune(now);
+        let store = self.store.clone();
+        let retention = self.retention;
+        let deleted = tokio::task::spawn_blocking(move || {
+            store.prune_usage(
+                day.saturating_sub(retention.key_days),
+                day.saturating_sub(retention.anonymous_days),
+            )
+        })
+        .await;
+        match deleted {
+            Ok(Ok(rows)) => tracing::info!(removed, rows, "pruned ended usage windows"),
+            Ok(Err(error)) => tracing::warn!(%error, "pruning stored usage failed"),
+            Err(error) => tracing::warn!(%error, "pruning stored usage failed"),
+        }
+    }
+
+    /// Flushes every `interval` until `shutdown`, then once more.
+    pub async fn run(self: Arc<Self>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = crate::listener::stopped(&mut shutdown) => break,
+            }
+            if let Err(error) = self.flush().await {
+                tracing::warn!(%error, "usage flush failed; will retry");
+            }
+            self.prune_if_new_day().await;
+            self.metrics.usage.set_counters(self.table.len());
+        }
+        self.flush_for_shutdown().await;
+    }
+
+    /// The last flush: retried for a few seconds, since what is not written now is lost.
+    pub async fn flush_for_shutdown(&self) {
+        for attempt in 0..20 {
+            match self.flush().await {
+                Ok(rows) => {
+                    tracing::info!(rows, "usage flushed at shutdown");
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%error, attempt, "usage flush at shutdown failed");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
+        }
+    }
+}
+
+/// One row per (subject, scope, day) with the largest count.
+fn compact(rows: &mut Vec<UsageRow>) {
+    rows.sort_by(|a, b| {
+        (&a.subject, &a.scope, a.day)
+            .cmp(&(&b.subject, &b.scope, b.day))
+            .then(b.count.cmp(&a.count))
+    });
+    rows.dedup_by(|later, first| {
+        later.subject == first.subject && later.scope == first.scope && later.day == first.day
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn compaction_keeps_the_largest_count_per_slot() {
+        let row = |subject: &str, day, count| UsageRow {
+            subject: subject.into(),
+            consumer: None,
+            scope: String::new(),
+            day,
+            count,
+        };
+        let mut rows = vec![
+            row("ip:1.1.1.1", 1, 3),
+            row("ip:1.1.1.1", 1, 9),
+            row("ip:1.1.1.1", 2, 1),
+            row("ip:1.1.1.1", 1, 4),
+        ];
+        compact(&mut rows);
+        assert_eq!(rows, vec![row("ip:1.1.1.1", 1, 9), row("ip:1.1.1.1", 2, 1)]);
+    }
+}

@@ -1,0 +1,557 @@
+//! Usage counters (DESIGN §3): grow-only counters per (subject, window), one slot per node.
+//! The request path reads and raises them in memory, under one shard lock that makes the
+//! check and the increment a single step; a background task ([`flush`]) writes changed
+//! slots to the state backend every `usage.flush_interval`.
+//!
+//! What is kept in memory: the current UTC day per subject, and the current month where
+//! a quota needs it (always for keys; for anonymous subjects only when the anonymous plan
+//! has a monthly quota, so a million IPs a day do not pile up for a month). Ended windows
+//! are pruned from memory once flushed; the store keeps one row per (subject, scope, day,
+//! node) for reports, and months are sums of days.
+
+pub mod flush;
+pub mod report;
+
+use std::fmt;
+use std::hash::{BuildHasher, Hash};
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rustc_hash::{FxBuildHasher, FxHashMap};
+
+use crate::limits::{self, Counts, GroupLimits, LimitStatus, Now, PlanLimits, Rejection};
+
+const SHARDS: usize = 64;
+
+/// Who a request is charged to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Subject {
+    Key(Arc<str>),
+    Ip(IpAddr),
+    Referer(Arc<str>),
+}
+
+impl Subject {
+    pub fn parse(text: &str) -> Option<Subject> {
+        let (kind, value) = text.split_once(':')?;
+        if value.is_empty() {
+            return None;
+        }
+        match kind {
+            "key" => Some(Subject::Key(value.into())),
+            "ip" => value.parse().ok().map(Subject::Ip),
+            "referer" => Some(Subject::Referer(value.into())),
+            _ => None,
+        }
+    }
+
+    pub fn is_key(&self) -> bool {
+        matches!(self, Subject::Key(_))
+    }
+}
+
+impl fmt::Display for Subject {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Subject::Key(id) => write!(f, "key:{id}"),
+            Subject::Ip(ip) => write!(f, "ip:{ip}"),
+            Subject::Referer(host) => write!(f, "referer:{host}"),
+        }
+    }
+}
+
+/// A counter's slice of a subject: a route (for reports) or a route group (for its quota).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    Route(Arc<str>),
+    Group(Arc<str>),
+}
+
+impl Scope {
+    fn render(&self) -> String {
+        match self {
+            Scope::Route(name) => format!("route:{name}"),
+            Scope::Group(name) => format!("group:{name}"),
+        }
+    }
+
+    fn parse(text: &str) -> Option<Option<Scope>> {
+        if text.is_empty() {
+            return Some(None);
+        }
+        match text.split_once(':')? {
+            ("route", name) => Some(Some(Scope::Route(name.into()))),
+            ("group", name) => Some(Some(Scope::Group(name.into()))),
+            _ => None,
+        }
+    }
+}
+
+/// This node's slot and the sum of the other nodes' slots of one counter.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Slot {
+    local: u64,
+    remote: u64,
+}
+
+impl Slot {
+    fn total(self) -> u64 {
+        self.local + self.remote
+    }
+
+    fn add(&mut self, own: bool, count: u64) {
+        if own {
+            self.local += count;
+        } else {
+            self.remote += count;
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Scoped {
+    scope: Scope,
+    day: Slot,
+    month: Slot,
+}
+
+/// What only some subjects need, boxed so an anonymous IP costs one pointer for it.
+#[derive(Debug, Default)]
+struct Extra {
+    consumer: Option<Arc<str>>,
+    month: Option<Slot>,
+    scoped: Vec<Scoped>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    day: u32,
+    month: u32,
+    day_total: Slot,
+    /// GCRA theoretical arrival time, in ns since the Unix epoch.
+    tat: u64,
+    /// Listed in the shard's `dirty` and not yet collected by the flusher.
+    queued: bool,
+    extra: Option<Box<Extra>>,
+}
+
+impl Entry {
+    fn new(now: Now) -> Entry {
+        Entry {
+            day: now.day(),
+            month: now.month(),
+            day_total: Slot::default(),
+            tat: 0,
+            queued: false,
+            extra: None,
+        }
+    }
+
+    fn extra(&mut self) -> &mut Extra {
+        self.extra.get_or_insert_with(Default::default)
+    }
+
+    fn month_total(&self) -> Option<Slot> {
+        self.extra.as_ref().and_then(|e| e.month)
+    }
+
+    fn scoped(&self, scope: &Scope) -> Option<&Scoped> {
+        self.extra.as_ref()?.scoped.iter().find(|s| s.scope == *scope)
+    }
+
+    fn scoped_mut(&mut self, scope: &Scope) -> &mut Scoped {
+        let extra = self.extra();
+        let index = match extra.scoped.iter().position(|s| s.scope == *scope) {
+            Some(index) => index,
+            None => {
+                extra.scoped.push(Scoped {
+                    scope: scope.clone(),
+                    day: Slot::default(),
+                    month: Slot::default(),
+                });
+                extra.scoped.len() - 1
+            }
+        };
+        &mut extra.scoped[index]
+    }
+
+    /// Moves the entry into the windows of `now`. Unflushed counts of the ended day go
+    /// to `retired` so the flusher still writes them.
+    fn roll(&mut self, subject: &Subject, now: Now, retired: &mut Vec<UsageRow>) {
+        let day = now.day();
+        // Equal, or the clock stepped back: keep counting in the newer window.
+        if self.day >= day {
+            return;
+        }
+        if self.queued {
+            self.rows(subject, retired);
+        }
+        self.day = day;
+        self.day_total = Slot::default();
+        let month = now.month();
+        let new_month = self.month != month;
+        self.month = month;
+        if let Some(extra) = &mut self.extra {
+            if new_month && let Some(slot) = &mut extra.month {
+                *slot = Slot::default();
+            }
+            for scoped in &mut extra.scoped {
+                scoped.day = Slot::default();
+                if new_month {
+                    scoped.month = Slot::default();
+                }
+            }
+        }
+    }
+
+    /// This node's slots of the entry's day, as rows for the store.
+    fn rows(&self, subject: &Subject, out: &mut Vec<UsageRow>) {
+        let subject_text = subject.to_string();
+        let consumer = self
+            .extra
+            .as_ref()
+            .and_then(|e| e.consumer.as_deref())
+            .map(str::to_string);
+        if self.day_total.local > 0 {
+            out.push(UsageRow {
+                subject: subject_text.clone(),
+                consumer: consumer.clone(),
+                scope: String::new(),
+                day: self.day,
+                count: self.day_total.local,
+            });
+        }
+        for scoped in self.extra.iter().flat_map(|e| &e.scoped) {
+            if scoped.day.local > 0 {
+                out.push(UsageRow {
+                    subject: subject_text.clone(),
+                    consumer: consumer.clone(),
+                    scope: scoped.scope.render(),
+                    day: self.day,
+                    count: scoped.day.local,
+                });
+            }
+        }
+    }
+
+    /// Ended and flushed: nothing of it is needed on the request path again.
+    fn expired(&self, now: Now) -> bool {
+        !self.queued && self.day < now.day() && (self.month_total().is_none() || self.month < now.month())
+    }
+}
+
+/// One counter slot of this node for one day, as the store keeps it. Writing a row is
+/// idempotent: the store keeps the larger of the stored and the written count.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageRow {
+    pub subject: String,
+    pub consumer: Option<String>,
+    /// `""` for the subject's total, `route:NAME` or `group:NAME`.
+    pub scope: String,
+    pub day: u32,
+    pub count: u64,
+}
+
+/// A stored slot read back at start (any node's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRow {
+    pub row: UsageRow,
+    pub node: String,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: FxHashMap<Subject, Entry>,
+    dirty: Vec<Subject>,
+    retired: Vec<UsageRow>,
+}
+
+/// One charge of a request: the subject, and for keys the consumer and route (reports).
+pub struct Charge<'a> {
+    pub subject: &'a Subject,
+    pub consumer: Option<&'a Arc<str>>,
+    pub route: Option<&'a Arc<str>>,
+}
+
+/// The usage counters of this node's view, by subject.
+pub struct UsageTable {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: FxBuildHasher,
+    /// Anonymous subjects keep a month counter only when their plan needs it.
+    anonymous_month: std::sync::atomic::AtomicBool,
+}
+
+impl Default for UsageTable {
+    fn default() -> Self {
+        UsageTable {
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            hasher: FxBuildHasher,
+            anonymous_month: Default::default(),
+        }
+    }
+}
+
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    // A panic while holding a shard leaves counts that are still valid numbers.
+    shard.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+struct Decided {
+    tat: Option<u64>,
+    status: Option<LimitStatus>,
+}
+
+impl UsageTable {
+    fn shard_of(&self, subject: &Subject) -> usize {
+        // The map hashes the same value; mixing before taking the top bits keeps the shard
+        // choice independent of the bits the map uses inside a shard.
+        let hash = self.hasher.hash_one(subject).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        (hash >> (64 - SHARDS.trailing_zeros())) as usize
+    }
+
+    /// Sets whether anonymous subjects (IPs, Referers) keep a month counter.
+    pub fn set_anonymous_month(&self, on: bool) {
+        self.anonymous_month.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn anonymous_month(&self) -> bool {
+        self.anonymous_month.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn track_month(&self, subject: &Subject, plan: &PlanLimits) -> bool {
+        subject.is_key() || plan.tracks_month() || self.anonymous_month()
+    }
+
+    /// Checks `plan` for every charge and, when all pass, counts the request against each
+    /// (all or nothing). On admission, returns the status closest to exhaustion.
+    pub fn admit(
+        &self,
+        charges: &[Charge<'_>],
+        plan: &PlanLimits,
+        group: Option<&GroupLimits>,
+        now: Now,
+    ) -> Result<Option<LimitStatus>, Rejection> {
+        match charges {
+            [] => Ok(None),
+            [one] => {
+                let mut shard = lock(&self.shards[self.shard_of(one.subject)]);
+                let decided = self.decide(&mut shard, one, plan, group, now)?;
+                self.commit(&mut shard, one, decided.tat, group);
+                Ok(decided.status)
+            }
+            [first, second] => {
+                let (a, b) = (self.shard_of(first.subject), self.shard_of(second.subject));
+                let (one, two) = if a == b {
+                    let mut shard = lock(&self.shards[a]);
+                    let one = self.decide(&mut shard, first, plan, group, now)?;
+                    let two = self.decide(&mut shard, second, plan, group, now)?;
+                    self.commit(&mut shard, first, one.tat, group);
+                    self.commit(&mut shard, second, two.tat, group);
+                    (one, two)
+                } else {
+                    // Shards are locked in index order, so two requests never wait on each
+                    // other crosswise.
+                    let (mut shard_a, mut shard_b) = if a < b {
+                        let low = lock(&self.shards[a]);
+                        (low, lock(&self.shards[b]))
+                    } else {
+                        let low = lock(&self.shards[b]);
+                        (lock(&self.shards[a]), low)
+                    };
+                    let one = self.decide(&mut shard_a, first, plan, group, now)?;
+                    let two = self.decide(&mut shard_b, second, plan, group, now)?;
+                    self.commit(&mut shard_a, first, one.tat, group);
+                    self.commit(&mut shard_b, second, two.tat, group);
+                    (one, two)
+                };
+                Ok(match (one.status, two.status) {
+                    (Some(x), Some(y)) => Some(x.closer(&y).clone()),
+                    (x, y) => x.or(y),
+                })
+            }
+            _ => {
+                debug_assert!(false, "at most two subjects are charged per request");
+                Ok(None)
+            }
+        }
+    }
+
+    fn decide(
+        &self,
+        shard: &mut Shard,
+        charge: &Charge<'_>,
+        plan: &PlanLimits,
+        group: Option<&GroupLimits>,
+        now: Now,
+    ) -> Result<Decided, Rejection> {
+        let Shard { map, retired, .. } = shard;
+        let entry = map.entry(charge.subject.clone()).or_insert_with(|| Entry::new(now));
+        entry.roll(charge.subject, now, retired);
+        let track_month = self.track_month(charge.subject, plan);
+        if track_month && entry.month_total().is_none() {
+            // Tracking starts now (plan gained a monthly quota): from today's count.
+            let today = entry.day_total;
+            entry.extra().month = Some(today);
+        }
+        let group_scope = group.map(|g| Scope::Group(g.name.clone()));
+        let grouped = group_scope.as_ref().and_then(|s| entry.scoped(s));
+        let counts = Counts {
+            day: entry.day_total.total(),
+            month: entry.month_total().unwrap_or(entry.day_total).total(),
+            group_day: grouped.map_or(0, |s| s.day.total()),
+            group_month: grouped.map_or(0, |s| s.month.total()),
+        };
+        let mut status = limits::check_quotas(plan, group, &counts, now)?;
+        let tat = match &plan.rate {
+            Some(gcra) => {
+                let (admit, rate) = limits::check_rate(gcra, entry.tat, now)?;
+                status = Some(match status {
+                    Some(quota) => quota.closer(&rate).clone(),
+                    None => rate,
+                });
+                Some(admit.tat)
+            }
+            None => None,
+        };
+        Ok(Decided { tat, status })
+    }
+
+    fn commit(&self, shard: &mut Shard, charge: &Charge<'_>, tat: Option<u64>, group: Option<&GroupLimits>) {
+        let Some(entry) = shard.map.get_mut(charge.subject) else {
+            return;
+        };
+        if let Some(tat) = tat {
+            entry.tat = tat;
+        }
+        entry.day_total.local += 1;
+        if let Some(consumer) = charge.consumer
+            && entry.extra.as_ref().is_none_or(|e| e.consumer.is_none())
+        {
+            entry.extra().consumer = Some(consumer.clone());
+        }
+        if let Some(month) = entry.extra.as_mut().and_then(|e| e.month.as_mut()) {
+            month.local += 1;
+        }
+        if let Some(group) = group {
+            let scoped = entry.scoped_mut(&Scope::Group(group.name.clone()));
+            scoped.day.local += 1;
+            scoped.month.local += 1;
+        }
+        if let Some(route) = charge.route {
+            let scoped = entry.scoped_mut(&Scope::Route(route.clone()));
+            scoped.day.local += 1;
+            scoped.month.local += 1;
+        }
+        if !entry.queued {
+            entry.queued = true;
+            shard.dirty.push(charge.subject.clone());
+        }
+    }
+
+    /// This node's changed slots since the last call, for the flusher.
+    pub fn collect(&self, out: &mut Vec<UsageRow>) {
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            out.append(&mut shard.retired);
+            let dirty = std::mem::take(&mut shard.dirty);
+            for subject in &dirty {
+                if let Some(entry) = shard.map.get_mut(subject) {
+                    entry.queued = false;
+                    entry.rows(subject, out);
+                }
+            }
+        }
+    }
+
+    /// Drops entries whose windows have ended and whose counts are flushed.
+    pub fn prune(&self, now: Now) -> usize {
+        let mut removed = 0;
+        for shard in self.shards.iter() {
+            let mut shard = lock(shard);
+            let before = shard.map.len();
+            shard.map.retain(|_, entry| !entry.expired(now));
+            removed += before - shard.map.len();
+            if shard.map.capacity() > 4 * shard.map.len().max(1024) {
+                shard.map.shrink_to_fit();
+            }
+        }
+        removed
+    }
+
+    /// Loads a stored slot at start: today's rows into the day counters, earlier days of
+    /// this month into the month counters of subjects that keep one.
+    pub fn restore(&self, stored: &StoredRow, own_node: bool, now: Now) -> bool {
+        let Some(subject) = Subject::parse(&stored.row.subject) else {
+            return false;
+        };
+        let Some(scope) = Scope::parse(&stored.row.scope) else {
+            return false;
+        };
+        let (day, month) = (now.day(), now.month());
+        let row_day = stored.row.day;
+        if row_day > day || limits::window::month_of_day(row_day) != month {
+            return false;
+        }
+        let track_month = subject.is_key() || self.anonymous_month();
+        if row_day != day && !track_month {
+            return false;
+        }
+        let mut shard = lock(&self.shards[self.shard_of(&subject)]);
+        let entry = shard.map.entry(subject).or_insert_with(|| Entry::new(now));
+        if let Some(consumer) = &stored.row.consumer
+            && entry.extra.as_ref().is_none_or(|e| e.consumer.is_none())
+        {
+            entry.extra().consumer = Some(consumer.as_str().into());
+        }
+        if track_month && entry.month_total().is_none() {
+            entry.extra().month = Some(Slot::default());
+        }
+        let count = stored.row.count;
+        match &scope {
+            None => {
+                if row_day == day {
+                    entry.day_total.add(own_node, count);
+                }
+                if let Some(month) = entry.extra.as_mut().and_then(|e| e.month.as_mut()) {
+                    month.add(own_node, count);
+                }
+            }
+            Some(scope) => {
+                let scoped = entry.scoped_mut(scope);
+                if row_day == day {
+                    scoped.day.add(own_node, count);
+                }
+                scoped.month.add(own_node, count);
+            }
+        }
+        true
+    }
+
+    /// Subjects held in memory.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).map.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A subject's usage in the current windows (all nodes), for tests and the admin API.
+    pub fn current(&self, subject: &Subject, now: Now) -> (u64, Option<u64>) {
+        let shard = lock(&self.shards[self.shard_of(subject)]);
+        match shard.map.get(subject) {
+            Some(entry) if entry.day == now.day() => (
+                entry.day_total.total(),
+                entry
+                    .month_total()
+                    .filter(|_| entry.month == now.month())
+                    .map(Slot::total),
+            ),
+            Some(entry) if entry.month == now.month() => (0, entry.month_total().map(Slot::total)),
+            _ => (0, None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

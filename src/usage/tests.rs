@@ -1,0 +1,273 @@
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use super::*;
+use crate::limits::window::{parse_day, parse_timestamp};
+use crate::limits::{Gcra, GroupLimits, LimitName, PlanLimits, RejectKind};
+
+fn plan(daily: Option<u64>, monthly: Option<u64>) -> PlanLimits {
+    PlanLimits {
+        name: "p".into(),
+        rate: None,
+        daily,
+        monthly,
+        groups: vec![],
+        decisions: Default::default(),
+    }
+}
+
+fn at(text: &str) -> Now {
+    parse_timestamp(text).unwrap()
+}
+
+fn key(id: &str) -> Subject {
+    Subject::Key(id.into())
+}
+
+fn charge(subject: &Subject) -> Charge<'_> {
+    Charge {
+        subject,
+        consumer: None,
+        route: None,
+    }
+}
+
+fn admit_n(table: &UsageTable, subject: &Subject, plan: &PlanLimits, now: Now, n: usize) -> usize {
+    (0..n)
+        .filter(|_| table.admit(&[charge(subject)], plan, None, now).is_ok())
+        .count()
+}
+
+#[test]
+fn exactly_the_quota_is_admitted_under_contention() {
+    let table = Arc::new(UsageTable::default());
+    let plan = Arc::new(plan(Some(1000), Some(5000)));
+    let admitted = Arc::new(AtomicU64::new(0));
+    let now = at("2026-11-23T12:00:00Z");
+    let threads: Vec<_> = (0..64)
+        .map(|_| {
+            let (table, plan, admitted) = (table.clone(), plan.clone(), admitted.clone());
+            std::thread::spawn(move || {
+                let subject = key("shared");
+                for _ in 0..50 {
+                    if table.admit(&[charge(&subject)], &plan, None, now).is_ok() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    threads.into_iter().for_each(|t| t.join().unwrap());
+    assert_eq!(admitted.load(Ordering::Relaxed), 1000);
+    assert_eq!(table.current(&key("shared"), now), (1000, Some(1000)));
+}
+
+#[test]
+fn windows_roll_over_on_the_calendar() {
+    let table = UsageTable::default();
+    let plan = plan(Some(2), Some(3));
+    let k = key("k");
+    // Jan 31 → Feb 1: both the day and the month start again.
+    assert_eq!(admit_n(&table, &k, &plan, at("2026-01-31T23:59:59Z"), 5), 2);
+    assert_eq!(admit_n(&table, &k, &plan, at("2026-02-01T00:00:00Z"), 5), 2);
+    // Feb 2: a new day, but the month's 3 are nearly gone.
+    assert_eq!(admit_n(&table, &k, &plan, at("2026-02-02T08:00:00Z"), 5), 1);
+    let rejection = table
+        .admit(&[charge(&k)], &plan, None, at("2026-02-02T08:00:00Z"))
+        .unwrap_err();
+    assert_eq!(rejection.status.name, LimitName::Monthly);
+    // 26 days and 16 hours until March 1.
+    assert_eq!(rejection.retry_after, 26 * 86_400 + 16 * 3600);
+    // Dec → Jan crosses the year.
+    let k2 = key("k2");
+    assert_eq!(admit_n(&table, &k2, &plan, at("2026-12-31T23:00:00Z"), 3), 2);
+    assert_eq!(table.current(&k2, at("2027-01-01T00:00:01Z")), (0, None));
+    assert_eq!(admit_n(&table, &k2, &plan, at("2027-01-01T00:00:01Z"), 3), 2);
+    // Leap year: Feb 29 is a new day of the same month; March 1 a new month.
+    let k3 = key("k3");
+    assert_eq!(admit_n(&table, &k3, &plan, at("2028-02-28T12:00:00Z"), 1), 1);
+    assert_eq!(admit_n(&table, &k3, &plan, at("2028-02-29T12:00:00Z"), 5), 2);
+    assert_eq!(admit_n(&table, &k3, &plan, at("2028-02-29T23:59:59Z"), 5), 0);
+    assert_eq!(admit_n(&table, &k3, &plan, at("2028-03-01T00:00:00Z"), 5), 2);
+}
+
+#[test]
+fn unflushed_counts_of_an_ended_day_are_still_written() {
+    let table = UsageTable::default();
+    let plan = plan(Some(100), None);
+    let k = key("k");
+    admit_n(&table, &k, &plan, at("2026-01-31T23:59:00Z"), 7);
+    admit_n(&table, &k, &plan, at("2026-02-01T00:00:01Z"), 2);
+    let mut rows = Vec::new();
+    table.collect(&mut rows);
+    let mut seen: Vec<(String, u64)> = rows
+        .iter()
+        .map(|r| (crate::limits::window::format_day(r.day), r.count))
+        .collect();
+    seen.sort();
+    assert_eq!(seen, vec![("2026-01-31".into(), 7), ("2026-02-01".into(), 2)]);
+    // Nothing changed since: nothing to write.
+    rows.clear();
+    table.collect(&mut rows);
+    assert!(rows.is_empty());
+}
+
+#[test]
+fn an_anonymous_request_is_charged_to_all_its_subjects_or_none() {
+    let table = UsageTable::default();
+    let plan = plan(Some(3), None);
+    let now = at("2026-11-23T10:00:00Z");
+    let ip_a = Subject::Ip("10.0.0.1".parse().unwrap());
+    let ip_b = Subject::Ip("10.0.0.2".parse().unwrap());
+    let referer = Subject::Referer("shop.example".into());
+    let both = |ip| [charge(ip), charge(&referer)];
+    // Two IPs share one Referer: the Referer's quota runs out first.
+    assert!(table.admit(&both(&ip_a), &plan, None, now).is_ok());
+    assert!(table.admit(&both(&ip_a), &plan, None, now).is_ok());
+    assert!(table.admit(&both(&ip_b), &plan, None, now).is_ok());
+    let rejection = table.admit(&both(&ip_b), &plan, None, now).unwrap_err();
+    assert_eq!(rejection.kind, RejectKind::QuotaExceeded);
+    // The refused request charged nobody.
+    assert_eq!(table.current(&ip_b, now).0, 1);
+    assert_eq!(table.current(&referer, now).0, 3);
+    // One IP with two Referers: the IP's quota runs out.
+    let other = Subject::Referer("blog.example".into());
+    assert!(table.admit(&[charge(&ip_a), charge(&other)], &plan, None, now).is_ok());
+    assert!(table.admit(&[charge(&ip_a), charge(&other)], &plan, None, now).is_err());
+    assert_eq!(table.current(&other, now).0, 1);
+}
+
+#[test]
+fn rate_and_quota_together_report_the_closest_limit() {
+    let table = UsageTable::default();
+    let mut limited = plan(Some(1000), None);
+    limited.rate = Gcra::new(10, Some(5));
+    let k = key("k");
+    let now = at("2026-11-23T10:00:00Z");
+    let status = table.admit(&[charge(&k)], &limited, None, now).unwrap().unwrap();
+    assert_eq!((status.name, status.remaining, status.quota), (LimitName::Rate, 4, 5));
+    assert_eq!(admit_n(&table, &k, &limited, now, 10), 4);
+    let rejection = table.admit(&[charge(&k)], &limited, None, now).unwrap_err();
+    assert_eq!((rejection.kind, rejection.retry_after), (RejectKind::RateLimited, 1));
+    // Rate-limited requests are not counted against the quota.
+    assert_eq!(table.current(&k, now).0, 5);
+    // A second later two more tokens (and more) are back.
+    assert_eq!(admit_n(&table, &k, &limited, Now(now.0 + 1_000_000_000), 20), 5);
+}
+
+#[test]
+fn group_quotas_count_only_their_routes() {
+    let table = UsageTable::default();
+    let mut grouped = plan(Some(100), None);
+    grouped.groups.push(GroupLimits {
+        name: "batch".into(),
+        daily: Some(2),
+        monthly: None,
+    });
+    let group = grouped.group(Some("batch"));
+    let k = key("k");
+    let now = at("2026-11-23T10:00:00Z");
+    let admit = |group| table.admit(&[charge(&k)], &grouped, group, now);
+    assert!(admit(group).is_ok() && admit(group).is_ok());
+    assert_eq!(admit(group).unwrap_err().status.name.policy(), "batch-daily");
+    assert!(admit(None).is_ok(), "other routes are not limited by the group");
+    assert_eq!(table.current(&k, now).0, 3);
+}
+
+#[test]
+fn a_plan_change_keeps_the_count() {
+    let table = UsageTable::default();
+    let k = key("k");
+    let now = at("2026-11-23T10:00:00Z");
+    assert_eq!(admit_n(&table, &k, &plan(Some(5), None), now, 3), 3);
+    assert_eq!(admit_n(&table, &k, &plan(Some(4), None), now, 3), 1);
+    assert_eq!(admit_n(&table, &k, &plan(Some(10), None), now, 10), 6);
+    assert_eq!(table.current(&k, now).0, 10);
+}
+
+#[test]
+fn restore_rebuilds_days_and_months_from_stored_rows() {
+    let table = UsageTable::default();
+    let now = at("2026-11-23T10:00:00Z");
+    let today = now.day();
+    let stored = |subject: &str, scope: &str, day, node: &str, count| StoredRow {
+        row: UsageRow {
+            subject: subject.into(),
+            consumer: Some("acme".into()),
+            scope: scope.into(),
+            day,
+            count,
+        },
+        node: node.into(),
+    };
+    for row in [
+        stored("key:k", "", today, "local", 4),
+        stored("key:k", "", today, "other", 1),
+        stored("key:k", "", today - 3, "local", 10),
+        stored("key:k", "route:lookup", today, "local", 4),
+        stored("ip:10.0.0.9", "", today, "local", 2),
+        // Earlier days of an IP are not needed without a monthly anonymous quota.
+        stored("ip:10.0.0.9", "", today - 1, "local", 50),
+        // Last month's rows are reports only.
+        stored("key:k", "", parse_day("2026-10-31").unwrap(), "local", 99),
+    ] {
+        let own = row.node == "local";
+        table.restore(&row, own, now);
+    }
+    assert_eq!(table.current(&key("k"), now), (5, Some(15)));
+    assert_eq!(table.current(&Subject::Ip("10.0.0.9".parse().unwrap()), now), (2, None));
+    // The node's own slot continues from the stored value, so a write never goes back.
+    let plan = plan(Some(100), None);
+    table
+        .admit(
+            &[Charge {
+                subject: &key("k"),
+                consumer: None,
+                route: Some(&Arc::from("lookup")),
+            }],
+            &plan,
+            None,
+            now,
+        )
+        .unwrap();
+    let mut rows = Vec::new();
+    table.collect(&mut rows);
+    rows.sort_by(|a, b| a.scope.cmp(&b.scope));
+    let counts: Vec<(&str, u64)> = rows.iter().map(|r| (r.scope.as_str(), r.count)).collect();
+    assert_eq!(counts, vec![("", 5), ("route:lookup", 5)]);
+    assert_eq!(rows[0].consumer.as_deref(), Some("acme"));
+}
+
+#[test]
+fn ended_windows_leave_memory_once_flushed() {
+    let table = UsageTable::default();
+    let anonymous = plan(Some(10), None);
+    let keyed = plan(Some(10), Some(100));
+    let day1 = at("2026-11-23T10:00:00Z");
+    for i in 0..1000u32 {
+        let ip = Subject::Ip(std::net::IpAddr::from(i.to_be_bytes()));
+        table.admit(&[charge(&ip)], &anonymous, None, day1).unwrap();
+    }
+    table.admit(&[charge(&key("k"))], &keyed, None, day1).unwrap();
+    assert_eq!(table.len(), 1001);
+    let day2 = at("2026-11-24T00:00:01Z");
+    // Not yet flushed: kept.
+    assert_eq!(table.prune(day2), 0);
+    table.collect(&mut Vec::new());
+    // IPs go; the key stays for its month.
+    assert_eq!(table.prune(day2), 1000);
+    assert_eq!(table.current(&key("k"), day2), (0, Some(1)));
+    table.collect(&mut Vec::new());
+    assert_eq!(table.prune(at("2026-12-01T00:00:00Z")), 1);
+    assert!(table.is_empty());
+}
+
+#[test]
+fn subjects_render_and_parse() {
+    for text in ["key:key_1", "ip:10.1.2.3", "ip:2001:db8::1", "referer:shop.example"] {
+        assert_eq!(Subject::parse(text).unwrap().to_string(), text);
+    }
+    for bad in ["key:", "ip:not-an-ip", "user:1", "nothing"] {
+        assert_eq!(Subject::parse(bad), None, "{bad}");
+    }
+}
