@@ -71,14 +71,19 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
         std::process::id()
     );
     println!();
-    let key = match demo_key(admin, &token).await {
-        Ok(key) => key,
-        Err(error) => {
+    let keys = match (
+        demo_key(admin, &token, "demo", "free").await,
+        demo_key(admin, &token, "trial-user", "trial").await,
+    ) {
+        (Ok(key), Ok(trial)) => (key, trial),
+        (Err(error), _) | (_, Err(error)) => {
             running.stop().await;
-            return Err(std::io::Error::other(format!("cannot create the demo key: {error}")));
+            return Err(std::io::Error::other(format!("cannot create the demo keys: {error}")));
         }
     };
-    println!("  demo key     {key}  (consumer \"demo\", plan \"free\")");
+    let (key, trial_key) = keys;
+    println!("  demo key     {key}  (consumer \"demo\", plan \"free\": 5/s, 1000/day)");
+    println!("  trial key    {trial_key}  (consumer \"trial-user\", plan \"trial\": 3/day)");
     println!();
     println!("Try:");
     let lookup = format!("http://{proxy}/v1/lookup/8.8.8.8");
@@ -115,25 +120,29 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
         let shown = header.map_or(String::new(), |(name, value)| format!("-H '{name}: {value}' "));
         println!("  # {what}");
         println!("  curl -i {shown}{url}");
-        match fetch(url, *header).await {
-            Ok((status, body)) => {
-                let first_line = body
-                    .lines()
-                    .find(|l| !l.starts_with('#'))
-                    .unwrap_or("")
-                    .chars()
-                    .take(120)
-                    .collect::<String>();
-                println!("  → {status} {first_line}");
-                ok &= status.is_success() || status.is_client_error();
-            }
-            Err(error) => {
-                println!("  → failed: {error}");
-                ok = false;
-            }
-        }
+        ok &= show(fetch(url, *header).await);
         println!();
     }
+    println!("  # the trial plan allows 3 calls a day: the 4th gets 429 with Retry-After");
+    println!("  for i in 1 2 3 4; do curl -i -H 'X-API-Key: {trial_key}' {lookup}; done");
+    let mut refused = false;
+    for _ in 0..4 {
+        let result = fetch(&lookup, Some(("X-API-Key", trial_key.as_str()))).await;
+        refused = matches!(&result, Ok((status, _, _)) if *status == StatusCode::TOO_MANY_REQUESTS);
+        ok &= show(result);
+    }
+    ok &= refused;
+    println!();
+    println!(
+        "  # today's usage per key, from the admin API (also: TOLLGATE_ADMIN_TOKEN={token} tollgate usage --admin-url http://{admin})"
+    );
+    println!("  curl -H 'Authorization: Bearer {token}' 'http://{admin}/v1/usage?window=day&format=csv'");
+    let report = format!("http://{admin}/v1/usage?window=day&format=csv");
+    match fetch(&report, Some(("Authorization", admin_auth.as_str()))).await {
+        Ok((status, _, body)) if status.is_success() => body.lines().for_each(|line| println!("  {line}")),
+        other => ok &= show(other),
+    }
+    println!();
     if args.once {
         running.stop().await;
         return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
@@ -180,9 +189,24 @@ methods = ["GET", "HEAD"]
 upstream = "geo"
 auth = ["api_key", "anonymous"]
 
+[plans.free]
+rate = {{ per_second = 5, burst = 10 }}
+daily = 1000
+
+[plans.trial]
+daily = 3
+
+# The no-sign-up tier: each client IP and each Referer host gets 100 calls a day.
+[plans.anonymous]
+rate = {{ per_second = 2, burst = 5 }}
+daily = 100
+
 [anonymous]
 plan = "anonymous"
 by = ["ip", "referer"]
+
+[usage]
+flush_interval = "200ms"
 "#,
         data = data_dir.display()
     )
@@ -190,7 +214,9 @@ by = ["ip", "referer"]
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn fetch(url: &str, header: Option<(&str, &str)>) -> Result<(StatusCode, String), BoxError> {
+type Fetched = (StatusCode, http::HeaderMap, String);
+
+async fn fetch(url: &str, header: Option<(&str, &str)>) -> Result<Fetched, BoxError> {
     let mut request = Request::get(url);
     if let Some((name, value)) = header {
         request = request.header(name, value);
@@ -198,31 +224,58 @@ async fn fetch(url: &str, header: Option<(&str, &str)>) -> Result<(StatusCode, S
     send(request.body(Full::new(Bytes::new()))?).await
 }
 
-async fn send(request: Request<Full<Bytes>>) -> Result<(StatusCode, String), BoxError> {
+async fn send(request: Request<Full<Bytes>>) -> Result<Fetched, BoxError> {
     let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
     let response = client.request(request).await?;
     let status = response.status();
+    let headers = response.headers().clone();
     let body = response.into_body().collect().await?.to_bytes();
-    Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    Ok((status, headers, String::from_utf8_lossy(&body).into_owned()))
 }
 
-/// Creates consumer `demo` on plan `free` and a key for it, through the admin API.
-async fn demo_key(admin: SocketAddr, token: &str) -> Result<String, BoxError> {
+/// Prints the answer's status, limit headers and first line; false on a failure.
+fn show(result: Result<Fetched, BoxError>) -> bool {
+    match result {
+        Ok((status, headers, body)) => {
+            let first_line = body
+                .lines()
+                .find(|l| !l.starts_with('#'))
+                .unwrap_or("")
+                .chars()
+                .take(160)
+                .collect::<String>();
+            println!("  → {status} {first_line}");
+            for name in ["ratelimit-policy", "ratelimit", "retry-after"] {
+                if let Some(value) = headers.get(name).and_then(|v| v.to_str().ok()) {
+                    println!("      {name}: {value}");
+                }
+            }
+            status.is_success() || status.is_client_error()
+        }
+        Err(error) => {
+            println!("  → failed: {error}");
+            false
+        }
+    }
+}
+
+/// Creates a consumer on `plan` and a key for it, through the admin API.
+async fn demo_key(admin: SocketAddr, token: &str, consumer: &str, plan: &str) -> Result<String, BoxError> {
     let post = |path: &str, body: serde_json::Value| {
         Request::post(format!("http://{admin}{path}"))
             .header("authorization", format!("Bearer {token}"))
             .header("content-type", "application/json")
             .body(Full::new(Bytes::from(body.to_string())))
     };
-    let (status, text) = send(post(
+    let (status, _, text) = send(post(
         "/v1/consumers",
-        serde_json::json!({"id": "demo", "plan": "free"}),
+        serde_json::json!({"id": consumer, "plan": plan}),
     )?)
     .await?;
     if !status.is_success() && status != StatusCode::CONFLICT {
         return Err(format!("{status}: {text}").into());
     }
-    let (status, text) = send(post("/v1/keys", serde_json::json!({"consumer": "demo"}))?).await?;
+    let (status, _, text) = send(post("/v1/keys", serde_json::json!({"consumer": consumer}))?).await?;
     if !status.is_success() {
         return Err(format!("{status}: {text}").into());
     }

@@ -51,6 +51,15 @@ enum Command {
         #[command(subcommand)]
         command: remote::ConsumersCommand,
     },
+    /// Usage reports as a table (or `--csv`): `tollgate usage [--window month] [--consumer ID]`,
+    /// `tollgate usage top`.
+    #[command(args_conflicts_with_subcommands = true)]
+    Usage {
+        #[command(flatten)]
+        remote: remote::Remote,
+        #[command(flatten)]
+        args: remote::UsageArgs,
+    },
 }
 
 pub fn main() -> ExitCode {
@@ -63,6 +72,7 @@ pub fn main() -> ExitCode {
         Command::Keys { remote, command } => remote::keys(remote, command),
         Command::Plans { remote, command } => remote::plans(remote, command),
         Command::Consumers { remote, command } => remote::consumers(remote, command),
+        Command::Usage { remote, args } => remote::usage(remote, args),
     }
 }
 

@@ -1,4 +1,4 @@
-//! Admin subcommands (`keys`, `plans`, `consumers`): thin clients of the admin API.
+//! Admin subcommands (`keys`, `plans`, `consumers`, `usage`): thin clients of the admin API.
 
 use std::process::ExitCode;
 
@@ -40,8 +40,80 @@ pub enum KeysCommand {
     Get {
         id: String,
     },
+    /// Change a key's plan (its usage is kept), expiry or routes.
+    Update {
+        id: String,
+        #[arg(long, conflicts_with = "clear_plan")]
+        plan: Option<String>,
+        /// Make the key follow its consumer's plan again.
+        #[arg(long)]
+        clear_plan: bool,
+        #[arg(long)]
+        expires_at: Option<i64>,
+        /// Route the key may call (repeatable); replaces the list.
+        #[arg(long = "route")]
+        routes: Option<Vec<String>>,
+    },
     Revoke {
         id: String,
+    },
+}
+
+#[derive(Args)]
+pub struct UsageArgs {
+    #[command(subcommand)]
+    command: Option<UsageCommand>,
+    #[command(flatten)]
+    report: ReportArgs,
+}
+
+#[derive(Args, Default)]
+pub struct ReportArgs {
+    /// `day` or `month`.
+    #[arg(long)]
+    window: Option<String>,
+    /// First day (YYYY-MM-DD or YYYY-MM); default: first of this month.
+    #[arg(long)]
+    from: Option<String>,
+    /// Last day (YYYY-MM-DD or YYYY-MM); default: today.
+    #[arg(long)]
+    to: Option<String>,
+    /// `key:ID`, `ip:ADDRESS` or `referer:HOST`.
+    #[arg(long)]
+    subject: Option<String>,
+    #[arg(long)]
+    key: Option<String>,
+    #[arg(long)]
+    consumer: Option<String>,
+    #[arg(long)]
+    route: Option<String>,
+    /// Comma list of subject, consumer, route.
+    #[arg(long)]
+    group_by: Option<String>,
+    /// Print CSV instead of a table.
+    #[arg(long)]
+    csv: bool,
+}
+
+#[derive(Subcommand)]
+pub enum UsageCommand {
+    /// The busiest subjects (or consumers) of a day or month.
+    Top {
+        #[arg(long)]
+        window: Option<String>,
+        /// YYYY-MM-DD (day) or YYYY-MM (month).
+        #[arg(long)]
+        date: Option<String>,
+        #[arg(long)]
+        limit: Option<usize>,
+        /// `subject` or `consumer`.
+        #[arg(long)]
+        by: Option<String>,
+        /// Only `key`, `ip` or `referer` subjects.
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        csv: bool,
     },
 }
 
@@ -76,6 +148,14 @@ pub enum ConsumersCommand {
     Get {
         id: String,
     },
+    /// Change a consumer's plan; its keys without a plan of their own follow.
+    Update {
+        id: String,
+        #[arg(long, conflicts_with = "clear_plan")]
+        plan: Option<String>,
+        #[arg(long)]
+        clear_plan: bool,
+    },
     /// Delete a consumer and revoke its keys.
     Delete {
         id: String,
@@ -95,6 +175,27 @@ pub fn keys(remote: Remote, command: KeysCommand) -> ExitCode {
         ),
         KeysCommand::List => Call::list("/v1/keys", "keys", &["id", "consumer", "plan", "prefix", "revoked"]),
         KeysCommand::Get { id } => Call::get(&format!("/v1/keys/{id}")),
+        KeysCommand::Update {
+            id,
+            plan,
+            clear_plan,
+            expires_at,
+            routes,
+        } => {
+            let mut patch = serde_json::Map::new();
+            if clear_plan {
+                patch.insert("plan".into(), Value::Null);
+            } else if let Some(plan) = plan {
+                patch.insert("plan".into(), json!(plan));
+            }
+            if let Some(expires_at) = expires_at {
+                patch.insert("expires_at".into(), json!(expires_at));
+            }
+            if let Some(routes) = routes {
+                patch.insert("routes".into(), json!(routes));
+            }
+            Call::patch(&format!("/v1/keys/{id}"), Value::Object(patch))
+        }
         KeysCommand::Revoke { id } => Call::delete(&format!("/v1/keys/{id}")),
     };
     run(&remote, call)
@@ -118,6 +219,7 @@ pub fn plans(remote: Remote, command: PlansCommand) -> ExitCode {
             path: format!("/v1/plans/{name}"),
             body: Some(json!({"rate_per_second": rate, "burst": burst, "daily": daily, "monthly": monthly})),
             table: None,
+            raw: false,
         },
         PlansCommand::Delete { name } => Call::delete(&format!("/v1/plans/{name}")),
     };
@@ -129,7 +231,115 @@ pub fn consumers(remote: Remote, command: ConsumersCommand) -> ExitCode {
         ConsumersCommand::List => Call::list("/v1/consumers", "consumers", &["id", "plan", "created_at"]),
         ConsumersCommand::Create { id, plan } => Call::post("/v1/consumers", json!({"id": id, "plan": plan})),
         ConsumersCommand::Get { id } => Call::get(&format!("/v1/consumers/{id}")),
+        ConsumersCommand::Update { id, plan, clear_plan } => {
+            let plan = if clear_plan { Value::Null } else { json!(plan) };
+            Call::patch(&format!("/v1/consumers/{id}"), json!({ "plan": plan }))
+        }
         ConsumersCommand::Delete { id } => Call::delete(&format!("/v1/consumers/{id}")),
+    };
+    run(&remote, call)
+}
+
+/// Query string from present options, percent-encoded.
+fn query(pairs: &[(&str, Option<String>)]) -> String {
+    let encoded: Vec<String> = pairs
+        .iter()
+        .filter_map(|(name, value)| value.as_ref().map(|v| format!("{name}={}", encode(v))))
+        .collect();
+    if encoded.is_empty() {
+        String::new()
+    } else {
+        format!("?{}", encoded.join("&"))
+    }
+}
+
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b':' | b',' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn usage(remote: Remote, args: UsageArgs) -> ExitCode {
+    let (path, csv, columns) = match args.command {
+        None => {
+            let r = args.report;
+            let by = r.group_by.clone().unwrap_or_else(|| {
+                let mut by = vec!["subject"];
+                if r.consumer.is_some() {
+                    by.push("consumer");
+                }
+                if r.route.is_some() {
+                    by.push("route");
+                }
+                by.join(",")
+            });
+            let mut columns = vec!["window"];
+            for field in ["subject", "consumer", "route"] {
+                if by.split(',').any(|f| f == field || (field == "subject" && f == "key")) {
+                    columns.push(field);
+                }
+            }
+            let path = format!(
+                "/v1/usage{}",
+                query(&[
+                    ("window", r.window),
+                    ("from", r.from),
+                    ("to", r.to),
+                    ("subject", r.subject),
+                    ("key", r.key),
+                    ("consumer", r.consumer),
+                    ("route", r.route),
+                    ("group_by", r.group_by),
+                    ("format", r.csv.then(|| "csv".to_string())),
+                ])
+            );
+            (path, r.csv, columns)
+        }
+        Some(UsageCommand::Top {
+            window,
+            date,
+            limit,
+            by,
+            kind,
+            csv,
+        }) => {
+            let first = if by.as_deref() == Some("consumer") {
+                "consumer"
+            } else {
+                "subject"
+            };
+            let path = format!(
+                "/v1/usage/top{}",
+                query(&[
+                    ("window", window),
+                    ("date", date),
+                    ("limit", limit.map(|l| l.to_string())),
+                    ("by", by),
+                    ("kind", kind),
+                    ("format", csv.then(|| "csv".to_string())),
+                ])
+            );
+            (path, csv, vec!["window", first])
+        }
+    };
+    let mut columns = columns;
+    columns.push("requests");
+    let call = if csv {
+        Call {
+            raw: true,
+            ..Call::get(&path)
+        }
+    } else {
+        Call {
+            table: Some(("rows", columns)),
+            ..Call::get(&path)
+        }
     };
     run(&remote, call)
 }
@@ -139,7 +349,9 @@ struct Call {
     path: String,
     body: Option<Value>,
     /// For lists: the array field and the columns to print.
-    table: Option<(&'static str, &'static [&'static str])>,
+    table: Option<(&'static str, Vec<&'static str>)>,
+    /// Print the body as it came (CSV).
+    raw: bool,
 }
 
 impl Call {
@@ -149,6 +361,15 @@ impl Call {
             path: path.to_string(),
             body: None,
             table: None,
+            raw: false,
+        }
+    }
+
+    fn patch(path: &str, body: Value) -> Self {
+        Call {
+            method: Method::PATCH,
+            body: Some(body),
+            ..Call::get(path)
         }
     }
 
@@ -169,7 +390,7 @@ impl Call {
 
     fn list(path: &str, field: &'static str, columns: &'static [&'static str]) -> Self {
         Call {
-            table: Some((field, columns)),
+            table: Some((field, columns.to_vec())),
             ..Call::get(path)
         }
     }
@@ -180,8 +401,12 @@ fn run(remote: &Remote, call: Call) -> ExitCode {
     let result =
         super::runtime().and_then(|rt| rt.block_on(send(remote, &token, &call)).map_err(std::io::Error::other));
     match result {
+        Ok((_, body)) if call.raw => {
+            print!("{body}");
+            ExitCode::SUCCESS
+        }
         Ok((status, body)) if status.is_success() => {
-            print_success(status, &body, call.table);
+            print_success(status, &body, call.table.as_ref().map(|(f, c)| (*f, c.as_slice())));
             ExitCode::SUCCESS
         }
         Ok((status, body)) => {
@@ -261,6 +486,9 @@ fn print_success(status: StatusCode, body: &str, table: Option<(&str, &[&str])>)
             println!("{}", line(columns.iter().map(|c| c.to_uppercase()).collect()));
             for row in cells {
                 println!("{}", line(row));
+            }
+            if let Some(total) = map.get("total") {
+                println!("total requests: {total}");
             }
         }
         (_, Value::Null) => println!("{}", status.canonical_reason().unwrap_or("OK").to_lowercase()),
