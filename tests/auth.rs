@@ -16,37 +16,6 @@ fn config(upstream: std::net::SocketAddr, data_dir: &std::path::Path) -> String 
     )
 }
 
-async fn admin_json(gateway: &Gateway, method: &str, path: &str, body: Value) -> Reply {
-    send(
-        Request::builder()
-            .method(method)
-            .uri(gateway.admin_url(path))
-            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
-            .header("content-type", "application/json")
-            .body(full(body.to_string()))
-            .unwrap(),
-    )
-    .await
-}
-
-async fn create_key(gateway: &Gateway, body: Value) -> (String, String) {
-    let reply = admin_json(gateway, "POST", "/v1/keys", body).await;
-    assert_eq!(reply.status, 201, "{}", reply.text());
-    let created = reply.json();
-    (
-        created["id"].as_str().unwrap().to_string(),
-        created["key"].as_str().unwrap().to_string(),
-    )
-}
-
-async fn call(gateway: &Gateway, path: &str, header: Option<(&str, String)>) -> Reply {
-    let mut request = Request::get(gateway.url(path));
-    if let Some((name, value)) = header {
-        request = request.header(name, value);
-    }
-    send(request.body(full("")).unwrap()).await
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn keys_authenticate_identify_and_revoke() {
     let upstream = Upstream::start("u").await;

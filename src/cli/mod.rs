@@ -58,7 +58,7 @@ enum Command {
         #[command(flatten)]
         remote: remote::Remote,
         #[command(flatten)]
-        args: remote::UsageArgs,
+        args: Box<remote::UsageArgs>,
     },
 }
 
@@ -72,7 +72,7 @@ pub fn main() -> ExitCode {
         Command::Keys { remote, command } => remote::keys(remote, command),
         Command::Plans { remote, command } => remote::plans(remote, command),
         Command::Consumers { remote, command } => remote::consumers(remote, command),
-        Command::Usage { remote, args } => remote::usage(remote, args),
+        Command::Usage { remote, args } => remote::usage(remote, *args),
     }
 }
 

@@ -108,13 +108,15 @@ pub struct MemoryBackend {
     data: Mutex<MemoryData>,
 }
 
+/// (subject, scope, day, node) of a stored usage slot; the value is (consumer, count).
+type SlotKey = (String, String, u32, String);
+
 #[derive(Default)]
 struct MemoryData {
     plans: BTreeMap<String, Plan>,
     consumers: BTreeMap<String, Consumer>,
     keys: BTreeMap<String, ApiKey>,
-    /// (subject, scope, day, node) → (consumer, count)
-    usage: BTreeMap<(String, String, u32, String), (Option<String>, u64)>,
+    usage: BTreeMap<SlotKey, (Option<String>, u64)>,
 }
 
 impl MemoryBackend {

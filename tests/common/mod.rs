@@ -191,6 +191,11 @@ impl Gateway {
     /// Starts `tollgate serve` with `config` (proxy and admin on free ports unless the
     /// config sets them) and waits for its ready line.
     pub fn start(config: &str) -> Gateway {
+        Gateway::start_with_env(config, &[])
+    }
+
+    /// As [`Gateway::start`], with extra environment variables for the process.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Gateway {
         let dir = tempfile::tempdir().expect("tempdir");
         let config_path = dir.path().join("tollgate.toml");
         std::fs::write(&config_path, config).unwrap();
@@ -199,6 +204,7 @@ impl Gateway {
             .args(["serve", "--config"])
             .arg(&config_path)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(&stderr_log).unwrap())
             .spawn()
@@ -384,4 +390,35 @@ pub fn raw_json_body(response: &str) -> serde_json::Value {
 
 pub fn fixture(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
+}
+
+pub async fn admin_json(gateway: &Gateway, method: &str, path: &str, body: serde_json::Value) -> Reply {
+    send(
+        Request::builder()
+            .method(method)
+            .uri(gateway.admin_url(path))
+            .header("authorization", format!("Bearer {ADMIN_TOKEN}"))
+            .header("content-type", "application/json")
+            .body(full(body.to_string()))
+            .unwrap(),
+    )
+    .await
+}
+
+pub async fn create_key(gateway: &Gateway, body: serde_json::Value) -> (String, String) {
+    let reply = admin_json(gateway, "POST", "/v1/keys", body).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let created = reply.json();
+    (
+        created["id"].as_str().unwrap().to_string(),
+        created["key"].as_str().unwrap().to_string(),
+    )
+}
+
+pub async fn call(gateway: &Gateway, path: &str, header: Option<(&str, String)>) -> Reply {
+    let mut request = Request::get(gateway.url(path));
+    if let Some((name, value)) = header {
+        request = request.header(name, value);
+    }
+    send(request.body(full("")).unwrap()).await
 }
