@@ -143,9 +143,14 @@ def main():
                         help="also measure another tollgate build in the same rounds (A/B of a change)")
     parser.add_argument("--auth", action="store_true",
                         help="require an API key on Tollgate's route (wrk sends one)")
+    parser.add_argument("--limits", action="store_true",
+                        help="API key plus a plan with a rate limit and daily/monthly quotas (never reached), "
+                             "usage counted and flushed; also measures a Tollgate without auth/limits ('tollgate-off')")
     parser.add_argument("--core-hour-usd", type=float, default=0.04,
                         help="price of one core-hour, for the cost per billion requests")
     args = parser.parse_args()
+    if args.limits:
+        args.auth = True
 
     workdir = tempfile.mkdtemp(prefix="tollgate-bench-")
     procs = []
@@ -166,11 +171,19 @@ server {{
         wait_port(ng_port)
         nginx_pid = nginx_worker_pid(nginx)
 
-        def start_tollgate(name, binary):
+        def start_tollgate(name, binary, auth=args.auth):
             port, admin = free_port(), free_port()
+            plan = """
+[plans.pro]
+rate = { per_second = 100000000, burst = 100000000 }
+daily = 1000000000000
+monthly = 10000000000000
+""" if args.limits and auth else ""
             config = os.path.join(workdir, f"{name}.toml")
             with open(config, "w") as f:
                 f.write(f"""
+data_dir = "./data-{name}"
+
 [server]
 listen = ["127.0.0.1:{port}"]
 workers = 1
@@ -185,15 +198,20 @@ endpoints = ["127.0.0.1:{up_port}"]
 name = "all"
 path = "/"
 upstream = "bench"
-{'auth = ["api_key"]' if args.auth else ''}
+{'auth = ["api_key"]' if auth else ''}
+{plan}
 """)
             proc = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
                                     stdout=subprocess.DEVNULL,
                                     stderr=open(os.path.join(workdir, f"{name}.log"), "w"),
                                     env={**os.environ, "RUST_LOG": "warn"})
             procs.append(proc)
-            wait_port(port)
-            wait_port(admin)
+            try:
+                wait_port(port)
+                wait_port(admin)
+            except SystemExit:
+                print(open(os.path.join(workdir, f"{name}.log")).read(), file=sys.stderr)
+                raise
             return port, proc, admin
 
         tg_port, tollgate, tg_admin = start_tollgate("tollgate", os.path.join(ROOT, "target", "release", "tollgate"))
@@ -202,6 +220,9 @@ upstream = "bench"
             name, binary = spec.split("=", 1)
             port, proc, _ = start_tollgate(name, binary)
             extra.append((name, f"http://127.0.0.1:{port}/", proc.pid))
+        if args.limits:
+            port, proc, _ = start_tollgate("tollgate-off", os.path.join(ROOT, "target", "release", "tollgate"), auth=False)
+            extra.append(("tollgate-off", f"http://127.0.0.1:{port}/", proc.pid))
         headers = {}
         if args.auth:
             import json, urllib.request
@@ -211,6 +232,9 @@ upstream = "bench"
                 return json.loads(urllib.request.urlopen(req).read() or b"{}")
             post("/v1/consumers", {"id": "bench", "plan": "pro"})
             headers["tollgate"] = post("/v1/keys", {"consumer": "bench"})["key"]
+            for name, _, _ in extra:
+                if name != "tollgate-off":
+                    raise SystemExit("--also with --auth/--limits: keys are created on the main instance only")
 
         systems = [("direct", f"http://127.0.0.1:{up_port}/", None),
                    ("tollgate", f"http://127.0.0.1:{tg_port}/", tollgate.pid),
@@ -232,7 +256,8 @@ upstream = "bench"
         def med(name, key):
             return median([x[key] for x in results[name] if key in x])
 
-        print(f"## Core proxy benchmark — {datetime.date.today()}\n")
+        mode = "auth + limits + usage" if args.limits else "auth" if args.auth else "no auth"
+        print(f"## Core proxy benchmark ({mode}) — {datetime.date.today()}\n")
         print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.release()}; "
               f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} rounds, medians. "
               "Proxy on CPU 0; wrk and the upstream (NGINX `return 200`) on CPU 1.\n")

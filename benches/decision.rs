@@ -1,9 +1,27 @@
-//! Decision cost on the request path: key lookup + auth with 100k and 1M keys loaded.
+//! Decision cost on the request path: key lookup + auth with 100k and 1M keys loaded, then
+//! the same with the plan's limits (rate + daily + monthly quota) checked and counted, and
+//! an anonymous caller charged to IP and Referer among 1M distinct IPs.
 //! `cargo bench --bench decision`; results in docs/benchmarks.md.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use std::sync::Arc;
+
 use tollgate::auth::{KeyTable, authenticate, hash_key};
+use tollgate::limits::{Gcra, Now, PlanLimits};
 use tollgate::state::{ApiKey, Consumer, StateData};
+use tollgate::usage::{Charge, Subject, UsageTable};
+
+/// Limits that never refuse, so every iteration takes the admit-and-count path.
+fn generous_plan() -> PlanLimits {
+    PlanLimits {
+        name: "pro".into(),
+        rate: Gcra::new(1_000_000, Some(1_000_000)),
+        daily: Some(u64::MAX / 2),
+        monthly: Some(u64::MAX / 2),
+        groups: vec![],
+        decisions: Default::default(),
+    }
+}
 
 fn table_with(keys: usize) -> (KeyTable, Vec<String>) {
     let mut data = StateData::default();
@@ -46,7 +64,15 @@ fn decision(c: &mut Criterion) {
     let mut group = c.benchmark_group("authenticate");
     // `cargo test --all-targets` runs benches once as a smoke test: keep that quick.
     let measuring = std::env::args().any(|a| a == "--bench");
-    let sizes: &[usize] = if measuring { &[100_000, 1_000_000] } else { &[1_000] };
+    // `DECISION_KEYS=1000` measures with every table in cache (pure CPU cost).
+    let chosen: Option<Vec<usize>> = std::env::var("DECISION_KEYS")
+        .ok()
+        .map(|v| v.split(',').filter_map(|n| n.parse().ok()).collect());
+    let sizes: &[usize] = match &chosen {
+        Some(sizes) => sizes,
+        None if measuring => &[100_000, 1_000_000],
+        None => &[1_000],
+    };
     for &keys in sizes {
         let (table, secrets) = table_with(keys);
         let mut i = 0usize;
@@ -58,6 +84,71 @@ fn decision(c: &mut Criterion) {
         });
     }
     group.finish();
+
+    let mut group = c.benchmark_group("authenticate+limits");
+    let plan = generous_plan();
+    let route: Arc<str> = Arc::from("lookup");
+    for &keys in sizes {
+        let (table, secrets) = table_with(keys);
+        let usage = UsageTable::default();
+        let mut i = 0usize;
+        group.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
+            b.iter(|| {
+                i = (i + 7919) % secrets.len();
+                let identity = authenticate(&table, Some(&secrets[i]), "lookup", 0).ok()?;
+                let subject = Subject::Key(identity.key_id.clone());
+                let charge = Charge {
+                    subject: &subject,
+                    consumer: Some(&identity.consumer_id),
+                    route: Some(&route),
+                };
+                usage.admit(&[charge], &plan, None, Now::system()).ok()
+            })
+        });
+    }
+    group.finish();
+
+    // Anonymous callers: IP + Referer charged together, over many distinct IPs (RSS for
+    // this case is measured on a running gateway by bench/anonymous_rss.py).
+    let mut group = c.benchmark_group("anonymous");
+    let ips: u32 = if measuring { 1_000_000 } else { 1_000 };
+    let usage = UsageTable::default();
+    let referers: Vec<Subject> = (0..1000)
+        .map(|i| Subject::Referer(format!("site{i}.example").into()))
+        .collect();
+    for n in 0..ips {
+        let ip = Subject::Ip(std::net::IpAddr::from((0x0a00_0000 + n).to_be_bytes()));
+        let _ = usage.admit(
+            &[charge(&ip), charge(&referers[n as usize % referers.len()])],
+            &plan,
+            None,
+            Now::system(),
+        );
+    }
+    let mut n = 0u32;
+    group.bench_function(BenchmarkId::from_parameter(ips), |b| {
+        b.iter(|| {
+            n = (n + 7919) % ips;
+            let ip = Subject::Ip(std::net::IpAddr::from((0x0a00_0000 + n).to_be_bytes()));
+            usage
+                .admit(
+                    &[charge(&ip), charge(&referers[n as usize % referers.len()])],
+                    &plan,
+                    None,
+                    Now::system(),
+                )
+                .ok()
+        })
+    });
+    group.finish();
+}
+
+fn charge(subject: &Subject) -> Charge<'_> {
+    Charge {
+        subject,
+        consumer: None,
+        route: None,
+    }
 }
 
 criterion_group!(benches, decision);

@@ -348,7 +348,7 @@ fn default_retention() -> Duration {
     Duration::from_secs(400 * 86_400)
 }
 fn default_anonymous_retention() -> Duration {
-    Duration::from_secs(90 * 86_400)
+    Duration::from_secs(35 * 86_400)
 }
 
 fn default_path() -> String {

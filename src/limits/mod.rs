@@ -291,10 +291,10 @@ pub fn check_quotas(
     counts: &Counts,
     now: Now,
 ) -> Result<Option<LimitStatus>, Rejection> {
-    let (day, month) = (now.day(), now.month());
-    let day_reset = window::secs_until_day_end(now, day);
-    let month_reset = window::secs_until_month_end(now, month);
-    let month_secs = window::month_secs(month);
+    let calendar = window::Calendar::of(now);
+    let day_reset = calendar.day_end.saturating_sub(now.secs());
+    let month_reset = calendar.month_end.saturating_sub(now.secs());
+    let month_secs = calendar.month_secs;
     let mut best = None;
     quota_check(LimitName::Daily, plan.daily, counts.day, 86_400, day_reset, &mut best)?;
     quota_check(

@@ -28,11 +28,53 @@ impl Now {
     }
 
     pub fn month(self) -> u32 {
-        month_of_day(self.day())
+        Calendar::of(self).month
     }
 
     pub fn secs(self) -> u64 {
         self.0 / 1_000_000_000
+    }
+}
+
+/// The windows containing one day, with the figures the limit headers need. Working them
+/// out takes calendar arithmetic, so each thread keeps the current day's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Calendar {
+    pub day: u32,
+    pub month: u32,
+    /// Unix seconds at which the day ends.
+    pub day_end: u64,
+    /// Unix seconds at which the month ends.
+    pub month_end: u64,
+    pub month_secs: u64,
+}
+
+impl Calendar {
+    fn compute(day: u32) -> Calendar {
+        let month = month_of_day(day);
+        let next_month = u64::from(month_start(month + 1)) * 86_400;
+        Calendar {
+            day,
+            month,
+            day_end: (u64::from(day) + 1) * 86_400,
+            month_end: next_month,
+            month_secs: next_month - u64::from(month_start(month)) * 86_400,
+        }
+    }
+
+    pub fn of(now: Now) -> Calendar {
+        thread_local! {
+            static CURRENT: std::cell::Cell<Option<Calendar>> = const { std::cell::Cell::new(None) };
+        }
+        let day = now.day();
+        CURRENT.with(|current| match current.get() {
+            Some(calendar) if calendar.day == day => calendar,
+            _ => {
+                let calendar = Calendar::compute(day);
+                current.set(Some(calendar));
+                calendar
+            }
+        })
     }
 }
 
@@ -207,6 +249,14 @@ mod tests {
             "Feb 29 belongs to February"
         );
         assert_eq!(at("2028-03-01", 0).month(), parse_month("2028-03").unwrap());
+        for (now, other) in [(jan31, feb1), (feb1, jan31), (dec31, jan31)] {
+            let calendar = Calendar::of(now);
+            assert_eq!(Calendar::of(other), Calendar::compute(other.day()));
+            assert_eq!(calendar.month, now.month());
+            assert_eq!(calendar.day_end - now.secs(), secs_until_day_end(now, now.day()));
+            assert_eq!(calendar.month_end - now.secs(), secs_until_month_end(now, now.month()));
+            assert_eq!(calendar.month_secs, month_secs(now.month()));
+        }
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use rustc_hash::{FxBuildHasher, FxHashMap};
+use rustc_hash::FxBuildHasher;
 
 use crate::limits::{self, Counts, GroupLimits, LimitStatus, Now, PlanLimits, Rejection};
 
@@ -50,6 +50,12 @@ impl Subject {
     }
 }
 
+impl From<&Subject> for Subject {
+    fn from(subject: &Subject) -> Subject {
+        subject.clone()
+    }
+}
+
 impl fmt::Display for Subject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -68,6 +74,15 @@ pub enum Scope {
 }
 
 impl Scope {
+    /// Equality that first tries the shared name's pointer (the common case on the
+    /// request path: the route's own `Arc`).
+    fn same(&self, other: &Scope) -> bool {
+        match (self, other) {
+            (Scope::Route(a), Scope::Route(b)) | (Scope::Group(a), Scope::Group(b)) => Arc::ptr_eq(a, b) || a == b,
+            _ => false,
+        }
+    }
+
     fn render(&self) -> String {
         match self {
             Scope::Route(name) => format!("route:{name}"),
@@ -120,7 +135,43 @@ struct Scoped {
 struct Extra {
     consumer: Option<Arc<str>>,
     month: Option<Slot>,
-    scoped: Vec<Scoped>,
+    scoped: Scopes,
+}
+
+/// A subject's route and group counters. Most keys call one route, so the first counter
+/// lives inline: one allocation (the `Extra`) holds everything a key touches per request.
+#[derive(Debug, Default)]
+struct Scopes {
+    first: Option<Scoped>,
+    more: Vec<Scoped>,
+}
+
+impl Scopes {
+    fn iter(&self) -> impl Iterator<Item = &Scoped> {
+        self.first.iter().chain(&self.more)
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Scoped> {
+        self.first.iter_mut().chain(&mut self.more)
+    }
+
+    fn find_or_push(&mut self, matches: impl Fn(&Scope) -> bool, make: impl FnOnce() -> Scope) -> &mut Scoped {
+        let in_first = self.first.as_ref().is_some_and(|s| matches(&s.scope));
+        if !in_first && let Some(index) = self.more.iter().position(|s| matches(&s.scope)) {
+            return &mut self.more[index];
+        }
+        let fresh = || Scoped {
+            scope: make(),
+            day: Slot::default(),
+            month: Slot::default(),
+        };
+        if in_first || self.first.is_none() {
+            return self.first.get_or_insert_with(fresh);
+        }
+        self.more.push(fresh());
+        let last = self.more.len() - 1;
+        &mut self.more[last]
+    }
 }
 
 #[derive(Debug)]
@@ -155,24 +206,34 @@ impl Entry {
         self.extra.as_ref().and_then(|e| e.month)
     }
 
-    fn scoped(&self, scope: &Scope) -> Option<&Scoped> {
-        self.extra.as_ref()?.scoped.iter().find(|s| s.scope == *scope)
+    fn group(&self, name: &Arc<str>) -> Option<&Scoped> {
+        self.extra
+            .as_ref()?
+            .scoped
+            .iter()
+            .find(|s| matches!(&s.scope, Scope::Group(g) if Arc::ptr_eq(g, name) || g == name))
     }
 
     fn scoped_mut(&mut self, scope: &Scope) -> &mut Scoped {
-        let extra = self.extra();
-        let index = match extra.scoped.iter().position(|s| s.scope == *scope) {
-            Some(index) => index,
-            None => {
-                extra.scoped.push(Scoped {
-                    scope: scope.clone(),
-                    day: Slot::default(),
-                    month: Slot::default(),
-                });
-                extra.scoped.len() - 1
+        self.extra().scoped.find_or_push(|s| s.same(scope), || scope.clone())
+    }
+
+    /// The counter of a route (or a route group), found by its shared name without
+    /// cloning it.
+    fn scoped_named(&mut self, group: bool, name: &Arc<str>) -> &mut Scoped {
+        let matches = |scope: &Scope| match scope {
+            Scope::Route(r) if !group => Arc::ptr_eq(r, name) || r == name,
+            Scope::Group(g) if group => Arc::ptr_eq(g, name) || g == name,
+            _ => false,
+        };
+        let make = || {
+            if group {
+                Scope::Group(name.clone())
+            } else {
+                Scope::Route(name.clone())
             }
         };
-        &mut extra.scoped[index]
+        self.extra().scoped.find_or_push(matches, make)
     }
 
     /// Moves the entry into the windows of `now`. Unflushed counts of the ended day go
@@ -195,7 +256,7 @@ impl Entry {
             if new_month && let Some(slot) = &mut extra.month {
                 *slot = Slot::default();
             }
-            for scoped in &mut extra.scoped {
+            for scoped in extra.scoped.iter_mut() {
                 scoped.day = Slot::default();
                 if new_month {
                     scoped.month = Slot::default();
@@ -221,7 +282,7 @@ impl Entry {
                 count: self.day_total.local,
             });
         }
-        for scoped in self.extra.iter().flat_map(|e| &e.scoped) {
+        for scoped in self.extra.iter().flat_map(|e| e.scoped.iter()) {
             if scoped.day.local > 0 {
                 out.push(UsageRow {
                     subject: subject_text.clone(),
@@ -259,11 +320,49 @@ pub struct StoredRow {
     pub node: String,
 }
 
+type Map = hashbrown::HashMap<Subject, Entry, FxBuildHasher>;
+
 #[derive(Default)]
 struct Shard {
-    map: FxHashMap<Subject, Entry>,
+    map: Map,
     dirty: Vec<Subject>,
     retired: Vec<UsageRow>,
+}
+
+/// Counts an admitted request in every counter of `entry` it touches.
+fn commit(
+    entry: &mut Entry,
+    charge: &Charge<'_>,
+    tat: Option<u64>,
+    group: Option<&GroupLimits>,
+    dirty: &mut Vec<Subject>,
+) {
+    if let Some(tat) = tat {
+        entry.tat = tat;
+    }
+    entry.day_total.local += 1;
+    if let Some(consumer) = charge.consumer
+        && entry.extra.as_ref().is_none_or(|e| e.consumer.is_none())
+    {
+        entry.extra().consumer = Some(consumer.clone());
+    }
+    if let Some(month) = entry.extra.as_mut().and_then(|e| e.month.as_mut()) {
+        month.local += 1;
+    }
+    if let Some(group) = group {
+        let scoped = entry.scoped_named(true, &group.name);
+        scoped.day.local += 1;
+        scoped.month.local += 1;
+    }
+    if let Some(route) = charge.route {
+        let scoped = entry.scoped_named(false, route);
+        scoped.day.local += 1;
+        scoped.month.local += 1;
+    }
+    if !entry.queued {
+        entry.queued = true;
+        dirty.push(charge.subject.clone());
+    }
 }
 
 /// One charge of a request: the subject, and for keys the consumer and route (reports).
@@ -274,8 +373,13 @@ pub struct Charge<'a> {
 }
 
 /// The usage counters of this node's view, by subject.
+/// A shard on its own cache lines, so workers locking neighbouring shards do not contend.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded(Mutex<Shard>);
+
 pub struct UsageTable {
-    shards: Box<[Mutex<Shard>]>,
+    shards: Box<[Padded]>,
     hasher: FxBuildHasher,
     /// Anonymous subjects keep a month counter only when their plan needs it.
     anonymous_month: std::sync::atomic::AtomicBool,
@@ -284,16 +388,16 @@ pub struct UsageTable {
 impl Default for UsageTable {
     fn default() -> Self {
         UsageTable {
-            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
+            shards: (0..SHARDS).map(|_| Padded::default()).collect(),
             hasher: FxBuildHasher,
             anonymous_month: Default::default(),
         }
     }
 }
 
-fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+fn lock(shard: &Padded) -> MutexGuard<'_, Shard> {
     // A panic while holding a shard leaves counts that are still valid numbers.
-    shard.lock().unwrap_or_else(|e| e.into_inner())
+    shard.0.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 struct Decided {
@@ -335,18 +439,38 @@ impl UsageTable {
             [] => Ok(None),
             [one] => {
                 let mut shard = lock(&self.shards[self.shard_of(one.subject)]);
-                let decided = self.decide(&mut shard, one, plan, group, now)?;
-                self.commit(&mut shard, one, decided.tat, group);
+                let Shard { map, dirty, retired } = &mut *shard;
+                let entry = map.entry_ref(one.subject).or_insert_with(|| Entry::new(now));
+                let decided = self.decide(entry, one.subject, retired, plan, group, now)?;
+                commit(entry, one, decided.tat, group, dirty);
                 Ok(decided.status)
             }
             [first, second] => {
                 let (a, b) = (self.shard_of(first.subject), self.shard_of(second.subject));
                 let (one, two) = if a == b {
                     let mut shard = lock(&self.shards[a]);
-                    let one = self.decide(&mut shard, first, plan, group, now)?;
-                    let two = self.decide(&mut shard, second, plan, group, now)?;
-                    self.commit(&mut shard, first, one.tat, group);
-                    self.commit(&mut shard, second, two.tat, group);
+                    let Shard { map, dirty, retired } = &mut *shard;
+                    let one = self.decide(
+                        map.entry_ref(first.subject).or_insert_with(|| Entry::new(now)),
+                        first.subject,
+                        retired,
+                        plan,
+                        group,
+                        now,
+                    )?;
+                    let two = self.decide(
+                        map.entry_ref(second.subject).or_insert_with(|| Entry::new(now)),
+                        second.subject,
+                        retired,
+                        plan,
+                        group,
+                        now,
+                    )?;
+                    for (charge, tat) in [(first, one.tat), (second, two.tat)] {
+                        if let Some(entry) = map.get_mut(charge.subject) {
+                            commit(entry, charge, tat, group, dirty);
+                        }
+                    }
                     (one, two)
                 } else {
                     // Shards are locked in index order, so two requests never wait on each
@@ -358,10 +482,22 @@ impl UsageTable {
                         let low = lock(&self.shards[b]);
                         (lock(&self.shards[a]), low)
                     };
-                    let one = self.decide(&mut shard_a, first, plan, group, now)?;
-                    let two = self.decide(&mut shard_b, second, plan, group, now)?;
-                    self.commit(&mut shard_a, first, one.tat, group);
-                    self.commit(&mut shard_b, second, two.tat, group);
+                    let Shard {
+                        map: map_a,
+                        dirty: dirty_a,
+                        retired: retired_a,
+                    } = &mut *shard_a;
+                    let Shard {
+                        map: map_b,
+                        dirty: dirty_b,
+                        retired: retired_b,
+                    } = &mut *shard_b;
+                    let entry_a = map_a.entry_ref(first.subject).or_insert_with(|| Entry::new(now));
+                    let entry_b = map_b.entry_ref(second.subject).or_insert_with(|| Entry::new(now));
+                    let one = self.decide(entry_a, first.subject, retired_a, plan, group, now)?;
+                    let two = self.decide(entry_b, second.subject, retired_b, plan, group, now)?;
+                    commit(entry_a, first, one.tat, group, dirty_a);
+                    commit(entry_b, second, two.tat, group, dirty_b);
                     (one, two)
                 };
                 Ok(match (one.status, two.status) {
@@ -378,23 +514,21 @@ impl UsageTable {
 
     fn decide(
         &self,
-        shard: &mut Shard,
-        charge: &Charge<'_>,
+        entry: &mut Entry,
+        subject: &Subject,
+        retired: &mut Vec<UsageRow>,
         plan: &PlanLimits,
         group: Option<&GroupLimits>,
         now: Now,
     ) -> Result<Decided, Rejection> {
-        let Shard { map, retired, .. } = shard;
-        let entry = map.entry(charge.subject.clone()).or_insert_with(|| Entry::new(now));
-        entry.roll(charge.subject, now, retired);
-        let track_month = self.track_month(charge.subject, plan);
+        entry.roll(subject, now, retired);
+        let track_month = self.track_month(subject, plan);
         if track_month && entry.month_total().is_none() {
             // Tracking starts now (plan gained a monthly quota): from today's count.
             let today = entry.day_total;
             entry.extra().month = Some(today);
         }
-        let group_scope = group.map(|g| Scope::Group(g.name.clone()));
-        let grouped = group_scope.as_ref().and_then(|s| entry.scoped(s));
+        let grouped = group.and_then(|g| entry.group(&g.name));
         let counts = Counts {
             day: entry.day_total.total(),
             month: entry.month_total().unwrap_or(entry.day_total).total(),
@@ -414,38 +548,6 @@ impl UsageTable {
             None => None,
         };
         Ok(Decided { tat, status })
-    }
-
-    fn commit(&self, shard: &mut Shard, charge: &Charge<'_>, tat: Option<u64>, group: Option<&GroupLimits>) {
-        let Some(entry) = shard.map.get_mut(charge.subject) else {
-            return;
-        };
-        if let Some(tat) = tat {
-            entry.tat = tat;
-        }
-        entry.day_total.local += 1;
-        if let Some(consumer) = charge.consumer
-            && entry.extra.as_ref().is_none_or(|e| e.consumer.is_none())
-        {
-            entry.extra().consumer = Some(consumer.clone());
-        }
-        if let Some(month) = entry.extra.as_mut().and_then(|e| e.month.as_mut()) {
-            month.local += 1;
-        }
-        if let Some(group) = group {
-            let scoped = entry.scoped_mut(&Scope::Group(group.name.clone()));
-            scoped.day.local += 1;
-            scoped.month.local += 1;
-        }
-        if let Some(route) = charge.route {
-            let scoped = entry.scoped_mut(&Scope::Route(route.clone()));
-            scoped.day.local += 1;
-            scoped.month.local += 1;
-        }
-        if !entry.queued {
-            entry.queued = true;
-            shard.dirty.push(charge.subject.clone());
-        }
     }
 
     /// This node's changed slots since the last call, for the flusher.
