@@ -193,13 +193,16 @@ pub fn parse_query(pairs: &[(String, String)], today: u32) -> Result<UsageQuery,
         None if group_by.route => ScopeFilter::AnyRoute,
         None => ScopeFilter::Total,
     };
+    // Consumers own keys; an anonymous request is charged to its IP *and* its Referer, so
+    // counting those under a consumer column would count it twice.
+    let subject_prefix = (group_by.consumer || consumer.is_some()).then_some("key:");
     Ok(UsageQuery {
         window,
         scan: UsageScan {
             from_day: from,
             to_day: to,
             subject,
-            subject_prefix: None,
+            subject_prefix,
             consumer,
             scope,
         },
