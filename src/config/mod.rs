@@ -16,6 +16,7 @@ use toml_edit::{Item, Value};
 
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
+pub use schema::ClusterSection;
 pub use schema::{
     AdminSection, AnonymousBy, AnonymousSection, AuthMethod, EndpointSpec, JwtSection, LbPolicy, PlanSection,
     RouteSection, ServerSection, TimeoutsSection, UpstreamProtocol, UpstreamSection, UsageSection,
@@ -37,6 +38,8 @@ pub struct Config {
     pub anonymous: AnonymousSection,
     pub jwt: JwtSection,
     pub usage: UsageSection,
+    /// Present in global mode.
+    pub cluster: Option<ClusterSection>,
     /// `server.trusted_proxies`, parsed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
 }
@@ -204,6 +207,52 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         }
     }
 
+    let cluster: Option<ClusterSection> = root
+        .get("cluster")
+        .and_then(|item| read_section(&mut sink, item, "cluster"));
+    if let Some(cluster) = &cluster {
+        let item = root.get("cluster");
+        if cluster.nats.is_empty() {
+            sink.push(
+                item.and_then(|i| field_span(i, "nats")),
+                "cluster.nats",
+                "at least one NATS URL is required",
+            );
+        }
+        for url in &cluster.nats {
+            if !(url.starts_with("nats://") || url.starts_with("tls://")) || url.len() < 8 {
+                sink.push(
+                    item.and_then(|i| field_span(i, "nats")),
+                    "cluster.nats",
+                    format!("invalid NATS URL {url:?}: expected nats://host:port or tls://host:port"),
+                );
+            }
+        }
+        let token_ok =
+            |t: &str| !t.is_empty() && t.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        if !token_ok(&cluster.region) {
+            sink.push(
+                item.and_then(|i| field_span(i, "region")),
+                "cluster.region",
+                "use letters, digits, '-' and '_'",
+            );
+        }
+        if cluster.node_id.as_deref().is_some_and(|n| !token_ok(n)) {
+            sink.push(
+                item.and_then(|i| field_span(i, "node_id")),
+                "cluster.node_id",
+                "use letters, digits, '-' and '_'",
+            );
+        }
+        if !(1..=5).contains(&cluster.replicas) {
+            sink.push(
+                item.and_then(|i| field_span(i, "replicas")),
+                "cluster.replicas",
+                "must be between 1 and 5",
+            );
+        }
+    }
+
     let mut routes = Vec::new();
     match root.get("routes") {
         Some(Item::ArrayOfTables(array)) => {
@@ -328,6 +377,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         anonymous,
         jwt,
         usage,
+        cluster,
         trusted_proxies,
     })
 }

@@ -351,6 +351,63 @@ fn default_anonymous_retention() -> Duration {
     Duration::from_secs(35 * 86_400)
 }
 
+/// Global mode: keys, plans and usage shared through NATS JetStream (DESIGN §2.2).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSection {
+    /// Server URLs of this region's NATS cluster.
+    pub nats: Vec<String>,
+    /// This node's region (one NATS cluster per region).
+    pub region: String,
+    /// This node's name: its slot in every usage counter. Must be unique in the cluster and
+    /// stable across restarts of the same node (defaults to the host name).
+    #[serde(default)]
+    pub node_id: Option<String>,
+    /// A NATS `.creds` file (JWT + NKey).
+    #[serde(default)]
+    pub credentials: Option<String>,
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub token: Option<String>,
+    /// PEM file of the CA that signed the servers' certificates; implies TLS.
+    #[serde(default)]
+    pub tls_ca: Option<String>,
+    /// Replicas of the buckets and the usage stream (1 or 3 in a 3-node cluster).
+    #[serde(default = "default_replicas")]
+    pub replicas: usize,
+    /// How long usage batches stay in the stream (monthly counts also live in snapshots).
+    #[serde(default = "default_usage_max_age", deserialize_with = "duration")]
+    pub usage_max_age: Duration,
+}
+
+impl ClusterSection {
+    /// `node_id`, else the host name.
+    pub fn node_name(&self) -> String {
+        self.node_id.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .ok()
+                .map(|h| {
+                    h.trim()
+                        .chars()
+                        .map(|c| if c.is_ascii_alphanumeric() || c == '-' { c } else { '_' })
+                        .collect::<String>()
+                })
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "node".to_string())
+        })
+    }
+}
+
+fn default_replicas() -> usize {
+    1
+}
+fn default_usage_max_age() -> Duration {
+    Duration::from_secs(7 * 86_400)
+}
+
 fn default_path() -> String {
     "/".to_string()
 }
@@ -366,6 +423,7 @@ pub const SECTIONS: &[&str] = &[
     "anonymous",
     "jwt",
     "usage",
+    "cluster",
 ];
 
 pub type Upstreams = BTreeMap<String, UpstreamSection>;

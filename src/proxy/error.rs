@@ -39,6 +39,8 @@ pub enum ErrorKind {
     HeadersTooLarge,
     /// The pool has no endpoint with an address to send to.
     NoEndpoint,
+    /// The key is not known here and the shared state (NATS) cannot be asked.
+    StateUnavailable,
     /// The TCP connection to the endpoint was refused or failed.
     UpstreamConnect,
     /// Connecting, or waiting for the response head, took longer than configured.
@@ -60,7 +62,7 @@ impl ErrorKind {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ErrorKind::NoEndpoint => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoEndpoint | ErrorKind::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -83,6 +85,7 @@ impl ErrorKind {
             ErrorKind::HeaderTimeout => "request_timeout",
             ErrorKind::HeadersTooLarge => "headers_too_large",
             ErrorKind::NoEndpoint => "upstream_unavailable",
+            ErrorKind::StateUnavailable => "state_unavailable",
             ErrorKind::UpstreamConnect => "upstream_connect_failed",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::UpstreamProtocol => "upstream_error",
@@ -105,6 +108,7 @@ impl ErrorKind {
             ErrorKind::HeaderTimeout => "the request head was not received in time",
             ErrorKind::HeadersTooLarge => "request headers are too large",
             ErrorKind::NoEndpoint => "no upstream endpoint is available",
+            ErrorKind::StateUnavailable => "the key cannot be checked right now (shared state unreachable); retry",
             ErrorKind::UpstreamConnect => "could not connect to the upstream",
             ErrorKind::UpstreamTimeout => "the upstream did not answer in time",
             ErrorKind::UpstreamProtocol => "the upstream failed to answer",
@@ -130,7 +134,7 @@ impl ErrorKind {
             | ErrorKind::UpstreamConnect
             | ErrorKind::UpstreamTimeout
             | ErrorKind::UpstreamProtocol => ErrorSource::Upstream,
-            ErrorKind::Internal => ErrorSource::Internal,
+            ErrorKind::Internal | ErrorKind::StateUnavailable => ErrorSource::Internal,
         }
     }
 }

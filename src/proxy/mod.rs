@@ -84,8 +84,13 @@ impl Gateway {
         .await
         .map_err(|e| crate::state::StateError::Backend(e.to_string()))??;
         let days = |d: std::time::Duration| (d.as_secs() / 86_400) as u32;
+        let node = snapshot
+            .config
+            .cluster
+            .as_ref()
+            .map_or_else(|| LOCAL_NODE.to_string(), |c| c.node_name());
         let usage = Arc::new(Usage::new(
-            LOCAL_NODE.to_string(),
+            node,
             clock,
             store.clone(),
             metrics.clone(),
@@ -140,6 +145,74 @@ impl Gateway {
             .table
             .set_anonymous_month(table.get(&snapshot.config.anonymous.plan).tracks_month());
         self.plans.store(Arc::new(table));
+    }
+
+    /// Applies writes made on other nodes (global mode) to this node's tables, and keeps
+    /// a copy in `cache` so a restart does not depend on NATS being up.
+    pub async fn apply_changes(
+        self: Arc<Self>,
+        mut changes: tokio::sync::mpsc::UnboundedReceiver<crate::state::StateChange>,
+        cache: Arc<crate::state::nats::NatsBackend>,
+    ) {
+        use crate::state::StateChange;
+        while let Some(change) = changes.recv().await {
+            let mut data = self.state.lock().await;
+            match change {
+                StateChange::Plan(name, plan) => {
+                    match plan {
+                        Some(plan) => {
+                            let cached = plan.clone();
+                            let cache = cache.clone();
+                            let _ = tokio::task::spawn_blocking(move || cache.local().put_plan(&cached)).await;
+                            data.plans.insert(name, plan);
+                        }
+                        None => {
+                            data.plans.remove(&name);
+                        }
+                    }
+                    self.rebuild_plans(&data);
+                }
+                StateChange::Consumer(id, consumer) => {
+                    let plan_changed = data.consumers.get(&id).map(|c| &c.plan) != consumer.as_ref().map(|c| &c.plan);
+                    let existed = data.consumers.contains_key(&id);
+                    match &consumer {
+                        Some(consumer) => {
+                            data.consumers.insert(id.clone(), consumer.clone());
+                        }
+                        None => {
+                            data.consumers.remove(&id);
+                        }
+                    }
+                    let store = self.store.clone();
+                    let cached = consumer.clone();
+                    let owner = id.clone();
+                    let cache = cache.clone();
+                    let keys = tokio::task::spawn_blocking(move || {
+                        let _ = match &cached {
+                            Some(consumer) => cache.local().cache_consumer(consumer),
+                            None => cache.local().uncache_consumer(&owner),
+                        };
+                        // Keys follow their consumer's plan (and die with it).
+                        if existed && plan_changed {
+                            store.consumer_keys(&owner).ok()
+                        } else {
+                            None
+                        }
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    for key in keys.unwrap_or_default() {
+                        self.keys.upsert(&key, &data, DEFAULT_PLAN);
+                    }
+                }
+                StateChange::Key(key) => {
+                    self.keys.upsert(&key, &data, DEFAULT_PLAN);
+                    let cache = cache.clone();
+                    let _ = tokio::task::spawn_blocking(move || cache.local().cache_key(&key)).await;
+                }
+            }
+        }
     }
 
     pub fn plan(&self, name: &str) -> Arc<PlanLimits> {
@@ -404,7 +477,13 @@ impl Worker {
             Some((key, source)) => {
                 let identity =
                     crate::auth::authenticate(&self.gateway.keys, Some(key), &route.name, crate::auth::unix_now())
-                        .map_err(|e| ProxyError::new(auth_error_kind(e)))?;
+                        .map_err(|e| match e {
+                            // Created elsewhere and not seen here yet: it may be valid.
+                            AuthError::InvalidApiKey if !self.gateway.store.available() => {
+                                ProxyError::new(ErrorKind::StateUnavailable)
+                            }
+                            e => ProxyError::new(auth_error_kind(e)),
+                        })?;
                 ctx.identity = Some(identity);
                 ctx.key_source = Some(source);
             }

@@ -2,6 +2,7 @@
 //! request path; it reads the in-memory tables in [`crate::auth`], which are rebuilt from
 //! a backend at start and updated after every admin write.
 
+pub mod nats;
 mod sqlite;
 
 use std::collections::BTreeMap;
@@ -100,6 +101,24 @@ pub trait StateBackend: Send + Sync + 'static {
     fn scan_usage(&self, scan: &UsageScan, f: &mut dyn FnMut(StoredRow)) -> Result<(), StateError>;
     /// Deletes key rows before `key_day` and anonymous rows before `anonymous_day`.
     fn prune_usage(&self, key_day: u32, anonymous_day: u32) -> Result<usize, StateError>;
+    /// Whether the shared store can be reached now. A key missing from memory while it
+    /// cannot is refused with 503, not 401: it may exist.
+    fn available(&self) -> bool {
+        true
+    }
+    /// Called every flush interval: catches up on anything owed to shared state (global
+    /// mode publishes its outbox after an outage).
+    fn sync(&self) -> Result<(), StateError> {
+        Ok(())
+    }
+}
+
+/// A write made on another node (global mode), to apply to this node's tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateChange {
+    Plan(String, Option<Plan>),
+    Consumer(String, Option<Consumer>),
+    Key(ApiKey),
 }
 
 /// For unit tests and `data_dir`-less runs.

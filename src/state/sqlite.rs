@@ -85,6 +85,25 @@ impl SqliteBackend {
             conn.execute_batch("ALTER TABLE plans ADD COLUMN groups TEXT")
                 .map_err(backend_error)?;
         }
+        // Global mode: how much of each own slot NATS has acknowledged, and where this
+        // node's replay of the usage stream stands.
+        let has_published: bool = conn
+            .query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('usage') WHERE name = 'published'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .map_err(backend_error)?
+            > 0;
+        if !has_published {
+            conn.execute_batch("ALTER TABLE usage ADD COLUMN published INTEGER NOT NULL DEFAULT 0")
+                .map_err(backend_error)?;
+        }
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS usage_outbox ON usage (node) WHERE count > published;",
+        )
+        .map_err(backend_error)?;
         let reader = Connection::open(path).map_err(backend_error)?;
         reader
             .busy_timeout(std::time::Duration::from_secs(5))
@@ -98,6 +117,157 @@ impl SqliteBackend {
     fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StateError> {
         let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         f(&conn).map_err(backend_error)
+    }
+}
+
+/// Global-mode bookkeeping on top of the usage table.
+impl SqliteBackend {
+    /// Own slots whose count NATS has not acknowledged yet (the outbox, kept on disk).
+    pub fn unpublished(&self, node: &str, limit: usize) -> Result<Vec<UsageRow>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT subject, scope, day, consumer, count FROM usage
+                 WHERE node = ?1 AND count > published LIMIT ?2",
+            )?;
+            stmt.query_map(params![node, limit as i64], |r| {
+                Ok(UsageRow {
+                    subject: r.get(0)?,
+                    scope: r.get(1)?,
+                    day: r.get(2)?,
+                    consumer: r.get(3)?,
+                    count: r.get::<_, i64>(4)?.max(0) as u64,
+                })
+            })?
+            .collect()
+        })
+    }
+
+    pub fn unpublished_count(&self, node: &str) -> Result<u64, StateError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM usage WHERE node = ?1 AND count > published",
+                params![node],
+                |r| r.get::<_, i64>(0),
+            )
+        })
+        .map(|n| n.max(0) as u64)
+    }
+
+    pub fn mark_published(&self, node: &str, rows: &[UsageRow]) -> Result<(), StateError> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            {
+                let mut update = tx.prepare_cached(
+                    "UPDATE usage SET published = max(published, ?5)
+                     WHERE subject = ?1 AND scope = ?2 AND day = ?3 AND node = ?4",
+                )?;
+                for row in rows {
+                    update.execute(params![row.subject, row.scope, row.day, node, row.count as i64])?;
+                }
+            }
+            tx.commit()
+        })
+    }
+
+    /// Merges another node's slots (max per slot) and returns, per row, by how much the
+    /// stored slot grew: replays and duplicates grow nothing.
+    pub fn merge_usage(&self, node: &str, rows: &[UsageRow]) -> Result<Vec<u64>, StateError> {
+        self.with(|c| {
+            let tx = c.unchecked_transaction()?;
+            let mut grown = Vec::with_capacity(rows.len());
+            {
+                let mut read = tx.prepare_cached(
+                    "SELECT count FROM usage WHERE subject = ?1 AND scope = ?2 AND day = ?3 AND node = ?4",
+                )?;
+                let mut upsert = tx.prepare_cached(
+                    "INSERT INTO usage (subject, scope, day, node, consumer, count, published) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?6)
+                     ON CONFLICT (subject, scope, day, node) DO UPDATE SET count = max(count, excluded.count),
+                       published = max(published, excluded.count)",
+                )?;
+                for row in rows {
+                    let before: i64 = read
+                        .query_row(params![row.subject, row.scope, row.day, node], |r| r.get(0))
+                        .optional()?
+                        .unwrap_or(0);
+                    let before = before.max(0) as u64;
+                    if row.count > before {
+                        upsert.execute(params![
+                            row.subject,
+                            row.scope,
+                            row.day,
+                            node,
+                            row.consumer,
+                            row.count as i64
+                        ])?;
+                    }
+                    grown.push(row.count.saturating_sub(before));
+                }
+            }
+            tx.commit()?;
+            Ok(grown)
+        })
+    }
+
+    pub fn meta(&self, name: &str) -> Result<Option<u64>, StateError> {
+        self.with(|c| {
+            c.query_row("SELECT value FROM meta WHERE name = ?1", params![name], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()
+        })
+        .map(|v| v.map(|v| v.max(0) as u64))
+    }
+
+    pub fn set_meta(&self, name: &str, value: u64) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO meta (name, value) VALUES (?1, ?2) ON CONFLICT (name) DO UPDATE SET value = ?2",
+                params![name, value as i64],
+            )
+            .map(|_| ())
+        })
+    }
+
+    /// Replaces the local copy of plans, consumers and keys (global mode caches them here,
+    /// so a node restarted while NATS is down still knows every key).
+    pub fn cache_key(&self, key: &ApiKey) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO api_keys (id, consumer, plan, hash, prefix, created_at, expires_at, allowed_routes, revoked)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT (id) DO UPDATE SET plan = ?3, expires_at = ?7, allowed_routes = ?8, revoked = ?9",
+                params![
+                    key.id,
+                    key.consumer,
+                    key.plan,
+                    &key.hash[..],
+                    key.prefix,
+                    key.created_at,
+                    key.expires_at,
+                    key.allowed_routes.join(","),
+                    key.revoked as i64
+                ],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn cache_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO consumers (id, plan, created_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO UPDATE SET plan = ?2",
+                params![consumer.id, consumer.plan, consumer.created_at],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn uncache_consumer(&self, id: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute("DELETE FROM consumers WHERE id = ?1", params![id])
+                .map(|_| ())
+        })
     }
 }
 

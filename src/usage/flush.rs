@@ -100,7 +100,11 @@ impl Usage {
         let mut pending = self.pending.lock().await;
         self.table.collect(&mut pending);
         if pending.is_empty() {
-            return Ok(0);
+            let store = self.store.clone();
+            return match tokio::task::spawn_blocking(move || store.sync()).await {
+                Ok(result) => result.map(|()| 0),
+                Err(join) => Err(StateError::Backend(join.to_string())),
+            };
         }
         let rows = std::mem::take(&mut *pending);
         let store = self.store.clone();

@@ -583,14 +583,23 @@ impl UsageTable {
     /// Loads a stored slot at start: today's rows into the day counters, earlier days of
     /// this month into the month counters of subjects that keep one.
     pub fn restore(&self, stored: &StoredRow, own_node: bool, now: Now) -> bool {
-        let Some(subject) = Subject::parse(&stored.row.subject) else {
+        self.credit(&stored.row, own_node, stored.row.count, now)
+    }
+
+    /// Adds what another node's slot grew by (global mode) to this view's `remote` sums.
+    pub fn apply_remote(&self, row: &UsageRow, grown: u64, now: Now) -> bool {
+        self.credit(row, false, grown, now)
+    }
+
+    fn credit(&self, row: &UsageRow, own_node: bool, count: u64, now: Now) -> bool {
+        let Some(subject) = Subject::parse(&row.subject) else {
             return false;
         };
-        let Some(scope) = Scope::parse(&stored.row.scope) else {
+        let Some(scope) = Scope::parse(&row.scope) else {
             return false;
         };
         let (day, month) = (now.day(), now.month());
-        let row_day = stored.row.day;
+        let row_day = row.day;
         if row_day > day || limits::window::month_of_day(row_day) != month {
             return false;
         }
@@ -599,16 +608,18 @@ impl UsageTable {
             return false;
         }
         let mut shard = lock(&self.shards[self.shard_of(&subject)]);
-        let entry = shard.map.entry(subject).or_insert_with(|| Entry::new(now));
-        if let Some(consumer) = &stored.row.consumer
+        let Shard { map, retired, .. } = &mut *shard;
+        let entry = map.entry_ref(&subject).or_insert_with(|| Entry::new(now));
+        entry.roll(&subject, now, retired);
+        if let Some(consumer) = &row.consumer
             && entry.extra.as_ref().is_none_or(|e| e.consumer.is_none())
         {
             entry.extra().consumer = Some(consumer.as_str().into());
         }
         if track_month && entry.month_total().is_none() {
-            entry.extra().month = Some(Slot::default());
+            let today = entry.day_total;
+            entry.extra().month = Some(today);
         }
-        let count = stored.row.count;
         match &scope {
             None => {
                 if row_day == day {

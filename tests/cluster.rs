@@ -1,0 +1,200 @@
+//! Global mode: gateway nodes sharing keys, plans and usage through real nats-server
+//! processes on loopback.
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::json;
+
+fn node_config(
+    upstream: std::net::SocketAddr,
+    data_dir: &std::path::Path,
+    nats: &[String],
+    region: &str,
+    node: &str,
+) -> String {
+    let urls: Vec<String> = nats.iter().map(|u| format!("\"{u}\"")).collect();
+    format!(
+        r#"data_dir = "{data}"
+{base}
+[upstreams.u]
+endpoints = ["{upstream}"]
+
+[[routes]]
+name = "api"
+path = "/v1"
+upstream = "u"
+auth = ["api_key"]
+
+[plans.metered]
+daily = 50
+
+[plans.small]
+daily = 3
+
+[usage]
+flush_interval = "100ms"
+
+[cluster]
+nats = [{urls}]
+region = "{region}"
+node_id = "{node}"
+"#,
+        data = data_dir.display(),
+        base = base_config(),
+        urls = urls.join(", ")
+    )
+}
+
+/// Polls `check` until it holds or `limit` passes; returns how long it took.
+async fn within<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+async fn status(gateway: &Gateway, secret: &str) -> u16 {
+    call(gateway, "/v1/x", Some(("x-api-key", secret.to_string())))
+        .await
+        .status
+        .as_u16()
+}
+
+async fn total(gateway: &Gateway, key_id: &str) -> u64 {
+    let reply = admin(gateway, "GET", &format!("/v1/usage?key={key_id}")).await;
+    reply.json()["total"].as_u64().unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_and_plans_written_on_one_node_work_on_another_within_a_second() {
+    let nats = Nats::start();
+    let upstream = Upstream::start("u").await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &[nats.url()], "r1", "a"));
+    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &[nats.url()], "r1", "b"));
+
+    let reply = admin_json(&a, "POST", "/v1/consumers", json!({"id": "acme", "plan": "metered"})).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let (key_id, secret) = create_key(&a, json!({"consumer": "acme"})).await;
+    let took = within(Duration::from_secs(1), || async { status(&b, &secret).await == 200 })
+        .await
+        .expect("key created on A works on B within 1 s");
+    println!("key created on A → accepted by B after {took:?}");
+    // The consumer's plan and the key's plan are visible through B's admin API too.
+    assert_eq!(admin(&b, "GET", "/v1/consumers/acme").await.json()["plan"], "metered");
+
+    // Revocation through B reaches A.
+    assert_eq!(admin(&b, "DELETE", &format!("/v1/keys/{key_id}")).await.status, 204);
+    let took = within(Duration::from_secs(1), || async { status(&a, &secret).await == 403 })
+        .await
+        .expect("revocation on B effective on A within 1 s");
+    println!("revoked on B → refused by A after {took:?}");
+
+    // A plan edited on A is enforced on B.
+    let (_, secret) = create_key(&a, json!({"consumer": "acme", "plan": "tight"})).await;
+    let reply = admin_json(&a, "PUT", "/v1/plans/tight", json!({"daily": 2})).await;
+    assert_eq!(reply.status, 200);
+    within(Duration::from_secs(1), || async { status(&b, &secret).await == 200 })
+        .await
+        .expect("second key reaches B");
+    let refused = within(Duration::from_secs(3), || async { status(&b, &secret).await == 429 }).await;
+    assert!(refused.is_some(), "B enforces the plan created on A");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_quota_is_shared_by_every_node_and_reports_converge() {
+    let nats = Nats::start();
+    let upstream = Upstream::start("u").await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &[nats.url()], "r1", "a"));
+    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &[nats.url()], "r1", "b"));
+    admin_json(&a, "POST", "/v1/consumers", json!({"id": "acme", "plan": "metered"})).await;
+    let (key_id, secret) = create_key(&a, json!({"consumer": "acme"})).await;
+    within(Duration::from_secs(1), || async { status(&b, &secret).await == 200 })
+        .await
+        .expect("key on B");
+
+    // 120 requests alternating between the nodes, paced like a modest client (every
+    // 10 ms); the plan allows 50 a day across all nodes.
+    let mut admitted = 1; // the probe above
+    for i in 0..120 {
+        let node = if i % 2 == 0 { &a } else { &b };
+        match status(node, &secret).await {
+            200 => admitted += 1,
+            429 => {}
+            other => panic!("unexpected {other}"),
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    println!("quota 50 over 2 nodes: {admitted} admitted");
+    // Bound: (nodes − 1) × rate × (flush interval + propagation) ≈ 1 × 100/s × 0.2 s = 20.
+    assert!((50..=70).contains(&admitted), "admitted {admitted}");
+
+    // Both nodes' reports converge on the exact number admitted.
+    for node in [&a, &b] {
+        let converged = within(Duration::from_secs(3), || async {
+            total(node, &key_id).await == admitted
+        })
+        .await;
+        assert!(
+            converged.is_some(),
+            "report shows {} of {admitted}",
+            total(node, &key_id).await
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_outage_keeps_serving_and_loses_nothing() {
+    let mut nats = Nats::start();
+    let upstream = Upstream::start("u").await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &[nats.url()], "r1", "a"));
+    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &[nats.url()], "r1", "b"));
+    admin_json(&a, "POST", "/v1/consumers", json!({"id": "acme", "plan": "metered"})).await;
+    let (key_id, secret) = create_key(&a, json!({"consumer": "acme"})).await;
+    within(Duration::from_secs(1), || async { status(&b, &secret).await == 200 })
+        .await
+        .expect("key on B");
+
+    let (port, monitor, dir) = (nats.port, nats.monitor, nats.dir.clone());
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Known keys keep working and are counted; an unknown key is not admitted.
+    let mut admitted = 1;
+    for _ in 0..10 {
+        assert_eq!(status(&a, &secret).await, 200);
+        admitted += 1;
+    }
+    let unknown = call(&a, "/v1/x", Some(("x-api-key", "tg_live_unknown".to_string()))).await;
+    assert_eq!(unknown.status, 503, "{}", unknown.text());
+    assert_eq!(unknown.json()["error"]["code"], "state_unavailable");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // NATS returns: A's counts reach B, nothing lost and nothing doubled.
+    let _nats = Nats::start_at(&dir, port, monitor);
+    let converged = within(Duration::from_secs(10), || async {
+        total(&b, &key_id).await == admitted
+    })
+    .await;
+    assert!(
+        converged.is_some(),
+        "B's report shows {} of {admitted}\nA: {}\nB: {}",
+        total(&b, &key_id).await,
+        a.stderr(),
+        b.stderr()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(total(&a, &key_id).await, admitted);
+    assert_eq!(total(&b, &key_id).await, admitted);
+}
