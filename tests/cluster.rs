@@ -198,3 +198,79 @@ async fn nats_outage_keeps_serving_and_loses_nothing() {
     assert_eq!(total(&a, &key_id).await, admitted);
     assert_eq!(total(&b, &key_id).await, admitted);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_node_loses_at_most_one_flush_interval_and_a_new_node_rebuilds_the_view() {
+    let nats = Nats::start();
+    let upstream = Upstream::start("u").await;
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let mut a = Gateway::start(&node_config(upstream.addr, dirs[0].path(), &[nats.url()], "r1", "a"));
+    let b = Gateway::start(&node_config(upstream.addr, dirs[1].path(), &[nats.url()], "r1", "b"));
+    admin_json(&a, "POST", "/v1/consumers", json!({"id": "acme"})).await;
+    let (key_id, secret) = create_key(&a, json!({"consumer": "acme"})).await;
+    within(Duration::from_secs(1), || async { status(&b, &secret).await == 200 })
+        .await
+        .expect("key on B");
+    let mut admitted_b = 1;
+
+    // Load on both nodes; A is killed (SIGKILL) in the middle of it.
+    let a_url = a.url("/v1/x");
+    let load_a = tokio::spawn({
+        let secret = secret.clone();
+        async move {
+            let (mut ok, mut last_ok) = (0u64, Instant::now());
+            let client = client();
+            loop {
+                let request = http::Request::get(&a_url)
+                    .header("x-api-key", &secret)
+                    .body(full(""))
+                    .unwrap();
+                match client.request(request).await {
+                    Ok(response) if response.status() == 200 => {
+                        ok += 1;
+                        last_ok = Instant::now();
+                    }
+                    Ok(_) => {}
+                    Err(_) => return (ok, last_ok),
+                }
+            }
+        }
+    });
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        if started.elapsed() > Duration::from_millis(800) && a.child.try_wait().unwrap().is_none() {
+            a.signal(9);
+        }
+        assert_eq!(status(&b, &secret).await, 200);
+        admitted_b += 1;
+    }
+    a.wait_exit(Duration::from_secs(5)).expect("A is gone");
+    let (admitted_a, a_last_ok) = load_a.await.unwrap();
+    let killed_after = a_last_ok.duration_since(started);
+    let admitted = admitted_a + admitted_b;
+
+    // A new node with an empty disk rebuilds the view from the stream before it is ready.
+    let c = Gateway::start(&node_config(upstream.addr, dirs[2].path(), &[nats.url()], "r1", "c"));
+    let ready = within(Duration::from_secs(10), || async {
+        admin(&c, "GET", "/readyz").await.status == 200
+    })
+    .await;
+    println!("new node ready after {ready:?}");
+    assert!(ready.is_some());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let on_c = total(&c, &key_id).await;
+    let on_b = total(&b, &key_id).await;
+    let lost = admitted - on_c;
+    // A's requests per flush interval (100 ms) at the rate it was served.
+    let per_interval = admitted_a as f64 / killed_after.as_secs_f64().max(0.1) * 0.1;
+    println!(
+        "admitted {admitted} (A {admitted_a}, B {admitted_b}); view on C {on_c}, on B {on_b}; \
+         lost {lost} (one flush interval of A ≈ {per_interval:.0})"
+    );
+    assert_eq!(on_b, on_c, "every node sees the same counts");
+    assert!(on_c <= admitted, "nothing counted twice");
+    assert!(
+        (lost as f64) <= per_interval * 2.0 + 2.0,
+        "lost {lost}, more than one flush interval of A (~{per_interval:.0})"
+    );
+}

@@ -80,10 +80,10 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
             let (caught_up, rebuilt) = tokio::sync::oneshot::channel();
             let view = gateway.clone();
             tokio::spawn(nats.follow_usage(
-                move |_node, rows| {
+                move |own, rows| {
                     let now = view.usage.clock.now();
                     for (row, grown) in rows {
-                        view.usage.table.apply_remote(&row, grown, now);
+                        view.usage.table.apply_replicated(&row, own, grown, now);
                     }
                 },
                 caught_up,

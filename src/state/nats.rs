@@ -341,13 +341,14 @@ impl NatsBackend {
         self.local.unpublished_count(&self.node).unwrap_or(0)
     }
 
-    /// Replays the usage stream from where this node stopped, merging other nodes' slots
-    /// into the local view and handing what grew to `apply`; `caught_up` fires once the
+    /// Replays the usage stream from where this node stopped, merging every node's slots
+    /// into the local view and handing what grew to `apply` (with whether the slots are
+    /// this node's own); `caught_up` fires once the
     /// stream's tail at start has been applied. Runs until the process ends, resuming
     /// after NATS outages.
     pub async fn follow_usage(
         self: Arc<Self>,
-        apply: impl Fn(&str, Vec<(UsageRow, u64)>) + Send + 'static,
+        apply: impl Fn(bool, Vec<(UsageRow, u64)>) + Send + 'static,
         caught_up: tokio::sync::oneshot::Sender<()>,
     ) {
         let mut caught_up = Some(caught_up);
@@ -361,7 +362,7 @@ impl NatsBackend {
 
     async fn follow_once(
         self: &Arc<Self>,
-        apply: &(impl Fn(&str, Vec<(UsageRow, u64)>) + Send + 'static),
+        apply: &(impl Fn(bool, Vec<(UsageRow, u64)>) + Send + 'static),
         caught_up: &mut Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<(), StateError> {
         let local = self.clone();
@@ -422,9 +423,9 @@ impl NatsBackend {
             let local = self.clone();
             let merged = tokio::task::spawn_blocking(move || -> Result<_, StateError> {
                 let mut grown = None;
-                if let Some(batch) = batch
-                    && batch.node != local.node
-                {
+                // This node's own batches count too: after a restart on an empty disk they
+                // are how its own slots come back (an echo of a live batch grows nothing).
+                if let Some(batch) = batch {
                     let rows: Vec<UsageRow> = batch
                         .rows
                         .into_iter()
@@ -448,7 +449,7 @@ impl NatsBackend {
             if let Some((node, grown)) = merged
                 && !grown.is_empty()
             {
-                apply(&node, grown);
+                apply(node == self.node, grown);
             }
             if sequence >= tail
                 && let Some(done) = caught_up.take()

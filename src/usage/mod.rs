@@ -586,9 +586,10 @@ impl UsageTable {
         self.credit(&stored.row, own_node, stored.row.count, now)
     }
 
-    /// Adds what another node's slot grew by (global mode) to this view's `remote` sums.
-    pub fn apply_remote(&self, row: &UsageRow, grown: u64, now: Now) -> bool {
-        self.credit(row, false, grown, now)
+    /// Adds what a replicated slot grew by (global mode): another node's to the `remote`
+    /// sums; this node's own (replayed after a restart on an empty disk) to `local`.
+    pub fn apply_replicated(&self, row: &UsageRow, own: bool, grown: u64, now: Now) -> bool {
+        self.credit(row, own, grown, now)
     }
 
     fn credit(&self, row: &UsageRow, own_node: bool, count: u64, now: Now) -> bool {
