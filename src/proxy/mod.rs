@@ -155,6 +155,9 @@ impl Gateway {
         cache: Arc<crate::state::nats::NatsBackend>,
     ) {
         use crate::state::StateChange;
+        // The buckets are watched separately, so a key can arrive before its consumer;
+        // it waits here (refused meanwhile) and is applied when the consumer arrives.
+        let mut orphans: std::collections::HashMap<String, Vec<crate::state::ApiKey>> = Default::default();
         while let Some(change) = changes.recv().await {
             let mut data = self.state.lock().await;
             match change {
@@ -205,9 +208,17 @@ impl Gateway {
                     for key in keys.unwrap_or_default() {
                         self.keys.upsert(&key, &data, DEFAULT_PLAN);
                     }
+                    if consumer.is_some() {
+                        for key in orphans.remove(&id).unwrap_or_default() {
+                            self.keys.upsert(&key, &data, DEFAULT_PLAN);
+                        }
+                    }
                 }
                 StateChange::Key(key) => {
                     self.keys.upsert(&key, &data, DEFAULT_PLAN);
+                    if !data.consumers.contains_key(&key.consumer) {
+                        orphans.entry(key.consumer.clone()).or_default().push(key.clone());
+                    }
                     let cache = cache.clone();
                     let _ = tokio::task::spawn_blocking(move || cache.local().cache_key(&key)).await;
                 }

@@ -55,6 +55,30 @@ pub fn kv_key(id: &str) -> String {
     out
 }
 
+/// The id a KV key was made from by [`kv_key`].
+pub fn kv_id(key: &str) -> String {
+    let bytes = key.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = (bytes[i] == b'=')
+            .then(|| key.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// An API key as stored in the keys bucket (the secret's SHA-256 in hex, never the secret).
 #[derive(Serialize, Deserialize)]
 struct KeyRecord {
@@ -236,8 +260,20 @@ impl NatsBackend {
             .map_err(|_| nats_error("connecting", "JetStream did not answer within 30 s"))??;
         let local = SqliteBackend::open(&data_dir.join("tollgate.db"))?;
         let (tx, rx) = mpsc::unbounded_channel();
-        for (store, kind) in [(&plans, 0u8), (&consumers, 1), (&keys, 2)] {
-            tokio::spawn(watch_bucket(store.clone(), kind, tx.clone()));
+        for bucket in [PLANS_BUCKET, CONSUMERS_BUCKET, KEYS_BUCKET] {
+            // From the sequence after the bucket's current last one, fixed before the
+            // gateway loads the buckets: a write between the two is seen twice, not never.
+            let mut stream = js
+                .get_stream(format!("KV_{bucket}"))
+                .await
+                .map_err(|e| nats_error("bucket stream", e))?;
+            let last = stream
+                .info()
+                .await
+                .map_err(|e| nats_error("bucket stream", e))?
+                .state
+                .last_sequence;
+            tokio::spawn(watch_bucket(js.clone(), bucket, last + 1, tx.clone()));
         }
         Ok(Arc::new(NatsBackend {
             handle: tokio::runtime::Handle::current(),
@@ -461,44 +497,84 @@ impl NatsBackend {
 }
 
 /// Forwards every write to a bucket (from any node) as a [`StateChange`].
-async fn watch_bucket(store: kv::Store, kind: u8, tx: mpsc::UnboundedSender<StateChange>) {
+///
+/// Reads the bucket's stream with an ordered *pull* consumer rather than the KV push
+/// watcher: across a supercluster's gateways a push consumer's first deliveries waited
+/// about a second for interest to propagate; pull requests carry their reply route.
+/// After an interruption it resumes after the last sequence it saw, so nothing is missed.
+async fn watch_bucket(
+    js: jetstream::Context,
+    bucket: &'static str,
+    start: u64,
+    tx: mpsc::UnboundedSender<StateChange>,
+) {
+    let mut next = Some(start);
     loop {
-        let mut watch = match store.watch_all().await {
-            Ok(watch) => watch,
-            Err(error) => {
-                tracing::warn!(%error, "cannot watch a state bucket; retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        while let Some(entry) = watch.next().await {
-            let Ok(entry) = entry else { break };
-            let deleted = entry.operation != kv::Operation::Put;
-            let change = match kind {
-                0 => {
-                    let plan = (!deleted)
-                        .then(|| serde_json::from_slice::<Plan>(&entry.value).ok())
-                        .flatten();
-                    let name = plan.as_ref().map_or_else(|| entry.key.clone(), |p| p.name.clone());
-                    Some(StateChange::Plan(name, plan))
-                }
-                1 => {
-                    let consumer = (!deleted)
-                        .then(|| serde_json::from_slice::<Consumer>(&entry.value).ok())
-                        .flatten();
-                    let id = consumer.as_ref().map_or_else(|| entry.key.clone(), |c| c.id.clone());
-                    Some(StateChange::Consumer(id, consumer))
-                }
-                _ => decode_key(&entry.value).map(StateChange::Key),
-            };
-            if let Some(change) = change
-                && tx.send(change).is_err()
-            {
-                return;
-            }
+        match watch_bucket_once(&js, bucket, &tx, &mut next).await {
+            Ok(()) => return,
+            Err(error) => tracing::warn!(%error, bucket, "watching a state bucket interrupted; resuming"),
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
+}
+
+async fn watch_bucket_once(
+    js: &jetstream::Context,
+    bucket: &str,
+    tx: &mpsc::UnboundedSender<StateChange>,
+    next: &mut Option<u64>,
+) -> Result<(), StateError> {
+    let stream = js
+        .get_stream(format!("KV_{bucket}"))
+        .await
+        .map_err(|e| nats_error("bucket stream", e))?;
+    let deliver_policy = match *next {
+        Some(start_sequence) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
+        None => consumer::DeliverPolicy::New,
+    };
+    let ordered = stream
+        .create_consumer(consumer::pull::OrderedConfig {
+            filter_subject: format!("$KV.{bucket}.>"),
+            deliver_policy,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_error("bucket consumer", e))?;
+    let mut messages = ordered.messages().await.map_err(|e| nats_error("bucket consumer", e))?;
+    while let Some(message) = messages.next().await {
+        let message = message.map_err(|e| nats_error("bucket", e))?;
+        if let Ok(info) = message.info() {
+            *next = Some(info.stream_sequence + 1);
+        }
+        let key = kv_id(message.subject.as_str().rsplit('.').next().unwrap_or_default());
+        let deleted = message
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("KV-Operation"))
+            .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+        let value = &message.payload;
+        let change = match bucket {
+            PLANS_BUCKET => {
+                let plan = (!deleted).then(|| serde_json::from_slice::<Plan>(value).ok()).flatten();
+                let name = plan.as_ref().map_or(key, |p| p.name.clone());
+                Some(StateChange::Plan(name, plan))
+            }
+            CONSUMERS_BUCKET => {
+                let consumer = (!deleted)
+                    .then(|| serde_json::from_slice::<Consumer>(value).ok())
+                    .flatten();
+                let id = consumer.as_ref().map_or(key, |c| c.id.clone());
+                Some(StateChange::Consumer(id, consumer))
+            }
+            _ => decode_key(value).map(StateChange::Key),
+        };
+        if let Some(change) = change
+            && tx.send(change).is_err()
+        {
+            return Ok(());
+        }
+    }
+    Err(nats_error("bucket", "watch ended"))
 }
 
 impl StateBackend for NatsBackend {
@@ -663,6 +739,9 @@ mod tests {
         assert_eq!(kv_key("key_ab12"), "key_ab12");
         assert_eq!(kv_key("jane@example.com"), "jane=40example.com");
         assert_eq!(kv_key("a=b"), "a=3Db");
+        for id in ["jane@example.com", "a=b", "plain-id_1.x"] {
+            assert_eq!(kv_id(&kv_key(id)), id);
+        }
         let key = ApiKey {
             id: "key_1".into(),
             consumer: "acme".into(),

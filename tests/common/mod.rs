@@ -528,3 +528,143 @@ impl Drop for Nats {
         self.kill();
     }
 }
+
+/// Regions as a NATS supercluster on loopback: one single-node cluster per region, joined
+/// by gateway connections (`../shared/notes/nats-on-loopback.md`).
+pub struct Supercluster {
+    pub regions: Vec<Option<Nats>>,
+    ports: Vec<(u16, u16, u16, u16)>,
+    dir: tempfile::TempDir,
+}
+
+impl Supercluster {
+    pub fn start(regions: usize) -> Supercluster {
+        let dir = tempfile::tempdir().unwrap();
+        let ports = (0..regions)
+            .map(|_| (free_port(), free_port(), free_port(), free_port()))
+            .collect();
+        let mut cluster = Supercluster {
+            regions: (0..regions).map(|_| None).collect(),
+            ports,
+            dir,
+        };
+        for i in 0..regions {
+            cluster.start_region(i, true);
+        }
+        cluster.wait_formed();
+        cluster
+    }
+
+    pub fn name(i: usize) -> String {
+        format!("r{}", i + 1)
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        format!("nats://127.0.0.1:{}", self.ports[i].0)
+    }
+
+    /// (Re)starts region `i`'s server; without `gateways` it runs cut off from the others.
+    pub fn start_region(&mut self, i: usize, gateways: bool) {
+        let (client, http, route, gateway) = self.ports[i];
+        let name = Supercluster::name(i);
+        let store = self.dir.path().join(&name);
+        std::fs::create_dir_all(&store).unwrap();
+        let gateway_block = if gateways {
+            let others: Vec<String> = self
+                .ports
+                .iter()
+                .enumerate()
+                .map(|(j, p)| {
+                    format!(
+                        "{{name: {}, urls: [\"nats://127.0.0.1:{}\"]}}",
+                        Supercluster::name(j),
+                        p.3
+                    )
+                })
+                .collect();
+            format!(
+                "gateway {{ name: {name}, listen: \"127.0.0.1:{gateway}\", gateways: [{}] }}",
+                others.join(", ")
+            )
+        } else {
+            String::new()
+        };
+        let config = format!(
+            r#"server_name: {name}
+listen: "127.0.0.1:{client}"
+http: "127.0.0.1:{http}"
+accounts {{ SYS: {{ users: [{{user: sys, password: sys}}] }}, APP: {{ jetstream: enabled, users: [{{user: app, password: app}}] }} }}
+system_account: SYS
+no_auth_user: app
+jetstream {{ store_dir: "{store}" }}
+cluster {{ name: {name}, listen: "127.0.0.1:{route}", routes: ["nats://127.0.0.1:{route}"] }}
+{gateway_block}
+"#,
+            store = store.display()
+        );
+        let path = self.dir.path().join(format!("{name}.conf"));
+        std::fs::write(&path, config).unwrap();
+        if let Some(mut old) = self.regions[i].take() {
+            old.kill();
+        }
+        let child = Command::new("nats-server")
+            .arg("-c")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap())
+            .spawn()
+            .expect("spawn nats-server");
+        wait_tcp(client);
+        self.regions[i] = Some(Nats {
+            child,
+            port: client,
+            monitor: http,
+            dir: store,
+            _tmp: None,
+        });
+    }
+
+    pub fn stop_region(&mut self, i: usize) {
+        if let Some(mut nats) = self.regions[i].take() {
+            nats.kill();
+        }
+    }
+
+    /// Waits until every region sees the others and JetStream has a meta leader.
+    pub fn wait_formed(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let formed = self.ports.iter().all(|p| {
+                let jsz = http_get(p.1, "/jsz");
+                let gatewayz = http_get(p.1, "/gatewayz");
+                jsz.contains("\"leader\"")
+                    && jsz.contains(&format!("\"cluster_size\": {}", self.ports.len()))
+                    && gatewayz.matches("\"configured\"").count() >= 2 * (self.ports.len() - 1)
+            });
+            if formed {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "supercluster did not form");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+}
+
+fn wait_tcp(port: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < deadline, "nothing listening on {port}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A plain HTTP/1.0 GET on loopback (NATS monitoring endpoints).
+pub fn http_get(port: u16, path: &str) -> String {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return String::new();
+    };
+    let _ = stream.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes());
+    let mut body = String::new();
+    let _ = stream.read_to_string(&mut body);
+    body
+}
