@@ -14,6 +14,17 @@ fn node_config(
     region: &str,
     node: &str,
 ) -> String {
+    node_config_with(upstream, data_dir, nats, region, node, "")
+}
+
+fn node_config_with(
+    upstream: std::net::SocketAddr,
+    data_dir: &std::path::Path,
+    nats: &[String],
+    region: &str,
+    node: &str,
+    extra: &str,
+) -> String {
     let urls: Vec<String> = nats.iter().map(|u| format!("\"{u}\"")).collect();
     format!(
         r#"data_dir = "{data}"
@@ -40,6 +51,7 @@ flush_interval = "100ms"
 nats = [{urls}]
 region = "{region}"
 node_id = "{node}"
+{extra}
 "#,
         data = data_dir.display(),
         base = base_config(),
@@ -273,4 +285,46 @@ async fn a_killed_node_loses_at_most_one_flush_interval_and_a_new_node_rebuilds_
         (lost as f64) <= per_interval * 2.0 + 2.0,
         "lost {lost}, more than one flush interval of A (~{per_interval:.0})"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_node_rebuilds_from_a_snapshot_after_the_stream_aged_out() {
+    let nats = Nats::start();
+    let upstream = Upstream::start("u").await;
+    let (dir_a, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The stream keeps batches for 2 s only; snapshots are written every 500 ms.
+    let extra = "usage_max_age = \"2s\"\nsnapshot_interval = \"500ms\"";
+    let a = Gateway::start(&node_config_with(
+        upstream.addr,
+        dir_a.path(),
+        &[nats.url()],
+        "r1",
+        "a",
+        extra,
+    ));
+    admin_json(&a, "POST", "/v1/consumers", json!({"id": "acme"})).await;
+    let (key_id, secret) = create_key(&a, json!({"consumer": "acme"})).await;
+    within(Duration::from_secs(1), || async { status(&a, &secret).await == 200 })
+        .await
+        .expect("key on A");
+    for _ in 0..29 {
+        assert_eq!(status(&a, &secret).await, 200);
+    }
+    // Every batch has aged out of the stream by now; a snapshot holds the counts.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let c = Gateway::start(&node_config_with(
+        upstream.addr,
+        dir_c.path(),
+        &[nats.url()],
+        "r1",
+        "c",
+        extra,
+    ));
+    within(Duration::from_secs(5), || async {
+        admin(&c, "GET", "/readyz").await.status == 200
+    })
+    .await
+    .expect("C ready");
+    assert!(c.stderr().contains("usage snapshot loaded"), "{}", c.stderr());
+    assert_eq!(total(&c, &key_id).await, 30);
 }

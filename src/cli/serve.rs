@@ -45,6 +45,19 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
                 .await
                 .map_err(|e| std::io::Error::other(e.to_string()))?;
             tracing::info!(node = %nats.node, region = %nats.region, "global mode: state in NATS JetStream");
+            let started = std::time::Instant::now();
+            if let Some((rows, sequence)) = nats
+                .bootstrap()
+                .await
+                .map_err(|e| std::io::Error::other(e.to_string()))?
+            {
+                tracing::info!(
+                    rows,
+                    sequence,
+                    millis = started.elapsed().as_millis() as u64,
+                    "usage snapshot loaded"
+                );
+            }
             (nats.clone(), Some(nats))
         }
         None => {
@@ -55,6 +68,10 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     };
     let clock = crate::limits::window::Clock::from_env().map_err(std::io::Error::other)?;
     let flush_interval = config.usage.flush_interval;
+    let snapshot_interval = config
+        .cluster
+        .as_ref()
+        .map_or(Duration::from_secs(300), |c| c.snapshot_interval);
     let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers, store, clock)
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -72,6 +89,10 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     let flusher = tokio::spawn(gateway.usage.clone().run(flush_interval, flusher_rx));
     match nats {
         Some(nats) => {
+            tokio::spawn(
+                nats.clone()
+                    .snapshot_periodically(snapshot_interval, gateway.usage.clock),
+            );
             if let Some(changes) = nats.take_changes() {
                 tokio::spawn(gateway.clone().apply_changes(changes, nats.clone()));
             }

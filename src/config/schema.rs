@@ -381,6 +381,14 @@ pub struct ClusterSection {
     /// How long usage batches stay in the stream (monthly counts also live in snapshots).
     #[serde(default = "default_usage_max_age", deserialize_with = "duration")]
     pub usage_max_age: Duration,
+    /// How often this node writes a compacted snapshot of its usage view (this month and
+    /// last) for nodes that start on an empty disk or fell behind the stream's age limit.
+    #[serde(default = "default_snapshot_interval", deserialize_with = "duration")]
+    pub snapshot_interval: Duration,
+}
+
+fn default_snapshot_interval() -> Duration {
+    Duration::from_secs(300)
 }
 
 impl ClusterSection {

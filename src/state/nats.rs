@@ -30,6 +30,7 @@ pub const PLANS_BUCKET: &str = "tollgate_plans";
 pub const CONSUMERS_BUCKET: &str = "tollgate_consumers";
 pub const KEYS_BUCKET: &str = "tollgate_keys";
 pub const USAGE_STREAM: &str = "TOLLGATE_USAGE";
+pub const SNAPSHOTS_BUCKET: &str = "tollgate_snapshots";
 const USAGE_SUBJECTS: &str = "tollgate.usage.>";
 /// How long one call to NATS may take before the caller gets an error.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
@@ -163,9 +164,31 @@ pub struct NatsBackend {
     consumers: kv::Store,
     keys: kv::Store,
     local: SqliteBackend,
+    snapshots: async_nats::jetstream::object_store::ObjectStore,
     pub node: String,
     pub region: String,
     changes: Mutex<Option<mpsc::UnboundedReceiver<StateChange>>>,
+}
+
+/// A compacted copy of one node's usage view: every node's slots of this month and the
+/// last, and the usage-stream sequence they include.
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    node: String,
+    sequence: u64,
+    rows: Vec<SnapshotRow>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotRow {
+    s: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    c: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    p: String,
+    d: u32,
+    o: String,
+    n: u64,
 }
 
 async fn bucket(js: &jetstream::Context, name: &str, replicas: usize) -> Result<kv::Store, StateError> {
@@ -253,9 +276,21 @@ impl NatsBackend {
             })
             .await
             .map_err(|e| nats_error("creating the usage stream", e))?;
-            Ok::<_, StateError>((plans, consumers, keys))
+            let snapshots = match js.get_object_store(SNAPSHOTS_BUCKET).await {
+                Ok(store) => store,
+                Err(_) => js
+                    .create_object_store(async_nats::jetstream::object_store::Config {
+                        bucket: SNAPSHOTS_BUCKET.to_string(),
+                        num_replicas: cluster.replicas,
+                        storage: stream::StorageType::File,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| nats_error("creating the snapshot bucket", e))?,
+            };
+            Ok::<_, StateError>((plans, consumers, keys, snapshots))
         };
-        let (plans, consumers, keys) = tokio::time::timeout(Duration::from_secs(30), connected)
+        let (plans, consumers, keys, snapshots) = tokio::time::timeout(Duration::from_secs(30), connected)
             .await
             .map_err(|_| nats_error("connecting", "JetStream did not answer within 30 s"))??;
         let local = SqliteBackend::open(&data_dir.join("tollgate.db"))?;
@@ -283,6 +318,7 @@ impl NatsBackend {
             consumers,
             keys,
             local,
+            snapshots,
             node,
             region: cluster.region.clone(),
             changes: Mutex::new(Some(rx)),
@@ -370,6 +406,132 @@ impl NatsBackend {
             self.local.mark_published(&self.node, &rows)?;
             published += rows.len();
         }
+    }
+
+    /// Before the node loads its view: when this disk has never followed the usage stream,
+    /// or fell behind what the stream still holds, the newest snapshot is loaded first so
+    /// only the stream's tail needs replaying. Returns (rows, sequence) when one was used.
+    pub async fn bootstrap(self: &Arc<Self>) -> Result<Option<(usize, u64)>, StateError> {
+        let local = self.clone();
+        let applied = tokio::task::spawn_blocking(move || local.local.meta(SEQ_META))
+            .await
+            .map_err(|e| nats_error("meta", e))??;
+        let mut stream = self
+            .js
+            .get_stream(USAGE_STREAM)
+            .await
+            .map_err(|e| nats_error("usage stream", e))?;
+        let first = stream
+            .info()
+            .await
+            .map_err(|e| nats_error("usage stream", e))?
+            .state
+            .first_sequence;
+        if applied.is_some_and(|seq| seq + 1 >= first) {
+            return Ok(None);
+        }
+        let mut newest: Option<(u64, String)> = None;
+        let mut list = self.snapshots.list().await.map_err(|e| nats_error("snapshots", e))?;
+        while let Some(info) = list.next().await {
+            let Ok(info) = info else { continue };
+            let sequence = info.metadata.get("sequence").and_then(|s| s.parse().ok()).unwrap_or(0);
+            if newest.as_ref().is_none_or(|(best, _)| sequence > *best) {
+                newest = Some((sequence, info.name));
+            }
+        }
+        let Some((sequence, name)) = newest else {
+            return Ok(None);
+        };
+        if applied.is_some_and(|seq| seq >= sequence) {
+            return Ok(None);
+        }
+        let mut object = self.snapshots.get(&name).await.map_err(|e| nats_error("snapshot", e))?;
+        let mut bytes = Vec::new();
+        tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
+            .await
+            .map_err(|e| nats_error("snapshot", e))?;
+        let local = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let snapshot: Snapshot = serde_json::from_slice(&bytes).map_err(|e| nats_error("snapshot", e))?;
+            let mut by_node: std::collections::BTreeMap<String, Vec<UsageRow>> = Default::default();
+            let count = snapshot.rows.len();
+            for row in snapshot.rows {
+                by_node.entry(row.o).or_default().push(UsageRow {
+                    subject: row.s,
+                    consumer: row.c,
+                    scope: row.p,
+                    day: row.d,
+                    count: row.n,
+                });
+            }
+            for (node, rows) in by_node {
+                local.local.merge_usage(&node, &rows)?;
+            }
+            local.local.set_meta(SEQ_META, snapshot.sequence)?;
+            Ok(Some((count, snapshot.sequence)))
+        })
+        .await
+        .map_err(|e| nats_error("snapshot", e))?
+    }
+
+    /// Writes this node's view as a snapshot every `interval`.
+    pub async fn snapshot_periodically(self: Arc<Self>, interval: Duration, clock: crate::limits::window::Clock) {
+        loop {
+            tokio::time::sleep(interval).await;
+            match self.write_snapshot(clock.now()).await {
+                Ok(rows) => tracing::debug!(rows, "usage snapshot written"),
+                Err(error) => tracing::warn!(%error, "usage snapshot not written"),
+            }
+        }
+    }
+
+    pub async fn write_snapshot(self: &Arc<Self>, now: crate::limits::Now) -> Result<usize, StateError> {
+        let local = self.clone();
+        let from_day = crate::limits::window::month_start(now.month().saturating_sub(1));
+        let to_day = now.day();
+        let (sequence, bytes, rows) = tokio::task::spawn_blocking(move || -> Result<_, StateError> {
+            // The sequence is read first: rows merged meanwhile are newer, never missing.
+            let sequence = local.local.meta(SEQ_META)?.unwrap_or(0);
+            let mut rows = Vec::new();
+            let scan = UsageScan {
+                from_day,
+                to_day,
+                subject: None,
+                subject_prefix: None,
+                consumer: None,
+                scope: crate::usage::report::ScopeFilter::All,
+            };
+            local.local.scan_usage(&scan, &mut |stored| {
+                rows.push(SnapshotRow {
+                    s: stored.row.subject,
+                    c: stored.row.consumer,
+                    p: stored.row.scope,
+                    d: stored.row.day,
+                    o: stored.node,
+                    n: stored.row.count,
+                })
+            })?;
+            let count = rows.len();
+            let snapshot = Snapshot {
+                node: local.node.clone(),
+                sequence,
+                rows,
+            };
+            let bytes = serde_json::to_vec(&snapshot).map_err(|e| nats_error("encode", e))?;
+            Ok((sequence, bytes, count))
+        })
+        .await
+        .map_err(|e| nats_error("snapshot", e))??;
+        let meta = async_nats::jetstream::object_store::ObjectMetadata {
+            name: self.node.clone(),
+            metadata: [("sequence".to_string(), sequence.to_string())].into(),
+            ..Default::default()
+        };
+        self.snapshots
+            .put(meta, &mut bytes.as_slice())
+            .await
+            .map_err(|e| nats_error("snapshot", e))?;
+        Ok(rows)
     }
 
     /// Own slots still waiting for NATS.
