@@ -192,6 +192,12 @@ async fn nats_outage_keeps_serving_and_loses_nothing() {
     assert_eq!(unknown.status, 503, "{}", unknown.text());
     assert_eq!(unknown.json()["error"]["code"], "state_unavailable");
     tokio::time::sleep(Duration::from_millis(300)).await;
+    let metrics = admin(&a, "GET", "/metrics").await.text();
+    assert!(metrics.contains("tollgate_cluster_connected 0"), "{metrics}");
+    assert!(
+        !metrics.contains("tollgate_usage_outbox_slots 0\n"),
+        "the counts wait in the outbox"
+    );
 
     // NATS returns: A's counts reach B, nothing lost and nothing doubled.
     let _nats = Nats::start_at(&dir, port, monitor);
@@ -209,6 +215,9 @@ async fn nats_outage_keeps_serving_and_loses_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(total(&a, &key_id).await, admitted);
     assert_eq!(total(&b, &key_id).await, admitted);
+    let metrics = admin(&a, "GET", "/metrics").await.text();
+    assert!(metrics.contains("tollgate_cluster_connected 1"), "{metrics}");
+    assert!(metrics.contains("tollgate_usage_outbox_slots 0\n"), "{metrics}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

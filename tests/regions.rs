@@ -152,6 +152,53 @@ async fn keys_travel_between_regions_and_a_quota_is_global() {
     let took = converge(&nodes, &key_id, admitted, Duration::from_secs(5)).await;
     println!("every node's report equals the {admitted} admitted after {took:?}");
 
+    // Convergence lag, 20 samples each: an admin write in r1 until it takes effect in r3,
+    // and one admitted request in r1 until r3's view counts it.
+    let mut write_lag = Vec::new();
+    for i in 0..20 {
+        let id = format!("lag{i}");
+        admin_json(first, "POST", "/v1/consumers", json!({"id": id})).await;
+        let (_, lag_secret) = create_key(first, json!({"consumer": id})).await;
+        let started = Instant::now();
+        within(Duration::from_secs(2), || async {
+            status(last, &lag_secret).await == 200
+        })
+        .await
+        .expect("key reaches r3");
+        write_lag.push(started.elapsed());
+    }
+    let mut usage_lag = Vec::new();
+    let (lag_key, lag_secret) = create_key(first, json!({"consumer": "lag0"})).await;
+    within(Duration::from_secs(2), || async {
+        status(last, &lag_secret).await == 200
+    })
+    .await
+    .expect("key reaches r3");
+    for _ in 0..20 {
+        let before = total(last, &lag_key).await;
+        assert_eq!(status(first, &lag_secret).await, 200);
+        let started = Instant::now();
+        within(Duration::from_secs(3), || async {
+            total(last, &lag_key).await > before
+        })
+        .await
+        .expect("usage reaches r3");
+        usage_lag.push(started.elapsed());
+    }
+    for (what, lags) in [
+        ("admin write r1 → effective in r3", &mut write_lag),
+        ("usage r1 → visible in r3", &mut usage_lag),
+    ] {
+        lags.sort();
+        println!(
+            "{what}: p50 {:?}, p99 {:?} (n={})",
+            lags[lags.len() / 2],
+            lags[lags.len() * 99 / 100],
+            lags.len()
+        );
+        assert!(lags[lags.len() / 2] < Duration::from_secs(1));
+    }
+
     // Revocation in region 2 reaches region 1 within a second.
     assert_eq!(
         admin(&nodes[2].gateway, "DELETE", &format!("/v1/keys/{key_id}"))

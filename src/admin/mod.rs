@@ -137,7 +137,16 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 }
 
 async fn metrics(State(state): State<AdminState>) -> Response {
-    let mut response = state.gateway.metrics.render().into_response();
+    let mut text = state.gateway.metrics.render();
+    let store = state.gateway.store.clone();
+    // Backend lines may read the local store: off the async runtime.
+    text = tokio::task::spawn_blocking(move || {
+        store.render_metrics(&mut text);
+        text
+    })
+    .await
+    .unwrap_or_default();
+    let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),

@@ -111,6 +111,8 @@ pub trait StateBackend: Send + Sync + 'static {
     fn sync(&self) -> Result<(), StateError> {
         Ok(())
     }
+    /// Backend-specific lines for `/metrics` (Prometheus text format).
+    fn render_metrics(&self, _out: &mut String) {}
 }
 
 /// A write made on another node (global mode), to apply to this node's tables.

@@ -890,6 +890,32 @@ impl StateBackend for NatsBackend {
     fn sync(&self) -> Result<(), StateError> {
         self.publish_outbox().map(|_| ())
     }
+
+    fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write;
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_cluster_connected 1 while this node is connected to NATS."
+        );
+        let _ = writeln!(out, "# TYPE tollgate_cluster_connected gauge");
+        let _ = writeln!(out, "tollgate_cluster_connected {}", u8::from(self.available()));
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_usage_outbox_slots Own usage slots not yet acknowledged by NATS (kept on disk)."
+        );
+        let _ = writeln!(out, "# TYPE tollgate_usage_outbox_slots gauge");
+        let _ = writeln!(out, "tollgate_usage_outbox_slots {}", self.outbox_len());
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_usage_stream_sequence Last usage-stream sequence merged into this node's view."
+        );
+        let _ = writeln!(out, "# TYPE tollgate_usage_stream_sequence gauge");
+        let _ = writeln!(
+            out,
+            "tollgate_usage_stream_sequence {}",
+            self.local.meta(SEQ_META).ok().flatten().unwrap_or(0)
+        );
+    }
 }
 
 #[cfg(test)]
