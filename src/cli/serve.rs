@@ -85,6 +85,12 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         shutdown_rx.clone(),
     ));
     tokio::spawn(resolve_periodically(gateway.clone(), shutdown_rx.clone()));
+    let checked = gateway.clone();
+    let mut health_shutdown = shutdown_rx.clone();
+    tokio::spawn(crate::upstream::check::run(
+        move || checked.snapshot().pools.values().map(|p| p.pool.clone()).collect(),
+        move || async move { crate::listener::stopped(&mut health_shutdown).await },
+    ));
     tokio::spawn(refresh_jwks_periodically(gateway.clone(), shutdown_rx));
     let flusher = tokio::spawn(gateway.usage.clone().run(flush_interval, flusher_rx));
     match nats {

@@ -16,11 +16,11 @@ use toml_edit::{Item, Value};
 
 use error::ErrorSink;
 pub use error::{ConfigError, ConfigErrors};
-pub use schema::ClusterSection;
 pub use schema::{
     AdminSection, AnonymousBy, AnonymousSection, AuthMethod, EndpointSpec, JwtSection, LbPolicy, PlanSection,
     RouteSection, ServerSection, TimeoutsSection, UpstreamProtocol, UpstreamSection, UsageSection,
 };
+pub use schema::{ClusterSection, HealthKind, HealthSection, OutlierSection, RetriesSection};
 
 /// A checked configuration. Only [`load`] and [`parse`] build one.
 #[derive(Debug, Clone)]

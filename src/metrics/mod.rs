@@ -71,13 +71,39 @@ const ERROR_KINDS: [ErrorKind; 4] = [
     ErrorKind::UpstreamProtocol,
 ];
 
-/// Failed upstream exchanges of one pool, by kind.
-#[derive(Default)]
+/// Failed upstream exchanges of one pool, by kind, and its resilience events.
+#[derive(Default, Debug)]
 pub struct UpstreamMetrics {
     errors: [AtomicU64; ERROR_KINDS.len()],
+    ejections: AtomicU64,
+    restorations: AtomicU64,
+    active_down: AtomicU64,
+    active_up: AtomicU64,
+    retries: AtomicU64,
+    retry_budget_exhausted: AtomicU64,
 }
 
 impl UpstreamMetrics {
+    pub fn record_transition(&self, transition: crate::upstream::health::Transition) {
+        use crate::upstream::health::Transition;
+        let counter = match transition {
+            Transition::Ejected { .. } => &self.ejections,
+            Transition::Restored => &self.restorations,
+            Transition::ActiveDown => &self.active_down,
+            Transition::ActiveUp => &self.active_up,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn record_retry(&self, allowed: bool) {
+        let counter = if allowed {
+            &self.retries
+        } else {
+            &self.retry_budget_exhausted
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
     pub fn record_error(&self, kind: ErrorKind) {
         if let Some(i) = ERROR_KINDS.iter().position(|&k| k == kind) {
             self.errors[i].fetch_add(1, Ordering::Relaxed);
@@ -257,6 +283,28 @@ impl Metrics {
                     "{UPSTREAM_ERRORS_TOTAL}{{upstream=\"{}\",kind=\"{}\"}} {count}",
                     escape(name),
                     kind.code()
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tollgate_upstream_events_total Resilience events, by upstream: ejections, restorations, active health transitions, retries, retries refused by the budget."
+        );
+        let _ = writeln!(out, "# TYPE tollgate_upstream_events_total counter");
+        for (name, m) in &upstreams {
+            for (event, counter) in [
+                ("ejection", &m.ejections),
+                ("restoration", &m.restorations),
+                ("active_unhealthy", &m.active_down),
+                ("active_healthy", &m.active_up),
+                ("retry", &m.retries),
+                ("retry_budget_exhausted", &m.retry_budget_exhausted),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "tollgate_upstream_events_total{{upstream=\"{}\",event=\"{event}\"}} {}",
+                    escape(name),
+                    counter.load(Ordering::Relaxed)
                 );
             }
         }

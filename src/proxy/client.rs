@@ -16,6 +16,7 @@ use hyper_util::rt::TokioIo;
 use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
+use super::body::RequestBody;
 use super::error::{ErrorKind, ProxyError};
 use crate::upstream::Target;
 
@@ -24,10 +25,22 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most idle connections kept per endpoint address and worker (NGINX's `keepalive`).
 const MAX_IDLE_PER_ADDR: usize = 256;
 
-pub type LegacyClient = Client<HttpConnector, Incoming>;
+pub type LegacyClient = Client<HttpConnector, RequestBody>;
+
+/// A failed send, with the request when none of it was written (safe to send elsewhere).
+pub struct SendError {
+    pub error: ProxyError,
+    pub unsent: Option<Request<RequestBody>>,
+}
+
+impl From<ProxyError> for SendError {
+    fn from(error: ProxyError) -> Self {
+        SendError { error, unsent: None }
+    }
+}
 
 struct IdleConn {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
@@ -39,7 +52,7 @@ thread_local! {
 /// response body has been read to its end.
 pub struct PooledConn {
     addr: SocketAddr,
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
 }
 
 impl PooledConn {
@@ -60,7 +73,7 @@ impl PooledConn {
     }
 }
 
-fn checkout(addr: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
+fn checkout(addr: SocketAddr) -> Option<http1::SendRequest<RequestBody>> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&addr)?;
@@ -73,7 +86,7 @@ fn checkout(addr: SocketAddr) -> Option<http1::SendRequest<Incoming>> {
     })
 }
 
-async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<http1::SendRequest<Incoming>, ProxyError> {
+async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
     let stream = match tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr)).await {
         Err(_) => return Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
         Ok(Err(e)) => return Err(ProxyError::with_cause(ErrorKind::UpstreamConnect, e)),
@@ -103,11 +116,12 @@ pub enum UpstreamClient {
 impl UpstreamClient {
     /// Sends `req` (origin-form URI) to `target`. A connection taken from the pool that
     /// turns out to be closed before the request was written is replaced transparently.
+    /// On failure the request comes back when none of it reached the endpoint.
     pub async fn send(
         &self,
         target: &Target,
-        mut req: Request<Incoming>,
-    ) -> Result<(Response<Incoming>, Option<PooledConn>), ProxyError> {
+        mut req: Request<RequestBody>,
+    ) -> Result<(Response<Incoming>, Option<PooledConn>), SendError> {
         match self {
             UpstreamClient::Http2(client) => {
                 let mut parts = req.uri().clone().into_parts();
@@ -120,13 +134,24 @@ impl UpstreamClient {
             UpstreamClient::Http1 { connect_timeout } => loop {
                 let (mut sender, reused) = match checkout(target.addr) {
                     Some(sender) => (sender, true),
-                    None => (connect(target.addr, *connect_timeout).await?, false),
+                    None => match connect(target.addr, *connect_timeout).await {
+                        Ok(sender) => (sender, false),
+                        Err(error) => {
+                            return Err(SendError {
+                                error,
+                                unsent: Some(req),
+                            });
+                        }
+                    },
                 };
                 if let Err(error) = sender.ready().await {
                     if reused {
                         continue;
                     }
-                    return Err(ProxyError::with_cause(ErrorKind::UpstreamProtocol, error));
+                    return Err(SendError {
+                        error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error),
+                        unsent: Some(req),
+                    });
                 }
                 match sender.try_send_request(req).await {
                     Ok(response) => {
@@ -141,7 +166,12 @@ impl UpstreamClient {
                     Err(mut error) => match error.take_message() {
                         // Never written: the idle connection was closed under us; use another.
                         Some(unsent) if reused => req = unsent,
-                        _ => return Err(ProxyError::with_cause(ErrorKind::UpstreamProtocol, error.into_error())),
+                        unsent => {
+                            return Err(SendError {
+                                error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error.into_error()),
+                                unsent,
+                            });
+                        }
                     },
                 }
             },

@@ -41,6 +41,8 @@ pub enum ErrorKind {
     NoEndpoint,
     /// The key is not known here and the shared state (NATS) cannot be asked.
     StateUnavailable,
+    /// The pool's `max_requests` are all in flight.
+    UpstreamOverloaded,
     /// The TCP connection to the endpoint was refused or failed.
     UpstreamConnect,
     /// Connecting, or waiting for the response head, took longer than configured.
@@ -62,7 +64,9 @@ impl ErrorKind {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ErrorKind::NoEndpoint | ErrorKind::StateUnavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::NoEndpoint | ErrorKind::StateUnavailable | ErrorKind::UpstreamOverloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ErrorKind::UpstreamConnect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -86,6 +90,7 @@ impl ErrorKind {
             ErrorKind::HeadersTooLarge => "headers_too_large",
             ErrorKind::NoEndpoint => "upstream_unavailable",
             ErrorKind::StateUnavailable => "state_unavailable",
+            ErrorKind::UpstreamOverloaded => "upstream_overloaded",
             ErrorKind::UpstreamConnect => "upstream_connect_failed",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::UpstreamProtocol => "upstream_error",
@@ -108,6 +113,7 @@ impl ErrorKind {
             ErrorKind::HeaderTimeout => "the request head was not received in time",
             ErrorKind::HeadersTooLarge => "request headers are too large",
             ErrorKind::NoEndpoint => "no upstream endpoint is available",
+            ErrorKind::UpstreamOverloaded => "the upstream pool is at its limit of requests in flight",
             ErrorKind::StateUnavailable => "the key cannot be checked right now (shared state unreachable); retry",
             ErrorKind::UpstreamConnect => "could not connect to the upstream",
             ErrorKind::UpstreamTimeout => "the upstream did not answer in time",
@@ -131,6 +137,7 @@ impl ErrorKind {
             | ErrorKind::HeaderTimeout
             | ErrorKind::HeadersTooLarge => ErrorSource::Client,
             ErrorKind::NoEndpoint
+            | ErrorKind::UpstreamOverloaded
             | ErrorKind::UpstreamConnect
             | ErrorKind::UpstreamTimeout
             | ErrorKind::UpstreamProtocol => ErrorSource::Upstream,

@@ -24,7 +24,7 @@ use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
-pub use body::ProxyBody;
+pub use body::{ProxyBody, RequestBody};
 pub use error::{ErrorKind, ErrorSource, ProxyError, error_body, error_response, limit_response, raw_error_response};
 pub use snapshot::{ClientCache, Route, Snapshot, UpstreamPool};
 
@@ -346,10 +346,29 @@ pub struct RequestCtx {
     pub retry_after: Option<u64>,
 }
 
-/// The endpoint chosen for one exchange.
+/// The endpoint chosen for one try.
 pub struct Peer {
     pub target: Target,
     pub guard: InflightGuard,
+    pub selected: crate::upstream::Selected,
+}
+
+fn bit(index: usize) -> u64 {
+    if index < 64 { 1 << index } else { 0 }
+}
+
+/// A fresh copy of a repeatable request for another endpoint.
+fn repeat(head: &Request<RequestBody>, pool: &crate::upstream::Pool, peer: &Peer) -> Request<RequestBody> {
+    let mut copy = Request::new(RequestBody::Empty);
+    *copy.method_mut() = head.method().clone();
+    *copy.uri_mut() = head.uri().clone();
+    *copy.version_mut() = head.version();
+    *copy.headers_mut() = head.headers().clone();
+    if !pool.preserve_host {
+        copy.headers_mut()
+            .insert(header::HOST, peer.guard.endpoint().host_header.clone());
+    }
+    copy
 }
 
 /// One worker's handle on the pipeline; `id` selects the worker's upstream clients.
@@ -405,31 +424,118 @@ impl Worker {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let route = self.request_filter(snapshot, ctx, &req)?;
         let upstream = &route.upstream;
-        let peer = self.upstream_peer(upstream, ctx, &req)?;
+        let pool = &upstream.pool;
+        let _slot = pool
+            .acquire()
+            .ok_or_else(|| ProxyError::new(ErrorKind::UpstreamOverloaded))?;
+        pool.earn_retry_budget();
+        let mut tried = 0u64;
+        let mut peer = self.upstream_peer(upstream, ctx, &req, tried)?;
         let client_upgrade = ctx.upgrade.then(|| hyper::upgrade::on(&mut req));
         self.upstream_request_filter(&snapshot.anonymous_plan, route, ctx, &mut req, &peer)?;
+        // A request without a body whose method may be repeated can be sent again after it
+        // reached an endpoint; keep its head for that. Others are retried only when none of
+        // them was written (a failed connect).
+        let repeatable = pool.retries.attempts > 0
+            && client_upgrade.is_none()
+            && hyper::body::Body::is_end_stream(req.body())
+            && pool.idempotent(req.method());
+        let head = repeatable.then(|| {
+            let mut copy = Request::new(RequestBody::Empty);
+            *copy.method_mut() = req.method().clone();
+            *copy.uri_mut() = req.uri().clone();
+            *copy.version_mut() = req.version();
+            *copy.headers_mut() = req.headers().clone();
+            copy
+        });
+        let mut req = req.map(RequestBody::Client);
 
-        let timeouts = &upstream.pool.timeouts;
+        let timeouts = &pool.timeouts;
         let total_deadline = timeouts.total.map(|t| ctx.start + t);
-        // `read` counts from handing the request to the pool, so it includes a connect when no
-        // idle connection exists; the connector enforces `connect` on its own.
-        let head_deadline = Instant::now() + timeouts.read;
-        let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
+        let per_try = pool.retries.per_try_timeout.unwrap_or(timeouts.read);
         let client = &upstream.clients[self.id % upstream.clients.len()];
-        let (mut response, pooled) = match tokio::time::timeout_at(head_deadline, client.send(&peer.target, req)).await
-        {
-            Err(_) => return Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
-            Ok(result) => result?,
-        };
-
-        if response.status() == StatusCode::SWITCHING_PROTOCOLS
-            && let Some(client_upgrade) = client_upgrade
-        {
-            let upstream_upgrade = hyper::upgrade::on(&mut response);
-            tokio::spawn(tunnel(client_upgrade, upstream_upgrade, peer.guard));
-            return Ok(response.map(|_| ProxyBody::empty()));
+        let mut attempt = 0;
+        loop {
+            // `read` counts from handing the request to the pool, so it includes a connect when
+            // no idle connection exists; the connector enforces `connect` on its own.
+            let head_deadline = Instant::now() + per_try;
+            let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
+            let outcome = tokio::time::timeout_at(head_deadline, client.send(&peer.target, req)).await;
+            let can_retry = attempt < pool.retries.attempts;
+            let (error, unsent) = match outcome {
+                Ok(Ok((mut response, pooled))) => {
+                    let status = response.status();
+                    pool.record(&peer.selected, !status.is_server_error());
+                    if status.is_server_error()
+                        && can_retry
+                        && pool.retries.on_statuses.contains(&status.as_u16())
+                        && let Some(head) = &head
+                        && let Some(next) = self.retry_peer(upstream, ctx, tried | bit(peer.selected.index))
+                    {
+                        tracing::debug!(upstream = %pool.name, status = status.as_u16(), "retrying on another endpoint");
+                        tried |= bit(peer.selected.index);
+                        peer = next;
+                        req = repeat(head, pool, &peer);
+                        attempt += 1;
+                        continue;
+                    }
+                    if status == StatusCode::SWITCHING_PROTOCOLS
+                        && let Some(client_upgrade) = client_upgrade
+                    {
+                        let upstream_upgrade = hyper::upgrade::on(&mut response);
+                        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, peer.guard));
+                        return Ok(response.map(|_| ProxyBody::empty()));
+                    }
+                    return Ok(response
+                        .map(|body| ProxyBody::upstream(body, timeouts.read, total_deadline, peer.guard, pooled)));
+                }
+                Ok(Err(failed)) => (failed.error, failed.unsent),
+                Err(_) => (ProxyError::new(ErrorKind::UpstreamTimeout), None),
+            };
+            pool.record(&peer.selected, false);
+            // Unwritten requests go elsewhere whatever their method; written ones only when
+            // repeatable (no body, idempotent) — never a body that was already streamed.
+            let next_request = unsent
+                .map(|r| (r, false))
+                .or_else(|| head.as_ref().map(|h| (repeat(h, pool, &peer), true)));
+            let retry = match next_request {
+                Some(request) if can_retry => self
+                    .retry_peer(upstream, ctx, tried | bit(peer.selected.index))
+                    .map(|next| (request, next)),
+                _ => None,
+            };
+            let Some(((mut request, _), next)) = retry else {
+                return Err(error);
+            };
+            tracing::debug!(upstream = %pool.name, %error, "retrying on another endpoint");
+            tried |= bit(peer.selected.index);
+            peer = next;
+            if !pool.preserve_host {
+                request
+                    .headers_mut()
+                    .insert(header::HOST, peer.guard.endpoint().host_header.clone());
+            }
+            req = request;
+            attempt += 1;
         }
-        Ok(response.map(|body| ProxyBody::upstream(body, timeouts.read, total_deadline, peer.guard, pooled)))
+    }
+
+    /// The endpoint for a retry, if one is left and the pool's retry budget allows it.
+    fn retry_peer(&self, upstream: &UpstreamPool, ctx: &mut RequestCtx, tried: u64) -> Option<Peer> {
+        let pool = &upstream.pool;
+        let selected = pool.select_healthy(None, tried)?;
+        let allowed = pool.spend_retry_budget();
+        pool.metrics.record_retry(allowed);
+        if !allowed {
+            return None;
+        }
+        let target = selected.endpoint.target()?;
+        ctx.upstream_addr = Some(target.addr);
+        Some(Peer {
+            guard: InflightGuard::new(selected.endpoint.clone()),
+            target,
+            selected,
+        })
     }
 
     /// Phase 1, first for every request: finds the route. Later phases of the product
@@ -577,12 +683,14 @@ impl Worker {
         }
     }
 
-    /// Phase 2: picks the endpoint by the pool's policy.
+    /// Phase 2: picks the endpoint by the pool's policy among those health allows; none
+    /// left → `503` at once, without waiting on timeouts.
     fn upstream_peer(
         &self,
         upstream: &UpstreamPool,
         ctx: &mut RequestCtx,
         req: &Request<Incoming>,
+        tried: u64,
     ) -> Result<Peer, ProxyError> {
         let client_ip;
         let hash: Option<&[u8]> = match &upstream.pool.hash_key {
@@ -593,17 +701,19 @@ impl Worker {
             }
             Some(HashKey::Header(name)) => req.headers().get(name.as_str()).map(HeaderValue::as_bytes),
         };
-        let endpoint = upstream
+        let selected = upstream
             .pool
-            .select(hash)
+            .select_healthy(hash, tried)
             .ok_or_else(|| ProxyError::new(ErrorKind::NoEndpoint))?;
-        let target = endpoint
+        let target = selected
+            .endpoint
             .target()
             .ok_or_else(|| ProxyError::new(ErrorKind::NoEndpoint))?;
         ctx.upstream_addr = Some(target.addr);
         Ok(Peer {
-            guard: InflightGuard::new(endpoint.clone()),
+            guard: InflightGuard::new(selected.endpoint.clone()),
             target,
+            selected,
         })
     }
 

@@ -36,7 +36,7 @@ pub struct Route {
 /// A pool plus one client per worker thread, so each worker keeps its own keep-alive
 /// connections and never contends with another on a pool lock.
 pub struct UpstreamPool {
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
     pub clients: Box<[UpstreamClient]>,
     pub metrics: Arc<UpstreamMetrics>,
 }
@@ -103,8 +103,8 @@ impl Snapshot {
     ) -> Snapshot {
         let mut pools = BTreeMap::new();
         for (name, section) in &config.upstreams {
-            let old = previous.and_then(|p| p.pools.get(name)).map(|p| &p.pool);
-            let pool = Pool::from_config(name, section, old);
+            let old = previous.and_then(|p| p.pools.get(name)).map(|p| p.pool.as_ref());
+            let pool = Arc::new(Pool::from_config(name, section, old, metrics.upstream(name)));
             let clients = (0..workers)
                 .map(|worker| match pool.protocol {
                     UpstreamProtocol::Http1 => UpstreamClient::Http1 {

@@ -4,18 +4,24 @@
 //! [`InflightGuard`] while the exchange runs, so least-requests sees every exit path.
 
 mod balancer;
+pub mod check;
+pub mod health;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::Authority;
 
 pub use balancer::Balancer;
+use health::{Admission, Health, OutlierPolicy, Transition};
 
-use crate::config::{HashKey, LbPolicy, TimeoutsSection, UpstreamProtocol, UpstreamSection};
+use crate::config::{
+    HashKey, HealthSection, LbPolicy, RetriesSection, TimeoutsSection, UpstreamProtocol, UpstreamSection,
+};
+use crate::metrics::UpstreamMetrics;
 
 /// One resolved address of an endpoint, with its URI authority ready for requests.
 #[derive(Debug, Clone)]
@@ -42,6 +48,7 @@ pub struct Endpoint {
     targets: ArcSwap<Vec<Target>>,
     next_target: AtomicUsize,
     inflight: AtomicUsize,
+    pub health: Health,
 }
 
 impl Endpoint {
@@ -54,6 +61,7 @@ impl Endpoint {
             targets: ArcSwap::from_pointee(literal),
             next_target: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
+            health: Health::default(),
         }
     }
 
@@ -140,12 +148,48 @@ pub struct Pool {
     pub resolve_interval: Duration,
     pub hash_key: Option<HashKey>,
     balancer: Balancer,
+    pub policy: OutlierPolicy,
+    max_ejection_percent: u32,
+    pub retries: RetriesSection,
+    pub health_check: Option<HealthSection>,
+    pub max_requests: usize,
+    inflight_total: Arc<AtomicUsize>,
+    retry_tokens: AtomicI64,
+    pub metrics: Arc<UpstreamMetrics>,
+}
+
+/// A retry may spend one token; every request earns `budget_percent / 100` of one.
+const RETRY_TOKEN: i64 = 1000;
+/// Unspent budget is capped, so a quiet pool cannot save up for a retry storm.
+const RETRY_TOKENS_MAX: i64 = 10 * RETRY_TOKEN;
+
+/// The pool's in-flight count while held (`max_requests`).
+#[derive(Debug)]
+pub struct PoolSlot(Arc<AtomicUsize>);
+
+impl Drop for PoolSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The endpoint chosen for one try.
+pub struct Selected {
+    pub index: usize,
+    pub endpoint: Arc<Endpoint>,
+    /// A half-open breaker's probe request.
+    pub probe: bool,
 }
 
 impl Pool {
     /// Builds a pool, reusing endpoints of `previous` with the same address so their
     /// in-flight counts survive a reload.
-    pub fn from_config(name: &str, section: &UpstreamSection, previous: Option<&Pool>) -> Self {
+    pub fn from_config(
+        name: &str,
+        section: &UpstreamSection,
+        previous: Option<&Pool>,
+        metrics: Arc<UpstreamMetrics>,
+    ) -> Self {
         let endpoints: Vec<Arc<Endpoint>> = section
             .endpoints
             .iter()
@@ -183,6 +227,106 @@ impl Pool {
             resolve_interval: section.resolve_interval,
             hash_key,
             balancer,
+            policy: OutlierPolicy::from_config(&section.outlier, section.slow_start),
+            max_ejection_percent: section.outlier.max_ejection_percent,
+            retries: section.retries.clone(),
+            health_check: section.health.clone(),
+            max_requests: section.max_requests,
+            inflight_total: previous.map_or_else(Default::default, |p| p.inflight_total.clone()),
+            retry_tokens: AtomicI64::new(RETRY_TOKENS_MAX),
+            metrics,
+        }
+    }
+
+    /// Takes a slot of `max_requests`; `None` when the pool is full.
+    pub fn acquire(&self) -> Option<PoolSlot> {
+        let now = self.inflight_total.fetch_add(1, Ordering::Relaxed);
+        let slot = PoolSlot(self.inflight_total.clone());
+        (self.max_requests == 0 || now < self.max_requests).then_some(slot)
+    }
+
+    /// Every request earns retry budget; a retry spends it. False when it is spent.
+    pub fn earn_retry_budget(&self) {
+        let earned = i64::from(self.retries.budget_percent) * RETRY_TOKEN / 100;
+        let tokens = self.retry_tokens.load(Ordering::Relaxed);
+        if tokens < RETRY_TOKENS_MAX {
+            self.retry_tokens.fetch_add(earned, Ordering::Relaxed);
+        }
+    }
+
+    pub fn spend_retry_budget(&self) -> bool {
+        if self.retry_tokens.fetch_sub(RETRY_TOKEN, Ordering::Relaxed) >= RETRY_TOKEN {
+            return true;
+        }
+        self.retry_tokens.fetch_add(RETRY_TOKEN, Ordering::Relaxed);
+        false
+    }
+
+    /// Picks an endpoint that has an address and that health allows, skipping those in
+    /// `tried` (bit i = endpoint i). `None` when none can take a request: the caller
+    /// answers 503 at once instead of waiting on timeouts.
+    pub fn select_healthy(&self, hash: Option<&[u8]>, tried: u64) -> Option<Selected> {
+        let now = health::now_ms();
+        let skip = |i: usize| i < 64 && tried & (1 << i) != 0;
+        let pick = |slow_start: bool| {
+            self.balancer.pick(
+                self.endpoints.len(),
+                hash,
+                |i| {
+                    !skip(i)
+                        && self.endpoints[i].is_resolved()
+                        && match self.endpoints[i].health.admission(now, &self.policy) {
+                            Admission::Serve { share } => !slow_start || share >= 1.0 || fastrand::f64() < share,
+                            Admission::Probe => true,
+                            Admission::Refuse => false,
+                        }
+                },
+                |i| self.endpoints[i].inflight(),
+            )
+        };
+        // Slow start thins an endpoint's traffic; if that leaves nothing, it still serves.
+        let index = pick(true).or_else(|| pick(false))?;
+        let endpoint = self.endpoints.get(index)?.clone();
+        let probe = endpoint.health.admission(now, &self.policy) == Admission::Probe;
+        if probe {
+            endpoint.health.start_probe();
+        }
+        Some(Selected { index, endpoint, probe })
+    }
+
+    /// Feeds one try's outcome to the endpoint's passive health and breaker.
+    pub fn record(&self, selected: &Selected, ok: bool) {
+        let now = health::now_ms();
+        let ejected = self.endpoints.iter().filter(|e| e.health.is_ejected(now)).count();
+        // A pool of one has nothing to fail over to: passive ejection never empties a pool
+        // beyond its cap (active checks still can).
+        let cap = self.endpoints.len() * self.max_ejection_percent as usize / 100;
+        let transition = selected
+            .endpoint
+            .health
+            .record(ok, selected.probe, now, &self.policy, ejected < cap);
+        if let Some(transition) = transition {
+            self.report(&selected.endpoint, transition);
+        }
+    }
+
+    /// Logs and counts a health transition of one endpoint.
+    pub fn report(&self, endpoint: &Endpoint, transition: Transition) {
+        self.metrics.record_transition(transition);
+        match transition {
+            Transition::Ejected { for_ms, ejections } => tracing::warn!(
+                upstream = %self.name, endpoint = %endpoint.address, for_ms, ejections,
+                "endpoint ejected (breaker open)"
+            ),
+            Transition::Restored => tracing::info!(
+                upstream = %self.name, endpoint = %endpoint.address, "endpoint back in rotation (breaker closed)"
+            ),
+            Transition::ActiveDown => tracing::warn!(
+                upstream = %self.name, endpoint = %endpoint.address, "active health check: unhealthy"
+            ),
+            Transition::ActiveUp => tracing::info!(
+                upstream = %self.name, endpoint = %endpoint.address, "active health check: healthy"
+            ),
         }
     }
 
@@ -196,6 +340,18 @@ impl Pool {
             |i| self.endpoints[i].inflight(),
         )?;
         self.endpoints.get(index)
+    }
+
+    /// Whether `method` may be retried after the request reached an endpoint.
+    pub fn idempotent(&self, method: &http::Method) -> bool {
+        matches!(
+            *method,
+            http::Method::GET | http::Method::HEAD | http::Method::OPTIONS | http::Method::PUT | http::Method::DELETE
+        ) || self
+            .retries
+            .also_methods
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(method.as_str()))
     }
 
     /// Resolves every host-name endpoint; errors are logged, old addresses kept.
@@ -228,12 +384,21 @@ mod tests {
             resolve_interval: Duration::from_secs(30),
             preserve_host: true,
             timeouts: TimeoutsSection::default(),
+            health: None,
+            outlier: Default::default(),
+            retries: Default::default(),
+            max_requests: 0,
+            slow_start: Duration::from_secs(10),
         }
+    }
+
+    fn pool(name: &str, section: &UpstreamSection, previous: Option<&Pool>) -> Pool {
+        Pool::from_config(name, section, previous, Default::default())
     }
 
     #[tokio::test]
     async fn host_names_resolve_and_literals_need_nothing() {
-        let pool = Pool::from_config(
+        let pool = pool(
             "p",
             &section(&[("localhost:8080", 1), ("10.0.0.1:80", 1)], LbPolicy::RoundRobin),
             None,
@@ -255,13 +420,13 @@ mod tests {
 
     #[test]
     fn reload_keeps_endpoint_state_for_unchanged_addresses() {
-        let old = Pool::from_config(
+        let old = pool(
             "p",
             &section(&[("10.0.0.1:80", 1), ("10.0.0.2:80", 1)], LbPolicy::RoundRobin),
             None,
         );
         let guard = InflightGuard::new(old.endpoints[0].clone());
-        let new = Pool::from_config(
+        let new = pool(
             "p",
             &section(&[("10.0.0.1:80", 1), ("10.0.0.3:80", 1)], LbPolicy::LeastRequests),
             Some(&old),

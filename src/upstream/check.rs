@@ -1,0 +1,92 @@
+//! Active health checks: one probe per endpoint every `health.interval` (jittered), HTTP
+//! or TCP, run as a background task that follows configuration reloads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::time::Instant;
+
+use super::health::now_ms;
+use super::{Endpoint, Pool};
+use crate::config::{HealthKind, HealthSection};
+
+/// Probes one address; true when healthy.
+pub async fn probe(addr: std::net::SocketAddr, host: &str, check: &HealthSection) -> bool {
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
+        if check.kind == HealthKind::Tcp {
+            return Some(true);
+        }
+        let request = format!(
+            "{} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: tollgate-health-check\r\nConnection: close\r\n\r\n",
+            check.method,
+            check.path,
+            check.host.as_deref().unwrap_or(host)
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut head = [0u8; 64];
+        let mut read = 0;
+        while read < 12 {
+            let n = stream.read(&mut head[read..]).await.ok()?;
+            if n == 0 {
+                break;
+            }
+            read += n;
+        }
+        let line = std::str::from_utf8(&head[..read]).ok()?;
+        let status: u16 = line.strip_prefix("HTTP/1.")?.get(2..5)?.parse().ok()?;
+        Some(if check.expected_statuses.is_empty() {
+            (200..400).contains(&status)
+        } else {
+            check.expected_statuses.contains(&status)
+        })
+    };
+    matches!(tokio::time::timeout(check.timeout, attempt).await, Ok(Some(true)))
+}
+
+/// Checks every endpoint of every pool that has a `[health]` section, each at its own
+/// interval with ±10 % jitter, until `stopped` resolves.
+pub async fn run<F, Fut>(mut pools: impl FnMut() -> Vec<Arc<Pool>>, stopped: F)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    let stop = stopped();
+    tokio::pin!(stop);
+    let mut due: HashMap<usize, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            _ = &mut stop => return,
+        }
+        let now = Instant::now();
+        for pool in pools() {
+            let Some(check) = pool.health_check.clone() else {
+                continue;
+            };
+            for endpoint in &pool.endpoints {
+                let key = Arc::as_ptr(endpoint) as usize;
+                let next = due.entry(key).or_insert(now);
+                if *next > now {
+                    continue;
+                }
+                let jitter = 0.9 + fastrand::f64() * 0.2;
+                *next = now + check.interval.mul_f64(jitter);
+                tokio::spawn(check_endpoint(pool.clone(), endpoint.clone(), check.clone()));
+            }
+        }
+    }
+}
+
+async fn check_endpoint(pool: Arc<Pool>, endpoint: Arc<Endpoint>, check: HealthSection) {
+    let Some(target) = endpoint.target() else { return };
+    let ok = probe(target.addr, &endpoint.address, &check).await;
+    let transition = endpoint
+        .health
+        .record_active(ok, check.healthy_threshold, check.unhealthy_threshold, now_ms());
+    if let Some(transition) = transition {
+        pool.report(&endpoint, transition);
+    }
+}
