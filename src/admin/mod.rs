@@ -57,6 +57,7 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
             "/v1/keys/{id}",
             get(api::get_key).patch(api::update_key).delete(api::revoke_key),
         )
+        .route("/v1/upstreams", get(upstreams))
         .route("/v1/usage", get(usage_api::usage_report))
         .route("/v1/usage/top", get(usage_api::usage_top))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
@@ -154,6 +155,44 @@ async fn metrics(State(state): State<AdminState>) -> Response {
     response
 }
 
+/// Every pool's endpoints with their health, breaker state and load.
+#[utoipa::path(get, path = "/v1/upstreams", responses((status = 200, description = "Pools and endpoints: `healthy` (active checks), `breaker` (closed/open/half_open), `inflight`, `consecutive_failures`, `failures`, `ejections`")))]
+async fn upstreams(State(state): State<AdminState>) -> Response {
+    let snapshot = state.gateway.snapshot();
+    let now = crate::upstream::health::now_ms();
+    let pools: Vec<serde_json::Value> = snapshot
+        .pools
+        .values()
+        .map(|upstream| {
+            let pool = &upstream.pool;
+            let endpoints: Vec<serde_json::Value> = pool
+                .endpoints
+                .iter()
+                .map(|e| {
+                    json!({
+                        "address": e.address,
+                        "weight": e.weight,
+                        "resolved": e.resolved_addrs(),
+                        "healthy": !e.health.is_active_down(),
+                        "breaker": e.health.breaker_state(now),
+                        "available": e.is_resolved() && !e.health.is_active_down() && !e.health.is_ejected(now),
+                        "inflight": e.inflight(),
+                        "consecutive_failures": e.health.consecutive_failures(),
+                        "failures": e.health.total_failures.load(std::sync::atomic::Ordering::Relaxed),
+                        "ejections": e.health.ejections(),
+                    })
+                })
+                .collect();
+            json!({
+                "name": pool.name,
+                "active_checks": pool.health_check.is_some(),
+                "endpoints": endpoints,
+            })
+        })
+        .collect();
+    axum::Json(json!({ "upstreams": pools })).into_response()
+}
+
 #[utoipa::path(post, path = "/v1/reload", responses((status = 200, description = "Reloaded"), (status = 400, description = "Invalid configuration; `error.details` lists every error", body = ErrorBody)))]
 async fn reload(State(state): State<AdminState>) -> Response {
     match state.gateway.reload().await {
@@ -190,7 +229,7 @@ pub struct ErrorDetail {
 #[openapi(
     info(title = "Tollgate admin API", description = "Plans, consumers, API keys, usage reports, probes and reload."),
     paths(
-        healthz, readyz, reload,
+        healthz, readyz, reload, upstreams,
         api::list_plans, api::get_plan, api::create_plan, api::put_plan, api::delete_plan,
         api::list_consumers, api::get_consumer, api::create_consumer, api::update_consumer, api::delete_consumer,
         api::list_keys, api::get_key, api::create_key, api::update_key, api::revoke_key,

@@ -33,22 +33,41 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub name: String,
     pub hits: Arc<AtomicUsize>,
+    /// How it behaves now: see the `MODE_*` constants.
+    pub mode: Arc<std::sync::atomic::AtomicU8>,
     /// TCP connections accepted, to observe keep-alive reuse.
     pub connections: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Answers normally.
+pub const MODE_OK: u8 = 0;
+/// Accepts and reads requests but never answers.
+pub const MODE_HANG: u8 = 1;
+/// Answers every request with 500.
+pub const MODE_FAIL: u8 = 2;
+/// Drops the connection after reading the request (a crash mid-exchange).
+pub const MODE_RESET: u8 = 3;
+
 impl Upstream {
     pub async fn start(name: &str) -> Upstream {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind upstream");
+        Upstream::start_on(name, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts on `addr` (e.g. the address of one that was killed, to bring it back).
+    pub async fn start_on(name: &str, addr: SocketAddr) -> Upstream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket.bind(addr).expect("bind upstream");
+        let listener = socket.listen(1024).unwrap();
         let addr = listener.local_addr().unwrap();
         let hits = Arc::new(AtomicUsize::new(0));
         let name_owned = name.to_string();
         let counter = hits.clone();
         let connections = Arc::new(AtomicUsize::new(0));
         let accepted = connections.clone();
+        let mode = Arc::new(std::sync::atomic::AtomicU8::new(MODE_OK));
+        let shared_mode = mode.clone();
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = listener.accept().await else {
@@ -57,10 +76,29 @@ impl Upstream {
                 accepted.fetch_add(1, Ordering::SeqCst);
                 let name = name_owned.clone();
                 let counter = counter.clone();
+                let mode = shared_mode.clone();
                 tokio::spawn(async move {
-                    let service = service_fn(move |req| {
+                    let service = service_fn(move |req: Request<Incoming>| {
                         counter.fetch_add(1, Ordering::SeqCst);
-                        handle(name.clone(), req)
+                        let name = name.clone();
+                        let mode = mode.load(Ordering::SeqCst);
+                        async move {
+                            match mode {
+                                MODE_HANG => {
+                                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                                    handle(name, req).await.map_err(|never| match never {})
+                                }
+                                MODE_FAIL => Ok(json_response(
+                                    StatusCode::INTERNAL_SERVER_ERROR,
+                                    serde_json::json!({ "upstream": name }),
+                                )),
+                                MODE_RESET => {
+                                    let _ = req.into_body().collect().await;
+                                    Err(std::io::Error::other("reset"))
+                                }
+                                _ => handle(name, req).await.map_err(|never| match never {}),
+                            }
+                        }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), service)
@@ -72,9 +110,20 @@ impl Upstream {
             addr,
             name: name.to_string(),
             hits,
+            mode,
             connections,
             task,
         }
+    }
+
+    pub fn set_mode(&self, mode: u8) {
+        self.mode.store(mode, Ordering::SeqCst);
+    }
+
+    /// Like a crashed process: the port refuses connections and open ones are reset.
+    pub fn kill(&self) {
+        self.set_mode(MODE_RESET);
+        self.task.abort();
     }
 
     pub fn hits(&self) -> usize {
