@@ -224,6 +224,12 @@ async fn all_endpoints_dead_answers_503_at_once_then_recovers() {
     assert_eq!(reply.status, 503);
     assert_eq!(reply.json()["error"]["code"], "upstream_unavailable");
     assert!(took < Duration::from_millis(100), "no timeout wait: {took:?}");
+    let metrics = admin(&gateway, "GET", "/metrics").await.text();
+    for dead in [a_addr, b.addr, c.addr] {
+        let line = format!("tollgate_upstream_endpoint_available{{upstream=\"u\",endpoint=\"{dead}\"}} 0");
+        assert!(metrics.contains(&line), "missing {line}");
+    }
+    assert!(metrics.contains("tollgate_upstream_events_total{upstream=\"u\",event=\"active_unhealthy\"} 3"));
 
     let revived = Upstream::start_on("a", a_addr).await;
     let started = Instant::now();
@@ -264,4 +270,24 @@ async fn a_post_that_reached_a_dying_endpoint_is_not_retried() {
         2,
         "a GET is retried once on the other endpoint"
     );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pool_at_max_requests_answers_503_at_once() {
+    let a = Upstream::start("a").await;
+    let config = config(&[a.addr]).replace("slow_start = \"1s\"", "slow_start = \"1s\"\nmax_requests = 1");
+    let gateway = Gateway::start(&config);
+    let slow = tokio::spawn(get_owned(gateway.url("/slow/280")));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let reply = get(&gateway.url("/item")).await;
+    assert_eq!(reply.status, 503);
+    assert_eq!(reply.json()["error"]["code"], "upstream_overloaded");
+    assert!(started.elapsed() < Duration::from_millis(100));
+    assert_eq!(slow.await.unwrap(), 200);
+    assert_eq!(get(&gateway.url("/item")).await.status, 200);
+}
+
+async fn get_owned(url: String) -> u16 {
+    get(&url).await.status.as_u16()
 }

@@ -139,6 +139,7 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut text = state.gateway.metrics.render();
+    render_endpoints(&state.gateway.snapshot(), &mut text);
     let store = state.gateway.store.clone();
     // Backend lines may read the local store: off the async runtime.
     text = tokio::task::spawn_blocking(move || {
@@ -153,6 +154,40 @@ async fn metrics(State(state): State<AdminState>) -> Response {
         HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
     );
     response
+}
+
+/// Per-endpoint gauges: whether it takes traffic, and its breaker state.
+fn render_endpoints(snapshot: &crate::proxy::Snapshot, out: &mut String) {
+    use std::fmt::Write;
+    let now = crate::upstream::health::now_ms();
+    let _ = writeln!(
+        out,
+        "# HELP tollgate_upstream_endpoint_available 1 when the endpoint takes traffic (resolved, healthy, not ejected)."
+    );
+    let _ = writeln!(out, "# TYPE tollgate_upstream_endpoint_available gauge");
+    let _ = writeln!(
+        out,
+        "# HELP tollgate_upstream_breaker_state The endpoint's breaker: 0 closed, 1 half-open, 2 open."
+    );
+    let _ = writeln!(out, "# TYPE tollgate_upstream_breaker_state gauge");
+    for upstream in snapshot.pools.values() {
+        let pool = &upstream.pool;
+        for e in &pool.endpoints {
+            let available = e.is_resolved() && !e.health.is_active_down() && !e.health.is_ejected(now);
+            let breaker = match e.health.breaker_state(now) {
+                "closed" => 0,
+                "half_open" => 1,
+                _ => 2,
+            };
+            let labels = format!("upstream=\"{}\",endpoint=\"{}\"", pool.name, e.address);
+            let _ = writeln!(
+                out,
+                "tollgate_upstream_endpoint_available{{{labels}}} {}",
+                u8::from(available)
+            );
+            let _ = writeln!(out, "tollgate_upstream_breaker_state{{{labels}}} {breaker}");
+        }
+    }
 }
 
 /// Every pool's endpoints with their health, breaker state and load.

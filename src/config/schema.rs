@@ -138,6 +138,9 @@ pub struct UpstreamSection {
     /// (0 = no limit).
     #[serde(default)]
     pub max_requests: usize,
+    /// Most TCP connects in progress per worker (0 = no limit).
+    #[serde(default)]
+    pub max_pending_connections: usize,
     /// An endpoint back in service gets a share of traffic that grows over this long.
     #[serde(default = "default_slow_start", deserialize_with = "duration")]
     pub slow_start: Duration,

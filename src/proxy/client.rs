@@ -109,7 +109,12 @@ async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<http1::S
 
 /// How one pool talks to its endpoints.
 pub enum UpstreamClient {
-    Http1 { connect_timeout: Duration },
+    Http1 {
+        connect_timeout: Duration,
+        /// Connects in progress on this worker, against `max_pending`.
+        connecting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        max_pending: usize,
+    },
     Http2(Box<LegacyClient>),
 }
 
@@ -131,18 +136,34 @@ impl UpstreamClient {
                 let response = client.request(req).await.map_err(classify_legacy_error)?;
                 Ok((response, None))
             }
-            UpstreamClient::Http1 { connect_timeout } => loop {
+            UpstreamClient::Http1 {
+                connect_timeout,
+                connecting,
+                max_pending,
+            } => loop {
                 let (mut sender, reused) = match checkout(target.addr) {
                     Some(sender) => (sender, true),
-                    None => match connect(target.addr, *connect_timeout).await {
-                        Ok(sender) => (sender, false),
-                        Err(error) => {
+                    None => {
+                        use std::sync::atomic::Ordering;
+                        if *max_pending > 0 && connecting.load(Ordering::Relaxed) >= *max_pending {
                             return Err(SendError {
-                                error,
+                                error: ProxyError::new(ErrorKind::UpstreamOverloaded),
                                 unsent: Some(req),
                             });
                         }
-                    },
+                        connecting.fetch_add(1, Ordering::Relaxed);
+                        let connected = connect(target.addr, *connect_timeout).await;
+                        connecting.fetch_sub(1, Ordering::Relaxed);
+                        match connected {
+                            Ok(sender) => (sender, false),
+                            Err(error) => {
+                                return Err(SendError {
+                                    error,
+                                    unsent: Some(req),
+                                });
+                            }
+                        }
+                    }
                 };
                 if let Err(error) = sender.ready().await {
                     if reused {

@@ -109,6 +109,8 @@ impl Snapshot {
                 .map(|worker| match pool.protocol {
                     UpstreamProtocol::Http1 => UpstreamClient::Http1 {
                         connect_timeout: pool.timeouts.connect,
+                        connecting: Default::default(),
+                        max_pending: pool.max_pending_connections,
                     },
                     UpstreamProtocol::Http2 => UpstreamClient::Http2(Box::new(clients.http2(ClientKey {
                         worker,

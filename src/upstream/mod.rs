@@ -153,6 +153,7 @@ pub struct Pool {
     pub retries: RetriesSection,
     pub health_check: Option<HealthSection>,
     pub max_requests: usize,
+    pub max_pending_connections: usize,
     inflight_total: Arc<AtomicUsize>,
     retry_tokens: AtomicI64,
     pub metrics: Arc<UpstreamMetrics>,
@@ -232,6 +233,7 @@ impl Pool {
             retries: section.retries.clone(),
             health_check: section.health.clone(),
             max_requests: section.max_requests,
+            max_pending_connections: section.max_pending_connections,
             inflight_total: previous.map_or_else(Default::default, |p| p.inflight_total.clone()),
             retry_tokens: AtomicI64::new(RETRY_TOKENS_MAX),
             metrics,
@@ -388,6 +390,7 @@ mod tests {
             outlier: Default::default(),
             retries: Default::default(),
             max_requests: 0,
+            max_pending_connections: 0,
             slow_start: Duration::from_secs(10),
         }
     }
