@@ -146,6 +146,9 @@ def main():
     parser.add_argument("--limits", action="store_true",
                         help="API key plus a plan with a rate limit and daily/monthly quotas (never reached), "
                              "usage counted and flushed; also measures a Tollgate without auth/limits ('tollgate-off')")
+    parser.add_argument("--health", action="store_true",
+                        help="active health checks (HTTP, every 1 s) on Tollgate's upstream pool, and also measure "
+                             "'tollgate-bare': no health checks, no passive ejection, no retries")
     parser.add_argument("--core-hour-usd", type=float, default=0.04,
                         help="price of one core-hour, for the cost per billion requests")
     args = parser.parse_args()
@@ -171,8 +174,17 @@ server {{
         wait_port(ng_port)
         nginx_pid = nginx_worker_pid(nginx)
 
-        def start_tollgate(name, binary, auth=args.auth):
+        def start_tollgate(name, binary, auth=args.auth, bare=False):
             port, admin = free_port(), free_port()
+            health = """
+[upstreams.bench.health]
+interval = "1s"
+""" if args.health and not bare else """
+[upstreams.bench.outlier]
+consecutive_failures = 0
+[upstreams.bench.retries]
+attempts = 0
+""" if bare else ""
             plan = """
 [plans.pro]
 rate = { per_second = 100000000, burst = 100000000 }
@@ -193,6 +205,7 @@ listen = "127.0.0.1:{admin}"
 
 [upstreams.bench]
 endpoints = ["127.0.0.1:{up_port}"]
+{health}
 
 [[routes]]
 name = "all"
@@ -220,6 +233,9 @@ upstream = "bench"
             name, binary = spec.split("=", 1)
             port, proc, _ = start_tollgate(name, binary)
             extra.append((name, f"http://127.0.0.1:{port}/", proc.pid))
+        if args.health:
+            port, proc, _ = start_tollgate("tollgate-bare", os.path.join(ROOT, "target", "release", "tollgate"), bare=True)
+            extra.append(("tollgate-bare", f"http://127.0.0.1:{port}/", proc.pid))
         if args.limits:
             port, proc, _ = start_tollgate("tollgate-off", os.path.join(ROOT, "target", "release", "tollgate"), auth=False)
             extra.append(("tollgate-off", f"http://127.0.0.1:{port}/", proc.pid))
@@ -233,7 +249,7 @@ upstream = "bench"
             post("/v1/consumers", {"id": "bench", "plan": "pro"})
             headers["tollgate"] = post("/v1/keys", {"consumer": "bench"})["key"]
             for name, _, _ in extra:
-                if name != "tollgate-off":
+                if name not in ("tollgate-off", "tollgate-bare"):
                     raise SystemExit("--also with --auth/--limits: keys are created on the main instance only")
 
         systems = [("direct", f"http://127.0.0.1:{up_port}/", None),
@@ -257,6 +273,8 @@ upstream = "bench"
             return median([x[key] for x in results[name] if key in x])
 
         mode = "auth + limits + usage" if args.limits else "auth" if args.auth else "no auth"
+        if args.health:
+            mode += ", active health checks"
         print(f"## Core proxy benchmark ({mode}) — {datetime.date.today()}\n")
         print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.release()}; "
               f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} rounds, medians. "
