@@ -59,32 +59,17 @@ node_id = "{node}"
     )
 }
 
-/// Polls `check` until it holds or `limit` passes; returns how long it took.
-async fn within<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if check().await {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    None
-}
-
-async fn status(gateway: &Gateway, secret: &str) -> u16 {
-    call(gateway, "/v1/x", Some(("x-api-key", secret.to_string())))
-        .await
-        .status
-        .as_u16()
-}
-
-async fn total(gateway: &Gateway, key_id: &str) -> u64 {
-    let reply = admin(gateway, "GET", &format!("/v1/usage?key={key_id}")).await;
-    reply.json()["total"].as_u64().unwrap_or(0)
+/// Consumer `acme` (on `plan`) and a key created on `a`, once the key works on `b`.
+async fn key_on_both(a: &Gateway, b: &Gateway, plan: Option<&str>) -> (String, String) {
+    let reply = admin_json(a, "POST", "/v1/consumers", json!({"id": "acme", "plan": plan})).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let (key_id, secret) = create_key(a, json!({"consumer": "acme"})).await;
+    within(Duration::from_secs(1), || async {
+        status_with_key(b, &secret).await == 200
+    })
+    .await
+    .expect("the key works on the other node within 1 s");
+    (key_id, secret)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -98,28 +83,37 @@ async fn keys_and_plans_written_on_one_node_work_on_another_within_a_second() {
     let reply = admin_json(&a, "POST", "/v1/consumers", json!({"id": "acme", "plan": "metered"})).await;
     assert_eq!(reply.status, 201, "{}", reply.text());
     let (key_id, secret) = create_key(&a, json!({"consumer": "acme"})).await;
-    let took = within(Duration::from_secs(1), || async { status(&b, &secret).await == 200 })
-        .await
-        .expect("key created on A works on B within 1 s");
+    let took = within(Duration::from_secs(1), || async {
+        status_with_key(&b, &secret).await == 200
+    })
+    .await
+    .expect("key created on A works on B within 1 s");
     println!("key created on A → accepted by B after {took:?}");
     // The consumer's plan and the key's plan are visible through B's admin API too.
     assert_eq!(admin(&b, "GET", "/v1/consumers/acme").await.json()["plan"], "metered");
 
     // Revocation through B reaches A.
     assert_eq!(admin(&b, "DELETE", &format!("/v1/keys/{key_id}")).await.status, 204);
-    let took = within(Duration::from_secs(1), || async { status(&a, &secret).await == 403 })
-        .await
-        .expect("revocation on B effective on A within 1 s");
+    let took = within(Duration::from_secs(1), || async {
+        status_with_key(&a, &secret).await == 403
+    })
+    .await
+    .expect("revocation on B effective on A within 1 s");
     println!("revoked on B → refused by A after {took:?}");
 
     // A plan edited on A is enforced on B.
     let (_, secret) = create_key(&a, json!({"consumer": "acme", "plan": "tight"})).await;
     let reply = admin_json(&a, "PUT", "/v1/plans/tight", json!({"daily": 2})).await;
     assert_eq!(reply.status, 200);
-    within(Duration::from_secs(1), || async { status(&b, &secret).await == 200 })
-        .await
-        .expect("second key reaches B");
-    let refused = within(Duration::from_secs(3), || async { status(&b, &secret).await == 429 }).await;
+    within(Duration::from_secs(1), || async {
+        status_with_key(&b, &secret).await == 200
+    })
+    .await
+    .expect("second key reaches B");
+    let refused = within(Duration::from_secs(3), || async {
+        status_with_key(&b, &secret).await == 429
+    })
+    .await;
     assert!(refused.is_some(), "B enforces the plan created on A");
 }
 
@@ -130,18 +124,14 @@ async fn a_quota_is_shared_by_every_node_and_reports_converge() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &[nats.url()], "r1", "a"));
     let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &[nats.url()], "r1", "b"));
-    admin_json(&a, "POST", "/v1/consumers", json!({"id": "acme", "plan": "metered"})).await;
-    let (key_id, secret) = create_key(&a, json!({"consumer": "acme"})).await;
-    within(Duration::from_secs(1), || async { status(&b, &secret).await == 200 })
-        .await
-        .expect("key on B");
+    let (key_id, secret) = key_on_both(&a, &b, Some("metered")).await;
 
     // 120 requests alternating between the nodes, paced like a modest client (every
     // 10 ms); the plan allows 50 a day across all nodes.
     let mut admitted = 1; // the probe above
     for i in 0..120 {
         let node = if i % 2 == 0 { &a } else { &b };
-        match status(node, &secret).await {
+        match status_with_key(node, &secret).await {
             200 => admitted += 1,
             429 => {}
             other => panic!("unexpected {other}"),
@@ -155,13 +145,13 @@ async fn a_quota_is_shared_by_every_node_and_reports_converge() {
     // Both nodes' reports converge on the exact number admitted.
     for node in [&a, &b] {
         let converged = within(Duration::from_secs(3), || async {
-            total(node, &key_id).await == admitted
+            usage_total(node, &key_id).await == admitted
         })
         .await;
         assert!(
             converged.is_some(),
             "report shows {} of {admitted}",
-            total(node, &key_id).await
+            usage_total(node, &key_id).await
         );
     }
 }
@@ -173,11 +163,7 @@ async fn nats_outage_keeps_serving_and_loses_nothing() {
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &[nats.url()], "r1", "a"));
     let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &[nats.url()], "r1", "b"));
-    admin_json(&a, "POST", "/v1/consumers", json!({"id": "acme", "plan": "metered"})).await;
-    let (key_id, secret) = create_key(&a, json!({"consumer": "acme"})).await;
-    within(Duration::from_secs(1), || async { status(&b, &secret).await == 200 })
-        .await
-        .expect("key on B");
+    let (key_id, secret) = key_on_both(&a, &b, Some("metered")).await;
 
     let (port, monitor, dir) = (nats.port, nats.monitor, nats.dir.clone());
     nats.kill();
@@ -185,7 +171,7 @@ async fn nats_outage_keeps_serving_and_loses_nothing() {
     // Known keys keep working and are counted; an unknown key is not admitted.
     let mut admitted = 1;
     for _ in 0..10 {
-        assert_eq!(status(&a, &secret).await, 200);
+        assert_eq!(status_with_key(&a, &secret).await, 200);
         admitted += 1;
     }
     let unknown = call(&a, "/v1/x", Some(("x-api-key", "tg_live_unknown".to_string()))).await;
@@ -202,19 +188,19 @@ async fn nats_outage_keeps_serving_and_loses_nothing() {
     // NATS returns: A's counts reach B, nothing lost and nothing doubled.
     let _nats = Nats::start_at(&dir, port, monitor);
     let converged = within(Duration::from_secs(10), || async {
-        total(&b, &key_id).await == admitted
+        usage_total(&b, &key_id).await == admitted
     })
     .await;
     assert!(
         converged.is_some(),
         "B's report shows {} of {admitted}\nA: {}\nB: {}",
-        total(&b, &key_id).await,
+        usage_total(&b, &key_id).await,
         a.stderr(),
         b.stderr()
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(total(&a, &key_id).await, admitted);
-    assert_eq!(total(&b, &key_id).await, admitted);
+    assert_eq!(usage_total(&a, &key_id).await, admitted);
+    assert_eq!(usage_total(&b, &key_id).await, admitted);
     let metrics = admin(&a, "GET", "/metrics").await.text();
     assert!(metrics.contains("tollgate_cluster_connected 1"), "{metrics}");
     assert!(metrics.contains("tollgate_usage_outbox_slots 0\n"), "{metrics}");
@@ -227,11 +213,7 @@ async fn a_killed_node_loses_at_most_one_flush_interval_and_a_new_node_rebuilds_
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let mut a = Gateway::start(&node_config(upstream.addr, dirs[0].path(), &[nats.url()], "r1", "a"));
     let b = Gateway::start(&node_config(upstream.addr, dirs[1].path(), &[nats.url()], "r1", "b"));
-    admin_json(&a, "POST", "/v1/consumers", json!({"id": "acme"})).await;
-    let (key_id, secret) = create_key(&a, json!({"consumer": "acme"})).await;
-    within(Duration::from_secs(1), || async { status(&b, &secret).await == 200 })
-        .await
-        .expect("key on B");
+    let (key_id, secret) = key_on_both(&a, &b, None).await;
     let mut admitted_b = 1;
 
     // Load on both nodes; A is killed (SIGKILL) in the middle of it.
@@ -262,7 +244,7 @@ async fn a_killed_node_loses_at_most_one_flush_interval_and_a_new_node_rebuilds_
         if started.elapsed() > Duration::from_millis(800) && a.child.try_wait().unwrap().is_none() {
             a.signal(9);
         }
-        assert_eq!(status(&b, &secret).await, 200);
+        assert_eq!(status_with_key(&b, &secret).await, 200);
         admitted_b += 1;
     }
     a.wait_exit(Duration::from_secs(5)).expect("A is gone");
@@ -279,8 +261,8 @@ async fn a_killed_node_loses_at_most_one_flush_interval_and_a_new_node_rebuilds_
     println!("new node ready after {ready:?}");
     assert!(ready.is_some());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let on_c = total(&c, &key_id).await;
-    let on_b = total(&b, &key_id).await;
+    let on_c = usage_total(&c, &key_id).await;
+    let on_b = usage_total(&b, &key_id).await;
     let lost = admitted - on_c;
     // A's requests per flush interval (100 ms) at the rate it was served.
     let per_interval = admitted_a as f64 / killed_after.as_secs_f64().max(0.1) * 0.1;
@@ -313,11 +295,13 @@ async fn a_new_node_rebuilds_from_a_snapshot_after_the_stream_aged_out() {
     ));
     admin_json(&a, "POST", "/v1/consumers", json!({"id": "acme"})).await;
     let (key_id, secret) = create_key(&a, json!({"consumer": "acme"})).await;
-    within(Duration::from_secs(1), || async { status(&a, &secret).await == 200 })
-        .await
-        .expect("key on A");
+    within(Duration::from_secs(1), || async {
+        status_with_key(&a, &secret).await == 200
+    })
+    .await
+    .expect("key on A");
     for _ in 0..29 {
-        assert_eq!(status(&a, &secret).await, 200);
+        assert_eq!(status_with_key(&a, &secret).await, 200);
     }
     // Every batch has aged out of the stream by now; a snapshot holds the counts.
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -335,5 +319,5 @@ async fn a_new_node_rebuilds_from_a_snapshot_after_the_stream_aged_out() {
     .await
     .expect("C ready");
     assert!(c.stderr().contains("usage snapshot loaded"), "{}", c.stderr());
-    assert_eq!(total(&c, &key_id).await, 30);
+    assert_eq!(usage_total(&c, &key_id).await, 30);
 }

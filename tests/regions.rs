@@ -70,42 +70,45 @@ fn start_nodes(cluster: &Supercluster, upstream: std::net::SocketAddr) -> Vec<No
     nodes
 }
 
-async fn within<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while started.elapsed() < limit {
-        if check().await {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    None
-}
-
-async fn status(gateway: &Gateway, secret: &str) -> u16 {
-    call(gateway, "/v1/x", Some(("x-api-key", secret.to_string())))
+/// A consumer and key created in region 1, once the key works on every node.
+async fn key_everywhere(nodes: &[Node]) -> (String, String) {
+    admin_json(&nodes[0].gateway, "POST", "/v1/consumers", json!({"id": "acme"})).await;
+    let (key_id, secret) = create_key(&nodes[0].gateway, json!({"consumer": "acme"})).await;
+    for node in nodes {
+        within(Duration::from_secs(2), || async {
+            status_with_key(&node.gateway, &secret).await == 200
+        })
         .await
-        .status
-        .as_u16()
+        .expect("key everywhere");
+    }
+    (key_id, secret)
 }
 
-async fn total(gateway: &Gateway, key_id: &str) -> u64 {
-    let reply = admin(gateway, "GET", &format!("/v1/usage?key={key_id}")).await;
-    reply.json()["total"].as_u64().unwrap_or(0)
+/// Requests to every node in turn for `duration`: (admitted, errors).
+async fn load_all(nodes: &[Node], secret: &str, duration: Duration) -> (u64, u64) {
+    let started = Instant::now();
+    let (mut admitted, mut errors) = (0, 0);
+    while started.elapsed() < duration {
+        for node in nodes {
+            match status_with_key(&node.gateway, secret).await {
+                200 => admitted += 1,
+                _ => errors += 1,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (admitted, errors)
 }
 
 /// Waits until every node's report shows `expected`; returns the time it took.
 async fn converge(nodes: &[Node], key_id: &str, expected: u64, limit: Duration) -> Duration {
     let started = Instant::now();
     for node in nodes {
-        let ok = within(limit, || async { total(&node.gateway, key_id).await == expected }).await;
+        let ok = within(limit, || async { usage_total(&node.gateway, key_id).await == expected }).await;
         assert!(
             ok.is_some(),
             "a node reports {} of {expected}",
-            total(&node.gateway, key_id).await
+            usage_total(&node.gateway, key_id).await
         );
     }
     started.elapsed()
@@ -121,7 +124,10 @@ async fn keys_travel_between_regions_and_a_quota_is_global() {
     let reply = admin_json(first, "POST", "/v1/consumers", json!({"id": "acme", "plan": "metered"})).await;
     assert_eq!(reply.status, 201, "{}", reply.text());
     let (key_id, secret) = create_key(first, json!({"consumer": "acme"})).await;
-    let took = within(Duration::from_secs(1), || async { status(last, &secret).await == 200 }).await;
+    let took = within(Duration::from_secs(1), || async {
+        status_with_key(last, &secret).await == 200
+    })
+    .await;
     let took = took.unwrap_or_else(|| {
         panic!(
             "a key created in region 1 works in region 3 within 1 s\nr1a: {}\nr3b: {}",
@@ -134,7 +140,7 @@ async fn keys_travel_between_regions_and_a_quota_is_global() {
 
     // 150 requests spread over all six nodes at ~100/s; the plan allows 50 a day.
     for i in 0..150 {
-        match status(&nodes[i % 6].gateway, &secret).await {
+        match status_with_key(&nodes[i % 6].gateway, &secret).await {
             200 => admitted += 1,
             429 => {}
             other => panic!("unexpected {other}"),
@@ -161,7 +167,7 @@ async fn keys_travel_between_regions_and_a_quota_is_global() {
         let (_, lag_secret) = create_key(first, json!({"consumer": id})).await;
         let started = Instant::now();
         within(Duration::from_secs(2), || async {
-            status(last, &lag_secret).await == 200
+            status_with_key(last, &lag_secret).await == 200
         })
         .await
         .expect("key reaches r3");
@@ -170,16 +176,16 @@ async fn keys_travel_between_regions_and_a_quota_is_global() {
     let mut usage_lag = Vec::new();
     let (lag_key, lag_secret) = create_key(first, json!({"consumer": "lag0"})).await;
     within(Duration::from_secs(2), || async {
-        status(last, &lag_secret).await == 200
+        status_with_key(last, &lag_secret).await == 200
     })
     .await
     .expect("key reaches r3");
     for _ in 0..20 {
-        let before = total(last, &lag_key).await;
-        assert_eq!(status(first, &lag_secret).await, 200);
+        let before = usage_total(last, &lag_key).await;
+        assert_eq!(status_with_key(first, &lag_secret).await, 200);
         let started = Instant::now();
         within(Duration::from_secs(3), || async {
-            total(last, &lag_key).await > before
+            usage_total(last, &lag_key).await > before
         })
         .await
         .expect("usage reaches r3");
@@ -206,9 +212,11 @@ async fn keys_travel_between_regions_and_a_quota_is_global() {
             .status,
         204
     );
-    let took = within(Duration::from_secs(1), || async { status(first, &secret).await == 403 })
-        .await
-        .expect("revoked in r2 → refused in r1 within 1 s");
+    let took = within(Duration::from_secs(1), || async {
+        status_with_key(first, &secret).await == 403
+    })
+    .await
+    .expect("revoked in r2 → refused in r1 within 1 s");
     println!("revoked in r2 → refused in r1 after {took:?}");
 }
 
@@ -217,30 +225,12 @@ async fn a_region_without_nats_keeps_serving_and_nothing_is_lost() {
     let mut cluster = Supercluster::start(3);
     let upstream = Upstream::start("u").await;
     let nodes = start_nodes(&cluster, upstream.addr);
-    admin_json(&nodes[0].gateway, "POST", "/v1/consumers", json!({"id": "acme"})).await;
-    let (key_id, secret) = create_key(&nodes[0].gateway, json!({"consumer": "acme"})).await;
-    for node in &nodes {
-        within(Duration::from_secs(2), || async {
-            status(&node.gateway, &secret).await == 200
-        })
-        .await
-        .expect("key everywhere");
-    }
-    let mut admitted = nodes.len() as u64;
+    let (key_id, secret) = key_everywhere(&nodes).await;
 
     // Region 3's NATS is down for 10 s while every node keeps taking requests.
     cluster.stop_region(2);
-    let started = Instant::now();
-    let mut errors = 0;
-    while started.elapsed() < Duration::from_secs(10) {
-        for node in &nodes {
-            match status(&node.gateway, &secret).await {
-                200 => admitted += 1,
-                _ => errors += 1,
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (served, errors) = load_all(&nodes, &secret, Duration::from_secs(10)).await;
+    let admitted = nodes.len() as u64 + served;
     println!("10 s without region 3's NATS: {admitted} admitted, {errors} errors");
     assert_eq!(errors, 0, "every node kept serving");
     cluster.start_region(2, true);
@@ -254,30 +244,12 @@ async fn a_region_cut_off_keeps_serving_and_converges_after_rejoining() {
     let mut cluster = Supercluster::start(3);
     let upstream = Upstream::start("u").await;
     let nodes = start_nodes(&cluster, upstream.addr);
-    admin_json(&nodes[0].gateway, "POST", "/v1/consumers", json!({"id": "acme"})).await;
-    let (key_id, secret) = create_key(&nodes[0].gateway, json!({"consumer": "acme"})).await;
-    for node in &nodes {
-        within(Duration::from_secs(2), || async {
-            status(&node.gateway, &secret).await == 200
-        })
-        .await
-        .expect("key everywhere");
-    }
-    let mut admitted = nodes.len() as u64;
+    let (key_id, secret) = key_everywhere(&nodes).await;
 
     // Region 3's server comes back without its gateway links: cut off from the others.
     cluster.start_region(2, false);
-    let mut errors = 0;
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(4) {
-        for node in &nodes {
-            match status(&node.gateway, &secret).await {
-                200 => admitted += 1,
-                _ => errors += 1,
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let (served, errors) = load_all(&nodes, &secret, Duration::from_secs(4)).await;
+    let admitted = nodes.len() as u64 + served;
     println!("region 3 cut off for 4 s: {admitted} admitted, {errors} errors");
     assert_eq!(errors, 0, "both sides kept serving");
 

@@ -412,22 +412,9 @@ impl NatsBackend {
     /// or fell behind what the stream still holds, the newest snapshot is loaded first so
     /// only the stream's tail needs replaying. Returns (rows, sequence) when one was used.
     pub async fn bootstrap(self: &Arc<Self>) -> Result<Option<(usize, u64)>, StateError> {
-        let local = self.clone();
-        let applied = tokio::task::spawn_blocking(move || local.local.meta(SEQ_META))
-            .await
-            .map_err(|e| nats_error("meta", e))??;
-        let mut stream = self
-            .js
-            .get_stream(USAGE_STREAM)
-            .await
-            .map_err(|e| nats_error("usage stream", e))?;
-        let first = stream
-            .info()
-            .await
-            .map_err(|e| nats_error("usage stream", e))?
-            .state
-            .first_sequence;
-        if applied.is_some_and(|seq| seq + 1 >= first) {
+        let applied = self.applied_sequence().await?;
+        let (_, state) = self.usage_stream().await?;
+        if applied.is_some_and(|seq| seq + 1 >= state.first_sequence) {
             return Ok(None);
         }
         let mut newest: Option<(u64, String)> = None;
@@ -534,6 +521,30 @@ impl NatsBackend {
         Ok(rows)
     }
 
+    /// The sequence this node's view has merged up to (0 = never followed the stream).
+    async fn applied_sequence(self: &Arc<Self>) -> Result<Option<u64>, StateError> {
+        let local = self.clone();
+        tokio::task::spawn_blocking(move || local.local.meta(SEQ_META))
+            .await
+            .map_err(|e| nats_error("meta", e))?
+    }
+
+    /// The usage stream and what it holds now.
+    async fn usage_stream(&self) -> Result<(stream::Stream, stream::State), StateError> {
+        let mut stream = self
+            .js
+            .get_stream(USAGE_STREAM)
+            .await
+            .map_err(|e| nats_error("usage stream", e))?;
+        let state = stream
+            .info()
+            .await
+            .map_err(|e| nats_error("usage stream", e))?
+            .state
+            .clone();
+        Ok((stream, state))
+    }
+
     /// Own slots still waiting for NATS.
     pub fn outbox_len(&self) -> u64 {
         self.local.unpublished_count(&self.node).unwrap_or(0)
@@ -563,23 +574,9 @@ impl NatsBackend {
         apply: &(impl Fn(bool, Vec<(UsageRow, u64)>) + Send + 'static),
         caught_up: &mut Option<tokio::sync::oneshot::Sender<()>>,
     ) -> Result<(), StateError> {
-        let local = self.clone();
-        let start = tokio::task::spawn_blocking(move || local.local.meta(SEQ_META))
-            .await
-            .map_err(|e| nats_error("meta", e))??
-            .unwrap_or(0)
-            + 1;
-        let mut stream = self
-            .js
-            .get_stream(USAGE_STREAM)
-            .await
-            .map_err(|e| nats_error("usage stream", e))?;
-        let tail = stream
-            .info()
-            .await
-            .map_err(|e| nats_error("usage stream", e))?
-            .state
-            .last_sequence;
+        let start = self.applied_sequence().await?.unwrap_or(0) + 1;
+        let (mut stream, state) = self.usage_stream().await?;
+        let tail = state.last_sequence;
         if tail < start
             && let Some(done) = caught_up.take()
         {

@@ -40,6 +40,34 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKey> {
     })
 }
 
+/// Inserts a key row; `replace` updates the mutable fields of an existing one (the local
+/// cache of global mode) instead of failing.
+fn insert_key(c: &Connection, key: &ApiKey, replace: bool) -> rusqlite::Result<()> {
+    let upsert = if replace {
+        " ON CONFLICT (id) DO UPDATE SET plan = ?3, expires_at = ?7, allowed_routes = ?8, revoked = ?9"
+    } else {
+        ""
+    };
+    c.execute(
+        &format!(
+            "INSERT INTO api_keys (id, consumer, plan, hash, prefix, created_at, expires_at, allowed_routes, revoked)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9){upsert}"
+        ),
+        params![
+            key.id,
+            key.consumer,
+            key.plan,
+            &key.hash[..],
+            key.prefix,
+            key.created_at,
+            key.expires_at,
+            key.allowed_routes.join(","),
+            key.revoked as i64
+        ],
+    )
+    .map(|_| ())
+}
+
 fn backend_error(e: rusqlite::Error) -> StateError {
     StateError::Backend(e.to_string())
 }
@@ -231,25 +259,7 @@ impl SqliteBackend {
     /// Replaces the local copy of plans, consumers and keys (global mode caches them here,
     /// so a node restarted while NATS is down still knows every key).
     pub fn cache_key(&self, key: &ApiKey) -> Result<(), StateError> {
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO api_keys (id, consumer, plan, hash, prefix, created_at, expires_at, allowed_routes, revoked)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
-                 ON CONFLICT (id) DO UPDATE SET plan = ?3, expires_at = ?7, allowed_routes = ?8, revoked = ?9",
-                params![
-                    key.id,
-                    key.consumer,
-                    key.plan,
-                    &key.hash[..],
-                    key.prefix,
-                    key.created_at,
-                    key.expires_at,
-                    key.allowed_routes.join(","),
-                    key.revoked as i64
-                ],
-            )
-            .map(|_| ())
-        })
+        self.with(|c| insert_key(c, key, true))
     }
 
     pub fn cache_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
@@ -410,24 +420,7 @@ impl StateBackend for SqliteBackend {
         if consumer.is_none() {
             return Err(StateError::NotFound(format!("consumer {}", key.consumer)));
         }
-        self.with(|c| {
-            c.execute(
-                "INSERT INTO api_keys (id, consumer, plan, hash, prefix, created_at, expires_at, allowed_routes, revoked)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                params![
-                    key.id,
-                    key.consumer,
-                    key.plan,
-                    &key.hash[..],
-                    key.prefix,
-                    key.created_at,
-                    key.expires_at,
-                    key.allowed_routes.join(","),
-                    key.revoked as i64
-                ],
-            )
-            .map(|_| ())
-        })
+        self.with(|c| insert_key(c, key, false))
     }
 
     fn revoke_key(&self, id: &str) -> Result<(), StateError> {

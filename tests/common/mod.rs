@@ -717,3 +717,33 @@ pub fn http_get(port: u16, path: &str) -> String {
     let _ = stream.read_to_string(&mut body);
     body
 }
+
+/// Polls `check` until it holds or `limit` passes; returns how long it took.
+pub async fn within<F, Fut>(limit: Duration, mut check: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        if check().await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+/// Status of a keyed `GET /v1/x`.
+pub async fn status_with_key(gateway: &Gateway, secret: &str) -> u16 {
+    call(gateway, "/v1/x", Some(("x-api-key", secret.to_string())))
+        .await
+        .status
+        .as_u16()
+}
+
+/// A key's admitted requests this month, from the gateway's usage report.
+pub async fn usage_total(gateway: &Gateway, key_id: &str) -> u64 {
+    let reply = admin(gateway, "GET", &format!("/v1/usage?key={key_id}")).await;
+    reply.json()["total"].as_u64().unwrap_or(0)
+}
