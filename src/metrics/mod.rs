@@ -31,36 +31,66 @@ pub const USAGE_ROWS_WRITTEN_TOTAL: &str = "tollgate_usage_rows_written_total";
 const LATENCY_BUCKETS: [f64; 14] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
+/// A latency histogram over `LATENCY_BUCKETS`, as atomics.
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, took: Duration) {
+        let seconds = took.as_secs_f64();
+        let bucket = LATENCY_BUCKETS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(LATENCY_BUCKETS.len());
+        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
+        self.sum_micros.fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
+
+    /// `NAME_bucket`, `NAME_sum` and `NAME_count` lines; `labels` is `""` or `key="v",`.
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Ordering::Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels}le=\"{bound}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels}le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
+        let plain = labels.trim_end_matches(',');
+        let braces = if plain.is_empty() {
+            String::new()
+        } else {
+            format!("{{{plain}}}")
+        };
+        let _ = writeln!(out, "{name}_sum{braces} {sum}");
+        let _ = writeln!(out, "{name}_count{braces} {cumulative}");
+    }
+}
+
 const STATUS_MIN: u16 = 100;
 const STATUS_SLOTS: usize = 500;
 
 /// Requests and latency of one route, by status code.
 pub struct RouteMetrics {
     status: Box<[AtomicU64]>,
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    latency_sum_micros: AtomicU64,
+    latency: Histogram,
 }
 
 impl RouteMetrics {
     fn new() -> Self {
         RouteMetrics {
             status: (0..STATUS_SLOTS).map(|_| AtomicU64::new(0)).collect(),
-            buckets: Default::default(),
-            latency_sum_micros: AtomicU64::new(0),
+            latency: Histogram::default(),
         }
     }
 
     pub fn record(&self, status: u16, latency: Duration) {
         let slot = usize::from(status.saturating_sub(STATUS_MIN)).min(STATUS_SLOTS - 1);
         self.status[slot].fetch_add(1, Ordering::Relaxed);
-        let seconds = latency.as_secs_f64();
-        let bucket = LATENCY_BUCKETS
-            .iter()
-            .position(|&b| seconds <= b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.latency_sum_micros
-            .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+        self.latency.observe(latency);
     }
 }
 
@@ -134,8 +164,7 @@ pub struct UsageMetrics {
     flushes_ok: AtomicU64,
     flushes_failed: AtomicU64,
     rows_written: AtomicU64,
-    buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
-    duration_sum_micros: AtomicU64,
+    duration: Histogram,
 }
 
 impl UsageMetrics {
@@ -151,14 +180,7 @@ impl UsageMetrics {
             }
             Err(()) => drop(self.flushes_failed.fetch_add(1, Ordering::Relaxed)),
         }
-        let seconds = took.as_secs_f64();
-        let bucket = LATENCY_BUCKETS
-            .iter()
-            .position(|&b| seconds <= b)
-            .unwrap_or(LATENCY_BUCKETS.len());
-        self.buckets[bucket].fetch_add(1, Ordering::Relaxed);
-        self.duration_sum_micros
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+        self.duration.observe(took);
     }
 }
 
@@ -251,23 +273,8 @@ impl Metrics {
         );
         let _ = writeln!(out, "# TYPE {REQUEST_DURATION} histogram");
         for (name, m) in &routes {
-            let name = escape(name);
-            let mut cumulative = 0;
-            for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-                cumulative += m.buckets[i].load(Ordering::Relaxed);
-                let _ = writeln!(
-                    out,
-                    "{REQUEST_DURATION}_bucket{{route=\"{name}\",le=\"{bound}\"}} {cumulative}"
-                );
-            }
-            cumulative += m.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-            let _ = writeln!(
-                out,
-                "{REQUEST_DURATION}_bucket{{route=\"{name}\",le=\"+Inf\"}} {cumulative}"
-            );
-            let sum = m.latency_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-            let _ = writeln!(out, "{REQUEST_DURATION}_sum{{route=\"{name}\"}} {sum}");
-            let _ = writeln!(out, "{REQUEST_DURATION}_count{{route=\"{name}\"}} {cumulative}");
+            m.latency
+                .render(&mut out, REQUEST_DURATION, &format!("route=\"{}\",", escape(name)));
         }
         let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).clone();
         let _ = writeln!(
@@ -402,16 +409,7 @@ impl Metrics {
             "# HELP {USAGE_FLUSH_DURATION} Time to write one batch of usage slots."
         );
         let _ = writeln!(out, "# TYPE {USAGE_FLUSH_DURATION} histogram");
-        let mut cumulative = 0;
-        for (i, bound) in LATENCY_BUCKETS.iter().enumerate() {
-            cumulative += u.buckets[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{USAGE_FLUSH_DURATION}_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        cumulative += u.buckets[LATENCY_BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(out, "{USAGE_FLUSH_DURATION}_bucket{{le=\"+Inf\"}} {cumulative}");
-        let sum = u.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        let _ = writeln!(out, "{USAGE_FLUSH_DURATION}_sum {sum}");
-        let _ = writeln!(out, "{USAGE_FLUSH_DURATION}_count {cumulative}");
+        u.duration.render(out, USAGE_FLUSH_DURATION, "");
     }
 }
 

@@ -40,6 +40,22 @@ fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKey> {
     })
 }
 
+/// Adds a column that databases written by earlier versions lack.
+fn add_column(conn: &Connection, table: &str, column: &str, definition: &str) -> Result<(), StateError> {
+    let present: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+            params![table, column],
+            |r| r.get(0),
+        )
+        .map_err(backend_error)?;
+    if present == 0 {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {definition}"))
+            .map_err(backend_error)?;
+    }
+    Ok(())
+}
+
 /// Inserts a key row; `replace` updates the mutable fields of an existing one (the local
 /// cache of global mode) instead of failing.
 fn insert_key(c: &Connection, key: &ApiKey, replace: bool) -> rusqlite::Result<()> {
@@ -101,32 +117,10 @@ impl SqliteBackend {
         )
         .map_err(backend_error)?;
         // Databases created before plans had route-group quotas.
-        let has_groups: bool = conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('plans') WHERE name = 'groups'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(backend_error)?
-            > 0;
-        if !has_groups {
-            conn.execute_batch("ALTER TABLE plans ADD COLUMN groups TEXT")
-                .map_err(backend_error)?;
-        }
+        add_column(&conn, "plans", "groups", "TEXT")?;
         // Global mode: how much of each own slot NATS has acknowledged, and where this
         // node's replay of the usage stream stands.
-        let has_published: bool = conn
-            .query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('usage') WHERE name = 'published'",
-                [],
-                |r| r.get::<_, i64>(0),
-            )
-            .map_err(backend_error)?
-            > 0;
-        if !has_published {
-            conn.execute_batch("ALTER TABLE usage ADD COLUMN published INTEGER NOT NULL DEFAULT 0")
-                .map_err(backend_error)?;
-        }
+        add_column(&conn, "usage", "published", "INTEGER NOT NULL DEFAULT 0")?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
              CREATE INDEX IF NOT EXISTS usage_outbox ON usage (node) WHERE count > published;",
