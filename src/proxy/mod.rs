@@ -208,8 +208,10 @@ impl Gateway {
                     for key in keys.unwrap_or_default() {
                         self.keys.upsert(&key, &data, DEFAULT_PLAN);
                     }
-                    if consumer.is_some() {
-                        for key in orphans.remove(&id).unwrap_or_default() {
+                    // Waiting keys are applied when their consumer arrives, dropped when it
+                    // is deleted (they stay refused either way until then).
+                    for key in orphans.remove(&id).unwrap_or_default() {
+                        if consumer.is_some() {
                             self.keys.upsert(&key, &data, DEFAULT_PLAN);
                         }
                     }
