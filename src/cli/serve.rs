@@ -58,7 +58,7 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
                     "usage snapshot loaded"
                 );
             }
-            (nats.clone(), Some(nats))
+            (nats.clone(), Some((nats, cluster.snapshot_interval)))
         }
         None => {
             let sqlite = crate::state::SqliteBackend::open(&config.data_dir.join("tollgate.db"))
@@ -68,10 +68,6 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     };
     let clock = crate::limits::window::Clock::from_env().map_err(std::io::Error::other)?;
     let flush_interval = config.usage.flush_interval;
-    let snapshot_interval = config
-        .cluster
-        .as_ref()
-        .map_or(Duration::from_secs(300), |c| c.snapshot_interval);
     let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers, store, clock)
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
@@ -94,7 +90,7 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     tokio::spawn(refresh_jwks_periodically(gateway.clone(), shutdown_rx));
     let flusher = tokio::spawn(gateway.usage.clone().run(flush_interval, flusher_rx));
     match nats {
-        Some(nats) => {
+        Some((nats, snapshot_interval)) => {
             tokio::spawn(
                 nats.clone()
                     .snapshot_periodically(snapshot_interval, gateway.usage.clock),

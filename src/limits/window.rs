@@ -144,23 +144,6 @@ pub fn month_start(month: u32) -> u32 {
     day_of(date)
 }
 
-/// Seconds from `now` until `day` is over (next UTC midnight).
-pub fn secs_until_day_end(now: Now, day: u32) -> u64 {
-    (u64::from(day) + 1).saturating_mul(86_400).saturating_sub(now.secs())
-}
-
-/// Seconds from `now` until `month` is over (the first of the next month, UTC).
-pub fn secs_until_month_end(now: Now, month: u32) -> u64 {
-    u64::from(month_start(month + 1))
-        .saturating_mul(86_400)
-        .saturating_sub(now.secs())
-}
-
-/// Length of the window in seconds (for `RateLimit-Policy`'s `w`).
-pub fn month_secs(month: u32) -> u64 {
-    u64::from(month_start(month + 1) - month_start(month)) * 86_400
-}
-
 /// `2026-11-23`.
 pub fn format_day(day: u32) -> String {
     let d = date(day);
@@ -170,11 +153,6 @@ pub fn format_day(day: u32) -> String {
 /// `2026-11`.
 pub fn format_month(month: u32) -> String {
     format!("{:04}-{:02}", month / 12, month % 12 + 1)
-}
-
-/// RFC 3339 UTC timestamp of the start of `day`.
-pub fn format_day_start(day: u32) -> String {
-    format!("{}T00:00:00Z", format_day(day))
 }
 
 /// `2026-11-24T00:00:00Z` for a Unix time in seconds.
@@ -230,17 +208,18 @@ mod tests {
         let feb1 = at("2026-02-01", 0);
         assert_eq!(feb1.day(), jan31.day() + 1);
         assert_eq!(feb1.month(), jan31.month() + 1);
-        assert_eq!(secs_until_day_end(jan31, jan31.day()), 1);
-        assert_eq!(secs_until_month_end(jan31, jan31.month()), 1);
+        assert_eq!(Calendar::of(jan31).day_end - jan31.secs(), 1);
+        assert_eq!(Calendar::of(jan31).month_end - jan31.secs(), 1);
         // Dec → Jan crosses the year.
         let dec31 = at("2026-12-31", 3600);
         assert_eq!(format_month(dec31.month() + 1), "2027-01");
         assert_eq!(month_start(dec31.month() + 1), parse_day("2027-01-01").unwrap());
         // Leap years: February has 29 days in 2028, 28 in 2026 and 2100, 29 in 2000.
-        assert_eq!(month_secs(parse_month("2028-02").unwrap()), 29 * 86_400);
-        assert_eq!(month_secs(parse_month("2026-02").unwrap()), 28 * 86_400);
-        assert_eq!(month_secs(parse_month("2100-02").unwrap()), 28 * 86_400);
-        assert_eq!(month_secs(parse_month("2000-02").unwrap()), 29 * 86_400);
+        let month_secs = |month: &str| Calendar::compute(month_start(parse_month(month).unwrap())).month_secs;
+        assert_eq!(month_secs("2028-02"), 29 * 86_400);
+        assert_eq!(month_secs("2026-02"), 28 * 86_400);
+        assert_eq!(month_secs("2100-02"), 28 * 86_400);
+        assert_eq!(month_secs("2000-02"), 29 * 86_400);
         assert!(parse_day("2028-02-29").is_some());
         assert_eq!(parse_day("2026-02-29"), None);
         assert_eq!(
@@ -249,13 +228,18 @@ mod tests {
             "Feb 29 belongs to February"
         );
         assert_eq!(at("2028-03-01", 0).month(), parse_month("2028-03").unwrap());
-        for (now, other) in [(jan31, feb1), (feb1, jan31), (dec31, jan31)] {
+        // (now, another day, seconds to the day's end, to the month's end, month length)
+        for (now, other, day_left, month_left, month_len) in [
+            (jan31, feb1, 1, 1, 31 * 86_400),
+            (feb1, jan31, 86_400, 28 * 86_400, 28 * 86_400),
+            (dec31, jan31, 82_800, 82_800, 31 * 86_400),
+        ] {
             let calendar = Calendar::of(now);
             assert_eq!(Calendar::of(other), Calendar::compute(other.day()));
             assert_eq!(calendar.month, now.month());
-            assert_eq!(calendar.day_end - now.secs(), secs_until_day_end(now, now.day()));
-            assert_eq!(calendar.month_end - now.secs(), secs_until_month_end(now, now.month()));
-            assert_eq!(calendar.month_secs, month_secs(now.month()));
+            assert_eq!(calendar.day_end - now.secs(), day_left);
+            assert_eq!(calendar.month_end - now.secs(), month_left);
+            assert_eq!(calendar.month_secs, month_len);
         }
     }
 
@@ -276,7 +260,7 @@ mod tests {
             assert_eq!(parse_month(bad), None, "{bad}");
         }
         assert_eq!(
-            format_day_start(parse_day("2026-03-01").unwrap()),
+            format_timestamp(u64::from(parse_day("2026-03-01").unwrap()) * 86_400),
             "2026-03-01T00:00:00Z"
         );
         let at = parse_timestamp("2026-01-31T23:59:58Z").unwrap();

@@ -228,10 +228,6 @@ impl Gateway {
         }
     }
 
-    pub fn plan(&self, name: &str) -> Arc<PlanLimits> {
-        self.plans.load().get(name).clone()
-    }
-
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Release);
     }
@@ -355,21 +351,30 @@ pub struct Peer {
     pub selected: crate::upstream::Selected,
 }
 
+impl Peer {
+    /// Takes the endpoint's next address and counts the try in its in-flight load.
+    fn new(selected: crate::upstream::Selected, ctx: &mut RequestCtx) -> Option<Peer> {
+        let target = selected.endpoint.target()?;
+        ctx.upstream_addr = Some(target.addr);
+        Some(Peer {
+            guard: InflightGuard::new(selected.endpoint.clone()),
+            target,
+            selected,
+        })
+    }
+}
+
 fn bit(index: usize) -> u64 {
     if index < 64 { 1 << index } else { 0 }
 }
 
-/// A fresh copy of a repeatable request for another endpoint.
-fn repeat(head: &Request<RequestBody>, pool: &crate::upstream::Pool, peer: &Peer) -> Request<RequestBody> {
+/// A bodiless copy of a request's head: what a repeatable request is sent again from.
+fn copy_head<B>(original: &Request<B>) -> Request<RequestBody> {
     let mut copy = Request::new(RequestBody::Empty);
-    *copy.method_mut() = head.method().clone();
-    *copy.uri_mut() = head.uri().clone();
-    *copy.version_mut() = head.version();
-    *copy.headers_mut() = head.headers().clone();
-    if !pool.preserve_host {
-        copy.headers_mut()
-            .insert(header::HOST, peer.guard.endpoint().host_header.clone());
-    }
+    *copy.method_mut() = original.method().clone();
+    *copy.uri_mut() = original.uri().clone();
+    *copy.version_mut() = original.version();
+    *copy.headers_mut() = original.headers().clone();
     copy
 }
 
@@ -442,14 +447,7 @@ impl Worker {
             && client_upgrade.is_none()
             && hyper::body::Body::is_end_stream(req.body())
             && pool.idempotent(req.method());
-        let head = repeatable.then(|| {
-            let mut copy = Request::new(RequestBody::Empty);
-            *copy.method_mut() = req.method().clone();
-            *copy.uri_mut() = req.uri().clone();
-            *copy.version_mut() = req.version();
-            *copy.headers_mut() = req.headers().clone();
-            copy
-        });
+        let head = repeatable.then(|| copy_head(&req));
         let mut req = req.map(RequestBody::Client);
 
         let timeouts = &pool.timeouts;
@@ -463,53 +461,58 @@ impl Worker {
             let head_deadline = Instant::now() + per_try;
             let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
             let outcome = tokio::time::timeout_at(head_deadline, client.send(&peer.target, req)).await;
-            let can_retry = attempt < pool.retries.attempts;
-            let (error, unsent) = match outcome {
-                Ok(Ok((mut response, pooled))) => {
+            // What to answer if this try is the last, and what to send if it is not. Unwritten
+            // requests may go elsewhere whatever their method; written ones only when
+            // repeatable (no body, idempotent) — a streamed body is never replayed.
+            let (last_answer, again) = match outcome {
+                Ok(Ok((response, pooled))) => {
                     let status = response.status();
                     pool.record(&peer.selected, !status.is_server_error());
-                    if status.is_server_error()
-                        && can_retry
-                        && pool.retries.on_statuses.contains(&status.as_u16())
-                        && let Some(head) = &head
-                        && let Some(next) = self.retry_peer(upstream, ctx, tried | bit(peer.selected.index))
-                    {
-                        tracing::debug!(upstream = %pool.name, status = status.as_u16(), "retrying on another endpoint");
-                        tried |= bit(peer.selected.index);
-                        peer = next;
-                        req = repeat(head, pool, &peer);
-                        attempt += 1;
-                        continue;
-                    }
-                    if status == StatusCode::SWITCHING_PROTOCOLS
-                        && let Some(client_upgrade) = client_upgrade
-                    {
-                        let upstream_upgrade = hyper::upgrade::on(&mut response);
-                        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, peer.guard));
-                        return Ok(response.map(|_| ProxyBody::empty()));
-                    }
-                    return Ok(response
-                        .map(|body| ProxyBody::upstream(body, timeouts.read, total_deadline, peer.guard, pooled)));
+                    let again = (status.is_server_error() && pool.retries.on_statuses.contains(&status.as_u16()))
+                        .then(|| head.as_ref().map(copy_head))
+                        .flatten();
+                    (Ok((response, pooled)), again)
                 }
-                Ok(Err(failed)) => (failed.error, failed.unsent),
-                Err(_) => (ProxyError::new(ErrorKind::UpstreamTimeout), None),
+                Ok(Err(failed)) => {
+                    pool.record(&peer.selected, false);
+                    (
+                        Err(failed.error),
+                        failed.unsent.or_else(|| head.as_ref().map(copy_head)),
+                    )
+                }
+                Err(_) => {
+                    pool.record(&peer.selected, false);
+                    (
+                        Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
+                        head.as_ref().map(copy_head),
+                    )
+                }
             };
-            pool.record(&peer.selected, false);
-            // Unwritten requests go elsewhere whatever their method; written ones only when
-            // repeatable (no body, idempotent) — never a body that was already streamed.
-            let next_request = unsent
-                .map(|r| (r, false))
-                .or_else(|| head.as_ref().map(|h| (repeat(h, pool, &peer), true)));
-            let retry = match next_request {
-                Some(request) if can_retry => self
+            let retry = match again {
+                Some(request) if attempt < pool.retries.attempts => self
                     .retry_peer(upstream, ctx, tried | bit(peer.selected.index))
                     .map(|next| (request, next)),
                 _ => None,
             };
-            let Some(((mut request, _), next)) = retry else {
-                return Err(error);
+            let Some((mut request, next)) = retry else {
+                let (mut response, pooled) = last_answer?;
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS
+                    && let Some(client_upgrade) = client_upgrade
+                {
+                    let upstream_upgrade = hyper::upgrade::on(&mut response);
+                    tokio::spawn(tunnel(client_upgrade, upstream_upgrade, peer.guard));
+                    return Ok(response.map(|_| ProxyBody::empty()));
+                }
+                return Ok(
+                    response.map(|body| ProxyBody::upstream(body, timeouts.read, total_deadline, peer.guard, pooled))
+                );
             };
-            tracing::debug!(upstream = %pool.name, %error, "retrying on another endpoint");
+            match &last_answer {
+                Ok((response, _)) => {
+                    tracing::debug!(upstream = %pool.name, status = response.status().as_u16(), "retrying on another endpoint")
+                }
+                Err(error) => tracing::debug!(upstream = %pool.name, %error, "retrying on another endpoint"),
+            }
             tried |= bit(peer.selected.index);
             peer = next;
             if !pool.preserve_host {
@@ -531,18 +534,11 @@ impl Worker {
         if !allowed {
             return None;
         }
-        let target = selected.endpoint.target()?;
-        ctx.upstream_addr = Some(target.addr);
-        Some(Peer {
-            guard: InflightGuard::new(selected.endpoint.clone()),
-            target,
-            selected,
-        })
+        Peer::new(selected, ctx)
     }
 
-    /// Phase 1, first for every request: finds the route. Later phases of the product
-    /// (identify the caller, rate limits, quotas) attach here and may answer at once by
-    /// returning an error.
+    /// Phase 1, first for every request: finds the route, identifies the caller and applies
+    /// the plan's limits; any of them may answer at once by returning an error.
     fn request_filter<'s>(
         &self,
         snapshot: &'s Snapshot,
@@ -703,20 +699,11 @@ impl Worker {
             }
             Some(HashKey::Header(name)) => req.headers().get(name.as_str()).map(HeaderValue::as_bytes),
         };
-        let selected = upstream
+        upstream
             .pool
             .select_healthy(hash, tried)
-            .ok_or_else(|| ProxyError::new(ErrorKind::NoEndpoint))?;
-        let target = selected
-            .endpoint
-            .target()
-            .ok_or_else(|| ProxyError::new(ErrorKind::NoEndpoint))?;
-        ctx.upstream_addr = Some(target.addr);
-        Ok(Peer {
-            guard: InflightGuard::new(selected.endpoint.clone()),
-            target,
-            selected,
-        })
+            .and_then(|selected| Peer::new(selected, ctx))
+            .ok_or_else(|| ProxyError::new(ErrorKind::NoEndpoint))
     }
 
     /// Phase 3: turns the client's request into the upstream's: URI, `Host`, forwarding
@@ -845,7 +832,7 @@ impl Worker {
         match error.kind.source() {
             ErrorSource::Upstream => {
                 if let Some(route) = ctx.route.and_then(|i| snapshot.routes.get(i)) {
-                    route.upstream.metrics.record_error(error.kind);
+                    route.upstream.pool.metrics.record_error(error.kind);
                 }
                 tracing::warn!(request_id = ?ctx.request_id, upstream = ?ctx.upstream_addr, %error, "upstream request failed");
             }

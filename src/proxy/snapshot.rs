@@ -10,7 +10,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::config::{Config, UpstreamProtocol};
-use crate::metrics::{Metrics, NO_ROUTE, RouteMetrics, UpstreamMetrics};
+use crate::metrics::{Metrics, NO_ROUTE, RouteMetrics};
 use crate::router::{RouteSpec, Router};
 use crate::upstream::Pool;
 
@@ -38,7 +38,6 @@ pub struct Route {
 pub struct UpstreamPool {
     pub pool: Arc<Pool>,
     pub clients: Box<[UpstreamClient]>,
-    pub metrics: Arc<UpstreamMetrics>,
 }
 
 pub struct Snapshot {
@@ -118,14 +117,7 @@ impl Snapshot {
                     }))),
                 })
                 .collect();
-            pools.insert(
-                name.clone(),
-                Arc::new(UpstreamPool {
-                    pool,
-                    clients,
-                    metrics: metrics.upstream(name),
-                }),
-            );
+            pools.insert(name.clone(), Arc::new(UpstreamPool { pool, clients }));
         }
         let specs: Vec<RouteSpec> = config.routes.iter().map(RouteSpec::from).collect();
         let routes = config

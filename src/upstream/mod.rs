@@ -332,18 +332,6 @@ impl Pool {
         }
     }
 
-    /// Picks an endpoint that has at least one address. `hash` is the consistent-hash key,
-    /// when the pool uses one.
-    pub fn select(&self, hash: Option<&[u8]>) -> Option<&Arc<Endpoint>> {
-        let index = self.balancer.pick(
-            self.endpoints.len(),
-            hash,
-            |i| self.endpoints[i].is_resolved(),
-            |i| self.endpoints[i].inflight(),
-        )?;
-        self.endpoints.get(index)
-    }
-
     /// Whether `method` may be retried after the request reached an endpoint.
     pub fn idempotent(&self, method: &http::Method) -> bool {
         matches!(
@@ -410,7 +398,7 @@ mod tests {
         assert!(pool.endpoints[1].is_resolved());
         // Unresolved endpoints are skipped by the balancer.
         for _ in 0..4 {
-            assert_eq!(pool.select(None).unwrap().address, "10.0.0.1:80");
+            assert_eq!(pool.select_healthy(None, 0).unwrap().endpoint.address, "10.0.0.1:80");
         }
         pool.resolve().await;
         let addrs = pool.endpoints[0].resolved_addrs();

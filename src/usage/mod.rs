@@ -74,11 +74,20 @@ pub enum Scope {
 }
 
 impl Scope {
-    /// Equality that first tries the shared name's pointer (the common case on the
-    /// request path: the route's own `Arc`).
-    fn same(&self, other: &Scope) -> bool {
-        match (self, other) {
-            (Scope::Route(a), Scope::Route(b)) | (Scope::Group(a), Scope::Group(b)) => Arc::ptr_eq(a, b) || a == b,
+    fn new(group: bool, name: &Arc<str>) -> Scope {
+        if group {
+            Scope::Group(name.clone())
+        } else {
+            Scope::Route(name.clone())
+        }
+    }
+
+    /// Whether this is the route (or group) `name`; tries the shared name's pointer first
+    /// (the common case on the request path: the route's own `Arc`).
+    fn is(&self, group: bool, name: &Arc<str>) -> bool {
+        match self {
+            Scope::Route(r) if !group => Arc::ptr_eq(r, name) || r == name,
+            Scope::Group(g) if group => Arc::ptr_eq(g, name) || g == name,
             _ => false,
         }
     }
@@ -207,33 +216,15 @@ impl Entry {
     }
 
     fn group(&self, name: &Arc<str>) -> Option<&Scoped> {
-        self.extra
-            .as_ref()?
-            .scoped
-            .iter()
-            .find(|s| matches!(&s.scope, Scope::Group(g) if Arc::ptr_eq(g, name) || g == name))
-    }
-
-    fn scoped_mut(&mut self, scope: &Scope) -> &mut Scoped {
-        self.extra().scoped.find_or_push(|s| s.same(scope), || scope.clone())
+        self.extra.as_ref()?.scoped.iter().find(|s| s.scope.is(true, name))
     }
 
     /// The counter of a route (or a route group), found by its shared name without
     /// cloning it.
-    fn scoped_named(&mut self, group: bool, name: &Arc<str>) -> &mut Scoped {
-        let matches = |scope: &Scope| match scope {
-            Scope::Route(r) if !group => Arc::ptr_eq(r, name) || r == name,
-            Scope::Group(g) if group => Arc::ptr_eq(g, name) || g == name,
-            _ => false,
-        };
-        let make = || {
-            if group {
-                Scope::Group(name.clone())
-            } else {
-                Scope::Route(name.clone())
-            }
-        };
-        self.extra().scoped.find_or_push(matches, make)
+    fn scoped_mut(&mut self, group: bool, name: &Arc<str>) -> &mut Scoped {
+        self.extra()
+            .scoped
+            .find_or_push(|s| s.is(group, name), || Scope::new(group, name))
     }
 
     /// Moves the entry into the windows of `now`. Unflushed counts of the ended day go
@@ -350,12 +341,12 @@ fn commit(
         month.local += 1;
     }
     if let Some(group) = group {
-        let scoped = entry.scoped_named(true, &group.name);
+        let scoped = entry.scoped_mut(true, &group.name);
         scoped.day.local += 1;
         scoped.month.local += 1;
     }
     if let Some(route) = charge.route {
-        let scoped = entry.scoped_named(false, route);
+        let scoped = entry.scoped_mut(false, route);
         scoped.day.local += 1;
         scoped.month.local += 1;
     }
@@ -631,7 +622,11 @@ impl UsageTable {
                 }
             }
             Some(scope) => {
-                let scoped = entry.scoped_mut(scope);
+                let (group, name) = match scope {
+                    Scope::Group(name) => (true, name),
+                    Scope::Route(name) => (false, name),
+                };
+                let scoped = entry.scoped_mut(group, name);
                 if row_day == day {
                     scoped.day.add(own_node, count);
                 }
@@ -650,7 +645,8 @@ impl UsageTable {
         self.len() == 0
     }
 
-    /// A subject's usage in the current windows (all nodes), for tests and the admin API.
+    /// A subject's usage in the current windows (all nodes).
+    #[cfg(test)]
     pub fn current(&self, subject: &Subject, now: Now) -> (u64, Option<u64>) {
         let shard = lock(&self.shards[self.shard_of(subject)]);
         match shard.map.get(subject) {
