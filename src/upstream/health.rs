@@ -137,15 +137,15 @@ impl Health {
         }
     }
 
-    /// Records one exchange's outcome. `may_eject` is false when the pool already has its
-    /// maximum share ejected.
+    /// Records one exchange's outcome. `may_eject` says whether the pool is below its cap
+    /// of ejected endpoints; it is asked only when this failure would eject.
     pub fn record(
         &self,
         ok: bool,
         probe: bool,
         now: u64,
         policy: &OutlierPolicy,
-        may_eject: bool,
+        may_eject: impl FnOnce() -> bool,
     ) -> Option<Transition> {
         if probe {
             self.probes.fetch_sub(1, Ordering::Relaxed);
@@ -167,7 +167,7 @@ impl Health {
         let failures = self.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         let until = self.open_until.load(Ordering::Relaxed);
         let half_open_failed = until != 0 && now >= until;
-        let threshold_reached = until == 0 && failures >= policy.consecutive_failures && may_eject;
+        let threshold_reached = until == 0 && failures >= policy.consecutive_failures && may_eject();
         if !(half_open_failed || threshold_reached) {
             return None;
         }
@@ -240,14 +240,14 @@ mod tests {
     fn ejection_grows_and_a_probe_restores() {
         let health = Health::default();
         assert_eq!(health.admission(0, &POLICY), Admission::Serve { share: 1.0 });
-        assert_eq!(health.record(false, false, 10, &POLICY, true), None);
-        assert_eq!(health.record(false, false, 11, &POLICY, true), None);
+        assert_eq!(health.record(false, false, 10, &POLICY, || true), None);
+        assert_eq!(health.record(false, false, 11, &POLICY, || true), None);
         // A success in between resets the count.
-        assert_eq!(health.record(true, false, 12, &POLICY, true), None);
-        assert_eq!(health.record(false, false, 13, &POLICY, true), None);
-        assert_eq!(health.record(false, false, 14, &POLICY, true), None);
+        assert_eq!(health.record(true, false, 12, &POLICY, || true), None);
+        assert_eq!(health.record(false, false, 13, &POLICY, || true), None);
+        assert_eq!(health.record(false, false, 14, &POLICY, || true), None);
         assert_eq!(
-            health.record(false, false, 15, &POLICY, true),
+            health.record(false, false, 15, &POLICY, || true),
             Some(Transition::Ejected {
                 for_ms: 1000,
                 ejections: 1
@@ -261,7 +261,7 @@ mod tests {
         assert_eq!(health.admission(1016, &POLICY), Admission::Refuse);
         // The probe fails: open again for twice as long.
         assert_eq!(
-            health.record(false, true, 1020, &POLICY, true),
+            health.record(false, true, 1020, &POLICY, || true),
             Some(Transition::Ejected {
                 for_ms: 2000,
                 ejections: 2
@@ -271,7 +271,7 @@ mod tests {
         assert_eq!(health.admission(3020, &POLICY), Admission::Probe);
         health.start_probe();
         assert_eq!(
-            health.record(true, true, 3030, &POLICY, true),
+            health.record(true, true, 3030, &POLICY, || true),
             Some(Transition::Restored)
         );
         // Slow start: a growing share of traffic.
@@ -285,7 +285,7 @@ mod tests {
         let health = Health::default();
         for t in 0..10 {
             assert_eq!(
-                health.record(false, false, t, &POLICY, false),
+                health.record(false, false, t, &POLICY, || false),
                 None,
                 "the pool is at its cap"
             );
@@ -295,7 +295,7 @@ mod tests {
         let mut longest = 0;
         for _ in 0..6 {
             for _ in 0..3 {
-                if let Some(Transition::Ejected { for_ms, .. }) = health.record(false, false, now, &POLICY, true) {
+                if let Some(Transition::Ejected { for_ms, .. }) = health.record(false, false, now, &POLICY, || true) {
                     longest = for_ms;
                     now += for_ms;
                 }
@@ -314,7 +314,7 @@ mod tests {
         assert_eq!(health.record_active(true, 2, 2, 4), Some(Transition::ActiveUp));
         assert!(matches!(health.admission(5, &POLICY), Admission::Serve { .. }));
         for t in 0..3 {
-            health.record(false, false, 10 + t, &POLICY, true);
+            health.record(false, false, 10 + t, &POLICY, || true);
         }
         assert!(health.is_ejected(20));
         health.record_active(true, 2, 2, 30);

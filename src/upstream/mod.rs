@@ -166,11 +166,13 @@ const RETRY_TOKENS_MAX: i64 = 10 * RETRY_TOKEN;
 
 /// The pool's in-flight count while held (`max_requests`).
 #[derive(Debug)]
-pub struct PoolSlot(Arc<AtomicUsize>);
+pub struct PoolSlot(Option<Arc<AtomicUsize>>);
 
 impl Drop for PoolSlot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(count) = &self.0 {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -242,9 +244,13 @@ impl Pool {
 
     /// Takes a slot of `max_requests`; `None` when the pool is full.
     pub fn acquire(&self) -> Option<PoolSlot> {
+        // Without a limit there is nothing to count: no shared counter touched per request.
+        if self.max_requests == 0 {
+            return Some(PoolSlot(None));
+        }
         let now = self.inflight_total.fetch_add(1, Ordering::Relaxed);
-        let slot = PoolSlot(self.inflight_total.clone());
-        (self.max_requests == 0 || now < self.max_requests).then_some(slot)
+        let slot = PoolSlot(Some(self.inflight_total.clone()));
+        (now < self.max_requests).then_some(slot)
     }
 
     /// Every request earns retry budget; a retry spends it. False when it is spent.
@@ -299,14 +305,16 @@ impl Pool {
     /// Feeds one try's outcome to the endpoint's passive health and breaker.
     pub fn record(&self, selected: &Selected, ok: bool) {
         let now = health::now_ms();
-        let ejected = self.endpoints.iter().filter(|e| e.health.is_ejected(now)).count();
-        // A pool of one has nothing to fail over to: passive ejection never empties a pool
-        // beyond its cap (active checks still can).
-        let cap = self.endpoints.len() * self.max_ejection_percent as usize / 100;
+        // Counted only when a failure would eject. A pool of one has nothing to fail over
+        // to: passive ejection never empties a pool beyond its cap (active checks still can).
+        let below_cap = || {
+            let ejected = self.endpoints.iter().filter(|e| e.health.is_ejected(now)).count();
+            ejected < self.endpoints.len() * self.max_ejection_percent as usize / 100
+        };
         let transition = selected
             .endpoint
             .health
-            .record(ok, selected.probe, now, &self.policy, ejected < cap);
+            .record(ok, selected.probe, now, &self.policy, below_cap);
         if let Some(transition) = transition {
             self.report(&selected.endpoint, transition);
         }
