@@ -6,10 +6,10 @@ X-Forwarded-For address (and one of 1000 Referer hosts) until N distinct IPs wer
 Prints RSS before and after and the gateway's own count of subjects held in memory.
 Usage: bench/run.sh installs wrk and nginx; then `python3 bench/anonymous_rss.py [--ips N]`.
 """
-import argparse, os, re, shutil, signal, subprocess, sys, tempfile, time, urllib.request
+import argparse, os, re, subprocess, sys, tempfile, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, free_port, wait_port, start_nginx, rss_kib  # noqa: E402
+from run import ROOT, free_port, stop_all, wait_port, start_nginx, rss_kib  # noqa: E402
 
 LUA = r"""
 local n = 0
@@ -94,13 +94,7 @@ by = ["ip", "referer"]
         print(f"subjects in memory: {subjects} (IPs + 1000 Referers)")
         print(f"RSS: {before / 1024:.1f} MiB before, {rss_kib(gateway.pid) / 1024:.1f} MiB after")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=20)
-            except Exception:
-                p.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_all(procs, workdir)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,10 @@
    `/readyz` 200 (loads the snapshot, then the tail).
 Usage: python3 bench/cluster_rebuild.py [--counters 1000000]   (needs nats-server 2.10+)
 """
-import argparse, os, shutil, signal, sqlite3, subprocess, sys, tempfile, time, urllib.request
+import argparse, os, signal, sqlite3, subprocess, sys, tempfile, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, free_port, wait_port, rss_kib  # noqa: E402
+from run import ROOT, free_port, stop_all, wait_port, rss_kib  # noqa: E402
 
 BINARY = os.path.join(ROOT, "target", "release", "tollgate")
 
@@ -101,13 +101,7 @@ def main():
         print(f"new node on an empty disk (snapshot + tail), {args.counters} counters: ready in {took:.2f} s, "
               f"RSS {rss_kib(c.pid) / 1024:.0f} MiB")
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(timeout=20)
-            except Exception:
-                p.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_all(procs, workdir)
 
 
 if __name__ == "__main__":

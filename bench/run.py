@@ -129,6 +129,17 @@ def idle_connections_rss(port, pid, count):
     return base, rss
 
 
+def stop_all(procs, workdir):
+    """SIGTERM every process (SIGKILL after 20 s) and remove the work directory."""
+    for p in procs:
+        try:
+            p.send_signal(signal.SIGTERM)
+            p.wait(timeout=20)
+        except Exception:
+            p.kill()
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
 def median(values):
     return statistics.median(values) if values else float("nan")
 
@@ -296,13 +307,7 @@ upstream = "bench"
         print(f"- Tollgate RSS: {base / 1024:.1f} MiB idle, **{rss / 1024:.1f} MiB with {args.idle_connections} idle keep-alive connections**")
         print(f"- Cost column: CPU µs/request × 10⁹ requests at ${args.core_hour_usd}/core-hour.")
     finally:
-        for p in procs:
-            try:
-                p.send_signal(signal.SIGTERM)
-                p.wait(timeout=10)
-            except Exception:
-                p.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        stop_all(procs, workdir)
 
 
 if __name__ == "__main__":

@@ -7,56 +7,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-fn node_config(
-    upstream: std::net::SocketAddr,
-    data_dir: &std::path::Path,
-    nats: &[String],
-    region: &str,
-    node: &str,
-) -> String {
-    node_config_with(upstream, data_dir, nats, region, node, "")
-}
-
-fn node_config_with(
-    upstream: std::net::SocketAddr,
-    data_dir: &std::path::Path,
-    nats: &[String],
-    region: &str,
-    node: &str,
-    extra: &str,
-) -> String {
-    let urls: Vec<String> = nats.iter().map(|u| format!("\"{u}\"")).collect();
-    format!(
-        r#"data_dir = "{data}"
-{base}
-[upstreams.u]
-endpoints = ["{upstream}"]
-
-[[routes]]
-name = "api"
-path = "/v1"
-upstream = "u"
-auth = ["api_key"]
-
-[plans.metered]
-daily = 50
-
-[plans.small]
-daily = 3
-
-[usage]
-flush_interval = "100ms"
-
-[cluster]
-nats = [{urls}]
-region = "{region}"
-node_id = "{node}"
-{extra}
-"#,
-        data = data_dir.display(),
-        base = base_config(),
-        urls = urls.join(", ")
-    )
+fn node_config(upstream: std::net::SocketAddr, data_dir: &std::path::Path, nats: &Nats, node: &str) -> String {
+    cluster_node_config(upstream, data_dir, &nats.url(), "r1", node, "")
 }
 
 /// Consumer `acme` (on `plan`) and a key created on `a`, once the key works on `b`.
@@ -77,8 +29,8 @@ async fn keys_and_plans_written_on_one_node_work_on_another_within_a_second() {
     let nats = Nats::start();
     let upstream = Upstream::start("u").await;
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &[nats.url()], "r1", "a"));
-    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &[nats.url()], "r1", "b"));
+    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &nats, "a"));
+    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &nats, "b"));
 
     let reply = admin_json(&a, "POST", "/v1/consumers", json!({"id": "acme", "plan": "metered"})).await;
     assert_eq!(reply.status, 201, "{}", reply.text());
@@ -122,8 +74,8 @@ async fn a_quota_is_shared_by_every_node_and_reports_converge() {
     let nats = Nats::start();
     let upstream = Upstream::start("u").await;
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &[nats.url()], "r1", "a"));
-    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &[nats.url()], "r1", "b"));
+    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &nats, "a"));
+    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &nats, "b"));
     let (key_id, secret) = key_on_both(&a, &b, Some("metered")).await;
 
     // 120 requests alternating between the nodes, paced like a modest client (every
@@ -161,8 +113,8 @@ async fn nats_outage_keeps_serving_and_loses_nothing() {
     let mut nats = Nats::start();
     let upstream = Upstream::start("u").await;
     let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &[nats.url()], "r1", "a"));
-    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &[nats.url()], "r1", "b"));
+    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &nats, "a"));
+    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &nats, "b"));
     let (key_id, secret) = key_on_both(&a, &b, Some("metered")).await;
 
     let (port, monitor, dir) = (nats.port, nats.monitor, nats.dir.clone());
@@ -211,8 +163,8 @@ async fn a_killed_node_loses_at_most_one_flush_interval_and_a_new_node_rebuilds_
     let nats = Nats::start();
     let upstream = Upstream::start("u").await;
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
-    let mut a = Gateway::start(&node_config(upstream.addr, dirs[0].path(), &[nats.url()], "r1", "a"));
-    let b = Gateway::start(&node_config(upstream.addr, dirs[1].path(), &[nats.url()], "r1", "b"));
+    let mut a = Gateway::start(&node_config(upstream.addr, dirs[0].path(), &nats, "a"));
+    let b = Gateway::start(&node_config(upstream.addr, dirs[1].path(), &nats, "b"));
     let (key_id, secret) = key_on_both(&a, &b, None).await;
     let mut admitted_b = 1;
 
@@ -253,7 +205,7 @@ async fn a_killed_node_loses_at_most_one_flush_interval_and_a_new_node_rebuilds_
     let admitted = admitted_a + admitted_b;
 
     // A new node with an empty disk rebuilds the view from the stream before it is ready.
-    let c = Gateway::start(&node_config(upstream.addr, dirs[2].path(), &[nats.url()], "r1", "c"));
+    let c = Gateway::start(&node_config(upstream.addr, dirs[2].path(), &nats, "c"));
     let ready = within(Duration::from_secs(10), || async {
         admin(&c, "GET", "/readyz").await.status == 200
     })
@@ -285,10 +237,10 @@ async fn a_new_node_rebuilds_from_a_snapshot_after_the_stream_aged_out() {
     let (dir_a, dir_c) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     // The stream keeps batches for 2 s only; snapshots are written every 500 ms.
     let extra = "usage_max_age = \"2s\"\nsnapshot_interval = \"500ms\"";
-    let a = Gateway::start(&node_config_with(
+    let a = Gateway::start(&cluster_node_config(
         upstream.addr,
         dir_a.path(),
-        &[nats.url()],
+        &nats.url(),
         "r1",
         "a",
         extra,
@@ -305,10 +257,10 @@ async fn a_new_node_rebuilds_from_a_snapshot_after_the_stream_aged_out() {
     }
     // Every batch has aged out of the stream by now; a snapshot holds the counts.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let c = Gateway::start(&node_config_with(
+    let c = Gateway::start(&cluster_node_config(
         upstream.addr,
         dir_c.path(),
-        &[nats.url()],
+        &nats.url(),
         "r1",
         "c",
         extra,

@@ -7,41 +7,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::json;
 
-fn node_config(
-    upstream: std::net::SocketAddr,
-    data_dir: &std::path::Path,
-    nats: &str,
-    region: &str,
-    node: &str,
-) -> String {
-    format!(
-        r#"data_dir = "{data}"
-{base}
-[upstreams.u]
-endpoints = ["{upstream}"]
-
-[[routes]]
-name = "api"
-path = "/v1"
-upstream = "u"
-auth = ["api_key"]
-
-[plans.metered]
-daily = 50
-
-[usage]
-flush_interval = "100ms"
-
-[cluster]
-nats = ["{nats}"]
-region = "{region}"
-node_id = "{node}"
-"#,
-        data = data_dir.display(),
-        base = base_config(),
-    )
-}
-
 struct Node {
     gateway: Gateway,
     _data: tempfile::TempDir,
@@ -54,12 +19,13 @@ fn start_nodes(cluster: &Supercluster, upstream: std::net::SocketAddr) -> Vec<No
         for n in ["a", "b"] {
             let data = tempfile::tempdir().unwrap();
             let name = Supercluster::name(region);
-            let config = node_config(
+            let config = cluster_node_config(
                 upstream,
                 data.path(),
                 &cluster.url(region),
                 &name,
                 &format!("{name}{n}"),
+                "",
             );
             nodes.push(Node {
                 gateway: Gateway::start(&config),

@@ -160,16 +160,18 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 fn render_endpoints(snapshot: &crate::proxy::Snapshot, out: &mut String) {
     use std::fmt::Write;
     let now = crate::upstream::health::now_ms();
-    let _ = writeln!(
+    crate::metrics::describe(
         out,
-        "# HELP tollgate_upstream_endpoint_available 1 when the endpoint takes traffic (resolved, healthy, not ejected)."
+        "tollgate_upstream_endpoint_available",
+        "gauge",
+        "1 when the endpoint takes traffic (resolved, healthy, not ejected).",
     );
-    let _ = writeln!(out, "# TYPE tollgate_upstream_endpoint_available gauge");
-    let _ = writeln!(
+    crate::metrics::describe(
         out,
-        "# HELP tollgate_upstream_breaker_state The endpoint's breaker: 0 closed, 1 half-open, 2 open."
+        "tollgate_upstream_breaker_state",
+        "gauge",
+        "The endpoint's breaker: 0 closed, 1 half-open, 2 open.",
     );
-    let _ = writeln!(out, "# TYPE tollgate_upstream_breaker_state gauge");
     for upstream in snapshot.pools.values() {
         let pool = &upstream.pool;
         for e in &pool.endpoints {

@@ -81,19 +81,10 @@ fn render(query: &UsageQuery, rows: Vec<ReportRow>) -> Response {
     ),
     responses((status = 200, description = "Rows of window, grouping and requests"), (status = 400, body = super::ErrorBody)))]
 pub async fn usage_report(State(state): State<AdminState>, query: Pairs) -> Response {
-    let pairs = match pairs(query) {
-        Ok(pairs) => pairs,
-        Err(response) => return response,
-    };
-    let today = state.gateway.usage.clock.now().day();
-    let query = match report::parse_query(&pairs, today) {
-        Ok(query) => query,
-        Err(message) => return json_error(StatusCode::BAD_REQUEST, "invalid_request", &message),
-    };
-    match rows(&state, &query).await {
-        Ok(rows) => render(&query, rows),
-        Err(response) => response,
-    }
+    answer(&state, query, |pairs, today| {
+        report::parse_query(pairs, today).map(|q| (q, None))
+    })
+    .await
 }
 
 /// The busiest subjects (or consumers) of one day or month.
@@ -108,17 +99,36 @@ pub async fn usage_report(State(state): State<AdminState>, query: Pairs) -> Resp
     ),
     responses((status = 200, description = "Rows, most requests first"), (status = 400, body = super::ErrorBody)))]
 pub async fn usage_top(State(state): State<AdminState>, query: Pairs) -> Response {
+    answer(&state, query, |pairs, today| {
+        report::parse_top(pairs, today).map(|top| (top.query, Some(top.limit)))
+    })
+    .await
+}
+
+/// Parses the parameters with `parse` (today's date given), reads the rows and renders
+/// them, keeping the busiest `limit` when there is one.
+async fn answer(
+    state: &AdminState,
+    query: Pairs,
+    parse: impl FnOnce(&[(String, String)], u32) -> Result<(UsageQuery, Option<usize>), String>,
+) -> Response {
     let pairs = match pairs(query) {
         Ok(pairs) => pairs,
         Err(response) => return response,
     };
     let today = state.gateway.usage.clock.now().day();
-    let top = match report::parse_top(&pairs, today) {
-        Ok(top) => top,
+    let (query, limit) = match parse(&pairs, today) {
+        Ok(parsed) => parsed,
         Err(message) => return json_error(StatusCode::BAD_REQUEST, "invalid_request", &message),
     };
-    match rows(&state, &top.query).await {
-        Ok(rows) => render(&top.query, report::top(rows, top.limit)),
+    match rows(state, &query).await {
+        Ok(rows) => {
+            let rows = match limit {
+                Some(limit) => report::top(rows, limit),
+                None => rows,
+            };
+            render(&query, rows)
+        }
         Err(response) => response,
     }
 }

@@ -43,11 +43,8 @@ pub enum KeysCommand {
     /// Change a key's plan (its usage is kept), expiry or routes.
     Update {
         id: String,
-        #[arg(long, conflicts_with = "clear_plan")]
-        plan: Option<String>,
-        /// Make the key follow its consumer's plan again.
-        #[arg(long)]
-        clear_plan: bool,
+        #[command(flatten)]
+        plan: PlanChange,
         #[arg(long)]
         expires_at: Option<i64>,
         /// Route the key may call (repeatable); replaces the list.
@@ -57,6 +54,28 @@ pub enum KeysCommand {
     Revoke {
         id: String,
     },
+}
+
+/// `--plan P` sets a plan, `--clear-plan` removes it; neither leaves it as it is.
+#[derive(Args)]
+pub struct PlanChange {
+    #[arg(long, conflicts_with = "clear_plan")]
+    plan: Option<String>,
+    /// Follow the parent's plan again (a key its consumer's, a consumer the default).
+    #[arg(long)]
+    clear_plan: bool,
+}
+
+impl PlanChange {
+    fn patch(self) -> serde_json::Map<String, Value> {
+        let mut patch = serde_json::Map::new();
+        if self.clear_plan {
+            patch.insert("plan".into(), Value::Null);
+        } else if let Some(plan) = self.plan {
+            patch.insert("plan".into(), json!(plan));
+        }
+        patch
+    }
 }
 
 #[derive(Args)]
@@ -151,10 +170,8 @@ pub enum ConsumersCommand {
     /// Change a consumer's plan; its keys without a plan of their own follow.
     Update {
         id: String,
-        #[arg(long, conflicts_with = "clear_plan")]
-        plan: Option<String>,
-        #[arg(long)]
-        clear_plan: bool,
+        #[command(flatten)]
+        plan: PlanChange,
     },
     /// Delete a consumer and revoke its keys.
     Delete {
@@ -178,16 +195,10 @@ pub fn keys(remote: Remote, command: KeysCommand) -> ExitCode {
         KeysCommand::Update {
             id,
             plan,
-            clear_plan,
             expires_at,
             routes,
         } => {
-            let mut patch = serde_json::Map::new();
-            if clear_plan {
-                patch.insert("plan".into(), Value::Null);
-            } else if let Some(plan) = plan {
-                patch.insert("plan".into(), json!(plan));
-            }
+            let mut patch = plan.patch();
             if let Some(expires_at) = expires_at {
                 patch.insert("expires_at".into(), json!(expires_at));
             }
@@ -231,9 +242,8 @@ pub fn consumers(remote: Remote, command: ConsumersCommand) -> ExitCode {
         ConsumersCommand::List => Call::list("/v1/consumers", "consumers", &["id", "plan", "created_at"]),
         ConsumersCommand::Create { id, plan } => Call::post("/v1/consumers", json!({"id": id, "plan": plan})),
         ConsumersCommand::Get { id } => Call::get(&format!("/v1/consumers/{id}")),
-        ConsumersCommand::Update { id, plan, clear_plan } => {
-            let plan = if clear_plan { Value::Null } else { json!(plan) };
-            Call::patch(&format!("/v1/consumers/{id}"), json!({ "plan": plan }))
+        ConsumersCommand::Update { id, plan } => {
+            Call::patch(&format!("/v1/consumers/{id}"), Value::Object(plan.patch()))
         }
         ConsumersCommand::Delete { id } => Call::delete(&format!("/v1/consumers/{id}")),
     };

@@ -346,10 +346,9 @@ pub fn check_rate(gcra: &Gcra, tat: u64, now: Now) -> Result<(RateAdmit, LimitSt
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn plan(daily: Option<u64>, monthly: Option<u64>) -> PlanLimits {
+impl PlanLimits {
+    /// A plan named `p` with these quotas and no rate limit.
+    pub(crate) fn with_quotas(daily: Option<u64>, monthly: Option<u64>) -> PlanLimits {
         PlanLimits {
             name: "p".into(),
             rate: None,
@@ -358,6 +357,15 @@ mod tests {
             groups: vec![],
             decisions: Default::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(daily: Option<u64>, monthly: Option<u64>) -> PlanLimits {
+        PlanLimits::with_quotas(daily, monthly)
     }
 
     #[test]

@@ -249,11 +249,12 @@ impl Metrics {
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
         let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = writeln!(
-            out,
-            "# HELP {REQUESTS_TOTAL} Requests answered, by route and status code."
+        describe(
+            &mut out,
+            REQUESTS_TOTAL,
+            "counter",
+            "Requests answered, by route and status code.",
         );
-        let _ = writeln!(out, "# TYPE {REQUESTS_TOTAL} counter");
         for (name, m) in &routes {
             for (slot, count) in m.status.iter().enumerate() {
                 let count = count.load(Ordering::Relaxed);
@@ -267,21 +268,23 @@ impl Metrics {
                 }
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP {REQUEST_DURATION} Time from request head to response head, by route."
+        describe(
+            &mut out,
+            REQUEST_DURATION,
+            "histogram",
+            "Time from request head to response head, by route.",
         );
-        let _ = writeln!(out, "# TYPE {REQUEST_DURATION} histogram");
         for (name, m) in &routes {
             m.latency
                 .render(&mut out, REQUEST_DURATION, &format!("route=\"{}\",", escape(name)));
         }
         let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = writeln!(
-            out,
-            "# HELP {UPSTREAM_ERRORS_TOTAL} Failed upstream exchanges, by upstream and kind."
+        describe(
+            &mut out,
+            UPSTREAM_ERRORS_TOTAL,
+            "counter",
+            "Failed upstream exchanges, by upstream and kind.",
         );
-        let _ = writeln!(out, "# TYPE {UPSTREAM_ERRORS_TOTAL} counter");
         for (name, m) in &upstreams {
             for (i, kind) in ERROR_KINDS.iter().enumerate() {
                 let count = m.errors[i].load(Ordering::Relaxed);
@@ -293,11 +296,12 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(
-            out,
-            "# HELP tollgate_upstream_events_total Resilience events, by upstream: ejections, restorations, active health transitions, retries, retries refused by the budget."
+        describe(
+            &mut out,
+            "tollgate_upstream_events_total",
+            "counter",
+            "Resilience events, by upstream: ejections, restorations, active health transitions, retries, retries refused by the budget.",
         );
-        let _ = writeln!(out, "# TYPE tollgate_upstream_events_total counter");
         for (name, m) in &upstreams {
             for (event, counter) in [
                 ("ejection", &m.ejections),
@@ -315,28 +319,36 @@ impl Metrics {
                 );
             }
         }
-        let _ = writeln!(out, "# HELP {OPEN_CONNECTIONS} Client connections currently open.");
-        let _ = writeln!(out, "# TYPE {OPEN_CONNECTIONS} gauge");
-        let _ = writeln!(out, "{OPEN_CONNECTIONS} {}", self.open_connections());
-        let _ = writeln!(
-            out,
-            "# HELP {PARKED_CONNECTIONS} Idle keep-alive connections parked without HTTP buffers."
+        describe(
+            &mut out,
+            OPEN_CONNECTIONS,
+            "gauge",
+            "Client connections currently open.",
         );
-        let _ = writeln!(out, "# TYPE {PARKED_CONNECTIONS} gauge");
+        let _ = writeln!(out, "{OPEN_CONNECTIONS} {}", self.open_connections());
+        describe(
+            &mut out,
+            PARKED_CONNECTIONS,
+            "gauge",
+            "Idle keep-alive connections parked without HTTP buffers.",
+        );
         let _ = writeln!(
             out,
             "{PARKED_CONNECTIONS} {}",
             self.parked_connections.load(Ordering::Relaxed)
         );
-        let _ = writeln!(out, "# HELP {CONNECTIONS_TOTAL} Client connections accepted.");
-        let _ = writeln!(out, "# TYPE {CONNECTIONS_TOTAL} counter");
+        describe(&mut out, CONNECTIONS_TOTAL, "counter", "Client connections accepted.");
         let _ = writeln!(
             out,
             "{CONNECTIONS_TOTAL} {}",
             self.connections_total.load(Ordering::Relaxed)
         );
-        let _ = writeln!(out, "# HELP {CONFIG_RELOADS_TOTAL} Configuration reloads, by result.");
-        let _ = writeln!(out, "# TYPE {CONFIG_RELOADS_TOTAL} counter");
+        describe(
+            &mut out,
+            CONFIG_RELOADS_TOTAL,
+            "counter",
+            "Configuration reloads, by result.",
+        );
         let _ = writeln!(
             out,
             "{CONFIG_RELOADS_TOTAL}{{result=\"success\"}} {}",
@@ -353,11 +365,12 @@ impl Metrics {
 
     fn render_limits(&self, out: &mut String) {
         let plans = self.plans.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        let _ = writeln!(
+        describe(
             out,
-            "# HELP {LIMIT_DECISIONS_TOTAL} Plan decisions on charged requests, by plan and decision."
+            LIMIT_DECISIONS_TOTAL,
+            "counter",
+            "Plan decisions on charged requests, by plan and decision.",
         );
-        let _ = writeln!(out, "# TYPE {LIMIT_DECISIONS_TOTAL} counter");
         for (name, d) in &plans {
             let name = escape(name);
             for (decision, counter) in [
@@ -373,17 +386,19 @@ impl Metrics {
             }
         }
         let u = &self.usage;
-        let _ = writeln!(
+        describe(
             out,
-            "# HELP {USAGE_COUNTERS} Subjects with usage counters held in memory."
+            USAGE_COUNTERS,
+            "gauge",
+            "Subjects with usage counters held in memory.",
         );
-        let _ = writeln!(out, "# TYPE {USAGE_COUNTERS} gauge");
         let _ = writeln!(out, "{USAGE_COUNTERS} {}", u.counters.load(Ordering::Relaxed));
-        let _ = writeln!(
+        describe(
             out,
-            "# HELP {USAGE_FLUSHES_TOTAL} Usage flushes to the state backend, by result."
+            USAGE_FLUSHES_TOTAL,
+            "counter",
+            "Usage flushes to the state backend, by result.",
         );
-        let _ = writeln!(out, "# TYPE {USAGE_FLUSHES_TOTAL} counter");
         let _ = writeln!(
             out,
             "{USAGE_FLUSHES_TOTAL}{{result=\"success\"}} {}",
@@ -394,23 +409,31 @@ impl Metrics {
             "{USAGE_FLUSHES_TOTAL}{{result=\"failure\"}} {}",
             u.flushes_failed.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
+        describe(
             out,
-            "# HELP {USAGE_ROWS_WRITTEN_TOTAL} Counter slots written to the state backend."
+            USAGE_ROWS_WRITTEN_TOTAL,
+            "counter",
+            "Counter slots written to the state backend.",
         );
-        let _ = writeln!(out, "# TYPE {USAGE_ROWS_WRITTEN_TOTAL} counter");
         let _ = writeln!(
             out,
             "{USAGE_ROWS_WRITTEN_TOTAL} {}",
             u.rows_written.load(Ordering::Relaxed)
         );
-        let _ = writeln!(
+        describe(
             out,
-            "# HELP {USAGE_FLUSH_DURATION} Time to write one batch of usage slots."
+            USAGE_FLUSH_DURATION,
+            "histogram",
+            "Time to write one batch of usage slots.",
         );
-        let _ = writeln!(out, "# TYPE {USAGE_FLUSH_DURATION} histogram");
         u.duration.render(out, USAGE_FLUSH_DURATION, "");
     }
+}
+
+/// The `# HELP` and `# TYPE` lines of one metric.
+pub fn describe(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
 fn escape(label: &str) -> String {

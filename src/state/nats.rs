@@ -358,6 +358,23 @@ impl NatsBackend {
         })
     }
 
+    /// Deletes `id` from a bucket; `NotFound` (naming it as `what`) when it is not there.
+    fn delete_existing(&self, store: &kv::Store, id: &str, what: &str) -> Result<(), StateError> {
+        let found = self.block("get", async {
+            store.get(kv_key(id)).await.map_err(|e| nats_error("get", e))
+        })?;
+        if found.is_none() {
+            return Err(StateError::NotFound(format!("{what} {id}")));
+        }
+        self.delete(store, id)
+    }
+
+    fn delete(&self, store: &kv::Store, id: &str) -> Result<(), StateError> {
+        self.block("delete", async {
+            store.delete(kv_key(id)).await.map_err(|e| nats_error("delete", e))
+        })
+    }
+
     fn all_keys(&self) -> Result<Vec<ApiKey>, StateError> {
         let mut keys = Vec::new();
         self.block("reading keys", async {
@@ -790,15 +807,7 @@ impl StateBackend for NatsBackend {
     }
 
     fn delete_plan(&self, name: &str) -> Result<(), StateError> {
-        if self.get_json::<Plan>(&self.plans, name)?.is_none() {
-            return Err(StateError::NotFound(format!("plan {name}")));
-        }
-        self.block("delete", async {
-            self.plans
-                .delete(kv_key(name))
-                .await
-                .map_err(|e| nats_error("delete", e))
-        })
+        self.delete_existing(&self.plans, name, "plan")
     }
 
     fn create_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
@@ -822,12 +831,7 @@ impl StateBackend for NatsBackend {
             key.revoked = true;
             self.put_json(&self.keys, &key.id, &KeyRecord::from(&key))?;
         }
-        self.block("delete", async {
-            self.consumers
-                .delete(kv_key(id))
-                .await
-                .map_err(|e| nats_error("delete", e))
-        })
+        self.delete(&self.consumers, id)
     }
 
     fn create_key(&self, key: &ApiKey) -> Result<(), StateError> {
@@ -890,23 +894,26 @@ impl StateBackend for NatsBackend {
 
     fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write;
-        let _ = writeln!(
+        crate::metrics::describe(
             out,
-            "# HELP tollgate_cluster_connected 1 while this node is connected to NATS."
+            "tollgate_cluster_connected",
+            "gauge",
+            "1 while this node is connected to NATS.",
         );
-        let _ = writeln!(out, "# TYPE tollgate_cluster_connected gauge");
         let _ = writeln!(out, "tollgate_cluster_connected {}", u8::from(self.available()));
-        let _ = writeln!(
+        crate::metrics::describe(
             out,
-            "# HELP tollgate_usage_outbox_slots Own usage slots not yet acknowledged by NATS (kept on disk)."
+            "tollgate_usage_outbox_slots",
+            "gauge",
+            "Own usage slots not yet acknowledged by NATS (kept on disk).",
         );
-        let _ = writeln!(out, "# TYPE tollgate_usage_outbox_slots gauge");
         let _ = writeln!(out, "tollgate_usage_outbox_slots {}", self.outbox_len());
-        let _ = writeln!(
+        crate::metrics::describe(
             out,
-            "# HELP tollgate_usage_stream_sequence Last usage-stream sequence merged into this node's view."
+            "tollgate_usage_stream_sequence",
+            "gauge",
+            "Last usage-stream sequence merged into this node's view.",
         );
-        let _ = writeln!(out, "# TYPE tollgate_usage_stream_sequence gauge");
         let _ = writeln!(
             out,
             "tollgate_usage_stream_sequence {}",

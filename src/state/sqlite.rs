@@ -84,6 +84,14 @@ fn insert_key(c: &Connection, key: &ApiKey, replace: bool) -> rusqlite::Result<(
     .map(|_| ())
 }
 
+/// A write that must have touched a row: none means the thing does not exist.
+fn touched(rows: usize, what: impl FnOnce() -> String) -> Result<(), StateError> {
+    match rows {
+        0 => Err(StateError::NotFound(what())),
+        _ => Ok(()),
+    }
+}
+
 fn backend_error(e: rusqlite::Error) -> StateError {
     StateError::Backend(e.to_string())
 }
@@ -363,10 +371,8 @@ impl StateBackend for SqliteBackend {
     }
 
     fn delete_plan(&self, name: &str) -> Result<(), StateError> {
-        match self.with(|c| c.execute("DELETE FROM plans WHERE name = ?1", params![name]))? {
-            0 => Err(StateError::NotFound(format!("plan {name}"))),
-            _ => Ok(()),
-        }
+        let rows = self.with(|c| c.execute("DELETE FROM plans WHERE name = ?1", params![name]))?;
+        touched(rows, || format!("plan {name}"))
     }
 
     fn create_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
@@ -398,10 +404,7 @@ impl StateBackend for SqliteBackend {
             tx.commit()?;
             Ok(n)
         })?;
-        if deleted == 0 {
-            return Err(StateError::NotFound(format!("consumer {id}")));
-        }
-        Ok(())
+        touched(deleted, || format!("consumer {id}"))
     }
 
     fn create_key(&self, key: &ApiKey) -> Result<(), StateError> {
@@ -418,10 +421,8 @@ impl StateBackend for SqliteBackend {
     }
 
     fn revoke_key(&self, id: &str) -> Result<(), StateError> {
-        match self.with(|c| c.execute("UPDATE api_keys SET revoked = 1 WHERE id = ?1", params![id]))? {
-            0 => Err(StateError::NotFound(format!("key {id}"))),
-            _ => Ok(()),
-        }
+        let rows = self.with(|c| c.execute("UPDATE api_keys SET revoked = 1 WHERE id = ?1", params![id]))?;
+        touched(rows, || format!("key {id}"))
     }
 
     fn update_key(&self, key: &ApiKey) -> Result<(), StateError> {
@@ -431,10 +432,7 @@ impl StateBackend for SqliteBackend {
                 params![key.id, key.plan, key.expires_at, key.allowed_routes.join(",")],
             )
         })?;
-        match updated {
-            0 => Err(StateError::NotFound(format!("key {}", key.id))),
-            _ => Ok(()),
-        }
+        touched(updated, || format!("key {}", key.id))
     }
 
     fn update_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
@@ -444,10 +442,7 @@ impl StateBackend for SqliteBackend {
                 params![consumer.id, consumer.plan],
             )
         })?;
-        match updated {
-            0 => Err(StateError::NotFound(format!("consumer {}", consumer.id))),
-            _ => Ok(()),
-        }
+        touched(updated, || format!("consumer {}", consumer.id))
     }
 
     fn write_usage(&self, node: &str, rows: &[UsageRow]) -> Result<(), StateError> {

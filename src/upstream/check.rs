@@ -62,12 +62,15 @@ where
             _ = &mut stop => return,
         }
         let now = Instant::now();
+        let mut live = Vec::new();
         for pool in pools() {
-            let Some(check) = pool.health_check.clone() else {
+            let Some(check) = &pool.health_check else {
                 continue;
             };
             for endpoint in &pool.endpoints {
+                // Endpoints are shared across reloads, so their schedule is too.
                 let key = Arc::as_ptr(endpoint) as usize;
+                live.push(key);
                 let next = due.entry(key).or_insert(now);
                 if *next > now {
                     continue;
@@ -77,6 +80,8 @@ where
                 tokio::spawn(check_endpoint(pool.clone(), endpoint.clone(), check.clone()));
             }
         }
+        // Endpoints a reload removed are forgotten.
+        due.retain(|key, _| live.contains(key));
     }
 }
 

@@ -6,14 +6,7 @@ use crate::limits::window::{parse_day, parse_timestamp};
 use crate::limits::{Gcra, GroupLimits, LimitName, PlanLimits, RejectKind};
 
 fn plan(daily: Option<u64>, monthly: Option<u64>) -> PlanLimits {
-    PlanLimits {
-        name: "p".into(),
-        rate: None,
-        daily,
-        monthly,
-        groups: vec![],
-        decisions: Default::default(),
-    }
+    PlanLimits::with_quotas(daily, monthly)
 }
 
 fn at(text: &str) -> Now {

@@ -747,3 +747,42 @@ pub async fn usage_total(gateway: &Gateway, key_id: &str) -> u64 {
     let reply = admin(gateway, "GET", &format!("/v1/usage?key={key_id}")).await;
     reply.json()["total"].as_u64().unwrap_or(0)
 }
+
+/// A global-mode node: one keyed route to `upstream`, plan `metered` (50 a day), usage
+/// flushed every 100 ms, and `[cluster]` on the NATS server at `nats` plus `extra` lines.
+pub fn cluster_node_config(
+    upstream: SocketAddr,
+    data_dir: &Path,
+    nats: &str,
+    region: &str,
+    node: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"data_dir = "{data}"
+{base}
+[upstreams.u]
+endpoints = ["{upstream}"]
+
+[[routes]]
+name = "api"
+path = "/v1"
+upstream = "u"
+auth = ["api_key"]
+
+[plans.metered]
+daily = 50
+
+[usage]
+flush_interval = "100ms"
+
+[cluster]
+nats = ["{nats}"]
+region = "{region}"
+node_id = "{node}"
+{extra}
+"#,
+        data = data_dir.display(),
+        base = base_config(),
+    )
+}
