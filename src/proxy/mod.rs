@@ -348,7 +348,10 @@ pub struct RequestCtx {
 pub struct Peer {
     pub target: Target,
     pub guard: InflightGuard,
-    pub selected: crate::upstream::Selected,
+    /// The endpoint's place in its pool (retries skip it) and whether this try is a
+    /// half-open breaker's probe.
+    pub index: usize,
+    pub probe: bool,
 }
 
 impl Peer {
@@ -357,9 +360,10 @@ impl Peer {
         let target = selected.endpoint.target()?;
         ctx.upstream_addr = Some(target.addr);
         Some(Peer {
-            guard: InflightGuard::new(selected.endpoint.clone()),
+            guard: InflightGuard::new(selected.endpoint),
             target,
-            selected,
+            index: selected.index,
+            probe: selected.probe,
         })
     }
 }
@@ -467,21 +471,21 @@ impl Worker {
             let (last_answer, again) = match outcome {
                 Ok(Ok((response, pooled))) => {
                     let status = response.status();
-                    pool.record(&peer.selected, !status.is_server_error());
+                    pool.record(peer.guard.endpoint(), peer.probe, !status.is_server_error());
                     let again = (status.is_server_error() && pool.retries.on_statuses.contains(&status.as_u16()))
                         .then(|| head.as_ref().map(copy_head))
                         .flatten();
                     (Ok((response, pooled)), again)
                 }
                 Ok(Err(failed)) => {
-                    pool.record(&peer.selected, false);
+                    pool.record(peer.guard.endpoint(), peer.probe, false);
                     (
                         Err(failed.error),
                         failed.unsent.or_else(|| head.as_ref().map(copy_head)),
                     )
                 }
                 Err(_) => {
-                    pool.record(&peer.selected, false);
+                    pool.record(peer.guard.endpoint(), peer.probe, false);
                     (
                         Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
                         head.as_ref().map(copy_head),
@@ -490,7 +494,7 @@ impl Worker {
             };
             let retry = match again {
                 Some(request) if attempt < pool.retries.attempts => self
-                    .retry_peer(upstream, ctx, tried | bit(peer.selected.index))
+                    .retry_peer(upstream, ctx, tried | bit(peer.index))
                     .map(|next| (request, next)),
                 _ => None,
             };
@@ -513,7 +517,7 @@ impl Worker {
                 }
                 Err(error) => tracing::debug!(upstream = %pool.name, %error, "retrying on another endpoint"),
             }
-            tried |= bit(peer.selected.index);
+            tried |= bit(peer.index);
             peer = next;
             if !pool.preserve_host {
                 request

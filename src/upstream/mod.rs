@@ -295,7 +295,8 @@ impl Pool {
         // Slow start thins an endpoint's traffic; if that leaves nothing, it still serves.
         let index = pick(true).or_else(|| pick(false))?;
         let endpoint = self.endpoints.get(index)?.clone();
-        let probe = endpoint.health.admission(now, &self.policy) == Admission::Probe;
+        // Only an open breaker can be half-open: one load in the common case.
+        let probe = endpoint.health.is_open() && endpoint.health.admission(now, &self.policy) == Admission::Probe;
         if probe {
             endpoint.health.start_probe();
         }
@@ -303,7 +304,7 @@ impl Pool {
     }
 
     /// Feeds one try's outcome to the endpoint's passive health and breaker.
-    pub fn record(&self, selected: &Selected, ok: bool) {
+    pub fn record(&self, endpoint: &Endpoint, probe: bool, ok: bool) {
         let now = health::now_ms();
         // Counted only when a failure would eject. A pool of one has nothing to fail over
         // to: passive ejection never empties a pool beyond its cap (active checks still can).
@@ -311,12 +312,9 @@ impl Pool {
             let ejected = self.endpoints.iter().filter(|e| e.health.is_ejected(now)).count();
             ejected < self.endpoints.len() * self.max_ejection_percent as usize / 100
         };
-        let transition = selected
-            .endpoint
-            .health
-            .record(ok, selected.probe, now, &self.policy, below_cap);
+        let transition = endpoint.health.record(ok, probe, now, &self.policy, below_cap);
         if let Some(transition) = transition {
-            self.report(&selected.endpoint, transition);
+            self.report(endpoint, transition);
         }
     }
 
