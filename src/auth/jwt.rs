@@ -269,12 +269,12 @@ fn identity(
         .and_then(|v| v.as_str())
         .or(config.default_plan.as_deref())
         .unwrap_or(default_plan);
-    Ok(Identity {
-        // Usage is charged per consumer: every token of one consumer shares its quota.
-        key_id: Arc::from(format!("jwt:{consumer}").as_str()),
-        consumer_id: Arc::from(consumer),
-        plan: Arc::from(plan),
-    })
+    // Usage is charged per consumer: every token of one consumer shares its quota.
+    Ok(Identity::new(
+        compact_str::format_compact!("jwt:{consumer}"),
+        Arc::from(consumer),
+        Arc::from(plan),
+    ))
 }
 
 #[cfg(test)]

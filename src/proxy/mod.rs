@@ -36,7 +36,7 @@ use crate::metrics::Metrics;
 use crate::state::{StateBackend, StateData};
 use crate::upstream::{InflightGuard, Target};
 use crate::usage::flush::{Retention, Usage};
-use crate::usage::{Charge, Subject};
+use crate::usage::{Charge, SubjectRef};
 
 /// State shared by every worker: the live configuration snapshot and the metrics.
 pub struct Gateway {
@@ -637,9 +637,8 @@ impl Worker {
         let now = usage.clock.now();
         let (plan, outcome) = if let Some(identity) = &ctx.identity {
             let plan = plans.get(&identity.plan);
-            let subject = Subject::Key(identity.key_id.clone());
             let charge = Charge {
-                subject: &subject,
+                subject: SubjectRef::Key(&identity.key_id),
                 consumer: Some(&identity.consumer_id),
                 route: Some(&route.name),
             };
@@ -647,15 +646,15 @@ impl Worker {
             (plan, usage.table.admit(&[charge], plan, group, now))
         } else if ctx.anonymous {
             let plan = plans.get(&snapshot.config.anonymous.plan);
-            let ip = snapshot.anonymous_by_ip.then_some(Subject::Ip(ctx.caller_ip));
-            let referer = ctx.referer_host.as_deref().map(|host| Subject::Referer(host.into()));
+            let ip = snapshot.anonymous_by_ip.then_some(SubjectRef::Ip(ctx.caller_ip));
+            let referer = ctx.referer_host.as_deref().map(SubjectRef::Referer);
             let charge = |subject| Charge {
                 subject,
                 consumer: None,
                 route: None,
             };
             let (one, two);
-            let charges: &[Charge<'_>] = match (&ip, &referer) {
+            let charges: &[Charge<'_>] = match (ip, referer) {
                 (Some(ip), Some(referer)) => {
                     two = [charge(ip), charge(referer)];
                     &two

@@ -17,6 +17,7 @@ use std::hash::{BuildHasher, Hash};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use compact_str::CompactString;
 use rustc_hash::FxBuildHasher;
 
 use crate::limits::{self, Counts, GroupLimits, LimitStatus, Now, PlanLimits, Rejection};
@@ -24,11 +25,62 @@ use crate::limits::{self, Counts, GroupLimits, LimitStatus, Now, PlanLimits, Rej
 const SHARDS: usize = 64;
 
 /// Who a request is charged to.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Subject {
-    Key(Arc<str>),
+    // Inline strings (up to 24 bytes, which key ids and most hosts fit): comparing a
+    // stored subject reads the map's own bucket, not another allocation.
+    Key(CompactString),
     Ip(IpAddr),
-    Referer(Arc<str>),
+    Referer(CompactString),
+}
+
+/// A subject borrowed from the request: the request path finds counters with it and
+/// allocates (or touches a shared reference count) only when a counter is created or
+/// queued for the flusher.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SubjectRef<'a> {
+    Key(&'a str),
+    Ip(IpAddr),
+    Referer(&'a str),
+}
+
+impl Hash for Subject {
+    // Hashes as its borrowed form, so a map of `Subject`s is searched with `SubjectRef`s.
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_ref().hash(state);
+    }
+}
+
+impl hashbrown::Equivalent<Subject> for SubjectRef<'_> {
+    fn equivalent(&self, key: &Subject) -> bool {
+        *self == key.as_ref()
+    }
+}
+
+impl From<&SubjectRef<'_>> for Subject {
+    fn from(subject: &SubjectRef<'_>) -> Subject {
+        match *subject {
+            SubjectRef::Key(id) => Subject::Key(id.into()),
+            SubjectRef::Ip(ip) => Subject::Ip(ip),
+            SubjectRef::Referer(host) => Subject::Referer(host.into()),
+        }
+    }
+}
+
+impl SubjectRef<'_> {
+    pub fn is_key(&self) -> bool {
+        matches!(self, SubjectRef::Key(_))
+    }
+}
+
+impl fmt::Display for SubjectRef<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SubjectRef::Key(id) => write!(f, "key:{id}"),
+            SubjectRef::Ip(ip) => write!(f, "ip:{ip}"),
+            SubjectRef::Referer(host) => write!(f, "referer:{host}"),
+        }
+    }
 }
 
 impl Subject {
@@ -48,21 +100,19 @@ impl Subject {
     pub fn is_key(&self) -> bool {
         matches!(self, Subject::Key(_))
     }
-}
 
-impl From<&Subject> for Subject {
-    fn from(subject: &Subject) -> Subject {
-        subject.clone()
+    pub fn as_ref(&self) -> SubjectRef<'_> {
+        match self {
+            Subject::Key(id) => SubjectRef::Key(id),
+            Subject::Ip(ip) => SubjectRef::Ip(*ip),
+            Subject::Referer(host) => SubjectRef::Referer(host),
+        }
     }
 }
 
 impl fmt::Display for Subject {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Subject::Key(id) => write!(f, "key:{id}"),
-            Subject::Ip(ip) => write!(f, "ip:{ip}"),
-            Subject::Referer(host) => write!(f, "referer:{host}"),
-        }
+        self.as_ref().fmt(f)
     }
 }
 
@@ -229,7 +279,7 @@ impl Entry {
 
     /// Moves the entry into the windows of `now`. Unflushed counts of the ended day go
     /// to `retired` so the flusher still writes them.
-    fn roll(&mut self, subject: &Subject, now: Now, retired: &mut Vec<UsageRow>) {
+    fn roll(&mut self, subject: SubjectRef<'_>, now: Now, retired: &mut Vec<UsageRow>) {
         let day = now.day();
         // Equal, or the clock stepped back: keep counting in the newer window.
         if self.day >= day {
@@ -257,7 +307,7 @@ impl Entry {
     }
 
     /// This node's slots of the entry's day, as rows for the store.
-    fn rows(&self, subject: &Subject, out: &mut Vec<UsageRow>) {
+    fn rows(&self, subject: SubjectRef<'_>, out: &mut Vec<UsageRow>) {
         let subject_text = subject.to_string();
         let consumer = self
             .extra
@@ -313,6 +363,16 @@ pub struct StoredRow {
 
 type Map = hashbrown::HashMap<Subject, Entry, FxBuildHasher>;
 
+/// The subject's entry, created (and its name allocated) only when it is new.
+fn entry_of<'m>(map: &'m mut Map, subject: &SubjectRef<'_>, now: Now) -> &'m mut Entry {
+    match map.entry_ref(subject) {
+        hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
+        hashbrown::hash_map::EntryRef::Vacant(vacant) => {
+            vacant.insert_with_key(Subject::from(subject), Entry::new(now))
+        }
+    }
+}
+
 #[derive(Default)]
 struct Shard {
     map: Map,
@@ -352,13 +412,13 @@ fn commit(
     }
     if !entry.queued {
         entry.queued = true;
-        dirty.push(charge.subject.clone());
+        dirty.push(Subject::from(&charge.subject));
     }
 }
 
 /// One charge of a request: the subject, and for keys the consumer and route (reports).
 pub struct Charge<'a> {
-    pub subject: &'a Subject,
+    pub subject: SubjectRef<'a>,
     pub consumer: Option<&'a Arc<str>>,
     pub route: Option<&'a Arc<str>>,
 }
@@ -397,7 +457,7 @@ struct Decided {
 }
 
 impl UsageTable {
-    fn shard_of(&self, subject: &Subject) -> usize {
+    fn shard_of(&self, subject: SubjectRef<'_>) -> usize {
         // The map hashes the same value; mixing before taking the top bits keeps the shard
         // choice independent of the bits the map uses inside a shard.
         let hash = self.hasher.hash_one(subject).wrapping_mul(0x9E37_79B9_7F4A_7C15);
@@ -413,7 +473,7 @@ impl UsageTable {
         self.anonymous_month.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    fn track_month(&self, subject: &Subject, plan: &PlanLimits) -> bool {
+    fn track_month(&self, subject: SubjectRef<'_>, plan: &PlanLimits) -> bool {
         subject.is_key() || plan.tracks_month() || self.anonymous_month()
     }
 
@@ -431,7 +491,7 @@ impl UsageTable {
             [one] => {
                 let mut shard = lock(&self.shards[self.shard_of(one.subject)]);
                 let Shard { map, dirty, retired } = &mut *shard;
-                let entry = map.entry_ref(one.subject).or_insert_with(|| Entry::new(now));
+                let entry = entry_of(map, &one.subject, now);
                 let decided = self.decide(entry, one.subject, retired, plan, group, now)?;
                 commit(entry, one, decided.tat, group, dirty);
                 Ok(decided.status)
@@ -442,7 +502,7 @@ impl UsageTable {
                     let mut shard = lock(&self.shards[a]);
                     let Shard { map, dirty, retired } = &mut *shard;
                     let one = self.decide(
-                        map.entry_ref(first.subject).or_insert_with(|| Entry::new(now)),
+                        entry_of(map, &first.subject, now),
                         first.subject,
                         retired,
                         plan,
@@ -450,7 +510,7 @@ impl UsageTable {
                         now,
                     )?;
                     let two = self.decide(
-                        map.entry_ref(second.subject).or_insert_with(|| Entry::new(now)),
+                        entry_of(map, &second.subject, now),
                         second.subject,
                         retired,
                         plan,
@@ -458,7 +518,7 @@ impl UsageTable {
                         now,
                     )?;
                     for (charge, tat) in [(first, one.tat), (second, two.tat)] {
-                        if let Some(entry) = map.get_mut(charge.subject) {
+                        if let Some(entry) = map.get_mut(&charge.subject) {
                             commit(entry, charge, tat, group, dirty);
                         }
                     }
@@ -483,8 +543,8 @@ impl UsageTable {
                         dirty: dirty_b,
                         retired: retired_b,
                     } = &mut *shard_b;
-                    let entry_a = map_a.entry_ref(first.subject).or_insert_with(|| Entry::new(now));
-                    let entry_b = map_b.entry_ref(second.subject).or_insert_with(|| Entry::new(now));
+                    let entry_a = entry_of(map_a, &first.subject, now);
+                    let entry_b = entry_of(map_b, &second.subject, now);
                     let one = self.decide(entry_a, first.subject, retired_a, plan, group, now)?;
                     let two = self.decide(entry_b, second.subject, retired_b, plan, group, now)?;
                     commit(entry_a, first, one.tat, group, dirty_a);
@@ -506,7 +566,7 @@ impl UsageTable {
     fn decide(
         &self,
         entry: &mut Entry,
-        subject: &Subject,
+        subject: SubjectRef<'_>,
         retired: &mut Vec<UsageRow>,
         plan: &PlanLimits,
         group: Option<&GroupLimits>,
@@ -550,7 +610,7 @@ impl UsageTable {
             for subject in &dirty {
                 if let Some(entry) = shard.map.get_mut(subject) {
                     entry.queued = false;
-                    entry.rows(subject, out);
+                    entry.rows(subject.as_ref(), out);
                 }
             }
         }
@@ -599,10 +659,11 @@ impl UsageTable {
         if row_day != day && !track_month {
             return false;
         }
-        let mut shard = lock(&self.shards[self.shard_of(&subject)]);
+        let subject = subject.as_ref();
+        let mut shard = lock(&self.shards[self.shard_of(subject)]);
         let Shard { map, retired, .. } = &mut *shard;
-        let entry = map.entry_ref(&subject).or_insert_with(|| Entry::new(now));
-        entry.roll(&subject, now, retired);
+        let entry = entry_of(map, &subject, now);
+        entry.roll(subject, now, retired);
         if let Some(consumer) = &row.consumer
             && entry.extra.as_ref().is_none_or(|e| e.consumer.is_none())
         {
@@ -648,7 +709,7 @@ impl UsageTable {
     /// A subject's usage in the current windows (all nodes).
     #[cfg(test)]
     pub fn current(&self, subject: &Subject, now: Now) -> (u64, Option<u64>) {
-        let shard = lock(&self.shards[self.shard_of(subject)]);
+        let shard = lock(&self.shards[self.shard_of(subject.as_ref())]);
         match shard.map.get(subject) {
             Some(entry) if entry.day == now.day() => (
                 entry.day_total.total(),

@@ -19,7 +19,7 @@ fn key(id: &str) -> Subject {
 
 fn charge(subject: &Subject) -> Charge<'_> {
     Charge {
-        subject,
+        subject: subject.as_ref(),
         consumer: None,
         route: None,
     }
@@ -214,7 +214,7 @@ fn restore_rebuilds_days_and_months_from_stored_rows() {
     table
         .admit(
             &[Charge {
-                subject: &key("k"),
+                subject: key("k").as_ref(),
                 consumer: None,
                 route: Some(&Arc::from("lookup")),
             }],
