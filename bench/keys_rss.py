@@ -78,7 +78,16 @@ monthly = 10000000
                                 env={**os.environ, "RUST_LOG": "warn"})
         wait_port(admin, timeout=60)
         wait_port(port, timeout=60)
-        return proc
+        import urllib.request
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{admin}/readyz", timeout=1).status == 200:
+                    return proc
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise SystemExit("gateway not ready")
 
     # The first start creates the schema; the keys are then written while it is stopped.
     first = start()
@@ -116,6 +125,12 @@ monthly = 10000000
         conns.append(s)
     time.sleep(1)
     with_conns = rss_kib(proc.pid)
+    if os.environ.get("KEYS_RSS_HOLD"):
+        print(f"pid {proc.pid}; holding {os.environ['KEYS_RSS_HOLD']} s", file=sys.stderr, flush=True)
+        time.sleep(float(os.environ["KEYS_RSS_HOLD"]))
+    for wait in (2, 5):
+        time.sleep(wait)
+        print(f"{1 + wait} s later: {rss_kib(proc.pid) / 1024:.1f} MiB", file=sys.stderr)
     for s in conns:
         s.close()
     stop_all([proc], workdir)

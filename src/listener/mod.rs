@@ -164,12 +164,13 @@ async fn accept_loop(
         let builder = builder.clone();
         let alive = alive.clone();
         let mut shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        let task = async move {
             let _open = open;
             let _alive = alive;
             let mut stream = stream;
             let peer = if proxy_protocol {
-                match proxy_protocol::read_header(&mut stream, limits.header_read_timeout).await {
+                // Boxed: its 536-byte buffer would otherwise stay in every connection's task.
+                match Box::pin(proxy_protocol::read_header(&mut stream, limits.header_read_timeout)).await {
                     Ok(source) => source.unwrap_or(peer),
                     Err(error) => {
                         tracing::debug!(%peer, %error, "connection refused: PROXY protocol");
@@ -224,7 +225,8 @@ async fn accept_loop(
                 parked = next;
                 io = GuardedStream::resume(stream, phase.clone(), limits, idle_until, park);
             }
-        });
+        };
+        tokio::spawn(task);
     }
 }
 
