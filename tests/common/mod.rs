@@ -681,19 +681,38 @@ cluster {{ name: {name}, listen: "127.0.0.1:{route}", routes: ["nats://127.0.0.1
 
     /// Waits until every region sees the others and JetStream has a meta leader.
     pub fn wait_formed(&self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let started = std::time::Instant::now();
+        // Generous: on a loaded 2-core machine a restarted server can take many seconds
+        // to rejoin the JetStream meta group and re-open its gateway links.
+        let deadline = started + Duration::from_secs(90);
         loop {
-            let formed = self.ports.iter().all(|p| {
-                let jsz = http_get(p.1, "/jsz");
-                let gatewayz = http_get(p.1, "/gatewayz");
-                jsz.contains("\"leader\"")
-                    && jsz.contains(&format!("\"cluster_size\": {}", self.ports.len()))
-                    && gatewayz.matches("\"configured\"").count() >= 2 * (self.ports.len() - 1)
-            });
-            if formed {
+            let missing: Vec<String> = self
+                .ports
+                .iter()
+                .enumerate()
+                .filter_map(|(i, p)| {
+                    let jsz = http_get(p.1, "/jsz");
+                    let gatewayz = http_get(p.1, "/gatewayz");
+                    let leader = jsz.contains("\"leader\"");
+                    let size = jsz.contains(&format!("\"cluster_size\": {}", self.ports.len()));
+                    let gateways = gatewayz.matches("\"configured\"").count();
+                    let formed = leader && size && gateways >= 2 * (self.ports.len() - 1);
+                    (!formed).then(|| {
+                        format!(
+                            "region {}: leader {leader}, meta size {size}, gateways {gateways}",
+                            i + 1
+                        )
+                    })
+                })
+                .collect();
+            if missing.is_empty() {
+                println!("supercluster formed after {:?}", started.elapsed());
                 return;
             }
-            assert!(std::time::Instant::now() < deadline, "supercluster did not form");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "supercluster did not form: {missing:?}"
+            );
             std::thread::sleep(Duration::from_millis(200));
         }
     }
