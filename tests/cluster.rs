@@ -297,3 +297,53 @@ async fn a_new_node_rebuilds_from_a_snapshot_after_the_stream_aged_out() {
     assert!(c.stderr().contains("usage snapshot loaded"), "{}", c.stderr());
     assert_eq!(usage_total(&c, &key_id).await, 30);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_divide_rate_the_live_nodes_share_a_rate_limit() {
+    let nats = Nats::start();
+    let upstream = Upstream::start("u").await;
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let config = |dir: &std::path::Path, node: &str| {
+        cluster_node_config(upstream.addr, dir, &nats.url(), "r1", node, "divide_rate = true")
+    };
+    let a = Gateway::start(&config(dirs[0].path(), "a"));
+    let mut b = Gateway::start(&config(dirs[1].path(), "b"));
+    let plan = json!({"name": "ten", "rate_per_second": 10, "burst": 10});
+    let reply = admin_json(&a, "POST", "/v1/plans", plan).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let (_, secret) = key_on_both(&a, &b, Some("ten")).await;
+    let live_nodes = |n: u32| {
+        let a = &a;
+        move || async move {
+            let metrics = admin(a, "GET", "/metrics").await.text();
+            metrics.contains(&format!("tollgate_cluster_live_nodes {n}\n"))
+        }
+    };
+    let burst_on_a = |requests: usize| {
+        let (a, secret) = (&a, &secret);
+        async move {
+            let mut admitted = 0;
+            for _ in 0..requests {
+                admitted += usize::from(status_with_key(a, secret).await == 200);
+            }
+            admitted
+        }
+    };
+
+    // Two live nodes: A's share is half the plan's burst of 10.
+    let heard = within(Duration::from_secs(5), live_nodes(2)).await;
+    assert!(heard.is_some(), "A hears B's heartbeats");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let shared = burst_on_a(10).await;
+    // B stops: after 3.5 s unheard it no longer counts, and A has the whole burst again.
+    b.signal(15);
+    b.wait_exit(Duration::from_secs(10)).expect("B stopped");
+    let alone = within(Duration::from_secs(8), live_nodes(1)).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let whole = burst_on_a(15).await;
+    println!("A's burst with B alive: {shared} of 10; B gone after {alone:?}: {whole} of 15");
+    // Sequential requests on a slow machine may earn one or two refills meanwhile.
+    assert!((5..=7).contains(&shared), "shared burst: {shared}");
+    assert!(alone.is_some(), "B no longer counted");
+    assert!((10..=13).contains(&whole), "whole burst: {whole}");
+}

@@ -58,7 +58,10 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
                     "usage snapshot loaded"
                 );
             }
-            (nats.clone(), Some((nats, cluster.snapshot_interval)))
+            (
+                nats.clone(),
+                Some((nats, cluster.snapshot_interval, cluster.divide_rate)),
+            )
         }
         None => {
             let sqlite = crate::state::SqliteBackend::open(&config.data_dir.join("tollgate.db"))
@@ -90,11 +93,20 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     tokio::spawn(refresh_jwks_periodically(gateway.clone(), shutdown_rx));
     let flusher = tokio::spawn(gateway.usage.clone().run(flush_interval, flusher_rx));
     match nats {
-        Some((nats, snapshot_interval)) => {
+        Some((nats, snapshot_interval, divide_rate)) => {
             tokio::spawn(
                 nats.clone()
                     .snapshot_periodically(snapshot_interval, gateway.usage.clock),
             );
+            let sharing = gateway.clone();
+            tokio::spawn(nats.clone().track_live_nodes(move |live| {
+                let sharing = sharing.clone();
+                async move {
+                    if divide_rate {
+                        sharing.set_rate_share(live).await;
+                    }
+                }
+            }));
             if let Some(changes) = nats.take_changes() {
                 tokio::spawn(gateway.clone().apply_changes(changes, nats.clone()));
             }

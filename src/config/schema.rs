@@ -548,6 +548,11 @@ pub struct ClusterSection {
     /// last) for nodes that start on an empty disk or fell behind the stream's age limit.
     #[serde(default = "default_snapshot_interval", deserialize_with = "duration")]
     pub snapshot_interval: Duration,
+    /// Divide each plan's per-second rate and burst by the number of live nodes (seen by
+    /// their heartbeats), so a caller spread over N nodes gets about the plan's rate in
+    /// total rather than N times it.
+    #[serde(default)]
+    pub divide_rate: bool,
 }
 
 fn default_snapshot_interval() -> Duration {

@@ -44,6 +44,17 @@ impl Gcra {
         })
     }
 
+    /// This node's share when `nodes` nodes enforce the same limit: the rate divided (the
+    /// interval multiplied) and the burst divided, rounded up to at least one request.
+    pub fn shared(self, nodes: u32) -> Gcra {
+        let nodes = nodes.max(1);
+        Gcra {
+            per_second: (self.per_second / nodes).max(1),
+            burst: self.burst.div_ceil(nodes).max(1),
+            interval_ns: self.interval_ns * u64::from(nodes),
+        }
+    }
+
     fn capacity_ns(&self) -> u64 {
         self.interval_ns * u64::from(self.burst)
     }
@@ -102,10 +113,14 @@ impl PlanLimits {
 }
 
 impl PlanLimits {
-    pub fn from_plan(plan: &crate::state::Plan, decisions: Arc<PlanDecisions>) -> PlanLimits {
+    /// `rate_share`: how many nodes share the plan's rate limit (1 unless `divide_rate`).
+    pub fn from_plan(plan: &crate::state::Plan, rate_share: u32, decisions: Arc<PlanDecisions>) -> PlanLimits {
         PlanLimits {
             name: plan.name.as_str().into(),
-            rate: plan.rate_per_second.and_then(|rate| Gcra::new(rate, plan.burst)),
+            rate: plan
+                .rate_per_second
+                .and_then(|rate| Gcra::new(rate, plan.burst))
+                .map(|gcra| gcra.shared(rate_share)),
             daily: plan.daily,
             monthly: plan.monthly,
             groups: plan
@@ -396,6 +411,25 @@ mod tests {
         assert_eq!(Gcra::new(2, Some(10)).unwrap().window_secs(), 5);
         assert_eq!(Gcra::new(0, None), None);
         assert_eq!(Gcra::new(3, None).unwrap().burst, 3);
+    }
+
+    #[test]
+    fn a_rate_shared_by_nodes_is_divided() {
+        let gcra = Gcra::new(10, Some(10)).unwrap();
+        assert_eq!(gcra.shared(1), gcra);
+        let third = gcra.shared(3);
+        // 10/s over 3 nodes: one request per 300 ms here, a burst of 4 (rounded up).
+        assert_eq!((third.per_second, third.burst), (3, 4));
+        let start = 1_000 * NANOS;
+        let mut tat = 0;
+        for _ in 0..4 {
+            tat = third.check(tat, start).unwrap().tat;
+        }
+        assert_eq!(third.check(tat, start), Err(300_000_000));
+        // More nodes than requests per second: still one request per node per window.
+        let many = Gcra::new(2, Some(2)).unwrap().shared(5);
+        assert_eq!((many.per_second, many.burst), (1, 1));
+        assert_eq!(Gcra::new(5, None).unwrap().shared(0), Gcra::new(5, None).unwrap());
     }
 
     #[test]

@@ -50,6 +50,8 @@ pub struct Gateway {
     pub state: tokio::sync::Mutex<StateData>,
     /// Plans compiled for the request path.
     plans: ArcSwap<PlanTable>,
+    /// How many live nodes share each plan's rate limit (`[cluster] divide_rate`).
+    rate_share: std::sync::atomic::AtomicU32,
     pub usage: Arc<Usage>,
     clients: ClientCache,
     workers: usize,
@@ -99,7 +101,7 @@ impl Gateway {
                 anonymous_days: days(snapshot.config.usage.anonymous_retention),
             },
         ));
-        let plans = plan_table(&snapshot.config, &data, &metrics);
+        let plans = plan_table(&snapshot.config, &data, &metrics, 1);
         usage
             .table
             .set_anonymous_month(plans.get(&snapshot.config.anonymous.plan).tracks_month());
@@ -115,6 +117,7 @@ impl Gateway {
         Ok(Arc::new(Gateway {
             snapshot: ArcSwap::from_pointee(snapshot),
             plans: ArcSwap::from_pointee(plans),
+            rate_share: std::sync::atomic::AtomicU32::new(1),
             usage,
             metrics,
             keys,
@@ -140,11 +143,23 @@ impl Gateway {
     /// next request, and usage counts are untouched.
     pub fn rebuild_plans(&self, data: &StateData) {
         let snapshot = self.snapshot();
-        let table = plan_table(&snapshot.config, data, &self.metrics);
+        let share = self.rate_share.load(Ordering::Relaxed);
+        let table = plan_table(&snapshot.config, data, &self.metrics, share);
         self.usage
             .table
             .set_anonymous_month(table.get(&snapshot.config.anonymous.plan).tracks_month());
         self.plans.store(Arc::new(table));
+    }
+
+    /// `[cluster] divide_rate`: each plan's rate limit is shared by `nodes` live nodes from
+    /// the next request on.
+    pub async fn set_rate_share(&self, nodes: u32) {
+        let nodes = nodes.max(1);
+        if self.rate_share.swap(nodes, Ordering::Relaxed) != nodes {
+            let data = self.state.lock().await;
+            self.rebuild_plans(&data);
+            tracing::info!(nodes, "rate limits now shared by this many live nodes");
+        }
     }
 
     /// Applies writes made on other nodes (global mode) to this node's tables, and keeps
@@ -290,12 +305,12 @@ fn effective_plans(config: &Config, data: &StateData) -> std::collections::BTree
     plans
 }
 
-fn plan_table(config: &Config, data: &StateData, metrics: &Metrics) -> PlanTable {
+fn plan_table(config: &Config, data: &StateData, metrics: &Metrics, rate_share: u32) -> PlanTable {
     let plans = effective_plans(config, data);
     PlanTable::new(
         plans
             .values()
-            .map(|plan| PlanLimits::from_plan(plan, metrics.plan(&plan.name))),
+            .map(|plan| PlanLimits::from_plan(plan, rate_share, metrics.plan(&plan.name))),
         metrics.plan(crate::limits::UNDEFINED_PLAN),
     )
 }

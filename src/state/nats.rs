@@ -34,6 +34,11 @@ pub const SNAPSHOTS_BUCKET: &str = "tollgate_snapshots";
 const USAGE_SUBJECTS: &str = "tollgate.usage.>";
 /// How long one call to NATS may take before the caller gets an error.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
+/// Core NATS (not a stream): every node says it is alive every `HEARTBEAT`; a node not
+/// heard from for `LIVE_WINDOW` is no longer counted.
+const HEARTBEAT_SUBJECT: &str = "tollgate.nodes";
+const HEARTBEAT: Duration = Duration::from_secs(1);
+const LIVE_WINDOW: Duration = Duration::from_millis(3500);
 /// Rows per published batch (well under NATS's default 1 MiB message limit).
 const BATCH_ROWS: usize = 4000;
 const SEQ_META: &str = "usage_stream_seq";
@@ -168,6 +173,8 @@ pub struct NatsBackend {
     pub node: String,
     pub region: String,
     changes: Mutex<Option<mpsc::UnboundedReceiver<StateChange>>>,
+    /// Nodes heard from within `LIVE_WINDOW`, this one included.
+    live_nodes: std::sync::atomic::AtomicU32,
 }
 
 /// A compacted copy of one node's usage view: every node's slots of this month and the
@@ -322,7 +329,53 @@ impl NatsBackend {
             node,
             region: cluster.region.clone(),
             changes: Mutex::new(Some(rx)),
+            live_nodes: std::sync::atomic::AtomicU32::new(1),
         }))
+    }
+
+    /// Publishes this node's heartbeat and counts the nodes heard from (this one always
+    /// included); `on_change` gets every new count. While NATS is unreachable the others
+    /// go unheard, so the count falls to 1: a cut-off node enforces whole limits.
+    pub async fn track_live_nodes<F, Fut>(self: Arc<Self>, on_change: F)
+    where
+        F: Fn(u32) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let mut heard = match self.client.subscribe(HEARTBEAT_SUBJECT).await {
+            Ok(subscriber) => subscriber,
+            Err(error) => {
+                tracing::error!(%error, "cannot subscribe to node heartbeats; live nodes stay 1");
+                return;
+            }
+        };
+        let mut last_heard: std::collections::HashMap<String, std::time::Instant> = Default::default();
+        let mut ticks = tokio::time::interval(HEARTBEAT);
+        let mut counted = 1;
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {
+                    if self.available() {
+                        let _ = self.client.publish(HEARTBEAT_SUBJECT, Bytes::from(self.node.clone())).await;
+                    }
+                    let now = std::time::Instant::now();
+                    last_heard.retain(|_, at| now.duration_since(*at) < LIVE_WINDOW);
+                    let live = 1 + last_heard.keys().filter(|node| **node != self.node).count() as u32;
+                    self.live_nodes.store(live, std::sync::atomic::Ordering::Relaxed);
+                    if live != counted {
+                        counted = live;
+                        on_change(live).await;
+                    }
+                }
+                message = heard.next() => match message {
+                    Some(message) => {
+                        if let Ok(node) = std::str::from_utf8(&message.payload) {
+                            last_heard.insert(node.to_string(), std::time::Instant::now());
+                        }
+                    }
+                    None => return,
+                },
+            }
+        }
     }
 
     /// Writes made on other nodes (and echoes of this node's), in bucket order.
@@ -901,6 +954,14 @@ impl StateBackend for NatsBackend {
             "1 while this node is connected to NATS.",
         );
         let _ = writeln!(out, "tollgate_cluster_connected {}", u8::from(self.available()));
+        crate::metrics::describe(
+            out,
+            "tollgate_cluster_live_nodes",
+            "gauge",
+            "Gateway nodes heard from in the last 3.5 s, this one included.",
+        );
+        let live = self.live_nodes.load(std::sync::atomic::Ordering::Relaxed);
+        let _ = writeln!(out, "tollgate_cluster_live_nodes {live}");
         crate::metrics::describe(
             out,
             "tollgate_usage_outbox_slots",
