@@ -12,7 +12,7 @@ Usage: python3 bench/cluster_rebuild.py [--counters 1000000]   (needs nats-serve
 import argparse, os, signal, sqlite3, subprocess, sys, tempfile, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, free_port, stop_all, wait_port, rss_kib  # noqa: E402
+from run import ROOT, free_port, gateway_config, stop_all, wait_port, rss_kib  # noqa: E402
 
 BINARY = os.path.join(ROOT, "target", "release", "tollgate")
 
@@ -21,26 +21,13 @@ def config(workdir, name, nats_port):
     port, admin = free_port(), free_port()
     path = os.path.join(workdir, f"{name}.toml")
     with open(path, "w") as f:
-        f.write(f"""
-data_dir = "./data-{name}"
-[server]
-listen = ["127.0.0.1:{port}"]
-workers = 1
-[admin]
-listen = "127.0.0.1:{admin}"
-[upstreams.u]
-endpoints = ["127.0.0.1:9"]
-[[routes]]
-name = "free"
-path = "/"
-upstream = "u"
-auth = ["anonymous"]
+        f.write(gateway_config(f"./data-{name}", port, admin, "127.0.0.1:9", "anonymous", f"""
 [cluster]
 nats = ["nats://127.0.0.1:{nats_port}"]
 region = "r1"
 node_id = "{name}"
 snapshot_interval = "3s"
-""")
+"""))
     return path, admin
 
 

@@ -11,7 +11,7 @@ import argparse, hashlib, os, resource, signal, sqlite3, subprocess, sys, tempfi
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, free_port, rss_kib, stop_all, wait_port  # noqa: E402
+from run import ROOT, free_port, gateway_config, rss_kib, stop_all, wait_port  # noqa: E402
 
 
 class Upstream(BaseHTTPRequestHandler):
@@ -48,29 +48,12 @@ def main():
     port, admin = free_port(), free_port()
     config = os.path.join(workdir, "tollgate.toml")
     with open(config, "w") as f:
-        f.write(f"""data_dir = "{workdir}/data"
-
-[server]
-listen = ["127.0.0.1:{port}"]
-workers = 1
-
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[upstreams.u]
-endpoints = ["127.0.0.1:{upstream.server_address[1]}"]
-
-[[routes]]
-name = "api"
-path = "/"
-upstream = "u"
-auth = ["api_key"]
-
+        f.write(gateway_config(f"{workdir}/data", port, admin, f"127.0.0.1:{upstream.server_address[1]}", "api_key", """
 [plans.pro]
-rate = {{ per_second = 1000, burst = 1000 }}
+rate = { per_second = 1000, burst = 1000 }
 daily = 1000000
 monthly = 10000000
-""")
+"""))
 
     def start():
         proc = subprocess.Popen([binary, "serve", "--config", config], stdout=subprocess.DEVNULL,

@@ -34,6 +34,28 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of the whole line)
 
 
+def gateway_config(data_dir, port, admin, upstream, auth, extra=""):
+    """A one-worker Tollgate config: one route `/` to `upstream` with `auth`, then `extra`."""
+    return f"""data_dir = "{data_dir}"
+
+[server]
+listen = ["127.0.0.1:{port}"]
+workers = 1
+
+[admin]
+listen = "127.0.0.1:{admin}"
+
+[upstreams.u]
+endpoints = ["{upstream}"]
+
+[[routes]]
+name = "api"
+path = "/"
+upstream = "u"
+auth = ["{auth}"]
+{extra}"""
+
+
 def rss_kib(pid):
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
