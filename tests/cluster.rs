@@ -347,3 +347,74 @@ async fn with_divide_rate_the_live_nodes_share_a_rate_limit() {
     assert!(alone.is_some(), "B no longer counted");
     assert!((10..=13).contains(&whole), "whole burst: {whole}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_restarted_while_nats_is_down_serves_from_its_disk_and_catches_up() {
+    let mut nats = Nats::start();
+    let upstream = Upstream::start("u").await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    // The key exists before A first starts, so A learns it from its start-up load.
+    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &nats, "b"));
+    let reply = admin_json(&b, "POST", "/v1/consumers", json!({"id": "acme", "plan": "metered"})).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let (key_id, secret) = create_key(&b, json!({"consumer": "acme"})).await;
+    let mut a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &nats, "a"));
+    let mut admitted = 0;
+    for _ in 0..3 {
+        assert_eq!(status_with_key(&a, &secret).await, 200);
+        admitted += 1;
+    }
+    a.signal(15);
+    a.wait_exit(Duration::from_secs(10)).expect("A stopped");
+
+    // NATS goes down, then A starts again: from its own disk.
+    let (port, monitor, dir) = (nats.port, nats.monitor, nats.dir.clone());
+    nats.kill();
+    let started = Instant::now();
+    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &nats, "a"));
+    let ready = within(Duration::from_secs(15), || async {
+        admin(&a, "GET", "/readyz").await.status == 200
+    })
+    .await;
+    println!("A ready without NATS after {:?}", started.elapsed());
+    assert!(ready.is_some(), "A serves from its disk: {}", a.stderr());
+    for _ in 0..4 {
+        assert_eq!(status_with_key(&a, &secret).await, 200, "a cached key works");
+        admitted += 1;
+    }
+    let unknown = call(&a, "/v1/x", Some(("x-api-key", "tg_live_unknown".to_string()))).await;
+    assert_eq!(unknown.status, 503, "{}", unknown.text());
+    let usage = admin(&a, "GET", &format!("/v1/usage?key={key_id}")).await.json();
+    assert_eq!(
+        usage["total"].as_u64(),
+        Some(admitted),
+        "counts restored from disk: {usage}"
+    );
+
+    // NATS returns: A attaches, sees writes made elsewhere, and its counts reach B.
+    let _nats = Nats::start_at(&dir, port, monitor);
+    let attached = within(Duration::from_secs(15), || async {
+        admin(&a, "GET", "/metrics")
+            .await
+            .text()
+            .contains("tollgate_cluster_connected 1")
+    })
+    .await;
+    assert!(attached.is_some(), "A reaches JetStream again: {}", a.stderr());
+    let (_, new_secret) = create_key(&b, json!({"consumer": "acme"})).await;
+    let known = within(Duration::from_secs(5), || async {
+        status_with_key(&a, &new_secret).await == 200
+    })
+    .await;
+    assert!(known.is_some(), "a key created on B after NATS returned works on A");
+    let converged = within(Duration::from_secs(10), || async {
+        usage_total(&b, &key_id).await == admitted
+    })
+    .await;
+    assert!(
+        converged.is_some(),
+        "B's report shows {} of {admitted}",
+        usage_total(&b, &key_id).await
+    );
+    println!("A attached after {attached:?}; B's report equals {admitted} after {converged:?}");
+}

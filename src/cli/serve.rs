@@ -107,6 +107,11 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
                     }
                 }
             }));
+            if !nats.is_attached() {
+                // Started from this node's disk: serve now; the view catches up once
+                // JetStream answers.
+                gateway.set_ready(true);
+            }
             if let Some(changes) = nats.take_changes() {
                 tokio::spawn(gateway.clone().apply_changes(changes, nats.clone()));
             }

@@ -42,6 +42,8 @@ const LIVE_WINDOW: Duration = Duration::from_millis(3500);
 /// Rows per published batch (well under NATS's default 1 MiB message limit).
 const BATCH_ROWS: usize = 4000;
 const SEQ_META: &str = "usage_stream_seq";
+/// Set once this disk holds a complete copy of the buckets (after a start with JetStream).
+const CACHED_META: &str = "state_cached";
 
 fn nats_error(context: &str, error: impl std::fmt::Display) -> StateError {
     StateError::Backend(format!("nats: {context}: {error}"))
@@ -164,12 +166,11 @@ struct BatchRow {
 pub struct NatsBackend {
     handle: tokio::runtime::Handle,
     client: async_nats::Client,
-    js: jetstream::Context,
-    plans: kv::Store,
-    consumers: kv::Store,
-    keys: kv::Store,
+    /// JetStream's buckets and stream, once reached: at start, or later when the node
+    /// started from its disk while NATS was unreachable.
+    jet: std::sync::OnceLock<Jet>,
+    attached: tokio::sync::watch::Sender<bool>,
     local: SqliteBackend,
-    snapshots: async_nats::jetstream::object_store::ObjectStore,
     pub node: String,
     pub region: String,
     changes: Mutex<Option<mpsc::UnboundedReceiver<StateChange>>>,
@@ -237,9 +238,60 @@ async fn all_entries(store: &kv::Store, mut each: impl FnMut(kv::Entry)) -> Resu
     Ok(())
 }
 
+/// What this node uses in JetStream.
+struct Jet {
+    js: jetstream::Context,
+    plans: kv::Store,
+    consumers: kv::Store,
+    keys: kv::Store,
+    snapshots: async_nats::jetstream::object_store::ObjectStore,
+}
+
+/// How long a node that has run before waits for JetStream at start before it starts from
+/// its own disk (cached keys, plans, consumers and usage) and keeps trying in the background.
+const START_FROM_DISK_AFTER: Duration = Duration::from_secs(5);
+
+/// Opens (creating when missing) the buckets, the usage stream and the snapshot store.
+async fn open_jet(js: jetstream::Context, cluster: &ClusterSection) -> Result<Jet, StateError> {
+    let plans = bucket(&js, PLANS_BUCKET, cluster.replicas).await?;
+    let consumers = bucket(&js, CONSUMERS_BUCKET, cluster.replicas).await?;
+    let keys = bucket(&js, KEYS_BUCKET, cluster.replicas).await?;
+    js.get_or_create_stream(stream::Config {
+        name: USAGE_STREAM.to_string(),
+        subjects: vec![USAGE_SUBJECTS.to_string()],
+        max_age: cluster.usage_max_age,
+        num_replicas: cluster.replicas,
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| nats_error("creating the usage stream", e))?;
+    let snapshots = match js.get_object_store(SNAPSHOTS_BUCKET).await {
+        Ok(store) => store,
+        Err(_) => js
+            .create_object_store(async_nats::jetstream::object_store::Config {
+                bucket: SNAPSHOTS_BUCKET.to_string(),
+                num_replicas: cluster.replicas,
+                storage: stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_error("creating the snapshot bucket", e))?,
+    };
+    Ok(Jet {
+        js,
+        plans,
+        consumers,
+        keys,
+        snapshots,
+    })
+}
+
 impl NatsBackend {
     /// Connects, creates the buckets and the usage stream if missing, and starts watching
-    /// the buckets for writes made on other nodes.
+    /// the buckets for writes made on other nodes. A node whose disk has followed the
+    /// cluster before starts from that disk when JetStream does not answer within
+    /// [`START_FROM_DISK_AFTER`], and attaches when it does.
     pub async fn connect(cluster: &ClusterSection, data_dir: &Path, node: String) -> Result<Arc<Self>, StateError> {
         let mut options = async_nats::ConnectOptions::new()
             .name(format!("tollgate {node}"))
@@ -269,68 +321,113 @@ impl NatsBackend {
             .map_err(|e| nats_error("server URL", e))?;
         let client = options.connect(urls).await.map_err(|e| nats_error("connecting", e))?;
         let js = jetstream::new(client.clone());
-        let connected = async {
-            let plans = bucket(&js, PLANS_BUCKET, cluster.replicas).await?;
-            let consumers = bucket(&js, CONSUMERS_BUCKET, cluster.replicas).await?;
-            let keys = bucket(&js, KEYS_BUCKET, cluster.replicas).await?;
-            js.get_or_create_stream(stream::Config {
-                name: USAGE_STREAM.to_string(),
-                subjects: vec![USAGE_SUBJECTS.to_string()],
-                max_age: cluster.usage_max_age,
-                num_replicas: cluster.replicas,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_error("creating the usage stream", e))?;
-            let snapshots = match js.get_object_store(SNAPSHOTS_BUCKET).await {
-                Ok(store) => store,
-                Err(_) => js
-                    .create_object_store(async_nats::jetstream::object_store::Config {
-                        bucket: SNAPSHOTS_BUCKET.to_string(),
-                        num_replicas: cluster.replicas,
-                        storage: stream::StorageType::File,
-                        ..Default::default()
-                    })
-                    .await
-                    .map_err(|e| nats_error("creating the snapshot bucket", e))?,
-            };
-            Ok::<_, StateError>((plans, consumers, keys, snapshots))
-        };
-        let (plans, consumers, keys, snapshots) = tokio::time::timeout(Duration::from_secs(30), connected)
-            .await
-            .map_err(|_| nats_error("connecting", "JetStream did not answer within 30 s"))??;
         let local = SqliteBackend::open(&data_dir.join("tollgate.db"))?;
+        // A disk that holds a full copy of the buckets may serve without them.
+        let has_followed = local.meta(CACHED_META)?.is_some();
         let (tx, rx) = mpsc::unbounded_channel();
-        for bucket in [PLANS_BUCKET, CONSUMERS_BUCKET, KEYS_BUCKET] {
-            // From the sequence after the bucket's current last one, fixed before the
-            // gateway loads the buckets: a write between the two is seen twice, not never.
-            let mut stream = js
-                .get_stream(format!("KV_{bucket}"))
-                .await
-                .map_err(|e| nats_error("bucket stream", e))?;
-            let last = stream
-                .info()
-                .await
-                .map_err(|e| nats_error("bucket stream", e))?
-                .state
-                .last_sequence;
-            tokio::spawn(watch_bucket(js.clone(), bucket, last + 1, tx.clone()));
-        }
-        Ok(Arc::new(NatsBackend {
+        let backend = Arc::new(NatsBackend {
             handle: tokio::runtime::Handle::current(),
             client,
-            js,
-            plans,
-            consumers,
-            keys,
+            jet: std::sync::OnceLock::new(),
+            attached: tokio::sync::watch::channel(false).0,
             local,
-            snapshots,
             node,
             region: cluster.region.clone(),
             changes: Mutex::new(Some(rx)),
             live_nodes: std::sync::atomic::AtomicU32::new(1),
-        }))
+        });
+        let wait = if has_followed {
+            START_FROM_DISK_AFTER
+        } else {
+            Duration::from_secs(30)
+        };
+        match tokio::time::timeout(wait, open_jet(js.clone(), cluster)).await {
+            Ok(Ok(jet)) => backend.attach(jet, false, tx).await?,
+            Ok(Err(error)) if !has_followed => return Err(error),
+            Err(_) if !has_followed => {
+                return Err(nats_error("connecting", "JetStream did not answer within 30 s"));
+            }
+            Ok(Err(error)) => backend.clone().attach_later(js, cluster.clone(), tx, error.to_string()),
+            Err(_) => backend
+                .clone()
+                .attach_later(js, cluster.clone(), tx, "no answer".to_string()),
+        }
+        Ok(backend)
+    }
+
+    /// Starts watching the buckets and makes JetStream available to every call. `replay`:
+    /// from each bucket's first entry, so writes made while this node ran from its disk
+    /// reach it (as changes); otherwise from after the entries the start-up load reads.
+    async fn attach(&self, jet: Jet, replay: bool, tx: mpsc::UnboundedSender<StateChange>) -> Result<(), StateError> {
+        for bucket in [PLANS_BUCKET, CONSUMERS_BUCKET, KEYS_BUCKET] {
+            let start = if replay {
+                1
+            } else {
+                // Fixed before the gateway loads the buckets: a write between the two is
+                // seen twice, not never.
+                let mut stream = jet
+                    .js
+                    .get_stream(format!("KV_{bucket}"))
+                    .await
+                    .map_err(|e| nats_error("bucket stream", e))?;
+                stream
+                    .info()
+                    .await
+                    .map_err(|e| nats_error("bucket stream", e))?
+                    .state
+                    .last_sequence
+                    + 1
+            };
+            tokio::spawn(watch_bucket(jet.js.clone(), bucket, start, tx.clone()));
+        }
+        let _ = self.jet.set(jet);
+        self.attached.send_replace(true);
+        Ok(())
+    }
+
+    fn attach_later(
+        self: Arc<Self>,
+        js: jetstream::Context,
+        cluster: ClusterSection,
+        tx: mpsc::UnboundedSender<StateChange>,
+        why: String,
+    ) {
+        tracing::warn!(
+            error = %why,
+            "JetStream unreachable at start: serving from this node's disk (cached keys, plans, usage) until it answers"
+        );
+        tokio::spawn(async move {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(30), open_jet(js.clone(), &cluster)).await {
+                    Ok(Ok(jet)) => match self.attach(jet, true, tx.clone()).await {
+                        Ok(()) => {
+                            tracing::info!("JetStream reached: following the cluster again");
+                            return;
+                        }
+                        Err(error) => tracing::warn!(%error, "attaching to JetStream failed; retrying"),
+                    },
+                    Ok(Err(error)) => tracing::debug!(%error, "JetStream still unreachable"),
+                    Err(_) => tracing::debug!("JetStream still unreachable"),
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+
+    /// Whether JetStream has been reached since start.
+    pub fn is_attached(&self) -> bool {
+        self.jet.get().is_some()
+    }
+
+    fn jet(&self) -> Result<&Jet, StateError> {
+        self.jet
+            .get()
+            .ok_or_else(|| nats_error("JetStream", "not reached since this node started"))
+    }
+
+    async fn wait_attached(&self) {
+        let mut attached = self.attached.subscribe();
+        let _ = attached.wait_for(|yes| *yes).await;
     }
 
     /// Publishes this node's heartbeat and counts the nodes heard from (this one always
@@ -431,7 +528,7 @@ impl NatsBackend {
     fn all_keys(&self) -> Result<Vec<ApiKey>, StateError> {
         let mut keys = Vec::new();
         self.block("reading keys", async {
-            all_entries(&self.keys, |entry| keys.extend(decode_key(&entry.value))).await
+            all_entries(&self.jet()?.keys, |entry| keys.extend(decode_key(&entry.value))).await
         })?;
         keys.sort_by(|a, b| a.id.cmp(&b.id));
         Ok(keys)
@@ -466,7 +563,8 @@ impl NatsBackend {
             };
             let payload = Bytes::from(serde_json::to_vec(&batch).map_err(|e| nats_error("encode", e))?);
             self.block("publishing usage", async {
-                self.js
+                self.jet()?
+                    .js
                     .publish(subject.clone(), payload)
                     .await
                     .map_err(|e| nats_error("publishing usage", e))?
@@ -482,13 +580,21 @@ impl NatsBackend {
     /// or fell behind what the stream still holds, the newest snapshot is loaded first so
     /// only the stream's tail needs replaying. Returns (rows, sequence) when one was used.
     pub async fn bootstrap(self: &Arc<Self>) -> Result<Option<(usize, u64)>, StateError> {
+        if !self.is_attached() {
+            return Ok(None);
+        }
         let applied = self.applied_sequence().await?;
         let (_, state) = self.usage_stream().await?;
         if applied.is_some_and(|seq| seq + 1 >= state.first_sequence) {
             return Ok(None);
         }
         let mut newest: Option<(u64, String)> = None;
-        let mut list = self.snapshots.list().await.map_err(|e| nats_error("snapshots", e))?;
+        let mut list = self
+            .jet()?
+            .snapshots
+            .list()
+            .await
+            .map_err(|e| nats_error("snapshots", e))?;
         while let Some(info) = list.next().await {
             let Ok(info) = info else { continue };
             let sequence = info.metadata.get("sequence").and_then(|s| s.parse().ok()).unwrap_or(0);
@@ -502,7 +608,12 @@ impl NatsBackend {
         if applied.is_some_and(|seq| seq >= sequence) {
             return Ok(None);
         }
-        let mut object = self.snapshots.get(&name).await.map_err(|e| nats_error("snapshot", e))?;
+        let mut object = self
+            .jet()?
+            .snapshots
+            .get(&name)
+            .await
+            .map_err(|e| nats_error("snapshot", e))?;
         let mut bytes = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut object, &mut bytes)
             .await
@@ -533,6 +644,7 @@ impl NatsBackend {
 
     /// Writes this node's view as a snapshot every `interval`.
     pub async fn snapshot_periodically(self: Arc<Self>, interval: Duration, clock: crate::limits::window::Clock) {
+        self.wait_attached().await;
         loop {
             tokio::time::sleep(interval).await;
             match self.write_snapshot(clock.now()).await {
@@ -584,7 +696,8 @@ impl NatsBackend {
             metadata: [("sequence".to_string(), sequence.to_string())].into(),
             ..Default::default()
         };
-        self.snapshots
+        self.jet()?
+            .snapshots
             .put(meta, &mut bytes.as_slice())
             .await
             .map_err(|e| nats_error("snapshot", e))?;
@@ -602,6 +715,7 @@ impl NatsBackend {
     /// The usage stream and what it holds now.
     async fn usage_stream(&self) -> Result<(stream::Stream, stream::State), StateError> {
         let mut stream = self
+            .jet()?
             .js
             .get_stream(USAGE_STREAM)
             .await
@@ -631,6 +745,7 @@ impl NatsBackend {
         caught_up: tokio::sync::oneshot::Sender<()>,
     ) {
         let mut caught_up = Some(caught_up);
+        self.wait_attached().await;
         loop {
             if let Err(error) = self.follow_once(&apply, &mut caught_up).await {
                 tracing::warn!(%error, "usage stream interrupted; resuming");
@@ -808,42 +923,68 @@ async fn watch_bucket_once(
 
 impl StateBackend for NatsBackend {
     fn load(&self) -> Result<StateData, StateError> {
+        if !self.is_attached() {
+            // Started while JetStream was unreachable: the copy on this node's disk.
+            return self.local.load();
+        }
         let mut data = StateData::default();
         self.block("reading plans and consumers", async {
-            all_entries(&self.plans, |entry| {
+            all_entries(&self.jet()?.plans, |entry| {
                 if let Ok(plan) = serde_json::from_slice::<Plan>(&entry.value) {
                     data.plans.insert(plan.name.clone(), plan);
                 }
             })
             .await?;
-            all_entries(&self.consumers, |entry| {
+            all_entries(&self.jet()?.consumers, |entry| {
                 if let Ok(consumer) = serde_json::from_slice::<Consumer>(&entry.value) {
                     data.consumers.insert(consumer.id.clone(), consumer);
                 }
             })
             .await
         })?;
+        // Kept on disk for a start while JetStream is unreachable.
+        self.local.cache_state(&data)?;
         Ok(data)
     }
 
     fn for_each_key(&self, f: &mut dyn FnMut(ApiKey)) -> Result<(), StateError> {
+        if !self.is_attached() {
+            return self.local.for_each_key(f);
+        }
+        const CACHE_BATCH: usize = 5_000;
+        let mut batch = Vec::with_capacity(CACHE_BATCH);
+        let mut cached = Ok(());
         self.block("reading keys", async {
-            all_entries(&self.keys, |entry| {
+            all_entries(&self.jet()?.keys, |entry| {
                 if let Some(key) = decode_key(&entry.value) {
+                    batch.push(key.clone());
+                    if batch.len() == CACHE_BATCH && cached.is_ok() {
+                        cached = self.local.cache_keys(&batch);
+                        batch.clear();
+                    }
                     f(key);
                 }
             })
             .await
-        })
+        })?;
+        cached?;
+        self.local.cache_keys(&batch)?;
+        self.local.set_meta(CACHED_META, 1)
     }
 
     fn get_key(&self, id: &str) -> Result<Option<ApiKey>, StateError> {
+        if !self.is_attached() {
+            return self.local.get_key(id);
+        }
         Ok(self
-            .get_json::<KeyRecord>(&self.keys, id)?
+            .get_json::<KeyRecord>(&self.jet()?.keys, id)?
             .and_then(KeyRecord::into_key))
     }
 
     fn list_keys(&self) -> Result<Vec<ApiKey>, StateError> {
+        if !self.is_attached() {
+            return self.local.list_keys();
+        }
         self.all_keys()
     }
 
@@ -856,17 +997,17 @@ impl StateBackend for NatsBackend {
     }
 
     fn put_plan(&self, plan: &Plan) -> Result<(), StateError> {
-        self.put_json(&self.plans, &plan.name, plan)
+        self.put_json(&self.jet()?.plans, &plan.name, plan)
     }
 
     fn delete_plan(&self, name: &str) -> Result<(), StateError> {
-        self.delete_existing(&self.plans, name, "plan")
+        self.delete_existing(&self.jet()?.plans, name, "plan")
     }
 
     fn create_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
         let bytes = Bytes::from(serde_json::to_vec(consumer).map_err(|e| nats_error("encode", e))?);
         self.block("create", async {
-            match self.consumers.create(kv_key(&consumer.id), bytes).await {
+            match self.jet()?.consumers.create(kv_key(&consumer.id), bytes).await {
                 Ok(_) => Ok(()),
                 Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
                     Err(StateError::Conflict(format!("consumer {}", consumer.id)))
@@ -877,21 +1018,24 @@ impl StateBackend for NatsBackend {
     }
 
     fn delete_consumer(&self, id: &str) -> Result<(), StateError> {
-        if self.get_json::<Consumer>(&self.consumers, id)?.is_none() {
+        if self.get_json::<Consumer>(&self.jet()?.consumers, id)?.is_none() {
             return Err(StateError::NotFound(format!("consumer {id}")));
         }
         for mut key in self.consumer_keys(id)? {
             key.revoked = true;
-            self.put_json(&self.keys, &key.id, &KeyRecord::from(&key))?;
+            self.put_json(&self.jet()?.keys, &key.id, &KeyRecord::from(&key))?;
         }
-        self.delete(&self.consumers, id)
+        self.delete(&self.jet()?.consumers, id)
     }
 
     fn create_key(&self, key: &ApiKey) -> Result<(), StateError> {
-        if self.get_json::<Consumer>(&self.consumers, &key.consumer)?.is_none() {
+        if self
+            .get_json::<Consumer>(&self.jet()?.consumers, &key.consumer)?
+            .is_none()
+        {
             return Err(StateError::NotFound(format!("consumer {}", key.consumer)));
         }
-        self.put_json(&self.keys, &key.id, &KeyRecord::from(key))
+        self.put_json(&self.jet()?.keys, &key.id, &KeyRecord::from(key))
     }
 
     fn revoke_key(&self, id: &str) -> Result<(), StateError> {
@@ -899,7 +1043,7 @@ impl StateBackend for NatsBackend {
             .get_key(id)?
             .ok_or_else(|| StateError::NotFound(format!("key {id}")))?;
         key.revoked = true;
-        self.put_json(&self.keys, id, &KeyRecord::from(&key))
+        self.put_json(&self.jet()?.keys, id, &KeyRecord::from(&key))
     }
 
     fn update_key(&self, key: &ApiKey) -> Result<(), StateError> {
@@ -909,15 +1053,15 @@ impl StateBackend for NatsBackend {
         stored.plan = key.plan.clone();
         stored.expires_at = key.expires_at;
         stored.allowed_routes = key.allowed_routes.clone();
-        self.put_json(&self.keys, &key.id, &KeyRecord::from(&stored))
+        self.put_json(&self.jet()?.keys, &key.id, &KeyRecord::from(&stored))
     }
 
     fn update_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
         let mut stored = self
-            .get_json::<Consumer>(&self.consumers, &consumer.id)?
+            .get_json::<Consumer>(&self.jet()?.consumers, &consumer.id)?
             .ok_or_else(|| StateError::NotFound(format!("consumer {}", consumer.id)))?;
         stored.plan = consumer.plan.clone();
-        self.put_json(&self.consumers, &consumer.id, &stored)
+        self.put_json(&self.jet()?.consumers, &consumer.id, &stored)
     }
 
     fn write_usage(&self, node: &str, rows: &[UsageRow]) -> Result<(), StateError> {
@@ -938,7 +1082,7 @@ impl StateBackend for NatsBackend {
     }
 
     fn available(&self) -> bool {
-        self.client.connection_state() == async_nats::connection::State::Connected
+        self.is_attached() && self.client.connection_state() == async_nats::connection::State::Connected
     }
 
     fn sync(&self) -> Result<(), StateError> {
