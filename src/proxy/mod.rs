@@ -173,6 +173,9 @@ impl Gateway {
         // The buckets are watched separately, so a key can arrive before its consumer;
         // it waits here (refused meanwhile) and is applied when the consumer arrives.
         let mut orphans: std::collections::HashMap<String, Vec<crate::state::ApiKey>> = Default::default();
+        // Keys reach the disk cache in batches: a replay of the whole bucket (a node that
+        // started from its disk attaching) would otherwise be one transaction per key.
+        let mut uncached_keys = Vec::new();
         while let Some(change) = changes.recv().await {
             let mut data = self.state.lock().await;
             match change {
@@ -236,9 +239,14 @@ impl Gateway {
                     if !data.consumers.contains_key(&key.consumer) {
                         orphans.entry(key.consumer.clone()).or_default().push(key.clone());
                     }
-                    let cache = cache.clone();
-                    let _ = tokio::task::spawn_blocking(move || cache.local().cache_key(&key)).await;
+                    uncached_keys.push(key);
                 }
+            }
+            drop(data);
+            if !uncached_keys.is_empty() && (changes.is_empty() || uncached_keys.len() >= 1_000) {
+                let keys = std::mem::take(&mut uncached_keys);
+                let cache = cache.clone();
+                let _ = tokio::task::spawn_blocking(move || cache.local().cache_keys(&keys)).await;
             }
         }
     }

@@ -258,13 +258,8 @@ impl SqliteBackend {
         })
     }
 
-    /// Replaces the local copy of plans, consumers and keys (global mode caches them here,
-    /// so a node restarted while NATS is down still knows every key).
-    pub fn cache_key(&self, key: &ApiKey) -> Result<(), StateError> {
-        self.with(|c| insert_key(c, key, true))
-    }
-
-    /// Many keys in one transaction (a node's start-up load).
+    /// Writes keys to the local copy in one transaction (global mode caches plans,
+    /// consumers and keys here, so a node restarted while NATS is down knows every key).
     pub fn cache_keys(&self, keys: &[ApiKey]) -> Result<(), StateError> {
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
