@@ -418,3 +418,40 @@ async fn a_node_restarted_while_nats_is_down_serves_from_its_disk_and_catches_up
     );
     println!("A attached after {attached:?}; B's report equals {admitted} after {converged:?}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nats_token_and_user_password_authentication_are_used() {
+    let upstream = Upstream::start("u").await;
+    // Each server refuses clients without its credentials, so a node that serves a key
+    // created through it has authenticated.
+    for (options, credentials) in [
+        (&["--auth", "s3cret-token"][..], "token = \"s3cret-token\""),
+        (
+            &["--user", "gateway", "--pass", "s3cret-pass"][..],
+            "user = \"gateway\"\npassword = \"s3cret-pass\"",
+        ),
+    ] {
+        let nats = Nats::start_with(options);
+        let dir = tempfile::tempdir().unwrap();
+        let node = Gateway::start(&cluster_node_config(
+            upstream.addr,
+            dir.path(),
+            &nats.url(),
+            "r1",
+            "a",
+            credentials,
+        ));
+        let reply = admin_json(&node, "POST", "/v1/consumers", json!({"id": "acme"})).await;
+        assert_eq!(reply.status, 201, "{credentials}: {}", reply.text());
+        let (_, secret) = create_key(&node, json!({"consumer": "acme"})).await;
+        assert_eq!(status_with_key(&node, &secret).await, 200, "{credentials}");
+        let metrics = admin(&node, "GET", "/metrics").await.text();
+        assert!(metrics.contains("tollgate_cluster_connected 1"), "{credentials}");
+        // The server does require them: its greeting says so.
+        let mut anonymous = std::net::TcpStream::connect(("127.0.0.1", nats.port)).unwrap();
+        let mut banner = [0u8; 1024];
+        let n = std::io::Read::read(&mut anonymous, &mut banner).unwrap();
+        let info = String::from_utf8_lossy(&banner[..n]);
+        assert!(info.contains("\"auth_required\":true"), "{info}");
+    }
+}

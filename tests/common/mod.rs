@@ -491,15 +491,24 @@ pub fn free_port() -> u16 {
 
 impl Nats {
     pub fn start() -> Nats {
+        Nats::start_with(&[])
+    }
+
+    /// A server with more command-line options (`--auth TOKEN`, `--user U --pass P`).
+    pub fn start_with(options: &[&str]) -> Nats {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().to_path_buf();
-        let mut nats = Nats::start_at(&dir, free_port(), free_port());
+        let mut nats = Nats::start_at_with(&dir, free_port(), free_port(), options);
         nats._tmp = Some(tmp);
         nats
     }
 
     /// Starts (or restarts) a server on `port` with its store in `dir`.
     pub fn start_at(dir: &Path, port: u16, monitor: u16) -> Nats {
+        Nats::start_at_with(dir, port, monitor, &[])
+    }
+
+    fn start_at_with(dir: &Path, port: u16, monitor: u16, options: &[&str]) -> Nats {
         let version = Command::new("nats-server").arg("--version").output();
         let version = version
             .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
@@ -527,6 +536,7 @@ impl Nats {
             ])
             .arg(dir)
             .args(["-n", &format!("test-{port}")])
+            .args(options)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join(format!("nats-{port}.log"))).unwrap())
             .spawn()
