@@ -152,6 +152,7 @@ struct UsageBatch {
     rows: Vec<BatchRow>,
 }
 
+/// One slot on the wire, with short field names (a batch or snapshot holds many).
 #[derive(Serialize, Deserialize)]
 struct BatchRow {
     s: String,
@@ -163,13 +164,36 @@ struct BatchRow {
     n: u64,
 }
 
+impl From<UsageRow> for BatchRow {
+    fn from(row: UsageRow) -> BatchRow {
+        BatchRow {
+            s: row.subject,
+            c: row.consumer,
+            p: row.scope,
+            d: row.day,
+            n: row.count,
+        }
+    }
+}
+
+impl From<BatchRow> for UsageRow {
+    fn from(row: BatchRow) -> UsageRow {
+        UsageRow {
+            subject: row.s,
+            consumer: row.c,
+            scope: row.p,
+            day: row.d,
+            count: row.n,
+        }
+    }
+}
+
 pub struct NatsBackend {
     handle: tokio::runtime::Handle,
     client: async_nats::Client,
     /// JetStream's buckets and stream, once reached: at start, or later when the node
     /// started from its disk while NATS was unreachable.
-    jet: std::sync::OnceLock<Jet>,
-    attached: tokio::sync::watch::Sender<bool>,
+    jet: tokio::sync::SetOnce<Jet>,
     local: SqliteBackend,
     pub node: String,
     pub region: String,
@@ -187,16 +211,12 @@ struct Snapshot {
     rows: Vec<SnapshotRow>,
 }
 
+/// A slot of any node: the batch fields plus the owner.
 #[derive(Serialize, Deserialize)]
 struct SnapshotRow {
-    s: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    c: Option<String>,
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    p: String,
-    d: u32,
+    #[serde(flatten)]
+    row: BatchRow,
     o: String,
-    n: u64,
 }
 
 async fn bucket(js: &jetstream::Context, name: &str, replicas: usize) -> Result<kv::Store, StateError> {
@@ -323,28 +343,27 @@ impl NatsBackend {
         let js = jetstream::new(client.clone());
         let local = SqliteBackend::open(&data_dir.join("tollgate.db"))?;
         // A disk that holds a full copy of the buckets may serve without them.
-        let has_followed = local.meta(CACHED_META)?.is_some();
+        let disk_has_state = local.meta(CACHED_META)?.is_some();
         let (tx, rx) = mpsc::unbounded_channel();
         let backend = Arc::new(NatsBackend {
             handle: tokio::runtime::Handle::current(),
             client,
-            jet: std::sync::OnceLock::new(),
-            attached: tokio::sync::watch::channel(false).0,
+            jet: tokio::sync::SetOnce::new(),
             local,
             node,
             region: cluster.region.clone(),
             changes: Mutex::new(Some(rx)),
             live_nodes: std::sync::atomic::AtomicU32::new(1),
         });
-        let wait = if has_followed {
+        let wait = if disk_has_state {
             START_FROM_DISK_AFTER
         } else {
             Duration::from_secs(30)
         };
         match tokio::time::timeout(wait, open_jet(js.clone(), cluster)).await {
             Ok(Ok(jet)) => backend.attach(jet, false, tx).await?,
-            Ok(Err(error)) if !has_followed => return Err(error),
-            Err(_) if !has_followed => {
+            Ok(Err(error)) if !disk_has_state => return Err(error),
+            Err(_) if !disk_has_state => {
                 return Err(nats_error("connecting", "JetStream did not answer within 30 s"));
             }
             Ok(Err(error)) => backend.clone().attach_later(js, cluster.clone(), tx, error.to_string()),
@@ -381,7 +400,6 @@ impl NatsBackend {
             tokio::spawn(watch_bucket(jet.js.clone(), bucket, start, tx.clone()));
         }
         let _ = self.jet.set(jet);
-        self.attached.send_replace(true);
         Ok(())
     }
 
@@ -426,8 +444,7 @@ impl NatsBackend {
     }
 
     async fn wait_attached(&self) {
-        let mut attached = self.attached.subscribe();
-        let _ = attached.wait_for(|yes| *yes).await;
+        self.jet.wait().await;
     }
 
     /// Publishes this node's heartbeat and counts the nodes heard from (this one always
@@ -550,16 +567,7 @@ impl NatsBackend {
             let batch = UsageBatch {
                 node: self.node.clone(),
                 region: self.region.clone(),
-                rows: rows
-                    .iter()
-                    .map(|r| BatchRow {
-                        s: r.subject.clone(),
-                        c: r.consumer.clone(),
-                        p: r.scope.clone(),
-                        d: r.day,
-                        n: r.count,
-                    })
-                    .collect(),
+                rows: rows.iter().cloned().map(BatchRow::from).collect(),
             };
             let payload = Bytes::from(serde_json::to_vec(&batch).map_err(|e| nats_error("encode", e))?);
             self.block("publishing usage", async {
@@ -624,13 +632,7 @@ impl NatsBackend {
             let mut by_node: std::collections::BTreeMap<String, Vec<UsageRow>> = Default::default();
             let count = snapshot.rows.len();
             for row in snapshot.rows {
-                by_node.entry(row.o).or_default().push(UsageRow {
-                    subject: row.s,
-                    consumer: row.c,
-                    scope: row.p,
-                    day: row.d,
-                    count: row.n,
-                });
+                by_node.entry(row.o).or_default().push(row.row.into());
             }
             for (node, rows) in by_node {
                 local.local.merge_usage(&node, &rows)?;
@@ -672,12 +674,8 @@ impl NatsBackend {
             };
             local.local.scan_usage(&scan, &mut |stored| {
                 rows.push(SnapshotRow {
-                    s: stored.row.subject,
-                    c: stored.row.consumer,
-                    p: stored.row.scope,
-                    d: stored.row.day,
+                    row: stored.row.into(),
                     o: stored.node,
-                    n: stored.row.count,
                 })
             })?;
             let count = rows.len();
@@ -806,17 +804,7 @@ impl NatsBackend {
                 // This node's own batches count too: after a restart on an empty disk they
                 // are how its own slots come back (an echo of a live batch grows nothing).
                 if let Some(batch) = batch {
-                    let rows: Vec<UsageRow> = batch
-                        .rows
-                        .into_iter()
-                        .map(|r| UsageRow {
-                            subject: r.s,
-                            consumer: r.c,
-                            scope: r.p,
-                            day: r.d,
-                            count: r.n,
-                        })
-                        .collect();
+                    let rows: Vec<UsageRow> = batch.rows.into_iter().map(UsageRow::from).collect();
                     let deltas = local.local.merge_usage(&batch.node, &rows)?;
                     let changed: Vec<(UsageRow, u64)> = rows.into_iter().zip(deltas).filter(|(_, d)| *d > 0).collect();
                     grown = Some((batch.node, changed));
