@@ -9,7 +9,7 @@ Usage: bench/run.sh installs wrk and nginx; then `python3 bench/anonymous_rss.py
 import argparse, os, re, subprocess, sys, tempfile, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, free_port, stop_all, wait_port, start_nginx, rss_kib  # noqa: E402
+from run import ROOT, free_port, gateway_config, stop_all, wait_port, start_nginx, rss_kib  # noqa: E402
 
 LUA = r"""
 local n = 0
@@ -44,27 +44,15 @@ def main():
         port, admin = free_port(), free_port()
         config = os.path.join(workdir, "tollgate.toml")
         with open(config, "w") as f:
-            f.write(f"""
-[server]
-listen = ["127.0.0.1:{port}"]
-trusted_proxies = ["127.0.0.1"]
-[admin]
-listen = "127.0.0.1:{admin}"
-[upstreams.u]
-endpoints = ["127.0.0.1:{up}"]
-[[routes]]
-name = "free"
-path = "/"
-upstream = "u"
-auth = ["anonymous"]
+            f.write(gateway_config(f"{workdir}/data", port, admin, f"127.0.0.1:{up}", "anonymous", """
 [plans.anonymous]
 # Each IP's quota; the 1000 Referer hosts share the plan, so it must not stop them.
-rate = {{ per_second = 100000, burst = 100000 }}
+rate = { per_second = 100000, burst = 100000 }
 daily = 100000
 [anonymous]
 plan = "anonymous"
 by = ["ip", "referer"]
-""")
+""", server_extra='trusted_proxies = ["127.0.0.1"]', workers=None))
         gateway = subprocess.Popen([os.path.join(ROOT, "target", "release", "tollgate"), "serve", "--config", config],
                                    stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "log"), "w"),
                                    env={**os.environ, "RUST_LOG": "warn"})

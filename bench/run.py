@@ -34,25 +34,31 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of the whole line)
 
 
-def gateway_config(data_dir, port, admin, upstream, auth, extra=""):
-    """A one-worker Tollgate config: one route `/` to `upstream` with `auth`, then `extra`."""
+def gateway_config(data_dir, port, admin, upstream, auth=None, extra="", server_extra="", upstream_extra="",
+                   workers=1):
+    """A Tollgate config: one route `/` to upstream `u` at `upstream` (with `auth` if given),
+    then `extra`; `server_extra` and `upstream_extra` go into those sections."""
+    workers_line = f"workers = {workers}" if workers else ""
+    auth_line = f'auth = ["{auth}"]' if auth else ""
     return f"""data_dir = "{data_dir}"
 
 [server]
 listen = ["127.0.0.1:{port}"]
-workers = 1
+{workers_line}
+{server_extra}
 
 [admin]
 listen = "127.0.0.1:{admin}"
 
 [upstreams.u]
 endpoints = ["{upstream}"]
+{upstream_extra}
 
 [[routes]]
 name = "api"
 path = "/"
 upstream = "u"
-auth = ["{auth}"]
+{auth_line}
 {extra}"""
 
 
@@ -210,12 +216,12 @@ server {{
         def start_tollgate(name, binary, auth=args.auth, bare=False):
             port, admin = free_port(), free_port()
             health = """
-[upstreams.bench.health]
+[upstreams.u.health]
 interval = "1s"
 """ if args.health and not bare else """
-[upstreams.bench.outlier]
+[upstreams.u.outlier]
 consecutive_failures = 0
-[upstreams.bench.retries]
+[upstreams.u.retries]
 attempts = 0
 """ if bare else ""
             plan = """
@@ -226,27 +232,8 @@ monthly = 10000000000000
 """ if args.limits and auth else ""
             config = os.path.join(workdir, f"{name}.toml")
             with open(config, "w") as f:
-                f.write(f"""
-data_dir = "./data-{name}"
-
-[server]
-listen = ["127.0.0.1:{port}"]
-workers = 1
-
-[admin]
-listen = "127.0.0.1:{admin}"
-
-[upstreams.bench]
-endpoints = ["127.0.0.1:{up_port}"]
-{health}
-
-[[routes]]
-name = "all"
-path = "/"
-upstream = "bench"
-{'auth = ["api_key"]' if auth else ''}
-{plan}
-""")
+                f.write(gateway_config(f"./data-{name}", port, admin, f"127.0.0.1:{up_port}",
+                                       "api_key" if auth else None, plan, upstream_extra=health))
             proc = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
                                     stdout=subprocess.DEVNULL,
                                     stderr=open(os.path.join(workdir, f"{name}.log"), "w"),
@@ -261,13 +248,16 @@ upstream = "bench"
             return port, proc, admin
 
         tg_port, tollgate, tg_admin = start_tollgate("tollgate", os.path.join(ROOT, "target", "release", "tollgate"))
+        # Instances whose route requires a key (with --auth/--limits): each gets its own.
+        keyed = {"tollgate": tg_admin}
         extra = []
         for spec in args.also:
             name, binary = spec.split("=", 1)
-            port, proc, _ = start_tollgate(name, binary)
+            port, proc, keyed[name] = start_tollgate(name, binary)
             extra.append((name, f"http://127.0.0.1:{port}/", proc.pid))
         if args.health:
-            port, proc, _ = start_tollgate("tollgate-bare", os.path.join(ROOT, "target", "release", "tollgate"), bare=True)
+            port, proc, keyed["tollgate-bare"] = start_tollgate(
+                "tollgate-bare", os.path.join(ROOT, "target", "release", "tollgate"), bare=True)
             extra.append(("tollgate-bare", f"http://127.0.0.1:{port}/", proc.pid))
         if args.limits:
             port, proc, _ = start_tollgate("tollgate-off", os.path.join(ROOT, "target", "release", "tollgate"), auth=False)
@@ -275,15 +265,13 @@ upstream = "bench"
         headers = {}
         if args.auth:
             import json, urllib.request
-            def post(path, body):
-                req = urllib.request.Request(f"http://127.0.0.1:{tg_admin}{path}", data=json.dumps(body).encode(),
+            def post(admin, path, body):
+                req = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", data=json.dumps(body).encode(),
                                              headers={"content-type": "application/json"}, method="POST")
                 return json.loads(urllib.request.urlopen(req).read() or b"{}")
-            post("/v1/consumers", {"id": "bench", "plan": "pro"})
-            headers["tollgate"] = post("/v1/keys", {"consumer": "bench"})["key"]
-            for name, _, _ in extra:
-                if name not in ("tollgate-off", "tollgate-bare"):
-                    raise SystemExit("--also with --auth/--limits: keys are created on the main instance only")
+            for name, admin in keyed.items():
+                post(admin, "/v1/consumers", {"id": "bench", "plan": "pro"})
+                headers[name] = post(admin, "/v1/keys", {"consumer": "bench"})["key"]
 
         systems = [("direct", f"http://127.0.0.1:{up_port}/", None),
                    ("tollgate", f"http://127.0.0.1:{tg_port}/", tollgate.pid),
