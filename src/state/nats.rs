@@ -464,7 +464,6 @@ impl NatsBackend {
         };
         let mut last_heard: std::collections::HashMap<String, std::time::Instant> = Default::default();
         let mut ticks = tokio::time::interval(HEARTBEAT);
-        let mut counted = 1;
         loop {
             tokio::select! {
                 _ = ticks.tick() => {
@@ -474,9 +473,7 @@ impl NatsBackend {
                     let now = std::time::Instant::now();
                     last_heard.retain(|_, at| now.duration_since(*at) < LIVE_WINDOW);
                     let live = 1 + last_heard.keys().filter(|node| **node != self.node).count() as u32;
-                    self.live_nodes.store(live, std::sync::atomic::Ordering::Relaxed);
-                    if live != counted {
-                        counted = live;
+                    if self.live_nodes.swap(live, std::sync::atomic::Ordering::Relaxed) != live {
                         on_change(live).await;
                     }
                 }
