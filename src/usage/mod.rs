@@ -98,7 +98,7 @@ impl Subject {
     }
 
     pub fn is_key(&self) -> bool {
-        matches!(self, Subject::Key(_))
+        self.as_ref().is_key()
     }
 
     pub fn as_ref(&self) -> SubjectRef<'_> {
