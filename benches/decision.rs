@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use tollgate::auth::{KeyTable, authenticate, hash_key};
 use tollgate::limits::{Gcra, Now, PlanLimits};
-use tollgate::state::{ApiKey, Consumer, StateData};
-use tollgate::usage::{Charge, Subject, SubjectRef, UsageTable};
+use tollgate::model::{ApiKey, Consumer, StateData};
+use tollgate::model::{Subject, SubjectRef};
+use tollgate::usage::{Charge, Charges, UsageTable};
 
 /// Limits that never refuse, so every iteration takes the admit-and-count path.
 fn generous_plan() -> PlanLimits {
@@ -113,7 +114,7 @@ fn decision(c: &mut Criterion) {
                         consumer: Some(&identity.consumer_id),
                         route: Some(&route),
                     };
-                    usage.admit(&[charge], &plan, None, Now::system()).ok()
+                    usage.admit(&Charges::One(charge), &plan, None, Now::system()).ok()
                 },
                 BatchSize::SmallInput,
             )
@@ -132,7 +133,7 @@ fn decision(c: &mut Criterion) {
     for n in 0..ips {
         let ip = Subject::Ip(std::net::IpAddr::from((0x0a00_0000 + n).to_be_bytes()));
         let _ = usage.admit(
-            &[charge(&ip), charge(&referers[n as usize % referers.len()])],
+            &Charges::Two(charge(&ip), charge(&referers[n as usize % referers.len()])),
             &plan,
             None,
             Now::system(),
@@ -145,7 +146,7 @@ fn decision(c: &mut Criterion) {
             let ip = Subject::Ip(std::net::IpAddr::from((0x0a00_0000 + n).to_be_bytes()));
             usage
                 .admit(
-                    &[charge(&ip), charge(&referers[n as usize % referers.len()])],
+                    &Charges::Two(charge(&ip), charge(&referers[n as usize % referers.len()])),
                     &plan,
                     None,
                     Now::system(),

@@ -372,7 +372,7 @@ fn rusqlite_count(path: &std::path::Path) -> u64 {
         consumer: None,
         scope: tollgate::usage::report::ScopeFilter::Total,
     };
-    tollgate::state::StateBackend::scan_usage(&store, &scan, &mut |row| total += row.row.count).unwrap();
+    tollgate::state::UsageStore::scan_usage(&store, &scan, &mut |row| total += row.row.count).unwrap();
     total
 }
 

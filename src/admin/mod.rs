@@ -18,8 +18,8 @@ use serde_json::json;
 use state_api as api;
 use tokio::sync::watch;
 
-use crate::proxy::Gateway;
-use crate::proxy::headers::new_request_id;
+use crate::base::{error_body, new_request_id};
+use crate::gateway::{Gateway, Snapshot};
 
 #[derive(Clone)]
 pub(crate) struct AdminState {
@@ -74,17 +74,17 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
 pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
     let app = router(gateway);
     let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { crate::listener::stopped(&mut shutdown).await })
+        .with_graceful_shutdown(async move { crate::base::stopped(&mut shutdown).await })
         .await;
     if let Err(error) = result {
         tracing::error!(%error, "admin listener failed");
     }
 }
 
-/// The JSON error body of DESIGN §4, shared with the proxy's.
+/// The JSON error body of docs/operations.md, shared with the proxy's.
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
     let request_id = new_request_id();
-    let body = crate::proxy::error_body(code, message, request_id.to_str().unwrap_or(""));
+    let body = error_body(code, message, request_id.to_str().unwrap_or(""));
     let mut response = (status, body).into_response();
     response
         .headers_mut()
@@ -140,14 +140,15 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut text = state.gateway.metrics.render();
     render_endpoints(&state.gateway.snapshot(), &mut text);
-    let store = state.gateway.store.clone();
-    // Backend lines may read the local store: off the async runtime.
-    text = tokio::task::spawn_blocking(move || {
-        store.render_metrics(&mut text);
-        text
-    })
-    .await
-    .unwrap_or_default();
+    if let Some(replica) = state.gateway.replica.clone() {
+        // Backend lines may read the local store: off the async runtime.
+        text = tokio::task::spawn_blocking(move || {
+            replica.render_metrics(&mut text);
+            text
+        })
+        .await
+        .unwrap_or_default();
+    }
     let mut response = text.into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -157,7 +158,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 }
 
 /// Per-endpoint gauges: whether it takes traffic, and its breaker state.
-fn render_endpoints(snapshot: &crate::proxy::Snapshot, out: &mut String) {
+fn render_endpoints(snapshot: &Snapshot, out: &mut String) {
     use std::fmt::Write;
     let now = crate::upstream::health::now_ms();
     crate::metrics::describe(
@@ -249,7 +250,7 @@ async fn reload(State(state): State<AdminState>) -> Response {
     }
 }
 
-/// The JSON error body every endpoint uses (DESIGN §4).
+/// The JSON error body every endpoint uses (docs/operations.md).
 #[derive(serde::Serialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     error: ErrorDetail,

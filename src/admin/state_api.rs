@@ -1,11 +1,9 @@
-//! Admin endpoints for plans, consumers and API keys (DESIGN §4). Writes go to the state
+//! Admin endpoints for plans, consumers and API keys (docs/admin-api.md). Writes go to the state
 //! backend first, then to the in-memory tables the proxy reads; a key secret is returned
 //! once, at creation, and never stored or logged.
 // Handlers short-circuit with a ready `Response` as the error; this is the admin path,
 // where the size of that value does not matter.
 #![allow(clippy::result_large_err)]
-
-use std::sync::Arc;
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
@@ -17,8 +15,9 @@ use serde_json::json;
 
 use super::{AdminState, json_error};
 use crate::auth::{KEY_PREFIX, generate_secret, hash_key, unix_now};
-use crate::proxy::{DEFAULT_PLAN, Gateway};
-use crate::state::{ApiKey, Consumer, Plan, StateError};
+use crate::gateway::KeyChange;
+use crate::model::{ApiKey, Consumer, Plan};
+use crate::state::StateError;
 
 fn state_error(error: StateError) -> Response {
     match error {
@@ -45,24 +44,12 @@ fn body<T>(payload: Result<Json<T>, JsonRejection>) -> Result<T, Response> {
         .map_err(|rejection| bad_request(&rejection.body_text()))
 }
 
-/// Runs a blocking backend call off the async runtime.
-async fn blocking<T: Send + 'static>(
-    gateway: &Arc<Gateway>,
-    call: impl FnOnce(&dyn crate::state::StateBackend) -> Result<T, StateError> + Send + 'static,
-) -> Result<T, Response> {
-    let store = gateway.store.clone();
-    tokio::task::spawn_blocking(move || call(store.as_ref()))
-        .await
-        .map_err(|e| state_error(StateError::Backend(e.to_string())))?
-        .map_err(state_error)
-}
-
-fn valid_id(id: &str) -> bool {
-    !id.is_empty()
-        && id.len() <= 128
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'@'))
+/// The answer to a write: `ok` on success, the error's response otherwise.
+fn written(result: Result<(), StateError>, ok: impl FnOnce() -> Response) -> Response {
+    match result {
+        Ok(()) => ok(),
+        Err(error) => state_error(error),
+    }
 }
 
 // ----- plans
@@ -76,26 +63,24 @@ pub struct PlanBody {
     daily: Option<u64>,
     monthly: Option<u64>,
     #[serde(default)]
-    groups: std::collections::BTreeMap<String, crate::state::GroupQuota>,
+    groups: std::collections::BTreeMap<String, crate::model::GroupQuota>,
 }
 
 #[utoipa::path(get, path = "/v1/plans", responses((status = 200, description = "All plans: the file's, and stored ones (which override a file plan of the same name)")))]
 pub async fn list_plans(State(state): State<AdminState>) -> Response {
-    let data = state.gateway.state.lock().await;
-    let plans = state.gateway.effective_plans(&data);
+    let plans = state.gateway.effective_plans();
     Json(json!({ "plans": plans.values().collect::<Vec<_>>() })).into_response()
 }
 
-#[utoipa::path(get, path = "/v1/plans/{name}", params(("name" = String, Path)), responses((status = 200, body = crate::state::Plan), (status = 404, body = super::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/plans/{name}", params(("name" = String, Path)), responses((status = 200, body = crate::model::Plan), (status = 404, body = super::ErrorBody)))]
 pub async fn get_plan(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
-    let data = state.gateway.state.lock().await;
-    match state.gateway.effective_plans(&data).get(&name) {
+    match state.gateway.effective_plans().get(&name) {
         Some(plan) => Json(plan).into_response(),
         None => state_error(StateError::NotFound(format!("plan {name}"))),
     }
 }
 
-#[utoipa::path(post, path = "/v1/plans", request_body = PlanBody, responses((status = 201, body = crate::state::Plan), (status = 400, body = super::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/plans", request_body = PlanBody, responses((status = 201, body = crate::model::Plan), (status = 400, body = super::ErrorBody)))]
 pub async fn create_plan(State(state): State<AdminState>, payload: Result<Json<PlanBody>, JsonRejection>) -> Response {
     let plan = match body(payload) {
         Ok(plan) => plan,
@@ -107,7 +92,7 @@ pub async fn create_plan(State(state): State<AdminState>, payload: Result<Json<P
     save_plan(&state, name, plan, StatusCode::CREATED).await
 }
 
-#[utoipa::path(put, path = "/v1/plans/{name}", params(("name" = String, Path)), request_body = PlanBody, responses((status = 200, body = crate::state::Plan), (status = 400, body = super::ErrorBody)))]
+#[utoipa::path(put, path = "/v1/plans/{name}", params(("name" = String, Path)), request_body = PlanBody, responses((status = 200, body = crate::model::Plan), (status = 400, body = super::ErrorBody)))]
 pub async fn put_plan(
     State(state): State<AdminState>,
     Path(name): Path<String>,
@@ -120,7 +105,7 @@ pub async fn put_plan(
 }
 
 async fn save_plan(state: &AdminState, name: String, body: PlanBody, status: StatusCode) -> Response {
-    if !valid_id(&name) {
+    if !crate::gateway::valid_id(&name) {
         return bad_request("field `name`: use letters, digits, '-', '_', '.' (at most 128)");
     }
     if body.name.as_ref().is_some_and(|n| *n != name) {
@@ -137,28 +122,17 @@ async fn save_plan(state: &AdminState, name: String, body: PlanBody, status: Sta
     if plan.rate_per_second == Some(0) {
         return bad_request("field `rate_per_second`: must be at least 1 (omit it for no rate limit)");
     }
-    let mut data = state.gateway.state.lock().await;
-    let stored = plan.clone();
-    if let Err(response) = blocking(&state.gateway, move |s| s.put_plan(&stored)).await {
-        return response;
-    }
-    data.plans.insert(plan.name.clone(), plan.clone());
-    state.gateway.rebuild_plans(&data);
-    (status, Json(plan)).into_response()
+    let saved = plan.clone();
+    written(state.gateway.put_plan(plan).await, || {
+        (status, Json(saved)).into_response()
+    })
 }
 
 #[utoipa::path(delete, path = "/v1/plans/{name}", params(("name" = String, Path)), responses((status = 204, description = "Deleted"), (status = 404, body = super::ErrorBody)))]
 pub async fn delete_plan(State(state): State<AdminState>, Path(name): Path<String>) -> Response {
-    let mut data = state.gateway.state.lock().await;
-    let target = name.clone();
-    match blocking(&state.gateway, move |s| s.delete_plan(&target)).await {
-        Ok(()) => {
-            data.plans.remove(&name);
-            state.gateway.rebuild_plans(&data);
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Err(response) => response,
-    }
+    written(state.gateway.delete_plan(&name).await, || {
+        StatusCode::NO_CONTENT.into_response()
+    })
 }
 
 // ----- consumers
@@ -172,19 +146,18 @@ pub struct ConsumerBody {
 
 #[utoipa::path(get, path = "/v1/consumers", responses((status = 200, description = "All consumers")))]
 pub async fn list_consumers(State(state): State<AdminState>) -> Response {
-    let data = state.gateway.state.lock().await;
-    Json(json!({ "consumers": data.consumers.values().collect::<Vec<_>>() })).into_response()
+    Json(json!({ "consumers": state.gateway.consumers() })).into_response()
 }
 
-#[utoipa::path(get, path = "/v1/consumers/{id}", params(("id" = String, Path)), responses((status = 200, body = crate::state::Consumer), (status = 404, body = super::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/consumers/{id}", params(("id" = String, Path)), responses((status = 200, body = crate::model::Consumer), (status = 404, body = super::ErrorBody)))]
 pub async fn get_consumer(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
-    match state.gateway.state.lock().await.consumers.get(&id) {
+    match state.gateway.consumer(&id) {
         Some(consumer) => Json(consumer).into_response(),
         None => state_error(StateError::NotFound(format!("consumer {id}"))),
     }
 }
 
-#[utoipa::path(post, path = "/v1/consumers", request_body = ConsumerBody, responses((status = 201, body = crate::state::Consumer), (status = 400, body = super::ErrorBody), (status = 409, body = super::ErrorBody)))]
+#[utoipa::path(post, path = "/v1/consumers", request_body = ConsumerBody, responses((status = 201, body = crate::model::Consumer), (status = 400, body = super::ErrorBody), (status = 409, body = super::ErrorBody)))]
 pub async fn create_consumer(
     State(state): State<AdminState>,
     payload: Result<Json<ConsumerBody>, JsonRejection>,
@@ -193,7 +166,7 @@ pub async fn create_consumer(
         Ok(body) => body,
         Err(response) => return response,
     };
-    if !valid_id(&body.id) {
+    if !crate::gateway::valid_id(&body.id) {
         return bad_request("field `id`: use letters, digits, '-', '_', '.', '@' (at most 128)");
     }
     let consumer = Consumer {
@@ -201,13 +174,10 @@ pub async fn create_consumer(
         plan: body.plan,
         created_at: unix_now(),
     };
-    let mut data = state.gateway.state.lock().await;
-    let stored = consumer.clone();
-    if let Err(response) = blocking(&state.gateway, move |s| s.create_consumer(&stored)).await {
-        return response;
-    }
-    data.consumers.insert(consumer.id.clone(), consumer.clone());
-    (StatusCode::CREATED, Json(consumer)).into_response()
+    let created = consumer.clone();
+    written(state.gateway.create_consumer(consumer).await, || {
+        (StatusCode::CREATED, Json(created)).into_response()
+    })
 }
 
 /// `null` and absent differ for PATCH: `"plan": null` clears the plan.
@@ -223,7 +193,7 @@ pub struct ConsumerPatch {
     plan: Option<Option<String>>,
 }
 
-#[utoipa::path(patch, path = "/v1/consumers/{id}", params(("id" = String, Path)), request_body = ConsumerPatch, responses((status = 200, body = crate::state::Consumer), (status = 404, body = super::ErrorBody)))]
+#[utoipa::path(patch, path = "/v1/consumers/{id}", params(("id" = String, Path)), request_body = ConsumerPatch, responses((status = 200, body = crate::model::Consumer), (status = 404, body = super::ErrorBody)))]
 pub async fn update_consumer(
     State(state): State<AdminState>,
     Path(id): Path<String>,
@@ -233,45 +203,17 @@ pub async fn update_consumer(
         Ok(patch) => patch,
         Err(response) => return response,
     };
-    let mut data = state.gateway.state.lock().await;
-    let Some(mut consumer) = data.consumers.get(&id).cloned() else {
-        return state_error(StateError::NotFound(format!("consumer {id}")));
-    };
-    if let Some(plan) = patch.plan {
-        consumer.plan = plan;
+    match state.gateway.set_consumer_plan(&id, patch.plan).await {
+        Ok(consumer) => Json(consumer).into_response(),
+        Err(error) => state_error(error),
     }
-    let stored = consumer.clone();
-    if let Err(response) = blocking(&state.gateway, move |s| s.update_consumer(&stored)).await {
-        return response;
-    }
-    data.consumers.insert(id.clone(), consumer.clone());
-    // Keys without a plan of their own follow the consumer's; usage stays with the keys.
-    match blocking(&state.gateway, move |s| s.consumer_keys(&id)).await {
-        Ok(keys) => keys
-            .iter()
-            .for_each(|key| state.gateway.keys.upsert(key, &data, DEFAULT_PLAN)),
-        Err(response) => return response,
-    }
-    Json(consumer).into_response()
 }
 
 #[utoipa::path(delete, path = "/v1/consumers/{id}", params(("id" = String, Path)), responses((status = 204, description = "Deleted; its keys are revoked"), (status = 404, body = super::ErrorBody)))]
 pub async fn delete_consumer(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
-    let mut data = state.gateway.state.lock().await;
-    let target = id.clone();
-    if let Err(response) = blocking(&state.gateway, move |s| s.delete_consumer(&target)).await {
-        return response;
-    }
-    data.consumers.remove(&id);
-    let owner = id.clone();
-    match blocking(&state.gateway, move |s| s.consumer_keys(&owner)).await {
-        // The consumer is gone from `data`, so its keys load as revoked.
-        Ok(keys) => keys
-            .iter()
-            .for_each(|key| state.gateway.keys.upsert(key, &data, DEFAULT_PLAN)),
-        Err(response) => return response,
-    }
-    StatusCode::NO_CONTENT.into_response()
+    written(state.gateway.delete_consumer(&id).await, || {
+        StatusCode::NO_CONTENT.into_response()
+    })
 }
 
 // ----- keys
@@ -351,32 +293,27 @@ pub async fn create_key(State(state): State<AdminState>, payload: Result<Json<Ke
         allowed_routes: body.routes,
         revoked: false,
     };
-    let data = state.gateway.state.lock().await;
-    let stored = key.clone();
-    if let Err(response) = blocking(&state.gateway, move |s| s.create_key(&stored)).await {
-        return response;
-    }
-    state.gateway.keys.upsert(&key, &data, DEFAULT_PLAN);
     let mut shown = serde_json::to_value(view(&key)).unwrap_or_default();
     shown["key"] = json!(secret);
-    (StatusCode::CREATED, Json(shown)).into_response()
+    written(state.gateway.create_key(key).await, || {
+        (StatusCode::CREATED, Json(shown)).into_response()
+    })
 }
 
 #[utoipa::path(get, path = "/v1/keys/{id}", params(("id" = String, Path)), responses((status = 200, body = KeyView), (status = 404, body = super::ErrorBody)))]
 pub async fn get_key(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
-    let target = id.clone();
-    match blocking(&state.gateway, move |s| s.get_key(&target)).await {
+    match state.gateway.get_key(&id).await {
         Ok(Some(key)) => Json(view(&key)).into_response(),
         Ok(None) => state_error(StateError::NotFound(format!("key {id}"))),
-        Err(response) => response,
+        Err(error) => state_error(error),
     }
 }
 
 #[utoipa::path(get, path = "/v1/keys", responses((status = 200, description = "All keys, without secrets")))]
 pub async fn list_keys(State(state): State<AdminState>) -> Response {
-    match blocking(&state.gateway, |s| s.list_keys()).await {
+    match state.gateway.list_keys().await {
         Ok(keys) => Json(json!({ "keys": keys.iter().map(view).collect::<Vec<_>>() })).into_response(),
-        Err(response) => response,
+        Err(error) => state_error(error),
     }
 }
 
@@ -404,49 +341,20 @@ pub async fn update_key(
         Ok(patch) => patch,
         Err(response) => return response,
     };
-    let data = state.gateway.state.lock().await;
-    let target = id.clone();
-    let updated = blocking(&state.gateway, move |s| {
-        let mut key = s
-            .get_key(&target)?
-            .ok_or_else(|| StateError::NotFound(format!("key {target}")))?;
-        if let Some(plan) = patch.plan {
-            key.plan = plan;
-        }
-        if let Some(expires_at) = patch.expires_at {
-            key.expires_at = expires_at;
-        }
-        if let Some(routes) = patch.routes {
-            key.allowed_routes = routes;
-        }
-        s.update_key(&key)?;
-        Ok(key)
-    })
-    .await;
-    match updated {
-        Ok(key) => {
-            state.gateway.keys.upsert(&key, &data, DEFAULT_PLAN);
-            Json(view(&key)).into_response()
-        }
-        Err(response) => response,
+    let change = KeyChange {
+        plan: patch.plan,
+        expires_at: patch.expires_at,
+        routes: patch.routes,
+    };
+    match state.gateway.update_key(&id, change).await {
+        Ok(key) => Json(view(&key)).into_response(),
+        Err(error) => state_error(error),
     }
 }
 
 #[utoipa::path(delete, path = "/v1/keys/{id}", params(("id" = String, Path)), responses((status = 204, description = "Revoked"), (status = 404, body = super::ErrorBody)))]
 pub async fn revoke_key(State(state): State<AdminState>, Path(id): Path<String>) -> Response {
-    let data = state.gateway.state.lock().await;
-    let target = id.clone();
-    let revoked = blocking(&state.gateway, move |s| {
-        s.revoke_key(&target)?;
-        s.get_key(&target)
+    written(state.gateway.revoke_key(&id).await, || {
+        StatusCode::NO_CONTENT.into_response()
     })
-    .await;
-    match revoked {
-        Ok(Some(key)) => {
-            state.gateway.keys.upsert(&key, &data, DEFAULT_PLAN);
-            StatusCode::NO_CONTENT.into_response()
-        }
-        Ok(None) => state_error(StateError::NotFound(format!("key {id}"))),
-        Err(response) => response,
-    }
 }

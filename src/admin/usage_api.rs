@@ -1,4 +1,4 @@
-//! Usage reports (DESIGN §4): `GET /v1/usage` and `GET /v1/usage/top`, as JSON or CSV.
+//! Usage reports (docs/admin-api.md): `GET /v1/usage` and `GET /v1/usage/top`, as JSON or CSV.
 //! A report first flushes this node's counters, so it includes every admitted request.
 // Handlers short-circuit with a ready `Response` as the error (admin path; size is moot).
 #![allow(clippy::result_large_err)]
@@ -31,18 +31,7 @@ async fn rows(state: &AdminState, query: &UsageQuery) -> Result<Vec<ReportRow>, 
             "the usage store is unavailable",
         )
     };
-    state.gateway.usage.flush().await.map_err(|e| unavailable(&e))?;
-    let store = state.gateway.store.clone();
-    let query = query.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut stored = Vec::new();
-        store
-            .scan_usage(&query.scan, &mut |row| stored.push(row))
-            .map(|()| report::aggregate(stored, &query))
-    })
-    .await
-    .map_err(|e| unavailable(&e))?
-    .map_err(|e| unavailable(&e))
+    state.gateway.usage.report(query).await.map_err(|e| unavailable(&e))
 }
 
 fn render(query: &UsageQuery, rows: Vec<ReportRow>) -> Response {

@@ -57,7 +57,7 @@ fn default_consumer_claim() -> String {
 }
 fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let text = String::deserialize(d)?;
-    crate::config::schema::parse_duration(&text)
+    crate::base::time::parse_duration(&text)
         .map(|d: Duration| d.as_secs())
         .map_err(serde::de::Error::custom)
 }

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 pub use client_ip::{client_ip, referer_host};
 
-use crate::state::{ApiKey, StateData};
+use crate::model::{ApiKey, StateData};
 
 /// Readable start of every secret, so leaked keys are recognisable (and scannable).
 pub const KEY_PREFIX: &str = "tg_live_";
@@ -208,7 +208,7 @@ pub fn authenticate(table: &KeyTable, presented: Option<&str>, route: &str, now:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::Consumer;
+    use crate::model::Consumer;
 
     fn load(table: &KeyTable, (data, keys): &(StateData, Vec<ApiKey>)) {
         table

@@ -40,10 +40,7 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
     let upstream = start_example_upstream().await?;
     let dir = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let token = crate::proxy::headers::new_request_id()
-        .to_str()
-        .unwrap_or("demo")
-        .to_string();
+    let token = crate::base::new_request_id().to_str().unwrap_or("demo").to_string();
     let config_path = dir.join("tollgate.toml");
     std::fs::write(
         &config_path,
@@ -321,7 +318,7 @@ fn example_api(req: &Request<Incoming>) -> Response<Full<Bytes>> {
         .next()
         .filter(|s| s.parse::<std::net::IpAddr>().is_ok())
     else {
-        let body = crate::proxy::error_body("invalid_ip", "expected /v1/lookup/{ip}", "");
+        let body = crate::base::error_body("invalid_ip", "expected /v1/lookup/{ip}", "");
         let mut response = Response::new(Full::new(body));
         *response.status_mut() = StatusCode::BAD_REQUEST;
         return response;

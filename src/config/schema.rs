@@ -477,7 +477,7 @@ pub struct PlanSection {
     pub monthly: Option<u64>,
     /// Quotas of route groups, by group name.
     #[serde(default)]
-    pub groups: BTreeMap<String, crate::state::GroupQuota>,
+    pub groups: BTreeMap<String, crate::model::GroupQuota>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -514,7 +514,7 @@ fn default_anonymous_retention() -> Duration {
     Duration::from_secs(35 * 86_400)
 }
 
-/// Global mode: keys, plans and usage shared through NATS JetStream (DESIGN §2.2).
+/// Global mode: keys, plans and usage shared through NATS JetStream (docs/multi-region.md).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSection {

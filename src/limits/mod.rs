@@ -114,7 +114,7 @@ impl PlanLimits {
 
 impl PlanLimits {
     /// `rate_share`: how many nodes share the plan's rate limit (1 unless `divide_rate`).
-    pub fn from_plan(plan: &crate::state::Plan, rate_share: u32, decisions: Arc<PlanDecisions>) -> PlanLimits {
+    pub fn from_plan(plan: &crate::model::Plan, rate_share: u32, decisions: Arc<PlanDecisions>) -> PlanLimits {
         PlanLimits {
             name: plan.name.as_str().into(),
             rate: plan

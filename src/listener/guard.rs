@@ -6,12 +6,11 @@
 //! `idle_timeout`. Bytes pass through unchanged; the guard only watches them.
 //!
 //! The guard knows where a head starts because the response of the previous request
-//! signals [`ConnPhase::response_finished`] when hyper is done with it.
+//! signals `ConnPhase::response_finished` when hyper is done with it.
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -19,50 +18,12 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
-use crate::proxy::deadline::Deadline;
-use crate::proxy::{ErrorKind, headers::new_request_id, raw_error_response};
-
-const AWAITING_HEAD: u8 = 0;
-const IN_REQUEST: u8 = 1;
-const UNGUARDED: u8 = 2;
+use crate::base::Deadline;
+use crate::base::{ConnPhase, ErrorKind, Phase, new_request_id, raw_error_response};
 
 /// How long a rejected connection is drained so the client reads the error before the close.
 const LINGER: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 256 * 1024;
-
-/// Where an HTTP/1 connection is between requests, shared by the guard and the responses.
-#[derive(Debug)]
-pub struct ConnPhase {
-    state: AtomicU8,
-    /// The guard's read, woken when a response finishes: hyper may already be waiting for
-    /// the next head, and the guard must start its idle and park timers.
-    reader: atomic_waker::AtomicWaker,
-}
-
-impl ConnPhase {
-    pub fn new() -> Arc<Self> {
-        Arc::new(ConnPhase {
-            state: AtomicU8::new(AWAITING_HEAD),
-            reader: atomic_waker::AtomicWaker::new(),
-        })
-    }
-
-    /// The response was written out: the next bytes start a new request head.
-    pub fn response_finished(&self) {
-        if self
-            .state
-            .compare_exchange(IN_REQUEST, AWAITING_HEAD, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.reader.wake();
-        }
-    }
-
-    /// The connection switched protocols (WebSocket): stop watching it.
-    pub fn upgraded(&self) {
-        self.state.store(UNGUARDED, Ordering::Release);
-    }
-}
 
 #[derive(Debug, Clone, Copy)]
 pub struct HeadLimits {
@@ -224,7 +185,7 @@ impl GuardedStream {
             return Some(ErrorKind::HeadersTooLarge);
         }
         self.state = State::Passing;
-        self.phase.state.store(IN_REQUEST, Ordering::Release);
+        self.phase.request_started();
         let mut has_body = match check_head(head) {
             Ok(has_body) => has_body,
             Err(kind) => return Some(kind),
@@ -301,10 +262,8 @@ impl AsyncRead for GuardedStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if matches!(this.state, State::Passing) {
-            // Register before looking, so a response finishing in between still wakes us.
-            this.phase.reader.register(cx.waker());
-            match this.phase.state.load(Ordering::Acquire) {
-                AWAITING_HEAD if this.pipelined.is_empty() => {
+            match this.phase.watch(cx.waker()) {
+                Phase::AwaitingHead if this.pipelined.is_empty() => {
                     let now = Instant::now();
                     this.state = State::Waiting { first: false };
                     this.idle_until = now + this.limits.idle_timeout;
@@ -316,13 +275,13 @@ impl AsyncRead for GuardedStream {
                     };
                     this.timer.set(wake_at);
                 }
-                AWAITING_HEAD => {
+                Phase::AwaitingHead => {
                     this.state = State::Head;
                     this.head = std::mem::take(&mut this.pipelined);
                     this.timer.set(Instant::now() + this.limits.header_read_timeout);
                 }
-                UNGUARDED => this.state = State::Unguarded,
-                _ => {}
+                Phase::Unguarded => this.state = State::Unguarded,
+                Phase::InRequest => {}
             }
         }
         match this.state {

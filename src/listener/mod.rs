@@ -17,9 +17,12 @@ use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
-pub use guard::{ConnPhase, GuardedStream, HeadLimits, ParkSlot};
+pub use guard::{GuardedStream, HeadLimits, ParkSlot};
 
-use crate::proxy::{ConnInfo, Gateway, Worker};
+use crate::base::{ConnPhase, stopped};
+
+use crate::gateway::Gateway;
+use crate::proxy::{ConnInfo, Worker};
 
 /// Binds `workers` sockets per address with `SO_REUSEPORT`. Port 0 is resolved by the first
 /// bind and reused for the rest, so all workers share one port.
@@ -238,9 +241,4 @@ fn park_slot(enabled: bool) -> (Option<guard::ParkSlot>, Option<Parked>) {
     }
     let (tx, rx) = tokio::sync::oneshot::channel();
     (Some(tx), Some(rx))
-}
-
-/// Resolves once `shutdown` turns true (or its sender is gone).
-pub async fn stopped(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|stop| *stop).await;
 }

@@ -11,8 +11,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::base::ErrorKind;
 use crate::limits::PlanDecisions;
-use crate::proxy::ErrorKind;
 
 pub const REQUESTS_TOTAL: &str = "tollgate_requests_total";
 pub const REQUEST_DURATION: &str = "tollgate_request_duration_seconds";
@@ -26,6 +26,7 @@ pub const USAGE_COUNTERS: &str = "tollgate_usage_counters";
 pub const USAGE_FLUSH_DURATION: &str = "tollgate_usage_flush_duration_seconds";
 pub const USAGE_FLUSHES_TOTAL: &str = "tollgate_usage_flushes_total";
 pub const USAGE_ROWS_WRITTEN_TOTAL: &str = "tollgate_usage_rows_written_total";
+pub const USAGE_ROWS_ABANDONED_TOTAL: &str = "tollgate_usage_rows_abandoned_total";
 
 /// Upper bounds of the latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -113,14 +114,22 @@ pub struct UpstreamMetrics {
     retry_budget_exhausted: AtomicU64,
 }
 
+/// An endpoint's health change, as counted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthEvent {
+    Ejected,
+    Restored,
+    ActiveDown,
+    ActiveUp,
+}
+
 impl UpstreamMetrics {
-    pub fn record_transition(&self, transition: crate::upstream::health::Transition) {
-        use crate::upstream::health::Transition;
-        let counter = match transition {
-            Transition::Ejected { .. } => &self.ejections,
-            Transition::Restored => &self.restorations,
-            Transition::ActiveDown => &self.active_down,
-            Transition::ActiveUp => &self.active_up,
+    pub fn record_health(&self, event: HealthEvent) {
+        let counter = match event {
+            HealthEvent::Ejected => &self.ejections,
+            HealthEvent::Restored => &self.restorations,
+            HealthEvent::ActiveDown => &self.active_down,
+            HealthEvent::ActiveUp => &self.active_up,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -164,6 +173,7 @@ pub struct UsageMetrics {
     flushes_ok: AtomicU64,
     flushes_failed: AtomicU64,
     rows_written: AtomicU64,
+    rows_abandoned: AtomicU64,
     duration: Histogram,
 }
 
@@ -181,6 +191,11 @@ impl UsageMetrics {
             Err(()) => drop(self.flushes_failed.fetch_add(1, Ordering::Relaxed)),
         }
         self.duration.observe(took);
+    }
+
+    /// Rows given up at shutdown (a forced stop while the store kept failing).
+    pub fn abandoned(&self, rows: usize) {
+        self.rows_abandoned.fetch_add(rows as u64, Ordering::Relaxed);
     }
 }
 
@@ -419,6 +434,17 @@ impl Metrics {
             out,
             "{USAGE_ROWS_WRITTEN_TOTAL} {}",
             u.rows_written.load(Ordering::Relaxed)
+        );
+        describe(
+            out,
+            USAGE_ROWS_ABANDONED_TOTAL,
+            "counter",
+            "Counter slots not written because a forced stop ended the final flush.",
+        );
+        let _ = writeln!(
+            out,
+            "{USAGE_ROWS_ABANDONED_TOTAL} {}",
+            u.rows_abandoned.load(Ordering::Relaxed)
         );
         describe(
             out,

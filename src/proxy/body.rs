@@ -10,46 +10,11 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
-use super::client::PooledConn;
-use super::deadline::Deadline;
-
-use crate::listener::ConnPhase;
+use crate::base::{ConnPhase, Deadline};
 use crate::upstream::InflightGuard;
+use crate::upstream::client::PooledConn;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The body of a request sent upstream: the client's, streamed, or none (a retry of a
-/// request that had no body is rebuilt from its head).
-pub enum RequestBody {
-    Client(Incoming),
-    Empty,
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            RequestBody::Client(body) => Pin::new(body).poll_frame(cx),
-            RequestBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Client(body) => body.is_end_stream(),
-            RequestBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Client(body) => body.size_hint(),
-            RequestBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
 
 /// A response body, plus what must live exactly as long as it: the endpoint's in-flight
 /// count and the connection's "response finished" signal.

@@ -1,231 +1,30 @@
-//! The one error type of the request path, and the one place that maps it to HTTP.
-
-use std::fmt;
+//! The one place where a request-path error becomes the client's response: the status of
+//! its kind and the JSON body of docs/operations.md ("What callers see").
 
 use bytes::Bytes;
-use http::{HeaderValue, Response, StatusCode, header};
+use http::{HeaderValue, Response, header};
 
 use super::body::ProxyBody;
-use crate::limits::{Now, RejectKind, Rejection, window};
-
-/// Who caused a failure: decides logging level and which metric counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorSource {
-    Client,
-    Upstream,
-    Internal,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ErrorKind {
-    /// No route matches host, path and method.
-    RouteNotFound,
-    MissingCredentials,
-    InvalidApiKey,
-    /// A bearer JWT was refused; the reason goes into the message.
-    InvalidToken(&'static str),
-    KeyRevoked,
-    KeyExpired,
-    RouteNotAllowed,
-    /// The plan's rate limit (GCRA) refused the request.
-    RateLimited,
-    /// A daily or monthly quota of the plan is used up.
-    QuotaExceeded,
-    /// Malformed request (e.g. both `Content-Length` and `Transfer-Encoding`).
-    BadRequest,
-    /// The request head did not arrive within `server.header_read_timeout`.
-    HeaderTimeout,
-    /// The request head is larger than `server.max_header_bytes`.
-    HeadersTooLarge,
-    /// The pool has no endpoint with an address to send to.
-    NoEndpoint,
-    /// The key is not known here and the shared state (NATS) cannot be asked.
-    StateUnavailable,
-    /// The pool's `max_requests` are all in flight.
-    UpstreamOverloaded,
-    /// The TCP connection to the endpoint was refused or failed.
-    UpstreamConnect,
-    /// Connecting, or waiting for the response head, took longer than configured.
-    UpstreamTimeout,
-    /// The endpoint closed or broke the exchange, or answered with invalid HTTP.
-    UpstreamProtocol,
-    Internal,
-}
-
-impl ErrorKind {
-    pub fn status(self) -> StatusCode {
-        match self {
-            ErrorKind::RouteNotFound => StatusCode::NOT_FOUND,
-            ErrorKind::MissingCredentials | ErrorKind::InvalidApiKey | ErrorKind::InvalidToken(_) => {
-                StatusCode::UNAUTHORIZED
-            }
-            ErrorKind::KeyRevoked | ErrorKind::KeyExpired | ErrorKind::RouteNotAllowed => StatusCode::FORBIDDEN,
-            ErrorKind::RateLimited | ErrorKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
-            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
-            ErrorKind::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
-            ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            ErrorKind::NoEndpoint | ErrorKind::StateUnavailable | ErrorKind::UpstreamOverloaded => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ErrorKind::UpstreamConnect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
-            ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
-    /// The stable machine-readable code in the JSON error body.
-    pub fn code(self) -> &'static str {
-        match self {
-            ErrorKind::RouteNotFound => "route_not_found",
-            ErrorKind::MissingCredentials => "missing_credentials",
-            ErrorKind::InvalidApiKey => "invalid_api_key",
-            ErrorKind::InvalidToken(_) => "invalid_token",
-            ErrorKind::KeyRevoked => "key_revoked",
-            ErrorKind::KeyExpired => "key_expired",
-            ErrorKind::RouteNotAllowed => "route_not_allowed",
-            ErrorKind::RateLimited => "rate_limited",
-            ErrorKind::QuotaExceeded => "quota_exceeded",
-            ErrorKind::BadRequest => "bad_request",
-            ErrorKind::HeaderTimeout => "request_timeout",
-            ErrorKind::HeadersTooLarge => "headers_too_large",
-            ErrorKind::NoEndpoint => "upstream_unavailable",
-            ErrorKind::StateUnavailable => "state_unavailable",
-            ErrorKind::UpstreamOverloaded => "upstream_overloaded",
-            ErrorKind::UpstreamConnect => "upstream_connect_failed",
-            ErrorKind::UpstreamTimeout => "upstream_timeout",
-            ErrorKind::UpstreamProtocol => "upstream_error",
-            ErrorKind::Internal => "internal_error",
-        }
-    }
-
-    pub fn message(self) -> &'static str {
-        match self {
-            ErrorKind::RouteNotFound => "no route matches this host, path and method",
-            ErrorKind::MissingCredentials => "an API key is required (X-API-Key, Authorization: Bearer, or ?api_key=)",
-            ErrorKind::InvalidApiKey => "the API key is not valid",
-            ErrorKind::InvalidToken(reason) => reason,
-            ErrorKind::KeyRevoked => "the API key has been revoked",
-            ErrorKind::KeyExpired => "the API key has expired",
-            ErrorKind::RouteNotAllowed => "the API key may not call this route",
-            ErrorKind::RateLimited => "too many requests; slow down",
-            ErrorKind::QuotaExceeded => "the plan's quota is used up",
-            ErrorKind::BadRequest => "malformed request",
-            ErrorKind::HeaderTimeout => "the request head was not received in time",
-            ErrorKind::HeadersTooLarge => "request headers are too large",
-            ErrorKind::NoEndpoint => "no upstream endpoint is available",
-            ErrorKind::UpstreamOverloaded => "the upstream pool is at its limit of requests in flight",
-            ErrorKind::StateUnavailable => "the key cannot be checked right now (shared state unreachable); retry",
-            ErrorKind::UpstreamConnect => "could not connect to the upstream",
-            ErrorKind::UpstreamTimeout => "the upstream did not answer in time",
-            ErrorKind::UpstreamProtocol => "the upstream failed to answer",
-            ErrorKind::Internal => "internal error",
-        }
-    }
-
-    pub fn source(self) -> ErrorSource {
-        match self {
-            ErrorKind::RouteNotFound
-            | ErrorKind::MissingCredentials
-            | ErrorKind::InvalidApiKey
-            | ErrorKind::InvalidToken(_)
-            | ErrorKind::KeyRevoked
-            | ErrorKind::KeyExpired
-            | ErrorKind::RouteNotAllowed
-            | ErrorKind::RateLimited
-            | ErrorKind::QuotaExceeded
-            | ErrorKind::BadRequest
-            | ErrorKind::HeaderTimeout
-            | ErrorKind::HeadersTooLarge => ErrorSource::Client,
-            ErrorKind::NoEndpoint
-            | ErrorKind::UpstreamOverloaded
-            | ErrorKind::UpstreamConnect
-            | ErrorKind::UpstreamTimeout
-            | ErrorKind::UpstreamProtocol => ErrorSource::Upstream,
-            ErrorKind::Internal | ErrorKind::StateUnavailable => ErrorSource::Internal,
-        }
-    }
-}
-
-/// An error on the request path: what went wrong and, optionally, the underlying cause.
-#[derive(Debug)]
-pub struct ProxyError {
-    pub kind: ErrorKind,
-    pub cause: Option<Box<dyn std::error::Error + Send + Sync>>,
-    /// For 429s: which limit refused, and until when.
-    pub rejection: Option<Box<Rejection>>,
-}
-
-impl ProxyError {
-    pub fn new(kind: ErrorKind) -> Self {
-        ProxyError {
-            kind,
-            cause: None,
-            rejection: None,
-        }
-    }
-
-    pub fn with_cause(kind: ErrorKind, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
-        ProxyError {
-            kind,
-            cause: Some(cause.into()),
-            rejection: None,
-        }
-    }
-
-    pub fn limited(rejection: Rejection) -> Self {
-        let kind = match rejection.kind {
-            RejectKind::RateLimited => ErrorKind::RateLimited,
-            RejectKind::QuotaExceeded => ErrorKind::QuotaExceeded,
-        };
-        ProxyError {
-            kind,
-            cause: None,
-            rejection: Some(Box::new(rejection)),
-        }
-    }
-}
-
-impl fmt::Display for ProxyError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.kind.code())?;
-        if let Some(cause) = &self.cause {
-            write!(f, ": {cause}")?;
-            let mut source = cause.source();
-            while let Some(inner) = source {
-                write!(f, ": {inner}")?;
-                source = inner.source();
-            }
-        }
-        Ok(())
-    }
-}
-
-impl std::error::Error for ProxyError {}
-
-/// `{"error": {"code": ..., "message": ..., "request_id": ...}}` (DESIGN §4).
-pub fn error_body(code: &str, message: &str, request_id: &str) -> Bytes {
-    let body = serde_json::json!({
-        "error": { "code": code, "message": message, "request_id": request_id }
-    });
-    Bytes::from(body.to_string())
-}
+use crate::base::{ErrorKind, error_body};
+use crate::limits::{LimitStatus, Now, window};
 
 /// A 429: the error body names the limit, how many requests it allows, and when it resets
-/// (DESIGN §4); `Retry-After` is set by the response phase with the `RateLimit` headers.
+/// (docs/operations.md); `Retry-After` is set by the response phase with the `RateLimit`
+/// headers. `status` is the limit that refused, `retry_after` in seconds.
 pub fn limit_response(
     kind: ErrorKind,
-    rejection: &Rejection,
+    status: &LimitStatus,
+    retry_after: u64,
     now: Now,
     request_id: &HeaderValue,
 ) -> Response<ProxyBody> {
-    let status = &rejection.status;
     let policy = status.name.policy();
-    let message = match rejection.kind {
-        RejectKind::RateLimited => format!(
+    let message = match kind {
+        ErrorKind::RateLimited => format!(
             "rate limit of {} requests per {} s exceeded; retry in {} s",
-            status.quota, status.window_secs, rejection.retry_after
+            status.quota, status.window_secs, retry_after
         ),
-        RejectKind::QuotaExceeded => format!(
+        _ => format!(
             "{policy} quota of {} requests is used up; it resets at {}",
             status.quota,
             window::format_timestamp(now.secs() + status.reset_secs)
@@ -240,8 +39,8 @@ pub fn limit_response(
             "window": status.name.window(),
             "limit": status.quota,
             "remaining": 0,
-            "reset": window::format_timestamp(now.secs() + rejection.retry_after),
-            "retry_after": rejection.retry_after,
+            "reset": window::format_timestamp(now.secs() + retry_after),
+            "retry_after": retry_after,
         }
     });
     let mut response = Response::new(ProxyBody::full(Bytes::from(body.to_string())));
@@ -261,21 +60,4 @@ pub fn error_response(kind: ErrorKind, request_id: &HeaderValue) -> Response<Pro
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     headers.insert(&super::headers::X_REQUEST_ID, request_id.clone());
     response
-}
-
-/// The same response as raw HTTP/1.1 bytes, for errors found before hyper parses a
-/// request (slow or oversized heads); the connection is closed after it.
-pub fn raw_error_response(kind: ErrorKind, request_id: &str) -> Vec<u8> {
-    let body = error_body(kind.code(), kind.message(), request_id);
-    let status = kind.status();
-    let mut out = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\nconnection: close\r\n\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        body.len(),
-        request_id
-    )
-    .into_bytes();
-    out.extend_from_slice(&body);
-    out
 }

@@ -5,6 +5,9 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::base::new_request_id;
+use crate::limits::LimitStatus;
+
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -58,7 +61,7 @@ static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) for one
 /// limit, and `Retry-After` on a refusal.
-pub fn insert_rate_limit(headers: &mut HeaderMap, status: &crate::limits::LimitStatus, retry_after: Option<u64>) {
+pub fn insert_rate_limit(headers: &mut HeaderMap, status: &LimitStatus, retry_after: Option<u64>) {
     let name = status.name.policy();
     let policy = format!("\"{name}\";q={};w={}", status.quota, status.window_secs);
     let current = format!("\"{name}\";r={};t={}", status.remaining, status.reset_secs);
@@ -161,20 +164,6 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
         }
     }
     new_request_id()
-}
-
-/// 128 random bits as 32 hex digits. Uses the thread-local fast generator: ids need to be
-/// unique, not unpredictable, and a syscall per request would cost more than the proxying.
-pub fn new_request_id() -> HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits = fastrand::u128(..);
-    let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
-    }
-    // An owned array: the id is cloned into the upstream request and the response, and
-    // clones of owner-backed bytes only bump a count.
-    HeaderValue::from_maybe_shared(bytes::Bytes::from_owner(out)).unwrap_or_else(|_| HeaderValue::from_static("0"))
 }
 
 #[cfg(test)]

@@ -5,9 +5,9 @@ use std::sync::Mutex;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{ApiKey, Consumer, Plan, StateBackend, StateData, StateError};
+use super::{Catalog, StateError, UsageStore};
+use crate::model::{ApiKey, Consumer, Plan, Scope, StateData, StoredRow, UsageRow};
 use crate::usage::report::{ScopeFilter, UsageScan};
-use crate::usage::{StoredRow, UsageRow};
 
 pub struct SqliteBackend {
     // Admin writes are rare and run on the blocking pool; one connection is enough for
@@ -19,6 +19,18 @@ pub struct SqliteBackend {
 }
 
 const KEY_COLUMNS: &str = "id, consumer, plan, hash, prefix, created_at, expires_at, allowed_routes, revoked";
+
+/// A stored scope (`""`, `route:NAME`, `group:NAME`) read back.
+fn scope_at(r: &rusqlite::Row<'_>, index: usize) -> rusqlite::Result<Scope> {
+    let text: String = r.get(index)?;
+    Scope::parse(&text).ok_or_else(|| {
+        rusqlite::Error::FromSqlConversionFailure(
+            index,
+            rusqlite::types::Type::Text,
+            format!("unknown usage scope {text:?}").into(),
+        )
+    })
+}
 
 fn key_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiKey> {
     let hash: Vec<u8> = r.get(3)?;
@@ -162,7 +174,7 @@ impl SqliteBackend {
             stmt.query_map(params![node, limit as i64], |r| {
                 Ok(UsageRow {
                     subject: r.get(0)?,
-                    scope: r.get(1)?,
+                    scope: scope_at(r, 1)?,
                     day: r.get(2)?,
                     consumer: r.get(3)?,
                     count: r.get::<_, i64>(4)?.max(0) as u64,
@@ -192,7 +204,13 @@ impl SqliteBackend {
                      WHERE subject = ?1 AND scope = ?2 AND day = ?3 AND node = ?4",
                 )?;
                 for row in rows {
-                    update.execute(params![row.subject, row.scope, row.day, node, row.count as i64])?;
+                    update.execute(params![
+                        row.subject,
+                        row.scope.to_string(),
+                        row.day,
+                        node,
+                        row.count as i64
+                    ])?;
                 }
             }
             tx.commit()
@@ -216,14 +234,14 @@ impl SqliteBackend {
                 )?;
                 for row in rows {
                     let before: i64 = read
-                        .query_row(params![row.subject, row.scope, row.day, node], |r| r.get(0))
+                        .query_row(params![row.subject, row.scope.to_string(), row.day, node], |r| r.get(0))
                         .optional()?
                         .unwrap_or(0);
                     let before = before.max(0) as u64;
                     if row.count > before {
                         upsert.execute(params![
                             row.subject,
-                            row.scope,
+                            row.scope.to_string(),
                             row.day,
                             node,
                             row.consumer,
@@ -318,7 +336,7 @@ impl SqliteBackend {
     }
 }
 
-impl StateBackend for SqliteBackend {
+impl Catalog for SqliteBackend {
     fn load(&self) -> Result<StateData, StateError> {
         self.with(|c| {
             let mut data = StateData::default();
@@ -479,7 +497,9 @@ impl StateBackend for SqliteBackend {
         })?;
         touched(updated, || format!("consumer {}", consumer.id))
     }
+}
 
+impl UsageStore for SqliteBackend {
     fn write_usage(&self, node: &str, rows: &[UsageRow]) -> Result<(), StateError> {
         self.with(|c| {
             let tx = c.unchecked_transaction()?;
@@ -491,7 +511,7 @@ impl StateBackend for SqliteBackend {
                 for row in rows {
                     upsert.execute(params![
                         row.subject,
-                        row.scope,
+                        row.scope.to_string(),
                         row.day,
                         node,
                         row.consumer,
@@ -533,7 +553,11 @@ impl StateBackend for SqliteBackend {
             ScopeFilter::All => {}
             ScopeFilter::Total => sql.push_str(" AND scope = ''"),
             ScopeFilter::AnyRoute => sql.push_str(" AND scope >= 'route:' AND scope < 'route;'"),
-            ScopeFilter::Route(scope) => bind(&mut sql, " AND scope = ?", Value::from(scope.clone())),
+            ScopeFilter::Route(route) => bind(
+                &mut sql,
+                " AND scope = ?",
+                Value::from(Scope::Route(route.as_str().into()).to_string()),
+            ),
         }
         let conn = self.reader.lock().unwrap_or_else(|e| e.into_inner());
         let mut stmt = conn.prepare(&sql).map_err(backend_error)?;
@@ -542,7 +566,7 @@ impl StateBackend for SqliteBackend {
                 Ok(StoredRow {
                     row: UsageRow {
                         subject: r.get(0)?,
-                        scope: r.get(1)?,
+                        scope: scope_at(r, 1)?,
                         day: r.get(2)?,
                         consumer: r.get(4)?,
                         count: r.get::<_, i64>(5)?.max(0) as u64,
@@ -604,7 +628,7 @@ mod tests {
                 monthly: Some(2_000_000),
                 groups: [(
                     "batch".to_string(),
-                    crate::state::GroupQuota {
+                    crate::model::GroupQuota {
                         daily: Some(5),
                         monthly: None,
                     },
@@ -658,7 +682,7 @@ mod tests {
         let row = |subject: &str, scope: &str, day, count| UsageRow {
             subject: subject.into(),
             consumer: subject.starts_with("key:").then(|| "acme".to_string()),
-            scope: scope.into(),
+            scope: Scope::parse(scope).unwrap(),
             day,
             count,
         };

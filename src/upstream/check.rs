@@ -10,6 +10,7 @@ use tokio::time::Instant;
 
 use super::health::now_ms;
 use super::{Endpoint, Pool};
+use crate::base::{Shutdown, stopped};
 use crate::config::{HealthKind, HealthSection};
 
 /// Probes one address; true when healthy.
@@ -47,19 +48,13 @@ pub async fn probe(addr: std::net::SocketAddr, host: &str, check: &HealthSection
 }
 
 /// Checks every endpoint of every pool that has a `[health]` section, each at its own
-/// interval with ±10 % jitter, until `stopped` resolves.
-pub async fn run<F, Fut>(mut pools: impl FnMut() -> Vec<Arc<Pool>>, stopped: F)
-where
-    F: FnOnce() -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    let stop = stopped();
-    tokio::pin!(stop);
+/// interval with ±10 % jitter, until `shutdown` turns.
+pub async fn run(mut pools: impl FnMut() -> Vec<Arc<Pool>>, mut shutdown: Shutdown) {
     let mut due: HashMap<usize, Instant> = HashMap::new();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(50)) => {}
-            _ = &mut stop => return,
+            _ = stopped(&mut shutdown) => return,
         }
         let now = Instant::now();
         let mut live = Vec::new();

@@ -5,6 +5,7 @@
 
 mod balancer;
 pub mod check;
+pub mod client;
 pub mod health;
 
 use std::net::SocketAddr;
@@ -21,7 +22,7 @@ use health::{Admission, Health, OutlierPolicy, Transition};
 use crate::config::{
     HashKey, HealthSection, LbPolicy, RetriesSection, TimeoutsSection, UpstreamProtocol, UpstreamSection,
 };
-use crate::metrics::UpstreamMetrics;
+use crate::metrics::{HealthEvent, UpstreamMetrics};
 
 /// One resolved address of an endpoint, with its URI authority ready for requests.
 #[derive(Debug, Clone)]
@@ -113,6 +114,32 @@ impl Endpoint {
             self.set_targets(addrs);
         }
         Ok(())
+    }
+}
+
+/// The endpoints a request has tried, by their place in the pool: the first 64 as bits,
+/// any beyond in a list (which allocates only for pools that large), so nothing wraps.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Tried {
+    low: u64,
+    more: Vec<usize>,
+}
+
+impl Tried {
+    pub fn insert(&mut self, index: usize) {
+        if index < 64 {
+            self.low |= 1 << index;
+        } else if !self.more.contains(&index) {
+            self.more.push(index);
+        }
+    }
+
+    pub fn contains(&self, index: usize) -> bool {
+        if index < 64 {
+            self.low & (1 << index) != 0
+        } else {
+            self.more.contains(&index)
+        }
     }
 }
 
@@ -271,11 +298,11 @@ impl Pool {
     }
 
     /// Picks an endpoint that has an address and that health allows, skipping those in
-    /// `tried` (bit i = endpoint i). `None` when none can take a request: the caller
-    /// answers 503 at once instead of waiting on timeouts.
-    pub fn select_healthy(&self, hash: Option<&[u8]>, tried: u64) -> Option<Selected> {
+    /// `tried`. `None` when none can take a request: the caller answers 503 at once
+    /// instead of waiting on timeouts.
+    pub fn select_healthy(&self, hash: Option<&[u8]>, tried: &Tried) -> Option<Selected> {
         let now = health::now_ms();
-        let skip = |i: usize| i < 64 && tried & (1 << i) != 0;
+        let skip = |i: usize| tried.contains(i);
         let pick = |slow_start: bool| {
             self.balancer.pick(
                 self.endpoints.len(),
@@ -320,7 +347,12 @@ impl Pool {
 
     /// Logs and counts a health transition of one endpoint.
     pub fn report(&self, endpoint: &Endpoint, transition: Transition) {
-        self.metrics.record_transition(transition);
+        self.metrics.record_health(match transition {
+            Transition::Ejected { .. } => HealthEvent::Ejected,
+            Transition::Restored => HealthEvent::Restored,
+            Transition::ActiveDown => HealthEvent::ActiveDown,
+            Transition::ActiveUp => HealthEvent::ActiveUp,
+        });
         match transition {
             Transition::Ejected { for_ms, ejections } => tracing::warn!(
                 upstream = %self.name, endpoint = %endpoint.address, for_ms, ejections,
@@ -404,7 +436,10 @@ mod tests {
         assert!(pool.endpoints[1].is_resolved());
         // Unresolved endpoints are skipped by the balancer.
         for _ in 0..4 {
-            assert_eq!(pool.select_healthy(None, 0).unwrap().endpoint.address, "10.0.0.1:80");
+            assert_eq!(
+                pool.select_healthy(None, &Tried::default()).unwrap().endpoint.address,
+                "10.0.0.1:80"
+            );
         }
         pool.resolve().await;
         let addrs = pool.endpoints[0].resolved_addrs();
@@ -413,6 +448,30 @@ mod tests {
             "{addrs:?}"
         );
         assert!(!addrs.is_empty());
+    }
+
+    #[test]
+    fn retries_skip_tried_endpoints_in_pools_of_any_size() {
+        let addresses: Vec<String> = (0..100)
+            .map(|i| format!("10.0.{}.{}:80", i / 250, i % 250 + 1))
+            .collect();
+        let endpoints: Vec<(&str, u32)> = addresses.iter().map(|a| (a.as_str(), 1)).collect();
+        let pool = pool("big", &section(&endpoints, LbPolicy::RoundRobin), None);
+        let mut tried = Tried::default();
+        for _ in 0..100 {
+            let selected = pool.select_healthy(None, &tried).expect("an untried endpoint is left");
+            assert!(
+                !tried.contains(selected.index),
+                "endpoint {} tried twice",
+                selected.index
+            );
+            tried.insert(selected.index);
+        }
+        // Every endpoint tried, including those past the 64th: none is left.
+        assert!((0..100).all(|i| tried.contains(i)));
+        assert!(pool.select_healthy(None, &tried).is_none());
+        tried.insert(70);
+        assert_eq!(tried.more.len(), 36, "an index is kept once");
     }
 
     #[test]

@@ -1,7 +1,8 @@
-//! Usage counters (DESIGN §3): grow-only counters per (subject, window), one slot per node.
-//! The request path reads and raises them in memory, under one shard lock that makes the
-//! check and the increment a single step; a background task ([`flush`]) writes changed
-//! slots to the state backend every `usage.flush_interval`.
+//! Usage counters (docs/architecture.md, "Limits and usage counting"): grow-only counters
+//! per (subject, window), one slot per node. The request path reads and raises them in
+//! memory, under one shard lock that makes the check and the increment a single step; a
+//! background service (`gateway::usage`) writes changed slots to the usage store every
+//! `usage.flush_interval`. Nothing here does I/O.
 //!
 //! What is kept in memory: the current UTC day per subject, and the current month where
 //! a quota needs it (always for keys; for anonymous subjects only when the anonymous plan
@@ -9,157 +10,17 @@
 //! are pruned from memory once flushed; the store keeps one row per (subject, scope, day,
 //! node) for reports, and months are sums of days.
 
-pub mod flush;
 pub mod report;
 
-use std::fmt;
-use std::hash::{BuildHasher, Hash};
-use std::net::IpAddr;
+use std::hash::BuildHasher;
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use compact_str::CompactString;
 use rustc_hash::FxBuildHasher;
 
 use crate::limits::{self, Counts, GroupLimits, LimitStatus, Now, PlanLimits, Rejection};
+use crate::model::{Scope, StoredRow, Subject, SubjectRef, UsageRow};
 
 const SHARDS: usize = 64;
-
-/// Who a request is charged to.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Subject {
-    // Inline strings (up to 24 bytes, which key ids and most hosts fit): comparing a
-    // stored subject reads the map's own bucket, not another allocation.
-    Key(CompactString),
-    Ip(IpAddr),
-    Referer(CompactString),
-}
-
-/// A subject borrowed from the request: the request path finds counters with it and
-/// allocates (or touches a shared reference count) only when a counter is created or
-/// queued for the flusher.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum SubjectRef<'a> {
-    Key(&'a str),
-    Ip(IpAddr),
-    Referer(&'a str),
-}
-
-impl Hash for Subject {
-    // Hashes as its borrowed form, so a map of `Subject`s is searched with `SubjectRef`s.
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.as_ref().hash(state);
-    }
-}
-
-impl hashbrown::Equivalent<Subject> for SubjectRef<'_> {
-    fn equivalent(&self, key: &Subject) -> bool {
-        *self == key.as_ref()
-    }
-}
-
-impl From<&SubjectRef<'_>> for Subject {
-    fn from(subject: &SubjectRef<'_>) -> Subject {
-        match *subject {
-            SubjectRef::Key(id) => Subject::Key(id.into()),
-            SubjectRef::Ip(ip) => Subject::Ip(ip),
-            SubjectRef::Referer(host) => Subject::Referer(host.into()),
-        }
-    }
-}
-
-impl SubjectRef<'_> {
-    pub fn is_key(&self) -> bool {
-        matches!(self, SubjectRef::Key(_))
-    }
-}
-
-impl fmt::Display for SubjectRef<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SubjectRef::Key(id) => write!(f, "key:{id}"),
-            SubjectRef::Ip(ip) => write!(f, "ip:{ip}"),
-            SubjectRef::Referer(host) => write!(f, "referer:{host}"),
-        }
-    }
-}
-
-impl Subject {
-    pub fn parse(text: &str) -> Option<Subject> {
-        let (kind, value) = text.split_once(':')?;
-        if value.is_empty() {
-            return None;
-        }
-        match kind {
-            "key" => Some(Subject::Key(value.into())),
-            "ip" => value.parse().ok().map(Subject::Ip),
-            "referer" => Some(Subject::Referer(value.into())),
-            _ => None,
-        }
-    }
-
-    pub fn is_key(&self) -> bool {
-        self.as_ref().is_key()
-    }
-
-    pub fn as_ref(&self) -> SubjectRef<'_> {
-        match self {
-            Subject::Key(id) => SubjectRef::Key(id),
-            Subject::Ip(ip) => SubjectRef::Ip(*ip),
-            Subject::Referer(host) => SubjectRef::Referer(host),
-        }
-    }
-}
-
-impl fmt::Display for Subject {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        self.as_ref().fmt(f)
-    }
-}
-
-/// A counter's slice of a subject: a route (for reports) or a route group (for its quota).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Scope {
-    Route(Arc<str>),
-    Group(Arc<str>),
-}
-
-impl Scope {
-    fn new(group: bool, name: &Arc<str>) -> Scope {
-        if group {
-            Scope::Group(name.clone())
-        } else {
-            Scope::Route(name.clone())
-        }
-    }
-
-    /// Whether this is the route (or group) `name`; tries the shared name's pointer first
-    /// (the common case on the request path: the route's own `Arc`).
-    fn is(&self, group: bool, name: &Arc<str>) -> bool {
-        match self {
-            Scope::Route(r) if !group => Arc::ptr_eq(r, name) || r == name,
-            Scope::Group(g) if group => Arc::ptr_eq(g, name) || g == name,
-            _ => false,
-        }
-    }
-
-    fn render(&self) -> String {
-        match self {
-            Scope::Route(name) => format!("route:{name}"),
-            Scope::Group(name) => format!("group:{name}"),
-        }
-    }
-
-    fn parse(text: &str) -> Option<Option<Scope>> {
-        if text.is_empty() {
-            return Some(None);
-        }
-        match text.split_once(':')? {
-            ("route", name) => Some(Some(Scope::Route(name.into()))),
-            ("group", name) => Some(Some(Scope::Group(name.into()))),
-            _ => None,
-        }
-    }
-}
 
 /// This node's slot and the sum of the other nodes' slots of one counter.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -318,7 +179,7 @@ impl Entry {
             out.push(UsageRow {
                 subject: subject_text.clone(),
                 consumer: consumer.clone(),
-                scope: String::new(),
+                scope: Scope::Total,
                 day: self.day,
                 count: self.day_total.local,
             });
@@ -328,7 +189,7 @@ impl Entry {
                 out.push(UsageRow {
                     subject: subject_text.clone(),
                     consumer: consumer.clone(),
-                    scope: scoped.scope.render(),
+                    scope: scoped.scope.clone(),
                     day: self.day,
                     count: scoped.day.local,
                 });
@@ -340,25 +201,6 @@ impl Entry {
     fn expired(&self, now: Now) -> bool {
         !self.queued && self.day < now.day() && (self.month_total().is_none() || self.month < now.month())
     }
-}
-
-/// One counter slot of this node for one day, as the store keeps it. Writing a row is
-/// idempotent: the store keeps the larger of the stored and the written count.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UsageRow {
-    pub subject: String,
-    pub consumer: Option<String>,
-    /// `""` for the subject's total, `route:NAME` or `group:NAME`.
-    pub scope: String,
-    pub day: u32,
-    pub count: u64,
-}
-
-/// A stored slot read back at start (any node's).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredRow {
-    pub row: UsageRow,
-    pub node: String,
 }
 
 type Map = hashbrown::HashMap<Subject, Entry, FxBuildHasher>;
@@ -423,6 +265,13 @@ pub struct Charge<'a> {
     pub route: Option<&'a Arc<str>>,
 }
 
+/// Everything one request is charged to: a key (or a JWT's consumer), or an anonymous
+/// caller's IP and Referer host — never more than two subjects.
+pub enum Charges<'a> {
+    One(Charge<'a>),
+    Two(Charge<'a>, Charge<'a>),
+}
+
 /// The usage counters of this node's view, by subject.
 /// A shard on its own cache lines, so workers locking neighbouring shards do not contend.
 #[repr(align(128))]
@@ -481,14 +330,13 @@ impl UsageTable {
     /// (all or nothing). On admission, returns the status closest to exhaustion.
     pub fn admit(
         &self,
-        charges: &[Charge<'_>],
+        charges: &Charges<'_>,
         plan: &PlanLimits,
         group: Option<&GroupLimits>,
         now: Now,
     ) -> Result<Option<LimitStatus>, Rejection> {
         match charges {
-            [] => Ok(None),
-            [one] => {
+            Charges::One(one) => {
                 let mut shard = lock(&self.shards[self.shard_of(one.subject)]);
                 let Shard { map, dirty, retired } = &mut *shard;
                 let entry = entry_of(map, &one.subject, now);
@@ -496,71 +344,78 @@ impl UsageTable {
                 commit(entry, one, decided.tat, group, dirty);
                 Ok(decided.status)
             }
-            [first, second] => {
-                let (a, b) = (self.shard_of(first.subject), self.shard_of(second.subject));
-                let (one, two) = if a == b {
-                    let mut shard = lock(&self.shards[a]);
-                    let Shard { map, dirty, retired } = &mut *shard;
-                    let one = self.decide(
-                        entry_of(map, &first.subject, now),
-                        first.subject,
-                        retired,
-                        plan,
-                        group,
-                        now,
-                    )?;
-                    let two = self.decide(
-                        entry_of(map, &second.subject, now),
-                        second.subject,
-                        retired,
-                        plan,
-                        group,
-                        now,
-                    )?;
-                    for (charge, tat) in [(first, one.tat), (second, two.tat)] {
-                        if let Some(entry) = map.get_mut(&charge.subject) {
-                            commit(entry, charge, tat, group, dirty);
-                        }
-                    }
-                    (one, two)
-                } else {
-                    // Shards are locked in index order, so two requests never wait on each
-                    // other crosswise.
-                    let (mut shard_a, mut shard_b) = if a < b {
-                        let low = lock(&self.shards[a]);
-                        (low, lock(&self.shards[b]))
-                    } else {
-                        let low = lock(&self.shards[b]);
-                        (lock(&self.shards[a]), low)
-                    };
-                    let Shard {
-                        map: map_a,
-                        dirty: dirty_a,
-                        retired: retired_a,
-                    } = &mut *shard_a;
-                    let Shard {
-                        map: map_b,
-                        dirty: dirty_b,
-                        retired: retired_b,
-                    } = &mut *shard_b;
-                    let entry_a = entry_of(map_a, &first.subject, now);
-                    let entry_b = entry_of(map_b, &second.subject, now);
-                    let one = self.decide(entry_a, first.subject, retired_a, plan, group, now)?;
-                    let two = self.decide(entry_b, second.subject, retired_b, plan, group, now)?;
-                    commit(entry_a, first, one.tat, group, dirty_a);
-                    commit(entry_b, second, two.tat, group, dirty_b);
-                    (one, two)
-                };
+            Charges::Two(first, second) => {
+                let (one, two) = self.admit_two(first, second, plan, group, now)?;
                 Ok(match (one.status, two.status) {
                     (Some(x), Some(y)) => Some(x.closer(&y).clone()),
                     (x, y) => x.or(y),
                 })
             }
-            _ => {
-                debug_assert!(false, "at most two subjects are charged per request");
-                Ok(None)
-            }
         }
+    }
+
+    /// Both subjects decided under their shard locks, then both counted.
+    fn admit_two(
+        &self,
+        first: &Charge<'_>,
+        second: &Charge<'_>,
+        plan: &PlanLimits,
+        group: Option<&GroupLimits>,
+        now: Now,
+    ) -> Result<(Decided, Decided), Rejection> {
+        let (a, b) = (self.shard_of(first.subject), self.shard_of(second.subject));
+        if a == b {
+            let mut shard = lock(&self.shards[a]);
+            let Shard { map, dirty, retired } = &mut *shard;
+            let one = self.decide(
+                entry_of(map, &first.subject, now),
+                first.subject,
+                retired,
+                plan,
+                group,
+                now,
+            )?;
+            let two = self.decide(
+                entry_of(map, &second.subject, now),
+                second.subject,
+                retired,
+                plan,
+                group,
+                now,
+            )?;
+            for (charge, tat) in [(first, one.tat), (second, two.tat)] {
+                if let Some(entry) = map.get_mut(&charge.subject) {
+                    commit(entry, charge, tat, group, dirty);
+                }
+            }
+            return Ok((one, two));
+        }
+        // Shards are locked in index order, so two requests never wait on each other
+        // crosswise.
+        let (mut shard_a, mut shard_b) = if a < b {
+            let low = lock(&self.shards[a]);
+            (low, lock(&self.shards[b]))
+        } else {
+            let low = lock(&self.shards[b]);
+            (lock(&self.shards[a]), low)
+        };
+        let Shard {
+            map: map_a,
+            dirty: dirty_a,
+            retired: retired_a,
+        } = &mut *shard_a;
+        let Shard {
+            map: map_b,
+            dirty: dirty_b,
+            retired: retired_b,
+        } = &mut *shard_b;
+        let entry_a = entry_of(map_a, &first.subject, now);
+        let entry_b = entry_of(map_b, &second.subject, now);
+        let one = self.decide(entry_a, first.subject, retired_a, plan, group, now)?;
+        let two = self.decide(entry_b, second.subject, retired_b, plan, group, now)?;
+        commit(entry_a, first, one.tat, group, dirty_a);
+        commit(entry_b, second, two.tat, group, dirty_b);
+        Ok((one, two))
     }
 
     fn decide(
@@ -647,9 +502,6 @@ impl UsageTable {
         let Some(subject) = Subject::parse(&row.subject) else {
             return false;
         };
-        let Some(scope) = Scope::parse(&row.scope) else {
-            return false;
-        };
         let (day, month) = (now.day(), now.month());
         let row_day = row.day;
         if row_day > day || limits::window::month_of_day(row_day) != month {
@@ -673,27 +525,24 @@ impl UsageTable {
             let today = entry.day_total;
             entry.extra().month = Some(today);
         }
-        match &scope {
-            None => {
+        let (group, name) = match &row.scope {
+            Scope::Total => {
                 if row_day == day {
                     entry.day_total.add(own_node, count);
                 }
                 if let Some(month) = entry.extra.as_mut().and_then(|e| e.month.as_mut()) {
                     month.add(own_node, count);
                 }
+                return true;
             }
-            Some(scope) => {
-                let (group, name) = match scope {
-                    Scope::Group(name) => (true, name),
-                    Scope::Route(name) => (false, name),
-                };
-                let scoped = entry.scoped_mut(group, name);
-                if row_day == day {
-                    scoped.day.add(own_node, count);
-                }
-                scoped.month.add(own_node, count);
-            }
+            Scope::Group(name) => (true, name),
+            Scope::Route(name) => (false, name),
+        };
+        let scoped = entry.scoped_mut(group, name);
+        if row_day == day {
+            scoped.day.add(own_node, count);
         }
+        scoped.month.add(own_node, count);
         true
     }
 

@@ -7,8 +7,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
-use super::{StoredRow, Subject};
 use crate::limits::window;
+use crate::model::{Scope, StoredRow, Subject};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -31,10 +31,11 @@ impl Window {
 pub enum ScopeFilter {
     /// Every row (restoring counters at start).
     All,
-    /// Per-subject totals (scope `""`).
+    /// Per-subject totals.
     Total,
     /// Per-route rows (keys only).
     AnyRoute,
+    /// The rows of the route of this name.
     Route(String),
 }
 
@@ -60,9 +61,9 @@ impl UsageScan {
             && self.consumer.as_ref().is_none_or(|c| Some(c) == row.consumer.as_ref())
             && match &self.scope {
                 ScopeFilter::All => true,
-                ScopeFilter::Total => row.scope.is_empty(),
-                ScopeFilter::AnyRoute => row.scope.starts_with("route:"),
-                ScopeFilter::Route(scope) => row.scope == *scope,
+                ScopeFilter::Total => row.scope == Scope::Total,
+                ScopeFilter::AnyRoute => row.scope.route().is_some(),
+                ScopeFilter::Route(route) => row.scope.route() == Some(route.as_str()),
             }
     }
 }
@@ -189,7 +190,7 @@ pub fn parse_query(pairs: &[(String, String)], today: u32) -> Result<UsageQuery,
         route: route.is_some(),
     });
     let scope = match &route {
-        Some(route) => ScopeFilter::Route(format!("route:{route}")),
+        Some(route) => ScopeFilter::Route(route.clone()),
         None if group_by.route => ScopeFilter::AnyRoute,
         None => ScopeFilter::Total,
     };
@@ -224,8 +225,7 @@ pub fn aggregate(rows: impl IntoIterator<Item = StoredRow>, query: &UsageQuery) 
             query.window.label(row.day),
             by.subject.then(|| row.subject.clone()),
             by.consumer.then(|| row.consumer.clone().unwrap_or_default()),
-            by.route
-                .then(|| row.scope.strip_prefix("route:").unwrap_or_default().to_string()),
+            by.route.then(|| row.scope.route().unwrap_or_default().to_string()),
         );
         *sums.entry(key).or_default() += row.count;
     }
@@ -378,7 +378,7 @@ pub fn to_csv(rows: &[ReportRow], by: GroupBy) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::usage::UsageRow;
+    use crate::model::UsageRow;
 
     fn pairs(query: &str) -> Vec<(String, String)> {
         query
@@ -397,7 +397,7 @@ mod tests {
             row: UsageRow {
                 subject: subject.into(),
                 consumer: consumer.map(Into::into),
-                scope: scope.into(),
+                scope: Scope::parse(scope).unwrap(),
                 day: day(date),
                 count,
             },
@@ -419,7 +419,7 @@ mod tests {
         assert!(q.csv && q.group_by.route && q.group_by.consumer && !q.group_by.subject);
         assert_eq!(q.scan.scope, ScopeFilter::AnyRoute);
         let q = parse_query(&pairs("route=lookup"), today).unwrap();
-        assert_eq!(q.scan.scope, ScopeFilter::Route("route:lookup".into()));
+        assert_eq!(q.scan.scope, ScopeFilter::Route("lookup".into()));
 
         for (bad, mentions) in [
             ("colour=red", "unknown parameter `colour`"),

@@ -27,7 +27,7 @@ fn charge(subject: &Subject) -> Charge<'_> {
 
 fn admit_n(table: &UsageTable, subject: &Subject, plan: &PlanLimits, now: Now, n: usize) -> usize {
     (0..n)
-        .filter(|_| table.admit(&[charge(subject)], plan, None, now).is_ok())
+        .filter(|_| table.admit(&Charges::One(charge(subject)), plan, None, now).is_ok())
         .count()
 }
 
@@ -43,7 +43,7 @@ fn exactly_the_quota_is_admitted_under_contention() {
             std::thread::spawn(move || {
                 let subject = key("shared");
                 for _ in 0..50 {
-                    if table.admit(&[charge(&subject)], &plan, None, now).is_ok() {
+                    if table.admit(&Charges::One(charge(&subject)), &plan, None, now).is_ok() {
                         admitted.fetch_add(1, Ordering::Relaxed);
                     }
                 }
@@ -66,7 +66,7 @@ fn windows_roll_over_on_the_calendar() {
     // Feb 2: a new day, but the month's 3 are nearly gone.
     assert_eq!(admit_n(&table, &k, &plan, at("2026-02-02T08:00:00Z"), 5), 1);
     let rejection = table
-        .admit(&[charge(&k)], &plan, None, at("2026-02-02T08:00:00Z"))
+        .admit(&Charges::One(charge(&k)), &plan, None, at("2026-02-02T08:00:00Z"))
         .unwrap_err();
     assert_eq!(rejection.status.name, LimitName::Monthly);
     // 26 days and 16 hours until March 1.
@@ -113,7 +113,7 @@ fn an_anonymous_request_is_charged_to_all_its_subjects_or_none() {
     let ip_a = Subject::Ip("10.0.0.1".parse().unwrap());
     let ip_b = Subject::Ip("10.0.0.2".parse().unwrap());
     let referer = Subject::Referer("shop.example".into());
-    let both = |ip| [charge(ip), charge(&referer)];
+    let both = |ip| Charges::Two(charge(ip), charge(&referer));
     // Two IPs share one Referer: the Referer's quota runs out first.
     assert!(table.admit(&both(&ip_a), &plan, None, now).is_ok());
     assert!(table.admit(&both(&ip_a), &plan, None, now).is_ok());
@@ -125,8 +125,16 @@ fn an_anonymous_request_is_charged_to_all_its_subjects_or_none() {
     assert_eq!(table.current(&referer, now).0, 3);
     // One IP with two Referers: the IP's quota runs out.
     let other = Subject::Referer("blog.example".into());
-    assert!(table.admit(&[charge(&ip_a), charge(&other)], &plan, None, now).is_ok());
-    assert!(table.admit(&[charge(&ip_a), charge(&other)], &plan, None, now).is_err());
+    assert!(
+        table
+            .admit(&Charges::Two(charge(&ip_a), charge(&other)), &plan, None, now)
+            .is_ok()
+    );
+    assert!(
+        table
+            .admit(&Charges::Two(charge(&ip_a), charge(&other)), &plan, None, now)
+            .is_err()
+    );
     assert_eq!(table.current(&other, now).0, 1);
 }
 
@@ -137,10 +145,13 @@ fn rate_and_quota_together_report_the_closest_limit() {
     limited.rate = Gcra::new(10, Some(5));
     let k = key("k");
     let now = at("2026-11-23T10:00:00Z");
-    let status = table.admit(&[charge(&k)], &limited, None, now).unwrap().unwrap();
+    let status = table
+        .admit(&Charges::One(charge(&k)), &limited, None, now)
+        .unwrap()
+        .unwrap();
     assert_eq!((status.name, status.remaining, status.quota), (LimitName::Rate, 4, 5));
     assert_eq!(admit_n(&table, &k, &limited, now, 10), 4);
-    let rejection = table.admit(&[charge(&k)], &limited, None, now).unwrap_err();
+    let rejection = table.admit(&Charges::One(charge(&k)), &limited, None, now).unwrap_err();
     assert_eq!((rejection.kind, rejection.retry_after), (RejectKind::RateLimited, 1));
     // Rate-limited requests are not counted against the quota.
     assert_eq!(table.current(&k, now).0, 5);
@@ -160,7 +171,7 @@ fn group_quotas_count_only_their_routes() {
     let group = grouped.group(Some("batch"));
     let k = key("k");
     let now = at("2026-11-23T10:00:00Z");
-    let admit = |group| table.admit(&[charge(&k)], &grouped, group, now);
+    let admit = |group| table.admit(&Charges::One(charge(&k)), &grouped, group, now);
     assert!(admit(group).is_ok() && admit(group).is_ok());
     assert_eq!(admit(group).unwrap_err().status.name.policy(), "batch-daily");
     assert!(admit(None).is_ok(), "other routes are not limited by the group");
@@ -187,7 +198,7 @@ fn restore_rebuilds_days_and_months_from_stored_rows() {
         row: UsageRow {
             subject: subject.into(),
             consumer: Some("acme".into()),
-            scope: scope.into(),
+            scope: Scope::parse(scope).unwrap(),
             day,
             count,
         },
@@ -213,11 +224,11 @@ fn restore_rebuilds_days_and_months_from_stored_rows() {
     let plan = plan(Some(100), None);
     table
         .admit(
-            &[Charge {
+            &Charges::One(Charge {
                 subject: key("k").as_ref(),
                 consumer: None,
                 route: Some(&Arc::from("lookup")),
-            }],
+            }),
             &plan,
             None,
             now,
@@ -226,8 +237,8 @@ fn restore_rebuilds_days_and_months_from_stored_rows() {
     let mut rows = Vec::new();
     table.collect(&mut rows);
     rows.sort_by(|a, b| a.scope.cmp(&b.scope));
-    let counts: Vec<(&str, u64)> = rows.iter().map(|r| (r.scope.as_str(), r.count)).collect();
-    assert_eq!(counts, vec![("", 5), ("route:lookup", 5)]);
+    let counts: Vec<(String, u64)> = rows.iter().map(|r| (r.scope.to_string(), r.count)).collect();
+    assert_eq!(counts, vec![("".into(), 5), ("route:lookup".into(), 5)]);
     assert_eq!(rows[0].consumer.as_deref(), Some("acme"));
 }
 
@@ -239,9 +250,11 @@ fn ended_windows_leave_memory_once_flushed() {
     let day1 = at("2026-11-23T10:00:00Z");
     for i in 0..1000u32 {
         let ip = Subject::Ip(std::net::IpAddr::from(i.to_be_bytes()));
-        table.admit(&[charge(&ip)], &anonymous, None, day1).unwrap();
+        table.admit(&Charges::One(charge(&ip)), &anonymous, None, day1).unwrap();
     }
-    table.admit(&[charge(&key("k"))], &keyed, None, day1).unwrap();
+    table
+        .admit(&Charges::One(charge(&key("k"))), &keyed, None, day1)
+        .unwrap();
     assert_eq!(table.len(), 1001);
     let day2 = at("2026-11-24T00:00:01Z");
     // Not yet flushed: kept.

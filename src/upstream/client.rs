@@ -5,10 +5,15 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::{Request, Response, Uri};
-use hyper::body::Incoming;
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -16,9 +21,41 @@ use hyper_util::rt::TokioIo;
 use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
-use super::body::RequestBody;
-use super::error::{ErrorKind, ProxyError};
-use crate::upstream::Target;
+use super::Target;
+use crate::base::{ErrorKind, ProxyError};
+
+/// The body of a request sent upstream: the client's, streamed, or none (a retry of a
+/// request that had no body is rebuilt from its head).
+pub enum RequestBody {
+    Client(Incoming),
+    Empty,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Client(body) => Pin::new(body).poll_frame(cx),
+            RequestBody::Empty => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Client(body) => body.is_end_stream(),
+            RequestBody::Empty => true,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            RequestBody::Client(body) => body.size_hint(),
+            RequestBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
 
 /// Idle upstream connections older than this are closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -112,10 +149,32 @@ pub enum UpstreamClient {
     Http1 {
         connect_timeout: Duration,
         /// Connects in progress on this worker, against `max_pending`.
-        connecting: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+        connecting: Arc<AtomicUsize>,
         max_pending: usize,
     },
     Http2(Box<LegacyClient>),
+}
+
+/// One of a worker's connects in progress, counted against `max_pending_connections`
+/// until dropped: a connect that is cancelled (a per-try timeout, a client gone) gives its
+/// slot back like one that ends.
+struct PendingConnect<'a>(&'a AtomicUsize);
+
+impl<'a> PendingConnect<'a> {
+    /// A slot, unless `max` (0 = no limit) are taken.
+    fn take(connecting: &'a AtomicUsize, max: usize) -> Option<Self> {
+        if max > 0 && connecting.load(Ordering::Relaxed) >= max {
+            return None;
+        }
+        connecting.fetch_add(1, Ordering::Relaxed);
+        Some(PendingConnect(connecting))
+    }
+}
+
+impl Drop for PendingConnect<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl UpstreamClient {
@@ -144,16 +203,14 @@ impl UpstreamClient {
                 let (mut sender, reused) = match checkout(target.addr) {
                     Some(sender) => (sender, true),
                     None => {
-                        use std::sync::atomic::Ordering;
-                        if *max_pending > 0 && connecting.load(Ordering::Relaxed) >= *max_pending {
+                        let Some(slot) = PendingConnect::take(connecting, *max_pending) else {
                             return Err(SendError {
                                 error: ProxyError::new(ErrorKind::UpstreamOverloaded),
                                 unsent: Some(req),
                             });
-                        }
-                        connecting.fetch_add(1, Ordering::Relaxed);
+                        };
                         let connected = connect(target.addr, *connect_timeout).await;
-                        connecting.fetch_sub(1, Ordering::Relaxed);
+                        drop(slot);
                         match connected {
                             Ok(sender) => (sender, false),
                             Err(error) => {
@@ -219,4 +276,75 @@ fn classify_legacy_error(error: hyper_util::client::legacy::Error) -> ProxyError
         (false, false) => ErrorKind::UpstreamProtocol,
     };
     ProxyError::with_cause(kind, error)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A loopback listener whose accept queue is full: the kernel drops further SYNs, so a
+    /// connect to it waits (retransmitting) instead of completing or failing.
+    async fn unanswered_listener() -> (socket2::Socket, SocketAddr, Vec<tokio::net::TcpStream>) {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        socket
+            .bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+            .unwrap();
+        socket.listen(0).unwrap();
+        let addr = socket.local_addr().unwrap().as_socket().unwrap();
+        let mut queued = Vec::new();
+        // Fill the queue: connects complete until one no longer does.
+        for _ in 0..16 {
+            match tokio::time::timeout(Duration::from_millis(200), tokio::net::TcpStream::connect(addr)).await {
+                Ok(Ok(stream)) => queued.push(stream),
+                _ => break,
+            }
+        }
+        (socket, addr, queued)
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_connect_gives_its_pending_slot_back() {
+        let (_listener, addr, _queued) = unanswered_listener().await;
+        let connecting = Arc::new(AtomicUsize::new(0));
+        let client = UpstreamClient::Http1 {
+            connect_timeout: Duration::from_secs(30),
+            connecting: connecting.clone(),
+            max_pending: 1,
+        };
+        let target = Target::new(addr);
+        for _ in 0..3 {
+            let send = client.send(&target, Request::new(RequestBody::Empty));
+            tokio::pin!(send);
+            // The caller gives up while the connect waits (a per-try timeout, a client gone).
+            tokio::select! {
+                outcome = &mut send => panic!("the connect should still be waiting: {:?}", outcome.err().map(|e| e.error.to_string())),
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+            assert_eq!(
+                connecting.load(Ordering::Relaxed),
+                1,
+                "the waiting connect holds the one slot"
+            );
+        }
+        // Each cancelled connect gave its slot back: none is left held, and the pool is not
+        // answered `upstream_overloaded` forever after.
+        assert_eq!(connecting.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn pending_connects_are_bounded_and_freed_on_drop() {
+        let connecting = AtomicUsize::new(0);
+        let first = PendingConnect::take(&connecting, 2).unwrap();
+        let second = PendingConnect::take(&connecting, 2).unwrap();
+        assert!(PendingConnect::take(&connecting, 2).is_none());
+        drop(first);
+        assert!(PendingConnect::take(&connecting, 2).is_some());
+        drop(second);
+        assert_eq!(connecting.load(Ordering::Relaxed), 0);
+        // 0 = no limit.
+        let many: Vec<_> = (0..10).map(|_| PendingConnect::take(&connecting, 0).unwrap()).collect();
+        assert_eq!(connecting.load(Ordering::Relaxed), 10);
+        drop(many);
+        assert_eq!(connecting.load(Ordering::Relaxed), 0);
+    }
 }

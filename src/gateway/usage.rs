@@ -1,17 +1,17 @@
-//! Moving counts between memory and the state backend: restore at start, write changed
+//! Moving counts between memory and the usage store: restore at start, write changed
 //! slots every `usage.flush_interval`, write everything at shutdown, prune once a day.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::sync::watch;
-
-use super::report::{ScopeFilter, UsageScan};
-use super::{UsageRow, UsageTable};
+use crate::base::{Shutdown, stopped};
 use crate::limits::window::{self, Clock};
 use crate::metrics::Metrics;
-use crate::state::{StateBackend, StateError};
+use crate::model::{StoredRow, UsageRow};
+use crate::state::{StateError, UsageStore};
+use crate::usage::UsageTable;
+use crate::usage::report::{self, ReportRow, ScopeFilter, UsageQuery, UsageScan};
 
 /// Rows that failed to write are kept for the next attempt; past this many they are
 /// compacted (one row per slot, the largest count), which loses nothing.
@@ -24,12 +24,23 @@ pub struct Retention {
     pub anonymous_days: u32,
 }
 
+impl Retention {
+    /// `usage.retention` and `usage.anonymous_retention`, in whole days.
+    pub fn of(config: &crate::config::Config) -> Retention {
+        let days = |d: Duration| (d.as_secs() / 86_400) as u32;
+        Retention {
+            key_days: days(config.usage.retention),
+            anonymous_days: days(config.usage.anonymous_retention),
+        }
+    }
+}
+
 /// The usage table of this node with its persistence.
 pub struct Usage {
     pub table: UsageTable,
     pub node: String,
     pub clock: Clock,
-    store: Arc<dyn StateBackend>,
+    store: Arc<dyn UsageStore>,
     metrics: Arc<Metrics>,
     retention: Retention,
     /// Collected rows not yet written; the lock also serialises flushes.
@@ -41,7 +52,7 @@ impl Usage {
     pub fn new(
         node: String,
         clock: Clock,
-        store: Arc<dyn StateBackend>,
+        store: Arc<dyn UsageStore>,
         metrics: Arc<Metrics>,
         retention: Retention,
     ) -> Usage {
@@ -63,7 +74,7 @@ impl Usage {
         let today = now.day();
         let month_start = window::month_start(now.month());
         let mut restored = 0;
-        let mut apply = |stored: super::StoredRow| {
+        let mut apply = |stored: StoredRow| {
             let own = stored.node == self.node;
             if self.table.restore(&stored, own, now) {
                 restored += 1;
@@ -136,6 +147,22 @@ impl Usage {
         }
     }
 
+    /// A usage report: this node's counts written first, then every node's stored slots
+    /// summed as `query` asks.
+    pub async fn report(&self, query: &UsageQuery) -> Result<Vec<ReportRow>, StateError> {
+        self.flush().await?;
+        let store = self.store.clone();
+        let query = query.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut stored = Vec::new();
+            store
+                .scan_usage(&query.scan, &mut |row| stored.push(row))
+                .map(|()| report::aggregate(stored, &query))
+        })
+        .await
+        .map_err(|e| StateError::Backend(e.to_string()))?
+    }
+
     /// Once per UTC day: drops ended windows from memory and expired rows from the store.
     async fn prune_if_new_day(&self) {
         let now = self.clock.now();
@@ -160,14 +187,15 @@ impl Usage {
         }
     }
 
-    /// Flushes every `interval` until `shutdown`, then once more.
-    pub async fn run(self: Arc<Self>, interval: Duration, mut shutdown: watch::Receiver<bool>) {
+    /// Flushes every `interval` until `shutdown`, then once more (see
+    /// [`Usage::flush_for_shutdown`]).
+    pub async fn run(self: Arc<Self>, interval: Duration, mut shutdown: Shutdown, force: Shutdown) {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
-                _ = crate::listener::stopped(&mut shutdown) => break,
+                _ = stopped(&mut shutdown) => break,
             }
             if let Err(error) = self.flush().await {
                 tracing::warn!(%error, "usage flush failed; will retry");
@@ -175,23 +203,35 @@ impl Usage {
             self.prune_if_new_day().await;
             self.metrics.usage.set_counters(self.table.len());
         }
-        self.flush_for_shutdown().await;
+        self.flush_for_shutdown(force).await;
     }
 
-    /// The last flush: retried for a few seconds, since what is not written now is lost.
-    pub async fn flush_for_shutdown(&self) {
-        for attempt in 0..20 {
+    /// The last flush: what is not written now is lost, so it is retried (backing off up
+    /// to 5 s) for as long as it fails, until it succeeds or `force` turns (a second
+    /// SIGTERM or SIGINT: the operator's call). Rows given up are logged and counted.
+    pub async fn flush_for_shutdown(&self, mut force: Shutdown) {
+        let mut wait = Duration::from_millis(250);
+        for attempt in 0u32.. {
             match self.flush().await {
                 Ok(rows) => {
                     tracing::info!(rows, "usage flushed at shutdown");
                     return;
                 }
                 Err(error) => {
-                    tracing::error!(%error, attempt, "usage flush at shutdown failed");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
+                    let pending = self.pending.lock().await.len();
+                    tracing::error!(%error, attempt, pending, "usage flush at shutdown failed; retrying (a second SIGTERM gives up)");
                 }
             }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = stopped(&mut force) => break,
+            }
+            wait = (wait * 2).min(Duration::from_secs(5));
         }
+        let mut pending = self.pending.lock().await;
+        self.table.collect(&mut pending);
+        self.metrics.usage.abandoned(pending.len());
+        tracing::error!(rows = pending.len(), "usage rows abandoned at a forced stop");
     }
 }
 
@@ -216,7 +256,7 @@ mod tests {
         let row = |subject: &str, day, count| UsageRow {
             subject: subject.into(),
             consumer: None,
-            scope: String::new(),
+            scope: crate::model::Scope::Total,
             day,
             count,
         };

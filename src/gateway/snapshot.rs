@@ -9,12 +9,12 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
-use crate::config::{Config, UpstreamProtocol};
+use crate::auth::jwt::JwtVerifier;
+use crate::config::{AnonymousBy, AuthMethod, Config, UpstreamProtocol};
 use crate::metrics::{Metrics, NO_ROUTE, RouteMetrics};
 use crate::router::{RouteSpec, Router};
 use crate::upstream::Pool;
-
-use super::client::{LegacyClient, UpstreamClient};
+use crate::upstream::client::{LegacyClient, UpstreamClient};
 
 /// A route with everything the request path needs resolved to direct references.
 pub struct Route {
@@ -50,7 +50,7 @@ pub struct Snapshot {
     pub anonymous_plan: http::HeaderValue,
     /// Anonymous requests are charged to the client IP (`[anonymous] by`).
     pub anonymous_by_ip: bool,
-    pub jwt: crate::auth::jwt::JwtVerifier,
+    pub jwt: JwtVerifier,
 }
 
 /// HTTP/2 clients are keyed by worker and connect timeout, and kept across reloads so a
@@ -131,9 +131,9 @@ impl Snapshot {
                     group: r.group.as_deref().map(Arc::from),
                     path: r.path.clone(),
                     strip_prefix: r.strip_prefix,
-                    api_key: r.auth.contains(&crate::config::AuthMethod::ApiKey),
-                    anonymous: r.auth.contains(&crate::config::AuthMethod::Anonymous),
-                    jwt: r.auth.contains(&crate::config::AuthMethod::Jwt),
+                    api_key: r.auth.contains(&AuthMethod::ApiKey),
+                    anonymous: r.auth.contains(&AuthMethod::Anonymous),
+                    jwt: r.auth.contains(&AuthMethod::Jwt),
                     upstream,
                     metrics: metrics.route(&r.name),
                 })
@@ -144,16 +144,16 @@ impl Snapshot {
             routes,
             pools,
             no_route_metrics: metrics.route(NO_ROUTE),
-            jwt: crate::auth::jwt::JwtVerifier::from_config(
+            jwt: JwtVerifier::from_config(
                 &config.jwt.issuers,
                 config.path.parent().unwrap_or(std::path::Path::new(".")),
             )
             .unwrap_or_else(|error| {
                 // Checked when the file was parsed; a JWKS file may have changed since.
                 tracing::error!(%error, "JWT issuers unusable; tokens will be refused");
-                crate::auth::jwt::JwtVerifier::default()
+                JwtVerifier::default()
             }),
-            anonymous_by_ip: config.anonymous.by.contains(&crate::config::AnonymousBy::Ip),
+            anonymous_by_ip: config.anonymous.by.contains(&AnonymousBy::Ip),
             anonymous_plan: http::HeaderValue::from_str(&config.anonymous.plan)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("anonymous")),
             config,

@@ -1,0 +1,222 @@
+//! The one error type of the request path: a kind (which decides the status, the stable
+//! code and who is to blame) and an optional cause. `proxy::error` turns it into the
+//! client's response; the listener writes it as raw bytes before hyper has a request.
+
+use std::fmt;
+
+use bytes::Bytes;
+use http::StatusCode;
+
+/// Who caused a failure: decides logging level and which metric counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorSource {
+    Client,
+    Upstream,
+    Internal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// No route matches host, path and method.
+    RouteNotFound,
+    MissingCredentials,
+    InvalidApiKey,
+    /// A bearer JWT was refused; the reason goes into the message.
+    InvalidToken(&'static str),
+    KeyRevoked,
+    KeyExpired,
+    RouteNotAllowed,
+    /// The plan's rate limit (GCRA) refused the request.
+    RateLimited,
+    /// A daily or monthly quota of the plan is used up.
+    QuotaExceeded,
+    /// Malformed request (e.g. both `Content-Length` and `Transfer-Encoding`).
+    BadRequest,
+    /// The request head did not arrive within `server.header_read_timeout`.
+    HeaderTimeout,
+    /// The request head is larger than `server.max_header_bytes`.
+    HeadersTooLarge,
+    /// The pool has no endpoint with an address to send to.
+    NoEndpoint,
+    /// The key is not known here and the shared state (NATS) cannot be asked.
+    StateUnavailable,
+    /// The pool's `max_requests` are all in flight.
+    UpstreamOverloaded,
+    /// The TCP connection to the endpoint was refused or failed.
+    UpstreamConnect,
+    /// Connecting, or waiting for the response head, took longer than configured.
+    UpstreamTimeout,
+    /// The endpoint closed or broke the exchange, or answered with invalid HTTP.
+    UpstreamProtocol,
+    Internal,
+}
+
+impl ErrorKind {
+    pub fn status(self) -> StatusCode {
+        match self {
+            ErrorKind::RouteNotFound => StatusCode::NOT_FOUND,
+            ErrorKind::MissingCredentials | ErrorKind::InvalidApiKey | ErrorKind::InvalidToken(_) => {
+                StatusCode::UNAUTHORIZED
+            }
+            ErrorKind::KeyRevoked | ErrorKind::KeyExpired | ErrorKind::RouteNotAllowed => StatusCode::FORBIDDEN,
+            ErrorKind::RateLimited | ErrorKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            ErrorKind::NoEndpoint | ErrorKind::StateUnavailable | ErrorKind::UpstreamOverloaded => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            ErrorKind::UpstreamConnect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine-readable code in the JSON error body.
+    pub fn code(self) -> &'static str {
+        match self {
+            ErrorKind::RouteNotFound => "route_not_found",
+            ErrorKind::MissingCredentials => "missing_credentials",
+            ErrorKind::InvalidApiKey => "invalid_api_key",
+            ErrorKind::InvalidToken(_) => "invalid_token",
+            ErrorKind::KeyRevoked => "key_revoked",
+            ErrorKind::KeyExpired => "key_expired",
+            ErrorKind::RouteNotAllowed => "route_not_allowed",
+            ErrorKind::RateLimited => "rate_limited",
+            ErrorKind::QuotaExceeded => "quota_exceeded",
+            ErrorKind::BadRequest => "bad_request",
+            ErrorKind::HeaderTimeout => "request_timeout",
+            ErrorKind::HeadersTooLarge => "headers_too_large",
+            ErrorKind::NoEndpoint => "upstream_unavailable",
+            ErrorKind::StateUnavailable => "state_unavailable",
+            ErrorKind::UpstreamOverloaded => "upstream_overloaded",
+            ErrorKind::UpstreamConnect => "upstream_connect_failed",
+            ErrorKind::UpstreamTimeout => "upstream_timeout",
+            ErrorKind::UpstreamProtocol => "upstream_error",
+            ErrorKind::Internal => "internal_error",
+        }
+    }
+
+    pub fn message(self) -> &'static str {
+        match self {
+            ErrorKind::RouteNotFound => "no route matches this host, path and method",
+            ErrorKind::MissingCredentials => "an API key is required (X-API-Key, Authorization: Bearer, or ?api_key=)",
+            ErrorKind::InvalidApiKey => "the API key is not valid",
+            ErrorKind::InvalidToken(reason) => reason,
+            ErrorKind::KeyRevoked => "the API key has been revoked",
+            ErrorKind::KeyExpired => "the API key has expired",
+            ErrorKind::RouteNotAllowed => "the API key may not call this route",
+            ErrorKind::RateLimited => "too many requests; slow down",
+            ErrorKind::QuotaExceeded => "the plan's quota is used up",
+            ErrorKind::BadRequest => "malformed request",
+            ErrorKind::HeaderTimeout => "the request head was not received in time",
+            ErrorKind::HeadersTooLarge => "request headers are too large",
+            ErrorKind::NoEndpoint => "no upstream endpoint is available",
+            ErrorKind::UpstreamOverloaded => "the upstream pool is at its limit of requests in flight",
+            ErrorKind::StateUnavailable => "the key cannot be checked right now (shared state unreachable); retry",
+            ErrorKind::UpstreamConnect => "could not connect to the upstream",
+            ErrorKind::UpstreamTimeout => "the upstream did not answer in time",
+            ErrorKind::UpstreamProtocol => "the upstream failed to answer",
+            ErrorKind::Internal => "internal error",
+        }
+    }
+
+    pub fn source(self) -> ErrorSource {
+        match self {
+            ErrorKind::RouteNotFound
+            | ErrorKind::MissingCredentials
+            | ErrorKind::InvalidApiKey
+            | ErrorKind::InvalidToken(_)
+            | ErrorKind::KeyRevoked
+            | ErrorKind::KeyExpired
+            | ErrorKind::RouteNotAllowed
+            | ErrorKind::RateLimited
+            | ErrorKind::QuotaExceeded
+            | ErrorKind::BadRequest
+            | ErrorKind::HeaderTimeout
+            | ErrorKind::HeadersTooLarge => ErrorSource::Client,
+            ErrorKind::NoEndpoint
+            | ErrorKind::UpstreamOverloaded
+            | ErrorKind::UpstreamConnect
+            | ErrorKind::UpstreamTimeout
+            | ErrorKind::UpstreamProtocol => ErrorSource::Upstream,
+            ErrorKind::Internal | ErrorKind::StateUnavailable => ErrorSource::Internal,
+        }
+    }
+}
+
+/// An error on the request path: what went wrong and, optionally, the underlying cause.
+#[derive(Debug)]
+pub struct ProxyError {
+    pub kind: ErrorKind,
+    pub cause: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl ProxyError {
+    pub fn new(kind: ErrorKind) -> Self {
+        ProxyError { kind, cause: None }
+    }
+
+    pub fn with_cause(kind: ErrorKind, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        ProxyError {
+            kind,
+            cause: Some(cause.into()),
+        }
+    }
+}
+
+impl fmt::Display for ProxyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.kind.code())?;
+        if let Some(cause) = &self.cause {
+            write!(f, ": {cause}")?;
+            let mut source = cause.source();
+            while let Some(inner) = source {
+                write!(f, ": {inner}")?;
+                source = inner.source();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ProxyError {}
+
+/// `{"error": {"code": ..., "message": ..., "request_id": ...}}` (docs/operations.md, "What callers see").
+pub fn error_body(code: &str, message: &str, request_id: &str) -> Bytes {
+    let body = serde_json::json!({
+        "error": { "code": code, "message": message, "request_id": request_id }
+    });
+    Bytes::from(body.to_string())
+}
+
+/// The same response as raw HTTP/1.1 bytes, for errors found before hyper parses a
+/// request (slow or oversized heads); the connection is closed after it.
+pub fn raw_error_response(kind: ErrorKind, request_id: &str) -> Vec<u8> {
+    let body = error_body(kind.code(), kind.message(), request_id);
+    let status = kind.status();
+    let mut out = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nx-request-id: {}\r\nconnection: close\r\n\r\n",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len(),
+        request_id
+    )
+    .into_bytes();
+    out.extend_from_slice(&body);
+    out
+}
+
+/// 128 random bits as 32 hex digits. Uses the thread-local fast generator: ids need to be
+/// unique, not unpredictable, and a syscall per request would cost more than the proxying.
+pub fn new_request_id() -> http::HeaderValue {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let bits = fastrand::u128(..);
+    let mut out = [0u8; 32];
+    for (i, byte) in out.iter_mut().enumerate() {
+        *byte = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
+    }
+    // An owned array: the id is cloned into the upstream request and the response, and
+    // clones of owner-backed bytes only bump a count.
+    http::HeaderValue::from_maybe_shared(Bytes::from_owner(out)).unwrap_or_else(|_| http::HeaderValue::from_static("0"))
+}

@@ -1,0 +1,15 @@
+//! Primitives every layer may use and that use nothing else of the crate: the request
+//! path's error kind and its JSON body, deadlines, the shutdown signal, the state a
+//! connection shares with its responses, request ids and durations (docs/architecture.md,
+//! "Modules").
+
+pub mod conn;
+pub mod deadline;
+pub mod error;
+pub mod shutdown;
+pub mod time;
+
+pub use conn::{ConnPhase, Phase};
+pub use deadline::Deadline;
+pub use error::{ErrorKind, ErrorSource, ProxyError, error_body, new_request_id, raw_error_response};
+pub use shutdown::{Shutdown, stopped};

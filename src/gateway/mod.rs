@@ -1,0 +1,206 @@
+//! The control plane: what the request path reads, and everything that changes it. The
+//! gateway is built at start-up from the configuration and the state backends, compiles
+//! the configuration into a [`Snapshot`] and the plans into a `PlanTable`, swaps either
+//! whole on a reload or a plan write, applies writes replicated from other nodes, and
+//! says when the node is ready. The proxy (`crate::proxy`) only reads it; the admin API
+//! writes through it (docs/architecture.md, "Modules").
+//!
+//! Files: `snapshot` (compiled configuration), `plans` (compiled plans, rate sharing),
+//! `catalog` (admin writes), `replication` (writes from other nodes), `usage` (the usage
+//! flusher), `services` (every background service, started in one place).
+
+mod catalog;
+mod plans;
+mod replication;
+pub mod services;
+mod snapshot;
+pub mod usage;
+
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use arc_swap::{ArcSwap, Guard};
+
+pub use catalog::{KeyChange, valid_id};
+pub use snapshot::{ClientCache, Route, Snapshot, UpstreamPool};
+pub use usage::{Retention, Usage};
+
+use crate::auth::KeyTable;
+use crate::config::{self, Config, ConfigErrors};
+use crate::limits::PlanTable;
+use crate::limits::window::Clock;
+use crate::metrics::Metrics;
+use crate::model::StateData;
+use crate::state::{Backends, Catalog, Replica, StateError};
+
+/// The plan of keys whose consumer has none and that name none themselves.
+pub const DEFAULT_PLAN: &str = "default";
+
+/// This node's slot name in usage counters until nodes are named by `[cluster]`.
+pub const LOCAL_NODE: &str = "local";
+
+/// State shared by every worker and the admin API.
+pub struct Gateway {
+    snapshot: ArcSwap<Snapshot>,
+    pub metrics: Arc<Metrics>,
+    /// API keys for the request path; rebuilt from the catalog at start, updated per write.
+    pub keys: KeyTable,
+    pub catalog: Arc<dyn Catalog>,
+    /// Present in global mode.
+    pub replica: Option<Arc<dyn Replica>>,
+    /// Plans and consumers as last written, for the admin API and for compiling plans;
+    /// never read per request. Held only for in-memory work, never across an `.await`.
+    data: RwLock<StateData>,
+    /// Serialises admin writes, so the catalog and memory see them in the same order.
+    /// Readers never wait on it.
+    writes: tokio::sync::Mutex<()>,
+    /// Plans compiled for the request path.
+    plans: ArcSwap<PlanTable>,
+    /// How many live nodes share each plan's rate limit (`[cluster] divide_rate`).
+    rate_share: AtomicU32,
+    pub usage: Arc<Usage>,
+    clients: ClientCache,
+    workers: usize,
+    ready: AtomicBool,
+    reload_lock: tokio::sync::Mutex<()>,
+}
+
+impl Gateway {
+    /// Compiles `config`, resolves its host-name endpoints, loads the catalog into memory
+    /// and restores today's usage counters. The node is not ready yet
+    /// ([`services::start`] decides when it is).
+    pub async fn new(
+        config: Config,
+        metrics: Arc<Metrics>,
+        workers: usize,
+        backends: Backends,
+        clock: Clock,
+    ) -> Result<Arc<Gateway>, StateError> {
+        let Backends {
+            catalog,
+            usage: usage_store,
+            replica,
+        } = backends;
+        let clients = ClientCache::default();
+        let snapshot = Snapshot::build(Arc::new(config), None, &metrics, &clients, workers);
+        snapshot.resolve_new_endpoints().await;
+        crate::auth::jwks_fetch::refresh(&snapshot.jwt, |_| true).await;
+        let (keys, data) = load_catalog(catalog.clone()).await?;
+        let usage = Arc::new(Usage::new(
+            node_name(&snapshot.config),
+            clock,
+            usage_store,
+            metrics.clone(),
+            Retention::of(&snapshot.config),
+        ));
+        let plans = plans::compile(&snapshot.config, &data, &metrics, 1);
+        usage
+            .table
+            .set_anonymous_month(plans.get(&snapshot.config.anonymous.plan).tracks_month());
+        let restoring = usage.clone();
+        let restored = tokio::task::spawn_blocking(move || restoring.restore())
+            .await
+            .map_err(|e| StateError::Backend(e.to_string()))??;
+        tracing::info!(
+            slots = restored,
+            subjects = usage.table.len(),
+            "usage counters restored"
+        );
+        Ok(Arc::new(Gateway {
+            snapshot: ArcSwap::from_pointee(snapshot),
+            plans: ArcSwap::from_pointee(plans),
+            rate_share: AtomicU32::new(1),
+            usage,
+            metrics,
+            keys,
+            catalog,
+            replica,
+            data: RwLock::new(data),
+            writes: tokio::sync::Mutex::new(()),
+            clients,
+            workers,
+            ready: AtomicBool::new(false),
+            reload_lock: tokio::sync::Mutex::new(()),
+        }))
+    }
+
+    /// The live configuration, compiled; a reload swaps it whole.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.load_full()
+    }
+
+    /// The plans as the request path uses them (one atomic load).
+    pub fn plans(&self) -> Guard<Arc<PlanTable>> {
+        self.plans.load()
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Release);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Reads the configuration file again and swaps it in when valid. An invalid file is
+    /// rejected with all its errors and the running configuration stays.
+    pub async fn reload(&self) -> Result<(), ConfigErrors> {
+        let _serialized = self.reload_lock.lock().await;
+        let current = self.snapshot();
+        let config = match config::load(&current.config.path) {
+            Ok(config) => config,
+            Err(errors) => {
+                self.metrics.reload(false);
+                tracing::warn!(errors = %errors, "configuration reload rejected; keeping the running configuration");
+                return Err(errors);
+            }
+        };
+        if config.listen != current.config.listen || config.admin_listen != current.config.admin_listen {
+            tracing::warn!("listen addresses changed; they take effect on restart only");
+        }
+        let next = Snapshot::build(
+            Arc::new(config),
+            Some(&current),
+            &self.metrics,
+            &self.clients,
+            self.workers,
+        );
+        next.resolve_new_endpoints().await;
+        self.snapshot.store(Arc::new(next));
+        // Under the write lock: rebuilds never race each other to the store.
+        self.rebuild_plans(&self.write_data());
+        self.metrics.reload(true);
+        tracing::info!("configuration reloaded");
+        Ok(())
+    }
+
+    fn read_data(&self) -> RwLockReadGuard<'_, StateData> {
+        // A panic while writing leaves maps that are still valid values.
+        self.data.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write_data(&self) -> RwLockWriteGuard<'_, StateData> {
+        self.data.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+/// The node's name in usage slots: `[cluster]`'s, or [`LOCAL_NODE`].
+fn node_name(config: &Config) -> String {
+    config
+        .cluster
+        .as_ref()
+        .map_or_else(|| LOCAL_NODE.to_string(), |c| c.node_name())
+}
+
+/// Plans and consumers, and every key streamed from the catalog into the request path's
+/// table (keys are never all held twice).
+async fn load_catalog(catalog: Arc<dyn Catalog>) -> Result<(KeyTable, StateData), StateError> {
+    tokio::task::spawn_blocking(move || {
+        let data = catalog.load()?;
+        let keys = KeyTable::default();
+        keys.load(&data, DEFAULT_PLAN, |add| catalog.for_each_key(add))?;
+        Ok((keys, data))
+    })
+    .await
+    .map_err(|e| StateError::Backend(e.to_string()))?
+}

@@ -1,0 +1,193 @@
+//! Every background service of a node, started in one place, each ending on the shared
+//! shutdown signal (docs/operations.md, "Shutdown"): the usage flusher, DNS
+//! re-resolution, active health checks, JWKS refresh and, in global mode, the replica's
+//! services (heartbeats, usage stream, snapshots) and the applier of replicated writes.
+//! The flusher stops last, after the workers have drained, so the counts of drained
+//! requests are written too.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use super::Gateway;
+use crate::base::{Shutdown, stopped};
+use crate::state::ReplicaHooks;
+
+/// The running services of a node.
+pub struct Services {
+    background: Vec<JoinHandle<()>>,
+    flusher: JoinHandle<()>,
+    stop_flusher: watch::Sender<bool>,
+    force: watch::Sender<bool>,
+}
+
+/// Starts every background service; all but the flusher end when `shutdown` turns. Marks
+/// the gateway ready at once (single node, or a node serving from its disk while the
+/// cluster is unreachable) or once its usage view has caught up with the cluster.
+pub fn start(gateway: &Arc<Gateway>, shutdown: &Shutdown) -> Services {
+    let (stop_flusher, flusher_stop) = watch::channel(false);
+    let (force, forced) = watch::channel(false);
+    let flush_interval = gateway.snapshot().config.usage.flush_interval;
+    let flusher = tokio::spawn(gateway.usage.clone().run(flush_interval, flusher_stop, forced));
+    let checked = gateway.clone();
+    let mut background = vec![
+        tokio::spawn(resolve_periodically(gateway.clone(), shutdown.clone())),
+        tokio::spawn(crate::upstream::check::run(
+            move || checked.snapshot().pools.values().map(|p| p.pool.clone()).collect(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(refresh_jwks_periodically(gateway.clone(), shutdown.clone())),
+    ];
+    match &gateway.replica {
+        Some(replica) => background.extend(start_replica(gateway, replica.clone(), shutdown)),
+        None => gateway.set_ready(true),
+    }
+    Services {
+        background,
+        flusher,
+        stop_flusher,
+        force,
+    }
+}
+
+fn start_replica(
+    gateway: &Arc<Gateway>,
+    replica: Arc<dyn crate::state::Replica>,
+    shutdown: &Shutdown,
+) -> Vec<JoinHandle<()>> {
+    let mut handles = Vec::new();
+    if !replica.is_attached() {
+        // Started from this node's disk: serve now; the view catches up once the cluster
+        // answers.
+        gateway.set_ready(true);
+    }
+    if let Some(changes) = replica.take_changes() {
+        handles.push(tokio::spawn(gateway.clone().apply_changes(
+            changes,
+            replica.clone(),
+            shutdown.clone(),
+        )));
+    }
+    // Not ready until this node's view holds every node's usage up to the stream's tail
+    // at start.
+    let (caught_up, rebuilt) = oneshot::channel();
+    let divide_rate = gateway
+        .snapshot()
+        .config
+        .cluster
+        .as_ref()
+        .is_some_and(|c| c.divide_rate);
+    let (view, sharing) = (gateway.clone(), gateway.clone());
+    let hooks = ReplicaHooks {
+        usage: Box::new(move |own, rows| {
+            let now = view.usage.clock.now();
+            for (row, grown) in rows {
+                view.usage.table.apply_replicated(&row, own, grown, now);
+            }
+        }),
+        live_nodes: Box::new(move |live| {
+            if divide_rate {
+                sharing.set_rate_share(live);
+            }
+        }),
+        caught_up,
+        clock: gateway.usage.clock,
+    };
+    handles.extend(replica.start(hooks, shutdown.clone()));
+    let ready = gateway.clone();
+    let mut stop = shutdown.clone();
+    handles.push(tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        tokio::select! {
+            rebuilt = rebuilt => if rebuilt.is_ok() {
+                tracing::info!(millis = started.elapsed().as_millis() as u64, "usage view rebuilt; ready");
+                ready.set_ready(true);
+            },
+            _ = stopped(&mut stop) => {}
+        }
+    }));
+    handles
+}
+
+impl Services {
+    /// After the workers have drained: the final usage flush, then waits for every service
+    /// (they were told to stop with the shutdown signal). When `force` resolves first (a
+    /// second SIGTERM), a final flush that keeps failing is given up.
+    pub async fn stop(self, force: impl std::future::Future<Output = ()>) {
+        let Services {
+            background,
+            mut flusher,
+            stop_flusher,
+            force: give_up,
+        } = self;
+        let _ = stop_flusher.send(true);
+        tokio::select! {
+            _ = &mut flusher => {}
+            () = force => {
+                let _ = give_up.send(true);
+                let _ = flusher.await;
+            }
+        }
+        for handle in background {
+            let _ = handle.await;
+        }
+    }
+}
+
+/// Re-resolves host-name endpoints of the live configuration at each pool's interval.
+async fn resolve_periodically(gateway: Arc<Gateway>, mut shutdown: Shutdown) {
+    let mut last: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        let snapshot = gateway.snapshot();
+        for upstream in snapshot.pools.values() {
+            let pool = &upstream.pool;
+            if !pool.endpoints.iter().any(|e| e.needs_resolution()) {
+                continue;
+            }
+            let due = last
+                .get(&pool.name)
+                .is_none_or(|t| t.elapsed() >= pool.resolve_interval);
+            if due {
+                last.insert(pool.name.clone(), Instant::now());
+                pool.resolve().await;
+            }
+        }
+    }
+}
+
+/// Fetches JWKS URLs of the live configuration again at each issuer's `jwks_refresh`.
+async fn refresh_jwks_periodically(gateway: Arc<Gateway>, mut shutdown: Shutdown) {
+    // Keyed by snapshot and issuer: a reload brings a new verifier, fetched when built.
+    let mut last: HashMap<(usize, usize), Instant> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        let snapshot = gateway.snapshot();
+        let generation = Arc::as_ptr(&snapshot) as usize;
+        let urls = snapshot.jwt.jwks_urls();
+        if urls.is_empty() {
+            continue;
+        }
+        let now = Instant::now();
+        let mut due = Vec::new();
+        for (index, _, interval) in &urls {
+            let entry = last.entry((generation, *index)).or_insert(now);
+            if now.duration_since(*entry) >= *interval {
+                *entry = now;
+                due.push(*index);
+            }
+        }
+        crate::auth::jwks_fetch::refresh(&snapshot.jwt, |index| due.contains(&index)).await;
+        last.retain(|(g, _), _| *g == generation);
+    }
+}

@@ -1,0 +1,247 @@
+//! The upstream exchange: `upstream_peer` picks an endpoint, the request is sent under the
+//! pool's timeouts, and a failed try goes to another endpoint when it may (retry budget,
+//! idempotent or unwritten requests); a protocol switch becomes a byte tunnel.
+
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use hyper::upgrade::OnUpgrade;
+use tokio::time::Instant;
+
+use super::{ProxyBody, RequestCtx, Worker, forward};
+use crate::base::{ErrorKind, ProxyError};
+use crate::config::HashKey;
+use crate::gateway::{Route, Snapshot, UpstreamPool};
+use crate::upstream::client::{PooledConn, RequestBody, SendError};
+use crate::upstream::{InflightGuard, Selected, Target, Tried};
+
+/// The endpoint chosen for one try.
+struct Peer {
+    target: Target,
+    guard: InflightGuard,
+    /// The endpoint's place in its pool (retries skip it) and whether this try is a
+    /// half-open breaker's probe.
+    index: usize,
+    probe: bool,
+}
+
+impl Peer {
+    /// Takes the endpoint's next address and counts the try in its in-flight load.
+    fn new(selected: Selected, ctx: &mut RequestCtx) -> Option<Peer> {
+        let target = selected.endpoint.target()?;
+        ctx.upstream_addr = Some(target.addr);
+        Some(Peer {
+            guard: InflightGuard::new(selected.endpoint),
+            target,
+            index: selected.index,
+            probe: selected.probe,
+        })
+    }
+}
+
+/// One try's result: what to answer if it is the last, and what to send if it is not.
+struct Try {
+    answer: Result<(Response<Incoming>, Option<PooledConn>), ProxyError>,
+    again: Option<Request<RequestBody>>,
+}
+
+impl Worker {
+    /// Phases 2 and 3 and the exchange, with retries on other endpoints.
+    pub(super) async fn proxy(
+        &self,
+        snapshot: &Snapshot,
+        route: &Route,
+        ctx: &mut RequestCtx,
+        mut head: Parts,
+        body: Incoming,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let upstream = &route.upstream;
+        let pool = &upstream.pool;
+        let _slot = pool
+            .acquire()
+            .ok_or_else(|| ProxyError::new(ErrorKind::UpstreamOverloaded))?;
+        pool.earn_retry_budget();
+        let mut tried = Tried::default();
+        let mut peer = upstream_peer(upstream, ctx, &head.headers, &tried)?;
+        let client_upgrade = if ctx.upgrade {
+            head.extensions.remove::<OnUpgrade>()
+        } else {
+            None
+        };
+        let endpoint_host = peer.guard.endpoint().host_header.clone();
+        forward::upstream_request_filter(route, &snapshot.anonymous_plan, ctx, &mut head, &endpoint_host)?;
+        // A request without a body whose method may be repeated can be sent again after it
+        // reached an endpoint; keep its head for that. Others are retried only when none of
+        // them was written (a failed connect).
+        let repeatable = pool.retries.attempts > 0
+            && client_upgrade.is_none()
+            && hyper::body::Body::is_end_stream(&body)
+            && pool.idempotent(&head.method);
+        let mut req = Request::from_parts(head, RequestBody::Client(body));
+        let head = repeatable.then(|| copy_head(&req));
+        let total_deadline = pool.timeouts.total.map(|t| ctx.start + t);
+        let mut attempt = 0;
+        loop {
+            let outcome = self.try_once(upstream, &peer, req, head.as_ref(), total_deadline).await;
+            let retry = match outcome.again {
+                Some(request) if attempt < pool.retries.attempts => {
+                    tried.insert(peer.index);
+                    retry_peer(upstream, ctx, &tried).map(|next| (request, next))
+                }
+                _ => None,
+            };
+            let Some((mut request, next)) = retry else {
+                let (response, pooled) = outcome.answer?;
+                return Ok(respond(
+                    response,
+                    pooled,
+                    peer,
+                    client_upgrade,
+                    pool.timeouts.read,
+                    total_deadline,
+                ));
+            };
+            match &outcome.answer {
+                Ok((response, _)) => {
+                    tracing::debug!(upstream = %pool.name, status = response.status().as_u16(), "retrying on another endpoint")
+                }
+                Err(error) => tracing::debug!(upstream = %pool.name, %error, "retrying on another endpoint"),
+            }
+            peer = next;
+            if !pool.preserve_host {
+                request
+                    .headers_mut()
+                    .insert(header::HOST, peer.guard.endpoint().host_header.clone());
+            }
+            req = request;
+            attempt += 1;
+        }
+    }
+
+    /// Sends `req` to `peer` under the per-try and total deadlines and feeds the outcome to
+    /// the endpoint's health. Unwritten requests may go elsewhere whatever their method;
+    /// written ones only when repeatable (`head` kept) — a streamed body is never replayed.
+    async fn try_once(
+        &self,
+        upstream: &UpstreamPool,
+        peer: &Peer,
+        req: Request<RequestBody>,
+        head: Option<&Request<RequestBody>>,
+        total_deadline: Option<Instant>,
+    ) -> Try {
+        let pool = &upstream.pool;
+        let client = &upstream.clients[self.id % upstream.clients.len()];
+        // `read` counts from handing the request to the pool, so it includes a connect when
+        // no idle connection exists; the connector enforces `connect` on its own.
+        let per_try = pool.retries.per_try_timeout.unwrap_or(pool.timeouts.read);
+        let head_deadline = Instant::now() + per_try;
+        let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
+        match tokio::time::timeout_at(head_deadline, client.send(&peer.target, req)).await {
+            Ok(Ok((response, pooled))) => {
+                let status = response.status();
+                pool.record(peer.guard.endpoint(), peer.probe, !status.is_server_error());
+                let retry_status = status.is_server_error() && pool.retries.on_statuses.contains(&status.as_u16());
+                Try {
+                    answer: Ok((response, pooled)),
+                    again: retry_status.then(|| head.map(copy_head)).flatten(),
+                }
+            }
+            Ok(Err(SendError { error, unsent })) => {
+                pool.record(peer.guard.endpoint(), peer.probe, false);
+                Try {
+                    answer: Err(error),
+                    again: unsent.or_else(|| head.map(copy_head)),
+                }
+            }
+            Err(_) => {
+                pool.record(peer.guard.endpoint(), peer.probe, false);
+                Try {
+                    answer: Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
+                    again: head.map(copy_head),
+                }
+            }
+        }
+    }
+}
+
+/// Phase 2: picks the endpoint by the pool's policy among those health allows; none left
+/// → `503` at once, without waiting on timeouts.
+fn upstream_peer(
+    upstream: &UpstreamPool,
+    ctx: &mut RequestCtx,
+    headers: &HeaderMap,
+    tried: &Tried,
+) -> Result<Peer, ProxyError> {
+    let client_ip;
+    let hash: Option<&[u8]> = match &upstream.pool.hash_key {
+        None => None,
+        Some(HashKey::ClientIp) => {
+            client_ip = ctx.caller_ip.to_string();
+            Some(client_ip.as_bytes())
+        }
+        Some(HashKey::Header(name)) => headers.get(name.as_str()).map(HeaderValue::as_bytes),
+    };
+    upstream
+        .pool
+        .select_healthy(hash, tried)
+        .and_then(|selected| Peer::new(selected, ctx))
+        .ok_or_else(|| ProxyError::new(ErrorKind::NoEndpoint))
+}
+
+/// The endpoint for a retry, if one is left and the pool's retry budget allows it.
+fn retry_peer(upstream: &UpstreamPool, ctx: &mut RequestCtx, tried: &Tried) -> Option<Peer> {
+    let pool = &upstream.pool;
+    let selected = pool.select_healthy(None, tried)?;
+    let allowed = pool.spend_retry_budget();
+    pool.metrics.record_retry(allowed);
+    if !allowed {
+        return None;
+    }
+    Peer::new(selected, ctx)
+}
+
+/// The upstream's response for the client: its body streamed under the read-idle and
+/// total deadlines, holding the endpoint's in-flight count; a protocol switch tunnelled.
+fn respond(
+    mut response: Response<Incoming>,
+    pooled: Option<PooledConn>,
+    peer: Peer,
+    client_upgrade: Option<OnUpgrade>,
+    idle: std::time::Duration,
+    total_deadline: Option<Instant>,
+) -> Response<ProxyBody> {
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, peer.guard));
+        return response.map(|_| ProxyBody::empty());
+    }
+    response.map(|body| ProxyBody::upstream(body, idle, total_deadline, peer.guard, pooled))
+}
+
+/// A bodiless copy of a request's head: what a repeatable request is sent again from.
+fn copy_head<B>(original: &Request<B>) -> Request<RequestBody> {
+    let mut copy = Request::new(RequestBody::Empty);
+    *copy.method_mut() = original.method().clone();
+    *copy.uri_mut() = original.uri().clone();
+    *copy.version_mut() = original.version();
+    *copy.headers_mut() = original.headers().clone();
+    copy
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream one.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, _inflight: InflightGuard) {
+    let (client, upstream) = match tokio::try_join!(client, upstream) {
+        Ok(pair) => pair,
+        Err(error) => {
+            tracing::debug!(%error, "protocol switch failed");
+            return;
+        }
+    };
+    let mut client = hyper_util::rt::TokioIo::new(client);
+    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
+    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
+        tracing::debug!(%error, "upgraded connection closed with error");
+    }
+}

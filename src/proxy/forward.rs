@@ -1,0 +1,215 @@
+//! The head filters on either side of the exchange: `upstream_request_filter` turns the
+//! client's request head into the upstream's, `response_filter` the response head into
+//! the client's.
+
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{HeaderMap, HeaderValue, Response, StatusCode, Uri, Version, header};
+
+use super::{Caller, KeySource, ProxyBody, RequestCtx, headers};
+use crate::base::{ErrorKind, ProxyError};
+use crate::config::UpstreamProtocol;
+use crate::gateway::Route;
+
+/// Phase 3: the request head as the upstream gets it — URI (prefix stripped, key removed
+/// from the query), version, `Host`, forwarding headers, request id, the caller as
+/// identified; hop-by-hop headers and the caller's credentials removed. `endpoint_host` is
+/// the chosen endpoint's `Host` (used unless the pool preserves the client's).
+pub(super) fn upstream_request_filter(
+    route: &Route,
+    anonymous_plan: &HeaderValue,
+    ctx: &RequestCtx,
+    head: &mut Parts,
+    endpoint_host: &HeaderValue,
+) -> Result<(), ProxyError> {
+    let pool = &route.upstream.pool;
+    let strip = route.strip_prefix.then_some(route.path.as_str());
+    let key_in_query = ctx.caller.credentials() == Some(KeySource::Query);
+    // Origin-form; the HTTP/2 client adds scheme and authority itself.
+    head.uri = Uri::from(upstream_target(&head.uri, strip, key_in_query)?);
+    head.version = match pool.protocol {
+        UpstreamProtocol::Http1 => Version::HTTP_11,
+        UpstreamProtocol::Http2 => Version::HTTP_2,
+    };
+    let host = match (&ctx.host, pool.preserve_host) {
+        (Some(host), true) => host,
+        _ => endpoint_host,
+    };
+    forwarding_headers(&mut head.headers, ctx, host, anonymous_plan);
+    Ok(())
+}
+
+/// The upstream's request target: `strip` (the route's prefix) removed from the path,
+/// `api-key`/`api_key` removed from the query when the key came in it.
+fn upstream_target(uri: &Uri, strip: Option<&str>, key_in_query: bool) -> Result<PathAndQuery, ProxyError> {
+    if strip.is_none() && !key_in_query {
+        return Ok(uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")));
+    }
+    let path = match strip {
+        Some(prefix) => crate::router::strip_route_prefix(prefix, uri.path()),
+        None => uri.path(),
+    };
+    let query = uri
+        .query()
+        .map(|q| {
+            if key_in_query {
+                without_api_key(q)
+            } else {
+                q.to_string()
+            }
+        })
+        .filter(|q| !q.is_empty());
+    let rewritten = match query {
+        Some(query) => format!("{path}?{query}"),
+        None => path.to_string(),
+    };
+    PathAndQuery::try_from(rewritten).map_err(|e| ProxyError::with_cause(ErrorKind::BadRequest, e))
+}
+
+/// Hop-by-hop headers out; `Host`, `X-Forwarded-*`, `X-Real-IP`, `X-Request-Id`,
+/// `X-Consumer-Id` and `X-Plan` set from what Tollgate knows; credentials removed.
+fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx, host: &HeaderValue, anonymous_plan: &HeaderValue) {
+    headers::remove_hop_by_hop(headers, ctx.upgrade);
+    headers.insert(header::HOST, host.clone());
+    if let Some(host) = &ctx.host {
+        headers.insert(&headers::X_FORWARDED_HOST, host.clone());
+    }
+    headers::append_forwarded_for(headers, &ctx.peer_ip);
+    // The caller as Tollgate identified it (after trusted proxies and PROXY protocol).
+    let real_ip = if ctx.caller_ip == ctx.client_addr.ip() {
+        ctx.peer_ip.clone()
+    } else {
+        headers::ip_header_value(ctx.caller_ip)
+    };
+    headers.insert(&headers::X_REAL_IP, real_ip);
+    headers.insert(&headers::X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
+    // The caller's credentials never reach the upstream; who they are does.
+    match ctx.caller.credentials() {
+        Some(KeySource::Header) => drop(headers.remove(&headers::X_API_KEY)),
+        Some(KeySource::Bearer) => drop(headers.remove(header::AUTHORIZATION)),
+        Some(KeySource::Query) | None => {}
+    }
+    headers.remove(&headers::X_CONSUMER_ID);
+    headers.remove(&headers::X_PLAN);
+    if let Caller::Anonymous { .. } = ctx.caller {
+        headers.insert(&headers::X_PLAN, anonymous_plan.clone());
+    }
+    if let Some(identity) = ctx.identity() {
+        if let Ok(value) = HeaderValue::from_str(&identity.consumer_id) {
+            headers.insert(&headers::X_CONSUMER_ID, value);
+        }
+        if let Ok(value) = HeaderValue::from_str(&identity.plan) {
+            headers.insert(&headers::X_PLAN, value);
+        }
+    }
+}
+
+/// The query string without `api-key`/`api_key` parameters.
+fn without_api_key(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+            name != "api-key" && name != "api_key"
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Phase 4: edits the response head for the client: hop-by-hop headers removed (kept on
+/// a protocol switch), `X-Request-Id` set, and the `RateLimit` headers of the limit
+/// closest to exhaustion (with `Retry-After` on a 429).
+pub(super) fn response_filter(ctx: &RequestCtx, response: &mut Response<ProxyBody>) {
+    let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    let headers = response.headers_mut();
+    headers::remove_hop_by_hop(headers, switching);
+    headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
+    if let Some(status) = &ctx.limit {
+        headers::insert_rate_limit(headers, status, ctx.retry_after);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::auth::Identity;
+    use crate::proxy::ConnInfo;
+
+    fn ctx(caller: Caller) -> RequestCtx {
+        let conn = ConnInfo::new("203.0.113.9:5000".parse().unwrap(), None);
+        let mut ctx = RequestCtx::new(HeaderValue::from_static("req-1"), &conn);
+        ctx.host = Some(HeaderValue::from_static("api.example.com"));
+        ctx.caller = caller;
+        ctx
+    }
+
+    fn key_caller(source: KeySource) -> Caller {
+        Caller::Key {
+            identity: Identity::new("key_1".into(), Arc::from("acme"), Arc::from("pro")),
+            source,
+        }
+    }
+
+    #[test]
+    fn targets_lose_the_prefix_and_a_key_in_the_query() {
+        let uri: Uri = "/geo/v1/8.8.8.8?lang=en&api_key=tg_live_x&x=1".parse().unwrap();
+        assert_eq!(
+            upstream_target(&uri, None, false).unwrap(),
+            uri.path_and_query().unwrap().clone()
+        );
+        assert_eq!(
+            upstream_target(&uri, Some("/geo"), true).unwrap().as_str(),
+            "/v1/8.8.8.8?lang=en&x=1"
+        );
+        let only_key: Uri = "/geo?api-key=tg_live_x".parse().unwrap();
+        assert_eq!(upstream_target(&only_key, Some("/geo"), true).unwrap().as_str(), "/");
+        assert_eq!(upstream_target(&only_key, None, true).unwrap().as_str(), "/geo");
+    }
+
+    #[test]
+    fn credentials_never_reach_the_upstream_and_identity_does() {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static("tg_live_secret"));
+        headers.insert("x-consumer-id", HeaderValue::from_static("spoofed"));
+        headers.insert("connection", HeaderValue::from_static("x-hop"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("x-forwarded-for", HeaderValue::from_static("10.9.9.9"));
+        let host = HeaderValue::from_static("10.0.0.5:9000");
+        forwarding_headers(
+            &mut headers,
+            &ctx(key_caller(KeySource::Header)),
+            &host,
+            &HeaderValue::from_static("anon"),
+        );
+        assert!(!headers.contains_key("x-api-key") && !headers.contains_key("x-hop"));
+        assert_eq!(headers["x-consumer-id"], "acme");
+        assert_eq!(headers["x-plan"], "pro");
+        assert_eq!(headers["host"], "10.0.0.5:9000");
+        assert_eq!(headers["x-forwarded-host"], "api.example.com");
+        assert_eq!(headers["x-forwarded-for"], "10.9.9.9, 203.0.113.9");
+        assert_eq!(headers["x-real-ip"], "203.0.113.9");
+        assert_eq!(headers["x-request-id"], "req-1");
+
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer eyJ.x.y"));
+        headers.insert("x-plan", HeaderValue::from_static("spoofed"));
+        let jwt = Caller::Jwt(Identity::new("jwt:sub".into(), Arc::from("sub"), Arc::from("default")));
+        forwarding_headers(&mut headers, &ctx(jwt), &host, &HeaderValue::from_static("anon"));
+        assert!(!headers.contains_key("authorization"));
+        assert_eq!(headers["x-plan"], "default");
+
+        let mut headers = HeaderMap::new();
+        headers.insert("x-plan", HeaderValue::from_static("spoofed"));
+        headers.insert("x-consumer-id", HeaderValue::from_static("spoofed"));
+        let anonymous = Caller::Anonymous { referer_host: None };
+        forwarding_headers(&mut headers, &ctx(anonymous), &host, &HeaderValue::from_static("anon"));
+        assert_eq!(headers["x-plan"], "anon");
+        assert!(!headers.contains_key("x-consumer-id"));
+    }
+}

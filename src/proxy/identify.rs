@@ -1,0 +1,280 @@
+//! `request_filter`: the route, then who is calling — an API key, a JWT, the anonymous
+//! plan, or nobody on a public route — then the plan's limits (`limit`). Everything here
+//! reads only the request head.
+
+use http::request::Parts;
+use http::{HeaderMap, HeaderValue, Version, header};
+
+use super::{RequestCtx, Worker, headers};
+use crate::auth::{self, AuthError, Identity, KEY_PREFIX};
+use crate::base::{ErrorKind, ProxyError};
+use crate::config::AnonymousBy;
+use crate::gateway::{DEFAULT_PLAN, Route, Snapshot};
+
+/// Where the caller's API key was found, so it can be removed before proxying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeySource {
+    Header,
+    Bearer,
+    Query,
+}
+
+/// Who is calling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// A route without `auth`: nobody is identified or charged.
+    Public,
+    /// A valid API key, found where `source` says.
+    Key { identity: Identity, source: KeySource },
+    /// A verified JWT (a bearer token) of a configured issuer.
+    Jwt(Identity),
+    /// The no-sign-up tier: charged to the client IP and, when known, the Referer host.
+    Anonymous { referer_host: Option<String> },
+}
+
+impl Caller {
+    pub fn identity(&self) -> Option<&Identity> {
+        match self {
+            Caller::Key { identity, .. } | Caller::Jwt(identity) => Some(identity),
+            Caller::Public | Caller::Anonymous { .. } => None,
+        }
+    }
+
+    /// Where the credentials travelled, so `upstream_request_filter` removes them.
+    pub fn credentials(&self) -> Option<KeySource> {
+        match self {
+            Caller::Key { source, .. } => Some(*source),
+            Caller::Jwt(_) => Some(KeySource::Bearer),
+            Caller::Public | Caller::Anonymous { .. } => None,
+        }
+    }
+}
+
+/// What the caller presented, as far as the route accepts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Credentials<'a> {
+    Key(&'a str, KeySource),
+    Jwt(&'a str),
+    None,
+}
+
+impl Worker {
+    /// Phase 1, first for every request: finds the route, identifies the caller and applies
+    /// the plan's limits; any of them may answer at once by returning an error.
+    pub(super) fn request_filter<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        ctx: &mut RequestCtx,
+        head: &Parts,
+    ) -> Result<&'s Route, ProxyError> {
+        ctx.host = request_host(head);
+        let host = ctx.host.as_ref().and_then(|h| h.to_str().ok());
+        let index = snapshot
+            .router
+            .find(host, head.method.as_str(), head.uri.path())
+            .ok_or_else(|| ProxyError::new(ErrorKind::RouteNotFound))?;
+        ctx.route = Some(index);
+        ctx.upgrade = head.version == Version::HTTP_11 && headers::is_upgrade_request(&head.headers);
+        let route = snapshot
+            .routes
+            .get(index)
+            .ok_or_else(|| ProxyError::new(ErrorKind::Internal))?;
+        let trusted = &snapshot.config.trusted_proxies;
+        if !trusted.is_empty() {
+            let forwarded = head
+                .headers
+                .get(&headers::X_FORWARDED_FOR)
+                .and_then(|v| v.to_str().ok());
+            ctx.caller_ip = auth::client_ip(ctx.client_addr.ip(), forwarded, trusted);
+        }
+        ctx.caller = self.identify(snapshot, route, head)?;
+        self.limit_filter(snapshot, route, ctx)?;
+        Ok(route)
+    }
+
+    /// The caller of `route`: a presented key must be valid even where anonymous calls
+    /// are allowed; no credentials on a keyed route is a 401.
+    fn identify(&self, snapshot: &Snapshot, route: &Route, head: &Parts) -> Result<Caller, ProxyError> {
+        match presented_credentials(route.api_key, route.jwt, head) {
+            Credentials::Jwt(token) => snapshot
+                .jwt
+                .verify(token, DEFAULT_PLAN)
+                .map(Caller::Jwt)
+                .map_err(|e| ProxyError::new(ErrorKind::InvalidToken(e.reason()))),
+            Credentials::Key(key, source) => {
+                auth::authenticate(&self.gateway.keys, Some(key), &route.name, auth::unix_now())
+                    .map(|identity| Caller::Key { identity, source })
+                    .map_err(|e| match e {
+                        // Created elsewhere and not seen here yet: it may be valid.
+                        AuthError::InvalidApiKey if !self.gateway.catalog.available() => {
+                            ProxyError::new(ErrorKind::StateUnavailable)
+                        }
+                        e => ProxyError::new(auth_error_kind(e)),
+                    })
+            }
+            Credentials::None if route.anonymous => {
+                let by_referer = snapshot.config.anonymous.by.contains(&AnonymousBy::Referer);
+                Ok(Caller::Anonymous {
+                    referer_host: by_referer.then(|| referer_host(&head.headers)).flatten(),
+                })
+            }
+            Credentials::None if route.api_key || route.jwt => Err(ProxyError::new(ErrorKind::MissingCredentials)),
+            Credentials::None => Ok(Caller::Public),
+        }
+    }
+}
+
+/// The `Host` the client asked for: the header, or the authority of an HTTP/2 request.
+pub(super) fn request_host(head: &Parts) -> Option<HeaderValue> {
+    match head.headers.get(header::HOST) {
+        Some(host) => Some(host.clone()),
+        None => head
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    }
+}
+
+/// The credentials a route of these auth methods reads: an API key (`X-API-Key`, then
+/// `Authorization: Bearer`, then query `api-key`/`api_key`), or a JWT — a bearer value
+/// that is not one of our keys, on routes that take JWTs.
+pub(super) fn presented_credentials(api_key: bool, jwt: bool, head: &Parts) -> Credentials<'_> {
+    let presented = if api_key { find_api_key(head) } else { None };
+    match presented {
+        Some((value, KeySource::Bearer)) if jwt && !value.starts_with(KEY_PREFIX) => Credentials::Jwt(value),
+        Some((key, source)) => Credentials::Key(key, source),
+        None if jwt => bearer(&head.headers).map_or(Credentials::None, Credentials::Jwt),
+        None => Credentials::None,
+    }
+}
+
+fn find_api_key(head: &Parts) -> Option<(&str, KeySource)> {
+    if let Some(key) = head.headers.get(&headers::X_API_KEY).and_then(|v| v.to_str().ok()) {
+        return Some((key.trim(), KeySource::Header));
+    }
+    if let Some(key) = bearer(&head.headers) {
+        return Some((key, KeySource::Bearer));
+    }
+    head.uri
+        .query()?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(name, _)| *name == "api-key" || *name == "api_key")
+        .map(|(_, key)| (key, KeySource::Query))
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim)
+}
+
+fn referer_host(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get(header::REFERER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(auth::referer_host)
+}
+
+fn auth_error_kind(error: AuthError) -> ErrorKind {
+    match error {
+        AuthError::MissingCredentials => ErrorKind::MissingCredentials,
+        AuthError::InvalidApiKey => ErrorKind::InvalidApiKey,
+        AuthError::KeyRevoked => ErrorKind::KeyRevoked,
+        AuthError::KeyExpired => ErrorKind::KeyExpired,
+        AuthError::RouteNotAllowed => ErrorKind::RouteNotAllowed,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(uri: &str, headers: &[(&str, &str)]) -> Parts {
+        let mut builder = http::Request::builder().uri(uri);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        builder.body(()).unwrap().into_parts().0
+    }
+
+    #[test]
+    fn keys_are_read_from_header_then_bearer_then_query() {
+        let both = head("/v1?api_key=q", &[("x-api-key", " h "), ("authorization", "Bearer b")]);
+        assert_eq!(
+            presented_credentials(true, false, &both),
+            Credentials::Key("h", KeySource::Header)
+        );
+        let bearer = head("/v1?api_key=q", &[("authorization", "Bearer tg_live_b")]);
+        assert_eq!(
+            presented_credentials(true, false, &bearer),
+            Credentials::Key("tg_live_b", KeySource::Bearer)
+        );
+        let query = head("/v1?x=1&api-key=q", &[]);
+        assert_eq!(
+            presented_credentials(true, false, &query),
+            Credentials::Key("q", KeySource::Query)
+        );
+        assert_eq!(
+            presented_credentials(true, false, &head("/v1?x=1", &[])),
+            Credentials::None
+        );
+        // A route that takes no keys reads none.
+        assert_eq!(presented_credentials(false, false, &both), Credentials::None);
+    }
+
+    #[test]
+    fn a_bearer_that_is_not_a_key_is_a_jwt_where_jwts_are_taken() {
+        let jwt = head("/", &[("authorization", "Bearer eyJhbGciOi.x.y")]);
+        assert_eq!(
+            presented_credentials(true, true, &jwt),
+            Credentials::Jwt("eyJhbGciOi.x.y")
+        );
+        assert_eq!(
+            presented_credentials(false, true, &jwt),
+            Credentials::Jwt("eyJhbGciOi.x.y")
+        );
+        // Keys keep their prefix, so a keyed bearer stays a key on a JWT route.
+        let key = head("/", &[("authorization", "Bearer tg_live_abc")]);
+        assert_eq!(
+            presented_credentials(true, true, &key),
+            Credentials::Key("tg_live_abc", KeySource::Bearer)
+        );
+        // Without JWT routes, any bearer is checked as a key (and refused if it is not one).
+        assert_eq!(
+            presented_credentials(true, false, &jwt),
+            Credentials::Key("eyJhbGciOi.x.y", KeySource::Bearer)
+        );
+        // A key header beside a JWT: the key is what is checked.
+        let both = head("/", &[("x-api-key", "k"), ("authorization", "Bearer eyJ.x.y")]);
+        assert_eq!(
+            presented_credentials(true, true, &both),
+            Credentials::Key("k", KeySource::Header)
+        );
+    }
+
+    #[test]
+    fn the_host_is_the_header_or_the_authority() {
+        assert_eq!(
+            request_host(&head("/", &[("host", "api.example.com")])).unwrap(),
+            "api.example.com"
+        );
+        assert_eq!(
+            request_host(&head("http://h2.example:8443/x", &[])).unwrap(),
+            "h2.example:8443"
+        );
+        assert_eq!(request_host(&head("/", &[])), None);
+    }
+
+    #[test]
+    fn referer_hosts_and_caller_credentials() {
+        let referred = head("/", &[("referer", "https://Shop.Example:8443/page?q=1")]);
+        assert_eq!(referer_host(&referred.headers).as_deref(), Some("shop.example"));
+        assert_eq!(referer_host(&head("/", &[]).headers), None);
+        let anonymous = Caller::Anonymous { referer_host: None };
+        assert_eq!((anonymous.identity(), anonymous.credentials()), (None, None));
+        assert_eq!(Caller::Public.credentials(), None);
+    }
+}

@@ -1,0 +1,51 @@
+//! Heartbeats on core NATS: how many gateway nodes are alive, for `[cluster] divide_rate`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures_util::StreamExt;
+
+use super::{HEARTBEAT, HEARTBEAT_SUBJECT, LIVE_WINDOW, NatsBackend};
+use crate::base::{Shutdown, stopped};
+use crate::state::Catalog;
+
+impl NatsBackend {
+    /// Publishes this node's heartbeat and counts the nodes heard from (this one always
+    /// included); `on_change` gets every new count. While NATS is unreachable the others
+    /// go unheard, so the count falls to 1: a cut-off node enforces whole limits.
+    pub async fn track_live_nodes(self: Arc<Self>, on_change: Box<dyn Fn(u32) + Send + Sync>, mut shutdown: Shutdown) {
+        let mut heard = match self.client.subscribe(HEARTBEAT_SUBJECT).await {
+            Ok(subscriber) => subscriber,
+            Err(error) => {
+                tracing::error!(%error, "cannot subscribe to node heartbeats; live nodes stay 1");
+                return;
+            }
+        };
+        let mut last_heard: std::collections::HashMap<String, std::time::Instant> = Default::default();
+        let mut ticks = tokio::time::interval(HEARTBEAT);
+        loop {
+            tokio::select! {
+                _ = ticks.tick() => {
+                    if self.available() {
+                        let _ = self.client.publish(HEARTBEAT_SUBJECT, Bytes::from(self.node.clone())).await;
+                    }
+                    let now = std::time::Instant::now();
+                    last_heard.retain(|_, at| now.duration_since(*at) < LIVE_WINDOW);
+                    let live = 1 + last_heard.keys().filter(|node| **node != self.node).count() as u32;
+                    if self.live_nodes.swap(live, std::sync::atomic::Ordering::Relaxed) != live {
+                        on_change(live);
+                    }
+                }
+                message = heard.next() => match message {
+                    Some(message) => {
+                        if let Ok(node) = std::str::from_utf8(&message.payload) {
+                            last_heard.insert(node.to_string(), std::time::Instant::now());
+                        }
+                    }
+                    None => return,
+                },
+                _ = stopped(&mut shutdown) => return,
+            }
+        }
+    }
+}
