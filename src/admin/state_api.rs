@@ -119,8 +119,10 @@ async fn save_plan(state: &AdminState, name: String, body: PlanBody, status: Sta
         monthly: body.monthly,
         groups: body.groups,
     };
-    if plan.rate_per_second == Some(0) {
-        return bad_request("field `rate_per_second`: must be at least 1 (omit it for no rate limit)");
+    if let Some(Err(message)) = plan.rate_per_second.map(crate::config::check_rate) {
+        return bad_request(&format!(
+            "field `rate_per_second`: {message} (omit it for no rate limit)"
+        ));
     }
     let saved = plan.clone();
     written(state.gateway.put_plan(plan).await, || {

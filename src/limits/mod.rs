@@ -40,7 +40,9 @@ impl Gcra {
         Some(Gcra {
             per_second,
             burst,
-            interval_ns: NANOS / u64::from(per_second),
+            // Configuration refuses rates above 10⁹/s; a stored plan from before that check
+            // is held to one request per nanosecond rather than an interval of zero.
+            interval_ns: (NANOS / u64::from(per_second)).max(1),
         })
     }
 
@@ -411,6 +413,18 @@ mod tests {
         assert_eq!(Gcra::new(2, Some(10)).unwrap().window_secs(), 5);
         assert_eq!(Gcra::new(0, None), None);
         assert_eq!(Gcra::new(3, None).unwrap().burst, 3);
+    }
+
+    #[test]
+    fn the_fastest_rates_never_divide_by_zero() {
+        for per_second in [1_000_000_000, 1_000_000_001, u32::MAX] {
+            let gcra = Gcra::new(per_second, Some(5)).unwrap();
+            let now = Now::from_secs(1_000);
+            let (admit, status) = check_rate(&gcra, 0, now).unwrap();
+            assert_eq!(status.remaining, 4);
+            assert!(check_rate(&gcra, admit.tat, now).is_ok());
+            assert_eq!(gcra.window_secs(), 1);
+        }
     }
 
     #[test]

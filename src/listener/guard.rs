@@ -258,56 +258,67 @@ fn check_head(head: &[u8]) -> Result<bool, ErrorKind> {
     }
 }
 
+impl GuardedStream {
+    /// While a request is in progress: once its response has finished, the next bytes
+    /// start a head — wait for them (idle and park timers), or read the pipelined ones.
+    fn follow_phase(&mut self, cx: &mut Context<'_>) {
+        match self.phase.watch(cx.waker()) {
+            Phase::AwaitingHead if self.pipelined.is_empty() => {
+                let now = Instant::now();
+                self.state = State::Waiting { first: false };
+                self.idle_until = now + self.limits.idle_timeout;
+                let park_at = now + self.limits.park_after;
+                let wake_at = if self.park.is_some() {
+                    park_at.min(self.idle_until)
+                } else {
+                    self.idle_until
+                };
+                self.timer.set(wake_at);
+            }
+            Phase::AwaitingHead => {
+                self.state = State::Head;
+                self.head = std::mem::take(&mut self.pipelined);
+                self.timer.set(Instant::now() + self.limits.header_read_timeout);
+            }
+            Phase::Unguarded => self.state = State::Unguarded,
+            Phase::InRequest => {}
+        }
+    }
+
+    /// After an error response: discards input until the client closes, the linger ends
+    /// or too much arrives; then the connection is aborted.
+    fn poll_drain(&mut self, cx: &mut Context<'_>, mut drained: usize) -> Poll<io::Result<()>> {
+        let mut scratch = [0u8; 8192];
+        loop {
+            if self.timer.poll_expired(cx).is_ready() || drained > LINGER_BYTES {
+                return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+            }
+            let mut sink = ReadBuf::new(&mut scratch);
+            match Pin::new(self.stream()?).poll_read(cx, &mut sink) {
+                Poll::Ready(Ok(())) if sink.filled().is_empty() => {
+                    return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
+                }
+                Poll::Ready(Ok(())) => {
+                    drained += sink.filled().len();
+                    self.state = State::Rejecting { drained };
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 impl AsyncRead for GuardedStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if matches!(this.state, State::Passing) {
-            match this.phase.watch(cx.waker()) {
-                Phase::AwaitingHead if this.pipelined.is_empty() => {
-                    let now = Instant::now();
-                    this.state = State::Waiting { first: false };
-                    this.idle_until = now + this.limits.idle_timeout;
-                    let park_at = now + this.limits.park_after;
-                    let wake_at = if this.park.is_some() {
-                        park_at.min(this.idle_until)
-                    } else {
-                        this.idle_until
-                    };
-                    this.timer.set(wake_at);
-                }
-                Phase::AwaitingHead => {
-                    this.state = State::Head;
-                    this.head = std::mem::take(&mut this.pipelined);
-                    this.timer.set(Instant::now() + this.limits.header_read_timeout);
-                }
-                Phase::Unguarded => this.state = State::Unguarded,
-                Phase::InRequest => {}
-            }
+            this.follow_phase(cx);
         }
         match this.state {
             State::Unguarded => return Pin::new(this.stream()?).poll_read(cx, buf),
             State::Passing => return Pin::new(this.stream()?).poll_read(cx, buf),
-            State::Rejecting { drained } => {
-                let mut scratch = [0u8; 8192];
-                let mut drained = drained;
-                loop {
-                    if this.timer.poll_expired(cx).is_ready() || drained > LINGER_BYTES {
-                        return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
-                    }
-                    let mut sink = ReadBuf::new(&mut scratch);
-                    match Pin::new(this.stream()?).poll_read(cx, &mut sink) {
-                        Poll::Ready(Ok(())) if sink.filled().is_empty() => {
-                            return Poll::Ready(Err(io::ErrorKind::ConnectionAborted.into()));
-                        }
-                        Poll::Ready(Ok(())) => {
-                            drained += sink.filled().len();
-                            this.state = State::Rejecting { drained };
-                        }
-                        Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                        Poll::Pending => return Poll::Pending,
-                    }
-                }
-            }
+            State::Rejecting { drained } => return this.poll_drain(cx, drained),
             State::Waiting { .. } | State::Head => {}
         }
 

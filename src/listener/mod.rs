@@ -22,6 +22,7 @@ pub use guard::{GuardedStream, HeadLimits, ParkSlot};
 use crate::base::{ConnPhase, stopped};
 
 use crate::gateway::Gateway;
+use crate::metrics::ConnectionGuard;
 use crate::proxy::{ConnInfo, Worker};
 
 /// Binds `workers` sockets per address with `SO_REUSEPORT`. Port 0 is resolved by the first
@@ -117,36 +118,52 @@ async fn run_worker(
     }
 }
 
+/// What every connection of a worker's listener shares.
+struct ConnSettings {
+    limits: HeadLimits,
+    parking: bool,
+    proxy_protocol: bool,
+    builder: auto::Builder<TokioExecutor>,
+}
+
+impl ConnSettings {
+    fn from_config(config: &crate::config::Config) -> ConnSettings {
+        let limits = HeadLimits {
+            header_read_timeout: config.server.header_read_timeout,
+            idle_timeout: config.server.idle_timeout,
+            max_header_bytes: config.server.max_header_bytes,
+            park_after: config.server.park_idle_after,
+        };
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            // The guard enforces header timeouts and limits. Without a timer hyper arms no
+            // header timer of its own (it would allocate one per request); its buffer only
+            // has to be larger than the guard's limit.
+            .max_buf_size((limits.max_header_bytes * 2).max(64 * 1024))
+            // One flat buffer per write: 2 % fewer instructions per request than queued
+            // vectored writes for API-sized responses (docs/benchmarks.md).
+            .writev(false);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(limits.max_header_bytes as u32);
+        ConnSettings {
+            limits,
+            parking: !config.server.park_idle_after.is_zero(),
+            proxy_protocol: config.server.proxy_protocol,
+            builder,
+        }
+    }
+}
+
 async fn accept_loop(
     worker: Worker,
     listener: tokio::net::TcpListener,
     mut shutdown: watch::Receiver<bool>,
     alive: tokio::sync::mpsc::Sender<()>,
 ) {
-    let config = worker.gateway.snapshot().config.clone();
-    let limits = HeadLimits {
-        header_read_timeout: config.server.header_read_timeout,
-        idle_timeout: config.server.idle_timeout,
-        max_header_bytes: config.server.max_header_bytes,
-        park_after: config.server.park_idle_after,
-    };
-    let parking = !config.server.park_idle_after.is_zero();
-    let proxy_protocol = config.server.proxy_protocol;
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        // The guard enforces header timeouts and limits. Without a timer hyper arms no
-        // header timer of its own (it would allocate one per request); its buffer only
-        // has to be larger than the guard's limit.
-        .max_buf_size((limits.max_header_bytes * 2).max(64 * 1024))
-        // One flat buffer per write: 2 % fewer instructions per request than queued
-        // vectored writes for API-sized responses (docs/benchmarks.md).
-        .writev(false);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.max_header_bytes as u32);
-    let builder = Arc::new(builder);
+    let settings = Arc::new(ConnSettings::from_config(&worker.gateway.snapshot().config));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -161,75 +178,86 @@ async fn accept_loop(
             _ = stopped(&mut shutdown) => break,
         };
         let _ = stream.set_nodelay(true);
-        let metrics = worker.gateway.metrics.clone();
-        let open = metrics.connection_opened();
+        let held = (worker.gateway.metrics.connection_opened(), alive.clone());
+        tokio::spawn(serve_connection(
+            worker.clone(),
+            settings.clone(),
+            stream,
+            peer,
+            shutdown.clone(),
+            held,
+        ));
+    }
+}
+
+/// One connection, from its PROXY-protocol header to its close: hyper serves it while
+/// requests come; between them it is parked (no HTTP state held) until it is readable.
+/// `_held` (the open-connection gauge and the worker's drain count) lives as long as it.
+async fn serve_connection(
+    worker: Worker,
+    settings: Arc<ConnSettings>,
+    mut stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+    _held: (ConnectionGuard, tokio::sync::mpsc::Sender<()>),
+) {
+    let limits = settings.limits;
+    let peer = if settings.proxy_protocol {
+        // Boxed: its 536-byte buffer would otherwise stay in every connection's task.
+        match Box::pin(proxy_protocol::read_header(&mut stream, limits.header_read_timeout)).await {
+            Ok(source) => source.unwrap_or(peer),
+            Err(error) => {
+                tracing::debug!(%peer, %error, "connection refused: PROXY protocol");
+                return;
+            }
+        }
+    } else {
+        peer
+    };
+    let metrics = worker.gateway.metrics.clone();
+    let phase = ConnPhase::new();
+    let conn = Arc::new(ConnInfo::new(peer, Some(phase.clone())));
+    let service = service_fn(move |req| {
         let handler = worker.clone();
-        let builder = builder.clone();
-        let alive = alive.clone();
-        let mut shutdown = shutdown.clone();
-        let task = async move {
-            let _open = open;
-            let _alive = alive;
-            let mut stream = stream;
-            let peer = if proxy_protocol {
-                // Boxed: its 536-byte buffer would otherwise stay in every connection's task.
-                match Box::pin(proxy_protocol::read_header(&mut stream, limits.header_read_timeout)).await {
-                    Ok(source) => source.unwrap_or(peer),
-                    Err(error) => {
-                        tracing::debug!(%peer, %error, "connection refused: PROXY protocol");
-                        return;
-                    }
-                }
-            } else {
-                peer
-            };
-            let phase = ConnPhase::new();
-            let conn = Arc::new(ConnInfo {
-                peer,
-                peer_ip: crate::proxy::headers::ip_header_value(peer.ip()),
-                phase: Some(phase.clone()),
-            });
-            let service = service_fn(move |req| {
-                let handler = handler.clone();
-                let conn = conn.clone();
-                async move { Ok::<_, Infallible>(handler.handle(req, &conn).await) }
-            });
-            let (park, mut parked) = park_slot(parking);
-            let mut io = GuardedStream::new(stream, phase.clone(), limits, park);
-            loop {
-                // Boxed so that a parked connection does not keep room for hyper's state.
-                let mut connection =
-                    Box::pin(builder.serve_connection_with_upgrades(TokioIo::new(io), service.clone()));
-                let result = tokio::select! {
-                    // The connection first: no random branch order on every wake.
-                    biased;
-                    result = connection.as_mut() => result,
-                    _ = stopped(&mut shutdown) => {
-                        // Finish the request in flight (HTTP/2: GOAWAY), then close.
-                        connection.as_mut().graceful_shutdown();
-                        connection.as_mut().await
-                    }
-                };
-                if let Err(error) = result {
-                    tracing::debug!(%peer, %error, "connection ended with error");
-                }
-                // hyper's buffers go now, not when this loop turn ends after the parked wait.
-                drop(connection);
-                let Some(Ok((stream, idle_until))) = parked.as_mut().map(|rx| rx.try_recv()) else {
-                    break;
-                };
-                let _parked = metrics.connection_parked();
-                tokio::select! {
-                    ready = stream.readable() => if ready.is_err() { break },
-                    _ = tokio::time::sleep_until(idle_until) => break,
-                    _ = stopped(&mut shutdown) => break,
-                }
-                let (park, next) = park_slot(parking);
-                parked = next;
-                io = GuardedStream::resume(stream, phase.clone(), limits, idle_until, park);
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(handler.handle(req, &conn).await) }
+    });
+    let (park, mut parked) = park_slot(settings.parking);
+    let mut io = GuardedStream::new(stream, phase.clone(), limits, park);
+    loop {
+        // Boxed so that a parked connection does not keep room for hyper's state.
+        let mut connection = Box::pin(
+            settings
+                .builder
+                .serve_connection_with_upgrades(TokioIo::new(io), service.clone()),
+        );
+        let result = tokio::select! {
+            // The connection first: no random branch order on every wake.
+            biased;
+            result = connection.as_mut() => result,
+            _ = stopped(&mut shutdown) => {
+                // Finish the request in flight (HTTP/2: GOAWAY), then close.
+                connection.as_mut().graceful_shutdown();
+                connection.as_mut().await
             }
         };
-        tokio::spawn(task);
+        if let Err(error) = result {
+            tracing::debug!(%peer, %error, "connection ended with error");
+        }
+        // hyper's buffers go now, not when this loop turn ends after the parked wait.
+        drop(connection);
+        let Some(Ok((stream, idle_until))) = parked.as_mut().map(|rx| rx.try_recv()) else {
+            break;
+        };
+        let _parked = metrics.connection_parked();
+        tokio::select! {
+            ready = stream.readable() => if ready.is_err() { break },
+            _ = tokio::time::sleep_until(idle_until) => break,
+            _ = stopped(&mut shutdown) => break,
+        }
+        let (park, next) = park_slot(settings.parking);
+        parked = next;
+        io = GuardedStream::resume(stream, phase.clone(), limits, idle_until, park);
     }
 }
 
