@@ -83,11 +83,14 @@ pub enum StateChange {
     Key(ApiKey),
 }
 
+/// Where a replica hands the usage slots that grew in this node's view (`true`: this
+/// node's own, replayed), with how much each grew.
+pub type UsageSink = Box<dyn Fn(bool, Vec<(UsageRow, u64)>) + Send + Sync>;
+
 /// What the gateway hands a [`Replica`]'s services: where replicated usage and live-node
 /// counts go.
 pub struct ReplicaHooks {
-    /// Slots that grew in this node's view (`true`: this node's own, replayed).
-    pub usage: Box<dyn Fn(bool, Vec<(UsageRow, u64)>) + Send + Sync>,
+    pub usage: UsageSink,
     /// The number of live nodes changed.
     pub live_nodes: Box<dyn Fn(u32) + Send + Sync>,
     /// Fires once the usage stream's tail at start has been applied.

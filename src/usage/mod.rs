@@ -10,6 +10,7 @@
 //! are pruned from memory once flushed; the store keeps one row per (subject, scope, day,
 //! node) for reports, and months are sums of days.
 
+mod entry;
 pub mod report;
 
 use std::hash::BuildHasher;
@@ -18,245 +19,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rustc_hash::FxBuildHasher;
 
 use crate::limits::{self, Counts, GroupLimits, LimitStatus, Now, PlanLimits, Rejection};
+use entry::{Entry, Shard, commit, entry_of};
+
 use crate::model::{Scope, StoredRow, Subject, SubjectRef, UsageRow};
 
 const SHARDS: usize = 64;
-
-/// This node's slot and the sum of the other nodes' slots of one counter.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Slot {
-    local: u64,
-    remote: u64,
-}
-
-impl Slot {
-    fn total(self) -> u64 {
-        self.local + self.remote
-    }
-
-    fn add(&mut self, own: bool, count: u64) {
-        if own {
-            self.local += count;
-        } else {
-            self.remote += count;
-        }
-    }
-}
-
-#[derive(Debug)]
-struct Scoped {
-    scope: Scope,
-    day: Slot,
-    month: Slot,
-}
-
-/// What only some subjects need, boxed so an anonymous IP costs one pointer for it.
-#[derive(Debug, Default)]
-struct Extra {
-    consumer: Option<Arc<str>>,
-    month: Option<Slot>,
-    scoped: Scopes,
-}
-
-/// A subject's route and group counters. Most keys call one route, so the first counter
-/// lives inline: one allocation (the `Extra`) holds everything a key touches per request.
-#[derive(Debug, Default)]
-struct Scopes {
-    first: Option<Scoped>,
-    more: Vec<Scoped>,
-}
-
-impl Scopes {
-    fn iter(&self) -> impl Iterator<Item = &Scoped> {
-        self.first.iter().chain(&self.more)
-    }
-
-    fn iter_mut(&mut self) -> impl Iterator<Item = &mut Scoped> {
-        self.first.iter_mut().chain(&mut self.more)
-    }
-
-    fn find_or_push(&mut self, matches: impl Fn(&Scope) -> bool, make: impl FnOnce() -> Scope) -> &mut Scoped {
-        let in_first = self.first.as_ref().is_some_and(|s| matches(&s.scope));
-        if !in_first && let Some(index) = self.more.iter().position(|s| matches(&s.scope)) {
-            return &mut self.more[index];
-        }
-        let fresh = || Scoped {
-            scope: make(),
-            day: Slot::default(),
-            month: Slot::default(),
-        };
-        if in_first || self.first.is_none() {
-            return self.first.get_or_insert_with(fresh);
-        }
-        self.more.push(fresh());
-        let last = self.more.len() - 1;
-        &mut self.more[last]
-    }
-}
-
-#[derive(Debug)]
-struct Entry {
-    day: u32,
-    month: u32,
-    day_total: Slot,
-    /// GCRA theoretical arrival time, in ns since the Unix epoch.
-    tat: u64,
-    /// Listed in the shard's `dirty` and not yet collected by the flusher.
-    queued: bool,
-    extra: Option<Box<Extra>>,
-}
-
-impl Entry {
-    fn new(now: Now) -> Entry {
-        Entry {
-            day: now.day(),
-            month: now.month(),
-            day_total: Slot::default(),
-            tat: 0,
-            queued: false,
-            extra: None,
-        }
-    }
-
-    fn extra(&mut self) -> &mut Extra {
-        self.extra.get_or_insert_with(Default::default)
-    }
-
-    fn month_total(&self) -> Option<Slot> {
-        self.extra.as_ref().and_then(|e| e.month)
-    }
-
-    fn group(&self, name: &Arc<str>) -> Option<&Scoped> {
-        self.extra.as_ref()?.scoped.iter().find(|s| s.scope.is(true, name))
-    }
-
-    /// The counter of a route (or a route group), found by its shared name without
-    /// cloning it.
-    fn scoped_mut(&mut self, group: bool, name: &Arc<str>) -> &mut Scoped {
-        self.extra()
-            .scoped
-            .find_or_push(|s| s.is(group, name), || Scope::new(group, name))
-    }
-
-    /// Moves the entry into the windows of `now`. Unflushed counts of the ended day go
-    /// to `retired` so the flusher still writes them.
-    fn roll(&mut self, subject: SubjectRef<'_>, now: Now, retired: &mut Vec<UsageRow>) {
-        let day = now.day();
-        // Equal, or the clock stepped back: keep counting in the newer window.
-        if self.day >= day {
-            return;
-        }
-        if self.queued {
-            self.rows(subject, retired);
-        }
-        self.day = day;
-        self.day_total = Slot::default();
-        let month = now.month();
-        let new_month = self.month != month;
-        self.month = month;
-        if let Some(extra) = &mut self.extra {
-            if new_month && let Some(slot) = &mut extra.month {
-                *slot = Slot::default();
-            }
-            for scoped in extra.scoped.iter_mut() {
-                scoped.day = Slot::default();
-                if new_month {
-                    scoped.month = Slot::default();
-                }
-            }
-        }
-    }
-
-    /// This node's slots of the entry's day, as rows for the store.
-    fn rows(&self, subject: SubjectRef<'_>, out: &mut Vec<UsageRow>) {
-        let subject_text = subject.to_string();
-        let consumer = self
-            .extra
-            .as_ref()
-            .and_then(|e| e.consumer.as_deref())
-            .map(str::to_string);
-        if self.day_total.local > 0 {
-            out.push(UsageRow {
-                subject: subject_text.clone(),
-                consumer: consumer.clone(),
-                scope: Scope::Total,
-                day: self.day,
-                count: self.day_total.local,
-            });
-        }
-        for scoped in self.extra.iter().flat_map(|e| e.scoped.iter()) {
-            if scoped.day.local > 0 {
-                out.push(UsageRow {
-                    subject: subject_text.clone(),
-                    consumer: consumer.clone(),
-                    scope: scoped.scope.clone(),
-                    day: self.day,
-                    count: scoped.day.local,
-                });
-            }
-        }
-    }
-
-    /// Ended and flushed: nothing of it is needed on the request path again.
-    fn expired(&self, now: Now) -> bool {
-        !self.queued && self.day < now.day() && (self.month_total().is_none() || self.month < now.month())
-    }
-}
-
-type Map = hashbrown::HashMap<Subject, Entry, FxBuildHasher>;
-
-/// The subject's entry, created (and its name allocated) only when it is new.
-fn entry_of<'m>(map: &'m mut Map, subject: &SubjectRef<'_>, now: Now) -> &'m mut Entry {
-    match map.entry_ref(subject) {
-        hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
-        hashbrown::hash_map::EntryRef::Vacant(vacant) => {
-            vacant.insert_with_key(Subject::from(subject), Entry::new(now))
-        }
-    }
-}
-
-#[derive(Default)]
-struct Shard {
-    map: Map,
-    dirty: Vec<Subject>,
-    retired: Vec<UsageRow>,
-}
-
-/// Counts an admitted request in every counter of `entry` it touches.
-fn commit(
-    entry: &mut Entry,
-    charge: &Charge<'_>,
-    tat: Option<u64>,
-    group: Option<&GroupLimits>,
-    dirty: &mut Vec<Subject>,
-) {
-    if let Some(tat) = tat {
-        entry.tat = tat;
-    }
-    entry.day_total.local += 1;
-    if let Some(consumer) = charge.consumer
-        && entry.extra.as_ref().is_none_or(|e| e.consumer.is_none())
-    {
-        entry.extra().consumer = Some(consumer.clone());
-    }
-    if let Some(month) = entry.extra.as_mut().and_then(|e| e.month.as_mut()) {
-        month.local += 1;
-    }
-    if let Some(group) = group {
-        let scoped = entry.scoped_mut(true, &group.name);
-        scoped.day.local += 1;
-        scoped.month.local += 1;
-    }
-    if let Some(route) = charge.route {
-        let scoped = entry.scoped_mut(false, route);
-        scoped.day.local += 1;
-        scoped.month.local += 1;
-    }
-    if !entry.queued {
-        entry.queued = true;
-        dirty.push(Subject::from(&charge.subject));
-    }
-}
 
 /// One charge of a request: the subject, and for keys the consumer and route (reports).
 pub struct Charge<'a> {
@@ -565,9 +332,9 @@ impl UsageTable {
                 entry
                     .month_total()
                     .filter(|_| entry.month == now.month())
-                    .map(Slot::total),
+                    .map(entry::Slot::total),
             ),
-            Some(entry) if entry.month == now.month() => (0, entry.month_total().map(Slot::total)),
+            Some(entry) if entry.month == now.month() => (0, entry.month_total().map(entry::Slot::total)),
             _ => (0, None),
         }
     }

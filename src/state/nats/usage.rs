@@ -12,7 +12,7 @@ use super::wire::{BatchRow, UsageBatch};
 use super::{BATCH_ROWS, NatsBackend, SEQ_META, USAGE_STREAM, USAGE_SUBJECTS, nats_error};
 use crate::base::{Shutdown, stopped};
 use crate::model::{StoredRow, UsageRow};
-use crate::state::{Catalog, StateError, UsageStore};
+use crate::state::{Catalog, StateError, UsageSink, UsageStore};
 use crate::usage::report::UsageScan;
 
 impl NatsBackend {
@@ -86,7 +86,7 @@ impl NatsBackend {
     /// after NATS outages.
     pub async fn follow_usage(
         self: Arc<Self>,
-        apply: Box<dyn Fn(bool, Vec<(UsageRow, u64)>) + Send + Sync>,
+        apply: UsageSink,
         caught_up: tokio::sync::oneshot::Sender<()>,
         mut shutdown: Shutdown,
     ) {
