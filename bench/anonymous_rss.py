@@ -1,4 +1,4 @@
-"""RSS of a gateway whose usage table holds many anonymous subjects (DESIGN §5, issue 4).
+"""RSS of a gateway whose usage table holds many anonymous subjects (docs/benchmarks.md, "Targets"; issue 4).
 
 Starts NGINX (`return 200`) as the upstream and Tollgate with an anonymous route and a
 trusted loopback proxy, then drives wrk with a Lua script that gives every request a new

@@ -1,5 +1,5 @@
 """RSS of one Tollgate worker with N API keys loaded and M idle keep-alive connections
-(DESIGN §5: ≤ 64 MiB with 100,000 keys and 10,000 connections).
+(docs/benchmarks.md, "Targets": ≤ 64 MiB with 100,000 keys and 10,000 connections).
 
 `python3 bench/keys_rss.py [--keys 100000] [--connections 10000]` after
 `cargo build --release`. Keys are written straight into the SQLite store (their secrets'

@@ -1,4 +1,4 @@
-//! Upstream timeouts and failures become the JSON errors of DESIGN §4.
+//! Upstream timeouts and failures become the JSON errors of docs/operations.md.
 mod common;
 
 use std::time::{Duration, Instant};
