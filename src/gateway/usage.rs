@@ -269,4 +269,99 @@ mod tests {
         compact(&mut rows);
         assert_eq!(rows, vec![row("ip:1.1.1.1", 1, 9), row("ip:1.1.1.1", 2, 1)]);
     }
+
+    /// A store whose writes fail `failures` times, then land in memory.
+    struct Flaky {
+        failures: std::sync::atomic::AtomicUsize,
+        written: crate::state::MemoryBackend,
+    }
+
+    impl UsageStore for Flaky {
+        fn write_usage(&self, node: &str, rows: &[UsageRow]) -> Result<(), StateError> {
+            let left = self.failures.load(Ordering::Relaxed);
+            if left > 0 {
+                self.failures.store(left - 1, Ordering::Relaxed);
+                return Err(StateError::Backend("disk full".into()));
+            }
+            self.written.write_usage(node, rows)
+        }
+
+        fn scan_usage(&self, scan: &UsageScan, f: &mut dyn FnMut(StoredRow)) -> Result<(), StateError> {
+            self.written.scan_usage(scan, f)
+        }
+
+        fn prune_usage(&self, key_day: u32, anonymous_day: u32) -> Result<usize, StateError> {
+            self.written.prune_usage(key_day, anonymous_day)
+        }
+    }
+
+    /// A usage table holding one admitted request, over a store that fails `failures` times.
+    fn counted(failures: usize) -> (Usage, Arc<Flaky>) {
+        let store = Arc::new(Flaky {
+            failures: failures.into(),
+            written: Default::default(),
+        });
+        let usage = Usage::new(
+            "n1".into(),
+            Clock::default(),
+            store.clone(),
+            Arc::new(Metrics::default()),
+            Retention {
+                key_days: 400,
+                anonymous_days: 35,
+            },
+        );
+        let subject = crate::model::Subject::Key("key_1".into());
+        let charge = crate::usage::Charge {
+            subject: subject.as_ref(),
+            consumer: None,
+            route: None,
+        };
+        let plan = crate::limits::PlanLimits::with_quotas(None, None);
+        usage
+            .table
+            .admit(&crate::usage::Charges::One(charge), &plan, None, usage.clock.now())
+            .unwrap();
+        (usage, store)
+    }
+
+    fn total(store: &Flaky) -> u64 {
+        let scan = UsageScan {
+            from_day: 0,
+            to_day: u32::MAX,
+            subject: None,
+            subject_prefix: None,
+            consumer: None,
+            scope: ScopeFilter::All,
+        };
+        let mut total = 0;
+        store.scan_usage(&scan, &mut |row| total += row.row.count).unwrap();
+        total
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_final_flush_keeps_trying_while_the_store_fails() {
+        // More failures than the 20 tries the final flush used to allow.
+        let (usage, store) = counted(40);
+        let (_force, forced) = tokio::sync::watch::channel(false);
+        usage.flush_for_shutdown(forced).await;
+        assert_eq!(total(&store), 1, "the count was written once the store recovered");
+        assert_eq!(store.failures.load(Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_forced_stop_gives_up_and_counts_what_it_abandons() {
+        let (usage, store) = counted(usize::MAX);
+        let (force, forced) = tokio::sync::watch::channel(false);
+        let give_up = async {
+            tokio::time::sleep(Duration::from_secs(60)).await;
+            let _ = force.send(true);
+        };
+        tokio::join!(usage.flush_for_shutdown(forced), give_up);
+        assert_eq!(total(&store), 0);
+        assert!(
+            usage.metrics.render().contains("tollgate_usage_rows_abandoned_total 1"),
+            "the abandoned row is counted"
+        );
+    }
 }
