@@ -261,11 +261,20 @@ impl Metrics {
     }
 
     /// Prometheus text exposition format 0.0.4.
+    /// Every metric in the Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::with_capacity(4096);
+        self.render_routes(&mut out);
+        self.render_upstreams(&mut out);
+        self.render_connections(&mut out);
+        self.render_limits(&mut out);
+        out
+    }
+
+    fn render_routes(&self, out: &mut String) {
         let routes = self.routes.lock().unwrap_or_else(|e| e.into_inner()).clone();
         describe(
-            &mut out,
+            out,
             REQUESTS_TOTAL,
             "counter",
             "Requests answered, by route and status code.",
@@ -284,18 +293,21 @@ impl Metrics {
             }
         }
         describe(
-            &mut out,
+            out,
             REQUEST_DURATION,
             "histogram",
             "Time from request head to response head, by route.",
         );
         for (name, m) in &routes {
             m.latency
-                .render(&mut out, REQUEST_DURATION, &format!("route=\"{}\",", escape(name)));
+                .render(out, REQUEST_DURATION, &format!("route=\"{}\",", escape(name)));
         }
+    }
+
+    fn render_upstreams(&self, out: &mut String) {
         let upstreams = self.upstreams.lock().unwrap_or_else(|e| e.into_inner()).clone();
         describe(
-            &mut out,
+            out,
             UPSTREAM_ERRORS_TOTAL,
             "counter",
             "Failed upstream exchanges, by upstream and kind.",
@@ -312,7 +324,7 @@ impl Metrics {
             }
         }
         describe(
-            &mut out,
+            out,
             "tollgate_upstream_events_total",
             "counter",
             "Resilience events, by upstream: ejections, restorations, active health transitions, retries, retries refused by the budget.",
@@ -334,15 +346,13 @@ impl Metrics {
                 );
             }
         }
-        describe(
-            &mut out,
-            OPEN_CONNECTIONS,
-            "gauge",
-            "Client connections currently open.",
-        );
+    }
+
+    fn render_connections(&self, out: &mut String) {
+        describe(out, OPEN_CONNECTIONS, "gauge", "Client connections currently open.");
         let _ = writeln!(out, "{OPEN_CONNECTIONS} {}", self.open_connections());
         describe(
-            &mut out,
+            out,
             PARKED_CONNECTIONS,
             "gauge",
             "Idle keep-alive connections parked without HTTP buffers.",
@@ -352,14 +362,14 @@ impl Metrics {
             "{PARKED_CONNECTIONS} {}",
             self.parked_connections.load(Ordering::Relaxed)
         );
-        describe(&mut out, CONNECTIONS_TOTAL, "counter", "Client connections accepted.");
+        describe(out, CONNECTIONS_TOTAL, "counter", "Client connections accepted.");
         let _ = writeln!(
             out,
             "{CONNECTIONS_TOTAL} {}",
             self.connections_total.load(Ordering::Relaxed)
         );
         describe(
-            &mut out,
+            out,
             CONFIG_RELOADS_TOTAL,
             "counter",
             "Configuration reloads, by result.",
@@ -374,8 +384,6 @@ impl Metrics {
             "{CONFIG_RELOADS_TOTAL}{{result=\"failure\"}} {}",
             self.reloads_failed.load(Ordering::Relaxed)
         );
-        self.render_limits(&mut out);
-        out
     }
 
     fn render_limits(&self, out: &mut String) {

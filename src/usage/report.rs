@@ -124,6 +124,43 @@ fn parse_date(name: &str, value: &str, end: bool) -> Result<u32, String> {
 const MAX_DAYS: u32 = 800;
 
 /// Parses `GET /v1/usage` parameters. Unknown parameters are errors, not ignored.
+/// `group_by=subject,consumer,route` (`key` is `subject`).
+fn parse_group_by(value: &str) -> Result<GroupBy, String> {
+    let mut by = GroupBy::default();
+    for field in value.split(',').filter(|f| !f.is_empty()) {
+        match field {
+            "subject" | "key" => by.subject = true,
+            "consumer" => by.consumer = true,
+            "route" => by.route = true,
+            other => {
+                return Err(format!(
+                    "parameter `group_by`: unknown field {other:?} (subject, consumer, route)"
+                ));
+            }
+        }
+    }
+    Ok(by)
+}
+
+/// `kind=key|ip|referer`, as a subject prefix.
+fn parse_kind(value: &str) -> Result<&'static str, String> {
+    match value {
+        "key" => Ok("key:"),
+        "ip" => Ok("ip:"),
+        "referer" => Ok("referer:"),
+        other => Err(format!("parameter `kind`: expected key, ip or referer, got {other:?}")),
+    }
+}
+
+/// `format=csv` (true) or `format=json`.
+fn parse_csv(value: &str) -> Result<bool, String> {
+    match value {
+        "csv" => Ok(true),
+        "json" => Ok(false),
+        other => Err(format!("parameter `format`: expected `json` or `csv`, got {other:?}")),
+    }
+}
+
 pub fn parse_query(pairs: &[(String, String)], today: u32) -> Result<UsageQuery, String> {
     let mut window = Window::Day;
     let mut from = None;
@@ -147,27 +184,8 @@ pub fn parse_query(pairs: &[(String, String)], today: u32) -> Result<UsageQuery,
             "key" if !value.is_empty() => subject = Some(format!("key:{value}")),
             "consumer" if !value.is_empty() => consumer = Some(value.clone()),
             "route" if !value.is_empty() => route = Some(value.clone()),
-            "group_by" => {
-                let mut by = GroupBy::default();
-                for field in value.split(',').filter(|f| !f.is_empty()) {
-                    match field {
-                        "subject" | "key" => by.subject = true,
-                        "consumer" => by.consumer = true,
-                        "route" => by.route = true,
-                        other => {
-                            return Err(format!(
-                                "parameter `group_by`: unknown field {other:?} (subject, consumer, route)"
-                            ));
-                        }
-                    }
-                }
-                group_by = Some(by);
-            }
-            "format" => match value.as_str() {
-                "csv" => csv = true,
-                "json" => csv = false,
-                other => return Err(format!("parameter `format`: expected `json` or `csv`, got {other:?}")),
-            },
+            "group_by" => group_by = Some(parse_group_by(value)?),
+            "format" => csv = parse_csv(value)?,
             "key" | "consumer" | "route" => return Err(format!("parameter `{name}` is empty")),
             other => {
                 return Err(format!(
@@ -285,19 +303,8 @@ pub fn parse_top(pairs: &[(String, String)], today: u32) -> Result<TopQuery, Str
                     ));
                 }
             },
-            "kind" => {
-                prefix = Some(match value.as_str() {
-                    "key" => "key:",
-                    "ip" => "ip:",
-                    "referer" => "referer:",
-                    other => return Err(format!("parameter `kind`: expected key, ip or referer, got {other:?}")),
-                });
-            }
-            "format" => match value.as_str() {
-                "csv" => csv = true,
-                "json" => csv = false,
-                other => return Err(format!("parameter `format`: expected `json` or `csv`, got {other:?}")),
-            },
+            "kind" => prefix = Some(parse_kind(value)?),
+            "format" => csv = parse_csv(value)?,
             other => {
                 return Err(format!(
                     "unknown parameter `{other}` (window, date, limit, by, kind, format)"
