@@ -39,9 +39,12 @@ impl Peer {
     }
 }
 
+/// The upstream's response head, and the pooled connection its body comes on.
+type Answer = (Response<Incoming>, Option<PooledConn>);
+
 /// One try's result: what to answer if it is the last, and what to send if it is not.
 struct Try {
-    answer: Result<(Response<Incoming>, Option<PooledConn>), ProxyError>,
+    answer: Result<Answer, ProxyError>,
     again: Option<Request<RequestBody>>,
 }
 
@@ -68,8 +71,8 @@ impl Worker {
         } else {
             None
         };
-        let endpoint_host = peer.guard.endpoint().host_header.clone();
-        forward::upstream_request_filter(route, &snapshot.anonymous_plan, ctx, &mut head, &endpoint_host)?;
+        let endpoint_host = &peer.guard.endpoint().host_header;
+        forward::upstream_request_filter(route, &snapshot.anonymous_plan, ctx, &mut head, endpoint_host)?;
         // A request without a body whose method may be repeated can be sent again after it
         // reached an endpoint; keep its head for that. Others are retried only when none of
         // them was written (a failed connect).
@@ -81,8 +84,15 @@ impl Worker {
         let head = repeatable.then(|| copy_head(&req));
         let total_deadline = pool.timeouts.total.map(|t| ctx.start + t);
         let mut attempt = 0;
+        let client = &upstream.clients[self.id % upstream.clients.len()];
+        // `read` counts from handing the request to the pool, so it includes a connect when
+        // no idle connection exists; the connector enforces `connect` on its own.
+        let per_try = pool.retries.per_try_timeout.unwrap_or(pool.timeouts.read);
         loop {
-            let outcome = self.try_once(upstream, &peer, req, head.as_ref(), total_deadline).await;
+            let head_deadline = Instant::now() + per_try;
+            let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
+            let sent = tokio::time::timeout_at(head_deadline, client.send(&peer.target, req)).await;
+            let outcome = judge(upstream, &peer, sent, head.as_ref());
             let retry = match outcome.again {
                 Some(request) if attempt < pool.retries.attempts => {
                     tried.insert(peer.index);
@@ -117,48 +127,41 @@ impl Worker {
             attempt += 1;
         }
     }
+}
 
-    /// Sends `req` to `peer` under the per-try and total deadlines and feeds the outcome to
-    /// the endpoint's health. Unwritten requests may go elsewhere whatever their method;
-    /// written ones only when repeatable (`head` kept) — a streamed body is never replayed.
-    async fn try_once(
-        &self,
-        upstream: &UpstreamPool,
-        peer: &Peer,
-        req: Request<RequestBody>,
-        head: Option<&Request<RequestBody>>,
-        total_deadline: Option<Instant>,
-    ) -> Try {
-        let pool = &upstream.pool;
-        let client = &upstream.clients[self.id % upstream.clients.len()];
-        // `read` counts from handing the request to the pool, so it includes a connect when
-        // no idle connection exists; the connector enforces `connect` on its own.
-        let per_try = pool.retries.per_try_timeout.unwrap_or(pool.timeouts.read);
-        let head_deadline = Instant::now() + per_try;
-        let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
-        match tokio::time::timeout_at(head_deadline, client.send(&peer.target, req)).await {
-            Ok(Ok((response, pooled))) => {
-                let status = response.status();
-                pool.record(peer.guard.endpoint(), peer.probe, !status.is_server_error());
-                let retry_status = status.is_server_error() && pool.retries.on_statuses.contains(&status.as_u16());
-                Try {
-                    answer: Ok((response, pooled)),
-                    again: retry_status.then(|| head.map(copy_head)).flatten(),
-                }
+/// What one try came to, fed to the endpoint's health: the answer if it is the last try,
+/// and the request to send again if it may be retried. Unwritten requests may go
+/// elsewhere whatever their method; written ones only when repeatable (`head` kept) — a
+/// streamed body is never replayed.
+fn judge(
+    upstream: &UpstreamPool,
+    peer: &Peer,
+    sent: Result<Result<Answer, SendError>, tokio::time::error::Elapsed>,
+    head: Option<&Request<RequestBody>>,
+) -> Try {
+    let pool = &upstream.pool;
+    match sent {
+        Ok(Ok((response, pooled))) => {
+            let status = response.status();
+            pool.record(peer.guard.endpoint(), peer.probe, !status.is_server_error());
+            let retry_status = status.is_server_error() && pool.retries.on_statuses.contains(&status.as_u16());
+            Try {
+                answer: Ok((response, pooled)),
+                again: retry_status.then(|| head.map(copy_head)).flatten(),
             }
-            Ok(Err(SendError { error, unsent })) => {
-                pool.record(peer.guard.endpoint(), peer.probe, false);
-                Try {
-                    answer: Err(error),
-                    again: unsent.or_else(|| head.map(copy_head)),
-                }
+        }
+        Ok(Err(SendError { error, unsent })) => {
+            pool.record(peer.guard.endpoint(), peer.probe, false);
+            Try {
+                answer: Err(error),
+                again: unsent.or_else(|| head.map(copy_head)),
             }
-            Err(_) => {
-                pool.record(peer.guard.endpoint(), peer.probe, false);
-                Try {
-                    answer: Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
-                    again: head.map(copy_head),
-                }
+        }
+        Err(_) => {
+            pool.record(peer.guard.endpoint(), peer.probe, false);
+            Try {
+                answer: Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
+                again: head.map(copy_head),
             }
         }
     }
