@@ -2,7 +2,6 @@
 //! pool's timeouts, and a failed try goes to another endpoint when it may (retry budget,
 //! idempotent or unwritten requests); a protocol switch becomes a byte tunnel.
 
-use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
@@ -55,8 +54,7 @@ impl Worker {
         snapshot: &Snapshot,
         route: &Route,
         ctx: &mut RequestCtx,
-        mut head: Parts,
-        body: Incoming,
+        mut req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upstream = &route.upstream;
         let pool = &upstream.pool;
@@ -65,23 +63,19 @@ impl Worker {
             .ok_or_else(|| ProxyError::new(ErrorKind::UpstreamOverloaded))?;
         pool.earn_retry_budget();
         let mut tried = Tried::default();
-        let mut peer = upstream_peer(upstream, ctx, &head.headers, &tried)?;
-        let client_upgrade = if ctx.upgrade {
-            head.extensions.remove::<OnUpgrade>()
-        } else {
-            None
-        };
+        let mut peer = upstream_peer(upstream, ctx, req.headers(), &tried)?;
+        let client_upgrade = ctx.upgrade.then(|| hyper::upgrade::on(&mut req));
         let endpoint_host = &peer.guard.endpoint().host_header;
-        forward::upstream_request_filter(route, &snapshot.anonymous_plan, ctx, &mut head, endpoint_host)?;
+        forward::upstream_request_filter(route, &snapshot.anonymous_plan, ctx, &mut req, endpoint_host)?;
         // A request without a body whose method may be repeated can be sent again after it
         // reached an endpoint; keep its head for that. Others are retried only when none of
         // them was written (a failed connect).
         let repeatable = pool.retries.attempts > 0
             && client_upgrade.is_none()
-            && hyper::body::Body::is_end_stream(&body)
-            && pool.idempotent(&head.method);
-        let mut req = Request::from_parts(head, RequestBody::Client(body));
+            && hyper::body::Body::is_end_stream(req.body())
+            && pool.idempotent(req.method());
         let head = repeatable.then(|| copy_head(&req));
+        let mut req = req.map(RequestBody::Client);
         let total_deadline = pool.timeouts.total.map(|t| ctx.start + t);
         let mut attempt = 0;
         let client = &upstream.clients[self.id % upstream.clients.len()];

@@ -2,9 +2,8 @@
 //! client's request head into the upstream's, `response_filter` the response head into
 //! the client's.
 
-use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Response, StatusCode, Uri, Version, header};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 
 use super::{Caller, KeySource, ProxyBody, RequestCtx, headers};
 use crate::base::{ErrorKind, ProxyError};
@@ -15,19 +14,19 @@ use crate::gateway::Route;
 /// from the query), version, `Host`, forwarding headers, request id, the caller as
 /// identified; hop-by-hop headers and the caller's credentials removed. `endpoint_host` is
 /// the chosen endpoint's `Host` (used unless the pool preserves the client's).
-pub(super) fn upstream_request_filter(
+pub(super) fn upstream_request_filter<B>(
     route: &Route,
     anonymous_plan: &HeaderValue,
     ctx: &RequestCtx,
-    head: &mut Parts,
+    req: &mut Request<B>,
     endpoint_host: &HeaderValue,
 ) -> Result<(), ProxyError> {
     let pool = &route.upstream.pool;
     let strip = route.strip_prefix.then_some(route.path.as_str());
     let key_in_query = ctx.caller.credentials() == Some(KeySource::Query);
     // Origin-form; the HTTP/2 client adds scheme and authority itself.
-    head.uri = Uri::from(upstream_target(&head.uri, strip, key_in_query)?);
-    head.version = match pool.protocol {
+    *req.uri_mut() = Uri::from(upstream_target(req.uri(), strip, key_in_query)?);
+    *req.version_mut() = match pool.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
     };
@@ -35,7 +34,7 @@ pub(super) fn upstream_request_filter(
         (Some(host), true) => host,
         _ => endpoint_host,
     };
-    forwarding_headers(&mut head.headers, ctx, host, anonymous_plan);
+    forwarding_headers(req.headers_mut(), ctx, host, anonymous_plan);
     Ok(())
 }
 

@@ -2,10 +2,9 @@
 //! plan, or nobody on a public route — then the plan's limits (`limit`). Everything here
 //! reads only the request head.
 
-use http::request::Parts;
 use http::{HeaderMap, HeaderValue, Version, header};
 
-use super::{RequestCtx, Worker, headers};
+use super::{Head, RequestCtx, Worker, headers};
 use crate::auth::{self, AuthError, Identity, KEY_PREFIX};
 use crate::base::{ErrorKind, ProxyError};
 use crate::config::AnonymousBy;
@@ -65,7 +64,7 @@ impl Worker {
         &self,
         snapshot: &'s Snapshot,
         ctx: &mut RequestCtx,
-        head: &Parts,
+        head: Head<'_>,
     ) -> Result<&'s Route, ProxyError> {
         ctx.host = request_host(head);
         let host = ctx.host.as_ref().and_then(|h| h.to_str().ok());
@@ -74,7 +73,7 @@ impl Worker {
             .find(host, head.method.as_str(), head.uri.path())
             .ok_or_else(|| ProxyError::new(ErrorKind::RouteNotFound))?;
         ctx.route = Some(index);
-        ctx.upgrade = head.version == Version::HTTP_11 && headers::is_upgrade_request(&head.headers);
+        ctx.upgrade = head.version == Version::HTTP_11 && headers::is_upgrade_request(head.headers);
         let route = snapshot
             .routes
             .get(index)
@@ -94,7 +93,7 @@ impl Worker {
 
     /// The caller of `route`: a presented key must be valid even where anonymous calls
     /// are allowed; no credentials on a keyed route is a 401.
-    fn identify(&self, snapshot: &Snapshot, route: &Route, head: &Parts) -> Result<Caller, ProxyError> {
+    fn identify(&self, snapshot: &Snapshot, route: &Route, head: Head<'_>) -> Result<Caller, ProxyError> {
         match presented_credentials(route.api_key, route.jwt, head) {
             Credentials::Jwt(token) => snapshot
                 .jwt
@@ -115,7 +114,7 @@ impl Worker {
             Credentials::None if route.anonymous => {
                 let by_referer = snapshot.config.anonymous.by.contains(&AnonymousBy::Referer);
                 Ok(Caller::Anonymous {
-                    referer_host: by_referer.then(|| referer_host(&head.headers)).flatten(),
+                    referer_host: by_referer.then(|| referer_host(head.headers)).flatten(),
                 })
             }
             Credentials::None if route.api_key || route.jwt => Err(ProxyError::new(ErrorKind::MissingCredentials)),
@@ -125,7 +124,7 @@ impl Worker {
 }
 
 /// The `Host` the client asked for: the header, or the authority of an HTTP/2 request.
-pub(super) fn request_host(head: &Parts) -> Option<HeaderValue> {
+pub(super) fn request_host(head: Head<'_>) -> Option<HeaderValue> {
     match head.headers.get(header::HOST) {
         Some(host) => Some(host.clone()),
         None => head
@@ -138,21 +137,21 @@ pub(super) fn request_host(head: &Parts) -> Option<HeaderValue> {
 /// The credentials a route of these auth methods reads: an API key (`X-API-Key`, then
 /// `Authorization: Bearer`, then query `api-key`/`api_key`), or a JWT — a bearer value
 /// that is not one of our keys, on routes that take JWTs.
-pub(super) fn presented_credentials(api_key: bool, jwt: bool, head: &Parts) -> Credentials<'_> {
+pub(super) fn presented_credentials(api_key: bool, jwt: bool, head: Head<'_>) -> Credentials<'_> {
     let presented = if api_key { find_api_key(head) } else { None };
     match presented {
         Some((value, KeySource::Bearer)) if jwt && !value.starts_with(KEY_PREFIX) => Credentials::Jwt(value),
         Some((key, source)) => Credentials::Key(key, source),
-        None if jwt => bearer(&head.headers).map_or(Credentials::None, Credentials::Jwt),
+        None if jwt => bearer(head.headers).map_or(Credentials::None, Credentials::Jwt),
         None => Credentials::None,
     }
 }
 
-fn find_api_key(head: &Parts) -> Option<(&str, KeySource)> {
+fn find_api_key(head: Head<'_>) -> Option<(&str, KeySource)> {
     if let Some(key) = head.headers.get(&headers::X_API_KEY).and_then(|v| v.to_str().ok()) {
         return Some((key.trim(), KeySource::Header));
     }
-    if let Some(key) = bearer(&head.headers) {
+    if let Some(key) = bearer(head.headers) {
         return Some((key, KeySource::Bearer));
     }
     head.uri
@@ -192,65 +191,65 @@ fn auth_error_kind(error: AuthError) -> ErrorKind {
 mod tests {
     use super::*;
 
-    fn head(uri: &str, headers: &[(&str, &str)]) -> Parts {
+    fn request(uri: &str, headers: &[(&str, &str)]) -> http::Request<()> {
         let mut builder = http::Request::builder().uri(uri);
         for (name, value) in headers {
             builder = builder.header(*name, *value);
         }
-        builder.body(()).unwrap().into_parts().0
+        builder.body(()).unwrap()
     }
 
     #[test]
     fn keys_are_read_from_header_then_bearer_then_query() {
-        let both = head("/v1?api_key=q", &[("x-api-key", " h "), ("authorization", "Bearer b")]);
+        let both = request("/v1?api_key=q", &[("x-api-key", " h "), ("authorization", "Bearer b")]);
         assert_eq!(
-            presented_credentials(true, false, &both),
+            presented_credentials(true, false, Head::of(&both)),
             Credentials::Key("h", KeySource::Header)
         );
-        let bearer = head("/v1?api_key=q", &[("authorization", "Bearer tg_live_b")]);
+        let bearer = request("/v1?api_key=q", &[("authorization", "Bearer tg_live_b")]);
         assert_eq!(
-            presented_credentials(true, false, &bearer),
+            presented_credentials(true, false, Head::of(&bearer)),
             Credentials::Key("tg_live_b", KeySource::Bearer)
         );
-        let query = head("/v1?x=1&api-key=q", &[]);
+        let query = request("/v1?x=1&api-key=q", &[]);
         assert_eq!(
-            presented_credentials(true, false, &query),
+            presented_credentials(true, false, Head::of(&query)),
             Credentials::Key("q", KeySource::Query)
         );
         assert_eq!(
-            presented_credentials(true, false, &head("/v1?x=1", &[])),
+            presented_credentials(true, false, Head::of(&request("/v1?x=1", &[]))),
             Credentials::None
         );
         // A route that takes no keys reads none.
-        assert_eq!(presented_credentials(false, false, &both), Credentials::None);
+        assert_eq!(presented_credentials(false, false, Head::of(&both)), Credentials::None);
     }
 
     #[test]
     fn a_bearer_that_is_not_a_key_is_a_jwt_where_jwts_are_taken() {
-        let jwt = head("/", &[("authorization", "Bearer eyJhbGciOi.x.y")]);
+        let jwt = request("/", &[("authorization", "Bearer eyJhbGciOi.x.y")]);
         assert_eq!(
-            presented_credentials(true, true, &jwt),
+            presented_credentials(true, true, Head::of(&jwt)),
             Credentials::Jwt("eyJhbGciOi.x.y")
         );
         assert_eq!(
-            presented_credentials(false, true, &jwt),
+            presented_credentials(false, true, Head::of(&jwt)),
             Credentials::Jwt("eyJhbGciOi.x.y")
         );
         // Keys keep their prefix, so a keyed bearer stays a key on a JWT route.
-        let key = head("/", &[("authorization", "Bearer tg_live_abc")]);
+        let key = request("/", &[("authorization", "Bearer tg_live_abc")]);
         assert_eq!(
-            presented_credentials(true, true, &key),
+            presented_credentials(true, true, Head::of(&key)),
             Credentials::Key("tg_live_abc", KeySource::Bearer)
         );
         // Without JWT routes, any bearer is checked as a key (and refused if it is not one).
         assert_eq!(
-            presented_credentials(true, false, &jwt),
+            presented_credentials(true, false, Head::of(&jwt)),
             Credentials::Key("eyJhbGciOi.x.y", KeySource::Bearer)
         );
         // A key header beside a JWT: the key is what is checked.
-        let both = head("/", &[("x-api-key", "k"), ("authorization", "Bearer eyJ.x.y")]);
+        let both = request("/", &[("x-api-key", "k"), ("authorization", "Bearer eyJ.x.y")]);
         assert_eq!(
-            presented_credentials(true, true, &both),
+            presented_credentials(true, true, Head::of(&both)),
             Credentials::Key("k", KeySource::Header)
         );
     }
@@ -258,21 +257,21 @@ mod tests {
     #[test]
     fn the_host_is_the_header_or_the_authority() {
         assert_eq!(
-            request_host(&head("/", &[("host", "api.example.com")])).unwrap(),
+            request_host(Head::of(&request("/", &[("host", "api.example.com")]))).unwrap(),
             "api.example.com"
         );
         assert_eq!(
-            request_host(&head("http://h2.example:8443/x", &[])).unwrap(),
+            request_host(Head::of(&request("http://h2.example:8443/x", &[]))).unwrap(),
             "h2.example:8443"
         );
-        assert_eq!(request_host(&head("/", &[])), None);
+        assert_eq!(request_host(Head::of(&request("/", &[]))), None);
     }
 
     #[test]
     fn referer_hosts_and_caller_credentials() {
-        let referred = head("/", &[("referer", "https://Shop.Example:8443/page?q=1")]);
-        assert_eq!(referer_host(&referred.headers).as_deref(), Some("shop.example"));
-        assert_eq!(referer_host(&head("/", &[]).headers), None);
+        let referred = request("/", &[("referer", "https://Shop.Example:8443/page?q=1")]);
+        assert_eq!(referer_host(referred.headers()).as_deref(), Some("shop.example"));
+        assert_eq!(referer_host(request("/", &[]).headers()), None);
         let anonymous = Caller::Anonymous { referer_host: None };
         assert_eq!((anonymous.identity(), anonymous.credentials()), (None, None));
         assert_eq!(Caller::Public.credentials(), None);

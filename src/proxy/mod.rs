@@ -7,8 +7,9 @@
 //! One concern per file: `identify` (route and caller), `limit` (plan limits and usage),
 //! `forward` (request and response head filters), `exchange` (the upstream exchange with
 //! its retries, and tunnels), `error` (errors as responses). Phases that only need the
-//! request head take `&http::request::Parts`, so they are tested without a socket. They
-//! call into modules that know nothing of hyper (router, auth, limits, usage, upstream).
+//! request head take a [`Head`] (borrowed method, URI, version and headers), so they are
+//! tested on a `Request<()>` without a socket. They call into modules that know nothing of
+//! hyper (router, auth, limits, usage, upstream).
 
 pub mod body;
 mod error;
@@ -21,7 +22,7 @@ mod limit;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use tokio::time::Instant;
 
@@ -32,6 +33,29 @@ use crate::auth::Identity;
 use crate::base::{ConnPhase, ErrorKind, ErrorSource, ProxyError};
 use crate::gateway::{Gateway, Snapshot};
 use crate::limits::LimitStatus;
+
+/// The request head as the phases read it, borrowed from the request whatever its body:
+/// the pipeline's `Request<Incoming>`, or a `Request<()>` in a unit test. (Splitting the
+/// request into `http::request::Parts` and joining it again would move the head twice
+/// more per request.)
+#[derive(Debug, Clone, Copy)]
+pub struct Head<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub version: Version,
+    pub headers: &'a HeaderMap,
+}
+
+impl<'a> Head<'a> {
+    pub fn of<B>(req: &'a Request<B>) -> Head<'a> {
+        Head {
+            method: req.method(),
+            uri: req.uri(),
+            version: req.version(),
+            headers: req.headers(),
+        }
+    }
+}
 
 /// What the connection knows about itself, shared by its requests.
 pub struct ConnInfo {
@@ -80,6 +104,7 @@ pub struct RequestCtx {
 }
 
 impl RequestCtx {
+    #[inline]
     fn new(request_id: HeaderValue, conn: &ConnInfo) -> RequestCtx {
         RequestCtx {
             request_id,
@@ -116,9 +141,8 @@ impl Worker {
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let snapshot = self.gateway.snapshot();
         let mut ctx = RequestCtx::new(headers::request_id(req.headers()), conn);
-        let (head, body) = req.into_parts();
-        let outcome = match self.request_filter(&snapshot, &mut ctx, &head) {
-            Ok(route) => self.proxy(&snapshot, route, &mut ctx, head, body).await,
+        let outcome = match self.request_filter(&snapshot, &mut ctx, Head::of(&req)) {
+            Ok(route) => self.proxy(&snapshot, route, &mut ctx, req).await,
             Err(error) => Err(error),
         };
         let mut response = match outcome {
