@@ -14,5 +14,6 @@ pub mod model;
 pub mod proxy;
 pub mod router;
 pub mod state;
+pub mod tls;
 pub mod upstream;
 pub mod usage;
