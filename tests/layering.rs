@@ -11,7 +11,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("limits", &["base", "model"]),
     ("auth", &["base", "model"]),
     ("usage", &["base", "model", "limits"]),
-    ("config", &["base", "model", "auth"]),
+    ("tls", &["base", "model"]),
+    ("config", &["base", "model", "auth", "tls"]),
     ("router", &["base", "model", "config"]),
     ("metrics", &["base", "model", "limits"]),
     ("upstream", &["base", "model", "config", "metrics"]),
@@ -19,7 +20,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "gateway",
         &[
-            "base", "model", "config", "limits", "auth", "usage", "router", "metrics", "upstream", "state",
+            "base", "model", "config", "limits", "auth", "usage", "router", "metrics", "upstream", "state", "tls",
         ],
     ),
     (
@@ -28,11 +29,14 @@ const ALLOWED: &[(&str, &[&str])] = &[
             "base", "model", "config", "limits", "auth", "usage", "router", "metrics", "upstream", "gateway",
         ],
     ),
-    ("listener", &["base", "model", "config", "metrics", "gateway", "proxy"]),
+    (
+        "listener",
+        &["base", "model", "config", "metrics", "gateway", "proxy", "tls"],
+    ),
     (
         "admin",
         &[
-            "base", "model", "config", "limits", "auth", "usage", "metrics", "upstream", "state", "gateway",
+            "base", "model", "config", "limits", "auth", "usage", "metrics", "upstream", "state", "gateway", "tls",
         ],
     ),
     (

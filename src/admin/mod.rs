@@ -140,6 +140,9 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut text = state.gateway.metrics.render();
     render_endpoints(&state.gateway.snapshot(), &mut text);
+    if let Some(tls) = &state.gateway.tls {
+        render_tls(tls, &mut text);
+    }
     if let Some(replica) = state.gateway.replica.clone() {
         // Backend lines may read the local store: off the async runtime.
         text = tokio::task::spawn_blocking(move || {
@@ -191,6 +194,42 @@ fn render_endpoints(snapshot: &Snapshot, out: &mut String) {
             let _ = writeln!(out, "tollgate_upstream_breaker_state{{{labels}}} {breaker}");
         }
     }
+}
+
+/// The listener's certificates (seconds until each expires) and handshake counts.
+fn render_tls(tls: &crate::tls::ServerTls, out: &mut String) {
+    use std::fmt::Write;
+    let now = crate::auth::unix_now();
+    crate::metrics::describe(
+        out,
+        "tollgate_tls_cert_expiry_seconds",
+        "gauge",
+        "Seconds until the certificate expires (negative once it has), by its first name.",
+    );
+    for cert in tls.certificates().iter() {
+        let _ = writeln!(
+            out,
+            "tollgate_tls_cert_expiry_seconds{{name=\"{}\"}} {}",
+            cert.label.replace('\\', "\\\\").replace('"', "\\\""),
+            cert.not_after - now
+        );
+    }
+    let (ok, failed, reloads_failed) = tls.counts();
+    crate::metrics::describe(
+        out,
+        "tollgate_tls_handshakes_total",
+        "counter",
+        "TLS handshakes on the proxy listeners, by result.",
+    );
+    let _ = writeln!(out, "tollgate_tls_handshakes_total{{result=\"success\"}} {ok}");
+    let _ = writeln!(out, "tollgate_tls_handshakes_total{{result=\"failure\"}} {failed}");
+    crate::metrics::describe(
+        out,
+        "tollgate_tls_reloads_failed_total",
+        "counter",
+        "Certificate reloads refused (bad files); the running certificates stayed.",
+    );
+    let _ = writeln!(out, "tollgate_tls_reloads_failed_total {reloads_failed}");
 }
 
 /// Every pool's endpoints with their health, breaker state and load.

@@ -136,7 +136,16 @@ fn serve_file(path: &std::path::Path) -> ExitCode {
 /// One line on stdout that scripts (and the tests) wait for.
 fn print_ready(running: &serve::Running) {
     use std::io::Write;
-    let proxy: Vec<String> = running.proxy_addrs.iter().map(ToString::to_string).collect();
-    println!("tollgate ready proxy={} admin={}", proxy.join(","), running.admin_addr);
+    let list = |addrs: &[std::net::SocketAddr]| addrs.iter().map(ToString::to_string).collect::<Vec<_>>().join(",");
+    let tls = if running.tls_addrs.is_empty() {
+        String::new()
+    } else {
+        format!(" tls={}", list(&running.tls_addrs))
+    };
+    println!(
+        "tollgate ready proxy={} admin={}{tls}",
+        list(&running.proxy_addrs),
+        running.admin_addr
+    );
     let _ = std::io::stdout().flush();
 }

@@ -14,6 +14,8 @@ use crate::metrics::Metrics;
 /// A started gateway.
 pub struct Running {
     pub proxy_addrs: Vec<SocketAddr>,
+    /// The HTTPS listeners (`[server.tls] listen`).
+    pub tls_addrs: Vec<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub gateway: Arc<Gateway>,
     shutdown: watch::Sender<bool>,
@@ -34,7 +36,8 @@ pub fn worker_count(config: &Config) -> usize {
 pub async fn start(config: Config) -> std::io::Result<Running> {
     let workers = worker_count(&config);
     let grace = config.server.shutdown_grace;
-    let (listeners, proxy_addrs) = crate::listener::bind(&config.listen, workers)?;
+    let tls_listen = config.tls.as_ref().map(|t| t.listen.clone()).unwrap_or_default();
+    let bound = crate::listener::bind(&config.listen, &tls_listen, workers)?;
     let admin_listener = tokio::net::TcpListener::bind(config.admin_listen)
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.admin_listen)))?;
@@ -47,16 +50,17 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers, backends, clock)
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let worker_handles = crate::listener::spawn_workers(gateway.clone(), listeners, shutdown_rx.clone(), grace)?;
+    let worker_handles = crate::listener::spawn_workers(gateway.clone(), bound.per_worker, shutdown_rx.clone(), grace)?;
     let admin = tokio::spawn(crate::admin::serve(
         admin_listener,
         gateway.clone(),
         shutdown_rx.clone(),
     ));
     let services = crate::gateway::services::start(&gateway, &shutdown_rx);
-    tracing::info!(proxy = ?proxy_addrs, admin = %admin_addr, workers, "tollgate ready");
+    tracing::info!(proxy = ?bound.plain, tls = ?bound.tls, admin = %admin_addr, workers, "tollgate ready");
     Ok(Running {
-        proxy_addrs,
+        proxy_addrs: bound.plain,
+        tls_addrs: bound.tls,
         admin_addr,
         gateway,
         shutdown,

@@ -10,7 +10,10 @@ use toml_edit::{Item, Table};
 
 use super::error::ErrorSink;
 use super::read::{element_span, field_span, key_span, read_section};
-use super::schema::{self, AdminSection, AnonymousSection, ClusterSection, JwtSection, PlanSection, RouteSection};
+use super::schema::{
+    self, AdminSection, AnonymousSection, ClientAuth, ClusterSection, JwtSection, PlanSection, RouteSection,
+    TlsSection, TlsVersion, UnknownSni,
+};
 use super::{HashKey, LbPolicy, ServerSection, UpstreamSection, UsageSection};
 
 /// The most requests per second a plan may allow: the rate limiter counts in
@@ -90,6 +93,83 @@ pub(super) fn server(
         );
     }
     Some((server, listen, trusted_proxies))
+}
+
+/// `[server.tls]`: its addresses parsed and every certificate loaded and checked (files
+/// relative to `path`).
+pub(super) fn tls(sink: &mut ErrorSink<'_>, root: &Table, path: &Path) -> Option<super::TlsConfig> {
+    let item = root.get("server")?.get("tls")?;
+    let section: TlsSection = read_section(sink, item, "server.tls")?;
+    let span = |key: &str| field_span(item, key);
+    let mut listen = Vec::new();
+    for text in &section.listen {
+        match text.parse::<SocketAddr>() {
+            Ok(addr) => listen.push(addr),
+            Err(_) => sink.push(
+                span("listen"),
+                "server.tls.listen",
+                format!("invalid listen address {text:?}: expected ip:port"),
+            ),
+        }
+    }
+    if section.listen.is_empty() {
+        sink.push(
+            span("listen"),
+            "server.tls.listen",
+            "at least one listen address is required",
+        );
+    }
+    if section.certificates.is_empty() {
+        sink.push(
+            span("certificates"),
+            "server.tls.certificates",
+            "at least one certificate is required",
+        );
+    }
+    if section.certificates.iter().filter(|c| c.default).count() > 1 {
+        sink.push(
+            span("certificates"),
+            "server.tls.certificates",
+            "at most one certificate may be the default",
+        );
+    }
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let certificates: Vec<crate::tls::CertFiles> = section
+        .certificates
+        .iter()
+        .map(|c| crate::tls::CertFiles {
+            cert: base.join(&c.cert),
+            key: base.join(&c.key),
+            names: c.names.clone(),
+            default: c.default,
+        })
+        .collect();
+    for (i, files) in certificates.iter().enumerate() {
+        if let Err(message) = crate::tls::load_certificate(files) {
+            sink.push(
+                element_span(item, "certificates", i),
+                &format!("server.tls.certificates[{i}]"),
+                message,
+            );
+        }
+    }
+    let options = crate::tls::TlsOptions {
+        certificates,
+        min_version: match section.min_version {
+            TlsVersion::Tls12 => crate::tls::MinVersion::Tls12,
+            TlsVersion::Tls13 => crate::tls::MinVersion::Tls13,
+        },
+        reject_unknown_sni: section.unknown_sni == UnknownSni::Reject,
+        client_ca: section.client_ca.as_ref().map(|ca| base.join(ca)),
+        client_auth_required: section.client_auth == ClientAuth::Required,
+    };
+    if options.client_ca.is_some()
+        && let Err(message) = crate::tls::server_config(&options)
+        && message.starts_with("client_ca")
+    {
+        sink.push(span("client_ca"), "server.tls.client_ca", message);
+    }
+    Some(super::TlsConfig { listen, options })
 }
 
 /// `[admin]`, with its listen address parsed; beyond loopback it needs a token.

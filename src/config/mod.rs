@@ -43,6 +43,15 @@ pub struct Config {
     pub cluster: Option<ClusterSection>,
     /// `server.trusted_proxies`, parsed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// `[server.tls]`, checked: its certificates load.
+    pub tls: Option<TlsConfig>,
+}
+
+/// The HTTPS listeners and their settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub listen: Vec<SocketAddr>,
+    pub options: crate::tls::TlsOptions,
 }
 
 /// How a consistent-hash pool picks its key.
@@ -99,6 +108,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         .get("data_dir")
         .and_then(|item| read_section(&mut sink, item, "data_dir"));
     let server = check::server(&mut sink, root);
+    let tls = check::tls(&mut sink, root, path);
     let admin = check::admin(&mut sink, root);
     let upstreams = check::upstreams(&mut sink, root);
     let anonymous = check::anonymous(&mut sink, root);
@@ -134,6 +144,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         usage,
         cluster,
         trusted_proxies,
+        tls,
     })
 }
 

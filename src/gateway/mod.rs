@@ -32,6 +32,7 @@ use crate::limits::window::Clock;
 use crate::metrics::Metrics;
 use crate::model::StateData;
 use crate::state::{Backends, Catalog, Replica, StateError};
+use crate::tls::ServerTls;
 
 /// The plan of keys whose consumer has none and that name none themselves.
 pub const DEFAULT_PLAN: &str = "default";
@@ -48,6 +49,8 @@ pub struct Gateway {
     pub catalog: Arc<dyn Catalog>,
     /// Present in global mode.
     pub replica: Option<Arc<dyn Replica>>,
+    /// The HTTPS listeners' certificates and settings (`[server.tls]`).
+    pub tls: Option<Arc<ServerTls>>,
     /// Plans and consumers as last written, for the admin API and for compiling plans;
     /// never read per request. Held only for in-memory work, never across an `.await`.
     data: RwLock<StateData>,
@@ -76,6 +79,13 @@ impl Gateway {
         backends: Backends,
         clock: Clock,
     ) -> Result<Arc<Gateway>, StateError> {
+        // Checked when the file was read; a file may have changed since.
+        let tls = match &config.tls {
+            Some(tls) => Some(Arc::new(
+                ServerTls::new(&tls.options).map_err(|e| StateError::Backend(format!("TLS: {e}")))?,
+            )),
+            None => None,
+        };
         let Backends {
             catalog,
             usage: usage_store,
@@ -115,6 +125,7 @@ impl Gateway {
             keys,
             catalog,
             replica,
+            tls,
             data: RwLock::new(data),
             writes: tokio::sync::Mutex::new(()),
             clients,
@@ -155,8 +166,25 @@ impl Gateway {
                 return Err(errors);
             }
         };
-        if config.listen != current.config.listen || config.admin_listen != current.config.admin_listen {
+        if config.listen != current.config.listen
+            || config.admin_listen != current.config.admin_listen
+            || config.tls.as_ref().map(|t| &t.listen) != current.config.tls.as_ref().map(|t| &t.listen)
+        {
             tracing::warn!("listen addresses changed; they take effect on restart only");
+        }
+        // New certificates for new connections; open ones keep theirs.
+        if let (Some(tls), Some(section)) = (&self.tls, &config.tls)
+            && let Err(error) = tls.reload(&section.options)
+        {
+            self.metrics.reload(false);
+            tracing::warn!(%error, "configuration reload rejected: TLS; keeping the running configuration");
+            return Err(ConfigErrors(vec![crate::config::ConfigError {
+                file: config.path.clone(),
+                line: 0,
+                column: 0,
+                field: "server.tls".into(),
+                message: error,
+            }]));
         }
         let next = Snapshot::build(
             Arc::new(config),

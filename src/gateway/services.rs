@@ -42,6 +42,9 @@ pub fn start(gateway: &Arc<Gateway>, shutdown: &Shutdown) -> Services {
         )),
         tokio::spawn(refresh_jwks_periodically(gateway.clone(), shutdown.clone())),
     ];
+    if gateway.tls.is_some() {
+        background.push(tokio::spawn(watch_certificates(gateway.clone(), shutdown.clone())));
+    }
     match &gateway.replica {
         Some(replica) => background.extend(start_replica(gateway, replica.clone(), shutdown)),
         None => gateway.set_ready(true),
@@ -134,6 +137,53 @@ impl Services {
         }
         for handle in background {
             let _ = handle.await;
+        }
+    }
+}
+
+/// How often certificate files are looked at for changes.
+const CERTIFICATE_CHECK: Duration = Duration::from_secs(2);
+
+/// Loads the listener's certificates again when their files change on disk (a renewal by
+/// certbot or a secrets manager); a bad set is refused with an error and the running one
+/// stays. New connections get the new certificates, open ones keep theirs.
+async fn watch_certificates(gateway: Arc<Gateway>, mut shutdown: Shutdown) {
+    /// A file's modification time and size, `None` while it cannot be read.
+    type Stamp = Option<(std::time::SystemTime, u64)>;
+    let stamp = |files: &[std::path::PathBuf]| -> Vec<Stamp> {
+        files
+            .iter()
+            .map(|f| {
+                std::fs::metadata(f)
+                    .ok()
+                    .and_then(|m| Some((m.modified().ok()?, m.len())))
+            })
+            .collect()
+    };
+    let mut last: Option<(Vec<std::path::PathBuf>, Vec<Stamp>)> = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(CERTIFICATE_CHECK) => {}
+            _ = stopped(&mut shutdown) => return,
+        }
+        let (Some(tls), Some(section)) = (&gateway.tls, gateway.snapshot().config.tls.clone()) else {
+            continue;
+        };
+        let files = section.options.files();
+        let now = stamp(&files);
+        let changed = match &last {
+            // A reload may have changed which files are read: compare like with like.
+            Some((seen_files, seen)) => *seen_files == files && *seen != now,
+            None => false,
+        };
+        last = Some((files, now));
+        if changed {
+            match tls.reload(&section.options) {
+                Ok(()) => tracing::info!("certificates changed on disk; reloaded for new connections"),
+                Err(error) => {
+                    tracing::error!(%error, "certificates changed on disk but cannot be used; keeping the running ones")
+                }
+            }
         }
     }
 }

@@ -34,8 +34,46 @@ pub struct HeadLimits {
     pub park_after: Duration,
 }
 
-/// Where a parked socket goes: the listener waits on it with no HTTP state at all.
-pub type ParkSlot = tokio::sync::oneshot::Sender<(TcpStream, Instant)>;
+/// Where a parked connection goes: the listener waits on its socket with no HTTP state.
+pub type ParkSlot<S> = tokio::sync::oneshot::Sender<(S, Instant)>;
+
+/// A client connection the guard can watch: plain TCP, or TLS over it.
+pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
+    /// The socket underneath: a parked connection waits for it to become readable.
+    fn socket(&self) -> &TcpStream;
+    /// Writes a final error response if the socket takes it now, then ends the writing
+    /// side (best effort: the connection is closing anyway).
+    fn write_final(&mut self, bytes: &[u8]);
+}
+
+impl Transport for TcpStream {
+    fn socket(&self) -> &TcpStream {
+        self
+    }
+
+    fn write_final(&mut self, bytes: &[u8]) {
+        // The socket buffer of a connection that is sending us a head has room for a few
+        // hundred bytes; if not, the client only misses the explanation.
+        let _ = self.try_write(bytes);
+        let _ = socket2::SockRef::from(&*self).shutdown(std::net::Shutdown::Write);
+    }
+}
+
+impl Transport for tokio_rustls::server::TlsStream<TcpStream> {
+    fn socket(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+
+    fn write_final(&mut self, bytes: &[u8]) {
+        // rustls takes the bytes into its buffer; one flush attempt sends what the socket
+        // takes now, then `close_notify` and the TCP close follow.
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let _ = Pin::new(&mut *self).poll_write(&mut cx, bytes);
+        self.get_mut().1.send_close_notify();
+        let _ = Pin::new(&mut *self).poll_flush(&mut cx);
+        let _ = socket2::SockRef::from(self.socket()).shutdown(std::net::Shutdown::Write);
+    }
+}
 
 enum State {
     /// Waiting for the first byte of a head; `first` = first request on the connection.
@@ -53,10 +91,10 @@ enum State {
     },
 }
 
-pub struct GuardedStream {
+pub struct GuardedStream<S> {
     /// `None` once parked: hyper then sees end of input and lets go of the connection.
-    inner: Option<TcpStream>,
-    park: Option<ParkSlot>,
+    inner: Option<S>,
+    park: Option<ParkSlot<S>>,
     /// When an idle keep-alive connection closes; it is parked before that.
     idle_until: Instant,
     phase: Arc<ConnPhase>,
@@ -68,9 +106,9 @@ pub struct GuardedStream {
     timer: Deadline,
 }
 
-impl GuardedStream {
+impl<S: Transport> GuardedStream<S> {
     /// A new connection: the first head must arrive within `header_read_timeout`.
-    pub fn new(inner: TcpStream, phase: Arc<ConnPhase>, limits: HeadLimits, park: Option<ParkSlot>) -> Self {
+    pub fn new(inner: S, phase: Arc<ConnPhase>, limits: HeadLimits, park: Option<ParkSlot<S>>) -> Self {
         let now = Instant::now();
         GuardedStream {
             inner: Some(inner),
@@ -88,11 +126,11 @@ impl GuardedStream {
     /// A parked keep-alive connection coming back because bytes arrived; it still closes at
     /// `idle_until` if no head starts.
     pub fn resume(
-        inner: TcpStream,
+        inner: S,
         phase: Arc<ConnPhase>,
         limits: HeadLimits,
         idle_until: Instant,
-        park: Option<ParkSlot>,
+        park: Option<ParkSlot<S>>,
     ) -> Self {
         GuardedStream {
             inner: Some(inner),
@@ -107,7 +145,7 @@ impl GuardedStream {
         }
     }
 
-    fn stream(&mut self) -> io::Result<&mut TcpStream> {
+    fn stream(&mut self) -> io::Result<&mut S> {
         self.inner.as_mut().ok_or_else(|| io::ErrorKind::NotConnected.into())
     }
 
@@ -134,11 +172,8 @@ impl GuardedStream {
 
     fn reject(&mut self, kind: ErrorKind) {
         let response = raw_error_response(kind, new_request_id().to_str().unwrap_or(""));
-        // Best effort: the socket buffer of a connection that is sending us a head has room
-        // for a few hundred bytes; if not, the client only misses the explanation.
-        if let Some(stream) = &self.inner {
-            let _ = stream.try_write(&response);
-            let _ = socket2::SockRef::from(stream).shutdown(std::net::Shutdown::Write);
+        if let Some(stream) = &mut self.inner {
+            stream.write_final(&response);
         }
         self.state = State::Rejecting { drained: 0 };
         self.timer.set(Instant::now() + LINGER);
@@ -258,7 +293,7 @@ fn check_head(head: &[u8]) -> Result<bool, ErrorKind> {
     }
 }
 
-impl GuardedStream {
+impl<S: Transport> GuardedStream<S> {
     /// While a request is in progress: once its response has finished, the next bytes
     /// start a head — wait for them (idle and park timers), or read the pipelined ones.
     fn follow_phase(&mut self, cx: &mut Context<'_>) {
@@ -309,7 +344,7 @@ impl GuardedStream {
     }
 }
 
-impl AsyncRead for GuardedStream {
+impl<S: Transport> AsyncRead for GuardedStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if matches!(this.state, State::Passing) {
@@ -371,7 +406,7 @@ impl AsyncRead for GuardedStream {
     }
 }
 
-impl AsyncWrite for GuardedStream {
+impl<S: Transport> AsyncWrite for GuardedStream<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(self.get_mut().stream()?).poll_write(cx, buf)
     }
@@ -385,7 +420,7 @@ impl AsyncWrite for GuardedStream {
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.as_ref().is_some_and(TcpStream::is_write_vectored)
+        self.inner.as_ref().is_some_and(S::is_write_vectored)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

@@ -17,32 +17,45 @@ use hyper_util::server::conn::auto;
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
-pub use guard::{GuardedStream, HeadLimits, ParkSlot};
+pub use guard::{GuardedStream, HeadLimits, ParkSlot, Transport};
 
 use crate::base::{ConnPhase, stopped};
 
 use crate::gateway::Gateway;
 use crate::metrics::ConnectionGuard;
 use crate::proxy::{ConnInfo, Worker};
+use crate::tls::ServerTls;
+
+/// The proxy's sockets: for each worker, its own `SO_REUSEPORT` socket per address
+/// (flagged when it speaks TLS), and the addresses bound.
+pub struct Bound {
+    pub per_worker: Vec<Vec<(std::net::TcpListener, bool)>>,
+    pub plain: Vec<SocketAddr>,
+    pub tls: Vec<SocketAddr>,
+}
 
 /// Binds `workers` sockets per address with `SO_REUSEPORT`. Port 0 is resolved by the first
 /// bind and reused for the rest, so all workers share one port.
-pub fn bind(
-    addrs: &[SocketAddr],
-    workers: usize,
-) -> std::io::Result<(Vec<Vec<std::net::TcpListener>>, Vec<SocketAddr>)> {
-    let mut per_worker: Vec<Vec<std::net::TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
-    let mut bound = Vec::new();
-    for addr in addrs {
+pub fn bind(plain: &[SocketAddr], tls: &[SocketAddr], workers: usize) -> std::io::Result<Bound> {
+    let mut bound = Bound {
+        per_worker: (0..workers).map(|_| Vec::new()).collect(),
+        plain: Vec::new(),
+        tls: Vec::new(),
+    };
+    for (addr, is_tls) in plain.iter().map(|a| (a, false)).chain(tls.iter().map(|a| (a, true))) {
         let mut actual = *addr;
-        for listeners in per_worker.iter_mut() {
+        for listeners in bound.per_worker.iter_mut() {
             let listener = reuseport_listener(actual)?;
             actual = listener.local_addr()?;
-            listeners.push(listener);
+            listeners.push((listener, is_tls));
         }
-        bound.push(actual);
+        if is_tls {
+            bound.tls.push(actual);
+        } else {
+            bound.plain.push(actual);
+        }
     }
-    Ok((per_worker, bound))
+    Ok(bound)
 }
 
 fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
@@ -61,7 +74,7 @@ fn reuseport_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener
 /// turns true, then lets open connections finish for up to `grace`.
 pub fn spawn_workers(
     gateway: Arc<Gateway>,
-    listeners: Vec<Vec<std::net::TcpListener>>,
+    listeners: Vec<Vec<(std::net::TcpListener, bool)>>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
@@ -91,14 +104,14 @@ pub fn spawn_workers(
 
 async fn run_worker(
     worker: Worker,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: Vec<(std::net::TcpListener, bool)>,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
     // Every connection task holds a clone of `alive`; `recv` returns `None` once all are gone.
     let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let mut accept_loops = tokio::task::JoinSet::new();
-    for listener in listeners {
+    for (listener, tls) in listeners {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,
             Err(error) => {
@@ -106,7 +119,13 @@ async fn run_worker(
                 continue;
             }
         };
-        accept_loops.spawn(accept_loop(worker.clone(), listener, shutdown.clone(), alive.clone()));
+        accept_loops.spawn(accept_loop(
+            worker.clone(),
+            listener,
+            tls,
+            shutdown.clone(),
+            alive.clone(),
+        ));
     }
     while accept_loops.join_next().await.is_some() {}
     drop(alive);
@@ -123,11 +142,15 @@ struct ConnSettings {
     limits: HeadLimits,
     parking: bool,
     proxy_protocol: bool,
+    /// Present on TLS listeners.
+    tls: Option<Arc<ServerTls>>,
+    /// The port clients connect to, for `X-Forwarded-Port`.
+    port: u16,
     builder: auto::Builder<TokioExecutor>,
 }
 
 impl ConnSettings {
-    fn from_config(config: &crate::config::Config) -> ConnSettings {
+    fn new(config: &crate::config::Config, tls: Option<Arc<ServerTls>>, port: u16) -> ConnSettings {
         let limits = HeadLimits {
             header_read_timeout: config.server.header_read_timeout,
             idle_timeout: config.server.idle_timeout,
@@ -152,6 +175,8 @@ impl ConnSettings {
             limits,
             parking: !config.server.park_idle_after.is_zero(),
             proxy_protocol: config.server.proxy_protocol,
+            tls,
+            port,
             builder,
         }
     }
@@ -160,10 +185,23 @@ impl ConnSettings {
 async fn accept_loop(
     worker: Worker,
     listener: tokio::net::TcpListener,
+    tls: bool,
     mut shutdown: watch::Receiver<bool>,
     alive: tokio::sync::mpsc::Sender<()>,
 ) {
-    let settings = Arc::new(ConnSettings::from_config(&worker.gateway.snapshot().config));
+    let port = listener.local_addr().map_or(0, |a| a.port());
+    let tls = if tls {
+        match worker.gateway.tls.clone() {
+            Some(tls) => Some(tls),
+            None => {
+                tracing::error!("a TLS listener without TLS settings; not accepting");
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let settings = Arc::new(ConnSettings::new(&worker.gateway.snapshot().config, tls, port));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -190,15 +228,14 @@ async fn accept_loop(
     }
 }
 
-/// One connection, from its PROXY-protocol header to its close: hyper serves it while
-/// requests come; between them it is parked (no HTTP state held) until it is readable.
+/// One connection, from its PROXY-protocol header (and TLS handshake) to its close.
 /// `_held` (the open-connection gauge and the worker's drain count) lives as long as it.
 async fn serve_connection(
     worker: Worker,
     settings: Arc<ConnSettings>,
     mut stream: tokio::net::TcpStream,
     peer: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     _held: (ConnectionGuard, tokio::sync::mpsc::Sender<()>),
 ) {
     let limits = settings.limits;
@@ -214,9 +251,38 @@ async fn serve_connection(
     } else {
         peer
     };
+    let Some(tls) = settings.tls.clone() else {
+        let conn = ConnInfo::new(peer, settings.port, false);
+        return serve_http(worker, settings, stream, conn, shutdown).await;
+    };
+    // The handshake is part of the request head's time budget.
+    let accepted = tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(stream)).await;
+    tls.handshake_done(matches!(accepted, Ok(Ok(_))));
+    match accepted {
+        Ok(Ok(stream)) => {
+            let conn = ConnInfo::new(peer, settings.port, true);
+            serve_http(worker, settings, stream, conn, shutdown).await;
+        }
+        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+/// HTTP on a ready connection: hyper serves it while requests come; between them it is
+/// parked (no HTTP state held) until its socket is readable.
+async fn serve_http<S: Transport>(
+    worker: Worker,
+    settings: Arc<ConnSettings>,
+    stream: S,
+    mut conn: ConnInfo,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let limits = settings.limits;
+    let peer = conn.peer;
     let metrics = worker.gateway.metrics.clone();
     let phase = ConnPhase::new();
-    let conn = Arc::new(ConnInfo::new(peer, Some(phase.clone())));
+    conn.phase = Some(phase.clone());
+    let conn = Arc::new(conn);
     let service = service_fn(move |req| {
         let handler = worker.clone();
         let conn = conn.clone();
@@ -251,7 +317,7 @@ async fn serve_connection(
         };
         let _parked = metrics.connection_parked();
         tokio::select! {
-            ready = stream.readable() => if ready.is_err() { break },
+            ready = stream.socket().readable() => if ready.is_err() { break },
             _ = tokio::time::sleep_until(idle_until) => break,
             _ = stopped(&mut shutdown) => break,
         }
@@ -261,9 +327,9 @@ async fn serve_connection(
     }
 }
 
-type Parked = tokio::sync::oneshot::Receiver<(tokio::net::TcpStream, tokio::time::Instant)>;
+type Parked<S> = tokio::sync::oneshot::Receiver<(S, tokio::time::Instant)>;
 
-fn park_slot(enabled: bool) -> (Option<guard::ParkSlot>, Option<Parked>) {
+fn park_slot<S>(enabled: bool) -> (Option<guard::ParkSlot<S>>, Option<Parked<S>>) {
     if !enabled {
         return (None, None);
     }

@@ -84,7 +84,8 @@ fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx, host: &HeaderVa
         headers::ip_header_value(ctx.caller_ip)
     };
     headers.insert(&headers::X_REAL_IP, real_ip);
-    headers.insert(&headers::X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    headers.insert(&headers::X_FORWARDED_PROTO, ctx.proto.clone());
+    headers.insert(&headers::X_FORWARDED_PORT, ctx.port.clone());
     headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
     // The caller's credentials never reach the upstream; who they are does.
     match ctx.caller.credentials() {
@@ -141,7 +142,7 @@ mod tests {
     use crate::proxy::ConnInfo;
 
     fn ctx(caller: Caller) -> RequestCtx {
-        let conn = ConnInfo::new("203.0.113.9:5000".parse().unwrap(), None);
+        let conn = ConnInfo::new("203.0.113.9:5000".parse().unwrap(), 8443, true);
         let mut ctx = RequestCtx::new(HeaderValue::from_static("req-1"), &conn);
         ctx.host = Some(HeaderValue::from_static("api.example.com"));
         ctx.caller = caller;
@@ -194,6 +195,8 @@ mod tests {
         assert_eq!(headers["x-forwarded-for"], "10.9.9.9, 203.0.113.9");
         assert_eq!(headers["x-real-ip"], "203.0.113.9");
         assert_eq!(headers["x-request-id"], "req-1");
+        assert_eq!(headers["x-forwarded-proto"], "https");
+        assert_eq!(headers["x-forwarded-port"], "8443");
 
         let mut headers = HeaderMap::new();
         headers.insert("authorization", HeaderValue::from_static("Bearer eyJ.x.y"));

@@ -64,15 +64,21 @@ pub struct ConnInfo {
     pub peer_ip: HeaderValue,
     /// Present on HTTP/1 connections guarded by the listener's head reader.
     pub phase: Option<Arc<ConnPhase>>,
+    /// `X-Forwarded-Proto`: `https` on TLS listeners.
+    pub proto: HeaderValue,
+    /// `X-Forwarded-Port`: the listener's port.
+    pub port: HeaderValue,
 }
 
 impl ConnInfo {
-    /// `peer`: the socket peer, or the PROXY-protocol source.
-    pub fn new(peer: SocketAddr, phase: Option<Arc<ConnPhase>>) -> ConnInfo {
+    /// `peer`: the socket peer, or the PROXY-protocol source; `port`: the listener's.
+    pub fn new(peer: SocketAddr, port: u16, tls: bool) -> ConnInfo {
         ConnInfo {
             peer,
             peer_ip: headers::ip_header_value(peer.ip()),
-            phase,
+            phase: None,
+            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
+            port: HeaderValue::from(port),
         }
     }
 }
@@ -84,6 +90,9 @@ pub struct RequestCtx {
     pub client_addr: SocketAddr,
     /// The socket peer (or PROXY-protocol source) rendered once, for `X-Forwarded-For`.
     pub peer_ip: HeaderValue,
+    /// `X-Forwarded-Proto` and `X-Forwarded-Port` of the connection.
+    pub proto: HeaderValue,
+    pub port: HeaderValue,
     /// The `Host` the client asked for (header, or authority on HTTP/2).
     pub host: Option<HeaderValue>,
     /// Index into `Snapshot::routes` once `request_filter` matched one.
@@ -111,6 +120,8 @@ impl RequestCtx {
             start: Instant::now(),
             client_addr: conn.peer,
             peer_ip: conn.peer_ip.clone(),
+            proto: conn.proto.clone(),
+            port: conn.port.clone(),
             host: None,
             route: None,
             upstream_addr: None,

@@ -42,6 +42,69 @@ pub struct ServerSection {
     /// Peers (CIDRs or addresses) whose `X-Forwarded-For` is believed.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// HTTPS listeners (`[server.tls]`): read and checked on their own (`config::check::tls`).
+    pub tls: Option<serde::de::IgnoredAny>,
+}
+
+/// `[server.tls]`: addresses that speak HTTPS, and the certificates they serve.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    pub listen: Vec<String>,
+    pub certificates: Vec<CertificateSpec>,
+    /// `"1.2"` (TLS 1.2 and 1.3) or `"1.3"`.
+    #[serde(default)]
+    pub min_version: TlsVersion,
+    /// What a client naming a host no certificate has gets.
+    #[serde(default)]
+    pub unknown_sni: UnknownSni,
+    /// PEM file of the CAs client certificates must chain to (mTLS).
+    pub client_ca: Option<String>,
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+}
+
+/// One certificate chain and its key (PEM files, relative to the configuration file).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateSpec {
+    pub cert: String,
+    pub key: String,
+    /// Host names it is served for (`*.example.com` allowed); default: its DNS names.
+    #[serde(default)]
+    pub names: Vec<String>,
+    /// Served to clients whose name no certificate has (default: the first certificate).
+    #[serde(default)]
+    pub default: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub enum TlsVersion {
+    #[default]
+    #[serde(rename = "1.2")]
+    Tls12,
+    #[serde(rename = "1.3")]
+    Tls13,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UnknownSni {
+    /// The default certificate.
+    #[default]
+    Default,
+    /// A handshake failure.
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ClientAuth {
+    /// A client without a valid certificate is refused.
+    #[default]
+    Required,
+    /// A client may present none; one it presents must be valid.
+    Optional,
 }
 
 impl Default for ServerSection {
@@ -56,6 +119,7 @@ impl Default for ServerSection {
             shutdown_grace: default_shutdown_grace(),
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
+            tls: None,
         }
     }
 }
