@@ -160,13 +160,19 @@ async fn watch_certificates(gateway: Arc<Gateway>, mut shutdown: Shutdown) {
             })
             .collect()
     };
-    let mut last: Option<(Vec<std::path::PathBuf>, Vec<Stamp>)> = None;
+    let current = || gateway.snapshot().config.tls.clone();
+    // As the files are now (the certificates were loaded moments ago).
+    let mut last: Option<(Vec<std::path::PathBuf>, Vec<Stamp>)> = current().map(|section| {
+        let files = section.options.files();
+        let stamps = stamp(&files);
+        (files, stamps)
+    });
     loop {
         tokio::select! {
             _ = tokio::time::sleep(CERTIFICATE_CHECK) => {}
             _ = stopped(&mut shutdown) => return,
         }
-        let (Some(tls), Some(section)) = (&gateway.tls, gateway.snapshot().config.tls.clone()) else {
+        let (Some(tls), Some(section)) = (&gateway.tls, current()) else {
             continue;
         };
         let files = section.options.files();
