@@ -488,3 +488,135 @@ async fn check_names_the_certificate_file_and_why() {
         "{stderr}"
     );
 }
+
+/// An HTTPS upstream on loopback serving `cert` (HTTP/1.1 and HTTP/2 by ALPN); counts the
+/// handshakes that completed and the requests it answered.
+struct TlsUpstream {
+    addr: SocketAddr,
+    handshakes: Arc<std::sync::atomic::AtomicUsize>,
+    requests: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+async fn tls_upstream(cert: &Cert) -> TlsUpstream {
+    use std::sync::atomic::Ordering;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert.der.clone()],
+            PrivateKeyDer::from_pem_slice(cert.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let requests = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (shook, served) = (handshakes.clone(), requests.clone());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, shook, served) = (acceptor.clone(), shook.clone(), served.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else { return };
+                shook.fetch_add(1, Ordering::SeqCst);
+                let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                    served.fetch_add(1, Ordering::SeqCst);
+                    let body = serde_json::json!({
+                        "version": format!("{:?}", req.version()),
+                        "path": req.uri().path(),
+                        "proto": req.headers().get("x-forwarded-proto").and_then(|v| v.to_str().ok()),
+                    });
+                    async move {
+                        Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body.to_string()),
+                        )))
+                    }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    TlsUpstream {
+        addr,
+        handshakes,
+        requests,
+    }
+}
+
+#[tokio::test]
+async fn https_upstreams_are_verified_and_spoken_to_over_http1_and_http2() {
+    use std::sync::atomic::Ordering;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = self_signed(&["upstream.test"]);
+    let (ca, _) = write(dir.path(), "upstream", &cert);
+    let trusted = tls_upstream(&cert).await;
+    let untrusted = tls_upstream(&cert).await;
+    let gw = Gateway::start(&format!(
+        "{base}[upstreams.h1]\nendpoints = [\"https://{a}\"]\ntls_ca = \"{ca}\"\ntls_server_name = \"upstream.test\"\n\n\
+         [upstreams.h2]\nendpoints = [\"{a}\"]\ntls = true\nprotocol = \"http2\"\ntls_ca = \"{ca}\"\ntls_server_name = \"upstream.test\"\n\n\
+         [upstreams.public_roots]\nendpoints = [\"https://{u}\"]\ntls_server_name = \"upstream.test\"\n\
+         [upstreams.public_roots.retries]\nattempts = 0\n\n\
+         [[routes]]\nname = \"h1\"\npath = \"/h1\"\nupstream = \"h1\"\n\n\
+         [[routes]]\nname = \"h2\"\npath = \"/h2\"\nupstream = \"h2\"\n\n\
+         [[routes]]\nname = \"untrusted\"\npath = \"/untrusted\"\nupstream = \"public_roots\"\n",
+        base = base_config(),
+        a = trusted.addr,
+        u = untrusted.addr,
+        ca = ca.display()
+    ));
+    let one = common::get(&gw.url("/h1/x")).await;
+    assert_eq!(one.status, StatusCode::OK, "{}", one.text());
+    assert_eq!(one.json()["version"], "HTTP/1.1");
+    assert_eq!(one.json()["proto"], "http");
+    // Kept alive: a second request reuses the TLS connection.
+    assert_eq!(common::get(&gw.url("/h1/y")).await.status, StatusCode::OK);
+    assert_eq!(trusted.handshakes.load(Ordering::SeqCst), 1);
+
+    let two = common::get(&gw.url("/h2/x")).await;
+    assert_eq!(two.status, StatusCode::OK, "{}", two.text());
+    assert_eq!(two.json()["version"], "HTTP/2.0");
+
+    // Not signed by a public root: refused before any request is sent.
+    let refused = common::get(&gw.url("/untrusted/x")).await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+    assert_eq!(refused.json()["error"]["code"], "upstream_tls");
+    assert_eq!(untrusted.handshakes.load(Ordering::SeqCst), 0);
+    assert_eq!(untrusted.requests.load(Ordering::SeqCst), 0);
+    let metrics = admin(&gw, "GET", "/metrics").await.text();
+    assert!(
+        metrics.contains("tollgate_upstream_errors_total{upstream=\"public_roots\",kind=\"upstream_tls\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn proxy_protocol_comes_before_the_handshake() {
+    let upstream = Upstream::start("api").await;
+    let dir = tempfile::tempdir().unwrap();
+    let cert = self_signed(&["api.example.com"]);
+    let (c, k) = write(dir.path(), "api", &cert);
+    let port = free_port();
+    let _gw = Gateway::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\nproxy_protocol = true\n\n[server.tls]\nlisten = [\"127.0.0.1:{port}\"]\n{}\n\n[admin]\nlisten = \"127.0.0.1:0\"\n\n[upstreams.api]\nendpoints = [\"{}\"]\n\n[[routes]]\nname = \"all\"\npath = \"/\"\nupstream = \"api\"\n",
+        certificates(&[(&c, &k, "")]),
+        upstream.addr
+    ));
+    let mut tcp = TcpStream::connect(tls_addr(port)).await.unwrap();
+    tcp.write_all(b"PROXY TCP4 198.51.100.7 127.0.0.1 40000 443\r\n")
+        .await
+        .unwrap();
+    let stream = tokio_rustls::TlsConnector::from(client_config(&[&cert], None, &[b"http/1.1"]))
+        .connect(ServerName::try_from("api.example.com").unwrap(), tcp)
+        .await
+        .unwrap();
+    let mut sender = http1(stream).await;
+    let (status, echo) = get(&mut sender, "api.example.com", "/").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(echo["headers"]["x-forwarded-for"], "198.51.100.7");
+    assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
+}

@@ -44,6 +44,9 @@ pub enum ErrorKind {
     UpstreamOverloaded,
     /// The TCP connection to the endpoint was refused or failed.
     UpstreamConnect,
+    /// The TLS handshake with the endpoint failed (untrusted or wrong certificate, no
+    /// common protocol); nothing was sent in clear text.
+    UpstreamTls,
     /// Connecting, or waiting for the response head, took longer than configured.
     UpstreamTimeout,
     /// The endpoint closed or broke the exchange, or answered with invalid HTTP.
@@ -66,7 +69,9 @@ impl ErrorKind {
             ErrorKind::NoEndpoint | ErrorKind::StateUnavailable | ErrorKind::UpstreamOverloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
-            ErrorKind::UpstreamConnect | ErrorKind::UpstreamProtocol => StatusCode::BAD_GATEWAY,
+            ErrorKind::UpstreamConnect | ErrorKind::UpstreamTls | ErrorKind::UpstreamProtocol => {
+                StatusCode::BAD_GATEWAY
+            }
             ErrorKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -91,6 +96,7 @@ impl ErrorKind {
             ErrorKind::StateUnavailable => "state_unavailable",
             ErrorKind::UpstreamOverloaded => "upstream_overloaded",
             ErrorKind::UpstreamConnect => "upstream_connect_failed",
+            ErrorKind::UpstreamTls => "upstream_tls",
             ErrorKind::UpstreamTimeout => "upstream_timeout",
             ErrorKind::UpstreamProtocol => "upstream_error",
             ErrorKind::Internal => "internal_error",
@@ -115,6 +121,7 @@ impl ErrorKind {
             ErrorKind::UpstreamOverloaded => "the upstream pool is at its limit of requests in flight",
             ErrorKind::StateUnavailable => "the key cannot be checked right now (shared state unreachable); retry",
             ErrorKind::UpstreamConnect => "could not connect to the upstream",
+            ErrorKind::UpstreamTls => "the TLS handshake with the upstream failed",
             ErrorKind::UpstreamTimeout => "the upstream did not answer in time",
             ErrorKind::UpstreamProtocol => "the upstream failed to answer",
             ErrorKind::Internal => "internal error",
@@ -138,6 +145,7 @@ impl ErrorKind {
             ErrorKind::NoEndpoint
             | ErrorKind::UpstreamOverloaded
             | ErrorKind::UpstreamConnect
+            | ErrorKind::UpstreamTls
             | ErrorKind::UpstreamTimeout
             | ErrorKind::UpstreamProtocol => ErrorSource::Upstream,
             ErrorKind::Internal | ErrorKind::StateUnavailable => ErrorSource::Internal,

@@ -202,14 +202,71 @@ pub(super) fn anonymous(sink: &mut ErrorSink<'_>, root: &Table) -> Option<Anonym
     optional(sink, root, "anonymous")
 }
 
+/// `https://` endpoints turn `tls` on (a pool speaks TLS to all its endpoints or to none);
+/// TLS file paths become relative to the configuration file and are loaded to check them.
+fn upstream_tls(sink: &mut ErrorSink<'_>, item: &Item, field: &str, upstream: &mut UpstreamSection, base: &Path) {
+    let mut schemes = HashSet::new();
+    for (i, endpoint) in upstream.endpoints.iter_mut().enumerate() {
+        let (https, rest) = match endpoint.address.split_once("://") {
+            Some(("https", rest)) => (true, rest.to_string()),
+            Some(("http", rest)) => (false, rest.to_string()),
+            Some((scheme, _)) => {
+                sink.push(
+                    element_span(item, "endpoints", i),
+                    &format!("{field}.endpoints[{i}]"),
+                    format!("unknown scheme {scheme:?}: use https:// or http:// (or none)"),
+                );
+                continue;
+            }
+            None => (upstream.tls, endpoint.address.clone()),
+        };
+        schemes.insert(https);
+        endpoint.address = rest.trim_end_matches('/').to_string();
+    }
+    if schemes.len() > 1 {
+        sink.push(
+            field_span(item, "endpoints"),
+            &format!("{field}.endpoints"),
+            "a pool speaks TLS to all its endpoints or to none: do not mix https:// and plain ones",
+        );
+    }
+    upstream.tls |= schemes.contains(&true);
+    let resolve = |path: &mut Option<String>| {
+        if let Some(p) = path {
+            *p = base.join(&*p).display().to_string();
+        }
+    };
+    resolve(&mut upstream.tls_ca);
+    resolve(&mut upstream.tls_cert);
+    resolve(&mut upstream.tls_key);
+    if upstream.tls_cert.is_some() != upstream.tls_key.is_some() {
+        sink.push(
+            field_span(item, "tls_cert"),
+            &format!("{field}.tls_cert"),
+            "tls_cert and tls_key go together",
+        );
+    } else if upstream.tls {
+        let identity = upstream
+            .tls_cert
+            .as_deref()
+            .zip(upstream.tls_key.as_deref())
+            .map(|(c, k)| (Path::new(c), Path::new(k)));
+        if let Err(message) = crate::tls::client_config(upstream.tls_ca.as_deref().map(Path::new), identity, &[]) {
+            sink.push(field_span(item, "tls_ca"), &format!("{field}.tls"), message);
+        }
+    }
+}
+
 /// `[upstreams.NAME]`, each checked on its own.
-pub(super) fn upstreams(sink: &mut ErrorSink<'_>, root: &Table) -> BTreeMap<String, UpstreamSection> {
+pub(super) fn upstreams(sink: &mut ErrorSink<'_>, root: &Table, path: &Path) -> BTreeMap<String, UpstreamSection> {
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
     let mut upstreams = BTreeMap::new();
     match root.get("upstreams") {
         Some(Item::Table(table)) => {
             for (name, item) in table.iter() {
                 let field = format!("upstreams.{name}");
-                if let Some(upstream) = read_section::<UpstreamSection>(sink, item, &field) {
+                if let Some(mut upstream) = read_section::<UpstreamSection>(sink, item, &field) {
+                    upstream_tls(sink, item, &field, &mut upstream, base);
                     check_upstream(sink, item, &field, &upstream);
                     upstreams.insert(name.to_string(), upstream);
                 }

@@ -110,7 +110,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     let server = check::server(&mut sink, root);
     let tls = check::tls(&mut sink, root, path);
     let admin = check::admin(&mut sink, root);
-    let upstreams = check::upstreams(&mut sink, root);
+    let upstreams = check::upstreams(&mut sink, root, path);
     let anonymous = check::anonymous(&mut sink, root);
     let jwt = check::jwt(&mut sink, root, path);
     let plans = check::plans(&mut sink, root);

@@ -13,8 +13,8 @@ use crate::auth::jwt::JwtVerifier;
 use crate::config::{AnonymousBy, AuthMethod, Config, UpstreamProtocol};
 use crate::metrics::{Metrics, NO_ROUTE, RouteMetrics};
 use crate::router::{RouteSpec, Router};
-use crate::upstream::Pool;
-use crate::upstream::client::{LegacyClient, UpstreamClient};
+use crate::upstream::client::{LegacyClient, TlsLegacyClient, UpstreamClient};
+use crate::upstream::{Endpoint, Pool, UpstreamTls};
 
 /// A route with everything the request path needs resolved to direct references.
 pub struct Route {
@@ -73,22 +73,48 @@ impl ClientCache {
         let mut clients = self.clients.lock().unwrap_or_else(|e| e.into_inner());
         clients
             .entry(key)
-            .or_insert_with(|| {
-                let mut connector = HttpConnector::new();
-                connector.set_nodelay(true);
-                connector.set_connect_timeout(Some(key.connect_timeout));
-                connector.set_keepalive(Some(Duration::from_secs(60)));
-                let mut builder = Client::builder(TokioExecutor::new());
-                builder
-                    .timer(TokioTimer::new())
-                    .pool_timer(TokioTimer::new())
-                    .pool_idle_timeout(Duration::from_secs(60))
-                    .pool_max_idle_per_host(1024)
-                    .http2_only(true);
-                builder.build(connector)
-            })
+            .or_insert_with(|| http2_builder().build(http_connector(key.connect_timeout)))
             .clone()
     }
+
+    /// HTTP/2 over TLS for one pool: built with the pool (its TLS settings are its own),
+    /// and so replaced by a reload.
+    fn http2_tls(tls: &UpstreamTls, first: Option<&Endpoint>, connect_timeout: Duration) -> TlsLegacyClient {
+        // hyper-rustls sets ALPN itself (`enable_http2`) and refuses settings that have one.
+        let mut config = (*tls.config).clone();
+        config.alpn_protocols.clear();
+        let builder = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(config)
+            .https_only();
+        // One name for the pool's connections: the override, else the first endpoint's host.
+        let builder = match first.and_then(|e| tls.name_for(e)) {
+            Some(name) => builder.with_server_name_resolver(hyper_rustls::FixedServerNameResolver::new(name)),
+            None => builder,
+        };
+        let connector = builder.enable_http2().wrap_connector(http_connector(connect_timeout));
+        http2_builder().build(connector)
+    }
+}
+
+fn http_connector(connect_timeout: Duration) -> HttpConnector {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(connect_timeout));
+    connector.set_keepalive(Some(Duration::from_secs(60)));
+    // hyper-rustls hands `https` URIs to this connector.
+    connector.enforce_http(false);
+    connector
+}
+
+fn http2_builder() -> hyper_util::client::legacy::Builder {
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .pool_max_idle_per_host(1024)
+        .http2_only(true);
+    builder
 }
 
 impl Snapshot {
@@ -105,16 +131,22 @@ impl Snapshot {
             let old = previous.and_then(|p| p.pools.get(name)).map(|p| p.pool.as_ref());
             let pool = Arc::new(Pool::from_config(name, section, old, metrics.upstream(name)));
             let clients = (0..workers)
-                .map(|worker| match pool.protocol {
-                    UpstreamProtocol::Http1 => UpstreamClient::Http1 {
+                .map(|worker| match (pool.protocol, &pool.tls) {
+                    (UpstreamProtocol::Http1, tls) => UpstreamClient::Http1 {
                         connect_timeout: pool.timeouts.connect,
                         connecting: Default::default(),
                         max_pending: pool.max_pending_connections,
+                        tls: tls.clone(),
                     },
-                    UpstreamProtocol::Http2 => UpstreamClient::Http2(Box::new(clients.http2(ClientKey {
+                    (UpstreamProtocol::Http2, None) => UpstreamClient::Http2(Box::new(clients.http2(ClientKey {
                         worker,
                         connect_timeout: pool.timeouts.connect,
                     }))),
+                    (UpstreamProtocol::Http2, Some(tls)) => UpstreamClient::Http2Tls(Box::new(ClientCache::http2_tls(
+                        tls,
+                        pool.endpoints.first().map(|e| e.as_ref()),
+                        pool.timeouts.connect,
+                    ))),
                 })
                 .collect();
             pools.insert(name.clone(), Arc::new(UpstreamPool { pool, clients }));

@@ -95,9 +95,10 @@ impl RouteMetrics {
     }
 }
 
-const ERROR_KINDS: [ErrorKind; 4] = [
+const ERROR_KINDS: [ErrorKind; 5] = [
     ErrorKind::NoEndpoint,
     ErrorKind::UpstreamConnect,
+    ErrorKind::UpstreamTls,
     ErrorKind::UpstreamTimeout,
     ErrorKind::UpstreamProtocol,
 ];

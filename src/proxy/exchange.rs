@@ -85,7 +85,8 @@ impl Worker {
         loop {
             let head_deadline = Instant::now() + per_try;
             let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
-            let sent = tokio::time::timeout_at(head_deadline, client.send(&peer.target, req)).await;
+            let sent =
+                tokio::time::timeout_at(head_deadline, client.send(peer.guard.endpoint(), &peer.target, req)).await;
             let outcome = judge(upstream, &peer, sent, head.as_ref());
             let retry = match outcome.again {
                 Some(request) if attempt < pool.retries.attempts => {

@@ -287,6 +287,55 @@ pub fn server_config(options: &TlsOptions) -> Result<(ServerConfig, Vec<CertInfo
     Ok((config, info))
 }
 
+/// The settings Tollgate connects to TLS upstreams with: endpoints verified against the
+/// CAs in `ca` (default: the Mozilla roots of `webpki-roots`), an optional client
+/// certificate, and `alpn` offered.
+pub fn client_config(
+    ca: Option<&Path>,
+    identity: Option<(&Path, &Path)>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, String> {
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            for cert in read_certificates(path)? {
+                roots.add(cert).map_err(|e| format!("tls_ca {}: {e}", path.display()))?;
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_root_certificates(roots);
+    let mut config = match identity {
+        Some((cert, key)) => {
+            let chain = read_certificates(cert)?;
+            let key = PrivateKeyDer::from_pem_file(key)
+                .map_err(|e| format!("key {}: cannot read a PEM private key: {}", key.display(), pem_error(e)))?;
+            builder
+                .with_client_auth_cert(chain, key)
+                .map_err(|e| format!("client certificate {}: {e}", cert.display()))?
+        }
+        None => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(config)
+}
+
+/// Client settings no certificate satisfies: what a pool whose TLS files stopped loading
+/// uses, so its handshakes fail instead of falling back to clear text.
+pub fn client_config_trusting_nothing() -> rustls::ClientConfig {
+    rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map(|b| b.with_root_certificates(RootCertStore::empty()).with_no_client_auth())
+        .unwrap_or_else(|_| {
+            rustls::ClientConfig::builder()
+                .with_root_certificates(RootCertStore::empty())
+                .with_no_client_auth()
+        })
+}
+
 /// The listener's live TLS settings and their counters.
 pub struct ServerTls {
     config: ArcSwap<ServerConfig>,

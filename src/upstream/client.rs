@@ -21,8 +21,9 @@ use hyper_util::rt::TokioIo;
 use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
-use super::Target;
+use super::{Endpoint, Target, UpstreamTls};
 use crate::base::{ErrorKind, ProxyError};
+use rustls::pki_types::ServerName;
 
 /// The body of a request sent upstream: the client's, streamed, or none (a retry of a
 /// request that had no body is rebuilt from its head).
@@ -63,6 +64,7 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_IDLE_PER_ADDR: usize = 256;
 
 pub type LegacyClient = Client<HttpConnector, RequestBody>;
+pub type TlsLegacyClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, RequestBody>;
 
 /// A failed send, with the request when none of it was written (safe to send elsewhere).
 pub struct SendError {
@@ -76,19 +78,27 @@ impl From<ProxyError> for SendError {
     }
 }
 
+/// Idle connections are kept per endpoint address and TLS settings (a pool's own, by
+/// identity), so a connection is only reused the way it was set up.
+type IdleKey = (SocketAddr, usize);
+
+fn idle_key(addr: SocketAddr, tls: Option<&Arc<UpstreamTls>>) -> IdleKey {
+    (addr, tls.map_or(0, |t| Arc::as_ptr(t) as usize))
+}
+
 struct IdleConn {
     sender: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
 thread_local! {
-    static IDLE: RefCell<FxHashMap<SocketAddr, Vec<IdleConn>>> = RefCell::default();
+    static IDLE: RefCell<FxHashMap<IdleKey, Vec<IdleConn>>> = RefCell::default();
 }
 
 /// An HTTP/1.1 connection lent to one exchange; it goes back to the worker's pool when the
 /// response body has been read to its end.
 pub struct PooledConn {
-    addr: SocketAddr,
+    key: IdleKey,
     sender: http1::SendRequest<RequestBody>,
 }
 
@@ -99,7 +109,7 @@ impl PooledConn {
         }
         IDLE.with(|idle| {
             let mut idle = idle.borrow_mut();
-            let list = idle.entry(self.addr).or_default();
+            let list = idle.entry(self.key).or_default();
             if list.len() < MAX_IDLE_PER_ADDR {
                 list.push(IdleConn {
                     sender: self.sender,
@@ -110,10 +120,10 @@ impl PooledConn {
     }
 }
 
-fn checkout(addr: SocketAddr) -> Option<http1::SendRequest<RequestBody>> {
+fn checkout(key: IdleKey) -> Option<http1::SendRequest<RequestBody>> {
     IDLE.with(|idle| {
         let mut idle = idle.borrow_mut();
-        let list = idle.get_mut(&addr)?;
+        let list = idle.get_mut(&key)?;
         while let Some(conn) = list.pop() {
             if !conn.sender.is_closed() && conn.since.elapsed() < IDLE_TIMEOUT {
                 return Some(conn.sender);
@@ -123,17 +133,38 @@ fn checkout(addr: SocketAddr) -> Option<http1::SendRequest<RequestBody>> {
     })
 }
 
-async fn connect(addr: SocketAddr, connect_timeout: Duration) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
-    let stream = match tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(addr)).await {
+/// A new HTTP/1.1 connection to `addr`, over TLS when `tls` names the server; the TCP
+/// connect and the TLS handshake together get `connect_timeout`.
+async fn connect(
+    addr: SocketAddr,
+    connect_timeout: Duration,
+    tls: Option<(&UpstreamTls, ServerName<'static>)>,
+) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
+    let deadline = Instant::now() + connect_timeout;
+    let stream = match tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr)).await {
         Err(_) => return Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
         Ok(Err(e)) => return Err(ProxyError::with_cause(ErrorKind::UpstreamConnect, e)),
         Ok(Ok(stream)) => stream,
     };
     let _ = stream.set_nodelay(true);
+    let Some((tls, name)) = tls else {
+        return handshake(addr, stream).await;
+    };
+    match tokio::time::timeout_at(deadline, tls.connector.connect(name, stream)).await {
+        Err(_) => Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
+        Ok(Err(e)) => Err(ProxyError::with_cause(ErrorKind::UpstreamTls, e)),
+        Ok(Ok(stream)) => handshake(addr, stream).await,
+    }
+}
+
+async fn handshake<IO>(addr: SocketAddr, io: IO) -> Result<http1::SendRequest<RequestBody>, ProxyError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let (sender, connection) = http1::Builder::new()
         // Flat writes, as on the client side of the listener.
         .writev(false)
-        .handshake(TokioIo::new(stream))
+        .handshake(TokioIo::new(io))
         .await
         .map_err(|e| ProxyError::with_cause(ErrorKind::UpstreamConnect, e))?;
     tokio::spawn(async move {
@@ -151,8 +182,11 @@ pub enum UpstreamClient {
         /// Connects in progress on this worker, against `max_pending`.
         connecting: Arc<AtomicUsize>,
         max_pending: usize,
+        tls: Option<Arc<UpstreamTls>>,
     },
     Http2(Box<LegacyClient>),
+    /// HTTP/2 over TLS (ALPN `h2`).
+    Http2Tls(Box<TlsLegacyClient>),
 }
 
 /// One of a worker's connects in progress, counted against `max_pending_connections`
@@ -183,15 +217,18 @@ impl UpstreamClient {
     /// On failure the request comes back when none of it reached the endpoint.
     pub async fn send(
         &self,
+        endpoint: &Endpoint,
         target: &Target,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Option<PooledConn>), SendError> {
         match self {
             UpstreamClient::Http2(client) => {
-                let mut parts = req.uri().clone().into_parts();
-                parts.scheme = Some(http::uri::Scheme::HTTP);
-                parts.authority = Some(target.authority.clone());
-                *req.uri_mut() = Uri::from_parts(parts).map_err(|e| ProxyError::with_cause(ErrorKind::Internal, e))?;
+                set_absolute_uri(&mut req, http::uri::Scheme::HTTP, target)?;
+                let response = client.request(req).await.map_err(classify_legacy_error)?;
+                Ok((response, None))
+            }
+            UpstreamClient::Http2Tls(client) => {
+                set_absolute_uri(&mut req, http::uri::Scheme::HTTPS, target)?;
                 let response = client.request(req).await.map_err(classify_legacy_error)?;
                 Ok((response, None))
             }
@@ -199,8 +236,10 @@ impl UpstreamClient {
                 connect_timeout,
                 connecting,
                 max_pending,
+                tls,
             } => loop {
-                let (mut sender, reused) = match checkout(target.addr) {
+                let key = idle_key(target.addr, tls.as_ref());
+                let (mut sender, reused) = match checkout(key) {
                     Some(sender) => (sender, true),
                     None => {
                         let Some(slot) = PendingConnect::take(connecting, *max_pending) else {
@@ -209,7 +248,19 @@ impl UpstreamClient {
                                 unsent: Some(req),
                             });
                         };
-                        let connected = connect(target.addr, *connect_timeout).await;
+                        let name = match tls.as_deref() {
+                            Some(tls) => match tls.name_for(endpoint) {
+                                Some(name) => Some((tls, name)),
+                                None => {
+                                    return Err(SendError {
+                                        error: ProxyError::new(ErrorKind::UpstreamTls),
+                                        unsent: Some(req),
+                                    });
+                                }
+                            },
+                            None => None,
+                        };
+                        let connected = connect(target.addr, *connect_timeout, name).await;
                         drop(slot);
                         match connected {
                             Ok(sender) => (sender, false),
@@ -233,13 +284,7 @@ impl UpstreamClient {
                 }
                 match sender.try_send_request(req).await {
                     Ok(response) => {
-                        return Ok((
-                            response,
-                            Some(PooledConn {
-                                addr: target.addr,
-                                sender,
-                            }),
-                        ));
+                        return Ok((response, Some(PooledConn { key, sender })));
                     }
                     Err(mut error) => match error.take_message() {
                         // Never written: the idle connection was closed under us; use another.
@@ -255,6 +300,19 @@ impl UpstreamClient {
             },
         }
     }
+}
+
+/// The absolute URI hyper-util's client needs: `scheme://endpoint/path`.
+fn set_absolute_uri(
+    req: &mut Request<RequestBody>,
+    scheme: http::uri::Scheme,
+    target: &Target,
+) -> Result<(), ProxyError> {
+    let mut parts = req.uri().clone().into_parts();
+    parts.scheme = Some(scheme);
+    parts.authority = Some(target.authority.clone());
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|e| ProxyError::with_cause(ErrorKind::Internal, e))?;
+    Ok(())
 }
 
 fn classify_legacy_error(error: hyper_util::client::legacy::Error) -> ProxyError {
@@ -310,10 +368,12 @@ mod tests {
             connect_timeout: Duration::from_secs(30),
             connecting: connecting.clone(),
             max_pending: 1,
+            tls: None,
         };
         let target = Target::new(addr);
+        let endpoint = Endpoint::new(&addr.to_string(), 1);
         for _ in 0..3 {
-            let send = client.send(&target, Request::new(RequestBody::Empty));
+            let send = client.send(&endpoint, &target, Request::new(RequestBody::Empty));
             tokio::pin!(send);
             // The caller gives up while the connect waits (a per-try timeout, a client gone).
             tokio::select! {

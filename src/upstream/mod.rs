@@ -23,6 +23,68 @@ use crate::config::{
     HashKey, HealthSection, LbPolicy, RetriesSection, TimeoutsSection, UpstreamProtocol, UpstreamSection,
 };
 use crate::metrics::{HealthEvent, UpstreamMetrics};
+use rustls::pki_types::ServerName;
+
+/// How a pool speaks TLS to its endpoints (`tls = true` or `https://` endpoints).
+pub struct UpstreamTls {
+    pub connector: tokio_rustls::TlsConnector,
+    /// The same settings, for the HTTP/2 client.
+    pub config: Arc<rustls::ClientConfig>,
+    /// SNI and the name verified; `None`: each endpoint's host.
+    pub server_name: Option<ServerName<'static>>,
+}
+
+impl std::fmt::Debug for UpstreamTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamTls")
+            .field("server_name", &self.server_name)
+            .finish()
+    }
+}
+
+impl UpstreamTls {
+    /// The pool's TLS settings. Files were checked when the configuration was read; if
+    /// they no longer load, every handshake fails (502 `upstream_tls`) rather than any
+    /// request going out in clear text.
+    fn from_section(name: &str, section: &UpstreamSection) -> UpstreamTls {
+        let alpn: &[&[u8]] = match section.protocol {
+            UpstreamProtocol::Http1 => &[b"http/1.1"],
+            UpstreamProtocol::Http2 => &[b"h2"],
+        };
+        let identity = section
+            .tls_cert
+            .as_deref()
+            .zip(section.tls_key.as_deref())
+            .map(|(c, k)| (std::path::Path::new(c), std::path::Path::new(k)));
+        let config = crate::tls::client_config(section.tls_ca.as_deref().map(std::path::Path::new), identity, alpn)
+            .unwrap_or_else(|error| {
+                tracing::error!(upstream = name, %error, "upstream TLS settings unusable; every handshake will fail");
+                crate::tls::client_config_trusting_nothing()
+            });
+        let config = Arc::new(config);
+        UpstreamTls {
+            connector: tokio_rustls::TlsConnector::from(config.clone()),
+            config,
+            server_name: section
+                .tls_server_name
+                .as_ref()
+                .and_then(|n| ServerName::try_from(n.clone()).ok()),
+        }
+    }
+
+    /// The name to send and verify for `endpoint`: the override, else its host.
+    pub fn name_for(&self, endpoint: &Endpoint) -> Option<ServerName<'static>> {
+        self.server_name.clone().or_else(|| {
+            let host = endpoint
+                .address
+                .rsplit_once(':')
+                .map_or(endpoint.address.as_str(), |(host, _)| host)
+                .trim_start_matches('[')
+                .trim_end_matches(']');
+            ServerName::try_from(host.to_string()).ok()
+        })
+    }
+}
 
 /// One resolved address of an endpoint, with its URI authority ready for requests.
 #[derive(Debug, Clone)]
@@ -181,6 +243,8 @@ pub struct Pool {
     pub health_check: Option<HealthSection>,
     pub max_requests: usize,
     pub max_pending_connections: usize,
+    /// Present when the pool speaks TLS to its endpoints.
+    pub tls: Option<Arc<UpstreamTls>>,
     inflight_total: Arc<AtomicUsize>,
     retry_tokens: AtomicI64,
     pub metrics: Arc<UpstreamMetrics>,
@@ -263,6 +327,7 @@ impl Pool {
             health_check: section.health.clone(),
             max_requests: section.max_requests,
             max_pending_connections: section.max_pending_connections,
+            tls: section.tls.then(|| Arc::new(UpstreamTls::from_section(name, section))),
             inflight_total: previous.map_or_else(Default::default, |p| p.inflight_total.clone()),
             retry_tokens: AtomicI64::new(RETRY_TOKENS_MAX),
             metrics,
@@ -418,6 +483,11 @@ mod tests {
             max_requests: 0,
             max_pending_connections: 0,
             slow_start: Duration::from_secs(10),
+            tls: false,
+            tls_ca: None,
+            tls_server_name: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 

@@ -61,6 +61,17 @@ pub struct UpstreamSection {
     /// An endpoint back in service gets a share of traffic that grows over this long.
     #[serde(default = "default_slow_start", deserialize_with = "duration")]
     pub slow_start: Duration,
+    /// Speak TLS to the endpoints (also implied by `https://` endpoints).
+    #[serde(default)]
+    pub tls: bool,
+    /// PEM file of the CAs endpoint certificates must chain to (default: the public
+    /// webpki roots).
+    pub tls_ca: Option<String>,
+    /// The name sent as SNI and verified (default: each endpoint's host).
+    pub tls_server_name: Option<String>,
+    /// A client certificate (PEM chain) and key to present to the endpoints.
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
 }
 
 fn default_slow_start() -> Duration {
