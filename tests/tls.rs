@@ -620,3 +620,42 @@ async fn proxy_protocol_comes_before_the_handshake() {
     assert_eq!(echo["headers"]["x-forwarded-for"], "198.51.100.7");
     assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
 }
+
+#[tokio::test]
+async fn the_admin_api_speaks_https_and_the_cli_trusts_it_with_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = self_signed(&["127.0.0.1", "localhost"]);
+    let (c, k) = write(dir.path(), "admin", &cert);
+    let gw = Gateway::start(&format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nworkers = 1\n\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\ntls = {{ cert = \"{}\", key = \"{}\" }}\n\n[upstreams.api]\nendpoints = [\"127.0.0.1:9\"]\n\n[[routes]]\nname = \"all\"\npath = \"/\"\nupstream = \"api\"\n\n[plans.gold]\ndaily = 7\n",
+        c.display(),
+        k.display()
+    ));
+    let cli = |extra: &[&str]| {
+        let mut command = std::process::Command::new(binary());
+        command
+            .args(["plans", "list", "--admin-url", &format!("https://{}", gw.admin)])
+            .args(extra)
+            .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .env_remove("TOLLGATE_ADMIN_CA");
+        command.output().unwrap()
+    };
+    let trusted = cli(&["--ca", c.to_str().unwrap()]);
+    assert!(trusted.status.success(), "{}", String::from_utf8_lossy(&trusted.stderr));
+    assert!(String::from_utf8_lossy(&trusted.stdout).contains("gold"));
+    // Without the CA the certificate is not trusted: the CLI says it cannot reach the API.
+    let untrusted = cli(&[]);
+    assert!(!untrusted.status.success());
+    assert!(
+        String::from_utf8_lossy(&untrusted.stderr).contains("cannot reach the admin API"),
+        "{}",
+        String::from_utf8_lossy(&untrusted.stderr)
+    );
+    // Plain HTTP to the HTTPS admin port gets no answer.
+    let plain = std::process::Command::new(binary())
+        .args(["plans", "list", "--admin-url", &format!("http://{}", gw.admin)])
+        .env("TOLLGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    assert!(!plain.status.success());
+}

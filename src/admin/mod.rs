@@ -70,14 +70,61 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .with_state(state)
 }
 
-/// Serves the admin API on `listener` until `shutdown` turns true.
-pub async fn serve(listener: tokio::net::TcpListener, gateway: Arc<Gateway>, mut shutdown: watch::Receiver<bool>) {
+/// Serves the admin API on `listener` until `shutdown` turns true; over HTTPS when `tls`
+/// is given (`[admin] tls`).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    gateway: Arc<Gateway>,
+    tls: Option<Arc<crate::tls::ServerTls>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let app = router(gateway);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { crate::base::stopped(&mut shutdown).await })
-        .await;
+    let stop = async move { crate::base::stopped(&mut shutdown).await };
+    let result = match tls {
+        Some(tls) => {
+            axum::serve(TlsListener { tcp: listener, tls }, app)
+                .with_graceful_shutdown(stop)
+                .await
+        }
+        None => axum::serve(listener, app).with_graceful_shutdown(stop).await,
+    };
     if let Err(error) = result {
         tracing::error!(%error, "admin listener failed");
+    }
+}
+
+/// The admin listener over TLS: each accepted connection is handed on once its handshake
+/// completes (within 10 s); failed handshakes are skipped.
+struct TlsListener {
+    tcp: tokio::net::TcpListener,
+    tls: Arc<crate::tls::ServerTls>,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
+    type Addr = std::net::SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let (stream, peer) = match self.tcp.accept().await {
+                Ok(pair) => pair,
+                Err(error) => {
+                    tracing::warn!(%error, "admin accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+            };
+            let handshake = self.tls.acceptor().accept(stream);
+            match tokio::time::timeout(std::time::Duration::from_secs(10), handshake).await {
+                Ok(Ok(stream)) => return (stream, peer),
+                Ok(Err(error)) => tracing::debug!(%peer, %error, "admin TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "admin TLS handshake timed out"),
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.tcp.local_addr()
     }
 }
 

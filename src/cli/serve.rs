@@ -42,6 +42,12 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {}: {e}", config.admin_listen)))?;
     let admin_addr = admin_listener.local_addr()?;
+    let admin_tls = match &config.admin_tls {
+        Some(options) => Some(Arc::new(
+            crate::tls::ServerTls::new(options).map_err(|e| std::io::Error::other(format!("admin TLS: {e}")))?,
+        )),
+        None => None,
+    };
     let (shutdown, shutdown_rx) = watch::channel(false);
     let backends = crate::state::open(&config, &shutdown_rx)
         .await
@@ -54,6 +60,7 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     let admin = tokio::spawn(crate::admin::serve(
         admin_listener,
         gateway.clone(),
+        admin_tls,
         shutdown_rx.clone(),
     ));
     let services = crate::gateway::services::start(&gateway, &shutdown_rx);

@@ -172,6 +172,34 @@ pub(super) fn tls(sink: &mut ErrorSink<'_>, root: &Table, path: &Path) -> Option
     Some(super::TlsConfig { listen, options })
 }
 
+/// `[admin] tls`: the admin API's certificate, loaded and checked.
+pub(super) fn admin_tls(
+    sink: &mut ErrorSink<'_>,
+    root: &Table,
+    admin: &AdminSection,
+    path: &Path,
+) -> Option<crate::tls::TlsOptions> {
+    let tls = admin.tls.as_ref()?;
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let files = crate::tls::CertFiles {
+        cert: base.join(&tls.cert),
+        key: base.join(&tls.key),
+        names: vec![],
+        default: true,
+    };
+    if let Err(message) = crate::tls::load_certificate(&files) {
+        let span = root.get("admin").and_then(|i| field_span(i, "tls"));
+        sink.push(span, "admin.tls", message);
+    }
+    Some(crate::tls::TlsOptions {
+        certificates: vec![files],
+        min_version: crate::tls::MinVersion::Tls12,
+        reject_unknown_sni: false,
+        client_ca: None,
+        client_auth_required: false,
+    })
+}
+
 /// `[admin]`, with its listen address parsed; beyond loopback it needs a token.
 pub(super) fn admin(sink: &mut ErrorSink<'_>, root: &Table) -> Option<(AdminSection, SocketAddr)> {
     let admin: AdminSection = optional(sink, root, "admin")?;

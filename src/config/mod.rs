@@ -45,6 +45,8 @@ pub struct Config {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `[server.tls]`, checked: its certificates load.
     pub tls: Option<TlsConfig>,
+    /// `[admin] tls`: the admin API's own certificate, checked.
+    pub admin_tls: Option<crate::tls::TlsOptions>,
 }
 
 /// The HTTPS listeners and their settings.
@@ -110,6 +112,9 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     let server = check::server(&mut sink, root);
     let tls = check::tls(&mut sink, root, path);
     let admin = check::admin(&mut sink, root);
+    let admin_tls = admin
+        .as_ref()
+        .and_then(|(admin, _)| check::admin_tls(&mut sink, root, admin, path));
     let upstreams = check::upstreams(&mut sink, root, path);
     let anonymous = check::anonymous(&mut sink, root);
     let jwt = check::jwt(&mut sink, root, path);
@@ -145,6 +150,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         cluster,
         trusted_proxies,
         tls,
+        admin_tls,
     })
 }
 

@@ -120,7 +120,13 @@ async fn send(
     token: &str,
     call: &Call,
 ) -> Result<(StatusCode, String), Box<dyn std::error::Error + Send + Sync>> {
-    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
+    let tls = crate::tls::client_config(remote.ca.as_deref(), None, &[])?;
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client = hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build::<_, Full<Bytes>>(connector);
     let mut request = Request::builder().method(call.method.clone()).uri(format!(
         "{}{}",
         remote.admin_url.trim_end_matches('/'),

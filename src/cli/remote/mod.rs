@@ -21,6 +21,10 @@ pub struct Remote {
         global = true
     )]
     admin_url: String,
+    /// PEM file of the CA that signed the admin API's certificate (for `https://` URLs;
+    /// default: the public webpki roots).
+    #[arg(long, env = "TOLLGATE_ADMIN_CA", global = true)]
+    ca: Option<std::path::PathBuf>,
 }
 
 #[derive(Subcommand)]

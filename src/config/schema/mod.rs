@@ -150,6 +150,15 @@ pub struct AdminSection {
     pub listen: String,
     #[serde(default)]
     pub token: Option<String>,
+    /// Serve the admin API over HTTPS with this certificate (`{ cert, key }`, PEM).
+    pub tls: Option<AdminTls>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminTls {
+    pub cert: String,
+    pub key: String,
 }
 
 impl Default for AdminSection {
@@ -157,6 +166,7 @@ impl Default for AdminSection {
         Self {
             listen: default_admin_listen(),
             token: None,
+            tls: None,
         }
     }
 }
