@@ -15,7 +15,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("config", &["base", "model", "auth", "tls"]),
     ("router", &["base", "model", "config"]),
     ("metrics", &["base", "model", "limits"]),
-    ("upstream", &["base", "model", "config", "metrics"]),
+    ("upstream", &["base", "model", "config", "metrics", "tls"]),
     ("state", &["base", "model", "config", "limits", "usage", "metrics"]),
     (
         "gateway",
@@ -43,7 +43,7 @@ const ALLOWED: &[(&str, &[&str])] = &[
         "cli",
         &[
             "base", "model", "config", "limits", "auth", "usage", "router", "metrics", "upstream", "state", "gateway",
-            "proxy", "listener", "admin",
+            "proxy", "listener", "admin", "tls",
         ],
     ),
 ];
