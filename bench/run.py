@@ -108,10 +108,11 @@ def nginx_worker_pid(master):
     raise SystemExit("nginx worker not found")
 
 
-def run_wrk(url, args, key=None):
+def run_wrk(url, args, key=None, extra=()):
     cmd = ["taskset", "-c", "1", "wrk", "-t1", f"-c{args.connections}", f"-d{args.duration}s", "--latency", url]
     if key:
         cmd[4:4] = ["-H", f"X-API-Key: {key}"]
+    cmd[4:4] = list(extra)
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     requests = int(re.search(r"(\d+) requests in", out).group(1))
