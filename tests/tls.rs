@@ -133,7 +133,7 @@ async fn get(
 /// A gateway with a plain listener and an HTTPS one (on `tls_port`) in front of `upstream`.
 fn gateway(upstream: SocketAddr, tls_port: u16, tls: &str) -> Gateway {
     Gateway::start(&format!(
-        "{}[server.tls]\nlisten = [\"127.0.0.1:{tls_port}\"]\n{tls}\n\n[upstreams.api]\nendpoints = [\"{upstream}\"]\n\n[[routes]]\nname = \"all\"\npath = \"/\"\nupstream = \"api\"\n",
+        "{}[server.tls]\nlisten = [\"127.0.0.1:{tls_port}\"]\n{tls}\n\n[upstreams.api]\nendpoints = [\"{upstream}\"]\n\n[[routes]]\nname = \"all\"\npath = \"/\"\nupstream = \"api\"\nresponse_headers = {{ \"strict-transport-security\" = \"max-age=63072000\" }}\n",
         base_config()
     ))
 }
@@ -179,11 +179,20 @@ async fn https_requests_reach_the_upstream_over_http1_and_http2() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
     assert_eq!(echo["headers"]["x-forwarded-port"], port.to_string());
-    // Keep-alive: a second request on the same TLS connection.
-    assert_eq!(
-        get(&mut sender, "api.example.com", "/v1/y").await.unwrap().0,
-        StatusCode::OK
-    );
+    // Keep-alive: a second request on the same TLS connection, with the route's HSTS.
+    sender.ready().await.unwrap();
+    let response = sender
+        .send_request(
+            Request::get("/v1/y")
+                .header("host", "api.example.com")
+                .body(Empty::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(response.headers()["strict-transport-security"], "max-age=63072000");
+    let _ = response.into_body().collect().await;
 
     // HTTP/2 over TLS, chosen by ALPN.
     let stream = connect(

@@ -533,6 +533,15 @@ fn check_host_port(address: &str) -> Result<(), String> {
 }
 
 fn check_route(sink: &mut ErrorSink<'_>, item: &Item, field: &str, route: &RouteSection) {
+    for (name, value) in &route.response_headers {
+        if http::HeaderName::from_bytes(name.as_bytes()).is_err() || http::HeaderValue::from_str(value).is_err() {
+            sink.push(
+                field_span(item, "response_headers"),
+                &format!("{field}.response_headers"),
+                format!("invalid header {name:?}: {value:?}"),
+            );
+        }
+    }
     if route.name.trim().is_empty() {
         sink.push(
             field_span(item, "name"),

@@ -31,6 +31,8 @@ pub struct Route {
     pub jwt: bool,
     pub upstream: Arc<UpstreamPool>,
     pub metrics: Arc<RouteMetrics>,
+    /// `response_headers`: set on every response of the route.
+    pub response_headers: Box<[(http::HeaderName, http::HeaderValue)]>,
 }
 
 /// A pool plus one client per worker thread, so each worker keeps its own keep-alive
@@ -168,6 +170,17 @@ impl Snapshot {
                     jwt: r.auth.contains(&AuthMethod::Jwt),
                     upstream,
                     metrics: metrics.route(&r.name),
+                    // Checked when the file was read.
+                    response_headers: r
+                        .response_headers
+                        .iter()
+                        .filter_map(|(name, value)| {
+                            Some((
+                                http::HeaderName::from_bytes(name.as_bytes()).ok()?,
+                                http::HeaderValue::from_str(value).ok()?,
+                            ))
+                        })
+                        .collect(),
                 })
             })
             .collect();

@@ -121,12 +121,15 @@ fn without_api_key(query: &str) -> String {
 }
 
 /// Phase 4: edits the response head for the client: hop-by-hop headers removed (kept on
-/// a protocol switch), `X-Request-Id` set, and the `RateLimit` headers of the limit
-/// closest to exhaustion (with `Retry-After` on a 429).
-pub(super) fn response_filter(ctx: &RequestCtx, response: &mut Response<ProxyBody>) {
+/// a protocol switch), the route's `response_headers` (e.g. HSTS), `X-Request-Id`, and the
+/// `RateLimit` headers of the limit closest to exhaustion (with `Retry-After` on a 429).
+pub(super) fn response_filter(ctx: &RequestCtx, route: Option<&Route>, response: &mut Response<ProxyBody>) {
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     headers::remove_hop_by_hop(headers, switching);
+    for (name, value) in route.map_or(&[][..], |r| &r.response_headers) {
+        headers.insert(name, value.clone());
+    }
     headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
     if let Some(status) = &ctx.limit {
         headers::insert_rate_limit(headers, status, ctx.retry_after);

@@ -160,7 +160,7 @@ impl Worker {
             Ok(response) => response,
             Err(error) => self.fail_to_proxy(&snapshot, &mut ctx, error),
         };
-        forward::response_filter(&ctx, &mut response);
+        forward::response_filter(&ctx, ctx.route.and_then(|i| snapshot.routes.get(i)), &mut response);
         if let Some(phase) = &conn.phase {
             if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                 phase.upgraded();

@@ -197,6 +197,10 @@ pub struct RouteSection {
     /// How callers must identify themselves; empty = public route.
     #[serde(default)]
     pub auth: Vec<AuthMethod>,
+    /// Headers set on every response of the route, proxied or generated (e.g.
+    /// `Strict-Transport-Security` on HTTPS routes).
+    #[serde(default)]
+    pub response_headers: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
