@@ -668,3 +668,45 @@ async fn the_admin_api_speaks_https_and_the_cli_trusts_it_with_ca() {
         .unwrap();
     assert!(!plain.status.success());
 }
+
+#[tokio::test]
+async fn health_checks_speak_tls_with_the_pools_settings() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = self_signed(&["upstream.test"]);
+    let (ca, _) = write(dir.path(), "upstream", &cert);
+    let up = tls_upstream(&cert).await;
+    let gw = Gateway::start(&format!(
+        "{base}[upstreams.trusted]\nendpoints = [\"https://{a}\"]\ntls_ca = \"{ca}\"\ntls_server_name = \"upstream.test\"\n\
+         [upstreams.trusted.health]\ninterval = \"100ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n\n\
+         [upstreams.untrusted]\nendpoints = [\"https://{a}\"]\ntls_server_name = \"upstream.test\"\n\
+         [upstreams.untrusted.health]\ninterval = \"100ms\"\nhealthy_threshold = 1\nunhealthy_threshold = 1\n\n\
+         [[routes]]\nname = \"t\"\npath = \"/t\"\nupstream = \"trusted\"\n\n\
+         [[routes]]\nname = \"u\"\npath = \"/u\"\nupstream = \"untrusted\"\n",
+        base = base_config(),
+        a = up.addr,
+        ca = ca.display()
+    ));
+    let healthy = |pools: &serde_json::Value, name: &str| {
+        pools["upstreams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == name)
+            .map(|p| p["endpoints"][0]["healthy"].as_bool().unwrap())
+            .unwrap()
+    };
+    // The check of the pool without the CA fails its handshake: that endpoint goes down,
+    // while the same endpoint checked with the CA stays up.
+    let settled = within(Duration::from_secs(10), || async {
+        let pools = admin(&gw, "GET", "/v1/upstreams").await.json();
+        !healthy(&pools, "untrusted")
+    })
+    .await;
+    assert!(settled.is_some(), "the untrusted check never failed");
+    let pools = admin(&gw, "GET", "/v1/upstreams").await.json();
+    assert!(healthy(&pools, "trusted"), "{pools}");
+    assert!(
+        up.handshakes.load(std::sync::atomic::Ordering::SeqCst) > 0,
+        "checks reached the endpoint over TLS"
+    );
+}
