@@ -454,10 +454,10 @@ async fn client_certificates_are_required_when_configured() {
     .await
     .unwrap();
     let mut sender = http1(stream).await;
-    assert_eq!(
-        get(&mut sender, "api.example.com", "/").await.unwrap().0,
-        StatusCode::OK
-    );
+    let (status, echo) = get(&mut sender, "api.example.com", "/").await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    // The upstream learns which certificate was verified.
+    assert_eq!(echo["headers"]["x-client-cert-subject"], "client.example");
 }
 
 #[tokio::test]

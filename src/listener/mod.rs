@@ -260,7 +260,9 @@ async fn serve_connection(
     tls.handshake_done(matches!(accepted, Ok(Ok(_))));
     match accepted {
         Ok(Ok(stream)) => {
-            let conn = ConnInfo::new(peer, settings.port, true);
+            let mut conn = ConnInfo::new(peer, settings.port, true);
+            conn.client_identity = crate::tls::client_identity(stream.get_ref().1)
+                .and_then(|identity| http::HeaderValue::from_str(&identity).ok());
             serve_http(worker, settings, stream, conn, shutdown).await;
         }
         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),

@@ -95,6 +95,11 @@ fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx, host: &HeaderVa
     }
     headers.remove(&headers::X_CONSUMER_ID);
     headers.remove(&headers::X_PLAN);
+    // Only Tollgate says which client certificate was verified.
+    match &ctx.client_identity {
+        Some(identity) => drop(headers.insert(&headers::X_CLIENT_CERT_SUBJECT, identity.clone())),
+        None => drop(headers.remove(&headers::X_CLIENT_CERT_SUBJECT)),
+    }
     if let Caller::Anonymous { .. } = ctx.caller {
         headers.insert(&headers::X_PLAN, anonymous_plan.clone());
     }
@@ -212,9 +217,14 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-plan", HeaderValue::from_static("spoofed"));
         headers.insert("x-consumer-id", HeaderValue::from_static("spoofed"));
+        headers.insert("x-client-cert-subject", HeaderValue::from_static("spoofed"));
         let anonymous = Caller::Anonymous { referer_host: None };
         forwarding_headers(&mut headers, &ctx(anonymous), &host, &HeaderValue::from_static("anon"));
         assert_eq!(headers["x-plan"], "anon");
         assert!(!headers.contains_key("x-consumer-id"));
+        assert!(
+            !headers.contains_key("x-client-cert-subject"),
+            "only a verified certificate names one"
+        );
     }
 }

@@ -68,6 +68,9 @@ pub struct ConnInfo {
     pub proto: HeaderValue,
     /// `X-Forwarded-Port`: the listener's port.
     pub port: HeaderValue,
+    /// The verified client certificate's identity (mTLS), sent upstream as
+    /// `X-Client-Cert-Subject`; the hook for certificate-based auth.
+    pub client_identity: Option<HeaderValue>,
 }
 
 impl ConnInfo {
@@ -79,6 +82,7 @@ impl ConnInfo {
             phase: None,
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
             port: HeaderValue::from(port),
+            client_identity: None,
         }
     }
 }
@@ -93,6 +97,8 @@ pub struct RequestCtx {
     /// `X-Forwarded-Proto` and `X-Forwarded-Port` of the connection.
     pub proto: HeaderValue,
     pub port: HeaderValue,
+    /// The connection's verified client certificate identity (mTLS).
+    pub client_identity: Option<HeaderValue>,
     /// The `Host` the client asked for (header, or authority on HTTP/2).
     pub host: Option<HeaderValue>,
     /// Index into `Snapshot::routes` once `request_filter` matched one.
@@ -122,6 +128,7 @@ impl RequestCtx {
             peer_ip: conn.peer_ip.clone(),
             proto: conn.proto.clone(),
             port: conn.port.clone(),
+            client_identity: conn.client_identity.clone(),
             host: None,
             route: None,
             upstream_addr: None,

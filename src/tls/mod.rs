@@ -228,6 +228,27 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// Who a verified client certificate names: its first DNS name, else its subject's
+/// common name. `None` without a client certificate.
+pub fn client_identity(connection: &rustls::ServerConnection) -> Option<String> {
+    let cert = connection.peer_certificates()?.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert).ok()?;
+    let dns = parsed.subject_alternative_name().ok().flatten().and_then(|ext| {
+        ext.value.general_names.iter().find_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_string()),
+            _ => None,
+        })
+    });
+    dns.or_else(|| {
+        parsed
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok())
+            .map(str::to_string)
+    })
+}
+
 /// What `/metrics` shows of one certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CertInfo {
