@@ -12,7 +12,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use crate::auth::jwt::JwtVerifier;
 use crate::config::{AnonymousBy, AuthMethod, Config, UpstreamProtocol};
 use crate::metrics::{Metrics, NO_ROUTE, RouteMetrics};
-use crate::router::{RouteSpec, Router};
+use crate::router::{EscapedSlashes, PathRules, RouteSpec, Router};
 use crate::upstream::client::{LegacyClient, TlsLegacyClient, UpstreamClient};
 use crate::upstream::{Endpoint, Pool, UpstreamTls};
 
@@ -53,6 +53,8 @@ pub struct Snapshot {
     /// Anonymous requests are charged to the client IP (`[anonymous] by`).
     pub anonymous_by_ip: bool,
     pub jwt: JwtVerifier,
+    /// How request paths are normalized before routing (`[server] normalize_path`).
+    pub path_rules: PathRules,
 }
 
 /// HTTP/2 clients are keyed by worker and connect timeout, and kept across reloads so a
@@ -199,6 +201,14 @@ impl Snapshot {
                 JwtVerifier::default()
             }),
             anonymous_by_ip: config.anonymous.by.contains(&AnonymousBy::Ip),
+            path_rules: PathRules {
+                normalize: config.server.normalize_path,
+                merge_slashes: config.server.merge_slashes,
+                escaped_slashes: match config.server.escaped_slashes {
+                    crate::config::schema::EscapedSlashesSetting::Reject => EscapedSlashes::Reject,
+                    crate::config::schema::EscapedSlashesSetting::Keep => EscapedSlashes::Keep,
+                },
+            },
             anonymous_plan: http::HeaderValue::from_str(&config.anonymous.plan)
                 .unwrap_or_else(|_| http::HeaderValue::from_static("anonymous")),
             config,

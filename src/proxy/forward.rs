@@ -25,7 +25,7 @@ pub(super) fn upstream_request_filter<B>(
     let strip = route.strip_prefix.then_some(route.path.as_str());
     let key_in_query = ctx.caller.credentials() == Some(KeySource::Query);
     // Origin-form; the HTTP/2 client adds scheme and authority itself.
-    *req.uri_mut() = Uri::from(upstream_target(req.uri(), strip, key_in_query)?);
+    *req.uri_mut() = Uri::from(upstream_target(req.uri(), ctx.path.as_deref(), strip, key_in_query)?);
     *req.version_mut() = match pool.protocol {
         UpstreamProtocol::Http1 => Version::HTTP_11,
         UpstreamProtocol::Http2 => Version::HTTP_2,
@@ -38,18 +38,25 @@ pub(super) fn upstream_request_filter<B>(
     Ok(())
 }
 
-/// The upstream's request target: `strip` (the route's prefix) removed from the path,
-/// `api-key`/`api_key` removed from the query when the key came in it.
-fn upstream_target(uri: &Uri, strip: Option<&str>, key_in_query: bool) -> Result<PathAndQuery, ProxyError> {
-    if strip.is_none() && !key_in_query {
+/// The upstream's request target: the normalized path (`normalized`, when it differs),
+/// `strip` (the route's prefix) removed from it, `api-key`/`api_key` removed from the
+/// query when the key came in it.
+fn upstream_target(
+    uri: &Uri,
+    normalized: Option<&str>,
+    strip: Option<&str>,
+    key_in_query: bool,
+) -> Result<PathAndQuery, ProxyError> {
+    if normalized.is_none() && strip.is_none() && !key_in_query {
         return Ok(uri
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/")));
     }
+    let path = normalized.unwrap_or(uri.path());
     let path = match strip {
-        Some(prefix) => crate::router::strip_route_prefix(prefix, uri.path()),
-        None => uri.path(),
+        Some(prefix) => crate::router::strip_route_prefix(prefix, path),
+        None => path,
     };
     let query = uri
         .query()
@@ -168,16 +175,25 @@ mod tests {
     fn targets_lose_the_prefix_and_a_key_in_the_query() {
         let uri: Uri = "/geo/v1/8.8.8.8?lang=en&api_key=tg_live_x&x=1".parse().unwrap();
         assert_eq!(
-            upstream_target(&uri, None, false).unwrap(),
+            upstream_target(&uri, None, None, false).unwrap(),
             uri.path_and_query().unwrap().clone()
         );
         assert_eq!(
-            upstream_target(&uri, Some("/geo"), true).unwrap().as_str(),
+            upstream_target(&uri, None, Some("/geo"), true).unwrap().as_str(),
             "/v1/8.8.8.8?lang=en&x=1"
         );
         let only_key: Uri = "/geo?api-key=tg_live_x".parse().unwrap();
-        assert_eq!(upstream_target(&only_key, Some("/geo"), true).unwrap().as_str(), "/");
-        assert_eq!(upstream_target(&only_key, None, true).unwrap().as_str(), "/geo");
+        assert_eq!(
+            upstream_target(&only_key, None, Some("/geo"), true).unwrap().as_str(),
+            "/"
+        );
+        assert_eq!(upstream_target(&only_key, None, None, true).unwrap().as_str(), "/geo");
+        // The normalized path is what goes upstream, query kept.
+        let dotted: Uri = "/public/../v1/x?a=1".parse().unwrap();
+        assert_eq!(
+            upstream_target(&dotted, Some("/v1/x"), None, false).unwrap().as_str(),
+            "/v1/x?a=1"
+        );
     }
 
     #[test]

@@ -9,6 +9,7 @@ use crate::auth::{self, AuthError, Identity, KEY_PREFIX};
 use crate::base::{ErrorKind, ProxyError};
 use crate::config::AnonymousBy;
 use crate::gateway::{DEFAULT_PLAN, Route, Snapshot};
+use crate::router;
 
 /// Where the caller's API key was found, so it can be removed before proxying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,10 +68,13 @@ impl Worker {
         head: Head<'_>,
     ) -> Result<&'s Route, ProxyError> {
         ctx.host = request_host(head);
+        ctx.path = router::normalize(head.uri.path(), &snapshot.path_rules)
+            .map_err(|e| ProxyError::with_cause(ErrorKind::BadRequest, format!("request path refused: {e:?}")))?;
         let host = ctx.host.as_ref().and_then(|h| h.to_str().ok());
+        let path = ctx.path.as_deref().unwrap_or(head.uri.path());
         let index = snapshot
             .router
-            .find(host, head.method.as_str(), head.uri.path())
+            .find(host, head.method.as_str(), path)
             .ok_or_else(|| ProxyError::new(ErrorKind::RouteNotFound))?;
         ctx.route = Some(index);
         ctx.upgrade = head.version == Version::HTTP_11 && headers::is_upgrade_request(head.headers);

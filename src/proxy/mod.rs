@@ -101,6 +101,9 @@ pub struct RequestCtx {
     pub client_identity: Option<HeaderValue>,
     /// The `Host` the client asked for (header, or authority on HTTP/2).
     pub host: Option<HeaderValue>,
+    /// The request path normalized, when it differs from the one received: what routes
+    /// match and the upstream receives.
+    pub path: Option<String>,
     /// Index into `Snapshot::routes` once `request_filter` matched one.
     pub route: Option<usize>,
     pub upstream_addr: Option<SocketAddr>,
@@ -130,6 +133,7 @@ impl RequestCtx {
             port: conn.port.clone(),
             client_identity: conn.client_identity.clone(),
             host: None,
+            path: None,
             route: None,
             upstream_addr: None,
             error: None,

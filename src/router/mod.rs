@@ -5,7 +5,11 @@
 //! prefix of the request path from the longest down, so a request costs a handful of
 //! hash lookups however many routes there are.
 
+mod normalize;
+
 use rustc_hash::FxHashMap as HashMap;
+
+pub use normalize::{EscapedSlashes, PathError, PathRules, normalize};
 
 use crate::config::RouteSection;
 

@@ -42,8 +42,29 @@ pub struct ServerSection {
     /// Peers (CIDRs or addresses) whose `X-Forwarded-For` is believed.
     #[serde(default)]
     pub trusted_proxies: Vec<String>,
+    /// Normalize request paths before routing (dot segments, escapes, `//`).
+    #[serde(default = "default_true")]
+    pub normalize_path: bool,
+    /// With `normalize_path`: `//` counts as `/`.
+    #[serde(default = "default_true")]
+    pub merge_slashes: bool,
+    /// With `normalize_path`: `%2F` / `%5C` in a path are refused, or kept opaque.
+    #[serde(default)]
+    pub escaped_slashes: EscapedSlashesSetting,
     /// HTTPS listeners (`[server.tls]`): read and checked on their own (`config::check::tls`).
     pub tls: Option<serde::de::IgnoredAny>,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EscapedSlashesSetting {
+    #[default]
+    Reject,
+    Keep,
 }
 
 /// `[server.tls]`: addresses that speak HTTPS, and the certificates they serve.
@@ -119,6 +140,9 @@ impl Default for ServerSection {
             shutdown_grace: default_shutdown_grace(),
             proxy_protocol: false,
             trusted_proxies: Vec::new(),
+            normalize_path: true,
+            merge_slashes: true,
+            escaped_slashes: EscapedSlashesSetting::default(),
             tls: None,
         }
     }
