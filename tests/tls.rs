@@ -573,7 +573,8 @@ async fn https_upstreams_are_verified_and_spoken_to_over_http1_and_http2() {
          [[routes]]\nname = \"h1\"\npath = \"/h1\"\nupstream = \"h1\"\n\n\
          [[routes]]\nname = \"h2\"\npath = \"/h2\"\nupstream = \"h2\"\n\n\
          [[routes]]\nname = \"untrusted\"\npath = \"/untrusted\"\nupstream = \"public_roots\"\n",
-        base = base_config(),
+        // One worker: keep-alive connections are kept per worker.
+        base = base_config().replace("workers = 2", "workers = 1"),
         a = trusted.addr,
         u = untrusted.addr,
         ca = ca.display()
