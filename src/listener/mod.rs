@@ -255,6 +255,21 @@ async fn serve_connection(
         let conn = ConnInfo::new(peer, settings.port, false);
         return serve_http(worker, settings, stream, conn, shutdown).await;
     };
+    // Boxed: the handshake and the rustls state would otherwise make every plain
+    // connection's task as large as a TLS one (10,000 idle connections: 46 → 98 MiB).
+    Box::pin(serve_tls(worker, settings, stream, peer, tls, shutdown)).await;
+}
+
+/// A TLS connection: the handshake within `header_read_timeout`, then HTTP over it.
+async fn serve_tls(
+    worker: Worker,
+    settings: Arc<ConnSettings>,
+    stream: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Arc<ServerTls>,
+    shutdown: watch::Receiver<bool>,
+) {
+    let limits = settings.limits;
     // The handshake is part of the request head's time budget.
     let accepted = tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(stream)).await;
     tls.handshake_done(matches!(accepted, Ok(Ok(_))));

@@ -26,7 +26,7 @@ struct Peer {
 
 impl Peer {
     /// Takes the endpoint's next address and counts the try in its in-flight load.
-    fn new(selected: Selected, ctx: &mut RequestCtx) -> Option<Peer> {
+    fn new(selected: Selected, ctx: &mut RequestCtx<'_>) -> Option<Peer> {
         let target = selected.endpoint.target()?;
         ctx.upstream_addr = Some(target.addr);
         Some(Peer {
@@ -53,7 +53,7 @@ impl Worker {
         &self,
         snapshot: &Snapshot,
         route: &Route,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx<'_>,
         mut req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let upstream = &route.upstream;
@@ -166,7 +166,7 @@ fn judge(
 /// → `503` at once, without waiting on timeouts.
 fn upstream_peer(
     upstream: &UpstreamPool,
-    ctx: &mut RequestCtx,
+    ctx: &mut RequestCtx<'_>,
     headers: &HeaderMap,
     tried: &Tried,
 ) -> Result<Peer, ProxyError> {
@@ -187,7 +187,7 @@ fn upstream_peer(
 }
 
 /// The endpoint for a retry, if one is left and the pool's retry budget allows it.
-fn retry_peer(upstream: &UpstreamPool, ctx: &mut RequestCtx, tried: &Tried) -> Option<Peer> {
+fn retry_peer(upstream: &UpstreamPool, ctx: &mut RequestCtx<'_>, tried: &Tried) -> Option<Peer> {
     let pool = &upstream.pool;
     let selected = pool.select_healthy(None, tried)?;
     let allowed = pool.spend_retry_budget();

@@ -17,7 +17,7 @@ use crate::gateway::Route;
 pub(super) fn upstream_request_filter<B>(
     route: &Route,
     anonymous_plan: &HeaderValue,
-    ctx: &RequestCtx,
+    ctx: &RequestCtx<'_>,
     req: &mut Request<B>,
     endpoint_host: &HeaderValue,
 ) -> Result<(), ProxyError> {
@@ -77,22 +77,23 @@ fn upstream_target(
 
 /// Hop-by-hop headers out; `Host`, `X-Forwarded-*`, `X-Real-IP`, `X-Request-Id`,
 /// `X-Consumer-Id` and `X-Plan` set from what Tollgate knows; credentials removed.
-fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx, host: &HeaderValue, anonymous_plan: &HeaderValue) {
+fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx<'_>, host: &HeaderValue, anonymous_plan: &HeaderValue) {
     headers::remove_hop_by_hop(headers, ctx.upgrade);
     headers.insert(header::HOST, host.clone());
     if let Some(host) = &ctx.host {
         headers.insert(&headers::X_FORWARDED_HOST, host.clone());
     }
-    headers::append_forwarded_for(headers, &ctx.peer_ip);
+    let conn = ctx.conn;
+    headers::append_forwarded_for(headers, &conn.peer_ip);
     // The caller as Tollgate identified it (after trusted proxies and PROXY protocol).
     let real_ip = if ctx.caller_ip == ctx.client_addr.ip() {
-        ctx.peer_ip.clone()
+        conn.peer_ip.clone()
     } else {
         headers::ip_header_value(ctx.caller_ip)
     };
     headers.insert(&headers::X_REAL_IP, real_ip);
-    headers.insert(&headers::X_FORWARDED_PROTO, ctx.proto.clone());
-    headers.insert(&headers::X_FORWARDED_PORT, ctx.port.clone());
+    headers.insert(&headers::X_FORWARDED_PROTO, conn.proto.clone());
+    headers.insert(&headers::X_FORWARDED_PORT, conn.port.clone());
     headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
     // The caller's credentials never reach the upstream; who they are does.
     match ctx.caller.credentials() {
@@ -103,7 +104,7 @@ fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx, host: &HeaderVa
     headers.remove(&headers::X_CONSUMER_ID);
     headers.remove(&headers::X_PLAN);
     // Only Tollgate says which client certificate was verified.
-    match &ctx.client_identity {
+    match &conn.client_identity {
         Some(identity) => drop(headers.insert(&headers::X_CLIENT_CERT_SUBJECT, identity.clone())),
         None => drop(headers.remove(&headers::X_CLIENT_CERT_SUBJECT)),
     }
@@ -135,7 +136,7 @@ fn without_api_key(query: &str) -> String {
 /// Phase 4: edits the response head for the client: hop-by-hop headers removed (kept on
 /// a protocol switch), the route's `response_headers` (e.g. HSTS), `X-Request-Id`, and the
 /// `RateLimit` headers of the limit closest to exhaustion (with `Retry-After` on a 429).
-pub(super) fn response_filter(ctx: &RequestCtx, route: Option<&Route>, response: &mut Response<ProxyBody>) {
+pub(super) fn response_filter(ctx: &RequestCtx<'_>, route: Option<&Route>, response: &mut Response<ProxyBody>) {
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let headers = response.headers_mut();
     headers::remove_hop_by_hop(headers, switching);
@@ -156,9 +157,9 @@ mod tests {
     use crate::auth::Identity;
     use crate::proxy::ConnInfo;
 
-    fn ctx(caller: Caller) -> RequestCtx {
-        let conn = ConnInfo::new("203.0.113.9:5000".parse().unwrap(), 8443, true);
-        let mut ctx = RequestCtx::new(HeaderValue::from_static("req-1"), &conn);
+    fn ctx(caller: Caller) -> RequestCtx<'static> {
+        let conn = Box::leak(Box::new(ConnInfo::new("203.0.113.9:5000".parse().unwrap(), 8443, true)));
+        let mut ctx = RequestCtx::new(HeaderValue::from_static("req-1"), conn);
         ctx.host = Some(HeaderValue::from_static("api.example.com"));
         ctx.caller = caller;
         ctx

@@ -64,7 +64,7 @@ impl Worker {
     pub(super) fn request_filter<'s>(
         &self,
         snapshot: &'s Snapshot,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx<'_>,
         head: Head<'_>,
     ) -> Result<&'s Route, ProxyError> {
         ctx.host = request_host(head);

@@ -15,7 +15,7 @@ impl Worker {
         &self,
         snapshot: &Snapshot,
         route: &Route,
-        ctx: &mut RequestCtx,
+        ctx: &mut RequestCtx<'_>,
     ) -> Result<(), ProxyError> {
         let usage = &self.gateway.usage;
         let plans = self.gateway.plans();

@@ -88,17 +88,13 @@ impl ConnInfo {
 }
 
 /// Per-request state carried through the phases.
-pub struct RequestCtx {
+pub struct RequestCtx<'c> {
     pub request_id: HeaderValue,
     pub start: Instant,
     pub client_addr: SocketAddr,
-    /// The socket peer (or PROXY-protocol source) rendered once, for `X-Forwarded-For`.
-    pub peer_ip: HeaderValue,
-    /// `X-Forwarded-Proto` and `X-Forwarded-Port` of the connection.
-    pub proto: HeaderValue,
-    pub port: HeaderValue,
-    /// The connection's verified client certificate identity (mTLS).
-    pub client_identity: Option<HeaderValue>,
+    /// The connection the request came on (peer, scheme, port, client certificate),
+    /// read where needed rather than copied into every request.
+    pub conn: &'c ConnInfo,
     /// The `Host` the client asked for (header, or authority on HTTP/2).
     pub host: Option<HeaderValue>,
     /// The request path normalized, when it differs from the one received: what routes
@@ -121,17 +117,14 @@ pub struct RequestCtx {
     pub retry_after: Option<u64>,
 }
 
-impl RequestCtx {
+impl<'c> RequestCtx<'c> {
     #[inline]
-    fn new(request_id: HeaderValue, conn: &ConnInfo) -> RequestCtx {
+    fn new(request_id: HeaderValue, conn: &'c ConnInfo) -> RequestCtx<'c> {
         RequestCtx {
             request_id,
             start: Instant::now(),
             client_addr: conn.peer,
-            peer_ip: conn.peer_ip.clone(),
-            proto: conn.proto.clone(),
-            port: conn.port.clone(),
-            client_identity: conn.client_identity.clone(),
+            conn,
             host: None,
             path: None,
             route: None,
@@ -184,7 +177,7 @@ impl Worker {
     }
 
     /// Last for every request: records metrics and the access log event.
-    fn logging(&self, snapshot: &Snapshot, ctx: &RequestCtx, status: StatusCode) {
+    fn logging(&self, snapshot: &Snapshot, ctx: &RequestCtx<'_>, status: StatusCode) {
         let elapsed = ctx.start.elapsed();
         let route = ctx.route.and_then(|i| snapshot.routes.get(i));
         let metrics = route.map_or(&snapshot.no_route_metrics, |r| &r.metrics);
@@ -203,7 +196,7 @@ impl Worker {
     }
 
     /// Maps an error to the client's response; the only place errors become HTTP.
-    fn fail_to_proxy(&self, snapshot: &Snapshot, ctx: &mut RequestCtx, error: ProxyError) -> Response<ProxyBody> {
+    fn fail_to_proxy(&self, snapshot: &Snapshot, ctx: &mut RequestCtx<'_>, error: ProxyError) -> Response<ProxyBody> {
         ctx.error = Some(error.kind);
         match error.kind.source() {
             ErrorSource::Upstream => {
