@@ -186,7 +186,15 @@ async fn exactly_the_quota_is_admitted_under_64_concurrent_clients() {
         format!("window,subject,requests\n{},key:{key_id},100\n", &today()[..7])
     );
 
-    let metrics = admin(&gateway, "GET", "/metrics").await.text();
+    // The counters gauge is set by the flusher: wait for a flush after the requests.
+    let mut metrics = String::new();
+    for _ in 0..50 {
+        metrics = admin(&gateway, "GET", "/metrics").await.text();
+        if metrics.contains("tollgate_usage_counters 1") {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     for line in [
         "tollgate_limit_decisions_total{plan=\"exact\",decision=\"admitted\"} 100",
         "tollgate_limit_decisions_total{plan=\"exact\",decision=\"quota_exceeded\"} 220",

@@ -109,7 +109,8 @@ async fn websocket_upgrade_echoes_both_ways() {
 async fn hundred_mib_bodies_stream_without_buffering() {
     const SIZE: usize = 100 * 1024 * 1024;
     let upstream = Upstream::start("big").await;
-    let gateway = Gateway::start(&single_upstream(upstream.addr, "", ""));
+    // Over the 10 MiB default body limit: the operator raised it.
+    let gateway = Gateway::start(&single_upstream(upstream.addr, "", "max_body_bytes = 200_000_000"));
     assert_eq!(get(&gateway.url("/warm")).await.status, 200);
     let rss_before = gateway.rss_kib();
 

@@ -177,9 +177,30 @@ pub async fn create_consumer(
         created_at: unix_now(),
     };
     let created = consumer.clone();
+    let warning = plan_warning(&state, created.plan.as_deref());
     written(state.gateway.create_consumer(consumer).await, || {
-        (StatusCode::CREATED, Json(created)).into_response()
+        with_warning((StatusCode::CREATED, Json(created)).into_response(), warning)
     })
+}
+
+/// A plan that is not defined: the write succeeds (the plan may be created next), and
+/// the response says that callers on it are refused until then.
+fn plan_warning(state: &AdminState, plan: Option<&str>) -> Option<http::HeaderValue> {
+    let plan = plan?;
+    if plan == crate::gateway::DEFAULT_PLAN || state.gateway.effective_plans().contains_key(plan) {
+        return None;
+    }
+    http::HeaderValue::from_str(&format!(
+        "plan {plan:?} is not defined: requests on it are refused (403 plan_not_found) until it is"
+    ))
+    .ok()
+}
+
+fn with_warning(mut response: Response, warning: Option<http::HeaderValue>) -> Response {
+    if let Some(warning) = warning {
+        response.headers_mut().insert("tollgate-warning", warning);
+    }
+    response
 }
 
 /// `null` and absent differ for PATCH: `"plan": null` clears the plan.
@@ -297,8 +318,9 @@ pub async fn create_key(State(state): State<AdminState>, payload: Result<Json<Ke
     };
     let mut shown = serde_json::to_value(view(&key)).unwrap_or_default();
     shown["key"] = json!(secret);
+    let warning = plan_warning(&state, key.plan.as_deref());
     written(state.gateway.create_key(key).await, || {
-        (StatusCode::CREATED, Json(shown)).into_response()
+        with_warning((StatusCode::CREATED, Json(shown)).into_response(), warning)
     })
 }
 

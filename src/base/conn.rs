@@ -3,8 +3,9 @@
 //! so the guard knows the next bytes start a new head (docs/architecture.md).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::task::Waker;
+use std::time::{Duration, Instant};
 
 const AWAITING_HEAD: u8 = 0;
 const IN_REQUEST: u8 = 1;
@@ -70,6 +71,111 @@ impl ConnPhase {
     }
 }
 
+/// The requests (HTTP/2 streams) of one connection, for the limits that count them:
+/// requests per connection, idle time with no stream open, and streams the client reset
+/// before their response (HTTP/2 rapid reset, CVE-2023-44487).
+#[derive(Debug)]
+pub struct ConnStreams {
+    started: AtomicU64,
+    active: AtomicU32,
+    premature_resets: AtomicU32,
+    born: Instant,
+    /// Milliseconds after `born` when the last stream ended.
+    idle_since: AtomicU64,
+    max_premature_resets: u32,
+    abusive: AtomicBool,
+    closing: tokio::sync::Notify,
+}
+
+impl ConnStreams {
+    pub fn new(max_premature_resets: u32) -> ConnStreams {
+        ConnStreams {
+            started: AtomicU64::new(0),
+            active: AtomicU32::new(0),
+            premature_resets: AtomicU32::new(0),
+            born: Instant::now(),
+            idle_since: AtomicU64::new(0),
+            max_premature_resets,
+            abusive: AtomicBool::new(false),
+            closing: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// A request begins; the returned guard counts it as reset unless `answered`.
+    pub fn start(&self) -> StreamGuard<'_> {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+        StreamGuard {
+            streams: self,
+            answered: false,
+        }
+    }
+
+    /// Requests begun on the connection so far.
+    pub fn started(&self) -> u64 {
+        self.started.load(Ordering::Relaxed)
+    }
+
+    /// How long no request has been open, or `None` while one is.
+    pub fn idle_for(&self) -> Option<Duration> {
+        if self.active.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        let since = Duration::from_millis(self.idle_since.load(Ordering::Relaxed));
+        Some(self.born.elapsed().saturating_sub(since))
+    }
+
+    /// The client reset too many streams before their response: close the connection.
+    pub fn is_abusive(&self) -> bool {
+        self.abusive.load(Ordering::Relaxed)
+    }
+
+    /// Resolves once the connection has been found abusive.
+    pub async fn abused(&self) {
+        let notified = self.closing.notified();
+        if self.is_abusive() {
+            return;
+        }
+        notified.await;
+    }
+
+    fn ended(&self, answered: bool) {
+        self.idle_since
+            .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.active.fetch_sub(1, Ordering::Release);
+        if answered || self.max_premature_resets == 0 {
+            return;
+        }
+        let resets = self.premature_resets.fetch_add(1, Ordering::Relaxed) + 1;
+        // Envoy's rule: past the limit, and more than half of all streams.
+        if resets >= self.max_premature_resets
+            && u64::from(resets) * 2 > self.started()
+            && !self.abusive.swap(true, Ordering::Relaxed)
+        {
+            self.closing.notify_waiters();
+        }
+    }
+}
+
+/// One request in progress; dropped unanswered (the client reset the stream or went
+/// away before the response head) it counts as a premature reset.
+pub struct StreamGuard<'a> {
+    streams: &'a ConnStreams,
+    answered: bool,
+}
+
+impl StreamGuard<'_> {
+    pub fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for StreamGuard<'_> {
+    fn drop(&mut self) {
+        self.streams.ended(self.answered);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +196,29 @@ mod tests {
         phase.upgraded();
         phase.response_finished();
         assert_eq!(phase.watch(waker), Phase::Unguarded);
+    }
+
+    #[test]
+    fn streams_reset_before_their_answer_mark_the_connection_abusive() {
+        let streams = ConnStreams::new(3);
+        streams.start().answered();
+        assert_eq!(streams.idle_for().map(|_| ()), Some(()));
+        let open = streams.start();
+        assert_eq!(streams.idle_for(), None);
+        drop(open);
+        drop(streams.start());
+        assert!(!streams.is_abusive(), "2 resets of 3 streams: under the limit");
+        drop(streams.start());
+        assert!(streams.is_abusive(), "3 resets, 3 of 4 streams");
+        assert_eq!(streams.started(), 4);
+
+        // Mostly answered: resets past the count but not half the streams are tolerated.
+        let streams = ConnStreams::new(2);
+        for _ in 0..10 {
+            streams.start().answered();
+        }
+        drop(streams.start());
+        drop(streams.start());
+        assert!(!streams.is_abusive());
     }
 }

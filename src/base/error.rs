@@ -34,6 +34,18 @@ pub enum ErrorKind {
     BadRequest,
     /// The request head did not arrive within `server.header_read_timeout`.
     HeaderTimeout,
+    /// No route of the best-matching path takes this method (`405`, with `Allow`).
+    MethodNotAllowed,
+    /// The request body is larger than the route's `max_body_bytes`.
+    PayloadTooLarge,
+    /// The request body stalled longer than `server.client_body_timeout`.
+    BodyTimeout,
+    /// A transfer coding other than `chunked` (RFC 9112 §6.1).
+    NotImplemented,
+    /// The connection is over `server.max_connections_per_ip` (or the worker's limit).
+    TooManyConnections,
+    /// The key's or consumer's plan is not defined: refused rather than unlimited.
+    PlanNotFound,
     /// The request head is larger than `server.max_header_bytes`.
     HeadersTooLarge,
     /// The pool has no endpoint with an address to send to.
@@ -64,7 +76,12 @@ impl ErrorKind {
             ErrorKind::KeyRevoked | ErrorKind::KeyExpired | ErrorKind::RouteNotAllowed => StatusCode::FORBIDDEN,
             ErrorKind::RateLimited | ErrorKind::QuotaExceeded => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
-            ErrorKind::HeaderTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::HeaderTimeout | ErrorKind::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ErrorKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::NotImplemented => StatusCode::NOT_IMPLEMENTED,
+            ErrorKind::TooManyConnections => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::PlanNotFound => StatusCode::FORBIDDEN,
             ErrorKind::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             ErrorKind::NoEndpoint | ErrorKind::StateUnavailable | ErrorKind::UpstreamOverloaded => {
                 StatusCode::SERVICE_UNAVAILABLE
@@ -91,6 +108,12 @@ impl ErrorKind {
             ErrorKind::QuotaExceeded => "quota_exceeded",
             ErrorKind::BadRequest => "bad_request",
             ErrorKind::HeaderTimeout => "request_timeout",
+            ErrorKind::BodyTimeout => "body_timeout",
+            ErrorKind::MethodNotAllowed => "method_not_allowed",
+            ErrorKind::PayloadTooLarge => "payload_too_large",
+            ErrorKind::NotImplemented => "not_implemented",
+            ErrorKind::TooManyConnections => "too_many_connections",
+            ErrorKind::PlanNotFound => "plan_not_found",
             ErrorKind::HeadersTooLarge => "headers_too_large",
             ErrorKind::NoEndpoint => "upstream_unavailable",
             ErrorKind::StateUnavailable => "state_unavailable",
@@ -116,6 +139,12 @@ impl ErrorKind {
             ErrorKind::QuotaExceeded => "the plan's quota is used up",
             ErrorKind::BadRequest => "malformed request",
             ErrorKind::HeaderTimeout => "the request head was not received in time",
+            ErrorKind::BodyTimeout => "the request body was not received in time",
+            ErrorKind::MethodNotAllowed => "this route does not take this method; see Allow",
+            ErrorKind::PayloadTooLarge => "the request body is larger than this route accepts",
+            ErrorKind::NotImplemented => "transfer codings other than chunked are not supported",
+            ErrorKind::TooManyConnections => "too many connections from this client",
+            ErrorKind::PlanNotFound => "the caller's plan is not defined; ask the API's operator",
             ErrorKind::HeadersTooLarge => "request headers are too large",
             ErrorKind::NoEndpoint => "no upstream endpoint is available",
             ErrorKind::UpstreamOverloaded => "the upstream pool is at its limit of requests in flight",
@@ -141,6 +170,12 @@ impl ErrorKind {
             | ErrorKind::QuotaExceeded
             | ErrorKind::BadRequest
             | ErrorKind::HeaderTimeout
+            | ErrorKind::BodyTimeout
+            | ErrorKind::MethodNotAllowed
+            | ErrorKind::PayloadTooLarge
+            | ErrorKind::NotImplemented
+            | ErrorKind::TooManyConnections
+            | ErrorKind::PlanNotFound
             | ErrorKind::HeadersTooLarge => ErrorSource::Client,
             ErrorKind::NoEndpoint
             | ErrorKind::UpstreamOverloaded

@@ -9,7 +9,7 @@ pub mod error;
 pub mod shutdown;
 pub mod time;
 
-pub use conn::{ConnPhase, Phase};
+pub use conn::{ConnPhase, ConnStreams, Phase, StreamGuard};
 pub use deadline::Deadline;
 pub use error::{ErrorKind, ErrorSource, ProxyError, error_body, new_request_id, raw_error_response};
 pub use shutdown::{Shutdown, stopped};

@@ -88,6 +88,9 @@ fn init_logging() {
 fn check(path: &std::path::Path) -> ExitCode {
     match crate::config::load(path) {
         Ok(config) => {
+            for warning in &config.warnings {
+                eprintln!("{}: warning: {warning}", path.display());
+            }
             println!(
                 "{}: OK ({} routes, {} upstreams)",
                 path.display(),
@@ -117,6 +120,9 @@ fn serve_file(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    for warning in &config.warnings {
+        tracing::warn!("{}: {warning}", path.display());
+    }
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
             let running = serve::start(config).await?;

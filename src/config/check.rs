@@ -92,6 +92,24 @@ pub(super) fn server(
             "must be at least 1024",
         );
     }
+    if server.http2_max_concurrent_streams == 0 {
+        sink.push(
+            span("http2_max_concurrent_streams"),
+            "server.http2_max_concurrent_streams",
+            "must be at least 1",
+        );
+    }
+    for (key, value) in [
+        ("client_body_timeout", server.client_body_timeout),
+        ("send_timeout", server.send_timeout),
+        ("tunnel_idle_timeout", server.tunnel_idle_timeout),
+        ("idle_timeout", server.idle_timeout),
+        ("header_read_timeout", server.header_read_timeout),
+    ] {
+        if value.is_zero() {
+            sink.push(span(key), &format!("server.{key}"), "must be more than 0s");
+        }
+    }
     Some((server, listen, trusted_proxies))
 }
 
@@ -227,7 +245,12 @@ pub(super) fn admin(sink: &mut ErrorSink<'_>, root: &Table) -> Option<(AdminSect
 }
 
 pub(super) fn anonymous(sink: &mut ErrorSink<'_>, root: &Table) -> Option<AnonymousSection> {
-    optional(sink, root, "anonymous")
+    let section: AnonymousSection = optional(sink, root, "anonymous")?;
+    if section.ipv6_prefix > 128 {
+        let span = root.get("anonymous").and_then(|i| field_span(i, "ipv6_prefix"));
+        sink.push(span, "anonymous.ipv6_prefix", "must be between 0 and 128");
+    }
+    Some(section)
 }
 
 /// `https://` endpoints turn `tls` on (a pool speaks TLS to all its endpoints or to none);

@@ -26,6 +26,9 @@ pub use schema::{ClusterSection, HealthKind, HealthSection, OutlierSection, Retr
 /// A checked configuration. Only [`load`] and [`parse`] build one.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// Mistakes that are not errors (a plan referred to but not defined here, which the
+    /// admin API may still create): printed by `check`, logged at start.
+    pub warnings: Vec<String>,
     /// The file it was read from; reloads read it again.
     pub path: PathBuf,
     pub data_dir: PathBuf,
@@ -134,7 +137,16 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     };
     let base = path.parent().unwrap_or_else(|| Path::new("."));
     let data_dir = base.join(data_dir.unwrap_or_else(|| "./data".to_string()));
+    let mut warnings = Vec::new();
+    if routes.iter().any(|r| r.auth.contains(&AuthMethod::Anonymous)) && !plans.contains_key(&anonymous.plan) {
+        warnings.push(format!(
+            "anonymous.plan {:?} is not defined in [plans]: anonymous callers are refused (403 plan_not_found) \
+             unless a plan of that name is created through the admin API",
+            anonymous.plan
+        ));
+    }
     Ok(Config {
+        warnings,
         path: path.to_path_buf(),
         data_dir,
         server,

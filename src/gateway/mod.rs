@@ -104,9 +104,12 @@ impl Gateway {
             Retention::of(&snapshot.config),
         ));
         let plans = plans::compile(&snapshot.config, &data, &metrics, 1);
-        usage
-            .table
-            .set_anonymous_month(plans.get(&snapshot.config.anonymous.plan).tracks_month());
+        usage.table.set_anonymous_month(
+            plans
+                .get(&snapshot.config.anonymous.plan)
+                .is_some_and(|p| p.tracks_month()),
+        );
+        usage.table.set_max_anonymous(snapshot.config.anonymous.max_subjects);
         let restoring = usage.clone();
         let restored = tokio::task::spawn_blocking(move || restoring.restore())
             .await

@@ -5,9 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
+use super::DEFAULT_PLAN;
 use super::Gateway;
 use crate::config::Config;
-use crate::limits::{PlanLimits, PlanTable, UNDEFINED_PLAN};
+use crate::limits::{PlanLimits, PlanTable};
 use crate::metrics::Metrics;
 use crate::model::{Plan, StateData};
 
@@ -34,7 +35,8 @@ pub(super) fn compile(config: &Config, data: &StateData, metrics: &Metrics, rate
         plans
             .values()
             .map(|plan| PlanLimits::from_plan(plan, rate_share, metrics.plan(&plan.name))),
-        metrics.plan(UNDEFINED_PLAN),
+        DEFAULT_PLAN,
+        metrics.plan(DEFAULT_PLAN),
     )
 }
 
@@ -50,9 +52,14 @@ impl Gateway {
         let snapshot = self.snapshot();
         let share = self.rate_share.load(Ordering::Relaxed);
         let table = compile(&snapshot.config, data, &self.metrics, share);
+        self.usage.table.set_anonymous_month(
+            table
+                .get(&snapshot.config.anonymous.plan)
+                .is_some_and(|p| p.tracks_month()),
+        );
         self.usage
             .table
-            .set_anonymous_month(table.get(&snapshot.config.anonymous.plan).tracks_month());
+            .set_max_anonymous(snapshot.config.anonymous.max_subjects);
         self.plans.store(Arc::new(table));
     }
 

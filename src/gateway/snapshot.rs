@@ -33,6 +33,8 @@ pub struct Route {
     pub metrics: Arc<RouteMetrics>,
     /// `response_headers`: set on every response of the route.
     pub response_headers: Box<[(http::HeaderName, http::HeaderValue)]>,
+    /// Largest request body; more is a `413`.
+    pub max_body_bytes: u64,
 }
 
 /// A pool plus one client per worker thread, so each worker keeps its own keep-alive
@@ -183,6 +185,7 @@ impl Snapshot {
                             ))
                         })
                         .collect(),
+                    max_body_bytes: r.max_body_bytes.unwrap_or(config.server.max_body_bytes),
                 })
             })
             .collect();

@@ -102,6 +102,8 @@ impl Usage {
             }
         }
         self.metrics.usage.set_counters(self.table.len());
+        self.metrics
+            .anonymous_table(self.table.anonymous_len(), self.table.take_evictions());
         Ok(restored)
     }
 
@@ -202,6 +204,8 @@ impl Usage {
             }
             self.prune_if_new_day().await;
             self.metrics.usage.set_counters(self.table.len());
+            self.metrics
+                .anonymous_table(self.table.anonymous_len(), self.table.take_evictions());
         }
         self.flush_for_shutdown(force).await;
     }

@@ -142,30 +142,38 @@ impl PlanLimits {
 /// Every plan by name, for the request path; swapped whole when a plan changes.
 pub struct PlanTable {
     plans: rustc_hash::FxHashMap<Arc<str>, Arc<PlanLimits>>,
-    /// For keys whose plan does not exist (deleted, or never defined): counted, not limited.
-    unlimited: Arc<PlanLimits>,
+    /// The plan of consumers created without one, when the configuration does not define
+    /// it: no limits (docs/limits.md, "Plans").
+    implicit_default: Arc<PlanLimits>,
 }
 
-/// The plan name used for a key whose plan is not defined.
-pub const UNDEFINED_PLAN: &str = "(undefined)";
-
 impl PlanTable {
-    pub fn new(plans: impl IntoIterator<Item = PlanLimits>, unlimited_decisions: Arc<PlanDecisions>) -> PlanTable {
+    /// `default`: the name of the plan given to consumers created without one, and its
+    /// decision counters.
+    pub fn new(
+        plans: impl IntoIterator<Item = PlanLimits>,
+        default: &str,
+        default_decisions: Arc<PlanDecisions>,
+    ) -> PlanTable {
         PlanTable {
             plans: plans.into_iter().map(|p| (p.name.clone(), Arc::new(p))).collect(),
-            unlimited: Arc::new(PlanLimits {
-                name: UNDEFINED_PLAN.into(),
+            implicit_default: Arc::new(PlanLimits {
+                name: default.into(),
                 rate: None,
                 daily: None,
                 monthly: None,
                 groups: Vec::new(),
-                decisions: unlimited_decisions,
+                decisions: default_decisions,
             }),
         }
     }
 
-    pub fn get(&self, name: &str) -> &Arc<PlanLimits> {
-        self.plans.get(name).unwrap_or(&self.unlimited)
+    /// The plan of this name; `None` when it is not defined (deleted, misspelt, never
+    /// created) — callers on such a plan are refused, not let through unlimited.
+    pub fn get(&self, name: &str) -> Option<&Arc<PlanLimits>> {
+        self.plans
+            .get(name)
+            .or_else(|| (*self.implicit_default.name == *name).then_some(&self.implicit_default))
     }
 }
 

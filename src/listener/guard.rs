@@ -1,9 +1,11 @@
 //! Reads each HTTP/1 request head under the gateway's own rules before hyper sees it:
 //! a head that is slow (`header_read_timeout` → 408), oversized (`max_header_bytes` → 431)
-//! or carries both `Content-Length` and `Transfer-Encoding` (→ 400, a request-smuggling
-//! vector hyper would otherwise accept by dropping `Content-Length`) is answered with the
-//! JSON error body and the connection closed. Idle keep-alive connections are closed after
-//! `idle_timeout`. Bytes pass through unchanged; the guard only watches them.
+//! or outside RFC 9112's framing and `Host` rules (`framing::check_head` → 400/501) is
+//! answered with the JSON error body and the connection closed. Bodies of known length
+//! are followed, so heads pipelined behind them are checked too. Idle keep-alive
+//! connections are closed after `idle_timeout`; a client that stops reading its response
+//! for `send_timeout` is disconnected. Bytes pass through unchanged; the guard only
+//! watches them.
 //!
 //! The guard knows where a head starts because the response of the previous request
 //! signals `ConnPhase::response_finished` when hyper is done with it.
@@ -18,8 +20,10 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
 
+use super::framing::{self, BodyLength};
 use crate::base::Deadline;
 use crate::base::{ConnPhase, ErrorKind, Phase, new_request_id, raw_error_response};
+use crate::metrics::{Metrics, Protection};
 
 /// How long a rejected connection is drained so the client reads the error before the close.
 const LINGER: Duration = Duration::from_secs(1);
@@ -32,6 +36,8 @@ pub struct HeadLimits {
     pub max_header_bytes: usize,
     /// Idle time after which a keep-alive connection is parked (see [`GuardedStream::parked`]).
     pub park_after: Duration,
+    /// How long a write to the client may stay blocked (NGINX's `send_timeout`).
+    pub send_timeout: Duration,
 }
 
 /// Where a parked connection goes: the listener waits on its socket with no HTTP state.
@@ -82,6 +88,10 @@ enum State {
     },
     /// Inside a head; its bytes so far are in `head`.
     Head,
+    /// Inside a body of known length, `remaining` bytes of it still to come.
+    Body {
+        remaining: u64,
+    },
     /// The head went to hyper; the body and response are not the guard's business.
     Passing,
     Unguarded,
@@ -104,11 +114,20 @@ pub struct GuardedStream<S> {
     /// An incomplete pipelined head that arrived with the previous request.
     pipelined: Vec<u8>,
     timer: Deadline,
+    /// Armed while a write to the client is blocked.
+    write_timer: Option<Deadline>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S: Transport> GuardedStream<S> {
     /// A new connection: the first head must arrive within `header_read_timeout`.
-    pub fn new(inner: S, phase: Arc<ConnPhase>, limits: HeadLimits, park: Option<ParkSlot<S>>) -> Self {
+    pub fn new(
+        inner: S,
+        phase: Arc<ConnPhase>,
+        limits: HeadLimits,
+        park: Option<ParkSlot<S>>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         let now = Instant::now();
         GuardedStream {
             inner: Some(inner),
@@ -120,6 +139,8 @@ impl<S: Transport> GuardedStream<S> {
             head: Vec::new(),
             pipelined: Vec::new(),
             timer: Deadline::new(now + limits.header_read_timeout),
+            write_timer: None,
+            metrics,
         }
     }
 
@@ -131,6 +152,7 @@ impl<S: Transport> GuardedStream<S> {
         limits: HeadLimits,
         idle_until: Instant,
         park: Option<ParkSlot<S>>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         GuardedStream {
             inner: Some(inner),
@@ -142,6 +164,8 @@ impl<S: Transport> GuardedStream<S> {
             head: Vec::new(),
             pipelined: Vec::new(),
             timer: Deadline::new(idle_until),
+            write_timer: None,
+            metrics,
         }
     }
 
@@ -177,6 +201,9 @@ impl<S: Transport> GuardedStream<S> {
         }
         self.state = State::Rejecting { drained: 0 };
         self.timer.set(Instant::now() + LINGER);
+        if let Some(protection) = Protection::of_error(kind) {
+            self.metrics.protected(protection);
+        }
         tracing::debug!(code = kind.code(), "request head refused");
     }
 
@@ -203,9 +230,14 @@ impl<S: Transport> GuardedStream<S> {
             // The common case: the whole head arrived in one read; no copy needed.
             (&new[..end], &new[end..])
         } else {
-            let search_from = self.head.len().saturating_sub(3);
-            let room = (max + 4).saturating_sub(self.head.len());
+            let old = self.head.len();
+            let search_from = old.saturating_sub(3);
+            let room = (max + 4).saturating_sub(old);
             self.head.extend_from_slice(&new[..new.len().min(room)]);
+            // hyper would end a head at a bare LF the guard does not look for.
+            if framing::has_bare_lf(&self.head, old) {
+                return Some(ErrorKind::BadRequest);
+            }
             match find_head_end(&self.head[search_from..]) {
                 Some(end) => {
                     owned = std::mem::take(&mut self.head);
@@ -219,39 +251,62 @@ impl<S: Transport> GuardedStream<S> {
         if head.len() > max {
             return Some(ErrorKind::HeadersTooLarge);
         }
-        self.state = State::Passing;
         self.phase.request_started();
-        let mut has_body = match check_head(head) {
-            Ok(has_body) => has_body,
+        let body = match framing::check_head(head) {
+            Ok(body) => body,
             Err(kind) => return Some(kind),
         };
-        // Pipelined requests behind a bodiless head are already in hyper's buffer, and hyper
-        // will act on them without reading again: check complete ones now, and remember an
-        // incomplete one so its timer starts when its turn comes.
         self.pipelined.clear();
-        let mut rest = rest;
-        while !has_body {
+        self.follow(body, rest)
+    }
+
+    /// After a checked head: follows its body through `rest` (what came after the head in
+    /// the same read), and checks each further head there — hyper finds those in its
+    /// buffer and acts on them without reading again. An incomplete one is remembered so
+    /// its timer starts when its turn comes.
+    fn follow(&mut self, mut body: BodyLength, mut rest: &[u8]) -> Option<ErrorKind> {
+        let max = self.limits.max_header_bytes;
+        loop {
+            match body {
+                // Chunk sizes are hyper's to parse; heads pipelined behind a chunked body in
+                // the same read meet hyper's parser only (and are re-framed upstream).
+                BodyLength::Chunked => {
+                    self.state = State::Passing;
+                    return None;
+                }
+                BodyLength::Length(length) => match usize::try_from(length).ok().filter(|n| *n <= rest.len()) {
+                    Some(n) => rest = &rest[n..],
+                    None => {
+                        self.state = State::Body {
+                            remaining: length - rest.len() as u64,
+                        };
+                        return None;
+                    }
+                },
+                BodyLength::None => {}
+            }
+            self.state = State::Passing;
             rest = trim_leading_crlf(rest);
             if rest.is_empty() {
-                break;
+                return None;
             }
             match find_head_end(rest) {
                 Some(end) if end > max => return Some(ErrorKind::HeadersTooLarge),
                 Some(end) => {
-                    has_body = match check_head(&rest[..end]) {
-                        Ok(has_body) => has_body,
+                    body = match framing::check_head(&rest[..end]) {
+                        Ok(body) => body,
                         Err(kind) => return Some(kind),
                     };
                     rest = &rest[end..];
                 }
                 None if rest.len() > max => return Some(ErrorKind::HeadersTooLarge),
+                None if framing::has_bare_lf(rest, 0) => return Some(ErrorKind::BadRequest),
                 None => {
                     self.pipelined.extend_from_slice(rest);
-                    break;
+                    return None;
                 }
             }
         }
-        None
     }
 }
 
@@ -266,31 +321,6 @@ fn trim_leading_crlf(bytes: &[u8]) -> &[u8] {
 
 fn find_head_end(bytes: &[u8]) -> Option<usize> {
     bytes.windows(4).position(|w| w == b"\r\n\r\n").map(|p| p + 4)
-}
-
-/// Refuses heads with both `Content-Length` and `Transfer-Encoding`; otherwise tells whether
-/// a body follows. Other malformations are left to hyper, which answers them with a 400.
-fn check_head(head: &[u8]) -> Result<bool, ErrorKind> {
-    // Uninitialised slots: initialising 128 headers would cost more than the parse.
-    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; 128];
-    let mut request = httparse::Request::new(&mut []);
-    match request.parse_with_uninit_headers(head, &mut headers) {
-        Ok(httparse::Status::Complete(_)) => {
-            let find = |name: &str| request.headers.iter().find(|h| h.name.eq_ignore_ascii_case(name));
-            match (find("content-length"), find("transfer-encoding")) {
-                (Some(_), Some(_)) => Err(ErrorKind::BadRequest),
-                (None, Some(_)) => Ok(true),
-                (Some(length), None) => Ok(std::str::from_utf8(length.value)
-                    .ok()
-                    .and_then(|v| v.trim().parse::<u64>().ok())
-                    != Some(0)),
-                (None, None) => Ok(false),
-            }
-        }
-        Err(httparse::Error::TooManyHeaders) => Err(ErrorKind::HeadersTooLarge),
-        // Not ours to judge; assume a body so pipelined bytes are not misread as heads.
-        _ => Ok(true),
-    }
 }
 
 impl<S: Transport> GuardedStream<S> {
@@ -344,6 +374,58 @@ impl<S: Transport> GuardedStream<S> {
     }
 }
 
+impl<S: Transport> GuardedStream<S> {
+    /// Reads a body of known length, then checks whatever follows it in the same read.
+    fn poll_body(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>, remaining: u64) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        ready!(Pin::new(self.stream()?).poll_read(cx, buf))?;
+        let read = buf.filled().len() - before;
+        if read == 0 {
+            return Poll::Ready(Ok(()));
+        }
+        let Some(after) = usize::try_from(remaining).ok().filter(|n| *n < read) else {
+            let remaining = remaining - read as u64;
+            self.state = if remaining == 0 {
+                State::Passing
+            } else {
+                State::Body { remaining }
+            };
+            return Poll::Ready(Ok(()));
+        };
+        let rest = buf.filled()[before + after..].to_vec();
+        match self.follow(BodyLength::None, &rest) {
+            None => Poll::Ready(Ok(())),
+            Some(kind) => {
+                buf.set_filled(before);
+                self.reject(kind);
+                cx.waker().wake_by_ref();
+                Poll::Pending
+            }
+        }
+    }
+
+    /// A write to the client is blocked: past `send_timeout`, the connection is given up.
+    fn write_blocked<T>(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+        let send_timeout = self.limits.send_timeout;
+        let timer = self
+            .write_timer
+            .get_or_insert_with(|| Deadline::new(Instant::now() + send_timeout));
+        ready!(timer.poll_expired(cx));
+        self.metrics.protected(Protection::SendTimeout);
+        Poll::Ready(Err(io::ErrorKind::TimedOut.into()))
+    }
+
+    fn write_done<T>(&mut self, cx: &mut Context<'_>, result: Poll<io::Result<T>>) -> Poll<io::Result<T>> {
+        match result {
+            Poll::Pending => self.write_blocked(cx),
+            ready => {
+                self.write_timer = None;
+                ready
+            }
+        }
+    }
+}
+
 impl<S: Transport> AsyncRead for GuardedStream<S> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
@@ -353,6 +435,7 @@ impl<S: Transport> AsyncRead for GuardedStream<S> {
         match this.state {
             State::Unguarded => return Pin::new(this.stream()?).poll_read(cx, buf),
             State::Passing => return Pin::new(this.stream()?).poll_read(cx, buf),
+            State::Body { remaining } => return this.poll_body(cx, buf, remaining),
             State::Rejecting { drained } => return this.poll_drain(cx, drained),
             State::Waiting { .. } | State::Head => {}
         }
@@ -408,7 +491,9 @@ impl<S: Transport> AsyncRead for GuardedStream<S> {
 
 impl<S: Transport> AsyncWrite for GuardedStream<S> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().stream()?).poll_write(cx, buf)
+        let this = self.get_mut();
+        let result = Pin::new(this.stream()?).poll_write(cx, buf);
+        this.write_done(cx, result)
     }
 
     fn poll_write_vectored(
@@ -416,7 +501,9 @@ impl<S: Transport> AsyncWrite for GuardedStream<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(self.get_mut().stream()?).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let result = Pin::new(this.stream()?).poll_write_vectored(cx, bufs);
+        this.write_done(cx, result)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -424,10 +511,12 @@ impl<S: Transport> AsyncWrite for GuardedStream<S> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut().inner.as_mut() {
+        let this = self.get_mut();
+        let result = match this.inner.as_mut() {
             Some(stream) => Pin::new(stream).poll_flush(cx),
             None => Poll::Ready(Ok(())),
-        }
+        };
+        this.write_done(cx, result)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -444,14 +533,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn head_checks() {
-        assert_eq!(check_head(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(false));
-        assert_eq!(check_head(b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\n"), Ok(true));
-        assert_eq!(check_head(b"POST / HTTP/1.1\r\nContent-Length: 0\r\n\r\n"), Ok(false));
-        assert_eq!(
-            check_head(b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n"),
-            Err(ErrorKind::BadRequest)
-        );
+    fn head_ends() {
         assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
+        assert_eq!(find_head_end(b"GET / HTTP/1.1\n\n"), None);
     }
 }

@@ -2,7 +2,9 @@
 //! current-thread tokio runtime and its own `SO_REUSEPORT` socket per listen address, so
 //! the kernel spreads connections and a connection never leaves its thread.
 
+pub mod framing;
 mod guard;
+mod limits;
 mod proxy_protocol;
 
 use std::convert::Infallible;
@@ -18,11 +20,12 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 
 pub use guard::{GuardedStream, HeadLimits, ParkSlot, Transport};
+pub use limits::{ClientConnections, WorkerConnections};
 
-use crate::base::{ConnPhase, stopped};
+use crate::base::{ConnPhase, ConnStreams, ErrorKind, new_request_id, raw_error_response, stopped};
 
 use crate::gateway::Gateway;
-use crate::metrics::ConnectionGuard;
+use crate::metrics::{ConnectionGuard, Protection};
 use crate::proxy::{ConnInfo, Worker};
 use crate::tls::ServerTls;
 
@@ -79,12 +82,19 @@ pub fn spawn_workers(
     grace: Duration,
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut handles = Vec::new();
+    let server = &gateway.snapshot().config.server;
+    let per_ip = Arc::new(ClientConnections::new(server.max_connections_per_ip));
+    let max_per_worker = server.max_connections;
     for (id, listeners) in listeners.into_iter().enumerate() {
         let worker = Worker {
             gateway: gateway.clone(),
             id,
         };
         let shutdown = shutdown.clone();
+        let counts = Counts {
+            per_ip: per_ip.clone(),
+            worker: Arc::new(WorkerConnections::new(max_per_worker)),
+        };
         let handle = std::thread::Builder::new()
             .name(format!("tollgate-worker-{id}"))
             .spawn(move || {
@@ -95,16 +105,24 @@ pub fn spawn_workers(
                         return;
                     }
                 };
-                runtime.block_on(run_worker(worker, listeners, shutdown, grace));
+                runtime.block_on(run_worker(worker, listeners, counts, shutdown, grace));
             })?;
         handles.push(handle);
     }
     Ok(handles)
 }
 
+/// The connection counts a worker's limits are checked against.
+#[derive(Clone)]
+struct Counts {
+    per_ip: Arc<ClientConnections>,
+    worker: Arc<WorkerConnections>,
+}
+
 async fn run_worker(
     worker: Worker,
     listeners: Vec<(std::net::TcpListener, bool)>,
+    counts: Counts,
     shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -123,6 +141,7 @@ async fn run_worker(
             worker.clone(),
             listener,
             tls,
+            counts.clone(),
             shutdown.clone(),
             alive.clone(),
         ));
@@ -147,15 +166,20 @@ struct ConnSettings {
     /// The port clients connect to, for `X-Forwarded-Port`.
     port: u16,
     builder: auto::Builder<TokioExecutor>,
+    counts: Counts,
+    max_requests: u64,
+    max_premature_resets: u32,
 }
 
 impl ConnSettings {
-    fn new(config: &crate::config::Config, tls: Option<Arc<ServerTls>>, port: u16) -> ConnSettings {
+    fn new(config: &crate::config::Config, tls: Option<Arc<ServerTls>>, port: u16, counts: Counts) -> ConnSettings {
+        let server = &config.server;
         let limits = HeadLimits {
-            header_read_timeout: config.server.header_read_timeout,
-            idle_timeout: config.server.idle_timeout,
-            max_header_bytes: config.server.max_header_bytes,
-            park_after: config.server.park_idle_after,
+            header_read_timeout: server.header_read_timeout,
+            idle_timeout: server.idle_timeout,
+            max_header_bytes: server.max_header_bytes,
+            park_after: server.park_idle_after,
+            send_timeout: server.send_timeout,
         };
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
@@ -170,14 +194,24 @@ impl ConnSettings {
         builder
             .http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(limits.max_header_bytes as u32);
+            .max_header_list_size(limits.max_header_bytes as u32)
+            .max_concurrent_streams(server.http2_max_concurrent_streams)
+            // Streams reset before the service took them (h2's own rapid-reset guard);
+            // those reset after are counted by `ConnStreams`.
+            .max_pending_accept_reset_streams(Some(20))
+            .max_local_error_reset_streams(Some(1024))
+            .keep_alive_interval(Some(server.http2_keepalive_interval))
+            .keep_alive_timeout(Duration::from_secs(20));
         ConnSettings {
             limits,
-            parking: !config.server.park_idle_after.is_zero(),
-            proxy_protocol: config.server.proxy_protocol,
+            parking: !server.park_idle_after.is_zero(),
+            proxy_protocol: server.proxy_protocol,
             tls,
             port,
             builder,
+            counts,
+            max_requests: server.max_requests_per_connection,
+            max_premature_resets: server.http2_max_premature_resets,
         }
     }
 }
@@ -186,6 +220,7 @@ async fn accept_loop(
     worker: Worker,
     listener: tokio::net::TcpListener,
     tls: bool,
+    counts: Counts,
     mut shutdown: watch::Receiver<bool>,
     alive: tokio::sync::mpsc::Sender<()>,
 ) {
@@ -201,7 +236,7 @@ async fn accept_loop(
     } else {
         None
     };
-    let settings = Arc::new(ConnSettings::new(&worker.gateway.snapshot().config, tls, port));
+    let settings = Arc::new(ConnSettings::new(&worker.gateway.snapshot().config, tls, port, counts));
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -215,8 +250,15 @@ async fn accept_loop(
             },
             _ = stopped(&mut shutdown) => break,
         };
+        // At the worker's limit a connection is closed at once: answering would cost what
+        // the limit is there to save.
+        let Some(slot) = settings.counts.worker.open() else {
+            worker.gateway.metrics.protected(Protection::ConnectionsPerWorker);
+            drop(stream);
+            continue;
+        };
         let _ = stream.set_nodelay(true);
-        let held = (worker.gateway.metrics.connection_opened(), alive.clone());
+        let held = (worker.gateway.metrics.connection_opened(), alive.clone(), slot);
         tokio::spawn(serve_connection(
             worker.clone(),
             settings.clone(),
@@ -236,7 +278,7 @@ async fn serve_connection(
     mut stream: tokio::net::TcpStream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
-    _held: (ConnectionGuard, tokio::sync::mpsc::Sender<()>),
+    _held: (ConnectionGuard, tokio::sync::mpsc::Sender<()>, limits::WorkerSlot),
 ) {
     let limits = settings.limits;
     let peer = if settings.proxy_protocol {
@@ -251,6 +293,15 @@ async fn serve_connection(
     } else {
         peer
     };
+    // Counted after the PROXY header: behind a load balancer the client is its source.
+    let Some(_ip_slot) = settings.counts.per_ip.open(peer.ip()) else {
+        worker.gateway.metrics.protected(Protection::ConnectionsPerIp);
+        tracing::debug!(%peer, "connection refused: max_connections_per_ip");
+        if settings.tls.is_none() {
+            refuse_connection(stream).await;
+        }
+        return;
+    };
     let Some(tls) = settings.tls.clone() else {
         let conn = ConnInfo::new(peer, settings.port, false);
         return serve_http(worker, settings, stream, conn, shutdown).await;
@@ -258,6 +309,19 @@ async fn serve_connection(
     // Boxed: the handshake and the rustls state would otherwise make every plain
     // connection's task as large as a TLS one (10,000 idle connections: 46 → 98 MiB).
     Box::pin(serve_tls(worker, settings, stream, peer, tls, shutdown)).await;
+}
+
+/// Answers a connection over the per-IP limit with a `429` (plain HTTP only) and closes it
+/// once the client has read it or after a second.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncReadExt;
+    let response = raw_error_response(ErrorKind::TooManyConnections, new_request_id().to_str().unwrap_or(""));
+    stream.write_final(&response);
+    let mut scratch = [0u8; 1024];
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        while matches!(stream.read(&mut scratch).await, Ok(n) if n > 0) {}
+    })
+    .await;
 }
 
 /// A TLS connection: the handshake within `header_read_timeout`, then HTTP over it.
@@ -299,14 +363,30 @@ async fn serve_http<S: Transport>(
     let metrics = worker.gateway.metrics.clone();
     let phase = ConnPhase::new();
     conn.phase = Some(phase.clone());
+    conn.streams = ConnStreams::new(settings.max_premature_resets);
     let conn = Arc::new(conn);
-    let service = service_fn(move |req| {
+    let max_requests = settings.max_requests;
+    let service_conn = conn.clone();
+    let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
         let handler = worker.clone();
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(handler.handle(req, &conn).await) }
+        let conn = service_conn.clone();
+        async move {
+            let stream = conn.streams.start();
+            let http1 = req.version() < http::Version::HTTP_2;
+            let mut response = handler.handle(req, &conn).await;
+            stream.answered();
+            // NGINX's keepalive_requests: the last request of the connection says so.
+            if http1 && max_requests > 0 && conn.streams.started() >= max_requests {
+                response
+                    .headers_mut()
+                    .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                handler.gateway.metrics.protected(Protection::RequestsPerConnection);
+            }
+            Ok::<_, Infallible>(response)
+        }
     });
     let (park, mut parked) = park_slot(settings.parking);
-    let mut io = GuardedStream::new(stream, phase.clone(), limits, park);
+    let mut io = GuardedStream::new(stream, phase.clone(), limits, park, metrics.clone());
     loop {
         // Boxed so that a parked connection does not keep room for hyper's state.
         let mut connection = Box::pin(
@@ -314,14 +394,35 @@ async fn serve_http<S: Transport>(
                 .builder
                 .serve_connection_with_upgrades(TokioIo::new(io), service.clone()),
         );
-        let result = tokio::select! {
-            // The connection first: no random branch order on every wake.
-            biased;
-            result = connection.as_mut() => result,
-            _ = stopped(&mut shutdown) => {
-                // Finish the request in flight (HTTP/2: GOAWAY), then close.
-                connection.as_mut().graceful_shutdown();
-                connection.as_mut().await
+        // HTTP/1 idle time is the guard's; this closes HTTP/2 connections with no stream
+        // open (an h2c preface and nothing more) after `idle_timeout`.
+        let mut idle_check = Box::pin(tokio::time::sleep(limits.idle_timeout));
+        let result = loop {
+            tokio::select! {
+                // The connection first: no random branch order on every wake.
+                biased;
+                result = connection.as_mut() => break result,
+                _ = stopped(&mut shutdown) => {
+                    // Finish the request in flight (HTTP/2: GOAWAY), then close.
+                    connection.as_mut().graceful_shutdown();
+                    break connection.as_mut().await;
+                }
+                _ = conn.streams.abused() => {
+                    // Rapid reset: the connection is dropped without finishing anything.
+                    metrics.protected(Protection::PrematureResets);
+                    tracing::debug!(%peer, "connection closed: streams reset before their response");
+                    return;
+                }
+                _ = idle_check.as_mut() => match conn.streams.idle_for() {
+                    Some(idle) if idle >= limits.idle_timeout => {
+                        metrics.protected(Protection::Http2Idle);
+                        connection.as_mut().graceful_shutdown();
+                        let closing = tokio::time::timeout(Duration::from_secs(5), connection.as_mut()).await;
+                        break closing.unwrap_or(Ok(()));
+                    }
+                    Some(idle) => idle_check.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout - idle),
+                    None => idle_check.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout),
+                },
             }
         };
         if let Err(error) = result {
@@ -340,7 +441,7 @@ async fn serve_http<S: Transport>(
         }
         let (park, next) = park_slot(settings.parking);
         parked = next;
-        io = GuardedStream::resume(stream, phase.clone(), limits, idle_until, park);
+        io = GuardedStream::resume(stream, phase.clone(), limits, idle_until, park, metrics.clone());
     }
 }
 

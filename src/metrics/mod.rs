@@ -27,6 +27,93 @@ pub const USAGE_FLUSH_DURATION: &str = "tollgate_usage_flush_duration_seconds";
 pub const USAGE_FLUSHES_TOTAL: &str = "tollgate_usage_flushes_total";
 pub const USAGE_ROWS_WRITTEN_TOTAL: &str = "tollgate_usage_rows_written_total";
 pub const USAGE_ROWS_ABANDONED_TOTAL: &str = "tollgate_usage_rows_abandoned_total";
+pub const PROTECTIONS_TOTAL: &str = "tollgate_protections_total";
+pub const ANONYMOUS_SUBJECTS: &str = "tollgate_anonymous_subjects";
+pub const ANONYMOUS_EVICTIONS_TOTAL: &str = "tollgate_anonymous_evictions_total";
+
+/// A protective limit that refused a request or closed a connection (docs/security.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protection {
+    /// `server.max_connections_per_ip`.
+    ConnectionsPerIp,
+    /// `server.max_connections` (per worker).
+    ConnectionsPerWorker,
+    /// `server.max_requests_per_connection`: the connection was closed after its last.
+    RequestsPerConnection,
+    /// A malformed request head or body framing (RFC 9112).
+    Malformed,
+    /// `header_read_timeout`.
+    HeaderTimeout,
+    /// `max_header_bytes`.
+    HeaderSize,
+    /// A route's `max_body_bytes`.
+    BodySize,
+    /// `client_body_timeout`.
+    BodyTimeout,
+    /// `send_timeout`: the client stopped reading the response.
+    SendTimeout,
+    /// HTTP/2 streams reset by the client before their response (rapid reset).
+    PrematureResets,
+    /// HTTP/2 connections with no stream for `idle_timeout`.
+    Http2Idle,
+    /// An `Upgrade` not in `server.upgrades`.
+    UpgradeRefused,
+    /// A tunnel (WebSocket) idle for `tunnel_idle_timeout`.
+    TunnelIdle,
+    /// A Referer host longer than `anonymous.max_referer_host`: counted by IP only.
+    RefererTooLong,
+}
+
+impl Protection {
+    pub const ALL: [Protection; 14] = [
+        Protection::ConnectionsPerIp,
+        Protection::ConnectionsPerWorker,
+        Protection::RequestsPerConnection,
+        Protection::Malformed,
+        Protection::HeaderTimeout,
+        Protection::HeaderSize,
+        Protection::BodySize,
+        Protection::BodyTimeout,
+        Protection::SendTimeout,
+        Protection::PrematureResets,
+        Protection::Http2Idle,
+        Protection::UpgradeRefused,
+        Protection::TunnelIdle,
+        Protection::RefererTooLong,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Protection::ConnectionsPerIp => "max_connections_per_ip",
+            Protection::ConnectionsPerWorker => "max_connections",
+            Protection::RequestsPerConnection => "max_requests_per_connection",
+            Protection::Malformed => "malformed_request",
+            Protection::HeaderTimeout => "header_read_timeout",
+            Protection::HeaderSize => "max_header_bytes",
+            Protection::BodySize => "max_body_bytes",
+            Protection::BodyTimeout => "client_body_timeout",
+            Protection::SendTimeout => "send_timeout",
+            Protection::PrematureResets => "http2_premature_resets",
+            Protection::Http2Idle => "http2_idle_timeout",
+            Protection::UpgradeRefused => "upgrade_not_allowed",
+            Protection::TunnelIdle => "tunnel_idle_timeout",
+            Protection::RefererTooLong => "max_referer_host",
+        }
+    }
+
+    /// The protection that answered a request with this error, if any.
+    pub fn of_error(kind: ErrorKind) -> Option<Protection> {
+        match kind {
+            ErrorKind::BadRequest | ErrorKind::NotImplemented => Some(Protection::Malformed),
+            ErrorKind::HeaderTimeout => Some(Protection::HeaderTimeout),
+            ErrorKind::HeadersTooLarge => Some(Protection::HeaderSize),
+            ErrorKind::PayloadTooLarge => Some(Protection::BodySize),
+            ErrorKind::BodyTimeout => Some(Protection::BodyTimeout),
+            ErrorKind::TooManyConnections => Some(Protection::ConnectionsPerIp),
+            _ => None,
+        }
+    }
+}
 
 /// Upper bounds of the latency histogram, in seconds.
 const LATENCY_BUCKETS: [f64; 14] = [
@@ -165,6 +252,9 @@ pub struct Metrics {
     reloads_failed: AtomicU64,
     plans: Mutex<BTreeMap<String, Arc<PlanDecisions>>>,
     pub usage: UsageMetrics,
+    protections: [AtomicU64; Protection::ALL.len()],
+    anonymous_subjects: AtomicI64,
+    anonymous_evictions: AtomicU64,
 }
 
 /// The usage flusher's health: how many counters are held and how writes go.
@@ -250,6 +340,20 @@ impl Metrics {
     pub fn connection_parked(self: &Arc<Self>) -> ParkedGuard {
         self.parked_connections.fetch_add(1, Ordering::Relaxed);
         ParkedGuard(self.clone())
+    }
+
+    pub fn protected(&self, protection: Protection) {
+        self.protections[protection as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn protections(&self, protection: Protection) -> u64 {
+        self.protections[protection as usize].load(Ordering::Relaxed)
+    }
+
+    /// The anonymous tier's table: subjects held in memory, and how many were evicted.
+    pub fn anonymous_table(&self, held: usize, evicted: u64) {
+        self.anonymous_subjects.store(held as i64, Ordering::Relaxed);
+        self.anonymous_evictions.fetch_add(evicted, Ordering::Relaxed);
     }
 
     pub fn open_connections(&self) -> i64 {
@@ -368,6 +472,42 @@ impl Metrics {
             out,
             "{CONNECTIONS_TOTAL} {}",
             self.connections_total.load(Ordering::Relaxed)
+        );
+        describe(
+            out,
+            PROTECTIONS_TOTAL,
+            "counter",
+            "Requests refused and connections closed by a protective limit, by limit.",
+        );
+        for protection in Protection::ALL {
+            let _ = writeln!(
+                out,
+                "{PROTECTIONS_TOTAL}{{limit=\"{}\"}} {}",
+                protection.label(),
+                self.protections(protection)
+            );
+        }
+        describe(
+            out,
+            ANONYMOUS_SUBJECTS,
+            "gauge",
+            "Anonymous-tier subjects (client IPs, Referer hosts) held in memory.",
+        );
+        let _ = writeln!(
+            out,
+            "{ANONYMOUS_SUBJECTS} {}",
+            self.anonymous_subjects.load(Ordering::Relaxed)
+        );
+        describe(
+            out,
+            ANONYMOUS_EVICTIONS_TOTAL,
+            "counter",
+            "Anonymous-tier subjects evicted from memory (their counts stay in the store).",
+        );
+        let _ = writeln!(
+            out,
+            "{ANONYMOUS_EVICTIONS_TOTAL} {}",
+            self.anonymous_evictions.load(Ordering::Relaxed)
         );
         describe(
             out,

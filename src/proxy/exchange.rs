@@ -2,16 +2,21 @@
 //! pool's timeouts, and a failed try goes to another endpoint when it may (retry budget,
 //! idempotent or unwritten requests); a protocol switch becomes a byte tunnel.
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
 use super::{ProxyBody, RequestCtx, Worker, forward};
-use crate::base::{ErrorKind, ProxyError};
+use crate::base::{ErrorKind, ErrorSource, ProxyError};
 use crate::config::HashKey;
 use crate::gateway::{Route, Snapshot, UpstreamPool};
-use crate::upstream::client::{PooledConn, RequestBody, SendError};
+use crate::upstream::client::{ClientBody, PooledConn, RequestBody, SendError};
 use crate::upstream::{InflightGuard, Selected, Target, Tried};
 
 /// The endpoint chosen for one try.
@@ -75,7 +80,8 @@ impl Worker {
             && hyper::body::Body::is_end_stream(req.body())
             && pool.idempotent(req.method());
         let head = repeatable.then(|| copy_head(&req));
-        let mut req = req.map(RequestBody::Client);
+        let body_timeout = snapshot.config.server.client_body_timeout;
+        let mut req = req.map(|body| RequestBody::Client(ClientBody::new(body, route.max_body_bytes, body_timeout)));
         let total_deadline = pool.timeouts.total.map(|t| ctx.start + t);
         let mut attempt = 0;
         let client = &upstream.clients[self.id % upstream.clients.len()];
@@ -97,6 +103,10 @@ impl Worker {
             };
             let Some((mut request, next)) = retry else {
                 let (response, pooled) = outcome.answer?;
+                let tunnel_idle = TunnelIdle {
+                    after: snapshot.config.server.tunnel_idle_timeout,
+                    metrics: self.gateway.metrics.clone(),
+                };
                 return Ok(respond(
                     response,
                     pooled,
@@ -104,6 +114,7 @@ impl Worker {
                     client_upgrade,
                     pool.timeouts.read,
                     total_deadline,
+                    tunnel_idle,
                 ));
             };
             match &outcome.answer {
@@ -145,6 +156,12 @@ fn judge(
                 again: retry_status.then(|| head.map(copy_head)).flatten(),
             }
         }
+        // The client's body broke the exchange (too large, stalled, malformed): not the
+        // endpoint's fault, and not to be sent again.
+        Ok(Err(SendError { error, .. })) if error.kind.source() == ErrorSource::Client => Try {
+            answer: Err(error),
+            again: None,
+        },
         Ok(Err(SendError { error, unsent })) => {
             pool.record(peer.guard.endpoint(), peer.probe, false);
             Try {
@@ -207,12 +224,13 @@ fn respond(
     client_upgrade: Option<OnUpgrade>,
     idle: std::time::Duration,
     total_deadline: Option<Instant>,
+    tunnel_idle: TunnelIdle,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, peer.guard));
+        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, peer.guard, tunnel_idle));
         return response.map(|_| ProxyBody::empty());
     }
     response.map(|body| ProxyBody::upstream(body, idle, total_deadline, peer.guard, pooled))
@@ -228,8 +246,15 @@ fn copy_head<B>(original: &Request<B>) -> Request<RequestBody> {
     copy
 }
 
-/// Copies bytes both ways between an upgraded client connection and the upstream one.
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, _inflight: InflightGuard) {
+/// When an idle tunnel is closed, and where that is counted.
+struct TunnelIdle {
+    after: std::time::Duration,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+}
+
+/// Copies bytes both ways between an upgraded client connection and the upstream one,
+/// until either side closes or no byte has moved for `server.tunnel_idle_timeout`.
+async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, _inflight: InflightGuard, idle: TunnelIdle) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(error) => {
@@ -237,9 +262,78 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, _inflight: InflightGuard
             return;
         }
     };
-    let mut client = hyper_util::rt::TokioIo::new(client);
-    let mut upstream = hyper_util::rt::TokioIo::new(upstream);
-    if let Err(error) = tokio::io::copy_bidirectional(&mut client, &mut upstream).await {
-        tracing::debug!(%error, "upgraded connection closed with error");
+    let start = Instant::now();
+    let last = AtomicU64::new(0);
+    let mut client = Watched::new(hyper_util::rt::TokioIo::new(client), start, &last);
+    let mut upstream = Watched::new(hyper_util::rt::TokioIo::new(upstream), start, &last);
+    let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
+    tokio::pin!(copy);
+    loop {
+        let idle_until = start + std::time::Duration::from_millis(last.load(Ordering::Relaxed)) + idle.after;
+        tokio::select! {
+            result = &mut copy => {
+                if let Err(error) = result {
+                    tracing::debug!(%error, "upgraded connection closed with error");
+                }
+                return;
+            }
+            _ = tokio::time::sleep_until(idle_until) => {
+                let moved = start + std::time::Duration::from_millis(last.load(Ordering::Relaxed));
+                if Instant::now() >= moved + idle.after {
+                    idle.metrics.protected(crate::metrics::Protection::TunnelIdle);
+                    tracing::debug!("tunnel closed: idle");
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// One side of a tunnel, noting when bytes last moved through it.
+struct Watched<'a, T> {
+    io: T,
+    start: Instant,
+    last: &'a AtomicU64,
+}
+
+impl<'a, T> Watched<'a, T> {
+    fn new(io: T, start: Instant, last: &'a AtomicU64) -> Self {
+        Watched { io, start, last }
+    }
+
+    fn moved(&self) {
+        self.last
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Watched<'_, T> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let result = Pin::new(&mut this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.moved();
+        }
+        result
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Watched<'_, T> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let result = Pin::new(&mut this.io).poll_write(cx, buf);
+        if matches!(result, Poll::Ready(Ok(n)) if n > 0) {
+            this.moved();
+        }
+        result
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }

@@ -6,6 +6,7 @@ use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 
 use super::{Caller, KeySource, ProxyBody, RequestCtx, headers};
+use crate::auth::KEY_PREFIX;
 use crate::base::{ErrorKind, ProxyError};
 use crate::config::UpstreamProtocol;
 use crate::gateway::Route;
@@ -23,7 +24,8 @@ pub(super) fn upstream_request_filter<B>(
 ) -> Result<(), ProxyError> {
     let pool = &route.upstream.pool;
     let strip = route.strip_prefix.then_some(route.path.as_str());
-    let key_in_query = ctx.caller.credentials() == Some(KeySource::Query);
+    // Stripped on every route, keyed or not: a caller's secret never reaches an upstream.
+    let key_in_query = req.uri().query().is_some_and(has_api_key);
     // Origin-form; the HTTP/2 client adds scheme and authority itself.
     *req.uri_mut() = Uri::from(upstream_target(req.uri(), ctx.path.as_deref(), strip, key_in_query)?);
     *req.version_mut() = match pool.protocol {
@@ -95,11 +97,16 @@ fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx<'_>, host: &Head
     headers.insert(&headers::X_FORWARDED_PROTO, conn.proto.clone());
     headers.insert(&headers::X_FORWARDED_PORT, conn.port.clone());
     headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
-    // The caller's credentials never reach the upstream; who they are does.
-    match ctx.caller.credentials() {
-        Some(KeySource::Header) => drop(headers.remove(&headers::X_API_KEY)),
-        Some(KeySource::Bearer) => drop(headers.remove(header::AUTHORIZATION)),
-        Some(KeySource::Query) | None => {}
+    // The caller's credentials never reach the upstream, on any route; who they are does.
+    // A bearer that is not ours (on a public route) is the upstream's business.
+    headers.remove(&headers::X_API_KEY);
+    let our_bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|token| token.trim().starts_with(KEY_PREFIX));
+    if our_bearer || ctx.caller.credentials() == Some(KeySource::Bearer) {
+        headers.remove(header::AUTHORIZATION);
     }
     headers.remove(&headers::X_CONSUMER_ID);
     headers.remove(&headers::X_PLAN);
@@ -119,6 +126,14 @@ fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx<'_>, host: &Head
             headers.insert(&headers::X_PLAN, value);
         }
     }
+}
+
+/// The query has an `api-key`/`api_key` parameter.
+fn has_api_key(query: &str) -> bool {
+    query.split('&').any(|pair| {
+        let name = pair.split_once('=').map_or(pair, |(n, _)| n);
+        name == "api-key" || name == "api_key"
+    })
 }
 
 /// The query string without `api-key`/`api_key` parameters.
@@ -230,6 +245,27 @@ mod tests {
         forwarding_headers(&mut headers, &ctx(jwt), &host, &HeaderValue::from_static("anon"));
         assert!(!headers.contains_key("authorization"));
         assert_eq!(headers["x-plan"], "default");
+
+        // A public route: a key sent anyway is removed; the upstream's own bearer is kept.
+        let mut headers = HeaderMap::new();
+        headers.insert("x-api-key", HeaderValue::from_static("tg_live_secret"));
+        headers.insert("authorization", HeaderValue::from_static("Bearer tg_live_secret"));
+        forwarding_headers(
+            &mut headers,
+            &ctx(Caller::Public),
+            &host,
+            &HeaderValue::from_static("anon"),
+        );
+        assert!(!headers.contains_key("x-api-key") && !headers.contains_key("authorization"));
+        let mut headers = HeaderMap::new();
+        headers.insert("authorization", HeaderValue::from_static("Bearer upstream-token"));
+        forwarding_headers(
+            &mut headers,
+            &ctx(Caller::Public),
+            &host,
+            &HeaderValue::from_static("anon"),
+        );
+        assert_eq!(headers["authorization"], "Bearer upstream-token");
 
         let mut headers = HeaderMap::new();
         headers.insert("x-plan", HeaderValue::from_static("spoofed"));

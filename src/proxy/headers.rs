@@ -86,6 +86,18 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
+/// Every protocol the `Upgrade` header asks for is in `allowed` (`server.upgrades`;
+/// names compared without case, versions ignored: `websocket`, `h2c`).
+pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .map(|p| p.split(|b| *b == b'/').next().unwrap_or_default().trim_ascii())
+        .filter(|p| !p.is_empty())
+        .all(|protocol| allowed.iter().any(|a| a.as_bytes().eq_ignore_ascii_case(protocol)))
+}
+
 /// Removes hop-by-hop headers, including those named by `Connection`. When `keep_upgrade`
 /// is set, `Connection: upgrade` and `Upgrade` survive so the switch can be forwarded.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
@@ -194,6 +206,21 @@ mod tests {
         remove_hop_by_hop(&mut headers, true);
         assert_eq!(headers[header::UPGRADE], "websocket");
         assert_eq!(headers[header::CONNECTION], "upgrade");
+    }
+
+    #[test]
+    fn only_allowed_upgrades_are_tunnelled() {
+        let allowed = vec!["websocket".to_string()];
+        let upgrade = |value: &'static str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::UPGRADE, HeaderValue::from_static(value));
+            upgrade_allowed(&headers, &allowed)
+        };
+        assert!(upgrade("websocket"));
+        assert!(upgrade("WebSocket"));
+        assert!(!upgrade("h2c"));
+        assert!(!upgrade("websocket, h2c"));
+        assert!(!upgrade("TLS/1.2"));
     }
 
     #[test]

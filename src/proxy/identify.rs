@@ -9,6 +9,7 @@ use crate::auth::{self, AuthError, Identity, KEY_PREFIX};
 use crate::base::{ErrorKind, ProxyError};
 use crate::config::AnonymousBy;
 use crate::gateway::{DEFAULT_PLAN, Route, Snapshot};
+use crate::metrics::Protection;
 use crate::router;
 
 /// Where the caller's API key was found, so it can be removed before proxying.
@@ -72,12 +73,22 @@ impl Worker {
             .map_err(|e| ProxyError::with_cause(ErrorKind::BadRequest, format!("request path refused: {e:?}")))?;
         let host = ctx.host.as_ref().and_then(|h| h.to_str().ok());
         let path = ctx.path.as_deref().unwrap_or(head.uri.path());
-        let index = snapshot
-            .router
-            .find(host, head.method.as_str(), path)
-            .ok_or_else(|| ProxyError::new(ErrorKind::RouteNotFound))?;
+        let index = match snapshot.router.find(host, head.method.as_str(), path) {
+            Some(router::Found::Route(index)) => index,
+            Some(router::Found::MethodNotAllowed(allow)) => {
+                ctx.allow = HeaderValue::try_from(allow).ok();
+                return Err(ProxyError::new(ErrorKind::MethodNotAllowed));
+            }
+            None => return Err(ProxyError::new(ErrorKind::RouteNotFound)),
+        };
         ctx.route = Some(index);
         ctx.upgrade = head.version == Version::HTTP_11 && headers::is_upgrade_request(head.headers);
+        if ctx.upgrade && !headers::upgrade_allowed(head.headers, &snapshot.config.server.upgrades) {
+            // Not tunnelled: `Upgrade` goes with the other hop-by-hop headers and the
+            // request is proxied as an ordinary one (RFC 9110 §7.8 lets a server ignore it).
+            ctx.upgrade = false;
+            self.gateway.metrics.protected(Protection::UpgradeRefused);
+        }
         let route = snapshot
             .routes
             .get(index)
@@ -91,6 +102,11 @@ impl Worker {
             ctx.caller_ip = auth::client_ip(ctx.client_addr.ip(), forwarded, trusted);
         }
         ctx.caller = self.identify(snapshot, route, head)?;
+        // A declared length over the route's limit is refused before anything is charged;
+        // a body that grows past it is cut off in the exchange.
+        if content_length(head.headers).is_some_and(|length| length > route.max_body_bytes) {
+            return Err(ProxyError::new(ErrorKind::PayloadTooLarge));
+        }
         self.limit_filter(snapshot, route, ctx)?;
         Ok(route)
     }
@@ -116,10 +132,18 @@ impl Worker {
                     })
             }
             Credentials::None if route.anonymous => {
-                let by_referer = snapshot.config.anonymous.by.contains(&AnonymousBy::Referer);
-                Ok(Caller::Anonymous {
-                    referer_host: by_referer.then(|| referer_host(head.headers)).flatten(),
-                })
+                let anonymous = &snapshot.config.anonymous;
+                let by_referer = anonymous.by.contains(&AnonymousBy::Referer);
+                let mut referer_host = by_referer.then(|| referer_host(head.headers)).flatten();
+                // Random long hosts would each cost a counter; the IP still counts.
+                if referer_host
+                    .as_ref()
+                    .is_some_and(|host| host.len() > anonymous.max_referer_host)
+                {
+                    referer_host = None;
+                    self.gateway.metrics.protected(Protection::RefererTooLong);
+                }
+                Ok(Caller::Anonymous { referer_host })
             }
             Credentials::None if route.api_key || route.jwt => Err(ProxyError::new(ErrorKind::MissingCredentials)),
             Credentials::None => Ok(Caller::Public),
@@ -127,14 +151,13 @@ impl Worker {
     }
 }
 
-/// The `Host` the client asked for: the header, or the authority of an HTTP/2 request.
+/// The host the client asked for: the request target's authority when it has one (an
+/// absolute-form HTTP/1.1 target, where RFC 9112 §3.2.2 says `Host` is ignored, or
+/// HTTP/2's `:authority`), else the `Host` header.
 pub(super) fn request_host(head: Head<'_>) -> Option<HeaderValue> {
-    match head.headers.get(header::HOST) {
-        Some(host) => Some(host.clone()),
-        None => head
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok()),
+    match head.uri.authority() {
+        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+        None => head.headers.get(header::HOST).cloned(),
     }
 }
 
@@ -172,6 +195,13 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }
 
 fn referer_host(headers: &HeaderMap) -> Option<String> {
@@ -269,6 +299,15 @@ mod tests {
             "h2.example:8443"
         );
         assert_eq!(request_host(Head::of(&request("/", &[]))), None);
+        // Absolute form: the target's authority wins over a different Host.
+        assert_eq!(
+            request_host(Head::of(&request(
+                "http://keyed.example/v1",
+                &[("host", "public.example")]
+            )))
+            .unwrap(),
+            "keyed.example"
+        );
     }
 
     #[test]

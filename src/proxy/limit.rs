@@ -1,5 +1,7 @@
 //! `limit_filter`: the caller's plan decided and counted in memory, with no I/O.
 
+use std::net::{IpAddr, Ipv6Addr};
+
 use super::{Caller, RequestCtx, Worker};
 use crate::base::{ErrorKind, ProxyError};
 use crate::gateway::{Route, Snapshot};
@@ -29,7 +31,9 @@ impl Worker {
                 }),
             ),
             Caller::Anonymous { referer_host } => {
-                let ip = snapshot.anonymous_by_ip.then_some(SubjectRef::Ip(ctx.caller_ip));
+                let ip = snapshot
+                    .anonymous_by_ip
+                    .then(|| SubjectRef::Ip(client_network(ctx.caller_ip, snapshot.config.anonymous.ipv6_prefix)));
                 let referer = referer_host.as_deref().map(SubjectRef::Referer);
                 let charges = match anonymous_charges(ip, referer) {
                     Some(charges) => charges,
@@ -40,6 +44,8 @@ impl Worker {
             }
             Caller::Public => return Ok(()),
         };
+        // An undefined plan is a configuration mistake: refused, never unlimited.
+        let plan = plan.ok_or_else(|| ProxyError::new(ErrorKind::PlanNotFound))?;
         let group = plan.group(route.group.as_deref());
         let outcome = usage.table.admit(&charges, plan, group, usage.clock.now());
         plan.decisions.record(outcome.as_ref().map(|_| ()).map_err(|r| r.kind));
@@ -57,6 +63,18 @@ impl Worker {
                 }))
             }
         }
+    }
+}
+
+/// The address an anonymous IPv6 caller is counted by: its network of `prefix` bits
+/// (one subscriber usually holds a whole /64 and can rotate through it at will).
+fn client_network(ip: IpAddr, prefix: u8) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) if prefix < 128 => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6(Ipv6Addr::from(u128::from(v6) & mask))
+        }
+        ip => ip,
     }
 }
 
@@ -78,6 +96,18 @@ fn anonymous_charges<'a>(ip: Option<SubjectRef<'a>>, referer: Option<SubjectRef<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ipv6_callers_are_counted_by_network() {
+        let a: IpAddr = "2001:db8:1:2:aaaa::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:bbbb::9".parse().unwrap();
+        assert_eq!(client_network(a, 64), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_eq!(client_network(a, 64), client_network(b, 64));
+        assert_ne!(client_network(a, 128), client_network(b, 128));
+        assert_eq!(client_network(a, 0), "::".parse::<IpAddr>().unwrap());
+        let v4: IpAddr = "192.0.2.1".parse().unwrap();
+        assert_eq!(client_network(v4, 64), v4);
+    }
 
     #[test]
     fn anonymous_callers_are_charged_to_what_is_known_of_them() {

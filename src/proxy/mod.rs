@@ -30,7 +30,7 @@ pub use body::ProxyBody;
 pub use identify::{Caller, KeySource};
 
 use crate::auth::Identity;
-use crate::base::{ConnPhase, ErrorKind, ErrorSource, ProxyError};
+use crate::base::{ConnPhase, ConnStreams, ErrorKind, ErrorSource, ProxyError};
 use crate::gateway::{Gateway, Snapshot};
 use crate::limits::LimitStatus;
 
@@ -71,6 +71,8 @@ pub struct ConnInfo {
     /// The verified client certificate's identity (mTLS), sent upstream as
     /// `X-Client-Cert-Subject`; the hook for certificate-based auth.
     pub client_identity: Option<HeaderValue>,
+    /// Its requests, for the per-connection limits (set by the listener).
+    pub streams: ConnStreams,
 }
 
 impl ConnInfo {
@@ -83,6 +85,7 @@ impl ConnInfo {
             proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
             port: HeaderValue::from(port),
             client_identity: None,
+            streams: ConnStreams::new(0),
         }
     }
 }
@@ -115,6 +118,8 @@ pub struct RequestCtx<'c> {
     pub limit: Option<LimitStatus>,
     /// Seconds, on a 429.
     pub retry_after: Option<u64>,
+    /// The methods the best-matching route takes, on a 405.
+    pub allow: Option<HeaderValue>,
 }
 
 impl<'c> RequestCtx<'c> {
@@ -135,6 +140,7 @@ impl<'c> RequestCtx<'c> {
             caller_ip: conn.peer.ip(),
             limit: None,
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -217,6 +223,13 @@ impl Worker {
                     self.gateway.usage.clock.now(),
                     &ctx.request_id,
                 )
+            }
+            (ErrorKind::MethodNotAllowed, _, _) => {
+                let mut response = error::error_response(error.kind, &ctx.request_id);
+                if let Some(allow) = ctx.allow.take() {
+                    response.headers_mut().insert(http::header::ALLOW, allow);
+                }
+                response
             }
             _ => error::error_response(error.kind, &ctx.request_id),
         }

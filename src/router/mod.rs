@@ -49,15 +49,22 @@ impl PathTable {
         self.by_prefix.entry(prefix.into()).or_default().push(candidate);
     }
 
-    fn find(&self, method: &str, path: &str) -> Option<usize> {
+    /// The route of the longest prefix that has routes; if none of that prefix's routes
+    /// takes `method`, the request is refused with the methods they do take — it never falls
+    /// through to a shorter prefix, whose route may have weaker auth.
+    fn find(&self, method: &str, path: &str) -> Option<Found> {
         let mut candidate = normalize_prefix(path);
         loop {
-            if let Some(routes) = self.by_prefix.get(candidate)
-                && let Some(route) = routes
-                    .iter()
-                    .find(|r| r.methods.is_empty() || r.methods.iter().any(|m| &**m == method))
-            {
-                return Some(route.index);
+            if let Some(routes) = self.by_prefix.get(candidate) {
+                return Some(
+                    match routes
+                        .iter()
+                        .find(|r| r.methods.is_empty() || r.methods.iter().any(|m| &**m == method))
+                    {
+                        Some(route) => Found::Route(route.index),
+                        None => Found::MethodNotAllowed(allowed_methods(routes)),
+                    },
+                );
             }
             if candidate == "/" {
                 return None;
@@ -68,6 +75,23 @@ impl PathTable {
             };
         }
     }
+}
+
+/// What the router found for a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Found {
+    /// The index of the route in configuration order.
+    Route(usize),
+    /// The best-matching path has routes, none for this method: `405` with `Allow` (the
+    /// methods those routes take, comma-separated).
+    MethodNotAllowed(String),
+}
+
+fn allowed_methods(routes: &[Candidate]) -> String {
+    let mut methods: Vec<&str> = routes.iter().flat_map(|r| r.methods.iter().map(|m| &**m)).collect();
+    methods.sort_unstable();
+    methods.dedup();
+    methods.join(", ")
 }
 
 /// Routes compiled for lookup; `find` returns the index of the route in configuration order.
@@ -108,7 +132,7 @@ impl Router {
     }
 
     /// Finds the route for a request. `host` may carry a port and any letter case.
-    pub fn find(&self, host: Option<&str>, method: &str, path: &str) -> Option<usize> {
+    pub fn find(&self, host: Option<&str>, method: &str, path: &str) -> Option<Found> {
         if let Some(host) = host.map(strip_port).filter(|h| !h.is_empty())
             && !(self.exact.is_empty() && self.wildcard.is_empty())
         {
@@ -180,12 +204,12 @@ mod tests {
             spec(&[], "/v1", &[]),
             spec(&[], "/v1/lookup/", &[]),
         ]);
-        assert_eq!(router.find(None, "GET", "/v1/lookup/1.2.3.4"), Some(2));
-        assert_eq!(router.find(None, "GET", "/v1/lookup"), Some(2));
-        assert_eq!(router.find(None, "GET", "/v1/lookupx"), Some(1));
-        assert_eq!(router.find(None, "GET", "/v1"), Some(1));
-        assert_eq!(router.find(None, "GET", "/v2"), Some(0));
-        assert_eq!(router.find(None, "GET", "/"), Some(0));
+        assert_eq!(router.find(None, "GET", "/v1/lookup/1.2.3.4"), Some(Found::Route(2)));
+        assert_eq!(router.find(None, "GET", "/v1/lookup"), Some(Found::Route(2)));
+        assert_eq!(router.find(None, "GET", "/v1/lookupx"), Some(Found::Route(1)));
+        assert_eq!(router.find(None, "GET", "/v1"), Some(Found::Route(1)));
+        assert_eq!(router.find(None, "GET", "/v2"), Some(Found::Route(0)));
+        assert_eq!(router.find(None, "GET", "/"), Some(Found::Route(0)));
     }
 
     #[test]
@@ -203,34 +227,55 @@ mod tests {
             spec(&[], "/", &[]),
             spec(&["*.eu.example.com"], "/", &[]),
         ]);
-        assert_eq!(router.find(Some("api.example.com"), "GET", "/x"), Some(0));
-        assert_eq!(router.find(Some("API.Example.com:8080"), "GET", "/x"), Some(0));
-        assert_eq!(router.find(Some("www.example.com"), "GET", "/x"), Some(1));
-        assert_eq!(router.find(Some("a.b.example.com"), "GET", "/x"), Some(1));
-        assert_eq!(router.find(Some("a.eu.example.com"), "GET", "/x"), Some(3));
-        assert_eq!(router.find(Some("example.com"), "GET", "/x"), Some(2));
-        assert_eq!(router.find(Some("other.org"), "GET", "/x"), Some(2));
-        assert_eq!(router.find(None, "GET", "/x"), Some(2));
+        assert_eq!(router.find(Some("api.example.com"), "GET", "/x"), Some(Found::Route(0)));
+        assert_eq!(
+            router.find(Some("API.Example.com:8080"), "GET", "/x"),
+            Some(Found::Route(0))
+        );
+        assert_eq!(router.find(Some("www.example.com"), "GET", "/x"), Some(Found::Route(1)));
+        assert_eq!(router.find(Some("a.b.example.com"), "GET", "/x"), Some(Found::Route(1)));
+        assert_eq!(
+            router.find(Some("a.eu.example.com"), "GET", "/x"),
+            Some(Found::Route(3))
+        );
+        assert_eq!(router.find(Some("example.com"), "GET", "/x"), Some(Found::Route(2)));
+        assert_eq!(router.find(Some("other.org"), "GET", "/x"), Some(Found::Route(2)));
+        assert_eq!(router.find(None, "GET", "/x"), Some(Found::Route(2)));
     }
 
     #[test]
     fn host_route_falls_back_to_shorter_any_host_route() {
         let router = Router::new(&[spec(&["api.example.com"], "/admin", &[]), spec(&[], "/", &[])]);
-        assert_eq!(router.find(Some("api.example.com"), "GET", "/admin/x"), Some(0));
-        assert_eq!(router.find(Some("api.example.com"), "GET", "/public"), Some(1));
+        assert_eq!(
+            router.find(Some("api.example.com"), "GET", "/admin/x"),
+            Some(Found::Route(0))
+        );
+        assert_eq!(
+            router.find(Some("api.example.com"), "GET", "/public"),
+            Some(Found::Route(1))
+        );
     }
 
     #[test]
-    fn methods_filter_and_fall_through() {
+    fn methods_filter_and_never_fall_through() {
         let router = Router::new(&[
             spec(&[], "/items", &["POST"]),
             spec(&[], "/items", &["GET", "HEAD"]),
             spec(&[], "/", &["GET"]),
         ]);
-        assert_eq!(router.find(None, "POST", "/items"), Some(0));
-        assert_eq!(router.find(None, "HEAD", "/items/3"), Some(1));
-        assert_eq!(router.find(None, "DELETE", "/items"), None);
-        assert_eq!(router.find(None, "GET", "/other"), Some(2));
+        assert_eq!(router.find(None, "POST", "/items"), Some(Found::Route(0)));
+        assert_eq!(router.find(None, "HEAD", "/items/3"), Some(Found::Route(1)));
+        // The best-matching prefix has routes, none for DELETE: refused with what they
+        // take, not handed to the shorter `/` route.
+        assert_eq!(
+            router.find(None, "DELETE", "/items"),
+            Some(Found::MethodNotAllowed("GET, HEAD, POST".into()))
+        );
+        assert_eq!(
+            router.find(None, "POST", "/other"),
+            Some(Found::MethodNotAllowed("GET".into()))
+        );
+        assert_eq!(router.find(None, "GET", "/other"), Some(Found::Route(2)));
     }
 
     #[test]

@@ -28,15 +28,110 @@ use rustls::pki_types::ServerName;
 /// The body of a request sent upstream: the client's, streamed, or none (a retry of a
 /// request that had no body is rebuilt from its head).
 pub enum RequestBody {
-    Client(Incoming),
+    Client(ClientBody),
     Empty,
+}
+
+/// The client's request body under the route's size limit and the body read timeout; a
+/// breach ends it with a [`ClientBodyError`], which the send's error carries back so the
+/// client is answered `413`/`408`/`400`, not a `502` (docs/security.md).
+pub struct ClientBody {
+    inner: Incoming,
+    /// Bytes still allowed.
+    allowed: u64,
+    timeout: Duration,
+    timer: Option<crate::base::Deadline>,
+}
+
+impl ClientBody {
+    pub fn new(inner: Incoming, max_bytes: u64, timeout: Duration) -> ClientBody {
+        ClientBody {
+            inner,
+            allowed: max_bytes,
+            timeout,
+            timer: None,
+        }
+    }
+}
+
+/// Why a client's request body was cut short: the client's fault, not the upstream's.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("request body larger than allowed")]
+    TooLarge,
+    #[error("request body stalled")]
+    Timeout,
+    #[error("request body malformed or cut short: {0}")]
+    Broken(hyper::Error),
+}
+
+impl ClientBodyError {
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            ClientBodyError::TooLarge => ErrorKind::PayloadTooLarge,
+            ClientBodyError::Timeout => ErrorKind::BodyTimeout,
+            ClientBodyError::Broken(_) => ErrorKind::BadRequest,
+        }
+    }
+
+    /// The client-body fault somewhere in an error's chain of sources.
+    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a ClientBodyError> {
+        let mut current = Some(error);
+        while let Some(error) = current {
+            if let Some(found) = error.downcast_ref::<ClientBodyError>() {
+                return Some(found);
+            }
+            current = error.source();
+        }
+        None
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Pending => {
+                let at = Instant::now() + this.timeout;
+                let timer = this.timer.get_or_insert_with(|| crate::base::Deadline::new(at));
+                match timer.poll_expired(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(ClientBodyError::Timeout))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                this.timer = None;
+                let size = frame.data_ref().map_or(0, |d| d.len() as u64);
+                match this.allowed.checked_sub(size) {
+                    Some(left) => {
+                        this.allowed = left;
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    None => Poll::Ready(Some(Err(ClientBodyError::TooLarge))),
+                }
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(ClientBodyError::Broken(error)))),
+            Poll::Ready(None) => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = ClientBodyError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         match self.get_mut() {
             RequestBody::Client(body) => Pin::new(body).poll_frame(cx),
             RequestBody::Empty => Poll::Ready(None),
@@ -290,8 +385,11 @@ impl UpstreamClient {
                         // Never written: the idle connection was closed under us; use another.
                         Some(unsent) if reused => req = unsent,
                         unsent => {
+                            let error = error.into_error();
+                            let kind = ClientBodyError::find(&error)
+                                .map_or(ErrorKind::UpstreamProtocol, ClientBodyError::kind);
                             return Err(SendError {
-                                error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error.into_error()),
+                                error: ProxyError::with_cause(kind, error),
                                 unsent,
                             });
                         }
@@ -316,6 +414,9 @@ fn set_absolute_uri(
 }
 
 fn classify_legacy_error(error: hyper_util::client::legacy::Error) -> ProxyError {
+    if let Some(fault) = ClientBodyError::find(&error) {
+        return ProxyError::with_cause(fault.kind(), error);
+    }
     let mut timed_out = false;
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(&error);
     while let Some(inner) = source {

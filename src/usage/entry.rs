@@ -95,6 +95,9 @@ pub(super) struct Entry {
     pub(super) tat: u64,
     /// Listed in the shard's `dirty` and not yet collected by the flusher.
     pub(super) queued: bool,
+    /// Seconds since the Unix epoch of the last admitted request (least recently used
+    /// anonymous entries are evicted first).
+    pub(super) last_used: u32,
     pub(super) extra: Option<Box<Extra>>,
 }
 
@@ -106,6 +109,7 @@ impl Entry {
             day_total: Slot::default(),
             tat: 0,
             queued: false,
+            last_used: now.secs() as u32,
             extra: None,
         }
     }
@@ -197,13 +201,11 @@ impl Entry {
 
 pub(super) type Map = hashbrown::HashMap<Subject, Entry, FxBuildHasher>;
 
-/// The subject's entry, created (and its name allocated) only when it is new.
-pub(super) fn entry_of<'m>(map: &'m mut Map, subject: &SubjectRef<'_>, now: Now) -> &'m mut Entry {
+/// The subject's entry; `fresh` is stored (and the name allocated) only when it is new.
+pub(super) fn entry_of<'m>(map: &'m mut Map, subject: &SubjectRef<'_>, fresh: Entry) -> &'m mut Entry {
     match map.entry_ref(subject) {
         hashbrown::hash_map::EntryRef::Occupied(entry) => entry.into_mut(),
-        hashbrown::hash_map::EntryRef::Vacant(vacant) => {
-            vacant.insert_with_key(Subject::from(subject), Entry::new(now))
-        }
+        hashbrown::hash_map::EntryRef::Vacant(vacant) => vacant.insert_with_key(Subject::from(subject), fresh),
     }
 }
 
@@ -212,6 +214,101 @@ pub(super) struct Shard {
     pub(super) map: Map,
     pub(super) dirty: Vec<Subject>,
     pub(super) retired: Vec<UsageRow>,
+    /// Anonymous subjects in `map`.
+    pub(super) anonymous: usize,
+    /// What evicted anonymous subjects had counted today (allocated at the first eviction).
+    pub(super) evicted: Option<Box<Sketch>>,
+}
+
+const SKETCH_ROWS: usize = 4;
+const SKETCH_WIDTH: usize = 1024;
+
+/// The counts of evicted subjects in a fixed space: each is noted in one cell per row
+/// (cells keep the largest count noted), and read back as the smallest of its cells, so a
+/// returning subject never resumes below what it had counted (a count-min sketch with
+/// max in place of sum; 48 KiB per shard). Collisions can only raise a subject's count.
+pub struct Sketch {
+    day: u32,
+    month: u32,
+    /// This node's day count, the day count of all nodes, the month count of all nodes.
+    cells: Box<[[u32; 3]]>,
+}
+
+impl Sketch {
+    pub(super) fn new(now: Now) -> Sketch {
+        Sketch {
+            day: now.day(),
+            month: now.month(),
+            cells: vec![[0; 3]; SKETCH_ROWS * SKETCH_WIDTH].into_boxed_slice(),
+        }
+    }
+
+    /// A new day forgets day counts; a new month everything.
+    pub(super) fn roll(&mut self, now: Now) {
+        if self.day == now.day() {
+            return;
+        }
+        let new_month = self.month != now.month();
+        for cell in self.cells.iter_mut() {
+            cell[0] = 0;
+            cell[1] = 0;
+            if new_month {
+                cell[2] = 0;
+            }
+        }
+        self.day = now.day();
+        self.month = now.month();
+    }
+
+    fn cells_of(hash: u64) -> impl Iterator<Item = usize> {
+        (0..SKETCH_ROWS).map(move |row| row * SKETCH_WIDTH + ((hash >> (row * 16)) as usize % SKETCH_WIDTH))
+    }
+
+    pub(super) fn record(&mut self, hash: u64, entry: &Entry, now: Now) {
+        self.roll(now);
+        if entry.day != self.day {
+            return;
+        }
+        let clamp = |n: u64| u32::try_from(n).unwrap_or(u32::MAX);
+        let counts = [
+            clamp(entry.day_total.local),
+            clamp(entry.day_total.total()),
+            clamp(entry.month_total().map_or(0, Slot::total)),
+        ];
+        for index in Self::cells_of(hash) {
+            let cell = &mut self.cells[index];
+            for (kept, count) in cell.iter_mut().zip(counts) {
+                *kept = (*kept).max(count);
+            }
+        }
+    }
+
+    /// Gives a fresh entry the counts its subject had when evicted today, if any.
+    pub(super) fn restore(&mut self, hash: u64, entry: &mut Entry, now: Now) {
+        self.roll(now);
+        let mut counts = [u32::MAX; 3];
+        for index in Self::cells_of(hash) {
+            for (least, kept) in counts.iter_mut().zip(self.cells[index]) {
+                *least = (*least).min(kept);
+            }
+        }
+        let [local, day, month] = counts.map(u64::from);
+        if day == 0 && month == 0 {
+            return;
+        }
+        // This node's part is restored as its own, so its next row for the day is not
+        // smaller than the one already stored.
+        entry.day_total = Slot {
+            local: local.min(day),
+            remote: day.saturating_sub(local),
+        };
+        if month > 0 {
+            entry.extra().month = Some(Slot {
+                local: local.min(month),
+                remote: month.saturating_sub(local),
+            });
+        }
+    }
 }
 
 /// Counts an admitted request in every counter of `entry` it touches.
@@ -221,10 +318,12 @@ pub(super) fn commit(
     tat: Option<u64>,
     group: Option<&GroupLimits>,
     dirty: &mut Vec<Subject>,
+    now: Now,
 ) {
     if let Some(tat) = tat {
         entry.tat = tat;
     }
+    entry.last_used = now.secs() as u32;
     entry.day_total.local += 1;
     if let Some(consumer) = charge.consumer
         && entry.extra.as_ref().is_none_or(|e| e.consumer.is_none())

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rustc_hash::FxBuildHasher;
 
 use crate::limits::{self, Counts, GroupLimits, LimitStatus, Now, PlanLimits, Rejection};
+pub use entry::Sketch;
 use entry::{Entry, Shard, commit, entry_of};
 
 use crate::model::{Scope, StoredRow, Subject, SubjectRef, UsageRow};
@@ -50,6 +51,9 @@ pub struct UsageTable {
     hasher: FxBuildHasher,
     /// Anonymous subjects keep a month counter only when their plan needs it.
     anonymous_month: std::sync::atomic::AtomicBool,
+    /// Each shard's share of `anonymous.max_subjects` (0 = unbounded).
+    max_anonymous_per_shard: std::sync::atomic::AtomicUsize,
+    evictions: std::sync::atomic::AtomicU64,
 }
 
 impl Default for UsageTable {
@@ -58,6 +62,8 @@ impl Default for UsageTable {
             shards: (0..SHARDS).map(|_| Padded::default()).collect(),
             hasher: FxBuildHasher,
             anonymous_month: Default::default(),
+            max_anonymous_per_shard: Default::default(),
+            evictions: Default::default(),
         }
     }
 }
@@ -94,7 +100,9 @@ impl UsageTable {
     }
 
     /// Checks `plan` for every charge and, when all pass, counts the request against each
-    /// (all or nothing). On admission, returns the status closest to exhaustion.
+    /// (all or nothing). On admission, returns the status closest to exhaustion. A refused
+    /// request creates no entry: a subject not in memory is decided on a fresh entry that
+    /// is kept only if the request is admitted.
     pub fn admit(
         &self,
         charges: &Charges<'_>,
@@ -105,10 +113,8 @@ impl UsageTable {
         match charges {
             Charges::One(one) => {
                 let mut shard = lock(&self.shards[self.shard_of(one.subject)]);
-                let Shard { map, dirty, retired } = &mut *shard;
-                let entry = entry_of(map, &one.subject, now);
-                let decided = self.decide(entry, one.subject, retired, plan, group, now)?;
-                commit(entry, one, decided.tat, group, dirty);
+                let (decided, fresh) = self.decide_charge(&mut shard, one, plan, group, now)?;
+                self.commit_charge(&mut shard, one, fresh, decided.tat, group, now);
                 Ok(decided.status)
             }
             Charges::Two(first, second) => {
@@ -133,28 +139,10 @@ impl UsageTable {
         let (a, b) = (self.shard_of(first.subject), self.shard_of(second.subject));
         if a == b {
             let mut shard = lock(&self.shards[a]);
-            let Shard { map, dirty, retired } = &mut *shard;
-            let one = self.decide(
-                entry_of(map, &first.subject, now),
-                first.subject,
-                retired,
-                plan,
-                group,
-                now,
-            )?;
-            let two = self.decide(
-                entry_of(map, &second.subject, now),
-                second.subject,
-                retired,
-                plan,
-                group,
-                now,
-            )?;
-            for (charge, tat) in [(first, one.tat), (second, two.tat)] {
-                if let Some(entry) = map.get_mut(&charge.subject) {
-                    commit(entry, charge, tat, group, dirty);
-                }
-            }
+            let (one, fresh_one) = self.decide_charge(&mut shard, first, plan, group, now)?;
+            let (two, fresh_two) = self.decide_charge(&mut shard, second, plan, group, now)?;
+            self.commit_charge(&mut shard, first, fresh_one, one.tat, group, now);
+            self.commit_charge(&mut shard, second, fresh_two, two.tat, group, now);
             return Ok((one, two));
         }
         // Shards are locked in index order, so two requests never wait on each other
@@ -166,23 +154,129 @@ impl UsageTable {
             let low = lock(&self.shards[b]);
             (lock(&self.shards[a]), low)
         };
-        let Shard {
-            map: map_a,
-            dirty: dirty_a,
-            retired: retired_a,
-        } = &mut *shard_a;
-        let Shard {
-            map: map_b,
-            dirty: dirty_b,
-            retired: retired_b,
-        } = &mut *shard_b;
-        let entry_a = entry_of(map_a, &first.subject, now);
-        let entry_b = entry_of(map_b, &second.subject, now);
-        let one = self.decide(entry_a, first.subject, retired_a, plan, group, now)?;
-        let two = self.decide(entry_b, second.subject, retired_b, plan, group, now)?;
-        commit(entry_a, first, one.tat, group, dirty_a);
-        commit(entry_b, second, two.tat, group, dirty_b);
+        let (one, fresh_one) = self.decide_charge(&mut shard_a, first, plan, group, now)?;
+        let (two, fresh_two) = self.decide_charge(&mut shard_b, second, plan, group, now)?;
+        self.commit_charge(&mut shard_a, first, fresh_one, one.tat, group, now);
+        self.commit_charge(&mut shard_b, second, fresh_two, two.tat, group, now);
         Ok((one, two))
+    }
+
+    /// Decides one charge on its subject's entry, or on a fresh one (returned, not yet
+    /// stored) when the subject is not in memory — with the counts it had when it was
+    /// evicted today, if it was.
+    fn decide_charge(
+        &self,
+        shard: &mut Shard,
+        charge: &Charge<'_>,
+        plan: &PlanLimits,
+        group: Option<&GroupLimits>,
+        now: Now,
+    ) -> Result<(Decided, Option<Entry>), Rejection> {
+        let Shard {
+            map, retired, evicted, ..
+        } = shard;
+        if let Some(entry) = map.get_mut(&charge.subject) {
+            return Ok((self.decide(entry, charge.subject, retired, plan, group, now)?, None));
+        }
+        let mut fresh = Entry::new(now);
+        if let Some(sketch) = evicted {
+            sketch.restore(self.sketch_hash(charge.subject), &mut fresh, now);
+        }
+        let decided = self.decide(&mut fresh, charge.subject, retired, plan, group, now)?;
+        Ok((decided, Some(fresh)))
+    }
+
+    /// Counts an admitted charge, storing its fresh entry; then keeps the shard's
+    /// anonymous subjects within bounds.
+    fn commit_charge(
+        &self,
+        shard: &mut Shard,
+        charge: &Charge<'_>,
+        fresh: Option<Entry>,
+        tat: Option<u64>,
+        group: Option<&GroupLimits>,
+        now: Now,
+    ) {
+        let Shard {
+            map, dirty, anonymous, ..
+        } = &mut *shard;
+        let entry = match fresh {
+            Some(fresh) => {
+                if !charge.subject.is_key() {
+                    *anonymous += 1;
+                }
+                entry_of(map, &charge.subject, fresh)
+            }
+            None => match map.get_mut(&charge.subject) {
+                Some(entry) => entry,
+                None => return,
+            },
+        };
+        commit(entry, charge, tat, group, dirty, now);
+        self.bound(shard, now);
+    }
+
+    fn sketch_hash(&self, subject: SubjectRef<'_>) -> u64 {
+        self.hasher
+            .hash_one(subject)
+            .rotate_left(29)
+            .wrapping_mul(0xD6E8_FEB8_6659_FD93)
+    }
+
+    /// Sets the most anonymous subjects held in memory (`anonymous.max_subjects`).
+    pub fn set_max_anonymous(&self, max: usize) {
+        self.max_anonymous_per_shard
+            .store(max.div_ceil(SHARDS), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Past its share of `anonymous.max_subjects`, a shard evicts its least recently used
+    /// anonymous entries that lose nothing by going: flushed (the store has their counts),
+    /// their rate limit recovered, their day's counts noted in the shard's sketch so a
+    /// returning subject resumes from them. Down to 90 % of the share, so evictions come
+    /// in batches rather than on every new subject.
+    fn bound(&self, shard: &mut Shard, now: Now) {
+        let cap = self.max_anonymous_per_shard.load(std::sync::atomic::Ordering::Relaxed);
+        if cap == 0 || shard.anonymous <= cap {
+            return;
+        }
+        let evictable = |subject: &Subject, entry: &Entry| !subject.is_key() && !entry.queued && entry.tat <= now.0;
+        let mut ages: Vec<u32> = shard
+            .map
+            .iter()
+            .filter(|(subject, entry)| evictable(subject, entry))
+            .map(|(_, entry)| entry.last_used)
+            .collect();
+        let want = shard.anonymous - (cap - cap / 10);
+        if ages.is_empty() {
+            return;
+        }
+        let want = want.min(ages.len());
+        let (_, threshold, _) = ages.select_nth_unstable(want - 1);
+        let threshold = *threshold;
+        let sketch = shard.evicted.get_or_insert_with(|| Box::new(entry::Sketch::new(now)));
+        sketch.roll(now);
+        let mut evicted = 0;
+        shard.map.retain(|subject, entry| {
+            if evicted >= want || !evictable(subject, entry) || entry.last_used > threshold {
+                return true;
+            }
+            sketch.record(self.sketch_hash(subject.as_ref()), entry, now);
+            evicted += 1;
+            false
+        });
+        shard.anonymous -= evicted;
+        self.evictions
+            .fetch_add(evicted as u64, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Anonymous subjects held in memory.
+    pub fn anonymous_len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).anonymous).sum()
+    }
+
+    /// Anonymous subjects evicted since the last call.
+    pub fn take_evictions(&self) -> u64 {
+        self.evictions.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
     fn decide(
@@ -244,8 +338,18 @@ impl UsageTable {
         for shard in self.shards.iter() {
             let mut shard = lock(shard);
             let before = shard.map.len();
-            shard.map.retain(|_, entry| !entry.expired(now));
+            let mut anonymous_removed = 0;
+            shard.map.retain(|subject, entry| {
+                let keep = !entry.expired(now);
+                if !keep && !subject.is_key() {
+                    anonymous_removed += 1;
+                }
+                keep
+            });
+            shard.anonymous -= anonymous_removed;
             removed += before - shard.map.len();
+            // Flushed since they were last looked at: evict what is over the bound now.
+            self.bound(&mut shard, now);
             if shard.map.capacity() > 4 * shard.map.len().max(1024) {
                 shard.map.shrink_to_fit();
             }
@@ -280,8 +384,16 @@ impl UsageTable {
         }
         let subject = subject.as_ref();
         let mut shard = lock(&self.shards[self.shard_of(subject)]);
-        let Shard { map, retired, .. } = &mut *shard;
-        let entry = entry_of(map, &subject, now);
+        let Shard {
+            map,
+            retired,
+            anonymous,
+            ..
+        } = &mut *shard;
+        if !map.contains_key(&subject) && !subject.is_key() {
+            *anonymous += 1;
+        }
+        let entry = entry_of(map, &subject, Entry::new(now));
         entry.roll(subject, now, retired);
         if let Some(consumer) = &row.consumer
             && entry.extra.as_ref().is_none_or(|e| e.consumer.is_none())

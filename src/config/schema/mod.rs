@@ -53,6 +53,74 @@ pub struct ServerSection {
     pub escaped_slashes: EscapedSlashesSetting,
     /// HTTPS listeners (`[server.tls]`): read and checked on their own (`config::check::tls`).
     pub tls: Option<serde::de::IgnoredAny>,
+    // Protective limits (docs/security.md); 0 = no limit where a count is asked for.
+    /// Open client connections per worker (NGINX's `worker_connections`).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Open client connections per client IP, across workers.
+    #[serde(default = "default_max_connections_per_ip")]
+    pub max_connections_per_ip: usize,
+    /// Requests on one HTTP/1 keep-alive connection before it is closed (NGINX's
+    /// `keepalive_requests`).
+    #[serde(default = "default_max_requests_per_connection")]
+    pub max_requests_per_connection: u64,
+    /// Request body size for routes that do not set their own (NGINX's
+    /// `client_max_body_size`).
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: u64,
+    /// Longest wait for the next piece of a request body (NGINX's `client_body_timeout`).
+    #[serde(default = "default_body_timeout", deserialize_with = "duration")]
+    pub client_body_timeout: Duration,
+    /// Longest a write to the client may stay blocked (NGINX's `send_timeout`).
+    #[serde(default = "default_body_timeout", deserialize_with = "duration")]
+    pub send_timeout: Duration,
+    /// HTTP/2 streams open at once per connection (`SETTINGS_MAX_CONCURRENT_STREAMS`).
+    #[serde(default = "default_http2_max_concurrent_streams")]
+    pub http2_max_concurrent_streams: u32,
+    /// Interval of HTTP/2 keep-alive pings; an unanswered ping closes the connection.
+    #[serde(default = "default_http2_keepalive_interval", deserialize_with = "duration")]
+    pub http2_keepalive_interval: Duration,
+    /// Streams a client may reset before their response, once they are more than half of
+    /// its streams, before the connection is closed (CVE-2023-44487).
+    #[serde(default = "default_http2_max_premature_resets")]
+    pub http2_max_premature_resets: u32,
+    /// `Upgrade` protocols tunnelled to the upstream; any other `Upgrade` is ignored.
+    #[serde(default = "default_upgrades")]
+    pub upgrades: Vec<String>,
+    /// A tunnel (WebSocket) with no bytes either way for this long is closed.
+    #[serde(default = "default_tunnel_idle_timeout", deserialize_with = "duration")]
+    pub tunnel_idle_timeout: Duration,
+}
+
+fn default_max_connections() -> usize {
+    16_384
+}
+fn default_max_connections_per_ip() -> usize {
+    1_024
+}
+fn default_max_requests_per_connection() -> u64 {
+    1_000
+}
+fn default_max_body_bytes() -> u64 {
+    10 * 1024 * 1024
+}
+fn default_body_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_http2_max_concurrent_streams() -> u32 {
+    128
+}
+fn default_http2_keepalive_interval() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_http2_max_premature_resets() -> u32 {
+    100
+}
+fn default_upgrades() -> Vec<String> {
+    vec!["websocket".to_string()]
+}
+fn default_tunnel_idle_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_true() -> bool {
@@ -144,6 +212,17 @@ impl Default for ServerSection {
             merge_slashes: true,
             escaped_slashes: EscapedSlashesSetting::default(),
             tls: None,
+            max_connections: default_max_connections(),
+            max_connections_per_ip: default_max_connections_per_ip(),
+            max_requests_per_connection: default_max_requests_per_connection(),
+            max_body_bytes: default_max_body_bytes(),
+            client_body_timeout: default_body_timeout(),
+            send_timeout: default_body_timeout(),
+            http2_max_concurrent_streams: default_http2_max_concurrent_streams(),
+            http2_keepalive_interval: default_http2_keepalive_interval(),
+            http2_max_premature_resets: default_http2_max_premature_resets(),
+            upgrades: default_upgrades(),
+            tunnel_idle_timeout: default_tunnel_idle_timeout(),
         }
     }
 }
@@ -225,6 +304,9 @@ pub struct RouteSection {
     /// `Strict-Transport-Security` on HTTPS routes).
     #[serde(default)]
     pub response_headers: BTreeMap<String, String>,
+    /// Largest request body (`413` beyond); default `server.max_body_bytes`.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -260,6 +342,16 @@ pub struct AnonymousSection {
     /// The subjects an anonymous request is charged to.
     #[serde(default = "default_anonymous_by")]
     pub by: Vec<AnonymousBy>,
+    /// Subjects (client IPs, Referer hosts) held in memory at most; the least recently
+    /// used whose counts are flushed make room (their counts stay in the store).
+    #[serde(default = "default_max_subjects")]
+    pub max_subjects: usize,
+    /// A longer Referer host is not counted as a subject (the caller is counted by IP).
+    #[serde(default = "default_max_referer_host")]
+    pub max_referer_host: usize,
+    /// IPv6 clients are counted per prefix of this length (a /64 is one subscriber).
+    #[serde(default = "default_ipv6_prefix")]
+    pub ipv6_prefix: u8,
 }
 
 impl Default for AnonymousSection {
@@ -267,8 +359,22 @@ impl Default for AnonymousSection {
         AnonymousSection {
             plan: default_anonymous_plan(),
             by: default_anonymous_by(),
+            max_subjects: default_max_subjects(),
+            max_referer_host: default_max_referer_host(),
+            ipv6_prefix: default_ipv6_prefix(),
         }
     }
+}
+
+fn default_max_subjects() -> usize {
+    100_000
+}
+fn default_max_referer_host() -> usize {
+    // The longest DNS name.
+    253
+}
+fn default_ipv6_prefix() -> u8 {
+    64
 }
 
 fn default_anonymous_plan() -> String {
