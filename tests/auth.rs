@@ -433,7 +433,10 @@ async fn jwks_url_is_fetched_and_refreshed() {
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |_req| {
                     let body = document.lock().unwrap().clone();
-                    async move { Ok::<_, std::convert::Infallible>(http::Response::new(full(body))) }
+                    // An empty document: the identity provider is down.
+                    let status = if body.is_empty() { 500 } else { 200 };
+                    let response = http::Response::builder().status(status).body(full(body)).unwrap();
+                    async move { Ok::<_, std::convert::Infallible>(response) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
@@ -447,7 +450,7 @@ async fn jwks_url_is_fetched_and_refreshed() {
     let config = format!(
         "data_dir = \"{}\"\n{}[upstreams.u]\nendpoints = [\"{}\"]\n\n\
          [[jwt.issuers]]\nissuer = \"https://auth.test/\"\nalgorithm = \"HS256\"\n\
-         jwks_url = \"http://{idp}/.well-known/jwks.json\"\njwks_refresh = \"1s\"\n\n\
+         jwks_url = \"http://{idp}/.well-known/jwks.json\"\njwks_allow_http = true\njwks_refresh = \"1s\"\n\n\
          [[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"u\"\nauth = [\"jwt\"]\n",
         data.path().display(),
         base_config(),
@@ -485,4 +488,24 @@ async fn jwks_url_is_fetched_and_refreshed() {
     }
     // The retired key stops working once the new document is in.
     assert_eq!(call(&gateway, "/x", bearer(token("k1", "one"))).await.status, 401);
+
+    // A reload while the identity provider is down: the new configuration starts with the
+    // keys already fetched, so tokens keep working through it.
+    *served.lock().unwrap() = String::new();
+    gateway.write_config(&config.replace("jwks_refresh = \"1s\"", "jwks_refresh = \"1h\""));
+    let reply = admin(&gateway, "POST", "/v1/reload").await;
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(call(&gateway, "/x", bearer(token("k2", "two"))).await.status, 200);
+
+    // Keys rotate at the provider; with an hourly refresh, a token naming the new `kid`
+    // makes the gateway fetch again (at most every 10 s), and the token then works.
+    *served.lock().unwrap() = json!({"keys": [oct("k3", "three")]}).to_string();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while call(&gateway, "/x", bearer(token("k3", "three"))).await.status != 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "an unknown kid did not trigger a JWKS fetch"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
 }

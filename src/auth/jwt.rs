@@ -28,9 +28,13 @@ pub struct IssuerConfig {
     /// A JWKS document (re-read on reload); keys are matched by `kid`.
     #[serde(default)]
     pub jwks_file: Option<String>,
-    /// A JWKS URL (http or https), fetched at start and every `jwks_refresh`.
+    /// A JWKS URL, fetched at start, before a reloaded configuration goes live, every
+    /// `jwks_refresh`, and (at most every 10 s) when a token names an unknown `kid`.
+    /// `https` unless `jwks_allow_http`: keys fetched in clear text can be replaced.
     #[serde(default)]
     pub jwks_url: Option<String>,
+    #[serde(default)]
+    pub jwks_allow_http: bool,
     #[serde(default = "default_jwks_refresh", deserialize_with = "seconds")]
     pub jwks_refresh: u64,
     /// Accepted `aud` values; empty = `aud` not checked.
@@ -100,6 +104,9 @@ struct Issuer {
     /// Swapped whole when a JWKS URL is fetched again.
     keys: arc_swap::ArcSwap<Keys>,
     validation: Validation,
+    /// A token named a `kid` this issuer's JWKS lacks: the refresher fetches it again
+    /// (keys may have rotated).
+    refetch: std::sync::atomic::AtomicBool,
 }
 
 fn parse_jwks(text: &str) -> Result<Keys, String> {
@@ -140,6 +147,15 @@ impl JwtVerifier {
             if sources.iter().filter(|s| **s).count() != 1 {
                 return Err(format!(
                     "issuer {}: give exactly one of `secret`, `public_key`, `jwks_file`, `jwks_url`",
+                    config.issuer
+                ));
+            }
+            if let Some(url) = &config.jwks_url
+                && !config.jwks_allow_http
+                && !url.get(..8).is_some_and(|s| s.eq_ignore_ascii_case("https://"))
+            {
+                return Err(format!(
+                    "issuer {}: jwks_url must be https:// (or set jwks_allow_http = true)",
                     config.issuer
                 ));
             }
@@ -186,6 +202,7 @@ impl JwtVerifier {
                 algorithm,
                 keys: arc_swap::ArcSwap::from_pointee(keys),
                 validation,
+                refetch: std::sync::atomic::AtomicBool::new(false),
             });
         }
         Ok(JwtVerifier { issuers: built })
@@ -203,12 +220,42 @@ impl JwtVerifier {
             .collect()
     }
 
+    /// Takes the fetched keys of `previous`'s issuers with the same JWKS URL, so a reloaded
+    /// configuration verifies tokens from its first request.
+    pub fn inherit(&self, previous: &JwtVerifier) {
+        for issuer in &self.issuers {
+            let Some(url) = &issuer.config.jwks_url else { continue };
+            if let Some(old) = previous
+                .issuers
+                .iter()
+                .find(|old| old.config.jwks_url.as_ref() == Some(url))
+            {
+                issuer.keys.store(old.keys.load_full());
+            }
+        }
+    }
+
+    /// URL issuers with no keys yet (a failed fetch) or asked to fetch again by a token
+    /// with an unknown `kid` since the last fetch.
+    pub fn wanted(&self) -> Vec<usize> {
+        self.issuers
+            .iter()
+            .enumerate()
+            .filter(|(_, issuer)| issuer.config.jwks_url.is_some())
+            .filter(|(_, issuer)| {
+                issuer.refetch.load(std::sync::atomic::Ordering::Relaxed) || issuer.keys.load().is_empty()
+            })
+            .map(|(index, _)| index)
+            .collect()
+    }
+
     /// Installs a freshly fetched JWKS document for issuer `index`; returns the key count.
     pub fn set_jwks(&self, index: usize, text: &str) -> Result<usize, String> {
         let issuer = self.issuers.get(index).ok_or("no such issuer")?;
         let keys = parse_jwks(text)?;
         let count = keys.len();
         issuer.keys.store(Arc::new(keys));
+        issuer.refetch.store(false, std::sync::atomic::Ordering::Relaxed);
         Ok(count)
     }
 
@@ -246,6 +293,9 @@ impl JwtVerifier {
             }
             if !key_found && error == TokenError::AlgorithmNotAllowed {
                 error = TokenError::UnknownKid;
+                if issuer.config.jwks_url.is_some() {
+                    issuer.refetch.store(true, std::sync::atomic::Ordering::Relaxed);
+                }
             }
         }
         Err(error)
@@ -295,6 +345,7 @@ mod tests {
             public_key: None,
             jwks_file: None,
             jwks_url: None,
+            jwks_allow_http: false,
             jwks_refresh: 300,
             audiences: vec!["geo".into()],
             leeway: 0,

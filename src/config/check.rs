@@ -222,6 +222,15 @@ pub(super) fn admin_tls(
 pub(super) fn admin(sink: &mut ErrorSink<'_>, root: &Table) -> Option<(AdminSection, SocketAddr)> {
     let admin: AdminSection = optional(sink, root, "admin")?;
     let item = root.get("admin");
+    if admin.token.as_deref().is_some_and(|t| t.trim().is_empty()) {
+        // Usually `token = "${TOLLGATE_ADMIN_TOKEN}"` with the variable unset or empty:
+        // starting would silently turn admin authentication off.
+        sink.push(
+            item.and_then(|i| key_span(i, "token")),
+            "admin.token",
+            "is empty (an unset environment variable?): remove it to run without a token on loopback, or set it",
+        );
+    }
     match admin.listen.parse::<SocketAddr>() {
         Ok(addr) => {
             if !addr.ip().is_loopback() && admin.token.as_deref().unwrap_or("").is_empty() {

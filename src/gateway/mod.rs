@@ -197,6 +197,10 @@ impl Gateway {
             self.workers,
         );
         next.resolve_new_endpoints().await;
+        // JWKS keys before the configuration goes live: the previous fetch for the same
+        // URLs, then a fresh one; a failed fetch keeps what was inherited.
+        next.jwt.inherit(&current.jwt);
+        crate::auth::jwks_fetch::refresh(&next.jwt, |_| true).await;
         self.snapshot.store(Arc::new(next));
         // Under the write lock: rebuilds never race each other to the store.
         self.rebuild_plans(&self.write_data());

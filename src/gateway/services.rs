@@ -98,7 +98,7 @@ fn start_replica(
             }
         }),
         caught_up,
-        clock: gateway.usage.clock,
+        clock: gateway.usage.clock.clone(),
     };
     handles.extend(replica.start(hooks, shutdown.clone()));
     let ready = gateway.clone();
@@ -219,8 +219,11 @@ async fn resolve_periodically(gateway: Arc<Gateway>, mut shutdown: Shutdown) {
     }
 }
 
-/// Fetches JWKS URLs of the live configuration again at each issuer's `jwks_refresh`.
+/// Fetches JWKS URLs of the live configuration again at each issuer's `jwks_refresh`;
+/// sooner — every 10 s at most — for an issuer with no keys (a failed fetch) or one whose
+/// JWKS lacked a token's `kid`.
 async fn refresh_jwks_periodically(gateway: Arc<Gateway>, mut shutdown: Shutdown) {
+    const SOONEST: Duration = Duration::from_secs(10);
     // Keyed by snapshot and issuer: a reload brings a new verifier, fetched when built.
     let mut last: HashMap<(usize, usize), Instant> = HashMap::new();
     loop {
@@ -236,9 +239,11 @@ async fn refresh_jwks_periodically(gateway: Arc<Gateway>, mut shutdown: Shutdown
         }
         let now = Instant::now();
         let mut due = Vec::new();
+        let wanted = snapshot.jwt.wanted();
         for (index, _, interval) in &urls {
             let entry = last.entry((generation, *index)).or_insert(now);
-            if now.duration_since(*entry) >= *interval {
+            let since = now.duration_since(*entry);
+            if since >= *interval || (wanted.contains(index) && since >= SOONEST.min(*interval)) {
                 *entry = now;
                 due.push(*index);
             }

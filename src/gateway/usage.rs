@@ -56,6 +56,7 @@ impl Usage {
         metrics: Arc<Metrics>,
         retention: Retention,
     ) -> Usage {
+        let today = clock.now().day();
         Usage {
             table: UsageTable::default(),
             node,
@@ -64,7 +65,7 @@ impl Usage {
             metrics,
             retention,
             pending: Default::default(),
-            pruned_day: AtomicU32::new(clock.now().day()),
+            pruned_day: AtomicU32::new(today),
         }
     }
 

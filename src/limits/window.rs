@@ -78,24 +78,72 @@ impl Calendar {
     }
 }
 
-/// The clock of the limits: the system clock, optionally shifted. The shift exists so an
-/// end-to-end test can start a gateway just before midnight of Jan 31 (see
-/// `TOLLGATE_CLOCK_START` in docs/operations.md); it is fixed at start.
-#[derive(Debug, Clone, Copy, Default)]
+/// The clock of the limits: wall-clock time that never runs backwards. It advances with
+/// the monotonic clock from the wall time read at start; when the system clock steps
+/// forward (NTP correcting a slow host) it jumps with it, and when the system clock steps
+/// back it does not follow — a GCRA reading a clock that went back would refuse every
+/// active caller until it caught up (docs/limits.md). The wall time may be shifted so an
+/// end-to-end test can start a gateway just before midnight of Jan 31
+/// (`TOLLGATE_CLOCK_START`, docs/operations.md).
+#[derive(Debug)]
 pub struct Clock {
     offset_ns: i64,
+    /// Shifted wall time at `anchor`.
+    start_ns: u64,
+    anchor: std::time::Instant,
+    /// How far the system clock has stepped ahead of the monotonic one since start.
+    ahead_ns: std::sync::atomic::AtomicU64,
 }
 
-impl Clock {
-    /// A clock that reads `start` now and runs at the system clock's pace.
-    pub fn starting_at(start: Now) -> Clock {
+impl Clone for Clock {
+    fn clone(&self) -> Self {
         Clock {
-            offset_ns: start.0 as i64 - Now::system().0 as i64,
+            offset_ns: self.offset_ns,
+            start_ns: self.start_ns,
+            anchor: self.anchor,
+            ahead_ns: std::sync::atomic::AtomicU64::new(self.ahead_ns.load(std::sync::atomic::Ordering::Relaxed)),
+        }
+    }
+}
+
+impl Default for Clock {
+    fn default() -> Self {
+        Clock::shifted(0)
+    }
+}
+
+/// A forward step smaller than this is drift, left to the monotonic clock.
+const STEP_NS: u64 = 1_000_000_000;
+
+impl Clock {
+    fn shifted(offset_ns: i64) -> Clock {
+        Clock {
+            offset_ns,
+            start_ns: Now::system().0.saturating_add_signed(offset_ns),
+            anchor: std::time::Instant::now(),
+            ahead_ns: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
+    /// A clock that reads `start` now and runs at the system clock's pace.
+    pub fn starting_at(start: Now) -> Clock {
+        Clock::shifted(start.0 as i64 - Now::system().0 as i64)
+    }
+
     pub fn now(&self) -> Now {
-        Now(Now::system().0.saturating_add_signed(self.offset_ns))
+        self.reading(Now::system().0.saturating_add_signed(self.offset_ns))
+    }
+
+    /// The clock's time given the (shifted) system time `wall`.
+    fn reading(&self, wall: u64) -> Now {
+        use std::sync::atomic::Ordering;
+        let ahead = self.ahead_ns.load(Ordering::Relaxed);
+        let monotonic = self.start_ns + self.anchor.elapsed().as_nanos() as u64 + ahead;
+        if wall > monotonic + STEP_NS {
+            self.ahead_ns.fetch_add(wall - monotonic, Ordering::Relaxed);
+            return Now(wall);
+        }
+        Now(monotonic)
     }
 
     /// Reads `TOLLGATE_CLOCK_START` (`YYYY-MM-DDTHH:MM:SSZ`) when set.
@@ -193,6 +241,19 @@ pub fn parse_month(text: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_clock_follows_forward_steps_and_ignores_backward_ones() {
+        let clock = Clock::starting_at(Now::from_secs(1_000_000));
+        let start = clock.now().0;
+        // The system clock stepped back an hour: time goes on from where it was.
+        let back = clock.reading(start - 3_600_000_000_000);
+        assert!(back.0 >= start && back.0 < start + STEP_NS, "{} vs {start}", back.0);
+        // Stepped forward an hour: followed, and from then on.
+        let ahead = clock.reading(start + 3_600_000_000_000);
+        assert_eq!(ahead.0, start + 3_600_000_000_000);
+        assert!(clock.now().0 >= ahead.0);
+    }
 
     fn at(day: &str, secs_into_day: u64) -> Now {
         Now::from_secs(u64::from(parse_day(day).unwrap()) * 86_400 + secs_into_day)

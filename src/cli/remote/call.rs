@@ -88,7 +88,15 @@ impl Call {
 }
 
 pub(super) fn run(remote: &Remote, call: Call) -> ExitCode {
-    let token = std::env::var("TOLLGATE_ADMIN_TOKEN").unwrap_or_default();
+    let token = match std::env::var("TOLLGATE_ADMIN_TOKEN") {
+        // Set but empty is a mistake (a failed substitution), not "no token".
+        Ok(token) if token.trim().is_empty() => {
+            eprintln!("error: TOLLGATE_ADMIN_TOKEN is set but empty; unset it or give the token");
+            return ExitCode::FAILURE;
+        }
+        Ok(token) => token,
+        Err(_) => String::new(),
+    };
     let result =
         super::super::runtime().and_then(|rt| rt.block_on(send(remote, &token, &call)).map_err(std::io::Error::other));
     match result {
