@@ -100,6 +100,19 @@ pub fn check_head(head: &[u8]) -> Result<BodyLength, ErrorKind> {
     })
 }
 
+/// An incomplete head that can already be refused: hyper parses what it has and answers a
+/// request line it finds invalid (a wrong version, a stray space) with a bare 400 of its
+/// own, so the guard must refuse such bytes before they reach it.
+pub fn check_partial(head: &[u8]) -> Result<(), ErrorKind> {
+    let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    match request.parse_with_uninit_headers(head, &mut headers) {
+        Ok(_) => Ok(()),
+        Err(httparse::Error::TooManyHeaders) => Err(ErrorKind::HeadersTooLarge),
+        Err(_) => Err(ErrorKind::BadRequest),
+    }
+}
+
 /// A bare LF (not after CR) at or after `from`: RFC 9112 §2.2 lets a recipient accept it,
 /// but the guard finds a head's end by CRLF CRLF, and the upstream may read lines either
 /// way — refusing keeps every party's view of where the head ends the same.
@@ -260,6 +273,14 @@ mod tests {
             check("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n"),
             Err(bad)
         );
+    }
+
+    #[test]
+    fn partial_heads_are_refused_as_soon_as_they_go_wrong() {
+        assert_eq!(check_partial(b"GET /api HTTP/1.1\r\nHo"), Ok(()));
+        assert_eq!(check_partial(b"GET /api HTT"), Ok(()));
+        assert_eq!(check_partial(b"GET /api HTTP/1.2\r\n"), Err(ErrorKind::BadRequest));
+        assert_eq!(check_partial(b"GET  /api"), Err(ErrorKind::BadRequest));
     }
 
     #[test]

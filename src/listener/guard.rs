@@ -239,6 +239,10 @@ impl<S: Transport> GuardedStream<S> {
                 return Some(ErrorKind::BadRequest);
             }
             match find_head_end(&self.head[search_from..]) {
+                None if self.head.len() <= max => {
+                    // hyper parses partial heads too; refuse before it can.
+                    return framing::check_partial(&self.head).err();
+                }
                 Some(end) => {
                     owned = std::mem::take(&mut self.head);
                     let end = search_from + end;

@@ -59,8 +59,15 @@ impl Worker {
         snapshot: &Snapshot,
         route: &Route,
         ctx: &mut RequestCtx<'_>,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
+        // Before a pool slot is taken: a slow body holds nothing upstream.
+        let body_timeout = snapshot.config.server.client_body_timeout;
+        let mut req = req.map(|body| ClientBody::new(body, route.max_body_bytes, body_timeout));
+        req.body_mut()
+            .prefetch()
+            .await
+            .map_err(|fault| ProxyError::with_cause(fault.kind(), fault))?;
         let upstream = &route.upstream;
         let pool = &upstream.pool;
         let _slot = pool
@@ -80,8 +87,7 @@ impl Worker {
             && hyper::body::Body::is_end_stream(req.body())
             && pool.idempotent(req.method());
         let head = repeatable.then(|| copy_head(&req));
-        let body_timeout = snapshot.config.server.client_body_timeout;
-        let mut req = req.map(|body| RequestBody::Client(ClientBody::new(body, route.max_body_bytes, body_timeout)));
+        let mut req = req.map(RequestBody::Client);
         let total_deadline = pool.timeouts.total.map(|t| ctx.start + t);
         let mut attempt = 0;
         let client = &upstream.clients[self.id % upstream.clients.len()];

@@ -212,7 +212,12 @@ impl Worker {
                 tracing::warn!(request_id = ?ctx.request_id, upstream = ?ctx.upstream_addr, %error, "upstream request failed");
             }
             ErrorSource::Internal => tracing::error!(request_id = ?ctx.request_id, %error, "internal error"),
-            ErrorSource::Client => tracing::debug!(request_id = ?ctx.request_id, %error, "request refused"),
+            ErrorSource::Client => {
+                if let Some(protection) = crate::metrics::Protection::of_error(error.kind) {
+                    self.gateway.metrics.protected(protection);
+                }
+                tracing::debug!(request_id = ?ctx.request_id, %error, "request refused")
+            }
         }
         match (error.kind, &ctx.limit, ctx.retry_after) {
             (ErrorKind::RateLimited | ErrorKind::QuotaExceeded, Some(limit), Some(retry_after)) => {

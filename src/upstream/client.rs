@@ -37,6 +37,8 @@ pub enum RequestBody {
 /// client is answered `413`/`408`/`400`, not a `502` (docs/security.md).
 pub struct ClientBody {
     inner: Incoming,
+    /// The first frame, read before the upstream is chosen (see [`ClientBody::prefetch`]).
+    peeked: Option<Frame<Bytes>>,
     /// Bytes still allowed.
     allowed: u64,
     timeout: Duration,
@@ -47,9 +49,53 @@ impl ClientBody {
     pub fn new(inner: Incoming, max_bytes: u64, timeout: Duration) -> ClientBody {
         ClientBody {
             inner,
+            peeked: None,
             allowed: max_bytes,
             timeout,
             timer: None,
+        }
+    }
+}
+
+impl ClientBody {
+    /// Reads the body's first frame before anything is sent upstream, so a body that is
+    /// malformed from its first bytes (a bad chunk size), too large or never sent is
+    /// answered without an upstream ever seeing its head. Later frames stream as they come.
+    pub async fn prefetch(&mut self) -> Result<(), ClientBodyError> {
+        if self.peeked.is_some() || self.inner.is_end_stream() {
+            return Ok(());
+        }
+        match std::future::poll_fn(|cx| self.poll_inner(cx)).await {
+            Some(Ok(frame)) => self.peeked = Some(frame),
+            Some(Err(error)) => return Err(error),
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        match Pin::new(&mut self.inner).poll_frame(cx) {
+            Poll::Pending => {
+                let at = Instant::now() + self.timeout;
+                let timer = self.timer.get_or_insert_with(|| crate::base::Deadline::new(at));
+                match timer.poll_expired(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(ClientBodyError::Timeout))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                self.timer = None;
+                let size = frame.data_ref().map_or(0, |d| d.len() as u64);
+                match self.allowed.checked_sub(size) {
+                    Some(left) => {
+                        self.allowed = left;
+                        Poll::Ready(Some(Ok(frame)))
+                    }
+                    None => Poll::Ready(Some(Err(ClientBodyError::TooLarge))),
+                }
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(ClientBodyError::Broken(error)))),
+            Poll::Ready(None) => Poll::Ready(None),
         }
     }
 }
@@ -93,37 +139,28 @@ impl Body for ClientBody {
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         let this = self.get_mut();
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Pending => {
-                let at = Instant::now() + this.timeout;
-                let timer = this.timer.get_or_insert_with(|| crate::base::Deadline::new(at));
-                match timer.poll_expired(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(ClientBodyError::Timeout))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                this.timer = None;
-                let size = frame.data_ref().map_or(0, |d| d.len() as u64);
-                match this.allowed.checked_sub(size) {
-                    Some(left) => {
-                        this.allowed = left;
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    None => Poll::Ready(Some(Err(ClientBodyError::TooLarge))),
-                }
-            }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(ClientBodyError::Broken(error)))),
-            Poll::Ready(None) => Poll::Ready(None),
+        if let Some(frame) = this.peeked.take() {
+            return Poll::Ready(Some(Ok(frame)));
         }
+        this.poll_inner(cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.peeked.is_none() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let hint = self.inner.size_hint();
+        let Some(peeked) = self.peeked.as_ref().and_then(Frame::data_ref).map(|d| d.len() as u64) else {
+            return hint;
+        };
+        // The length hyper sends as Content-Length includes the frame already read.
+        let mut total = SizeHint::new();
+        total.set_lower(hint.lower() + peeked);
+        if let Some(upper) = hint.upper() {
+            total.set_upper(upper + peeked);
+        }
+        total
     }
 }
 
