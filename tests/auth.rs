@@ -22,8 +22,14 @@ async fn keys_authenticate_identify_and_revoke() {
     let data = tempfile::tempdir().unwrap();
     let gateway = Gateway::start(&config(upstream.addr, data.path()));
 
+    // Keys on an undefined plan are refused (tests/hardening.rs); this one exists.
+    for plan in ["pro", "gold"] {
+        let reply = admin_json(&gateway, "POST", "/v1/plans", json!({"name": plan})).await;
+        assert_eq!(reply.status, 201, "{}", reply.text());
+    }
     let reply = admin_json(&gateway, "POST", "/v1/consumers", json!({"id": "acme", "plan": "pro"})).await;
     assert_eq!(reply.status, 201, "{}", reply.text());
+    assert!(!reply.headers.contains_key("tollgate-warning"));
     assert_eq!(
         admin_json(&gateway, "POST", "/v1/consumers", json!({"id": "acme"}))
             .await
@@ -272,7 +278,7 @@ async fn jwt_bearer_tokens_identify_the_consumer() {
     let config = format!(
         "data_dir = \"{}\"\n{}[upstreams.u]\nendpoints = [\"{}\"]\n\n\
          [[jwt.issuers]]\nissuer = \"https://auth.test/\"\nalgorithm = \"HS256\"\nsecret = \"jwt-secret\"\n\
-         audiences = [\"geo\"]\nplan_claim = \"plan\"\n\n\
+         audiences = [\"geo\"]\nplan_claim = \"plan\"\n\n[plans.pro]\n\n\
          [[routes]]\nname = \"api\"\npath = \"/\"\nupstream = \"u\"\nauth = [\"api_key\", \"jwt\"]\n",
         data.path().display(),
         base_config(),

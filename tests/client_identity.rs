@@ -11,7 +11,7 @@ fn config(upstream: std::net::SocketAddr, server_extra: &str, data: &std::path::
     let base = base_config().replace("workers = 2\n", &format!("workers = 2\n{server_extra}\n"));
     format!(
         "data_dir = \"{}\"\n{base}[upstreams.u]\nendpoints = [\"{upstream}\"]\n\n\
-         [anonymous]\nplan = \"free\"\nby = [\"ip\", \"referer\"]\n\n\
+         [anonymous]\nplan = \"free\"\nby = [\"ip\", \"referer\"]\n\n[plans.free]\n\n\
          [[routes]]\nname = \"lookup\"\npath = \"/\"\nupstream = \"u\"\nauth = [\"api_key\", \"anonymous\"]\n",
         data.display()
     )

@@ -5,7 +5,7 @@
 pub mod framing;
 mod guard;
 mod limits;
-mod proxy_protocol;
+pub mod proxy_protocol;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

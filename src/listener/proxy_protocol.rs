@@ -28,26 +28,53 @@ async fn read(stream: &mut TcpStream) -> io::Result<Option<SocketAddr>> {
         if n == 0 {
             return Err(io::ErrorKind::UnexpectedEof.into());
         }
-        let parsed = HeaderResult::parse(&buf[..n]);
-        if parsed.is_incomplete() {
-            if n == MAX_HEADER {
-                return Err(invalid("PROXY protocol header too long"));
-            }
+        match parse(&buf[..n]) {
             // Part of the header is still in flight; it is at most a few hundred bytes.
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            continue;
-        }
-        let (len, source) = match parsed {
-            HeaderResult::V1(Ok(header)) => (header.header.len(), v1_source(&header.addresses)),
-            HeaderResult::V2(Ok(header)) => (header.len(), v2_source(&header.addresses)),
-            HeaderResult::V1(Err(_)) | HeaderResult::V2(Err(_)) => {
-                return Err(invalid("malformed PROXY protocol header"));
+            Parsed::Incomplete => tokio::time::sleep(Duration::from_millis(1)).await,
+            Parsed::Invalid(reason) => return Err(invalid(reason)),
+            Parsed::Header { len, source } => {
+                let mut consumed = vec![0u8; len];
+                stream.read_exact(&mut consumed).await?;
+                return Ok(source);
             }
-        };
-        let mut consumed = vec![0u8; len];
-        stream.read_exact(&mut consumed).await?;
-        return Ok(source);
+        }
     }
+}
+
+/// What the first bytes of a connection say as a PROXY protocol header.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parsed {
+    /// More bytes are needed.
+    Incomplete,
+    Invalid(&'static str),
+    /// A header of `len` bytes; `source` is `None` for `LOCAL`/`UNKNOWN`.
+    Header {
+        len: usize,
+        source: Option<SocketAddr>,
+    },
+}
+
+/// Parses a PROXY protocol header at the start of `bytes` (a pure function: fuzzed).
+pub fn parse(bytes: &[u8]) -> Parsed {
+    let parsed = HeaderResult::parse(bytes);
+    if parsed.is_incomplete() {
+        return if bytes.len() >= MAX_HEADER {
+            Parsed::Invalid("PROXY protocol header too long")
+        } else {
+            Parsed::Incomplete
+        };
+    }
+    let (len, source) = match parsed {
+        HeaderResult::V1(Ok(header)) => (header.header.len(), v1_source(&header.addresses)),
+        HeaderResult::V2(Ok(header)) => (header.len(), v2_source(&header.addresses)),
+        HeaderResult::V1(Err(_)) | HeaderResult::V2(Err(_)) => {
+            return Parsed::Invalid("malformed PROXY protocol header");
+        }
+    };
+    if len > bytes.len() {
+        return Parsed::Invalid("PROXY protocol header longer than what was read");
+    }
+    Parsed::Header { len, source }
 }
 
 fn invalid(message: &str) -> io::Error {

@@ -27,7 +27,7 @@ use hyper::body::Incoming;
 use tokio::time::Instant;
 
 pub use body::ProxyBody;
-pub use identify::{Caller, KeySource};
+pub use identify::{Caller, Credentials, KeySource, presented_credentials};
 
 use crate::auth::Identity;
 use crate::base::{ConnPhase, ConnStreams, ErrorKind, ErrorSource, ProxyError};
