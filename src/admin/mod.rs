@@ -375,6 +375,52 @@ impl utoipa::Modify for BearerAuth {
             SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
         );
         openapi.security = Some(vec![SecurityRequirement::new("admin_token", Vec::<String>::new())]);
+        document_common_errors(openapi);
+    }
+}
+
+/// Every `/v1` operation can answer a missing token (401), unreadable input (400) and an
+/// unreachable shared state (503) with the JSON error body; the handlers' annotations list
+/// only what is particular to them. A schema-driven fuzzer (`tests/admin_schema.rs`)
+/// holds the server to this document.
+fn document_common_errors(openapi: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                    .build(),
+            )
+            .build()
+    };
+    let common = [
+        ("400", "Malformed input (the JSON error body says which)"),
+        ("401", "Missing or invalid admin token"),
+        ("503", "The shared state cannot be reached; retry"),
+    ];
+    for (path, item) in openapi.paths.paths.iter_mut() {
+        if !path.starts_with("/v1/") {
+            continue;
+        }
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            for (status, description) in common {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| error(description).into());
+            }
+        }
     }
 }
 
