@@ -330,3 +330,103 @@ async fn undefined_plans_are_refused_and_keys_never_reach_an_upstream() {
     assert!(!seen.contains(&secret), "the upstream saw the key: {seen}");
     assert_eq!(reply.json()["path"], "/public?q=1");
 }
+
+fn anonymous_gateway(upstream: SocketAddr, anonymous: &str, daily: u64) -> (Gateway, tempfile::TempDir) {
+    let data = tempfile::tempdir().unwrap();
+    let base = base_config().replace("workers = 2\n", "workers = 2\ntrusted_proxies = [\"127.0.0.1\"]\n");
+    let gateway = Gateway::start(&format!(
+        "data_dir = \"{}\"\n{base}[upstreams.api]\nendpoints = [\"{upstream}\"]\n\n\
+         [[routes]]\nname = \"free\"\npath = \"/\"\nupstream = \"api\"\nauth = [\"anonymous\"]\n\n\
+         [plans.anonymous]\ndaily = {daily}\n\n[anonymous]\n{anonymous}\n\n[usage]\nflush_interval = \"100ms\"\n",
+        data.path().display()
+    ));
+    (gateway, data)
+}
+
+/// `n` anonymous requests from random IPv6 addresses (via a trusted proxy's
+/// `X-Forwarded-For`) with random Referer hosts, 32 at a time; returns the statuses seen.
+async fn anonymous_flood(gateway: &Gateway, n: usize, referer_len: usize) -> std::collections::BTreeMap<u16, usize> {
+    let client = client();
+    let per_task = n / 32;
+    let tasks: Vec<_> = (0..32)
+        .map(|_| {
+            let (client, url) = (client.clone(), gateway.url("/x"));
+            tokio::spawn(async move {
+                let mut seen = std::collections::BTreeMap::new();
+                for _ in 0..per_task {
+                    let ip = std::net::Ipv6Addr::from(fastrand::u128(..));
+                    let host: String = (0..referer_len).map(|_| fastrand::lowercase()).collect();
+                    let request = http::Request::get(&url)
+                        .header("x-forwarded-for", ip.to_string())
+                        .header("referer", format!("https://{host}.example/page"))
+                        .body(full(""))
+                        .unwrap();
+                    let status = client.request(request).await.unwrap().status().as_u16();
+                    *seen.entry(status).or_insert(0) += 1;
+                }
+                seen
+            })
+        })
+        .collect();
+    let mut seen = std::collections::BTreeMap::new();
+    for task in tasks {
+        for (status, count) in task.await.unwrap() {
+            *seen.entry(status).or_insert(0) += count;
+        }
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_referers_and_rotating_ipv6_clients_stay_within_the_anonymous_bound() {
+    let upstream = Upstream::start("api").await;
+    // 20,000 requests, each a new Referer host and a new IPv6 address: 40,000 subjects
+    // without a bound, 20,000 with IPv6 counted per /64 only if they share one.
+    let (gw, _data) = anonymous_gateway(upstream.addr, "by = [\"ip\", \"referer\"]\nmax_subjects = 2000", 1000);
+    let rss_before = gw.rss_kib();
+    let seen = anonymous_flood(&gw, 20_000, 12).await;
+    assert_eq!(seen.get(&200).copied(), Some(20_000 / 32 * 32), "{seen:?}");
+    // The bound holds once the last counts are flushed (the table may run over between
+    // flushes: only flushed subjects are evicted, so nothing counted is lost).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let held = loop {
+        let held = metric(&gw, "tollgate_anonymous_subjects").await;
+        if held <= 2000 || Instant::now() > deadline {
+            break held;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(held <= 2000, "{held} anonymous subjects held, bound 2000");
+    assert!(metric(&gw, "tollgate_anonymous_evictions_total").await >= 30_000);
+    let grown = gw.rss_kib().saturating_sub(rss_before);
+    println!("RSS grew {grown} KiB over 20,000 new subjects ({held} held)");
+    // Generous: 2,000 subjects and their sketch are well under 10 MiB; unbounded, 40,000
+    // subjects would not be either, so the subject count above is the sharp check.
+    assert!(grown < 64 * 1024, "RSS grew {grown} KiB");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_anonymous_requests_create_no_state_and_long_referers_are_not_subjects() {
+    let upstream = Upstream::start("api").await;
+    // IPv6 per /64: every random address here is in its own /64, so cut to /0 — one
+    // subject for all — to make the IP's quota run out after one request.
+    let (gw, _data) = anonymous_gateway(
+        upstream.addr,
+        "by = [\"ip\", \"referer\"]\nipv6_prefix = 0\nmax_referer_host = 40",
+        1,
+    );
+    let seen = anonymous_flood(&gw, 3200, 12).await;
+    assert_eq!(seen.get(&200).copied(), Some(1), "{seen:?}");
+    assert_eq!(seen.get(&429).copied(), Some(3199), "{seen:?}");
+    // The one admitted request made two subjects (its /0 network and its Referer); the
+    // 3,199 refused ones made none.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while metric(&gw, "tollgate_anonymous_subjects").await != 2 {
+        assert!(Instant::now() < deadline, "refused requests created state");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // A Referer host over the cap is not a subject: the caller is counted by IP alone.
+    let seen = anonymous_flood(&gw, 32, 60).await;
+    assert_eq!(seen.get(&429).copied(), Some(32));
+    assert!(metric(&gw, "tollgate_protections_total{limit=\"max_referer_host\"}").await >= 32);
+}

@@ -277,3 +277,65 @@ fn subjects_render_and_parse() {
         assert_eq!(Subject::parse(bad), None, "{bad}");
     }
 }
+
+fn ip(n: u32) -> Subject {
+    Subject::Ip(std::net::IpAddr::from(n.to_be_bytes()))
+}
+
+#[test]
+fn anonymous_subjects_are_bounded_and_evicted_ones_resume_their_counts() {
+    let table = UsageTable::default();
+    table.set_max_anonymous(640);
+    let plan = plan(Some(5), None);
+    let now = at("2026-11-23T12:00:00Z");
+    let returning = ip(7);
+    assert_eq!(admit_n(&table, &returning, &plan, now, 3), 3);
+    let mut rows = Vec::new();
+    // Many new subjects, flushed as they go (only flushed entries may be evicted).
+    for n in 1000..6000 {
+        assert_eq!(admit_n(&table, &ip(n), &plan, now, 1), 1);
+        if n % 100 == 0 {
+            table.collect(&mut rows);
+        }
+    }
+    table.collect(&mut rows);
+    table.prune(now);
+    assert!(table.anonymous_len() <= 640, "{} held", table.anonymous_len());
+    assert!(table.take_evictions() >= 4000);
+    assert!(rows.iter().any(|r| r.subject == returning.to_string() && r.count == 3));
+    // Keys are never evicted.
+    let key = key("k");
+    admit_n(&table, &key, &plan, now, 1);
+    table.collect(&mut rows);
+    table.prune(now);
+    assert_eq!(table.current(&key, now).0, 1);
+    // The returning subject was evicted (it is the least recently used) and resumes
+    // from the 3 it had counted: 2 more of its 5, not 5.
+    assert_eq!(table.current(&returning, now).0, 0, "evicted");
+    assert_eq!(admit_n(&table, &returning, &plan, now, 5), 2);
+    // Its next row is not smaller than the stored one.
+    let mut rows = Vec::new();
+    table.collect(&mut rows);
+    assert!(rows.iter().any(|r| r.subject == returning.to_string() && r.count == 5));
+}
+
+#[test]
+fn a_refused_charge_creates_no_entry() {
+    let table = UsageTable::default();
+    let one = plan(Some(1), None);
+    let none = plan(Some(0), None);
+    let now = at("2026-11-23T12:00:00Z");
+    let (address, referer) = (ip(1), Subject::Referer("shop.example".into()));
+    fn both<'a>(address: &'a Subject, referer: &'a Subject) -> Charges<'a> {
+        Charges::Two(charge(address), charge(referer))
+    }
+    assert!(table.admit(&both(&address, &referer), &one, None, now).is_ok());
+    assert_eq!(table.len(), 2);
+    // The IP is over its quota: the new Referer is not stored.
+    let other = Subject::Referer("other.example".into());
+    assert!(table.admit(&both(&address, &other), &one, None, now).is_err());
+    assert_eq!(table.len(), 2);
+    // A fresh subject refused on its own (a zero quota) leaves nothing either.
+    assert!(table.admit(&Charges::One(charge(&ip(2))), &none, None, now).is_err());
+    assert_eq!(table.len(), 2);
+}
