@@ -45,6 +45,10 @@ def gateway_config(data_dir, port, admin, upstream, auth=None, extra="", server_
 [server]
 listen = ["127.0.0.1:{port}"]
 {workers_line}
+# As NGINX is configured here (keepalive_requests 1000000, no limit_conn): the load
+# generator's many connections from one loopback address are the benchmark, not a flood.
+max_requests_per_connection = 0
+max_connections_per_ip = 0
 {server_extra}
 
 [admin]
