@@ -296,3 +296,60 @@ async fn idle_keep_alive_connections_are_parked_and_resumed() {
         "{waited:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_idle_tunnel_is_closed_after_tunnel_idle_timeout() {
+    let echo = websocket_echo().await;
+    let gateway = Gateway::start(&single_upstream(echo, "", "tunnel_idle_timeout = \"1s\""));
+    let stream = tokio::net::TcpStream::connect(gateway.proxy).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::client_async(format!("ws://{}/chat", gateway.proxy), stream)
+        .await
+        .expect("websocket handshake through the gateway");
+    // Traffic keeps it open past the timeout.
+    for i in 0..4 {
+        ws.send(Message::text(format!("ping {i}"))).await.unwrap();
+        assert!(ws.next().await.unwrap().is_ok());
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    // Silence closes it: the next read ends instead of waiting (bounded at 10 s, well past
+    // the 1 s timeout, for a slow CI machine).
+    let started = std::time::Instant::now();
+    let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+    assert!(next.is_ok(), "the idle tunnel was not closed");
+    assert!(!matches!(next, Ok(Some(Ok(Message::Text(_))))), "{next:?}");
+    assert!(started.elapsed() >= Duration::from_millis(500));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_that_stops_reading_is_disconnected_after_send_timeout() {
+    use std::io::{Read, Write};
+    let upstream = Upstream::start("big").await;
+    let gateway = Gateway::start(&single_upstream(upstream.addr, "", "send_timeout = \"1s\""));
+    let proxy = gateway.proxy;
+    let read = tokio::task::spawn_blocking(move || {
+        let mut stream = std::net::TcpStream::connect(proxy).unwrap();
+        stream
+            .write_all(b"GET /download/1073741824 HTTP/1.1\r\nHost: a\r\n\r\n")
+            .unwrap();
+        // Read nothing while the socket buffers fill and the gateway's writes block.
+        std::thread::sleep(Duration::from_secs(4));
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut total = 0u64;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match stream.read(&mut buf) {
+                Ok(0) | Err(_) => break total,
+                Ok(n) => total += n as u64,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    // Only what the socket buffers held arrived, not the gigabyte.
+    assert!(read < 256 << 20, "{read} bytes read");
+    let metrics = admin(&gateway, "GET", "/metrics").await.text();
+    assert!(
+        metrics.contains("tollgate_protections_total{limit=\"send_timeout\"} 1"),
+        "{metrics}"
+    );
+}

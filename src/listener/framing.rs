@@ -117,10 +117,10 @@ pub fn check_partial(head: &[u8]) -> Result<(), ErrorKind> {
 /// but the guard finds a head's end by CRLF CRLF, and the upstream may read lines either
 /// way — refusing keeps every party's view of where the head ends the same.
 pub fn has_bare_lf(bytes: &[u8], from: usize) -> bool {
-    bytes[from..]
-        .iter()
-        .enumerate()
-        .any(|(i, b)| *b == b'\n' && (from + i == 0 || bytes[from + i - 1] != b'\r'))
+    let Some(tail) = bytes.get(from..) else {
+        return false;
+    };
+    memchr::memchr_iter(b'\n', tail).any(|i| from + i == 0 || bytes[from + i - 1] != b'\r')
 }
 
 /// §3.2: origin-form (`/path?query`), absolute-form (`http://authority/path`) or, for
