@@ -376,7 +376,11 @@ async fn serve_http<S: Transport>(
             let mut response = handler.handle(req, &conn).await;
             stream.answered();
             // NGINX's keepalive_requests: the last request of the connection says so.
-            if http1 && max_requests > 0 && conn.streams.started() >= max_requests {
+            if http1
+                && max_requests > 0
+                && conn.streams.started() >= max_requests
+                && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+            {
                 response
                     .headers_mut()
                     .insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
