@@ -84,6 +84,11 @@ max_subjects = {args.max_subjects}
         print(f"requests sent: {total} in {time.time() - started:.0f} s (each a new IPv6 /64 and Referer host)")
         print(f"anonymous subjects held: {metric(admin, 'tollgate_anonymous_subjects')} (max_subjects {args.max_subjects})")
         print(f"evicted: {metric(admin, 'tollgate_anonymous_evictions_total')}")
+        flushes = metric(admin, "tollgate_usage_flush_duration_seconds_count")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
+        seconds = float(re.search(r"^tollgate_usage_flush_duration_seconds_sum ([\d.e+-]+)", text, re.M).group(1))
+        rows = metric(admin, "tollgate_usage_rows_written_total")
+        print(f"usage flushes: {flushes}, {rows} rows, {seconds:.1f} s writing ({rows / max(seconds, 1e-9):,.0f} rows/s)")
         print(f"RSS: {before / 1024:.1f} MiB before, {peak / 1024:.1f} MiB peak, {rss_kib(gateway.pid) / 1024:.1f} MiB after")
     finally:
         stop_all(procs, workdir)

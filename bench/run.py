@@ -234,7 +234,10 @@ attempts = 0
 rate = { per_second = 100000000, burst = 100000000 }
 daily = 1000000000000
 monthly = 10000000000000
-""" if args.limits and auth else ""
+""" if args.limits and auth else """
+# Defined and unlimited: a key on an undefined plan is refused (docs/security.md).
+[plans.pro]
+""" if auth else ""
             config = os.path.join(workdir, f"{name}.toml")
             with open(config, "w") as f:
                 f.write(gateway_config(f"./data-{name}", port, admin, f"127.0.0.1:{up_port}",

@@ -230,41 +230,55 @@ impl UsageTable {
     }
 
     /// Past its share of `anonymous.max_subjects`, a shard evicts its least recently used
-    /// anonymous entries that lose nothing by going: flushed (the store has their counts),
-    /// their rate limit recovered, their day's counts noted in the shard's sketch so a
-    /// returning subject resumes from them. Down to 90 % of the share, so evictions come
-    /// in batches rather than on every new subject.
+    /// anonymous entries whose rate limit has recovered, flushed ones first: a flushed
+    /// entry's counts are in the store; an unflushed one's rows go to `retired`, which the
+    /// next flush writes, so nothing counted is lost either way. Each evicted subject's day
+    /// counts are noted in the shard's sketch so a returning subject resumes from them.
+    /// Down to 90 % of the share, so evictions come in batches rather than on every new
+    /// subject.
     fn bound(&self, shard: &mut Shard, now: Now) {
         let cap = self.max_anonymous_per_shard.load(std::sync::atomic::Ordering::Relaxed);
         if cap == 0 || shard.anonymous <= cap {
             return;
         }
-        let evictable = |subject: &Subject, entry: &Entry| !subject.is_key() && !entry.queued && entry.tat <= now.0;
-        let mut ages: Vec<u32> = shard
+        let evictable = |subject: &Subject, entry: &Entry| !subject.is_key() && entry.tat <= now.0;
+        // Unflushed entries sort after flushed ones of any age.
+        let order = |entry: &Entry| (u64::from(entry.queued) << 32) | u64::from(entry.last_used);
+        let mut orders: Vec<u64> = shard
             .map
             .iter()
             .filter(|(subject, entry)| evictable(subject, entry))
-            .map(|(_, entry)| entry.last_used)
+            .map(|(_, entry)| order(entry))
             .collect();
-        let want = shard.anonymous - (cap - cap / 10);
-        if ages.is_empty() {
+        if orders.is_empty() {
             return;
         }
-        let want = want.min(ages.len());
-        let (_, threshold, _) = ages.select_nth_unstable(want - 1);
+        let want = (shard.anonymous - (cap - cap / 10)).min(orders.len());
+        let (_, threshold, _) = orders.select_nth_unstable(want - 1);
         let threshold = *threshold;
-        let sketch = shard.evicted.get_or_insert_with(|| Box::new(entry::Sketch::new(now)));
+        let Shard {
+            map,
+            retired,
+            evicted: sketch,
+            anonymous,
+            ..
+        } = shard;
+        let sketch = sketch.get_or_insert_with(|| Box::new(entry::Sketch::new(now)));
         sketch.roll(now);
         let mut evicted = 0;
-        shard.map.retain(|subject, entry| {
-            if evicted >= want || !evictable(subject, entry) || entry.last_used > threshold {
+        map.retain(|subject, entry| {
+            if evicted >= want || !evictable(subject, entry) || order(entry) > threshold {
                 return true;
+            }
+            if entry.queued {
+                // Still listed in `dirty`; `collect` skips subjects no longer in the map.
+                entry.rows(subject.as_ref(), retired);
             }
             sketch.record(self.sketch_hash(subject.as_ref()), entry, now);
             evicted += 1;
             false
         });
-        shard.anonymous -= evicted;
+        *anonymous -= evicted;
         self.evictions
             .fetch_add(evicted as u64, std::sync::atomic::Ordering::Relaxed);
     }

@@ -339,3 +339,22 @@ fn a_refused_charge_creates_no_entry() {
     assert!(table.admit(&Charges::One(charge(&ip(2))), &none, None, now).is_err());
     assert_eq!(table.len(), 2);
 }
+
+#[test]
+fn unflushed_anonymous_subjects_are_evicted_with_their_rows_kept_for_the_store() {
+    let table = UsageTable::default();
+    table.set_max_anonymous(640);
+    let plan = plan(Some(5), None);
+    let now = at("2026-11-23T12:00:00Z");
+    // No flush at all (a store that cannot keep up): the bound holds anyway.
+    for n in 0..5000 {
+        assert_eq!(admit_n(&table, &ip(n), &plan, now, 1), 1);
+    }
+    assert!(table.anonymous_len() <= 640, "{} held", table.anonymous_len());
+    // Every subject's count reaches the store: evicted ones through `retired`.
+    let mut rows = Vec::new();
+    table.collect(&mut rows);
+    let subjects: std::collections::HashSet<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
+    assert_eq!(subjects.len(), 5000);
+    assert!(rows.iter().all(|r| r.count == 1));
+}
