@@ -17,7 +17,7 @@ pub enum ErrorSource {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ErrorKind {
-    /// No route matches host, path and method.
+    /// No route matches host and path.
     RouteNotFound,
     MissingCredentials,
     InvalidApiKey,
@@ -128,7 +128,7 @@ impl ErrorKind {
 
     pub fn message(self) -> &'static str {
         match self {
-            ErrorKind::RouteNotFound => "no route matches this host, path and method",
+            ErrorKind::RouteNotFound => "no route matches this host and path",
             ErrorKind::MissingCredentials => "an API key is required (X-API-Key, Authorization: Bearer, or ?api_key=)",
             ErrorKind::InvalidApiKey => "the API key is not valid",
             ErrorKind::InvalidToken(reason) => reason,
