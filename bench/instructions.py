@@ -7,7 +7,7 @@ the counters and divides by the requests served.
 Usage (after bench/run.sh has installed wrk and nginx and built the release binary):
 `python3 bench/instructions.py [NAME=BINARY ...]` (default: this checkout's release build).
 """
-import glob, json, os, re, subprocess, sys, tempfile, time, urllib.request
+import glob, json, os, re, shutil, subprocess, sys, tempfile, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from run import ROOT, free_port, gateway_config, stop_all, wait_port, start_nginx  # noqa: E402
@@ -29,7 +29,8 @@ def post(admin, path, body):
 def measure(name, binary, up, workdir):
     port, admin = free_port(), free_port()
     config = os.path.join(workdir, f"{name}.toml")
-    open(config, "w").write(gateway_config(f"{workdir}/data-{name}", port, admin, f"127.0.0.1:{up}", "api_key", PLAN))
+    open(config, "w").write(gateway_config(f"{workdir}/data-{name}", port, admin, f"127.0.0.1:{up}", "api_key", PLAN,
+                                          lift_limits=binary.startswith(os.path.join(ROOT, "target"))))
     out = os.path.join(workdir, f"{name}.callgrind")
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
                              binary, "serve", "--config", config],
@@ -53,6 +54,10 @@ def measure(name, binary, up, workdir):
         stop_all([proc], "/nonexistent")
     # `--dump` after `--zero` writes a numbered file holding exactly the measured run.
     dumps = sorted(glob.glob(out + ".*"))
+    if os.environ.get("KEEP_CALLGRIND"):
+        # For `callgrind_annotate`: where the instructions go.
+        for dump in dumps:
+            shutil.copy(dump, os.path.join(os.environ["KEEP_CALLGRIND"], f"{name}.{os.path.basename(dump)}"))
     counted = 0
     for dump in dumps:
         for line in open(dump, errors="replace"):

@@ -34,8 +34,15 @@ def cpu_ticks(pid):
     return int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15 of the whole line)
 
 
+# As NGINX is configured here (keepalive_requests 1000000, no limit_conn): the load
+# generator's many connections from one loopback address are the benchmark, not a flood.
+# (Binaries older than these settings have no such limits; `lift_limits=False` for them.)
+LIFTED = """max_requests_per_connection = 0
+max_connections_per_ip = 0"""
+
+
 def gateway_config(data_dir, port, admin, upstream, auth=None, extra="", server_extra="", upstream_extra="",
-                   workers=1):
+                   workers=1, lift_limits=True):
     """A Tollgate config: one route `/` to upstream `u` at `upstream` (with `auth` if given),
     then `extra`; `server_extra` and `upstream_extra` go into those sections."""
     workers_line = f"workers = {workers}" if workers else ""
@@ -45,10 +52,7 @@ def gateway_config(data_dir, port, admin, upstream, auth=None, extra="", server_
 [server]
 listen = ["127.0.0.1:{port}"]
 {workers_line}
-# As NGINX is configured here (keepalive_requests 1000000, no limit_conn): the load
-# generator's many connections from one loopback address are the benchmark, not a flood.
-max_requests_per_connection = 0
-max_connections_per_ip = 0
+{LIFTED if lift_limits else ""}
 {server_extra}
 
 [admin]
@@ -241,7 +245,8 @@ monthly = 10000000000000
             config = os.path.join(workdir, f"{name}.toml")
             with open(config, "w") as f:
                 f.write(gateway_config(f"./data-{name}", port, admin, f"127.0.0.1:{up_port}",
-                                       "api_key" if auth else None, plan, upstream_extra=health))
+                                       "api_key" if auth else None, plan, upstream_extra=health,
+                                       lift_limits=binary.startswith(os.path.join(ROOT, "target"))))
             proc = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
                                     stdout=subprocess.DEVNULL,
                                     stderr=open(os.path.join(workdir, f"{name}.log"), "w"),

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, Ordering};
 use std::task::Waker;
-use std::time::{Duration, Instant};
 
 const AWAITING_HEAD: u8 = 0;
 const IN_REQUEST: u8 = 1;
@@ -73,18 +72,18 @@ impl ConnPhase {
 
 /// The requests (HTTP/2 streams) of one connection, for the limits that count them:
 /// requests per connection, idle time with no stream open, and streams the client reset
-/// before their response (HTTP/2 rapid reset, CVE-2023-44487).
+/// before their response (HTTP/2 rapid reset, CVE-2023-44487). A few relaxed atomics per
+/// request, no clock read: idle time is judged by the listener's periodic check, which
+/// compares `started` between two looks.
 #[derive(Debug)]
 pub struct ConnStreams {
     started: AtomicU64,
     active: AtomicU32,
     premature_resets: AtomicU32,
-    born: Instant,
-    /// Milliseconds after `born` when the last stream ended.
-    idle_since: AtomicU64,
     max_premature_resets: u32,
     abusive: AtomicBool,
-    closing: tokio::sync::Notify,
+    /// The connection's task, woken once the connection is found abusive.
+    closer: atomic_waker::AtomicWaker,
 }
 
 impl ConnStreams {
@@ -93,11 +92,9 @@ impl ConnStreams {
             started: AtomicU64::new(0),
             active: AtomicU32::new(0),
             premature_resets: AtomicU32::new(0),
-            born: Instant::now(),
-            idle_since: AtomicU64::new(0),
             max_premature_resets,
             abusive: AtomicBool::new(false),
-            closing: tokio::sync::Notify::new(),
+            closer: atomic_waker::AtomicWaker::new(),
         }
     }
 
@@ -116,13 +113,9 @@ impl ConnStreams {
         self.started.load(Ordering::Relaxed)
     }
 
-    /// How long no request has been open, or `None` while one is.
-    pub fn idle_for(&self) -> Option<Duration> {
-        if self.active.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        let since = Duration::from_millis(self.idle_since.load(Ordering::Relaxed));
-        Some(self.born.elapsed().saturating_sub(since))
+    /// No request is open now.
+    pub fn is_idle(&self) -> bool {
+        self.active.load(Ordering::Acquire) == 0
     }
 
     /// The client reset too many streams before their response: close the connection.
@@ -130,18 +123,19 @@ impl ConnStreams {
         self.abusive.load(Ordering::Relaxed)
     }
 
-    /// Resolves once the connection has been found abusive.
-    pub async fn abused(&self) {
-        let notified = self.closing.notified();
+    /// Ready once the connection has been found abusive; registers `cx`'s waker.
+    pub fn poll_abused(&self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
         if self.is_abusive() {
-            return;
+            return std::task::Poll::Ready(());
         }
-        notified.await;
+        self.closer.register(cx.waker());
+        if self.is_abusive() {
+            return std::task::Poll::Ready(());
+        }
+        std::task::Poll::Pending
     }
 
     fn ended(&self, answered: bool) {
-        self.idle_since
-            .store(self.born.elapsed().as_millis() as u64, Ordering::Relaxed);
         self.active.fetch_sub(1, Ordering::Release);
         if answered || self.max_premature_resets == 0 {
             return;
@@ -152,7 +146,7 @@ impl ConnStreams {
             && u64::from(resets) * 2 > self.started()
             && !self.abusive.swap(true, Ordering::Relaxed)
         {
-            self.closing.notify_waiters();
+            self.closer.wake();
         }
     }
 }
@@ -202,9 +196,9 @@ mod tests {
     fn streams_reset_before_their_answer_mark_the_connection_abusive() {
         let streams = ConnStreams::new(3);
         streams.start().answered();
-        assert_eq!(streams.idle_for().map(|_| ()), Some(()));
+        assert!(streams.is_idle());
         let open = streams.start();
-        assert_eq!(streams.idle_for(), None);
+        assert!(!streams.is_idle());
         drop(open);
         drop(streams.start());
         assert!(!streams.is_abusive(), "2 resets of 3 streams: under the limit");

@@ -93,6 +93,8 @@ pub struct Clock {
     anchor: std::time::Instant,
     /// How far the system clock has stepped ahead of the monotonic one since start.
     ahead_ns: std::sync::atomic::AtomicU64,
+    /// When (in this clock's time) the system clock is next compared.
+    next_wall_check: std::sync::atomic::AtomicU64,
 }
 
 impl Clone for Clock {
@@ -102,6 +104,7 @@ impl Clone for Clock {
             start_ns: self.start_ns,
             anchor: self.anchor,
             ahead_ns: std::sync::atomic::AtomicU64::new(self.ahead_ns.load(std::sync::atomic::Ordering::Relaxed)),
+            next_wall_check: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -122,6 +125,7 @@ impl Clock {
             start_ns: Now::system().0.saturating_add_signed(offset_ns),
             anchor: std::time::Instant::now(),
             ahead_ns: std::sync::atomic::AtomicU64::new(0),
+            next_wall_check: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -131,16 +135,28 @@ impl Clock {
     }
 
     pub fn now(&self) -> Now {
-        self.reading(Now::system().0.saturating_add_signed(self.offset_ns))
+        use std::sync::atomic::Ordering;
+        let monotonic = self.monotonic();
+        // The system clock is compared once a second, not on every request.
+        if monotonic >= self.next_wall_check.load(Ordering::Relaxed) {
+            self.next_wall_check.store(monotonic + STEP_NS, Ordering::Relaxed);
+            return self.reading(Now::system().0.saturating_add_signed(self.offset_ns));
+        }
+        Now(monotonic)
+    }
+
+    fn monotonic(&self) -> u64 {
+        self.start_ns
+            + self.anchor.elapsed().as_nanos() as u64
+            + self.ahead_ns.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The clock's time given the (shifted) system time `wall`.
     fn reading(&self, wall: u64) -> Now {
-        use std::sync::atomic::Ordering;
-        let ahead = self.ahead_ns.load(Ordering::Relaxed);
-        let monotonic = self.start_ns + self.anchor.elapsed().as_nanos() as u64 + ahead;
+        let monotonic = self.monotonic();
         if wall > monotonic + STEP_NS {
-            self.ahead_ns.fetch_add(wall - monotonic, Ordering::Relaxed);
+            self.ahead_ns
+                .fetch_add(wall - monotonic, std::sync::atomic::Ordering::Relaxed);
             return Now(wall);
         }
         Now(monotonic)

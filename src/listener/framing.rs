@@ -178,13 +178,40 @@ fn valid_authority(value: &[u8]) -> bool {
         }
     };
     let port_ok = port.is_empty() || (port[0] == b':' && port.len() <= 6 && port[1..].iter().all(u8::is_ascii_digit));
-    let host_ok = !host.is_empty()
-        && (host[0] == b'['
-            || host
-                .iter()
-                .all(|b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b)));
+    let host_ok = !host.is_empty() && (host[0] == b'[' || host.iter().all(|b| REG_NAME[*b as usize]));
     host_ok && port_ok
 }
+
+/// The bytes of an RFC 3986 reg-name (or IPv4 address): unreserved, `%` of an escape, and
+/// sub-delims; a table, as this runs on every request.
+const REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = 0;
+    while b < 256 {
+        let c = b as u8;
+        table[b] = c.is_ascii_alphanumeric()
+            || matches!(
+                c,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+            );
+        b += 1;
+    }
+    table
+};
 
 /// `Content-Length` is 1*DIGIT (§6.3, RFC 9110 §8.6); signs, spaces inside, lists or
 /// values that overflow are refused.

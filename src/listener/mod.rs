@@ -399,8 +399,10 @@ async fn serve_http<S: Transport>(
                 .serve_connection_with_upgrades(TokioIo::new(io), service.clone()),
         );
         // HTTP/1 idle time is the guard's; this closes HTTP/2 connections with no stream
-        // open (an h2c preface and nothing more) after `idle_timeout`.
+        // open (an h2c preface and nothing more): idle at two looks `idle_timeout` apart
+        // with no stream begun in between — no clock read per request.
         let mut idle_check = Box::pin(tokio::time::sleep(limits.idle_timeout));
+        let mut last_look = (conn.streams.started(), true);
         let result = loop {
             tokio::select! {
                 // The connection first: no random branch order on every wake.
@@ -411,22 +413,23 @@ async fn serve_http<S: Transport>(
                     connection.as_mut().graceful_shutdown();
                     break connection.as_mut().await;
                 }
-                _ = conn.streams.abused() => {
+                _ = std::future::poll_fn(|cx| conn.streams.poll_abused(cx)) => {
                     // Rapid reset: the connection is dropped without finishing anything.
                     metrics.protected(Protection::PrematureResets);
                     tracing::debug!(%peer, "connection closed: streams reset before their response");
                     return;
                 }
-                _ = idle_check.as_mut() => match conn.streams.idle_for() {
-                    Some(idle) if idle >= limits.idle_timeout => {
+                _ = idle_check.as_mut() => {
+                    let look = (conn.streams.started(), conn.streams.is_idle());
+                    if look.1 && look == last_look {
                         metrics.protected(Protection::Http2Idle);
                         connection.as_mut().graceful_shutdown();
                         let closing = tokio::time::timeout(Duration::from_secs(5), connection.as_mut()).await;
                         break closing.unwrap_or(Ok(()));
                     }
-                    Some(idle) => idle_check.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout - idle),
-                    None => idle_check.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout),
-                },
+                    last_look = look;
+                    idle_check.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+                }
             }
         };
         if let Err(error) = result {
