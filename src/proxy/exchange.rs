@@ -64,10 +64,12 @@ impl Worker {
         // Before a pool slot is taken: a slow body holds nothing upstream.
         let body_timeout = snapshot.config.server.client_body_timeout;
         let mut req = req.map(|body| ClientBody::new(body, route.max_body_bytes, body_timeout));
-        req.body_mut()
-            .prefetch()
-            .await
-            .map_err(|fault| ProxyError::with_cause(fault.kind(), fault))?;
+        if !hyper::body::Body::is_end_stream(req.body()) {
+            req.body_mut()
+                .prefetch()
+                .await
+                .map_err(|fault| ProxyError::with_cause(fault.kind(), fault))?;
+        }
         let upstream = &route.upstream;
         let pool = &upstream.pool;
         let _slot = pool

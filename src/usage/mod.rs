@@ -113,6 +113,15 @@ impl UsageTable {
         match charges {
             Charges::One(one) => {
                 let mut shard = lock(&self.shards[self.shard_of(one.subject)]);
+                // The common case, a subject in memory: decided and counted in one lookup.
+                let Shard {
+                    map, dirty, retired, ..
+                } = &mut *shard;
+                if let Some(entry) = map.get_mut(&one.subject) {
+                    let decided = self.decide(entry, one.subject, retired, plan, group, now)?;
+                    commit(entry, one, decided.tat, group, dirty, now);
+                    return Ok(decided.status);
+                }
                 let (decided, fresh) = self.decide_charge(&mut shard, one, plan, group, now)?;
                 self.commit_charge(&mut shard, one, fresh, decided.tat, group, now);
                 Ok(decided.status)
