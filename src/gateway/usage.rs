@@ -103,8 +103,11 @@ impl Usage {
             }
         }
         self.metrics.usage.set_counters(self.table.len());
-        self.metrics
-            .anonymous_table(self.table.anonymous_len(), self.table.take_evictions());
+        self.metrics.anonymous_table(
+            self.table.anonymous_len(),
+            self.table.take_evictions(),
+            self.table.take_rows_dropped(),
+        );
         Ok(restored)
     }
 
@@ -205,8 +208,11 @@ impl Usage {
             }
             self.prune_if_new_day().await;
             self.metrics.usage.set_counters(self.table.len());
-            self.metrics
-                .anonymous_table(self.table.anonymous_len(), self.table.take_evictions());
+            self.metrics.anonymous_table(
+                self.table.anonymous_len(),
+                self.table.take_evictions(),
+                self.table.take_rows_dropped(),
+            );
         }
         self.flush_for_shutdown(force).await;
     }

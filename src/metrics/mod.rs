@@ -30,6 +30,7 @@ pub const USAGE_ROWS_ABANDONED_TOTAL: &str = "tollgate_usage_rows_abandoned_tota
 pub const PROTECTIONS_TOTAL: &str = "tollgate_protections_total";
 pub const ANONYMOUS_SUBJECTS: &str = "tollgate_anonymous_subjects";
 pub const ANONYMOUS_EVICTIONS_TOTAL: &str = "tollgate_anonymous_evictions_total";
+pub const ANONYMOUS_ROWS_DROPPED_TOTAL: &str = "tollgate_anonymous_usage_rows_dropped_total";
 
 /// A protective limit that refused a request or closed a connection (docs/security.md).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -255,6 +256,7 @@ pub struct Metrics {
     protections: [AtomicU64; Protection::ALL.len()],
     anonymous_subjects: AtomicI64,
     anonymous_evictions: AtomicU64,
+    anonymous_rows_dropped: AtomicU64,
 }
 
 /// The usage flusher's health: how many counters are held and how writes go.
@@ -351,9 +353,10 @@ impl Metrics {
     }
 
     /// The anonymous tier's table: subjects held in memory, and how many were evicted.
-    pub fn anonymous_table(&self, held: usize, evicted: u64) {
+    pub fn anonymous_table(&self, held: usize, evicted: u64, rows_dropped: u64) {
         self.anonymous_subjects.store(held as i64, Ordering::Relaxed);
         self.anonymous_evictions.fetch_add(evicted, Ordering::Relaxed);
+        self.anonymous_rows_dropped.fetch_add(rows_dropped, Ordering::Relaxed);
     }
 
     pub fn open_connections(&self) -> i64 {
@@ -508,6 +511,17 @@ impl Metrics {
             out,
             "{ANONYMOUS_EVICTIONS_TOTAL} {}",
             self.anonymous_evictions.load(Ordering::Relaxed)
+        );
+        describe(
+            out,
+            ANONYMOUS_ROWS_DROPPED_TOTAL,
+            "counter",
+            "Anonymous usage rows dropped because a flood outran the usage store (decisions unaffected).",
+        );
+        let _ = writeln!(
+            out,
+            "{ANONYMOUS_ROWS_DROPPED_TOTAL} {}",
+            self.anonymous_rows_dropped.load(Ordering::Relaxed)
         );
         describe(
             out,

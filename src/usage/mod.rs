@@ -54,6 +54,7 @@ pub struct UsageTable {
     /// Each shard's share of `anonymous.max_subjects` (0 = unbounded).
     max_anonymous_per_shard: std::sync::atomic::AtomicUsize,
     evictions: std::sync::atomic::AtomicU64,
+    rows_dropped: std::sync::atomic::AtomicU64,
 }
 
 impl Default for UsageTable {
@@ -64,6 +65,7 @@ impl Default for UsageTable {
             anonymous_month: Default::default(),
             max_anonymous_per_shard: Default::default(),
             evictions: Default::default(),
+            rows_dropped: Default::default(),
         }
     }
 }
@@ -275,13 +277,22 @@ impl UsageTable {
         let sketch = sketch.get_or_insert_with(|| Box::new(entry::Sketch::new(now)));
         sketch.roll(now);
         let mut evicted = 0;
+        let mut dropped = 0;
         map.retain(|subject, entry| {
             if evicted >= want || !evictable(subject, entry) || order(entry) > threshold {
                 return true;
             }
             if entry.queued {
                 // Still listed in `dirty`; `collect` skips subjects no longer in the map.
-                entry.rows(subject.as_ref(), retired);
+                // While the store keeps up, its rows wait for the next flush; when a flood
+                // outruns the store, waiting rows would grow without bound, so past twice
+                // the shard's share they are dropped and counted — the decision state stays
+                // right (the sketch has the counts), the anonymous usage report undercounts.
+                if retired.len() < 2 * cap {
+                    entry.rows(subject.as_ref(), retired);
+                } else {
+                    dropped += 1 + entry.extra.as_ref().map_or(0, |e| e.scoped.iter().count() as u64);
+                }
             }
             sketch.record(self.sketch_hash(subject.as_ref()), entry, now);
             evicted += 1;
@@ -290,6 +301,13 @@ impl UsageTable {
         *anonymous -= evicted;
         self.evictions
             .fetch_add(evicted as u64, std::sync::atomic::Ordering::Relaxed);
+        self.rows_dropped
+            .fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Anonymous usage rows dropped since the last call (a flood outran the store).
+    pub fn take_rows_dropped(&self) -> u64 {
+        self.rows_dropped.swap(0, std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Anonymous subjects held in memory.

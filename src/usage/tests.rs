@@ -341,7 +341,7 @@ fn a_refused_charge_creates_no_entry() {
 }
 
 #[test]
-fn unflushed_anonymous_subjects_are_evicted_with_their_rows_kept_for_the_store() {
+fn unflushed_anonymous_subjects_are_evicted_and_their_rows_kept_or_counted_as_dropped() {
     let table = UsageTable::default();
     table.set_max_anonymous(640);
     let plan = plan(Some(5), None);
@@ -351,10 +351,27 @@ fn unflushed_anonymous_subjects_are_evicted_with_their_rows_kept_for_the_store()
         assert_eq!(admit_n(&table, &ip(n), &plan, now, 1), 1);
     }
     assert!(table.anonymous_len() <= 640, "{} held", table.anonymous_len());
-    // Every subject's count reaches the store: evicted ones through `retired`.
+    // Rows wait for the store up to twice the bound; past that they are dropped and
+    // counted. Every subject's row is one or the other.
     let mut rows = Vec::new();
     table.collect(&mut rows);
     let subjects: std::collections::HashSet<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
-    assert_eq!(subjects.len(), 5000);
+    assert!(subjects.len() <= 640 + 2 * 640, "{} rows kept", subjects.len());
+    assert_eq!(subjects.len() as u64 + table.take_rows_dropped(), 5000);
     assert!(rows.iter().all(|r| r.count == 1));
+
+    // A store that keeps up loses nothing: flushed as they go, no row is dropped.
+    let table = UsageTable::default();
+    table.set_max_anonymous(640);
+    let mut rows = Vec::new();
+    for n in 0..5000 {
+        assert_eq!(admit_n(&table, &ip(n), &plan, now, 1), 1);
+        if n % 50 == 0 {
+            table.collect(&mut rows);
+        }
+    }
+    table.collect(&mut rows);
+    assert_eq!(table.take_rows_dropped(), 0);
+    let subjects: std::collections::HashSet<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
+    assert_eq!(subjects.len(), 5000);
 }
