@@ -83,7 +83,8 @@ max_subjects = {args.max_subjects}
         time.sleep(1.5)  # the last flush, then the table is bounded again
         print(f"requests sent: {total} in {time.time() - started:.0f} s (each a new IPv6 /64 and Referer host)")
         print(f"anonymous subjects held: {metric(admin, 'tollgate_anonymous_subjects')} (max_subjects {args.max_subjects})")
-        print(f"evicted: {metric(admin, 'tollgate_anonymous_evictions_total')}")
+        print(f"evicted: {metric(admin, 'tollgate_anonymous_evictions_total')}, "
+              f"usage rows dropped: {metric(admin, 'tollgate_anonymous_usage_rows_dropped_total')}")
         flushes = metric(admin, "tollgate_usage_flush_duration_seconds_count")
         text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
         seconds = float(re.search(r"^tollgate_usage_flush_duration_seconds_sum ([\d.e+-]+)", text, re.M).group(1))
