@@ -92,6 +92,13 @@ pub(super) fn server(
             "must be at least 1024",
         );
     }
+    if server.connections_ipv6_prefix > 128 {
+        sink.push(
+            span("connections_ipv6_prefix"),
+            "server.connections_ipv6_prefix",
+            "must be between 0 and 128",
+        );
+    }
     if server.http2_max_concurrent_streams == 0 {
         sink.push(
             span("http2_max_concurrent_streams"),

@@ -14,14 +14,18 @@ const SHARDS: usize = 16;
 /// the table holds only the IPs with connections open.
 pub struct ClientConnections {
     max: usize,
+    /// IPv6 clients are counted per network of this many bits (one subscriber holds a
+    /// whole /64 and could otherwise open `max` connections from each address in it).
+    ipv6_prefix: u8,
     shards: Box<[Mutex<HashMap<IpAddr, usize>>]>,
 }
 
 impl ClientConnections {
     /// `max` = 0: no limit (nothing is counted).
-    pub fn new(max: usize) -> ClientConnections {
+    pub fn new(max: usize, ipv6_prefix: u8) -> ClientConnections {
         ClientConnections {
             max,
+            ipv6_prefix,
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
         }
     }
@@ -39,6 +43,7 @@ impl ClientConnections {
         if self.max == 0 {
             return Some(IpSlot { table: None, ip });
         }
+        let ip = self.client(ip);
         let mut shard = self.shard(&ip).lock().unwrap_or_else(|e| e.into_inner());
         let count = shard.entry(ip).or_insert(0);
         if *count >= self.max {
@@ -51,7 +56,19 @@ impl ClientConnections {
         })
     }
 
+    /// The address a client is counted by: IPv4 as is, IPv6 by its network.
+    fn client(&self, ip: IpAddr) -> IpAddr {
+        match ip {
+            IpAddr::V6(v6) if self.ipv6_prefix < 128 => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.ipv6_prefix)).unwrap_or(0);
+                IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & mask))
+            }
+            ip => ip,
+        }
+    }
+
     pub fn open_from(&self, ip: IpAddr) -> usize {
+        let ip = self.client(ip);
         let shard = self.shard(&ip).lock().unwrap_or_else(|e| e.into_inner());
         shard.get(&ip).copied().unwrap_or(0)
     }
@@ -116,7 +133,7 @@ mod tests {
 
     #[test]
     fn per_ip_slots_stop_at_the_limit_and_come_back() {
-        let table = Arc::new(ClientConnections::new(2));
+        let table = Arc::new(ClientConnections::new(2, 64));
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let b: IpAddr = "2001:db8::1".parse().unwrap();
         let first = table.open(a).unwrap();
@@ -126,14 +143,28 @@ mod tests {
         drop(first);
         assert!(table.open(a).is_some());
         assert_eq!(table.open_from(a), 1);
-        let unlimited = Arc::new(ClientConnections::new(0));
+        let unlimited = Arc::new(ClientConnections::new(0, 64));
         let many: Vec<_> = (0..100).map(|_| unlimited.open(a).unwrap()).collect();
         assert_eq!(many.len(), 100);
     }
 
     #[test]
+    fn ipv6_clients_are_counted_per_network() {
+        let table = Arc::new(ClientConnections::new(2, 64));
+        let a: IpAddr = "2001:db8:1:2::1".parse().unwrap();
+        let b: IpAddr = "2001:db8:1:2:ffff::9".parse().unwrap();
+        let _first = table.open(a).unwrap();
+        let _second = table.open(b).unwrap();
+        assert!(table.open("2001:db8:1:2::77".parse().unwrap()).is_none(), "same /64");
+        assert!(table.open("2001:db8:1:3::1".parse().unwrap()).is_some(), "another /64");
+        let exact = Arc::new(ClientConnections::new(1, 128));
+        let _one = exact.open(a).unwrap();
+        assert!(exact.open(b).is_some());
+    }
+
+    #[test]
     fn closed_ips_leave_the_table() {
-        let table = Arc::new(ClientConnections::new(5));
+        let table = Arc::new(ClientConnections::new(5, 64));
         for i in 0..1000u32 {
             drop(table.open(IpAddr::from(i.to_be_bytes())).unwrap());
         }

@@ -83,7 +83,10 @@ pub fn spawn_workers(
 ) -> std::io::Result<Vec<JoinHandle<()>>> {
     let mut handles = Vec::new();
     let server = &gateway.snapshot().config.server;
-    let per_ip = Arc::new(ClientConnections::new(server.max_connections_per_ip));
+    let per_ip = Arc::new(ClientConnections::new(
+        server.max_connections_per_ip,
+        server.connections_ipv6_prefix,
+    ));
     let max_per_worker = server.max_connections;
     for (id, listeners) in listeners.into_iter().enumerate() {
         let worker = Worker {

@@ -104,7 +104,7 @@ impl Worker {
         ctx.caller = self.identify(snapshot, route, head)?;
         // A declared length over the route's limit is refused before anything is charged;
         // a body that grows past it is cut off in the exchange.
-        if content_length(head.headers).is_some_and(|length| length > route.max_body_bytes) {
+        if ctx.declared_body > route.max_body_bytes {
             return Err(ProxyError::new(ErrorKind::PayloadTooLarge));
         }
         self.limit_filter(snapshot, route, ctx)?;
@@ -197,13 +197,6 @@ fn bearer(headers: &HeaderMap) -> Option<&str> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
 }
 
 fn referer_host(headers: &HeaderMap) -> Option<String> {

@@ -120,6 +120,9 @@ pub struct RequestCtx<'c> {
     pub retry_after: Option<u64>,
     /// The methods the best-matching route takes, on a 405.
     pub allow: Option<HeaderValue>,
+    /// The body length the request declared (`Content-Length`, as hyper read it; 0 for
+    /// none or chunked), checked against the route's limit before anything is charged.
+    pub declared_body: u64,
 }
 
 impl<'c> RequestCtx<'c> {
@@ -141,6 +144,7 @@ impl<'c> RequestCtx<'c> {
             limit: None,
             retry_after: None,
             allow: None,
+            declared_body: 0,
         }
     }
 
@@ -162,6 +166,7 @@ impl Worker {
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let snapshot = self.gateway.snapshot();
         let mut ctx = RequestCtx::new(headers::request_id(req.headers()), conn);
+        ctx.declared_body = hyper::body::Body::size_hint(req.body()).lower();
         let outcome = match self.request_filter(&snapshot, &mut ctx, Head::of(&req)) {
             Ok(route) => self.proxy(&snapshot, route, &mut ctx, req).await,
             Err(error) => Err(error),

@@ -60,6 +60,10 @@ pub struct ServerSection {
     /// Open client connections per client IP, across workers.
     #[serde(default = "default_max_connections_per_ip")]
     pub max_connections_per_ip: usize,
+    /// IPv6 clients are counted per network of this many bits for
+    /// `max_connections_per_ip`.
+    #[serde(default = "default_connections_ipv6_prefix")]
+    pub connections_ipv6_prefix: u8,
     /// Requests on one HTTP/1 keep-alive connection before it is closed (NGINX's
     /// `keepalive_requests`).
     #[serde(default = "default_max_requests_per_connection")]
@@ -97,6 +101,9 @@ fn default_max_connections() -> usize {
 }
 fn default_max_connections_per_ip() -> usize {
     1_024
+}
+fn default_connections_ipv6_prefix() -> u8 {
+    64
 }
 fn default_max_requests_per_connection() -> u64 {
     1_000
@@ -214,6 +221,7 @@ impl Default for ServerSection {
             tls: None,
             max_connections: default_max_connections(),
             max_connections_per_ip: default_max_connections_per_ip(),
+            connections_ipv6_prefix: default_connections_ipv6_prefix(),
             max_requests_per_connection: default_max_requests_per_connection(),
             max_body_bytes: default_max_body_bytes(),
             client_body_timeout: default_body_timeout(),
