@@ -38,11 +38,12 @@ pub enum RequestBody {
 pub struct ClientBody {
     inner: Incoming,
     /// The first frame, read before the upstream is chosen (see [`ClientBody::prefetch`]).
-    peeked: Option<Frame<Bytes>>,
+    /// Boxed, with `timer`: most bodies are empty, and the request moves a few times.
+    peeked: Option<Box<Frame<Bytes>>>,
     /// Bytes still allowed.
     allowed: u64,
     timeout: Duration,
-    timer: Option<crate::base::Deadline>,
+    timer: Option<Box<crate::base::Deadline>>,
 }
 
 impl ClientBody {
@@ -66,7 +67,7 @@ impl ClientBody {
             return Ok(());
         }
         match std::future::poll_fn(|cx| self.poll_inner(cx)).await {
-            Some(Ok(frame)) => self.peeked = Some(frame),
+            Some(Ok(frame)) => self.peeked = Some(Box::new(frame)),
             Some(Err(error)) => return Err(error),
             None => {}
         }
@@ -77,7 +78,9 @@ impl ClientBody {
         match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Pending => {
                 let at = Instant::now() + self.timeout;
-                let timer = self.timer.get_or_insert_with(|| crate::base::Deadline::new(at));
+                let timer = self
+                    .timer
+                    .get_or_insert_with(|| Box::new(crate::base::Deadline::new(at)));
                 match timer.poll_expired(cx) {
                     Poll::Ready(()) => Poll::Ready(Some(Err(ClientBodyError::Timeout))),
                     Poll::Pending => Poll::Pending,
@@ -140,7 +143,7 @@ impl Body for ClientBody {
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
         let this = self.get_mut();
         if let Some(frame) = this.peeked.take() {
-            return Poll::Ready(Some(Ok(frame)));
+            return Poll::Ready(Some(Ok(*frame)));
         }
         this.poll_inner(cx)
     }
@@ -151,7 +154,7 @@ impl Body for ClientBody {
 
     fn size_hint(&self) -> SizeHint {
         let hint = self.inner.size_hint();
-        let Some(peeked) = self.peeked.as_ref().and_then(Frame::data_ref).map(|d| d.len() as u64) else {
+        let Some(peeked) = self.peeked.as_deref().and_then(Frame::data_ref).map(|d| d.len() as u64) else {
             return hint;
         };
         // The length hyper sends as Content-Length includes the frame already read.
