@@ -270,13 +270,13 @@ fn render_tls(tls: &crate::tls::ServerTls, out: &mut String) {
     );
     let _ = writeln!(out, "tollgate_tls_handshakes_total{{result=\"success\"}} {ok}");
     let _ = writeln!(out, "tollgate_tls_handshakes_total{{result=\"failure\"}} {failed}");
-    crate::metrics::describe(
+    crate::metrics::single(
         out,
         "tollgate_tls_reloads_failed_total",
         "counter",
         "Certificate reloads refused (bad files); the running certificates stayed.",
+        reloads_failed,
     );
-    let _ = writeln!(out, "tollgate_tls_reloads_failed_total {reloads_failed}");
 }
 
 /// Every pool's endpoints with their health, breaker state and load.

@@ -334,39 +334,34 @@ impl Replica for NatsBackend {
     }
 
     fn render_metrics(&self, out: &mut String) {
-        use std::fmt::Write;
-        crate::metrics::describe(
+        crate::metrics::single(
             out,
             "tollgate_cluster_connected",
             "gauge",
             "1 while this node is connected to NATS.",
+            u8::from(self.available()),
         );
-        let _ = writeln!(out, "tollgate_cluster_connected {}", u8::from(self.available()));
-        crate::metrics::describe(
+        let live = self.live_nodes.load(std::sync::atomic::Ordering::Relaxed);
+        crate::metrics::single(
             out,
             "tollgate_cluster_live_nodes",
             "gauge",
             "Gateway nodes heard from in the last 3.5 s, this one included.",
+            live,
         );
-        let live = self.live_nodes.load(std::sync::atomic::Ordering::Relaxed);
-        let _ = writeln!(out, "tollgate_cluster_live_nodes {live}");
-        crate::metrics::describe(
+        crate::metrics::single(
             out,
             "tollgate_usage_outbox_slots",
             "gauge",
             "Own usage slots not yet acknowledged by NATS (kept on disk).",
+            self.outbox_len(),
         );
-        let _ = writeln!(out, "tollgate_usage_outbox_slots {}", self.outbox_len());
-        crate::metrics::describe(
+        crate::metrics::single(
             out,
             "tollgate_usage_stream_sequence",
             "gauge",
             "Last usage-stream sequence merged into this node's view.",
-        );
-        let _ = writeln!(
-            out,
-            "tollgate_usage_stream_sequence {}",
-            self.local.meta(SEQ_META).ok().flatten().unwrap_or(0)
+            self.local.meta(SEQ_META).ok().flatten().unwrap_or(0),
         );
     }
 }
