@@ -7,10 +7,14 @@ evictions.
 Usage: bench/run.sh installs wrk and nginx and builds the release binary; then
 `python3 bench/anonymous_flood.py [--requests 1000000] [--max-subjects 100000]`.
 """
-import argparse, os, re, subprocess, sys, tempfile, time, urllib.request
+import argparse, os, re, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, free_port, gateway_config, stop_all, wait_port, start_nginx, rss_kib  # noqa: E402
+from run import metric as metric_value, rss_kib, start_anonymous_gateway, stop_all  # noqa: E402
+
+
+def metric(admin, name):
+    return int(metric_value(admin, name))
 
 LUA = r"""
 local threads = 0
@@ -35,11 +39,6 @@ end
 """
 
 
-def metric(admin, name):
-    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
-    return int(re.search(rf"^{name} (\d+)", text, re.M).group(1))
-
-
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=1_000_000)
@@ -48,26 +47,14 @@ def main():
     workdir = tempfile.mkdtemp(prefix="tollgate-flood-")
     procs = []
     try:
-        up = free_port()
-        procs.append(start_nginx(workdir, "upstream", f"server {{ listen 127.0.0.1:{up} backlog=4096; location / {{ return 200 'ok'; }} }}", 1))
-        wait_port(up)
-        port, admin = free_port(), free_port()
-        config = os.path.join(workdir, "tollgate.toml")
-        with open(config, "w") as f:
-            f.write(gateway_config(f"{workdir}/data", port, admin, f"127.0.0.1:{up}", "anonymous", f"""
+        port, admin, gateway = start_anonymous_gateway(workdir, procs, f"""
 [plans.anonymous]
 daily = 1000
 [anonymous]
 plan = "anonymous"
 by = ["ip", "referer"]
 max_subjects = {args.max_subjects}
-""", server_extra='trusted_proxies = ["127.0.0.1"]', workers=None))
-        gateway = subprocess.Popen([os.path.join(ROOT, "target", "release", "tollgate"), "serve", "--config", config],
-                                   stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "log"), "w"),
-                                   env={**os.environ, "RUST_LOG": "warn"})
-        procs.append(gateway)
-        wait_port(port)
-        wait_port(admin)
+""")
         script = os.path.join(workdir, "flood.lua")
         open(script, "w").write(LUA)
         before = rss_kib(gateway.pid)
@@ -86,8 +73,7 @@ max_subjects = {args.max_subjects}
         print(f"evicted: {metric(admin, 'tollgate_anonymous_evictions_total')}, "
               f"usage rows dropped: {metric(admin, 'tollgate_anonymous_usage_rows_dropped_total')}")
         flushes = metric(admin, "tollgate_usage_flush_duration_seconds_count")
-        text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
-        seconds = float(re.search(r"^tollgate_usage_flush_duration_seconds_sum ([\d.e+-]+)", text, re.M).group(1))
+        seconds = metric_value(admin, "tollgate_usage_flush_duration_seconds_sum")
         rows = metric(admin, "tollgate_usage_rows_written_total")
         print(f"usage flushes: {flushes}, {rows} rows, {seconds:.1f} s writing ({rows / max(seconds, 1e-9):,.0f} rows/s)")
         print(f"RSS: {before / 1024:.1f} MiB before, {peak / 1024:.1f} MiB peak, {rss_kib(gateway.pid) / 1024:.1f} MiB after")

@@ -6,10 +6,10 @@ X-Forwarded-For address (and one of 1000 Referer hosts) until N distinct IPs wer
 Prints RSS before and after and the gateway's own count of subjects held in memory.
 Usage: bench/run.sh installs wrk and nginx; then `python3 bench/anonymous_rss.py [--ips N]`.
 """
-import argparse, os, re, subprocess, sys, tempfile, time, urllib.request
+import argparse, os, re, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, free_port, gateway_config, stop_all, wait_port, start_nginx, rss_kib  # noqa: E402
+from run import metric, rss_kib, start_anonymous_gateway, stop_all  # noqa: E402
 
 LUA = r"""
 local n = 0
@@ -38,13 +38,7 @@ def main():
     workdir = tempfile.mkdtemp(prefix="tollgate-anon-")
     procs = []
     try:
-        up = free_port()
-        procs.append(start_nginx(workdir, "upstream", f"server {{ listen 127.0.0.1:{up} backlog=4096; location / {{ return 200 'ok'; }} }}", 1))
-        wait_port(up)
-        port, admin = free_port(), free_port()
-        config = os.path.join(workdir, "tollgate.toml")
-        with open(config, "w") as f:
-            f.write(gateway_config(f"{workdir}/data", port, admin, f"127.0.0.1:{up}", "anonymous", """
+        port, admin, gateway = start_anonymous_gateway(workdir, procs, """
 [plans.anonymous]
 # Each IP's quota; the 1000 Referer hosts share the plan, so it must not stop them.
 rate = { per_second = 100000, burst = 100000 }
@@ -52,21 +46,14 @@ daily = 100000
 [anonymous]
 plan = "anonymous"
 by = ["ip", "referer"]
-""", server_extra='trusted_proxies = ["127.0.0.1"]', workers=None))
-        gateway = subprocess.Popen([os.path.join(ROOT, "target", "release", "tollgate"), "serve", "--config", config],
-                                   stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "log"), "w"),
-                                   env={**os.environ, "RUST_LOG": "warn"})
-        procs.append(gateway)
-        wait_port(port)
-        wait_port(admin)
+""")
         script = os.path.join(workdir, "ips.lua")
         open(script, "w").write(LUA)
         before = rss_kib(gateway.pid)
         started = time.time()
         def subjects():
             time.sleep(0.5)  # the gauge is refreshed after each flush
-            metrics = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
-            return int(re.search(r"^tollgate_usage_counters (\d+)", metrics, re.M).group(1))
+            return int(metric(admin, "tollgate_usage_counters"))
 
         # Each wrk run starts its addresses past every address used before.
         total, base = 0, 0

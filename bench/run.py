@@ -5,7 +5,7 @@ Method (docs/benchmarks.md): the proxy under test is pinned to CPU 0; wrk and th
 the same wrk settings; medians over rounds are reported. CPU time per request is read from
 /proc/PID/stat (utime + stime) of the proxy's process before and after each run.
 """
-import argparse, datetime, os, platform, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time
+import argparse, datetime, os, platform, re, shutil, signal, socket, statistics, subprocess, sys, tempfile, time, urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -68,6 +68,33 @@ path = "/"
 upstream = "u"
 {auth_line}
 {extra}"""
+
+
+def start_anonymous_gateway(workdir, procs, anonymous_extra):
+    """An NGINX `return 200` upstream and the release Tollgate in front of it with one
+    anonymous route behind a trusted loopback proxy (so wrk can set `X-Forwarded-For`);
+    `anonymous_extra` holds the anonymous plan and `[anonymous]`. Returns (port, admin, process)."""
+    up = free_port()
+    procs.append(start_nginx(workdir, "upstream", f"server {{ listen 127.0.0.1:{up} backlog=4096; location / {{ return 200 'ok'; }} }}", 1))
+    wait_port(up)
+    port, admin = free_port(), free_port()
+    config = os.path.join(workdir, "tollgate.toml")
+    with open(config, "w") as f:
+        f.write(gateway_config(f"{workdir}/data", port, admin, f"127.0.0.1:{up}", "anonymous", anonymous_extra,
+                               server_extra='trusted_proxies = ["127.0.0.1"]', workers=None))
+    gateway = subprocess.Popen([os.path.join(ROOT, "target", "release", "tollgate"), "serve", "--config", config],
+                               stdout=subprocess.DEVNULL, stderr=open(os.path.join(workdir, "log"), "w"),
+                               env={**os.environ, "RUST_LOG": "warn"})
+    procs.append(gateway)
+    wait_port(port)
+    wait_port(admin)
+    return port, admin, gateway
+
+
+def metric(admin, name):
+    """One unlabelled sample from the admin API's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin}/metrics").read().decode()
+    return float(re.search(rf"^{re.escape(name)} ([\d.e+-]+)", text, re.M).group(1))
 
 
 def rss_kib(pid):

@@ -49,6 +49,17 @@ pub struct Usage {
 }
 
 impl Usage {
+    /// The table's gauges and counters for `/metrics`: subjects held, anonymous ones,
+    /// evictions and dropped rows since the last report.
+    fn report_table(&self) {
+        self.metrics.usage.set_counters(self.table.len());
+        self.metrics.anonymous_table(
+            self.table.anonymous_len(),
+            self.table.take_evictions(),
+            self.table.take_rows_dropped(),
+        );
+    }
+
     pub fn new(
         node: String,
         clock: Clock,
@@ -102,12 +113,7 @@ impl Usage {
                     .scan_usage(&scan(month_start, today - 1, Some(prefix)), &mut apply)?;
             }
         }
-        self.metrics.usage.set_counters(self.table.len());
-        self.metrics.anonymous_table(
-            self.table.anonymous_len(),
-            self.table.take_evictions(),
-            self.table.take_rows_dropped(),
-        );
+        self.report_table();
         Ok(restored)
     }
 
@@ -207,12 +213,7 @@ impl Usage {
                 tracing::warn!(%error, "usage flush failed; will retry");
             }
             self.prune_if_new_day().await;
-            self.metrics.usage.set_counters(self.table.len());
-            self.metrics.anonymous_table(
-                self.table.anonymous_len(),
-                self.table.take_evictions(),
-                self.table.take_rows_dropped(),
-            );
+            self.report_table();
         }
         self.flush_for_shutdown(force).await;
     }

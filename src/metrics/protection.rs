@@ -80,7 +80,6 @@ impl Protection {
             ErrorKind::HeadersTooLarge => Some(Protection::HeaderSize),
             ErrorKind::PayloadTooLarge => Some(Protection::BodySize),
             ErrorKind::BodyTimeout => Some(Protection::BodyTimeout),
-            ErrorKind::TooManyConnections => Some(Protection::ConnectionsPerIp),
             _ => None,
         }
     }
