@@ -17,6 +17,12 @@ fn gateway(upstream: SocketAddr, server_extra: &str, rest: &str) -> Gateway {
     ))
 }
 
+/// Raw bytes over a fresh connection to the gateway; what came back before the close or
+/// `seconds` (blocking, so off the test's async worker).
+fn exchange(gw: &Gateway, bytes: &[u8], seconds: u64) -> String {
+    tokio::task::block_in_place(|| raw_exchange(gw.proxy, bytes, Duration::from_secs(seconds)))
+}
+
 fn status_of(response: &str) -> u16 {
     response.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
@@ -49,8 +55,7 @@ async fn malformed_requests_are_refused_before_the_upstream() {
     assert!(cases.len() >= 30);
     let mut failures = Vec::new();
     for case in &cases {
-        let response =
-            tokio::task::block_in_place(|| raw_exchange(gw.proxy, case.request.as_bytes(), Duration::from_secs(5)));
+        let response = exchange(&gw, case.request.as_bytes(), 5);
         let status = status_of(&response);
         if !case.expect.contains(&status) {
             failures.push(format!(
@@ -84,36 +89,26 @@ async fn slow_heads_and_bodies_time_out_and_large_bodies_are_refused() {
     );
     // Slowloris: a head that never ends.
     let started = Instant::now();
-    let response = tokio::task::block_in_place(|| {
-        raw_exchange(
-            gw.proxy,
-            b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: 1\r\n",
-            Duration::from_secs(10),
-        )
-    });
+    let response = exchange(&gw, b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: 1\r\n", 10);
     assert_eq!(status_of(&response), 408, "{response}");
     // Generous bound: the timeout is 1 s; a loaded 2-core CI machine may add seconds.
     assert!(started.elapsed() < Duration::from_secs(8));
 
     // A body that stops coming.
-    let response = tokio::task::block_in_place(|| {
-        raw_exchange(
-            gw.proxy,
-            b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly-part",
-            Duration::from_secs(10),
-        )
-    });
+    let response = exchange(
+        &gw,
+        b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\nonly-part",
+        10,
+    );
     assert_eq!(status_of(&response), 408, "{response}");
     assert_eq!(raw_json_body(&response)["error"]["code"], "body_timeout");
 
     // Declared too large: refused at once.
-    let response = tokio::task::block_in_place(|| {
-        raw_exchange(
-            gw.proxy,
-            b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n",
-            Duration::from_secs(5),
-        )
-    });
+    let response = exchange(
+        &gw,
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\nConnection: close\r\n\r\n",
+        5,
+    );
     assert_eq!(status_of(&response), 413, "{response}");
     assert_eq!(raw_json_body(&response)["error"]["code"], "payload_too_large");
     // Chunked and growing past the limit: refused before the upstream's answer.
@@ -121,7 +116,7 @@ async fn slow_heads_and_bodies_time_out_and_large_bodies_are_refused() {
     let request = format!(
         "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{chunk}{chunk}0\r\n\r\n"
     );
-    let response = tokio::task::block_in_place(|| raw_exchange(gw.proxy, request.as_bytes(), Duration::from_secs(5)));
+    let response = exchange(&gw, request.as_bytes(), 5);
     assert_eq!(status_of(&response), 413, "{response}");
     assert_eq!(
         upstream.hits(),
@@ -265,13 +260,11 @@ async fn a_rapid_reset_client_is_disconnected_and_others_are_served() {
 async fn only_allowed_upgrades_are_tunnelled() {
     let upstream = Upstream::start("api").await;
     let gw = gateway(upstream.addr, "", "");
-    let response = tokio::task::block_in_place(|| {
-        raw_exchange(
-            gw.proxy,
-            b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
-            Duration::from_secs(3),
-        )
-    });
+    let response = exchange(
+        &gw,
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n",
+        3,
+    );
     // Proxied as an ordinary request: no switch, and the upstream saw no Upgrade.
     assert_eq!(status_of(&response), 200, "{response}");
     let body = raw_json_body(&response);
