@@ -9,6 +9,7 @@ pub mod config;
 pub mod gateway;
 pub mod limits;
 pub mod listener;
+pub mod logs;
 pub mod metrics;
 pub mod model;
 pub mod proxy;

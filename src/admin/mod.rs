@@ -174,7 +174,11 @@ async fn healthz() -> impl IntoResponse {
 #[utoipa::path(get, path = "/readyz", security(()), responses((status = 200, description = "Serving"), (status = 503, body = ErrorBody)))]
 async fn readyz(State(state): State<AdminState>) -> Response {
     if state.gateway.is_ready() {
-        axum::Json(json!({"status": "ready"})).into_response()
+        // The access log failing does not stop the proxy: ready, with the detail.
+        match state.gateway.access_log.as_ref().and_then(|log| log.stats.health()) {
+            Some(access_log) => axum::Json(json!({"status": "ready", "access_log": access_log})).into_response(),
+            None => axum::Json(json!({"status": "ready"})).into_response(),
+        }
     } else {
         json_error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -187,6 +191,9 @@ async fn readyz(State(state): State<AdminState>) -> Response {
 async fn metrics(State(state): State<AdminState>) -> Response {
     let mut text = state.gateway.metrics.render();
     render_endpoints(&state.gateway.snapshot(), &mut text);
+    if let Some(log) = &state.gateway.access_log {
+        log.stats.render(&mut text);
+    }
     if let Some(tls) = &state.gateway.tls {
         render_tls(tls, &mut text);
     }

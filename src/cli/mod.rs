@@ -65,6 +65,7 @@ enum Command {
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
+
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Serve { config } => serve_file(&config),

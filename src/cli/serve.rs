@@ -53,9 +53,25 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         .await
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let clock = crate::limits::window::Clock::from_env().map_err(std::io::Error::other)?;
-    let gateway = Gateway::new(config, Arc::new(Metrics::default()), workers, backends, clock)
-        .await
-        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    let (access_log, log_service) = match &config.logs {
+        Some(logs) => {
+            let node = crate::gateway::log_node_name(&config);
+            let region = config.cluster.as_ref().map(|c| c.region.as_str());
+            let (log, service) = crate::logs::service::start(logs, &node, region)?;
+            (Some(log), Some(service))
+        }
+        None => (None, None),
+    };
+    let gateway = Gateway::new(
+        config,
+        Arc::new(Metrics::default()),
+        workers,
+        backends,
+        clock,
+        access_log,
+    )
+    .await
+    .map_err(|e| std::io::Error::other(e.to_string()))?;
     let worker_handles = crate::listener::spawn_workers(gateway.clone(), bound.per_worker, shutdown_rx.clone(), grace)?;
     let admin = tokio::spawn(crate::admin::serve(
         admin_listener,
@@ -63,7 +79,7 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
         admin_tls,
         shutdown_rx.clone(),
     ));
-    let services = crate::gateway::services::start(&gateway, &shutdown_rx);
+    let services = crate::gateway::services::start(&gateway, &shutdown_rx, log_service);
     tracing::info!(proxy = ?bound.plain, tls = ?bound.tls, admin = %admin_addr, workers, "tollgate ready");
     Ok(Running {
         proxy_addrs: bound.plain,

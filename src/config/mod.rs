@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use error::ErrorSink;
 use read::read_section;
 
-pub use check::{MAX_RATE_PER_SECOND, check_rate};
+pub use check::{LogsConfig, MAX_RATE_PER_SECOND, check_rate};
 pub use error::{ConfigError, ConfigErrors};
 pub use read::expand_env;
 pub use schema::{
@@ -42,6 +42,8 @@ pub struct Config {
     pub anonymous: AnonymousSection,
     pub jwt: JwtSection,
     pub usage: UsageSection,
+    /// `[logs]`, when present and enabled.
+    pub logs: Option<LogsConfig>,
     /// Present in global mode.
     pub cluster: Option<ClusterSection>,
     /// `server.trusted_proxies`, parsed.
@@ -125,6 +127,9 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     let usage = check::usage(&mut sink, root);
     let cluster = check::cluster(&mut sink, root);
     let routes = check::routes(&mut sink, root);
+    let base = path.parent().unwrap_or_else(|| Path::new("."));
+    let data_dir = base.join(data_dir.unwrap_or_else(|| "./data".to_string()));
+    let logs = check::logs(&mut sink, root, base, &data_dir).filter(|l| l.section.enabled);
     if !sink.errors.is_empty() {
         sink.errors.sort_by_key(|e| (e.line, e.column));
         return Err(ConfigErrors(sink.errors));
@@ -135,8 +140,6 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     else {
         return Err(ConfigErrors(sink.errors));
     };
-    let base = path.parent().unwrap_or_else(|| Path::new("."));
-    let data_dir = base.join(data_dir.unwrap_or_else(|| "./data".to_string()));
     let mut warnings = Vec::new();
     if routes.iter().any(|r| r.auth.contains(&AuthMethod::Anonymous)) && !plans.contains_key(&anonymous.plan) {
         warnings.push(format!(
@@ -159,6 +162,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         anonymous,
         jwt,
         usage,
+        logs,
         cluster,
         trusted_proxies,
         tls,

@@ -207,9 +207,16 @@ mod tests {
             usage: memory,
             replica: None,
         };
-        Gateway::new(config(), Arc::new(Metrics::default()), 1, backends, Clock::default())
-            .await
-            .unwrap()
+        Gateway::new(
+            config(),
+            Arc::new(Metrics::default()),
+            1,
+            backends,
+            Clock::default(),
+            None,
+        )
+        .await
+        .unwrap()
     }
 
     fn key(id: &str, consumer: &str, secret: &str) -> ApiKey {

@@ -51,6 +51,8 @@ pub struct Gateway {
     pub replica: Option<Arc<dyn Replica>>,
     /// The HTTPS listeners' certificates and settings (`[server.tls]`).
     pub tls: Option<Arc<ServerTls>>,
+    /// `[logs]`: where workers hand their access-log records.
+    pub access_log: Option<Arc<crate::logs::AccessLog>>,
     /// Plans and consumers as last written, for the admin API and for compiling plans;
     /// never read per request. Held only for in-memory work, never across an `.await`.
     data: RwLock<StateData>,
@@ -78,6 +80,7 @@ impl Gateway {
         workers: usize,
         backends: Backends,
         clock: Clock,
+        access_log: Option<Arc<crate::logs::AccessLog>>,
     ) -> Result<Arc<Gateway>, StateError> {
         // Checked when the file was read; a file may have changed since.
         let tls = match &config.tls {
@@ -129,6 +132,7 @@ impl Gateway {
             catalog,
             replica,
             tls,
+            access_log,
             data: RwLock::new(data),
             writes: tokio::sync::Mutex::new(()),
             clients,
@@ -220,11 +224,20 @@ impl Gateway {
 }
 
 /// The node's name in usage slots: `[cluster]`'s, or [`LOCAL_NODE`].
-fn node_name(config: &Config) -> String {
+pub fn node_name(config: &Config) -> String {
     config
         .cluster
         .as_ref()
         .map_or_else(|| LOCAL_NODE.to_string(), |c| c.node_name())
+}
+
+/// The access log's node name: `[cluster] node_id`, else the host name (a single node's
+/// usage slot is `local`, which would not tell nodes' log files apart).
+pub fn log_node_name(config: &Config) -> String {
+    config
+        .cluster
+        .as_ref()
+        .map_or_else(crate::config::schema::host_name, |c| c.node_name())
 }
 
 /// Plans and consumers, and every key streamed from the catalog into the request path's

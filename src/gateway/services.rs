@@ -20,6 +20,8 @@ use crate::state::ReplicaHooks;
 /// The running services of a node.
 pub struct Services {
     background: Vec<JoinHandle<()>>,
+    /// The access log's writer and uploader: stopped after the workers, before the rest.
+    logs: Option<crate::logs::service::LogService>,
     flusher: JoinHandle<()>,
     stop_flusher: watch::Sender<bool>,
     force: watch::Sender<bool>,
@@ -28,7 +30,7 @@ pub struct Services {
 /// Starts every background service; all but the flusher end when `shutdown` turns. Marks
 /// the gateway ready at once (single node, or a node serving from its disk while the
 /// cluster is unreachable) or once its usage view has caught up with the cluster.
-pub fn start(gateway: &Arc<Gateway>, shutdown: &Shutdown) -> Services {
+pub fn start(gateway: &Arc<Gateway>, shutdown: &Shutdown, logs: Option<crate::logs::service::LogService>) -> Services {
     let (stop_flusher, flusher_stop) = watch::channel(false);
     let (force, forced) = watch::channel(false);
     let flush_interval = gateway.snapshot().config.usage.flush_interval;
@@ -51,6 +53,7 @@ pub fn start(gateway: &Arc<Gateway>, shutdown: &Shutdown) -> Services {
     }
     Services {
         background,
+        logs,
         flusher,
         stop_flusher,
         force,
@@ -123,10 +126,14 @@ impl Services {
     pub async fn stop(self, force: impl std::future::Future<Output = ()>) {
         let Services {
             background,
+            logs,
             mut flusher,
             stop_flusher,
             force: give_up,
         } = self;
+        if let Some(logs) = logs {
+            logs.stop().await;
+        }
         let _ = stop_flusher.send(true);
         tokio::select! {
             _ = &mut flusher => {}

@@ -108,7 +108,15 @@ pub fn spawn_workers(
                         return;
                     }
                 };
+                let access_log = worker.gateway.access_log.clone();
+                if let Some(log) = &access_log {
+                    crate::logs::lane::install(log);
+                }
                 runtime.block_on(run_worker(worker, listeners, counts, shutdown, grace));
+                // Bodies still held by unfinished connections finish their records as the
+                // runtime drops them; then the lane goes to the writer.
+                drop(runtime);
+                crate::logs::lane::close();
             })?;
         handles.push(handle);
     }
@@ -132,6 +140,19 @@ async fn run_worker(
     // Every connection task holds a clone of `alive`; `recv` returns `None` once all are gone.
     let (alive, mut all_closed) = tokio::sync::mpsc::channel::<()>(1);
     let mut accept_loops = tokio::task::JoinSet::new();
+    if let Some(log) = &worker.gateway.access_log {
+        // The worker's records go to the writer at least this often (the most a crash
+        // can lose), whatever the traffic.
+        let every = log.flush_interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                crate::logs::lane::flush();
+            }
+        });
+    }
     for (listener, tls) in listeners {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,
@@ -314,6 +335,15 @@ async fn serve_connection(
     Box::pin(serve_tls(worker, settings, stream, peer, tls, shutdown)).await;
 }
 
+/// The access log's name of a TLS version.
+fn tls_version_name(version: rustls::ProtocolVersion) -> &'static str {
+    match version {
+        rustls::ProtocolVersion::TLSv1_3 => "TLSv1.3",
+        rustls::ProtocolVersion::TLSv1_2 => "TLSv1.2",
+        _ => "other",
+    }
+}
+
 /// Answers a connection over the per-IP limit with a `429` (plain HTTP only) and closes it
 /// once the client has read it or after a second.
 async fn refuse_connection(mut stream: tokio::net::TcpStream) {
@@ -343,6 +373,7 @@ async fn serve_tls(
     match accepted {
         Ok(Ok(stream)) => {
             let mut conn = ConnInfo::new(peer, settings.port, true);
+            conn.tls_version = stream.get_ref().1.protocol_version().map(tls_version_name);
             conn.client_identity = crate::tls::client_identity(stream.get_ref().1)
                 .and_then(|identity| http::HeaderValue::from_str(&identity).ok());
             serve_http(worker, settings, stream, conn, shutdown).await;

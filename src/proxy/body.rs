@@ -11,17 +11,20 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::Instant;
 
 use crate::base::{ConnPhase, Deadline};
+use crate::logs::Pending;
 use crate::upstream::InflightGuard;
 use crate::upstream::client::PooledConn;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// A response body, plus what must live exactly as long as it: the endpoint's in-flight
-/// count and the connection's "response finished" signal.
+/// count, the connection's "response finished" signal and the request's access-log
+/// record (finished with the bytes sent when the body is dropped).
 pub struct ProxyBody {
     kind: Kind,
     _inflight: Option<InflightGuard>,
     finished: Option<Arc<ConnPhase>>,
+    record: Option<Pending>,
 }
 
 enum Kind {
@@ -36,6 +39,8 @@ struct TimedBody {
     timer: Deadline,
     /// Returned to the worker's pool once the body has been read to its end.
     conn: Option<PooledConn>,
+    /// The last frame was read.
+    ended: bool,
 }
 
 impl TimedBody {
@@ -60,6 +65,7 @@ impl ProxyBody {
             kind: Kind::Full(Some(bytes)),
             _inflight: None,
             finished: None,
+            record: None,
         }
     }
 
@@ -83,15 +89,30 @@ impl ProxyBody {
                 deadline,
                 timer: Deadline::new(first),
                 conn,
+                ended: false,
             }),
             _inflight: Some(inflight),
             finished: None,
+            record: None,
         }
     }
 
     /// Signals `phase` when this body has been written out (or abandoned).
     pub fn set_finished_signal(&mut self, phase: Arc<ConnPhase>) {
         self.finished = Some(phase);
+    }
+
+    /// Carries the request's access-log record until the body is done.
+    pub fn set_record(&mut self, record: Pending) {
+        self.record = Some(record);
+    }
+
+    /// The whole body was produced (not cut short by the client or the upstream).
+    fn is_complete(&self) -> bool {
+        match &self.kind {
+            Kind::Full(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
+            Kind::Upstream(timed) => timed.ended || timed.inner.is_end_stream(),
+        }
     }
 }
 
@@ -104,6 +125,12 @@ impl Drop for ProxyBody {
         }
         if let Some(phase) = &self.finished {
             phase.response_finished();
+        }
+        if self.record.is_some()
+            && self.is_complete()
+            && let Some(record) = self.record.as_mut()
+        {
+            record.completed();
         }
     }
 }
@@ -118,13 +145,28 @@ impl Body for ProxyBody {
     type Error = BoxError;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &mut self.get_mut().kind {
-            Kind::Full(bytes) => Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b)))),
+        let this = self.get_mut();
+        match &mut this.kind {
+            Kind::Full(bytes) => {
+                let frame = bytes.take().filter(|b| !b.is_empty());
+                if let (Some(record), Some(bytes)) = (this.record.as_mut(), &frame) {
+                    record.sent(bytes.len());
+                }
+                Poll::Ready(frame.map(|b| Ok(Frame::data(b))))
+            }
             Kind::Upstream(timed) => {
                 if let Poll::Ready(frame) = Pin::new(&mut timed.inner).poll_frame(cx) {
-                    if frame.is_some() {
-                        let next = next_deadline(timed.idle, timed.deadline);
-                        timed.timer.set(next);
+                    match &frame {
+                        Some(frame) => {
+                            let next = next_deadline(timed.idle, timed.deadline);
+                            timed.timer.set(next);
+                            if let (Some(record), Ok(frame)) = (this.record.as_mut(), frame)
+                                && let Some(data) = frame.data_ref()
+                            {
+                                record.sent(data.len());
+                            }
+                        }
+                        None => timed.ended = true,
                     }
                     timed.release_if_done(frame.is_none());
                     return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));

@@ -99,8 +99,15 @@ impl Worker {
         loop {
             let head_deadline = Instant::now() + per_try;
             let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
+            let sent_at = Instant::now();
             let sent =
                 tokio::time::timeout_at(head_deadline, client.send(peer.guard.endpoint(), &peer.target, req)).await;
+            ctx.tries += 1;
+            ctx.upstream_micros = Some(sent_at.elapsed().as_micros() as u64);
+            ctx.upstream_status = match &sent {
+                Ok(Ok((response, _))) => Some(response.status().as_u16()),
+                _ => None,
+            };
             let outcome = judge(upstream, &peer, sent, head.as_ref());
             let retry = match outcome.again {
                 Some(request) if attempt < pool.retries.attempts => {

@@ -137,7 +137,7 @@ fn has_api_key(query: &str) -> bool {
 }
 
 /// The query string without `api-key`/`api_key` parameters.
-fn without_api_key(query: &str) -> String {
+pub(super) fn without_api_key(query: &str) -> String {
     query
         .split('&')
         .filter(|pair| {

@@ -108,6 +108,7 @@ impl Worker {
             return Err(ProxyError::new(ErrorKind::PayloadTooLarge));
         }
         self.limit_filter(snapshot, route, ctx)?;
+        ctx.admitted = true;
         Ok(route)
     }
 

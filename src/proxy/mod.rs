@@ -11,6 +11,7 @@
 //! tested on a `Request<()>` without a socket. They call into modules that know nothing of
 //! hyper (router, auth, limits, usage, upstream).
 
+mod access_log;
 pub mod body;
 mod error;
 mod exchange;
@@ -73,6 +74,8 @@ pub struct ConnInfo {
     pub client_identity: Option<HeaderValue>,
     /// Its requests, for the per-connection limits (set by the listener).
     pub streams: ConnStreams,
+    /// The negotiated TLS version, on TLS listeners (for the access log).
+    pub tls_version: Option<&'static str>,
 }
 
 impl ConnInfo {
@@ -86,6 +89,7 @@ impl ConnInfo {
             port: HeaderValue::from(port),
             client_identity: None,
             streams: ConnStreams::new(0),
+            tls_version: None,
         }
     }
 }
@@ -123,6 +127,13 @@ pub struct RequestCtx<'c> {
     /// The body length the request declared (`Content-Length`, as hyper read it; 0 for
     /// none or chunked), checked against the route's limit before anything is charged.
     pub declared_body: u64,
+    /// The caller passed `limit_filter` (counted, or not limited).
+    pub admitted: bool,
+    /// The last upstream try: its status, and the time from sending to its answer.
+    pub upstream_status: Option<u16>,
+    pub upstream_micros: Option<u64>,
+    /// Upstream tries made (retries included).
+    pub tries: u32,
 }
 
 impl<'c> RequestCtx<'c> {
@@ -145,6 +156,10 @@ impl<'c> RequestCtx<'c> {
             retry_after: None,
             allow: None,
             declared_body: 0,
+            admitted: false,
+            upstream_status: None,
+            upstream_micros: None,
+            tries: 0,
         }
     }
 
@@ -167,7 +182,13 @@ impl Worker {
         let snapshot = self.gateway.snapshot();
         let mut ctx = RequestCtx::new(headers::request_id(req.headers()), conn);
         ctx.declared_body = hyper::body::Body::size_hint(req.body()).lower();
-        let outcome = match self.request_filter(&snapshot, &mut ctx, Head::of(&req)) {
+        let filtered = self.request_filter(&snapshot, &mut ctx, Head::of(&req));
+        let mut record = self.gateway.access_log.as_ref().map(|log| {
+            let mut record = crate::logs::Pending::begin(log, ctx.start);
+            access_log::record_request(&mut record, &ctx, Head::of(&req));
+            record
+        });
+        let outcome = match filtered {
             Ok(route) => self.proxy(&snapshot, route, &mut ctx, req).await,
             Err(error) => Err(error),
         };
@@ -184,10 +205,16 @@ impl Worker {
             }
         }
         self.logging(&snapshot, &ctx, response.status());
+        if let Some(mut record) = record.take() {
+            let route = ctx.route.and_then(|i| snapshot.routes.get(i));
+            access_log::record_response(&mut record, route, &ctx, response.status());
+            response.body_mut().set_record(record);
+        }
         response
     }
 
-    /// Last for every request: records metrics and the access log event.
+    /// Last for every request: records metrics and a debug event (the access log's record
+    /// is finished by the response body, see `access_log`).
     fn logging(&self, snapshot: &Snapshot, ctx: &RequestCtx<'_>, status: StatusCode) {
         let elapsed = ctx.start.elapsed();
         let route = ctx.route.and_then(|i| snapshot.routes.get(i));

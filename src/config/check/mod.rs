@@ -17,7 +17,11 @@ use super::schema::{
 use super::{HashKey, LbPolicy, ServerSection, UpstreamSection, UsageSection};
 
 mod listeners;
+mod logs;
 mod upstreams;
+
+pub use logs::LogsConfig;
+pub(super) use logs::logs;
 
 pub(super) use listeners::{admin, admin_tls, server, tls};
 pub(super) use upstreams::upstreams;

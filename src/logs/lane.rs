@@ -1,0 +1,187 @@
+//! A worker's own access-log buffer, and the record of a request in progress.
+//!
+//! Every worker is one thread with one runtime, so its buffer is a thread-local: appending
+//! a record takes no lock and no syscall, and the buffer goes to the writer whole, when it
+//! is full or when the worker's flush tick comes (`[logs] flush_interval`), whichever is
+//! first. A record finished on a thread without the log's lane (a body dropped after its
+//! worker stopped) goes to the writer on its own.
+
+use std::cell::RefCell;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::time::Instant;
+
+use super::record::JsonObject;
+use super::{AccessLog, Chunk};
+
+struct Lane {
+    log: Arc<AccessLog>,
+    buf: Vec<u8>,
+    records: u64,
+    /// Record buffers of finished requests, reused by the next ones.
+    spare: Vec<Vec<u8>>,
+}
+
+impl Lane {
+    fn hand_over(&mut self) {
+        if self.records == 0 {
+            return;
+        }
+        let bytes = std::mem::replace(&mut self.buf, Vec::with_capacity(self.log.settings.buffer_bytes + 1024));
+        self.log.send(Chunk {
+            bytes,
+            records: std::mem::take(&mut self.records),
+        });
+    }
+}
+
+impl Drop for Lane {
+    fn drop(&mut self) {
+        self.hand_over();
+    }
+}
+
+thread_local! {
+    static LANE: RefCell<Option<Lane>> = const { RefCell::new(None) };
+}
+
+/// Gives the current thread (a worker) a buffer for `log`'s records.
+pub fn install(log: &Arc<AccessLog>) {
+    LANE.with(|lane| {
+        *lane.borrow_mut() = Some(Lane {
+            log: log.clone(),
+            buf: Vec::with_capacity(log.settings.buffer_bytes + 1024),
+            records: 0,
+            spare: Vec::new(),
+        });
+    });
+}
+
+/// Hands the current thread's buffered records to the writer (the flush tick).
+pub fn flush() {
+    LANE.with(|lane| {
+        if let Ok(mut lane) = lane.try_borrow_mut()
+            && let Some(lane) = lane.as_mut()
+        {
+            lane.hand_over();
+        }
+    });
+}
+
+/// Flushes and removes the current thread's lane (a worker stopping).
+pub fn close() {
+    LANE.with(|lane| {
+        if let Ok(mut lane) = lane.try_borrow_mut() {
+            lane.take();
+        }
+    });
+}
+
+/// One request's record, from the head's fields to the last byte of its response. Lives
+/// in the response body, so `bytes_out` and `latency_ms` cover the whole response; the
+/// record is finished when it is dropped.
+pub struct Pending {
+    log: Arc<AccessLog>,
+    line: Vec<u8>,
+    start: Instant,
+    bytes_out: u64,
+    completed: bool,
+    keep: bool,
+}
+
+impl Pending {
+    /// Starts a record: time (the request's arrival), node and region.
+    pub fn begin(log: &Arc<AccessLog>, start: Instant) -> Pending {
+        let mut line = LANE.with(|lane| {
+            lane.try_borrow_mut()
+                .ok()
+                .and_then(|mut lane| lane.as_mut().and_then(|l| l.spare.pop()))
+                .unwrap_or_else(|| Vec::with_capacity(512))
+        });
+        let arrived = SystemTime::now()
+            .checked_sub(start.elapsed())
+            .unwrap_or_else(SystemTime::now);
+        let mut object = JsonObject::open(&mut line);
+        object.time("time", arrived).str("node", &log.settings.node);
+        object.opt_str("region", log.settings.region.as_deref());
+        Pending {
+            log: log.clone(),
+            line,
+            start,
+            bytes_out: 0,
+            completed: false,
+            keep: true,
+        }
+    }
+
+    /// The record's object, to add fields to.
+    pub fn fields(&mut self) -> JsonObject<'_> {
+        JsonObject::resume(&mut self.line)
+    }
+
+    pub fn settings(&self) -> &super::RecordSettings {
+        &self.log.settings
+    }
+
+    /// Leaves the record out (sampling); it is counted, not written.
+    pub fn sample_out(&mut self) {
+        self.keep = false;
+    }
+
+    pub fn sent(&mut self, bytes: usize) {
+        self.bytes_out += bytes as u64;
+    }
+
+    /// The response body reached its end (otherwise the client or upstream went away).
+    pub fn completed(&mut self) {
+        self.completed = true;
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        let mut line = std::mem::take(&mut self.line);
+        if self.keep {
+            let mut object = JsonObject::resume(&mut line);
+            object
+                .u64("bytes_out", self.bytes_out)
+                .millis("latency_ms", self.start.elapsed().as_micros() as u64);
+            object.bool("completed", self.completed);
+            object.close_line();
+        } else {
+            self.log
+                .stats
+                .sampled_out
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        let keep = self.keep;
+        let log = &self.log;
+        let handed = LANE.with(|lane| {
+            let Ok(mut lane) = lane.try_borrow_mut() else {
+                return false;
+            };
+            let Some(lane) = lane.as_mut().filter(|l| l.log.id == log.id) else {
+                return false;
+            };
+            if keep {
+                lane.buf.extend_from_slice(&line);
+                lane.records += 1;
+            }
+            line.clear();
+            if lane.spare.len() < 64 && line.capacity() <= 4096 {
+                lane.spare.push(std::mem::take(&mut line));
+            }
+            if lane.buf.len() >= lane.log.settings.buffer_bytes {
+                lane.hand_over();
+            }
+            true
+        });
+        if !handed && keep {
+            log.send(Chunk {
+                bytes: line,
+                records: 1,
+            });
+        }
+    }
+}

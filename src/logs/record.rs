@@ -1,0 +1,296 @@
+//! One access-log record as one NDJSON line (the schema is in docs/access-logs.md).
+//!
+//! Written by hand rather than through serde: the record is assembled on the request path
+//! in two parts (what the request head says, then what came of it), straight into a
+//! reused buffer, with no allocation per field.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Appends `"key":value` pairs to a JSON object under construction.
+pub struct JsonObject<'b> {
+    out: &'b mut Vec<u8>,
+}
+
+impl<'b> JsonObject<'b> {
+    /// Starts an object (`{`) in `out`.
+    pub fn open(out: &'b mut Vec<u8>) -> JsonObject<'b> {
+        out.push(b'{');
+        JsonObject { out }
+    }
+
+    /// Continues an object whose first pairs are already in `out`.
+    pub fn resume(out: &'b mut Vec<u8>) -> JsonObject<'b> {
+        JsonObject { out }
+    }
+
+    fn key(&mut self, key: &str) {
+        if self.out.last() != Some(&b'{') {
+            self.out.push(b',');
+        }
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        self.bytes(key, value.as_bytes())
+    }
+
+    /// A string from bytes that may not be UTF-8 (header values): invalid bytes become
+    /// U+FFFD, so every line stays valid JSON.
+    pub fn bytes(&mut self, key: &str, value: &[u8]) -> &mut Self {
+        self.key(key);
+        escape_into(self.out, value);
+        self
+    }
+
+    pub fn opt_str(&mut self, key: &str, value: Option<&str>) -> &mut Self {
+        match value {
+            Some(value) => self.str(key, value),
+            None => self.null(key),
+        }
+    }
+
+    pub fn null(&mut self, key: &str) -> &mut Self {
+        self.key(key);
+        self.out.extend_from_slice(b"null");
+        self
+    }
+
+    pub fn u64(&mut self, key: &str, value: u64) -> &mut Self {
+        self.key(key);
+        let mut digits = itoa_buffer();
+        self.out.extend_from_slice(format_u64(&mut digits, value));
+        self
+    }
+
+    pub fn bool(&mut self, key: &str, value: bool) -> &mut Self {
+        self.key(key);
+        self.out.extend_from_slice(if value { b"true" } else { b"false" });
+        self
+    }
+
+    pub fn opt_u64(&mut self, key: &str, value: Option<u64>) -> &mut Self {
+        match value {
+            Some(value) => self.u64(key, value),
+            None => self.null(key),
+        }
+    }
+
+    /// Milliseconds with microsecond precision (`12.345`), from microseconds.
+    pub fn millis(&mut self, key: &str, micros: u64) -> &mut Self {
+        self.key(key);
+        let mut digits = itoa_buffer();
+        self.out.extend_from_slice(format_u64(&mut digits, micros / 1000));
+        self.out.push(b'.');
+        let fraction = micros % 1000;
+        self.out.extend_from_slice(&[
+            b'0' + (fraction / 100) as u8,
+            b'0' + (fraction / 10 % 10) as u8,
+            b'0' + (fraction % 10) as u8,
+        ]);
+        self
+    }
+
+    pub fn opt_millis(&mut self, key: &str, micros: Option<u64>) -> &mut Self {
+        match micros {
+            Some(micros) => self.millis(key, micros),
+            None => self.null(key),
+        }
+    }
+
+    /// RFC 3339 UTC with microseconds: `2026-12-02T10:44:18.123456Z`.
+    pub fn time(&mut self, key: &str, at: SystemTime) -> &mut Self {
+        self.key(key);
+        self.out.push(b'"');
+        write_rfc3339_micros(self.out, at);
+        self.out.push(b'"');
+        self
+    }
+
+    /// Ends the object and the line.
+    pub fn close_line(self) {
+        self.out.extend_from_slice(b"}\n");
+    }
+}
+
+fn itoa_buffer() -> [u8; 20] {
+    [0; 20]
+}
+
+fn format_u64(buffer: &mut [u8; 20], mut value: u64) -> &[u8] {
+    let mut at = buffer.len();
+    loop {
+        at -= 1;
+        buffer[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    &buffer[at..]
+}
+
+/// A JSON string literal of `value`; bytes that are not UTF-8 become U+FFFD.
+fn escape_into(out: &mut Vec<u8>, value: &[u8]) {
+    out.push(b'"');
+    for chunk in value.utf8_chunks() {
+        let valid = chunk.valid().as_bytes();
+        let mut start = 0;
+        for (i, &b) in valid.iter().enumerate() {
+            let escape: &[u8] = match b {
+                b'"' => b"\\\"",
+                b'\\' => b"\\\\",
+                b'\n' => b"\\n",
+                b'\r' => b"\\r",
+                b'\t' => b"\\t",
+                0..=0x1f | 0x7f => b"",
+                _ => continue,
+            };
+            out.extend_from_slice(&valid[start..i]);
+            if escape.is_empty() {
+                out.extend_from_slice(b"\\u00");
+                out.push(HEX[usize::from(b >> 4)]);
+                out.push(HEX[usize::from(b & 0xf)]);
+            } else {
+                out.extend_from_slice(escape);
+            }
+            start = i + 1;
+        }
+        out.extend_from_slice(&valid[start..]);
+        if !chunk.invalid().is_empty() {
+            out.extend_from_slice("\u{fffd}".as_bytes());
+        }
+    }
+    out.push(b'"');
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Seconds since the epoch to a civil UTC date and time (Howard Hinnant's days-to-civil).
+pub fn civil(unix_secs: u64) -> (i64, u32, u32, u32, u32, u32) {
+    let days = (unix_secs / 86_400) as i64;
+    let secs = unix_secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    (
+        year,
+        month,
+        day,
+        (secs / 3600) as u32,
+        (secs / 60 % 60) as u32,
+        (secs % 60) as u32,
+    )
+}
+
+fn write_rfc3339_micros(out: &mut Vec<u8>, at: SystemTime) {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let (year, month, day, hour, minute, second) = civil(since.as_secs());
+    let micros = since.subsec_micros();
+    let two =
+        |value: u32, out: &mut Vec<u8>| out.extend_from_slice(&[b'0' + (value / 10) as u8, b'0' + (value % 10) as u8]);
+    let year = year.clamp(0, 9999) as u32;
+    two(year / 100, out);
+    two(year % 100, out);
+    out.push(b'-');
+    two(month, out);
+    out.push(b'-');
+    two(day, out);
+    out.push(b'T');
+    two(hour, out);
+    out.push(b':');
+    two(minute, out);
+    out.push(b':');
+    two(second, out);
+    out.push(b'.');
+    let mut digits = [b'0'; 6];
+    let mut rest = micros;
+    for digit in digits.iter_mut().rev() {
+        *digit = b'0' + (rest % 10) as u8;
+        rest /= 10;
+    }
+    out.extend_from_slice(&digits);
+    out.push(b'Z');
+}
+
+/// RFC 3339 UTC with microseconds, as a string (what `time` fields hold).
+pub fn rfc3339_micros(at: SystemTime) -> String {
+    let mut out = Vec::with_capacity(27);
+    write_rfc3339_micros(&mut out, at);
+    String::from_utf8(out).unwrap_or_default()
+}
+
+/// A compact, sortable UTC stamp for file names: `20261202T104418.123456Z`.
+pub fn file_stamp(at: SystemTime) -> String {
+    let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let (year, month, day, hour, minute, second) = civil(since.as_secs());
+    format!(
+        "{year:04}{month:02}{day:02}T{hour:02}{minute:02}{second:02}.{:06}Z",
+        since.subsec_micros()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn line(build: impl FnOnce(&mut JsonObject<'_>)) -> serde_json::Value {
+        let mut out = Vec::new();
+        let mut object = JsonObject::open(&mut out);
+        build(&mut object);
+        object.close_line();
+        assert_eq!(out.last(), Some(&b'\n'));
+        serde_json::from_slice(&out).expect("valid JSON")
+    }
+
+    #[test]
+    fn strings_are_escaped_and_invalid_bytes_replaced() {
+        let value = line(|o| {
+            o.bytes("a", b"quote\" back\\ nl\n tab\t ctl\x01 del\x7f bad\xff end");
+        });
+        assert_eq!(
+            value["a"],
+            "quote\" back\\ nl\n tab\t ctl\u{1} del\u{7f} bad\u{fffd} end"
+        );
+    }
+
+    #[test]
+    fn numbers_nulls_and_millis() {
+        let value = line(|o| {
+            o.u64("zero", 0)
+                .u64("max", u64::MAX)
+                .null("none")
+                .millis("ms", 12_345)
+                .millis("small", 7)
+                .opt_u64("absent", None);
+        });
+        assert_eq!(value["zero"], 0);
+        assert_eq!(value["max"], u64::MAX);
+        assert!(value["none"].is_null());
+        assert_eq!(value["ms"].as_f64(), Some(12.345));
+        assert_eq!(value["small"].as_f64(), Some(0.007));
+        assert!(value["absent"].is_null());
+    }
+
+    #[test]
+    fn time_is_rfc3339_with_microseconds() {
+        let at = UNIX_EPOCH + Duration::from_micros(1_796_208_258_000_042);
+        let value = line(|o| {
+            o.time("time", at);
+        });
+        assert_eq!(value["time"], "2026-12-02T10:44:18.000042Z");
+        assert_eq!(file_stamp(at), "20261202T104418.000042Z");
+        // Leap day and the turn of a century.
+        assert_eq!(civil(951_782_400), (2000, 2, 29, 0, 0, 0));
+        assert_eq!(civil(0), (1970, 1, 1, 0, 0, 0));
+    }
+}

@@ -1,0 +1,445 @@
+//! The node's access-log writer: two threads, so taking chunks from the workers never
+//! waits on compression or the disk.
+//!
+//! - The *receiver* takes chunks from the workers' channel into a queue bounded by
+//!   `memory_bytes`; past that (the writer fell behind) it appends them raw to a spill
+//!   file in `spill/`, and when even that fails it drops them, counted.
+//! - The *compressor* turns what is queued into one zstd frame per wake-up and appends it
+//!   to the open segment, rotates segments by size and age, then compresses spill files
+//!   back in, and applies the directory's retention.
+//!
+//! Blocking threads rather than tasks: compression is CPU work and file writes block.
+
+use std::collections::VecDeque;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::{Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime};
+
+use super::segment::{self, OpenSegment};
+use super::{Chunk, DropReason, LogStats};
+
+/// What reaches the receiver.
+pub enum Message {
+    Chunk(Chunk),
+    /// Every worker has handed its last records over: write everything and stop.
+    Stop,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriterSettings {
+    pub dir: PathBuf,
+    pub node: String,
+    pub max_segment_bytes: u64,
+    pub max_segment_age: Duration,
+    pub level: i32,
+    /// Queued chunks held in memory before they spill to disk.
+    pub memory_bytes: usize,
+    /// Closed segments kept in the directory (0 = no limit), oldest deleted first.
+    pub retention_bytes: u64,
+    pub retention_age: Option<Duration>,
+}
+
+/// The queue between the receiver and the compressor.
+#[derive(Default)]
+struct Queue {
+    chunks: VecDeque<Chunk>,
+    bytes: usize,
+    stopping: bool,
+}
+
+struct Shared {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+    settings: WriterSettings,
+    stats: Arc<LogStats>,
+}
+
+/// The running writer.
+pub struct Writer {
+    sender: SyncSender<Message>,
+    receiver: Option<JoinHandle<()>>,
+    compressor: Option<JoinHandle<()>>,
+}
+
+/// Spill files are cut at this size, so the compressor reads one back in bounded memory.
+const SPILL_FILE_BYTES: u64 = 16 << 20;
+
+impl Writer {
+    /// Recovers what a crash left (open segments, spill files) and starts both threads.
+    /// `channel_chunks`: how many chunks may wait for the receiver.
+    pub fn start(settings: WriterSettings, stats: Arc<LogStats>, channel_chunks: usize) -> std::io::Result<Writer> {
+        std::fs::create_dir_all(settings.dir.join("spill"))?;
+        let recovered = segment::recover(&settings.dir)?;
+        if recovered > 0 {
+            tracing::warn!(recovered, dir = %settings.dir.display(), "closed access-log segments left open by a crash");
+        }
+        recover_spill(&settings.dir.join("spill"), &stats)?;
+        let (sender, receiver) = std::sync::mpsc::sync_channel(channel_chunks.max(4));
+        let shared = Arc::new(Shared {
+            queue: Mutex::new(Queue::default()),
+            ready: Condvar::new(),
+            settings,
+            stats,
+        });
+        let receiving = shared.clone();
+        let receiver = std::thread::Builder::new()
+            .name("tollgate-log-receiver".into())
+            .spawn(move || receive(receiving, receiver))?;
+        let compressor = std::thread::Builder::new()
+            .name("tollgate-log-writer".into())
+            .spawn(move || compress(shared))?;
+        Ok(Writer {
+            sender,
+            receiver: Some(receiver),
+            compressor: Some(compressor),
+        })
+    }
+
+    /// The workers' side of the channel.
+    pub fn sender(&self) -> SyncSender<Message> {
+        self.sender.clone()
+    }
+
+    /// Writes everything handed over so far, closes the open segment and stops. Blocks:
+    /// call it off the async runtime.
+    pub fn stop(mut self) {
+        let _ = self.sender.send(Message::Stop);
+        for thread in [self.receiver.take(), self.compressor.take()].into_iter().flatten() {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn receive(shared: Arc<Shared>, receiver: Receiver<Message>) {
+    let mut spill: Option<SpillFile> = None;
+    let limit = shared.settings.memory_bytes;
+    loop {
+        let chunk = match receiver.recv() {
+            Ok(Message::Chunk(chunk)) => chunk,
+            Ok(Message::Stop) | Err(_) => break,
+        };
+        let mut queue = match shared.queue.lock() {
+            Ok(queue) => queue,
+            Err(_) => break,
+        };
+        if queue.bytes + chunk.bytes.len() <= limit && spill.is_none() {
+            queue.bytes += chunk.bytes.len();
+            queue.chunks.push_back(chunk);
+            drop(queue);
+            shared.ready.notify_one();
+            continue;
+        }
+        // Behind: once spilling, keep spilling until the queue has drained to half, so
+        // the records keep their order within the spill.
+        let drained = queue.bytes <= limit / 2;
+        drop(queue);
+        if drained && let Some(file) = spill.take() {
+            file.finish(&shared.stats);
+            shared.ready.notify_one();
+            if let Ok(mut queue) = shared.queue.lock() {
+                queue.bytes += chunk.bytes.len();
+                queue.chunks.push_back(chunk);
+            }
+            shared.ready.notify_one();
+            continue;
+        }
+        spill_chunk(&shared, &mut spill, chunk);
+    }
+    if let Some(file) = spill.take() {
+        file.finish(&shared.stats);
+    }
+    if let Ok(mut queue) = shared.queue.lock() {
+        queue.stopping = true;
+    }
+    shared.ready.notify_one();
+}
+
+/// A spill file being appended to: `spill/<stamp>.ndjson.part`, renamed to `.ndjson` when
+/// done so the compressor only reads whole files.
+struct SpillFile {
+    file: std::fs::File,
+    path: PathBuf,
+    len: u64,
+}
+
+impl SpillFile {
+    fn finish(self, stats: &LogStats) {
+        let done = self.path.with_extension("");
+        if let Err(error) = std::fs::rename(&self.path, &done) {
+            stats.set_problem(Some(format!("spill {}: {error}", self.path.display())));
+        }
+    }
+}
+
+fn spill_chunk(shared: &Shared, spill: &mut Option<SpillFile>, chunk: Chunk) {
+    let stats = &shared.stats;
+    if spill.as_ref().is_some_and(|f| f.len >= SPILL_FILE_BYTES)
+        && let Some(file) = spill.take()
+    {
+        file.finish(stats);
+        shared.ready.notify_one();
+    }
+    if spill.is_none() {
+        let path = shared
+            .settings
+            .dir
+            .join("spill")
+            .join(format!("{}.ndjson.part", super::record::file_stamp(SystemTime::now())));
+        match std::fs::OpenOptions::new().create(true).append(true).open(&path) {
+            Ok(file) => *spill = Some(SpillFile { file, path, len: 0 }),
+            Err(error) => {
+                stats.dropped(DropReason::Disk, chunk.records);
+                stats.set_problem(Some(format!("spill: {error}")));
+                return;
+            }
+        }
+    }
+    let Some(file) = spill.as_mut() else {
+        return;
+    };
+    match file.file.write_all(&chunk.bytes) {
+        Ok(()) => {
+            file.len += chunk.bytes.len() as u64;
+            stats.spilled.fetch_add(chunk.records, Ordering::Relaxed);
+            stats.spill_bytes.fetch_add(chunk.bytes.len() as u64, Ordering::Relaxed);
+        }
+        Err(error) => {
+            let _ = file.file.set_len(file.len);
+            stats.dropped(DropReason::Disk, chunk.records);
+            stats.set_problem(Some(format!("spill: {error}")));
+        }
+    }
+}
+
+/// Spill files a crash left being written are cut to their last whole line and kept.
+fn recover_spill(dir: &Path, stats: &LogStats) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+        if name.ends_with(".ndjson.part") {
+            let bytes = std::fs::read(&path)?;
+            let whole = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&path)?
+                .set_len(whole as u64)?;
+            std::fs::rename(&path, path.with_extension(""))?;
+        }
+    }
+    for entry in std::fs::read_dir(dir)? {
+        if let Ok(meta) = entry?.metadata() {
+            stats.spill_bytes.fetch_add(meta.len(), Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}
+
+/// The compressor's state.
+struct Output {
+    segment: Option<OpenSegment>,
+    last_retention: std::time::Instant,
+}
+
+fn compress(shared: Arc<Shared>) {
+    let settings = &shared.settings;
+    let stats = &shared.stats;
+    let mut output = Output {
+        segment: None,
+        last_retention: std::time::Instant::now() - Duration::from_secs(3600),
+    };
+    // Wakes at least this often to rotate by age and apply retention.
+    let tick = Duration::from_millis(500).min(settings.max_segment_age);
+    loop {
+        let (batch, stopping) = {
+            let Ok(queue) = shared.queue.lock() else {
+                break;
+            };
+            let Ok((mut queue, _)) = shared
+                .ready
+                .wait_timeout_while(queue, tick, |q| q.chunks.is_empty() && !q.stopping)
+            else {
+                break;
+            };
+            let batch: Vec<Chunk> = queue.chunks.drain(..).collect();
+            queue.bytes = 0;
+            (batch, queue.stopping)
+        };
+        if !batch.is_empty() {
+            write_batch(settings, stats, &mut output, &batch);
+        } else if let Some(spilled) = oldest_spill(&settings.dir.join("spill")) {
+            write_spill(settings, stats, &mut output, &spilled);
+        } else if stopping {
+            break;
+        }
+        rotate_if_due(settings, stats, &mut output);
+        if output.last_retention.elapsed() >= Duration::from_secs(5) {
+            output.last_retention = std::time::Instant::now();
+            apply_retention(settings, stats);
+        }
+    }
+    if let Some(segment) = output.segment.take() {
+        close(stats, segment);
+    }
+    apply_retention(settings, stats);
+}
+
+fn write_batch(settings: &WriterSettings, stats: &LogStats, output: &mut Output, batch: &[Chunk]) {
+    let records: u64 = batch.iter().map(|c| c.records).sum();
+    let bytes: usize = batch.iter().map(|c| c.bytes.len()).sum();
+    let mut joined = Vec::with_capacity(bytes);
+    for chunk in batch {
+        joined.extend_from_slice(&chunk.bytes);
+    }
+    write_frame(settings, stats, output, &joined, records);
+}
+
+/// Compresses `ndjson` into one frame and appends it to the open segment (opening one
+/// when needed). On failure the records are dropped, counted and reported.
+fn write_frame(settings: &WriterSettings, stats: &LogStats, output: &mut Output, ndjson: &[u8], records: u64) -> bool {
+    let frame = match zstd::bulk::compress(ndjson, settings.level) {
+        Ok(frame) => frame,
+        Err(error) => {
+            stats.dropped(DropReason::Disk, records);
+            stats.set_problem(Some(format!("compress: {error}")));
+            return false;
+        }
+    };
+    if output.segment.is_none() {
+        match OpenSegment::create(&settings.dir, &settings.node) {
+            Ok(segment) => output.segment = Some(segment),
+            Err(error) => {
+                stats.dropped(DropReason::Disk, records);
+                stats.set_problem(Some(format!("{}: {error}", settings.dir.display())));
+                return false;
+            }
+        }
+    }
+    let Some(segment) = output.segment.as_mut() else {
+        return false;
+    };
+    match segment.append(&frame) {
+        Ok(()) => {
+            stats.written.fetch_add(records, Ordering::Relaxed);
+            stats.set_problem(None);
+            true
+        }
+        Err(error) => {
+            stats.dropped(DropReason::Disk, records);
+            stats.set_problem(Some(format!("{}: {error}", settings.dir.display())));
+            // A segment that never took a frame is not kept.
+            if segment.is_empty()
+                && let Some(segment) = output.segment.take()
+            {
+                segment.discard();
+            }
+            false
+        }
+    }
+}
+
+fn oldest_spill(dir: &Path) -> Option<PathBuf> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .ok()?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "ndjson"))
+        .collect();
+    files.sort();
+    files.into_iter().next()
+}
+
+/// Compresses a spill file into the open segment, in frames of whole lines, then removes
+/// it. A spill file the disk will not let us write is kept for a later try.
+fn write_spill(settings: &WriterSettings, stats: &LogStats, output: &mut Output, path: &Path) {
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            stats.set_problem(Some(format!("spill {}: {error}", path.display())));
+            return;
+        }
+    };
+    let mut at = 0;
+    while at < bytes.len() {
+        let end = (at + (4 << 20)).min(bytes.len());
+        let end = bytes[at..end]
+            .iter()
+            .rposition(|&b| b == b'\n')
+            .map_or(bytes.len(), |i| at + i + 1);
+        let piece = &bytes[at..end];
+        let records = memchr::memchr_iter(b'\n', piece).count() as u64;
+        if !write_frame(settings, stats, output, piece, records) {
+            // Counted as dropped by `write_frame`; the rest stays spilled for a later try.
+            let _ = std::fs::write(path, &bytes[end..]);
+            stats.spill_bytes.fetch_sub(
+                (end as u64).min(stats.spill_bytes.load(Ordering::Relaxed)),
+                Ordering::Relaxed,
+            );
+            return;
+        }
+        at = end;
+        rotate_if_due(settings, stats, output);
+    }
+    let _ = std::fs::remove_file(path);
+    let _ = stats
+        .spill_bytes
+        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |b| {
+            Some(b.saturating_sub(bytes.len() as u64))
+        });
+}
+
+fn rotate_if_due(settings: &WriterSettings, stats: &LogStats, output: &mut Output) {
+    let due = output.segment.as_ref().is_some_and(|s| {
+        s.len() >= settings.max_segment_bytes || (s.age() >= settings.max_segment_age && !s.is_empty())
+    });
+    if due && let Some(segment) = output.segment.take() {
+        close(stats, segment);
+    }
+}
+
+fn close(stats: &LogStats, segment: OpenSegment) {
+    if segment.is_empty() {
+        segment.discard();
+        return;
+    }
+    match segment.close() {
+        Ok(_) => {
+            stats.segments_closed.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(error) => stats.set_problem(Some(format!("closing a segment: {error}"))),
+    }
+}
+
+/// Deletes the oldest closed segments beyond the directory's size or age limit, and
+/// updates the spool gauges.
+pub fn apply_retention(settings: &WriterSettings, stats: &LogStats) {
+    let Ok(mut segments) = segment::closed(&settings.dir) else {
+        return;
+    };
+    let mut total: u64 = segments.iter().map(|s| s.bytes).sum();
+    let now = SystemTime::now();
+    let too_old = |name: &str| {
+        let Some(age) = settings.retention_age else {
+            return false;
+        };
+        segment::parse_name(name)
+            .and_then(|(stamp, _)| super::read::parse_stamp(stamp))
+            .is_some_and(|at| now.duration_since(at).unwrap_or_default() > age)
+    };
+    while let Some(oldest) = segments.first() {
+        let over = settings.retention_bytes > 0 && total > settings.retention_bytes;
+        if !over && !too_old(&oldest.name) {
+            break;
+        }
+        if std::fs::remove_file(&oldest.path).is_ok() {
+            tracing::warn!(segment = %oldest.name, "access-log segment deleted by retention");
+            stats.segments_expired.fetch_add(1, Ordering::Relaxed);
+        }
+        total -= oldest.bytes;
+        segments.remove(0);
+    }
+    stats.spool_bytes.store(total, Ordering::Relaxed);
+    stats.spool_segments.store(segments.len() as u64, Ordering::Relaxed);
+}

@@ -1,0 +1,166 @@
+//! `logging`'s access-log part: the request's record, in two steps: what the request head
+//! says (before the exchange consumes the request), then what came of it. The record is
+//! finished by the response body (bytes sent, total latency). The schema is in
+//! docs/access-logs.md; no credential reaches it: keys and tokens are never read into it,
+//! and credential parameters are removed from a recorded query.
+
+use http::StatusCode;
+
+use super::{Caller, Head, RequestCtx};
+use crate::base::ErrorKind;
+use crate::gateway::Route;
+use crate::logs::Pending;
+
+/// Query parameters that may carry a secret, compared without case after decoding.
+const SECRET_PARAMETERS: &[&str] = &[
+    "api_key",
+    "api-key",
+    "apikey",
+    "key",
+    "token",
+    "access_token",
+    "id_token",
+    "refresh_token",
+    "auth",
+    "authorization",
+    "password",
+    "passwd",
+    "secret",
+    "client_secret",
+    "signature",
+    "sig",
+    "x-amz-signature",
+    "x-amz-credential",
+    "x-amz-security-token",
+];
+
+/// The head's part: method, path (normalized), query if configured, Referer host, body
+/// length, protocol.
+pub(super) fn record_request(record: &mut Pending, ctx: &RequestCtx<'_>, head: Head<'_>) {
+    let include_query = record.settings().include_query;
+    let mut fields = record.fields();
+    fields
+        .str("request_id", ctx.request_id.to_str().unwrap_or_default())
+        .str("method", head.method.as_str())
+        .bytes("path", ctx.path.as_deref().unwrap_or(head.uri.path()).as_bytes());
+    match head.uri.query().filter(|_| include_query) {
+        Some(query) => fields.str("query", &without_secrets(query)),
+        None => fields.null("query"),
+    };
+    let referer = match &ctx.caller {
+        Caller::Anonymous { referer_host } => referer_host.clone(),
+        _ => head
+            .headers
+            .get(http::header::REFERER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(crate::auth::referer_host)
+            .filter(|host| host.len() <= 253),
+    };
+    fields
+        .opt_str("referer_host", referer.as_deref())
+        .u64("bytes_in", ctx.declared_body)
+        .str("protocol", version_name(head.version));
+}
+
+/// What came of the request: who called, how it was decided, where it went.
+pub(super) fn record_response(record: &mut Pending, route: Option<&Route>, ctx: &RequestCtx<'_>, status: StatusCode) {
+    let sample = record.settings().sample;
+    let mut fields = record.fields();
+    let (auth, consumer, key_id) = match &ctx.caller {
+        Caller::Key { identity, .. } => ("api_key", Some(&*identity.consumer_id), Some(identity.key_id.as_str())),
+        Caller::Jwt(identity) => ("jwt", Some(&*identity.consumer_id), Some(identity.key_id.as_str())),
+        Caller::Anonymous { .. } => ("anonymous", None, None),
+        Caller::Public => ("none", None, None),
+    };
+    fields
+        .opt_str("route", route.map(|r| &*r.name))
+        .opt_str("consumer", consumer)
+        .opt_str("key_id", key_id)
+        .str("auth", auth)
+        .str("client_ip", &ctx.caller_ip.to_string())
+        .u64("status", u64::from(status.as_u16()))
+        .opt_str("error", ctx.error.map(ErrorKind::code));
+    let decision = match (&ctx.error, &ctx.limit) {
+        (Some(ErrorKind::RateLimited | ErrorKind::QuotaExceeded), Some(limit)) => Some(limit.name.policy()),
+        _ if ctx.admitted => Some("admitted".to_string()),
+        _ => None,
+    };
+    fields
+        .opt_str("decision", decision.as_deref())
+        .opt_str("upstream", ctx.upstream_addr.map(|a| a.to_string()).as_deref())
+        .opt_u64("upstream_status", ctx.upstream_status.map(u64::from))
+        .u64("tries", u64::from(ctx.tries))
+        .opt_millis("upstream_latency_ms", ctx.upstream_micros)
+        .opt_str("tls", ctx.conn.tls_version);
+    // Errors and refusals are always kept; successes by the configured share.
+    if sample < 1.0 && status.as_u16() < 400 && ctx.error.is_none() && fastrand::f64() >= sample {
+        record.sample_out();
+    }
+}
+
+fn version_name(version: http::Version) -> &'static str {
+    match version {
+        http::Version::HTTP_09 => "HTTP/0.9",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        http::Version::HTTP_11 => "HTTP/1.1",
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_3 => "HTTP/3",
+        _ => "other",
+    }
+}
+
+/// `query` without parameters that may carry a credential.
+fn without_secrets(query: &str) -> String {
+    query
+        .split('&')
+        .filter(|pair| {
+            let name = pair.split_once('=').map_or(*pair, |(n, _)| n);
+            let decoded = percent_decode_lower(name);
+            !SECRET_PARAMETERS.contains(&decoded.as_str())
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+fn percent_decode_lower(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b'+', _, _) => {
+                out.push(b' ');
+                i += 1;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).to_ascii_lowercase()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credential_parameters_never_reach_the_record() {
+        assert_eq!(
+            without_secrets("q=1&api_key=tg_live_x&API%5Fkey=y&Token=z&x=2&access_token=t&sig=s"),
+            "q=1&x=2"
+        );
+        assert_eq!(without_secrets("api-key"), "");
+        assert_eq!(without_secrets("keyboard=1"), "keyboard=1");
+    }
+}
