@@ -26,4 +26,10 @@ fi
 # The admin API's schema fuzzer (tests/admin_schema.rs).
 command -v st >/dev/null || pip_install schemathesis
 
+# Access logs (tests/access_logs.rs): the zstd CLI reads segments, DuckDB queries them,
+# moto is the S3-compatible server uploads go to.
+command -v zstd >/dev/null || { apt-get update -qq && apt-get install -y -qq zstd >/dev/null; }
+python3 -c "import duckdb" 2>/dev/null || pip_install duckdb
+command -v moto_server >/dev/null || pip_install "moto[server]"
+
 cargo test --locked --all-targets "$@"

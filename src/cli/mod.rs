@@ -1,6 +1,7 @@
 //! The `tollgate` command line.
 
 mod demo;
+mod logs;
 mod remote;
 pub mod serve;
 
@@ -51,6 +52,9 @@ enum Command {
         #[command(subcommand)]
         command: remote::ConsumersCommand,
     },
+    /// Access logs: read, filter and follow the segments of `[logs]`, locally or in the
+    /// upload destination.
+    Logs(Box<logs::LogsArgs>),
     /// Usage reports as a table (or `--csv`): `tollgate usage [--window month] [--consumer ID]`,
     /// `tollgate usage top`.
     #[command(args_conflicts_with_subcommands = true)]
@@ -74,6 +78,7 @@ pub fn main() -> ExitCode {
         Command::Plans { remote, command } => remote::plans(remote, command),
         Command::Consumers { remote, command } => remote::consumers(remote, command),
         Command::Usage { remote, args } => remote::usage(remote, *args),
+        Command::Logs(args) => logs::run(*args),
     }
 }
 
