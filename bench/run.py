@@ -224,6 +224,10 @@ def main():
     parser.add_argument("--health", action="store_true",
                         help="active health checks (HTTP, every 1 s) on Tollgate's upstream pool, and also measure "
                              "'tollgate-bare': no health checks, no passive ejection, no retries")
+    parser.add_argument("--logs", action="store_true",
+                        help="access logs on Tollgate ([logs], zstd segments) and on an extra NGINX "
+                             "(access_log buffer=64k gzip, JSON of the same fields); also measures "
+                             "'tollgate-nologs' (same config, no [logs])")
     parser.add_argument("--core-hour-usd", type=float, default=0.04,
                         help="price of one core-hour, for the cost per billion requests")
     args = parser.parse_args()
@@ -249,7 +253,7 @@ server {{
         wait_port(ng_port)
         nginx_pid = nginx_worker_pid(nginx)
 
-        def start_tollgate(name, binary, auth=args.auth, bare=False):
+        def start_tollgate(name, binary, auth=args.auth, bare=False, logs=args.logs):
             port, admin = free_port(), free_port()
             health = """
 [upstreams.u.health]
@@ -269,6 +273,11 @@ monthly = 10000000000000
 # Defined and unlimited: a key on an undefined plan is refused (docs/security.md).
 [plans.pro]
 """ if auth else ""
+            if logs:
+                plan += f"""
+[logs]
+dir = "./logs-{name}"
+"""
             config = os.path.join(workdir, f"{name}.toml")
             with open(config, "w") as f:
                 f.write(gateway_config(f"./data-{name}", port, admin, f"127.0.0.1:{up_port}",
@@ -302,6 +311,25 @@ monthly = 10000000000000
         if args.limits:
             port, proc, _ = start_tollgate("tollgate-off", os.path.join(ROOT, "target", "release", "tollgate"), auth=False)
             extra.append(("tollgate-off", f"http://127.0.0.1:{port}/", proc.pid))
+        if args.logs:
+            port, proc, keyed["tollgate-nologs"] = start_tollgate(
+                "tollgate-nologs", os.path.join(ROOT, "target", "release", "tollgate"), logs=False)
+            extra.append(("tollgate-nologs", f"http://127.0.0.1:{port}/", proc.pid))
+            ngl_port = free_port()
+            nginx_logs = start_nginx(workdir, "proxy-logs", f"""
+log_format tollgate escape=json '{{"time":"$time_iso8601","request_id":"$request_id","client_ip":"$remote_addr",'
+  '"method":"$request_method","path":"$uri","protocol":"$server_protocol","referer":"$http_referer",'
+  '"status":$status,"bytes_in":$request_length,"bytes_out":$body_bytes_sent,"upstream":"$upstream_addr",'
+  '"upstream_status":"$upstream_status","latency_ms":$request_time,"upstream_latency_ms":"$upstream_response_time"}}';
+upstream backend {{ server 127.0.0.1:{up_port}; keepalive 64; }}
+server {{
+  listen 127.0.0.1:{ngl_port} backlog=4096;
+  access_log {workdir}/proxy-logs/access.log.gz tollgate buffer=64k gzip flush=1s;
+  location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+}}""", 0)
+            procs.append(nginx_logs)
+            wait_port(ngl_port)
+            extra.append(("nginx-logs", f"http://127.0.0.1:{ngl_port}/", nginx_worker_pid(nginx_logs)))
         headers = {}
         if args.auth:
             import json, urllib.request
@@ -336,6 +364,8 @@ monthly = 10000000000000
         mode = "auth + limits + usage" if args.limits else "auth" if args.auth else "no auth"
         if args.health:
             mode += ", active health checks"
+        if args.logs:
+            mode += ", access logs"
         print(f"## Core proxy benchmark ({mode}) — {datetime.date.today()}\n")
         print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.release()}; "
               f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} rounds, medians. "
@@ -354,6 +384,13 @@ monthly = 10000000000000
         for name, _, _ in extra:
             print(f"- Tollgate / {name}: throughput {t / med(name, 'rps'):.2f}×, "
                   f"CPU per request {med('tollgate', 'cpu_us') / med(name, 'cpu_us'):.2f}×")
+        if args.logs:
+            tl, tn = med("tollgate", "cpu_us"), med("tollgate-nologs", "cpu_us")
+            nl, nn = med("nginx-logs", "cpu_us"), med("nginx", "cpu_us")
+            print(f"- Access logs cost Tollgate **{(tl / tn - 1) * 100:+.1f} %** CPU per request "
+                  f"(NGINX's gzip access_log: {(nl / nn - 1) * 100:+.1f} %)")
+            print(f"- CPU per request, Tollgate / NGINX: **{tl / nl:.2f}×** with access logs, "
+                  f"{tn / nn:.2f}× without")
         print(f"- Tollgate RSS: {base / 1024:.1f} MiB idle, **{rss / 1024:.1f} MiB with {args.idle_connections} idle keep-alive connections**")
         print(f"- Cost column: CPU µs/request × 10⁹ requests at ${args.core_hour_usd}/core-hour.")
     finally:

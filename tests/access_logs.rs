@@ -505,3 +505,38 @@ options = {{ endpoint = "http://127.0.0.1:{port}", allow_http = "true", region =
     let lines = String::from_utf8(output.stdout).unwrap();
     assert_eq!(lines.lines().count(), 5_000, "every request's record");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_prints_records_as_they_are_flushed() {
+    use std::io::BufRead;
+    let upstream = Upstream::start("api").await;
+    let gateway = Gateway::start(&logs_config(&upstream, "[logs]\ndir = \"logs\"\nflush_interval = \"100ms\"\n"));
+    let mut follower = Command::new(binary())
+        .args(["logs", "--follow", "--route", "open", "--config"])
+        .arg(&gateway.config_path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    let (lines, seen) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            if lines.send(line.unwrap()).is_err() {
+                break;
+            }
+        }
+    });
+    for round in 0..2 {
+        for i in 0..5 {
+            assert_eq!(call(&gateway, &format!("/public/{round}/{i}"), None).await.status, 200);
+        }
+        assert_eq!(call(&gateway, "/v1/not-followed", None).await.status, 401);
+        for i in 0..5 {
+            let line = seen.recv_timeout(Duration::from_secs(10)).expect("a followed record");
+            let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(record["path"], format!("/public/{round}/{i}"));
+        }
+    }
+    let _ = follower.kill();
+    let _ = follower.wait();
+}

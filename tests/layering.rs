@@ -17,33 +17,34 @@ const ALLOWED: &[(&str, &[&str])] = &[
     ("metrics", &["base", "model", "limits"]),
     ("upstream", &["base", "model", "config", "metrics", "tls"]),
     ("state", &["base", "model", "config", "limits", "usage", "metrics"]),
+    ("logs", &["base", "model", "config", "metrics"]),
     (
         "gateway",
         &[
-            "base", "model", "config", "limits", "auth", "usage", "router", "metrics", "upstream", "state", "tls",
+            "base", "model", "config", "limits", "auth", "usage", "router", "metrics", "upstream", "state", "tls", "logs",
         ],
     ),
     (
         "proxy",
         &[
-            "base", "model", "config", "limits", "auth", "usage", "router", "metrics", "upstream", "gateway",
+            "base", "model", "config", "limits", "auth", "usage", "router", "metrics", "upstream", "gateway", "logs",
         ],
     ),
     (
         "listener",
-        &["base", "model", "config", "metrics", "gateway", "proxy", "tls"],
+        &["base", "model", "config", "metrics", "gateway", "proxy", "tls", "logs"],
     ),
     (
         "admin",
         &[
-            "base", "model", "config", "limits", "auth", "usage", "metrics", "upstream", "state", "gateway", "tls",
+            "base", "model", "config", "limits", "auth", "usage", "metrics", "upstream", "state", "gateway", "tls", "logs",
         ],
     ),
     (
         "cli",
         &[
             "base", "model", "config", "limits", "auth", "usage", "router", "metrics", "upstream", "state", "gateway",
-            "proxy", "listener", "admin", "tls",
+            "proxy", "listener", "admin", "tls", "logs",
         ],
     ),
 ];

@@ -179,6 +179,9 @@ impl Gateway {
         {
             tracing::warn!("listen addresses changed; they take effect on restart only");
         }
+        if config.logs != current.config.logs {
+            tracing::warn!("[logs] changed; it takes effect on restart only (docs/access-logs.md)");
+        }
         // New certificates for new connections; open ones keep theirs.
         if let (Some(tls), Some(section)) = (&self.tls, &config.tls)
             && let Err(error) = tls.reload(&section.options)

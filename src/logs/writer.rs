@@ -443,3 +443,58 @@ pub fn apply_retention(settings: &WriterSettings, stats: &LogStats) {
     stats.spool_bytes.store(total, Ordering::Relaxed);
     stats.spool_segments.store(segments.len() as u64, Ordering::Relaxed);
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunk(first: u64, records: u64) -> Chunk {
+        let mut bytes = Vec::new();
+        for n in first..first + records {
+            // Noise, so segments fill up after compression.
+            let pad: String = (0..8).map(|i| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&(n * 8 + i).to_le_bytes()))).collect();
+            bytes.extend_from_slice(format!("{{\"n\":{n},\"pad\":\"{pad}\"}}\n").as_bytes());
+        }
+        Chunk { bytes, records }
+    }
+
+    #[test]
+    fn a_writer_behind_spills_to_disk_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let stats = Arc::new(LogStats::default());
+        let settings = WriterSettings {
+            dir: dir.path().to_path_buf(),
+            node: "n1".into(),
+            max_segment_bytes: 16 * 1024,
+            max_segment_age: Duration::from_secs(60),
+            level: 3,
+            // Less than one chunk: everything beyond the first waits on disk.
+            memory_bytes: 10_000,
+            retention_bytes: 0,
+            retention_age: None,
+        };
+        let writer = Writer::start(settings, stats.clone(), 1024).unwrap();
+        let sender = writer.sender();
+        for i in 0..200 {
+            sender.send(Message::Chunk(chunk(i * 50, 50))).unwrap();
+        }
+        writer.stop();
+        assert!(stats.spilled.load(Ordering::Relaxed) > 0, "the queue overflowed to disk");
+        assert_eq!(stats.written.load(Ordering::Relaxed), 10_000);
+        assert_eq!(stats.spill_bytes.load(Ordering::Relaxed), 0, "the spill was compressed back in");
+        let mut seen = vec![false; 10_000];
+        let segments = segment::closed(dir.path()).unwrap();
+        assert!(segments.len() > 1, "rotated by size");
+        for closed in segments {
+            let (records, _) = super::super::read::decode_frames(&std::fs::read(&closed.path).unwrap());
+            for line in records.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+                let value: serde_json::Value = serde_json::from_slice(line).unwrap();
+                let n = value["n"].as_u64().unwrap() as usize;
+                assert!(!seen[n], "record {n} twice");
+                seen[n] = true;
+            }
+        }
+        assert!(seen.iter().all(|s| *s), "every record written once");
+        assert_eq!(std::fs::read_dir(dir.path().join("spill")).unwrap().count(), 0);
+    }
+}
