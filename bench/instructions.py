@@ -5,7 +5,8 @@ recording, zeroes the counters after a warm-up, drives `wrk -t1 -c8 -d5s` with a
 the counters and divides by the requests served.
 
 Usage (after bench/run.sh has installed wrk and nginx and built the release binary):
-`python3 bench/instructions.py [NAME=BINARY ...]` (default: this checkout's release build).
+`python3 bench/instructions.py [NAME=BINARY[+logs] ...]` (default: this checkout's release build;
+`+logs` turns access logs on for that run).
 """
 import glob, json, os, re, shutil, subprocess, sys, tempfile, time, urllib.request
 
@@ -27,9 +28,13 @@ def post(admin, path, body):
 
 
 def measure(name, binary, up, workdir):
+    # `NAME=BINARY+logs`: the same, with access logs on (docs/access-logs.md).
+    logs = binary.endswith("+logs")
+    binary = binary.removesuffix("+logs")
     port, admin = free_port(), free_port()
     config = os.path.join(workdir, f"{name}.toml")
-    open(config, "w").write(gateway_config(f"{workdir}/data-{name}", port, admin, f"127.0.0.1:{up}", "api_key", PLAN,
+    plan = PLAN + (f'\n[logs]\ndir = "{workdir}/logs-{name}"\n' if logs else "")
+    open(config, "w").write(gateway_config(f"{workdir}/data-{name}", port, admin, f"127.0.0.1:{up}", "api_key", plan,
                                           lift_limits=binary.startswith(os.path.join(ROOT, "target"))))
     out = os.path.join(workdir, f"{name}.callgrind")
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",

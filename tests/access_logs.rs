@@ -110,7 +110,13 @@ fn stop(gateway: &mut Gateway) {
 }
 
 /// `requests` GETs of `path` with `headers`, `concurrency` at a time; returns statuses.
-async fn load(gateway: &Gateway, path: &str, headers: Vec<(&'static str, String)>, requests: usize, concurrency: usize) -> Vec<u16> {
+async fn load(
+    gateway: &Gateway,
+    path: &str,
+    headers: Vec<(&'static str, String)>,
+    requests: usize,
+    concurrency: usize,
+) -> Vec<u16> {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for _ in 0..concurrency {
@@ -155,18 +161,53 @@ async fn every_request_is_recorded_rotated_readable_and_free_of_secrets() {
 
     // 100,000 requests: keyed successes, a plan that runs out, no key, a wrong key, a
     // public route with a cookie, and credentials in the query.
-    let good = load(&gateway, "/v1/lookup", vec![("x-api-key", good_key.clone())], 90_000, 16).await;
+    let good = load(
+        &gateway,
+        "/v1/lookup",
+        vec![("x-api-key", good_key.clone())],
+        90_000,
+        16,
+    )
+    .await;
     assert!(good.iter().all(|s| *s == 200));
-    let tiny = load(&gateway, "/v1/lookup", vec![("authorization", format!("Bearer {tiny_key}"))], 4_000, 4).await;
+    let tiny = load(
+        &gateway,
+        "/v1/lookup",
+        vec![("authorization", format!("Bearer {tiny_key}"))],
+        4_000,
+        4,
+    )
+    .await;
     assert_eq!(tiny.iter().filter(|s| **s == 200).count(), 100);
     assert_eq!(tiny.iter().filter(|s| **s == 429).count(), 3_900);
     let none = load(&gateway, "/v1/lookup", vec![], 2_000, 4).await;
     assert!(none.iter().all(|s| *s == 401));
-    let wrong = load(&gateway, "/v1/lookup", vec![("x-api-key", "tg_live_wrongwrongwrongwrong".into())], 2_000, 4).await;
+    let wrong = load(
+        &gateway,
+        "/v1/lookup",
+        vec![("x-api-key", "tg_live_wrongwrongwrongwrong".into())],
+        2_000,
+        4,
+    )
+    .await;
     assert!(wrong.iter().all(|s| *s == 401));
-    let cookie = load(&gateway, "/public/page", vec![("cookie", "session=cookie-secret-value".into())], 1_000, 4).await;
+    let cookie = load(
+        &gateway,
+        "/public/page",
+        vec![("cookie", "session=cookie-secret-value".into())],
+        1_000,
+        4,
+    )
+    .await;
     assert!(cookie.iter().all(|s| *s == 200));
-    let query = load(&gateway, &format!("/v1/lookup?api_key={good_key}&q=1"), vec![], 1_000, 4).await;
+    let query = load(
+        &gateway,
+        &format!("/v1/lookup?api_key={good_key}&q=1"),
+        vec![],
+        1_000,
+        4,
+    )
+    .await;
     assert!(query.iter().all(|s| *s == 200));
     stop(&mut gateway);
 
@@ -174,18 +215,53 @@ async fn every_request_is_recorded_rotated_readable_and_free_of_secrets() {
     assert_eq!(records.len(), 100_000, "one record per request after a graceful stop");
     let closed = segment_files(&dir);
     assert!(closed.len() >= 3, "rotation by size made several segments: {closed:?}");
-    assert!(closed.iter().all(|p| p.to_string_lossy().ends_with(".ndjson.zst")), "all closed at stop");
+    assert!(
+        closed.iter().all(|p| p.to_string_lossy().ends_with(".ndjson.zst")),
+        "all closed at stop"
+    );
     let count = |f: &dyn Fn(&serde_json::Value) -> bool| records.iter().filter(|r| f(r)).count();
     assert_eq!(
-        count(&|r| r["key_id"] == good_id.as_str() && r["consumer"] == "acme" && r["status"] == 200 && r["decision"] == "admitted" && r["auth"] == "api_key"),
+        count(&|r| r["key_id"] == good_id.as_str()
+            && r["consumer"] == "acme"
+            && r["status"] == 200
+            && r["decision"] == "admitted"
+            && r["auth"] == "api_key"),
         91_000
     );
-    assert_eq!(count(&|r| r["key_id"] == tiny_id.as_str() && r["status"] == 429 && r["decision"] == "daily" && r["error"] == "quota_exceeded"), 3_900);
-    assert_eq!(count(&|r| r["key_id"] == tiny_id.as_str() && r["status"] == 200 && r["decision"] == "admitted"), 100);
-    assert_eq!(count(&|r| r["status"] == 401 && r["key_id"].is_null() && r["decision"].is_null()), 4_000);
-    assert_eq!(count(&|r| r["route"] == "open" && r["auth"] == "none" && r["status"] == 200), 1_000);
-    let sample = records.iter().find(|r| r["status"] == 200 && r["route"] == "keyed").unwrap();
-    for field in ["time", "request_id", "node", "client_ip", "method", "path", "upstream", "latency_ms", "upstream_latency_ms"] {
+    assert_eq!(
+        count(&|r| r["key_id"] == tiny_id.as_str()
+            && r["status"] == 429
+            && r["decision"] == "daily"
+            && r["error"] == "quota_exceeded"),
+        3_900
+    );
+    assert_eq!(
+        count(&|r| r["key_id"] == tiny_id.as_str() && r["status"] == 200 && r["decision"] == "admitted"),
+        100
+    );
+    assert_eq!(
+        count(&|r| r["status"] == 401 && r["key_id"].is_null() && r["decision"].is_null()),
+        4_000
+    );
+    assert_eq!(
+        count(&|r| r["route"] == "open" && r["auth"] == "none" && r["status"] == 200),
+        1_000
+    );
+    let sample = records
+        .iter()
+        .find(|r| r["status"] == 200 && r["route"] == "keyed")
+        .unwrap();
+    for field in [
+        "time",
+        "request_id",
+        "node",
+        "client_ip",
+        "method",
+        "path",
+        "upstream",
+        "latency_ms",
+        "upstream_latency_ms",
+    ] {
         assert!(!sample[field].is_null(), "{field} in {sample}");
     }
     assert_eq!(sample["upstream_status"], 200);
@@ -196,20 +272,40 @@ async fn every_request_is_recorded_rotated_readable_and_free_of_secrets() {
 
     // Secrets: not in any byte written, compressed or not.
     let bytes = all_bytes(&dir);
-    for secret in [good_key.as_str(), tiny_key.as_str(), "tg_live_wrongwrongwrongwrong", "cookie-secret-value", "Bearer"] {
+    for secret in [
+        good_key.as_str(),
+        tiny_key.as_str(),
+        "tg_live_wrongwrongwrongwrong",
+        "cookie-secret-value",
+        "Bearer",
+    ] {
         assert!(!contains(&bytes, secret), "{secret:?} was written to the access log");
     }
 
     // `tollgate logs` filters and formats.
     let logs = |args: &[&str]| {
-        let output = Command::new(binary()).arg("logs").arg("--dir").arg(&dir).args(args).output().unwrap();
+        let output = Command::new(binary())
+            .arg("logs")
+            .arg("--dir")
+            .arg(&dir)
+            .args(args)
+            .output()
+            .unwrap();
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
         String::from_utf8(output.stdout).unwrap()
     };
     assert_eq!(logs(&["--consumer", "small", "--status", "4xx"]).lines().count(), 3_900);
-    assert_eq!(logs(&["--key", &tiny_id, "--decision", "admitted"]).lines().count(), 100);
+    assert_eq!(
+        logs(&["--key", &tiny_id, "--decision", "admitted"]).lines().count(),
+        100
+    );
     assert_eq!(logs(&["--route", "open", "--limit", "10"]).lines().count(), 10);
-    assert_eq!(logs(&["--status", "401", "--until", "2000-01-01T00:00:00Z"]).lines().count(), 0);
+    assert_eq!(
+        logs(&["--status", "401", "--until", "2000-01-01T00:00:00Z"])
+            .lines()
+            .count(),
+        0
+    );
     assert_eq!(logs(&["--status", "401", "--since", "1h"]).lines().count(), 4_000);
     let table = logs(&["--status", "429", "--limit", "3", "--format", "table"]);
     assert_eq!(table.lines().count(), 4, "{table}");
@@ -221,7 +317,11 @@ async fn every_request_is_recorded_rotated_readable_and_free_of_secrets() {
         dir.display()
     );
     let output = Command::new("python3")
-        .args(["-c", "import duckdb,sys,json; print(json.dumps(duckdb.sql(sys.argv[1]).fetchall()))", &query])
+        .args([
+            "-c",
+            "import duckdb,sys,json; print(json.dumps(duckdb.sql(sys.argv[1]).fetchall()))",
+            &query,
+        ])
         .output()
         .expect("python3");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -276,8 +376,13 @@ async fn kill_9_loses_at_most_about_one_flush_interval() {
     }
     let lost = answered.saturating_sub(written);
     let interval_worth = rate * 0.2;
-    println!("kill -9: {answered} answered, {written} recorded, {lost} lost; {rate:.0} req/s, one 200 ms interval = {interval_worth:.0} records");
-    assert!(written > 0 && written <= answered + 8, "{written} recorded of {answered}");
+    println!(
+        "kill -9: {answered} answered, {written} recorded, {lost} lost; {rate:.0} req/s, one 200 ms interval = {interval_worth:.0} records"
+    );
+    assert!(
+        written > 0 && written <= answered + 8,
+        "{written} recorded of {answered}"
+    );
     // Bounded generously (×2 and +50): the machine is shared by the load, the gateway and
     // the test, so a flush tick can run late.
     assert!(
@@ -288,7 +393,11 @@ async fn kill_9_loses_at_most_about_one_flush_interval() {
     // The next start recovers the open segment: closed, whole, readable by the CLI.
     let mut restarted = Gateway::start(&config.replace("dir = \"logs\"", &format!("dir = \"{}\"", dir.display())));
     stop(&mut restarted);
-    assert!(segment_files(&dir).iter().all(|p| p.to_string_lossy().ends_with(".ndjson.zst")));
+    assert!(
+        segment_files(&dir)
+            .iter()
+            .all(|p| p.to_string_lossy().ends_with(".ndjson.zst"))
+    );
     assert_eq!(records_by_cli(&dir).len() as u64, written);
 }
 
@@ -346,13 +455,22 @@ async fn a_full_disk_drops_counted_records_and_never_a_request() {
     assert_eq!(ready.status, 200, "the proxy stays ready");
     let detail = ready.json();
     assert_eq!(detail["access_log"]["status"], "dropping", "{detail}");
-    assert!(detail["access_log"]["write"]["error"].as_str().unwrap().contains("No space"), "{detail}");
+    assert!(
+        detail["access_log"]["write"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("No space"),
+        "{detail}"
+    );
     // Still answering once full.
     assert_eq!(call(&gateway, "/public/after", None).await.status, 200);
 }
 
 fn fastrand_hex(len: usize) -> String {
-    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+    let mut seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64;
     (0..len)
         .map(|_| {
             seed ^= seed << 13;
@@ -404,13 +522,21 @@ impl Moto {
     }
 
     fn signal(&self, signal: &str) {
-        assert!(Command::new("kill").args([signal, &self.child.id().to_string()]).status().unwrap().success());
+        assert!(
+            Command::new("kill")
+                .args([signal, &self.child.id().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
     }
 }
 
 impl Drop for Moto {
     fn drop(&mut self) {
-        let _ = Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status();
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -456,7 +582,9 @@ options = {{ endpoint = "http://127.0.0.1:{port}", allow_http = "true", region =
         parts.len() == 7
             && parts[..2] == ["edge", "prod"]
             && parts[2].len() == 4
-            && [parts[3], parts[4], parts[5]].iter().all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_digit()))
+            && [parts[3], parts[4], parts[5]]
+                .iter()
+                .all(|p| p.len() == 2 && p.bytes().all(|b| b.is_ascii_digit()))
             && parts[6].ends_with(".ndjson.zst")
             && tollgate::logs::segment::parse_name(&{
                 // `<node>-<stamp>.ndjson.zst` back to the local `<stamp>-<node>` form.
@@ -491,7 +619,10 @@ options = {{ endpoint = "http://127.0.0.1:{port}", allow_http = "true", region =
     })
     .await;
     stop(&mut gateway);
-    assert!(segment_files(&dir).is_empty(), "every segment uploaded, then deleted locally");
+    assert!(
+        segment_files(&dir).is_empty(),
+        "every segment uploaded, then deleted locally"
+    );
 
     // Everything arrived: read back through `tollgate logs --url`.
     let output = Command::new(binary())
@@ -510,7 +641,10 @@ options = {{ endpoint = "http://127.0.0.1:{port}", allow_http = "true", region =
 async fn logs_follow_prints_records_as_they_are_flushed() {
     use std::io::BufRead;
     let upstream = Upstream::start("api").await;
-    let gateway = Gateway::start(&logs_config(&upstream, "[logs]\ndir = \"logs\"\nflush_interval = \"100ms\"\n"));
+    let gateway = Gateway::start(&logs_config(
+        &upstream,
+        "[logs]\ndir = \"logs\"\nflush_interval = \"100ms\"\n",
+    ));
     let mut follower = Command::new(binary())
         .args(["logs", "--follow", "--route", "open", "--config"])
         .arg(&gateway.config_path)
@@ -539,4 +673,53 @@ async fn logs_follow_prints_records_as_they_are_flushed() {
     }
     let _ = follower.kill();
     let _ = follower.wait();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_heads_are_recorded_without_their_query() {
+    let upstream = Upstream::start("api").await;
+    let mut gateway = Gateway::start(&logs_config(
+        &upstream,
+        "[logs]\ndir = \"logs\"\nflush_interval = \"100ms\"\n",
+    ));
+    let dir = gateway.dir.path().join("logs");
+    let proxy = gateway.proxy;
+    let refused = tokio::task::spawn_blocking(move || {
+        [
+            raw_exchange(
+                proxy,
+                b"GET /a<b?api_key=tg_live_secretinquery HTTP/1.1\r\nHost: x\r\n\r\n",
+                Duration::from_secs(5),
+            ),
+            raw_exchange(
+                proxy,
+                b"POST /smuggle HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Duration::from_secs(5),
+            ),
+        ]
+    })
+    .await
+    .unwrap();
+    assert!(refused.iter().all(|r| r.starts_with("HTTP/1.1 400")), "{refused:?}");
+    assert_eq!(call(&gateway, "/public/fine", None).await.status, 200);
+    stop(&mut gateway);
+    let records = records_by_cli(&dir);
+    assert_eq!(records.len(), 3, "{records:?}");
+    let by_path = |path: &str| {
+        records
+            .iter()
+            .find(|r| r["path"] == path)
+            .unwrap_or_else(|| panic!("{path} in {records:?}"))
+    };
+    let first = by_path("/a<b");
+    assert_eq!(first["status"], 400);
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["error"], "bad_request");
+    assert!(first["query"].is_null());
+    assert_eq!(by_path("/smuggle")["method"], "POST");
+    assert!(!contains(&all_bytes(&dir), "tg_live_secretinquery"));
+    // The same fields as a proxied request's record.
+    let keys = |r: &serde_json::Value| r.as_object().unwrap().keys().cloned().collect::<Vec<_>>();
+    assert_eq!(keys(first), keys(by_path("/public/fine")));
+    assert_eq!(keys(first).len(), 26, "{:?}", keys(first));
 }

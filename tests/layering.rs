@@ -21,7 +21,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "gateway",
         &[
-            "base", "model", "config", "limits", "auth", "usage", "router", "metrics", "upstream", "state", "tls", "logs",
+            "base", "model", "config", "limits", "auth", "usage", "router", "metrics", "upstream", "state", "tls",
+            "logs",
         ],
     ),
     (
@@ -37,7 +38,8 @@ const ALLOWED: &[(&str, &[&str])] = &[
     (
         "admin",
         &[
-            "base", "model", "config", "limits", "auth", "usage", "metrics", "upstream", "state", "gateway", "tls", "logs",
+            "base", "model", "config", "limits", "auth", "usage", "metrics", "upstream", "state", "gateway", "tls",
+            "logs",
         ],
     ),
     (

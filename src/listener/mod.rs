@@ -395,6 +395,7 @@ async fn serve_http<S: Transport>(
     let limits = settings.limits;
     let peer = conn.peer;
     let metrics = worker.gateway.metrics.clone();
+    let access_log = worker.gateway.access_log.clone();
     let phase = ConnPhase::new();
     conn.phase = Some(phase.clone());
     conn.streams = ConnStreams::new(settings.max_premature_resets);
@@ -424,7 +425,16 @@ async fn serve_http<S: Transport>(
         }
     });
     let (park, mut parked) = park_slot(settings.parking);
-    let mut io = GuardedStream::new(stream, phase.clone(), limits, park, metrics.clone());
+    let refusals = || {
+        access_log.as_ref().map(|log| {
+            Box::new(guard::RefusalLog {
+                log: log.clone(),
+                client_ip: conn.peer_ip.clone(),
+                tls: conn.tls_version,
+            })
+        })
+    };
+    let mut io = GuardedStream::new(stream, phase.clone(), limits, park, metrics.clone()).with_refusals(refusals());
     loop {
         // Boxed so that a parked connection does not keep room for hyper's state.
         let mut connection = Box::pin(
@@ -484,7 +494,8 @@ async fn serve_http<S: Transport>(
         }
         let (park, next) = park_slot(settings.parking);
         parked = next;
-        io = GuardedStream::resume(stream, phase.clone(), limits, idle_until, park, metrics.clone());
+        io = GuardedStream::resume(stream, phase.clone(), limits, idle_until, park, metrics.clone())
+            .with_refusals(refusals());
     }
 }
 

@@ -17,6 +17,9 @@ use super::{AccessLog, Chunk};
 
 struct Lane {
     log: Arc<AccessLog>,
+    /// A monotonic instant and the wall-clock time it was, refreshed at every flush tick:
+    /// a request's arrival time is read off it without another clock read.
+    anchor: (Instant, SystemTime),
     buf: Vec<u8>,
     records: u64,
     /// Record buffers of finished requests, reused by the next ones.
@@ -51,6 +54,7 @@ pub fn install(log: &Arc<AccessLog>) {
     LANE.with(|lane| {
         *lane.borrow_mut() = Some(Lane {
             log: log.clone(),
+            anchor: (Instant::now(), SystemTime::now()),
             buf: Vec::with_capacity(log.settings.buffer_bytes + 1024),
             records: 0,
             spare: Vec::new(),
@@ -65,6 +69,7 @@ pub fn flush() {
             && let Some(lane) = lane.as_mut()
         {
             lane.hand_over();
+            lane.anchor = (Instant::now(), SystemTime::now());
         }
     });
 }
@@ -93,15 +98,23 @@ pub struct Pending {
 impl Pending {
     /// Starts a record: time (the request's arrival), node and region.
     pub fn begin(log: &Arc<AccessLog>, start: Instant) -> Pending {
-        let mut line = LANE.with(|lane| {
-            lane.try_borrow_mut()
-                .ok()
-                .and_then(|mut lane| lane.as_mut().and_then(|l| l.spare.pop()))
-                .unwrap_or_else(|| Vec::with_capacity(512))
+        let (line, anchor) = LANE.with(|lane| {
+            let Ok(mut lane) = lane.try_borrow_mut() else {
+                return (None, None);
+            };
+            match lane.as_mut() {
+                Some(lane) => (lane.spare.pop(), Some(lane.anchor)),
+                None => (None, None),
+            }
         });
-        let arrived = SystemTime::now()
-            .checked_sub(start.elapsed())
-            .unwrap_or_else(SystemTime::now);
+        let mut line = line.unwrap_or_else(|| Vec::with_capacity(640));
+        let arrived = match anchor {
+            Some((instant, wall)) if start >= instant => wall + (start - instant),
+            Some((instant, wall)) => wall.checked_sub(instant - start).unwrap_or(wall),
+            None => SystemTime::now()
+                .checked_sub(start.elapsed())
+                .unwrap_or_else(SystemTime::now),
+        };
         let mut object = JsonObject::open(&mut line);
         object.time("time", arrived).str("node", &log.settings.node);
         object.opt_str("region", log.settings.region.as_deref());

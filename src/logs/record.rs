@@ -44,6 +44,17 @@ impl<'b> JsonObject<'b> {
         self
     }
 
+    /// A value whose `Display` needs no escaping (addresses, numbers), formatted straight
+    /// into the line.
+    pub fn display(&mut self, key: &str, value: &impl std::fmt::Display) -> &mut Self {
+        use std::io::Write;
+        self.key(key);
+        self.out.push(b'"');
+        let _ = write!(self.out, "{value}");
+        self.out.push(b'"');
+        self
+    }
+
     pub fn opt_str(&mut self, key: &str, value: Option<&str>) -> &mut Self {
         match value {
             Some(value) => self.str(key, value),
@@ -134,6 +145,15 @@ fn format_u64(buffer: &mut [u8; 20], mut value: u64) -> &[u8] {
 /// A JSON string literal of `value`; bytes that are not UTF-8 become U+FFFD.
 fn escape_into(out: &mut Vec<u8>, value: &[u8]) {
     out.push(b'"');
+    // Most values (ids, paths, names) are printable ASCII with nothing to escape.
+    if value
+        .iter()
+        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
+    {
+        out.extend_from_slice(value);
+        out.push(b'"');
+        return;
+    }
     for chunk in value.utf8_chunks() {
         let valid = chunk.valid().as_bytes();
         let mut start = 0;

@@ -73,7 +73,11 @@ impl LogService {
     /// segment, then lets the uploader make its last pass.
     pub async fn stop(self) {
         let LogService { writer, uploader } = self;
-        let _ = tokio::task::spawn_blocking(move || writer.stop()).await;
+        // A writer stuck on a hung disk must not hold the node's stop forever.
+        let writing = tokio::task::spawn_blocking(move || writer.stop());
+        if tokio::time::timeout(Duration::from_secs(60), writing).await.is_err() {
+            tracing::error!("the access-log writer did not finish within 60 s; records still queued are lost");
+        }
         if let Some((task, finish)) = uploader {
             let _ = finish.send(true);
             let _ = tokio::time::timeout(Duration::from_secs(600), task).await;

@@ -117,11 +117,8 @@ impl Writer {
 fn receive(shared: Arc<Shared>, receiver: Receiver<Message>) {
     let mut spill: Option<SpillFile> = None;
     let limit = shared.settings.memory_bytes;
-    loop {
-        let chunk = match receiver.recv() {
-            Ok(Message::Chunk(chunk)) => chunk,
-            Ok(Message::Stop) | Err(_) => break,
-        };
+    // Until `Stop` (or every sender gone).
+    while let Ok(Message::Chunk(chunk)) = receiver.recv() {
         let mut queue = match shared.queue.lock() {
             Ok(queue) => queue,
             Err(_) => break,
@@ -242,6 +239,9 @@ fn recover_spill(dir: &Path, stats: &LogStats) -> std::io::Result<()> {
 struct Output {
     segment: Option<OpenSegment>,
     last_retention: std::time::Instant,
+    /// One zstd context for every frame (creating one per frame costs more than
+    /// compressing a small frame).
+    zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
 fn compress(shared: Arc<Shared>) {
@@ -250,6 +250,7 @@ fn compress(shared: Arc<Shared>) {
     let mut output = Output {
         segment: None,
         last_retention: std::time::Instant::now() - Duration::from_secs(3600),
+        zstd: zstd::bulk::Compressor::new(settings.level).ok(),
     };
     // Wakes at least this often to rotate by age and apply retention.
     let tick = Duration::from_millis(500).min(settings.max_segment_age);
@@ -300,7 +301,11 @@ fn write_batch(settings: &WriterSettings, stats: &LogStats, output: &mut Output,
 /// Compresses `ndjson` into one frame and appends it to the open segment (opening one
 /// when needed). On failure the records are dropped, counted and reported.
 fn write_frame(settings: &WriterSettings, stats: &LogStats, output: &mut Output, ndjson: &[u8], records: u64) -> bool {
-    let frame = match zstd::bulk::compress(ndjson, settings.level) {
+    let compressed = match output.zstd.as_mut() {
+        Some(zstd) => zstd.compress(ndjson),
+        None => zstd::bulk::compress(ndjson, settings.level),
+    };
+    let frame = match compressed {
         Ok(frame) => frame,
         Err(error) => {
             stats.dropped(DropReason::Disk, records);
@@ -452,7 +457,9 @@ mod tests {
         let mut bytes = Vec::new();
         for n in first..first + records {
             // Noise, so segments fill up after compression.
-            let pad: String = (0..8).map(|i| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&(n * 8 + i).to_le_bytes()))).collect();
+            let pad: String = (0..8)
+                .map(|i| format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&(n * 8 + i).to_le_bytes())))
+                .collect();
             bytes.extend_from_slice(format!("{{\"n\":{n},\"pad\":\"{pad}\"}}\n").as_bytes());
         }
         Chunk { bytes, records }
@@ -479,9 +486,16 @@ mod tests {
             sender.send(Message::Chunk(chunk(i * 50, 50))).unwrap();
         }
         writer.stop();
-        assert!(stats.spilled.load(Ordering::Relaxed) > 0, "the queue overflowed to disk");
+        assert!(
+            stats.spilled.load(Ordering::Relaxed) > 0,
+            "the queue overflowed to disk"
+        );
         assert_eq!(stats.written.load(Ordering::Relaxed), 10_000);
-        assert_eq!(stats.spill_bytes.load(Ordering::Relaxed), 0, "the spill was compressed back in");
+        assert_eq!(
+            stats.spill_bytes.load(Ordering::Relaxed),
+            0,
+            "the spill was compressed back in"
+        );
         let mut seen = vec![false; 10_000];
         let segments = segment::closed(dir.path()).unwrap();
         assert!(segments.len() > 1, "rotated by size");

@@ -76,18 +76,27 @@ pub(super) fn record_response(record: &mut Pending, route: Option<&Route>, ctx: 
         .opt_str("route", route.map(|r| &*r.name))
         .opt_str("consumer", consumer)
         .opt_str("key_id", key_id)
-        .str("auth", auth)
-        .str("client_ip", &ctx.caller_ip.to_string())
+        .str("auth", auth);
+    if ctx.caller_ip == ctx.conn.peer.ip() {
+        // Rendered once per connection already.
+        fields.bytes("client_ip", ctx.conn.peer_ip.as_bytes());
+    } else {
+        fields.display("client_ip", &ctx.caller_ip);
+    }
+    fields
         .u64("status", u64::from(status.as_u16()))
         .opt_str("error", ctx.error.map(ErrorKind::code));
-    let decision = match (&ctx.error, &ctx.limit) {
-        (Some(ErrorKind::RateLimited | ErrorKind::QuotaExceeded), Some(limit)) => Some(limit.name.policy()),
-        _ if ctx.admitted => Some("admitted".to_string()),
+    let decision: Option<std::borrow::Cow<'_, str>> = match (&ctx.error, &ctx.limit) {
+        (Some(ErrorKind::RateLimited | ErrorKind::QuotaExceeded), Some(limit)) => Some(limit.name.policy().into()),
+        _ if ctx.admitted => Some("admitted".into()),
         _ => None,
     };
+    fields.opt_str("decision", decision.as_deref());
+    match &ctx.upstream_addr {
+        Some(addr) => fields.display("upstream", addr),
+        None => fields.null("upstream"),
+    };
     fields
-        .opt_str("decision", decision.as_deref())
-        .opt_str("upstream", ctx.upstream_addr.map(|a| a.to_string()).as_deref())
         .opt_u64("upstream_status", ctx.upstream_status.map(u64::from))
         .u64("tries", u64::from(ctx.tries))
         .opt_millis("upstream_latency_ms", ctx.upstream_micros)
