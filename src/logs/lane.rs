@@ -24,6 +24,7 @@ struct Lane {
     records: u64,
     /// Record buffers of finished requests, reused by the next ones.
     spare: Vec<Vec<u8>>,
+    second: super::record::SecondCache,
 }
 
 impl Lane {
@@ -58,6 +59,7 @@ pub fn install(log: &Arc<AccessLog>) {
             buf: Vec::with_capacity(log.settings.buffer_bytes + 1024),
             records: 0,
             spare: Vec::new(),
+            second: Default::default(),
         });
     });
 }
@@ -98,25 +100,30 @@ pub struct Pending {
 impl Pending {
     /// Starts a record: time (the request's arrival), node and region.
     pub fn begin(log: &Arc<AccessLog>, start: Instant) -> Pending {
-        let (line, anchor) = LANE.with(|lane| {
-            let Ok(mut lane) = lane.try_borrow_mut() else {
-                return (None, None);
+        let line = LANE.with(|lane| {
+            let mut lane = lane.try_borrow_mut().ok()?;
+            let lane = lane.as_mut()?;
+            let (instant, wall) = lane.anchor;
+            let arrived = if start >= instant {
+                wall + (start - instant)
+            } else {
+                wall.checked_sub(instant - start).unwrap_or(wall)
             };
-            match lane.as_mut() {
-                Some(lane) => (lane.spare.pop(), Some(lane.anchor)),
-                None => (None, None),
-            }
+            let mut line = lane.spare.pop().unwrap_or_else(|| Vec::with_capacity(640));
+            JsonObject::open(&mut line).time_cached("time", arrived, &mut lane.second);
+            Some(line)
         });
-        let mut line = line.unwrap_or_else(|| Vec::with_capacity(640));
-        let arrived = match anchor {
-            Some((instant, wall)) if start >= instant => wall + (start - instant),
-            Some((instant, wall)) => wall.checked_sub(instant - start).unwrap_or(wall),
-            None => SystemTime::now()
+        let mut line = line.unwrap_or_else(|| {
+            let arrived = SystemTime::now()
                 .checked_sub(start.elapsed())
-                .unwrap_or_else(SystemTime::now),
-        };
-        let mut object = JsonObject::open(&mut line);
-        object.time("time", arrived).str("node", &log.settings.node);
+                .unwrap_or_else(SystemTime::now);
+            let mut line = Vec::with_capacity(640);
+            JsonObject::open(&mut line).time("time", arrived);
+            line
+        });
+        let mut object = JsonObject::resume(&mut line);
+        // Node names are checked tokens, or host names reduced to them.
+        object.trusted("node", &log.settings.node);
         object.opt_str("region", log.settings.region.as_deref());
         Pending {
             log: log.clone(),

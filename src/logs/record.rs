@@ -24,12 +24,21 @@ impl<'b> JsonObject<'b> {
     }
 
     fn key(&mut self, key: &str) {
-        if self.out.last() != Some(&b'{') {
-            self.out.push(b',');
-        }
-        self.out.push(b'"');
+        let separator: &[u8] = if self.out.last() == Some(&b'{') { b"\"" } else { b",\"" };
+        self.out.extend_from_slice(separator);
         self.out.extend_from_slice(key.as_bytes());
         self.out.extend_from_slice(b"\":");
+    }
+
+    /// A string the caller knows needs no escaping (constants, validated ids, method
+    /// tokens, rendered addresses): copied as it is.
+    pub fn trusted(&mut self, key: &str, value: &str) -> &mut Self {
+        debug_assert!(value.bytes().all(|b| SAFE[usize::from(b)]), "{value:?} needs escaping");
+        self.key(key);
+        self.out.push(b'"');
+        self.out.extend_from_slice(value.as_bytes());
+        self.out.push(b'"');
+        self
     }
 
     pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
@@ -119,10 +128,41 @@ impl<'b> JsonObject<'b> {
         self
     }
 
+    /// [`JsonObject::time`], with the date and second rendered once per second in
+    /// `cache` (the worker's).
+    pub fn time_cached(&mut self, key: &str, at: SystemTime, cache: &mut SecondCache) -> &mut Self {
+        let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+        if cache.second != Some(since.as_secs()) {
+            let mut text = Vec::with_capacity(27);
+            write_rfc3339_micros(&mut text, at);
+            cache.prefix.copy_from_slice(&text[..20]);
+            cache.second = Some(since.as_secs());
+        }
+        self.key(key);
+        self.out.push(b'"');
+        self.out.extend_from_slice(&cache.prefix);
+        let mut digits = [b'0'; 6];
+        let mut rest = since.subsec_micros();
+        for digit in digits.iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+        self.out.extend_from_slice(&digits);
+        self.out.extend_from_slice(b"Z\"");
+        self
+    }
+
     /// Ends the object and the line.
     pub fn close_line(self) {
         self.out.extend_from_slice(b"}\n");
     }
+}
+
+/// `2026-12-02T10:44:18.` for the last second a record was stamped in.
+#[derive(Default)]
+pub struct SecondCache {
+    second: Option<u64>,
+    prefix: [u8; 20],
 }
 
 fn itoa_buffer() -> [u8; 20] {
@@ -146,10 +186,7 @@ fn format_u64(buffer: &mut [u8; 20], mut value: u64) -> &[u8] {
 fn escape_into(out: &mut Vec<u8>, value: &[u8]) {
     out.push(b'"');
     // Most values (ids, paths, names) are printable ASCII with nothing to escape.
-    if value
-        .iter()
-        .all(|&b| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\')
-    {
+    if value.iter().all(|&b| SAFE[usize::from(b)]) {
         out.extend_from_slice(value);
         out.push(b'"');
         return;
@@ -186,6 +223,17 @@ fn escape_into(out: &mut Vec<u8>, value: &[u8]) {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Bytes a JSON string holds as they are: printable ASCII but `"` and `\`.
+static SAFE: [bool; 256] = {
+    let mut safe = [false; 256];
+    let mut b = 0x20;
+    while b < 0x7f {
+        safe[b] = b != b'"' as usize && b != b'\\' as usize;
+        b += 1;
+    }
+    safe
+};
 
 /// Seconds since the epoch to a civil UTC date and time (Howard Hinnant's days-to-civil).
 pub fn civil(unix_secs: u64) -> (i64, u32, u32, u32, u32, u32) {
@@ -308,6 +356,17 @@ mod tests {
             o.time("time", at);
         });
         assert_eq!(value["time"], "2026-12-02T10:44:18.000042Z");
+        let mut cache = SecondCache::default();
+        for micros in [42, 999_999, 1_000_001] {
+            let at = UNIX_EPOCH + Duration::from_micros(1_796_208_258_000_000 + micros);
+            let cached = line(|o| {
+                o.time_cached("time", at, &mut cache);
+            });
+            let plain = line(|o| {
+                o.time("time", at);
+            });
+            assert_eq!(cached, plain);
+        }
         assert_eq!(file_stamp(at), "20261202T104418.000042Z");
         // Leap day and the turn of a century.
         assert_eq!(civil(951_782_400), (2000, 2, 29, 0, 0, 0));

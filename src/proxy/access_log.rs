@@ -40,8 +40,10 @@ pub(super) fn record_request(record: &mut Pending, ctx: &RequestCtx<'_>, head: H
     let include_query = record.settings().include_query;
     let mut fields = record.fields();
     fields
-        .str("request_id", ctx.request_id.to_str().unwrap_or_default())
-        .str("method", head.method.as_str())
+        // Printable ASCII (headers::request_id), which may still hold `"`.
+        .bytes("request_id", ctx.request_id.as_bytes())
+        // A method is a token: no character a JSON string must escape.
+        .trusted("method", head.method.as_str())
         .bytes("path", ctx.path.as_deref().unwrap_or(head.uri.path()).as_bytes());
     match head.uri.query().filter(|_| include_query) {
         Some(query) => fields.str("query", &without_secrets(query)),
@@ -59,7 +61,7 @@ pub(super) fn record_request(record: &mut Pending, ctx: &RequestCtx<'_>, head: H
     fields
         .opt_str("referer_host", referer.as_deref())
         .u64("bytes_in", ctx.declared_body)
-        .str("protocol", version_name(head.version));
+        .trusted("protocol", version_name(head.version));
 }
 
 /// What came of the request: who called, how it was decided, where it went.
@@ -76,22 +78,26 @@ pub(super) fn record_response(record: &mut Pending, route: Option<&Route>, ctx: 
         .opt_str("route", route.map(|r| &*r.name))
         .opt_str("consumer", consumer)
         .opt_str("key_id", key_id)
-        .str("auth", auth);
+        .trusted("auth", auth);
     if ctx.caller_ip == ctx.conn.peer.ip() {
         // Rendered once per connection already.
-        fields.bytes("client_ip", ctx.conn.peer_ip.as_bytes());
+        fields.trusted("client_ip", ctx.conn.peer_ip.to_str().unwrap_or_default());
     } else {
         fields.display("client_ip", &ctx.caller_ip);
     }
-    fields
-        .u64("status", u64::from(status.as_u16()))
-        .opt_str("error", ctx.error.map(ErrorKind::code));
-    let decision: Option<std::borrow::Cow<'_, str>> = match (&ctx.error, &ctx.limit) {
-        (Some(ErrorKind::RateLimited | ErrorKind::QuotaExceeded), Some(limit)) => Some(limit.name.policy().into()),
-        _ if ctx.admitted => Some("admitted".into()),
-        _ => None,
+    fields.u64("status", u64::from(status.as_u16()));
+    match ctx.error {
+        Some(kind) => fields.trusted("error", kind.code()),
+        None => fields.null("error"),
     };
-    fields.opt_str("decision", decision.as_deref());
+    match (&ctx.error, &ctx.limit) {
+        // Group names come from the configuration: escaped like any text.
+        (Some(ErrorKind::RateLimited | ErrorKind::QuotaExceeded), Some(limit)) => {
+            fields.str("decision", &limit.name.policy())
+        }
+        _ if ctx.admitted => fields.trusted("decision", "admitted"),
+        _ => fields.null("decision"),
+    };
     match &ctx.upstream_addr {
         Some(addr) => fields.display("upstream", addr),
         None => fields.null("upstream"),
@@ -99,8 +105,11 @@ pub(super) fn record_response(record: &mut Pending, route: Option<&Route>, ctx: 
     fields
         .opt_u64("upstream_status", ctx.upstream_status.map(u64::from))
         .u64("tries", u64::from(ctx.tries))
-        .opt_millis("upstream_latency_ms", ctx.upstream_micros)
-        .opt_str("tls", ctx.conn.tls_version);
+        .opt_millis("upstream_latency_ms", ctx.upstream_micros);
+    match ctx.conn.tls_version {
+        Some(version) => fields.trusted("tls", version),
+        None => fields.null("tls"),
+    };
     // Errors and refusals are always kept; successes by the configured share.
     if sample < 1.0 && status.as_u16() < 400 && ctx.error.is_none() && fastrand::f64() >= sample {
         record.sample_out();
