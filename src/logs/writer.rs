@@ -289,14 +289,30 @@ fn compress(shared: Arc<Shared>) {
 }
 
 fn write_batch(settings: &WriterSettings, stats: &LogStats, output: &mut Output, batch: &[Chunk]) {
-    let records: u64 = batch.iter().map(|c| c.records).sum();
-    let bytes: usize = batch.iter().map(|c| c.bytes.len()).sum();
-    let mut joined = Vec::with_capacity(bytes);
+    // A full worker buffer is a frame of its own; smaller chunks (a quiet flush tick) are
+    // joined first, so frames stay large enough to compress well.
+    let mut small = Vec::new();
+    let mut small_records = 0;
     for chunk in batch {
-        joined.extend_from_slice(&chunk.bytes);
+        if chunk.bytes.len() >= FRAME_BYTES {
+            write_frame(settings, stats, output, &chunk.bytes, chunk.records);
+        } else {
+            small.extend_from_slice(&chunk.bytes);
+            small_records += chunk.records;
+            if small.len() >= FRAME_BYTES {
+                write_frame(settings, stats, output, &small, small_records);
+                small.clear();
+                small_records = 0;
+            }
+        }
     }
-    write_frame(settings, stats, output, &joined, records);
+    if small_records > 0 {
+        write_frame(settings, stats, output, &small, small_records);
+    }
 }
+
+/// A chunk this large is compressed on its own.
+const FRAME_BYTES: usize = 32 * 1024;
 
 /// Compresses `ndjson` into one frame and appends it to the open segment (opening one
 /// when needed). On failure the records are dropped, counted and reported.
