@@ -309,6 +309,7 @@ async fn every_request_is_recorded_rotated_readable_and_free_of_secrets() {
     assert_eq!(logs(&["--status", "401", "--since", "1h"]).lines().count(), 4_000);
     let table = logs(&["--status", "429", "--limit", "3", "--format", "table"]);
     assert_eq!(table.lines().count(), 4, "{table}");
+    assert!(table.lines().next().unwrap().contains("status"), "{table}");
     assert!(table.lines().nth(1).unwrap().contains(" 429 GET"), "{table}");
 
     // DuckDB reads the same files (the query in docs/access-logs.md).

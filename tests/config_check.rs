@@ -125,6 +125,12 @@ fn demo_runs_its_sample_requests() {
     );
     assert!(stdout.contains("curl -i http://127.0.0.1:"), "{stdout}");
     assert!(stdout.contains("→ 200 OK {\""), "{stdout}");
+    // The access log's table: the demo's requests, a 429 refused by the daily quota.
+    assert!(stdout.contains("tollgate logs --dir"), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.contains(" 429 GET") && l.contains("daily")),
+        "{stdout}"
+    );
     assert!(stdout.contains("\"ip\":\"8.8.8.8\""), "{stdout}");
     assert!(
         stdout.contains("→ 404 Not Found {\"error\":{\"code\":\"route_not_found\""),

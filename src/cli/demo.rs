@@ -140,6 +140,15 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
         other => ok &= show(other),
     }
     println!();
+    let logs = running.gateway.snapshot().config.logs.as_ref().map(|l| l.dir.clone());
+    if let Some(dir) = logs {
+        println!("  # the access log: one record per request (docs/access-logs.md)");
+        println!("  tollgate logs --dir {} --format table", dir.display());
+        // Workers hand their records over every flush interval.
+        tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+        print_access_log(&dir);
+        println!();
+    }
     if args.once {
         running.stop().await;
         return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
@@ -204,9 +213,27 @@ by = ["ip", "referer"]
 
 [usage]
 flush_interval = "200ms"
+
+[logs]
+dir = "{data}/logs"
+flush_interval = "200ms"
 "#,
         data = data_dir.display()
     )
+}
+
+/// The records written so far, as `tollgate logs --format table` prints them.
+fn print_access_log(dir: &std::path::Path) {
+    use crate::logs::read;
+    println!("  {}", read::table_header());
+    for segment in read::local_segments(dir).unwrap_or_default() {
+        let (records, _) = read::decode_frames(&std::fs::read(&segment).unwrap_or_default());
+        for line in records.split(|&b| b == b'\n').filter(|l| !l.is_empty()) {
+            if let Ok(record) = serde_json::from_slice::<serde_json::Value>(line) {
+                println!("  {}", read::table_row(&record));
+            }
+        }
+    }
 }
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;

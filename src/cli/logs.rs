@@ -129,7 +129,7 @@ fn run_inner(args: LogsArgs) -> Result<(), String> {
         out: std::io::BufWriter::new(std::io::stdout()),
     };
     if args.format == Format::Table {
-        let _ = writeln!(printer.out, "{}", read::TABLE_HEADER);
+        let _ = writeln!(printer.out, "{}", read::table_header());
     }
     let config = match &args.config {
         Some(path) => Some(crate::config::load(path).map_err(|e| e.to_string())?),

@@ -164,20 +164,38 @@ pub fn table_row(record: &serde_json::Value) -> String {
         Some(serde_json::Value::Null) | None => "-".to_string(),
         Some(other) => other.to_string(),
     };
-    format!(
-        "{:<27} {:>3} {:<6} {:<28} {:<12} {:<14} {:<10} {:>9}",
-        text("time"),
-        text("status"),
-        text("method"),
-        text("path"),
-        text("consumer"),
-        text("key_id"),
-        text("decision"),
-        text("latency_ms"),
-    )
+    row(&[
+        &text("time"),
+        &text("status"),
+        &text("method"),
+        &text("path"),
+        &text("consumer"),
+        &text("key_id"),
+        &text("decision"),
+        &text("latency_ms"),
+    ])
 }
 
-pub const TABLE_HEADER: &str = "time                        sta method path                         consumer     key_id         decision   latency_ms";
+/// The table's column names, aligned like its rows.
+pub fn table_header() -> String {
+    row(&[
+        "time",
+        "status",
+        "method",
+        "path",
+        "consumer",
+        "key_id",
+        "decision",
+        "latency_ms",
+    ])
+}
+
+fn row(cells: &[&str; 8]) -> String {
+    format!(
+        "{:<27} {:>6} {:<6} {:<28} {:<12} {:<24} {:<10} {:>10}",
+        cells[0], cells[1], cells[2], cells[3], cells[4], cells[5], cells[6], cells[7]
+    )
+}
 
 #[cfg(test)]
 mod tests {
