@@ -8,6 +8,7 @@
 
 use std::cell::RefCell;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use tokio::time::Instant;
@@ -89,7 +90,11 @@ pub fn close() {
 /// in the response body, so `bytes_out` and `latency_ms` cover the whole response; the
 /// record is finished when it is dropped.
 pub struct Pending {
-    log: Arc<AccessLog>,
+    /// Which log the record belongs to; its lane is found by this.
+    log_id: u64,
+    /// Held only when the record was started off the log's worker threads: on a worker
+    /// the lane holds the log, and a clone per request would cost two atomic operations.
+    fallback: Option<Arc<AccessLog>>,
     line: Vec<u8>,
     start: Instant,
     bytes_out: u64,
@@ -102,7 +107,7 @@ impl Pending {
     pub fn begin(log: &Arc<AccessLog>, start: Instant) -> Pending {
         let line = LANE.with(|lane| {
             let mut lane = lane.try_borrow_mut().ok()?;
-            let lane = lane.as_mut()?;
+            let lane = lane.as_mut().filter(|l| l.log.id == log.id)?;
             let (instant, wall) = lane.anchor;
             let arrived = if start >= instant {
                 wall + (start - instant)
@@ -113,6 +118,7 @@ impl Pending {
             JsonObject::open(&mut line).time_cached("time", arrived, &mut lane.second);
             Some(line)
         });
+        let on_lane = line.is_some();
         let mut line = line.unwrap_or_else(|| {
             let arrived = SystemTime::now()
                 .checked_sub(start.elapsed())
@@ -126,7 +132,8 @@ impl Pending {
         object.trusted("node", &log.settings.node);
         object.opt_str("region", log.settings.region.as_deref());
         Pending {
-            log: log.clone(),
+            log_id: log.id,
+            fallback: (!on_lane).then(|| log.clone()),
             line,
             start,
             bytes_out: 0,
@@ -138,10 +145,6 @@ impl Pending {
     /// The record's object, to add fields to.
     pub fn fields(&mut self) -> JsonObject<'_> {
         JsonObject::resume(&mut self.line)
-    }
-
-    pub fn settings(&self) -> &super::RecordSettings {
-        &self.log.settings
     }
 
     /// Leaves the record out (sampling); it is counted, not written.
@@ -166,27 +169,23 @@ impl Drop for Pending {
             let mut object = JsonObject::resume(&mut line);
             object
                 .u64("bytes_out", self.bytes_out)
-                .millis("latency_ms", self.start.elapsed().as_micros() as u64);
-            object.bool("completed", self.completed);
+                .millis("latency_ms", self.start.elapsed().as_micros() as u64)
+                .bool("completed", self.completed);
             object.close_line();
-        } else {
-            self.log
-                .stats
-                .sampled_out
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
-        let keep = self.keep;
-        let log = &self.log;
+        let (keep, log_id) = (self.keep, self.log_id);
         let handed = LANE.with(|lane| {
             let Ok(mut lane) = lane.try_borrow_mut() else {
                 return false;
             };
-            let Some(lane) = lane.as_mut().filter(|l| l.log.id == log.id) else {
+            let Some(lane) = lane.as_mut().filter(|l| l.log.id == log_id) else {
                 return false;
             };
             if keep {
                 lane.buf.extend_from_slice(&line);
                 lane.records += 1;
+            } else {
+                lane.log.stats.sampled_out.fetch_add(1, Ordering::Relaxed);
             }
             line.clear();
             if lane.spare.len() < 64 && line.capacity() <= 4096 {
@@ -197,11 +196,20 @@ impl Drop for Pending {
             }
             true
         });
-        if !handed && keep {
+        if handed {
+            return;
+        }
+        // Off the worker that started it (or its lane already gone): on its own.
+        let Some(log) = self.fallback.take() else {
+            return;
+        };
+        if keep {
             log.send(Chunk {
                 bytes: line,
                 records: 1,
             });
+        } else {
+            log.stats.sampled_out.fetch_add(1, Ordering::Relaxed);
         }
     }
 }

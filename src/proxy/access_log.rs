@@ -9,7 +9,7 @@ use http::StatusCode;
 use super::{Caller, Head, RequestCtx};
 use crate::base::ErrorKind;
 use crate::gateway::Route;
-use crate::logs::Pending;
+use crate::logs::{Pending, RecordSettings};
 
 /// Query parameters that may carry a secret, compared without case after decoding.
 const SECRET_PARAMETERS: &[&str] = &[
@@ -36,8 +36,8 @@ const SECRET_PARAMETERS: &[&str] = &[
 
 /// The head's part: method, path (normalized), query if configured, Referer host, body
 /// length, protocol.
-pub(super) fn record_request(record: &mut Pending, ctx: &RequestCtx<'_>, head: Head<'_>) {
-    let include_query = record.settings().include_query;
+pub(super) fn record_request(record: &mut Pending, settings: &RecordSettings, ctx: &RequestCtx<'_>, head: Head<'_>) {
+    let include_query = settings.include_query;
     let mut fields = record.fields();
     fields
         // Printable ASCII (headers::request_id), which may still hold `"`.
@@ -65,8 +65,14 @@ pub(super) fn record_request(record: &mut Pending, ctx: &RequestCtx<'_>, head: H
 }
 
 /// What came of the request: who called, how it was decided, where it went.
-pub(super) fn record_response(record: &mut Pending, route: Option<&Route>, ctx: &RequestCtx<'_>, status: StatusCode) {
-    let sample = record.settings().sample;
+pub(super) fn record_response(
+    record: &mut Pending,
+    settings: &RecordSettings,
+    route: Option<&Route>,
+    ctx: &RequestCtx<'_>,
+    status: StatusCode,
+) {
+    let sample = settings.sample;
     let mut fields = record.fields();
     let (auth, consumer, key_id) = match &ctx.caller {
         Caller::Key { identity, .. } => ("api_key", Some(&*identity.consumer_id), Some(identity.key_id.as_str())),

@@ -185,7 +185,7 @@ impl Worker {
         let filtered = self.request_filter(&snapshot, &mut ctx, Head::of(&req));
         let mut record = self.gateway.access_log.as_ref().map(|log| {
             let mut record = crate::logs::Pending::begin(log, ctx.start);
-            access_log::record_request(&mut record, &ctx, Head::of(&req));
+            access_log::record_request(&mut record, &log.settings, &ctx, Head::of(&req));
             record
         });
         let outcome = match filtered {
@@ -205,9 +205,9 @@ impl Worker {
             }
         }
         self.logging(&snapshot, &ctx, response.status());
-        if let Some(mut record) = record.take() {
+        if let (Some(mut record), Some(log)) = (record.take(), &self.gateway.access_log) {
             let route = ctx.route.and_then(|i| snapshot.routes.get(i));
-            access_log::record_response(&mut record, route, &ctx, response.status());
+            access_log::record_response(&mut record, &log.settings, route, &ctx, response.status());
             response.body_mut().set_record(record);
         }
         response

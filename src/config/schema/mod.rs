@@ -512,7 +512,8 @@ fn default_logs_flush_interval() -> Duration {
     Duration::from_secs(1)
 }
 fn default_logs_buffer_bytes() -> usize {
-    64 * 1024
+    // Fewer, larger hand-overs: each wakes the writer's two threads (docs/benchmarks.md).
+    256 * 1024
 }
 fn default_logs_memory_bytes() -> usize {
     32 << 20
