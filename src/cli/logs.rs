@@ -228,6 +228,17 @@ fn read_remote(url: &str, options: &BTreeMap<String, String>, printer: &mut Prin
         // Keys sort by hour; within an hour by node, then time.
         objects.sort_by(|a, b| a.location.cmp(&b.location));
         for object in objects {
+            // `<node>-<stamp>.ndjson.zst`: a segment started after `--until` holds nothing
+            // wanted, and is not fetched.
+            let stamp = object
+                .location
+                .filename()
+                .and_then(|name| name.strip_suffix(crate::logs::segment::SUFFIX))
+                .and_then(|stem| stem.rsplit_once('-'))
+                .map(|(_, stamp)| stamp.to_string());
+            if stamp.is_some_and(|stamp| !printer.filter.may_hold(&stamp)) {
+                continue;
+            }
             let bytes = destination
                 .store
                 .get(&object.location)

@@ -363,8 +363,8 @@ fn record_refusal(refusals: &RefusalLog, kind: ErrorKind, request_id: &http::Hea
     fields
         .null("query")
         .null("referer_host")
-        .u64("bytes_in", 0)
         .opt_str("protocol", protocol)
+        .u64("bytes_in", 0)
         .null("route")
         .null("consumer")
         .null("key_id")

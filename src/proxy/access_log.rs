@@ -60,7 +60,6 @@ pub(super) fn record_request(record: &mut Pending, settings: &RecordSettings, ct
     };
     fields
         .opt_str("referer_host", referer.as_deref())
-        .u64("bytes_in", ctx.declared_body)
         .trusted("protocol", version_name(head.version));
 }
 
@@ -74,6 +73,10 @@ pub(super) fn record_response(
 ) {
     let sample = settings.sample;
     let mut fields = record.fields();
+    let bytes_in = ctx.body_read.as_ref().map_or(ctx.declared_body, |read| {
+        read.load(std::sync::atomic::Ordering::Relaxed)
+    });
+    fields.u64("bytes_in", bytes_in);
     let (auth, consumer, key_id) = match &ctx.caller {
         Caller::Key { identity, .. } => ("api_key", Some(&*identity.consumer_id), Some(identity.key_id.as_str())),
         Caller::Jwt(identity) => ("jwt", Some(&*identity.consumer_id), Some(identity.key_id.as_str())),

@@ -63,7 +63,19 @@ impl Worker {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // Before a pool slot is taken: a slow body holds nothing upstream.
         let body_timeout = snapshot.config.server.client_body_timeout;
-        let mut req = req.map(|body| ClientBody::new(body, route.max_body_bytes, body_timeout));
+        let logged = self.gateway.access_log.is_some();
+        let mut req = req.map(|body| {
+            let body = ClientBody::new(body, route.max_body_bytes, body_timeout);
+            // A body of no declared length (chunked, or HTTP/2 without one) is counted for
+            // the access log's `bytes_in` as it streams.
+            if logged && ctx.declared_body == 0 && !hyper::body::Body::is_end_stream(&body) {
+                let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+                ctx.body_read = Some(counter.clone());
+                body.with_counter(counter)
+            } else {
+                body
+            }
+        });
         if !hyper::body::Body::is_end_stream(req.body()) {
             req.body_mut()
                 .prefetch()

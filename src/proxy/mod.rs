@@ -134,6 +134,8 @@ pub struct RequestCtx<'c> {
     pub upstream_micros: Option<u64>,
     /// Upstream tries made (retries included).
     pub tries: u32,
+    /// Body bytes read so far, for a body of no declared length (with `[logs]` only).
+    pub body_read: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl<'c> RequestCtx<'c> {
@@ -160,6 +162,7 @@ impl<'c> RequestCtx<'c> {
             upstream_status: None,
             upstream_micros: None,
             tries: 0,
+            body_read: None,
         }
     }
 

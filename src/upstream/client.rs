@@ -44,6 +44,8 @@ pub struct ClientBody {
     allowed: u64,
     timeout: Duration,
     timer: Option<Box<crate::base::Deadline>>,
+    /// Bytes read so far, for the access log, on bodies of no declared length.
+    counted: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl ClientBody {
@@ -54,7 +56,14 @@ impl ClientBody {
             allowed: max_bytes,
             timeout,
             timer: None,
+            counted: None,
         }
+    }
+
+    /// Counts the bytes read into `counter` (a chunked body's size is known only then).
+    pub fn with_counter(mut self, counter: std::sync::Arc<std::sync::atomic::AtomicU64>) -> ClientBody {
+        self.counted = Some(counter);
+        self
     }
 }
 
@@ -92,6 +101,9 @@ impl ClientBody {
                 match self.allowed.checked_sub(size) {
                     Some(left) => {
                         self.allowed = left;
+                        if let Some(counted) = &self.counted {
+                            counted.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+                        }
                         Poll::Ready(Some(Ok(frame)))
                     }
                     None => Poll::Ready(Some(Err(ClientBodyError::TooLarge))),
