@@ -94,15 +94,6 @@ fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
 }
 
-async fn metric(gateway: &Gateway, line_start: &str) -> u64 {
-    let text = admin(gateway, "GET", "/metrics").await.text();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {line_start} in /metrics"))
-}
-
 fn stop(gateway: &mut Gateway) {
     gateway.signal(15);
     let status = gateway.wait_exit(Duration::from_secs(60)).expect("graceful stop");

@@ -27,15 +27,6 @@ fn status_of(response: &str) -> u16 {
     response.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0)
 }
 
-async fn metric(gateway: &Gateway, line_start: &str) -> u64 {
-    let text = admin(gateway, "GET", "/metrics").await.text();
-    text.lines()
-        .find(|l| l.starts_with(line_start))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no {line_start} in /metrics"))
-}
-
 #[derive(serde::Deserialize)]
 struct BadRequest {
     name: String,

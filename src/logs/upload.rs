@@ -49,38 +49,27 @@ pub fn destination(url: &str, options: &BTreeMap<String, String>) -> Result<Dest
     let client = object_store::ClientOptions::new()
         .with_connect_timeout(Duration::from_secs(5))
         .with_timeout(Duration::from_secs(120));
-    let bad_option = |key: &str, e: object_store::Error| format!("option {key:?}: {e}");
+    // The three cloud builders share their shape: environment first, then the URL, our
+    // retry and client settings, then the file's options over them.
+    macro_rules! cloud {
+        ($builder:ty) => {{
+            let mut builder = <$builder>::from_env()
+                .with_url(url)
+                .with_retry(retry)
+                .with_client_options(client);
+            for (key, value) in options {
+                let parsed = key
+                    .parse()
+                    .map_err(|e: object_store::Error| format!("option {key:?}: {e}"))?;
+                builder = builder.with_config(parsed, value);
+            }
+            Arc::new(builder.build().map_err(|e| e.to_string())?) as Arc<dyn ObjectStore>
+        }};
+    }
     let store: Arc<dyn ObjectStore> = match scheme {
-        ObjectStoreScheme::AmazonS3 => {
-            let mut builder = object_store::aws::AmazonS3Builder::from_env()
-                .with_url(url)
-                .with_retry(retry)
-                .with_client_options(client);
-            for (key, value) in options {
-                builder = builder.with_config(key.parse().map_err(|e| bad_option(key, e))?, value);
-            }
-            Arc::new(builder.build().map_err(|e| e.to_string())?)
-        }
-        ObjectStoreScheme::GoogleCloudStorage => {
-            let mut builder = object_store::gcp::GoogleCloudStorageBuilder::from_env()
-                .with_url(url)
-                .with_retry(retry)
-                .with_client_options(client);
-            for (key, value) in options {
-                builder = builder.with_config(key.parse().map_err(|e| bad_option(key, e))?, value);
-            }
-            Arc::new(builder.build().map_err(|e| e.to_string())?)
-        }
-        ObjectStoreScheme::MicrosoftAzure => {
-            let mut builder = object_store::azure::MicrosoftAzureBuilder::from_env()
-                .with_url(url)
-                .with_retry(retry)
-                .with_client_options(client);
-            for (key, value) in options {
-                builder = builder.with_config(key.parse().map_err(|e| bad_option(key, e))?, value);
-            }
-            Arc::new(builder.build().map_err(|e| e.to_string())?)
-        }
+        ObjectStoreScheme::AmazonS3 => cloud!(object_store::aws::AmazonS3Builder),
+        ObjectStoreScheme::GoogleCloudStorage => cloud!(object_store::gcp::GoogleCloudStorageBuilder),
+        ObjectStoreScheme::MicrosoftAzure => cloud!(object_store::azure::MicrosoftAzureBuilder),
         ObjectStoreScheme::Local => {
             if !options.is_empty() {
                 return Err("file:// destinations take no options".into());

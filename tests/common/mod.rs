@@ -441,6 +441,16 @@ pub fn fixture(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }
 
+/// The value of the first `/metrics` line starting with `line_start`.
+pub async fn metric(gateway: &Gateway, line_start: &str) -> u64 {
+    let text = admin(gateway, "GET", "/metrics").await.text();
+    text.lines()
+        .find(|l| l.starts_with(line_start))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {line_start} in /metrics"))
+}
+
 pub async fn admin_json(gateway: &Gateway, method: &str, path: &str, body: serde_json::Value) -> Reply {
     send(
         Request::builder()
