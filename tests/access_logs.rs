@@ -780,3 +780,46 @@ async fn sampling_keeps_every_error_and_a_share_of_successes() {
         "{successes} of 2000 kept at sample = 0.1"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn segments_reach_a_file_destination_with_the_same_layout() {
+    let upstream = Upstream::start("api").await;
+    let bucket = tempfile::tempdir().unwrap();
+    let logs = format!(
+        "[logs]\ndir = \"logs\"\nflush_interval = \"100ms\"\nmax_segment_age = \"1s\"\n\n[logs.upload]\nurl = \"file://{}/archive\"\ninterval = \"200ms\"\n",
+        bucket.path().display()
+    );
+    let mut gateway = Gateway::start(&logs_config(&upstream, &logs));
+    assert_eq!(load(&gateway, "/public/a", vec![], 500, 4).await.len(), 500);
+    stop(&mut gateway);
+    // Everything uploaded at the graceful stop, under prefix/YYYY/MM/DD/HH/.
+    let mut uploaded = Vec::new();
+    let mut stack = vec![bucket.path().join("archive")];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else {
+                uploaded.push(path);
+            }
+        }
+    }
+    assert!(!uploaded.is_empty());
+    let mut records = 0;
+    for path in &uploaded {
+        let relative = path.strip_prefix(bucket.path().join("archive")).unwrap();
+        assert_eq!(
+            relative.components().count(),
+            5,
+            "YYYY/MM/DD/HH/<node>-<stamp>.ndjson.zst: {relative:?}"
+        );
+        let (ndjson, _) = tollgate::logs::read::decode_frames(&std::fs::read(path).unwrap());
+        records += ndjson.iter().filter(|b| **b == b'\n').count();
+    }
+    assert_eq!(records, 500);
+    assert!(
+        segment_files(&gateway.dir.path().join("logs")).is_empty(),
+        "the spool is empty"
+    );
+}

@@ -608,20 +608,27 @@ pub struct Supercluster {
 
 impl Supercluster {
     pub fn start(regions: usize) -> Supercluster {
-        let dir = tempfile::tempdir().unwrap();
-        let ports = (0..regions)
-            .map(|_| (free_port(), free_port(), free_port(), free_port()))
-            .collect();
-        let mut cluster = Supercluster {
-            regions: (0..regions).map(|_| None).collect(),
-            ports,
-            dir,
-        };
-        for i in 0..regions {
-            cluster.start_region(i, true);
+        // A port picked free can be taken before nats-server binds it (by a client
+        // socket's ephemeral port under load): then the whole set is picked again.
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let ports = (0..regions)
+                .map(|_| (free_port(), free_port(), free_port(), free_port()))
+                .collect();
+            let mut cluster = Supercluster {
+                regions: (0..regions).map(|_| None).collect(),
+                ports,
+                dir,
+            };
+            if (0..regions).all(|i| cluster.try_start_region(i, true)) {
+                cluster.wait_formed();
+                return cluster;
+            }
+            for i in 0..regions {
+                cluster.stop_region(i);
+            }
         }
-        cluster.wait_formed();
-        cluster
+        panic!("nats-server did not start on three sets of free ports");
     }
 
     pub fn name(i: usize) -> String {
@@ -634,6 +641,15 @@ impl Supercluster {
 
     /// (Re)starts region `i`'s server; without `gateways` it runs cut off from the others.
     pub fn start_region(&mut self, i: usize, gateways: bool) {
+        assert!(
+            self.try_start_region(i, gateways),
+            "nats-server for region {i} did not start"
+        );
+    }
+
+    /// [`Supercluster::start_region`]; false when the server exited before listening
+    /// (its port was taken).
+    fn try_start_region(&mut self, i: usize, gateways: bool) -> bool {
         let (client, http, route, gateway) = self.ports[i];
         let name = Supercluster::name(i);
         let store = self.dir.path().join(&name);
@@ -683,14 +699,23 @@ cluster {{ name: {name}, listen: "127.0.0.1:{route}", routes: ["nats://127.0.0.1
             .stderr(std::fs::File::create(self.dir.path().join(format!("{name}.log"))).unwrap())
             .spawn()
             .expect("spawn nats-server");
-        wait_tcp(client);
-        self.regions[i] = Some(Nats {
+        let mut nats = Nats {
             child,
             port: client,
             monitor: http,
             dir: store,
             _tmp: None,
-        });
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", client)).is_err() {
+            if nats.child.try_wait().ok().flatten().is_some() || std::time::Instant::now() > deadline {
+                nats.kill();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.regions[i] = Some(nats);
+        true
     }
 
     pub fn stop_region(&mut self, i: usize) {
@@ -735,14 +760,6 @@ cluster {{ name: {name}, listen: "127.0.0.1:{route}", routes: ["nats://127.0.0.1
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-    }
-}
-
-fn wait_tcp(port: u16) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(std::time::Instant::now() < deadline, "nothing listening on {port}");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
