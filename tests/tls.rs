@@ -163,7 +163,15 @@ async fn https_requests_reach_the_upstream_over_http1_and_http2() {
     let cert = self_signed(&["api.example.com"]);
     let (c, k) = write(dir.path(), "api", &cert);
     let port = free_port();
-    let gw = gateway(upstream.addr, port, &certificates(&[(&c, &k, "")]));
+    // With an access log, whose records say which TLS version and protocol were spoken.
+    let gw = gateway(
+        upstream.addr,
+        port,
+        &format!(
+            "{}\n\n[logs]\ndir = \"logs\"\nflush_interval = \"100ms\"",
+            certificates(&[(&c, &k, "")])
+        ),
+    );
 
     // HTTP/1.1 (ALPN http/1.1): the upstream learns the scheme and port the client used.
     let stream = connect(
@@ -234,6 +242,40 @@ async fn https_requests_reach_the_upstream_over_http1_and_http2() {
         .parse()
         .unwrap();
     assert!(expiry > 86_400, "rcgen certificates last years: {expiry}");
+
+    // Off the test's runtime: the client's HTTP/2 connection task must keep running to
+    // see the gateway's GOAWAY and close.
+    drop((sender, h2));
+    gw.signal(15);
+    let (gw, exited) = tokio::task::spawn_blocking(move || {
+        let mut gw = gw;
+        let exited = gw.wait_exit(Duration::from_secs(30));
+        (gw, exited)
+    })
+    .await
+    .unwrap();
+    assert!(exited.is_some_and(|s| s.success()), "{}", gw.stderr());
+    let output = std::process::Command::new(binary())
+        .args(["logs", "--dir"])
+        .arg(gw.dir.path().join("logs"))
+        .output()
+        .unwrap();
+    let records: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let by_path = |path: &str| {
+        records
+            .iter()
+            .find(|r| r["path"] == path)
+            .unwrap_or_else(|| panic!("{path}: {records:?}"))
+    };
+    assert_eq!(by_path("/v1/x")["tls"], "TLSv1.3");
+    assert_eq!(by_path("/v1/x")["protocol"], "HTTP/1.1");
+    assert_eq!(by_path("/v1/h2")["tls"], "TLSv1.3");
+    assert_eq!(by_path("/v1/h2")["protocol"], "HTTP/2");
+    assert!(by_path("/v1/plain")["tls"].is_null());
 }
 
 #[tokio::test]
