@@ -43,6 +43,12 @@ async fn keys_and_plans_written_on_one_node_work_on_another_within_a_second() {
     println!("key created on A → accepted by B after {took:?}");
     // The consumer's plan and the key's plan are visible through B's admin API too.
     assert_eq!(admin(&b, "GET", "/v1/consumers/acme").await.json()["plan"], "metered");
+    // Both nodes list the key.
+    for node in [&a, &b] {
+        let listed = admin(node, "GET", "/v1/keys").await;
+        assert_eq!(listed.status, 200);
+        assert!(listed.text().contains(&key_id), "{}", listed.text());
+    }
 
     // Revocation through B reaches A.
     assert_eq!(admin(&b, "DELETE", &format!("/v1/keys/{key_id}")).await.status, 204);
@@ -67,6 +73,15 @@ async fn keys_and_plans_written_on_one_node_work_on_another_within_a_second() {
     })
     .await;
     assert!(refused.is_some(), "B enforces the plan created on A");
+
+    // Deleting the consumer on B revokes its keys, including those created after the
+    // keys bucket was opened, everywhere.
+    assert_eq!(admin(&b, "DELETE", "/v1/consumers/acme").await.status, 204);
+    within(Duration::from_secs(1), || async {
+        status_with_key(&a, &secret).await == 403
+    })
+    .await
+    .expect("the consumer's key is refused on A within 1 s");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -79,8 +79,14 @@ pub(super) async fn bucket(js: &jetstream::Context, name: &str, replicas: usize)
 /// Every live entry of a bucket, read with one watcher (last value per key), not one
 /// request per key.
 async fn all_entries(store: &kv::Store, mut each: impl FnMut(kv::Entry)) -> Result<(), StateError> {
-    let status = store.status().await.map_err(|e| nats_error("bucket status", e))?;
-    if status.values() == 0 {
+    // Fresh stream info: `kv::Store::status` answers from the info cached when the bucket
+    // was opened, so a bucket empty then would read as empty for ever (no keys listed).
+    let info = store
+        .stream
+        .get_info()
+        .await
+        .map_err(|e| nats_error("bucket status", e))?;
+    if info.state.messages == 0 {
         return Ok(());
     }
     let mut watch = store
