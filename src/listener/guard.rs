@@ -119,15 +119,7 @@ pub struct GuardedStream<S> {
     metrics: Arc<Metrics>,
     /// Where refused heads are recorded (`[logs]`); boxed, as most connections never
     /// refuse one.
-    refusals: Option<Box<RefusalLog>>,
-}
-
-/// What a refused head's access-log record needs from its connection.
-pub struct RefusalLog {
-    pub log: Arc<crate::logs::AccessLog>,
-    /// The client's address as the access log writes it.
-    pub client_ip: http::HeaderValue,
-    pub tls: Option<&'static str>,
+    refusals: Option<Box<super::refusal::RefusalLog>>,
 }
 
 impl<S: Transport> GuardedStream<S> {
@@ -208,7 +200,7 @@ impl<S: Transport> GuardedStream<S> {
     }
 
     /// Records refused heads in the access log.
-    pub fn with_refusals(mut self, refusals: Option<Box<RefusalLog>>) -> Self {
+    pub fn with_refusals(mut self, refusals: Option<Box<super::refusal::RefusalLog>>) -> Self {
         self.refusals = refusals;
         self
     }
@@ -221,7 +213,7 @@ impl<S: Transport> GuardedStream<S> {
             stream.write_final(&response);
         }
         if let Some(refusals) = &self.refusals {
-            record_refusal(refusals, kind, &request_id, head, response.len());
+            super::refusal::record(refusals, kind, &request_id, head, response.len());
         }
         self.state = State::Rejecting { drained: 0 };
         self.timer.set(Instant::now() + LINGER);
@@ -344,65 +336,7 @@ impl<S: Transport> GuardedStream<S> {
     }
 }
 
-/// A refused head's access-log record: the same fields as a request's
-/// (docs/access-logs.md), with the method, path and protocol read off the request line
-/// as far as they are well formed. The query is never recorded: it may hold a key.
-fn record_refusal(refusals: &RefusalLog, kind: ErrorKind, request_id: &http::HeaderValue, head: &[u8], sent: usize) {
-    let (method, path, protocol) = request_line(head);
-    let mut record = crate::logs::Pending::begin(&refusals.log, tokio::time::Instant::now());
-    let mut fields = record.fields();
-    fields.bytes("request_id", request_id.as_bytes());
-    match method {
-        Some(method) => fields.bytes("method", method),
-        None => fields.null("method"),
-    };
-    match path {
-        Some(path) => fields.bytes("path", path),
-        None => fields.null("path"),
-    };
-    fields
-        .null("query")
-        .null("referer_host")
-        .opt_str("protocol", protocol)
-        .u64("bytes_in", 0)
-        .null("route")
-        .null("consumer")
-        .null("key_id")
-        .str("auth", "none")
-        .bytes("client_ip", refusals.client_ip.as_bytes())
-        .u64("status", u64::from(kind.status().as_u16()))
-        .str("error", kind.code())
-        .null("decision")
-        .null("upstream")
-        .null("upstream_status")
-        .u64("tries", 0)
-        .null("upstream_latency_ms")
-        .opt_str("tls", refusals.tls);
-    record.sent(sent);
-    record.completed();
-}
-
-/// The method, path (without query) and protocol of a head's request line, each only when
-/// it is well formed enough to be worth recording.
-fn request_line(head: &[u8]) -> (Option<&[u8]>, Option<&[u8]>, Option<&'static str>) {
-    let head = trim_leading_crlf(head);
-    let line = &head[..memchr::memchr(b'\n', head).unwrap_or(head.len()).min(2048)];
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
-    let mut parts = line.split(|&b| b == b' ');
-    let method = parts
-        .next()
-        .filter(|m| !m.is_empty() && m.len() <= 20 && m.iter().all(|b| b.is_ascii_alphabetic()));
-    let target = parts.next().filter(|_| method.is_some());
-    let path = target.map(|t| &t[..memchr::memchr2(b'?', b'#', t).unwrap_or(t.len())]);
-    let protocol = match parts.next() {
-        Some(b"HTTP/1.1") => Some("HTTP/1.1"),
-        Some(b"HTTP/1.0") => Some("HTTP/1.0"),
-        _ => None,
-    };
-    (method, path, protocol)
-}
-
-fn trim_leading_crlf(bytes: &[u8]) -> &[u8] {
+pub(super) fn trim_leading_crlf(bytes: &[u8]) -> &[u8] {
     // Clients may send stray CRLFs between requests; they are not part of a head.
     let start = bytes
         .iter()
@@ -634,16 +568,5 @@ mod tests {
     fn head_ends() {
         assert_eq!(find_head_end(b"GET / HTTP/1.1\r\n\r\nbody"), Some(18));
         assert_eq!(find_head_end(b"GET / HTTP/1.1\n\n"), None);
-    }
-
-    #[test]
-    fn refused_request_lines() {
-        let (method, path, protocol) = request_line(b"\r\nGET /a<b?api_key=secret HTTP/1.1\r\nHost: x\r\n\r\n");
-        assert_eq!(
-            (method, path, protocol),
-            (Some(&b"GET"[..]), Some(&b"/a<b"[..]), Some("HTTP/1.1"))
-        );
-        assert_eq!(request_line(b"\x16\x03\x01 garbage"), (None, None, None));
-        assert_eq!(request_line(b""), (None, None, None));
     }
 }

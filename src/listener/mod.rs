@@ -6,6 +6,7 @@ pub mod framing;
 mod guard;
 mod limits;
 pub mod proxy_protocol;
+mod refusal;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -427,7 +428,7 @@ async fn serve_http<S: Transport>(
     let (park, mut parked) = park_slot(settings.parking);
     let refusals = || {
         access_log.as_ref().map(|log| {
-            Box::new(guard::RefusalLog {
+            Box::new(refusal::RefusalLog {
                 log: log.clone(),
                 client_ip: conn.peer_ip.clone(),
                 tls: conn.tls_version,

@@ -15,7 +15,6 @@ pub mod service;
 pub mod upload;
 pub mod writer;
 
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -120,22 +119,16 @@ impl LogStats {
     }
 
     pub fn render(&self, out: &mut String) {
-        use crate::metrics::{describe, single};
-        use std::fmt::Write;
-        describe(
+        use crate::metrics::{labelled, single};
+        let dropped = DropReason::ALL.map(|r| (r.label(), self.dropped_total(r)));
+        labelled(
             out,
             "tollgate_access_log_dropped_total",
             "counter",
             "Access-log records lost, by reason.",
+            "reason",
+            &dropped,
         );
-        for reason in DropReason::ALL {
-            let _ = writeln!(
-                out,
-                "tollgate_access_log_dropped_total{{reason=\"{}\"}} {}",
-                reason.label(),
-                self.dropped_total(reason)
-            );
-        }
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
         single(
             out,
@@ -226,7 +219,6 @@ pub struct RecordSettings {
 pub struct AccessLog {
     pub settings: RecordSettings,
     pub stats: Arc<LogStats>,
-    pub dir: PathBuf,
     pub flush_interval: Duration,
     sender: std::sync::mpsc::SyncSender<writer::Message>,
     /// Tells a worker's lane which log it belongs to (several gateways may share a
@@ -240,14 +232,12 @@ impl AccessLog {
     pub fn new(
         settings: RecordSettings,
         stats: Arc<LogStats>,
-        dir: PathBuf,
         flush_interval: Duration,
         sender: std::sync::mpsc::SyncSender<writer::Message>,
     ) -> AccessLog {
         AccessLog {
             settings,
             stats,
-            dir,
             flush_interval,
             sender,
             id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),

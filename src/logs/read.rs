@@ -42,25 +42,24 @@ pub fn local_segments(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 
 /// `20261202T104418.123456Z` → the time it names.
 pub fn parse_stamp(stamp: &str) -> Option<SystemTime> {
-    let digits = |range: std::ops::Range<usize>| stamp.get(range)?.parse::<u64>().ok();
-    let (year, month, day) = (digits(0..4)?, digits(4..6)?, digits(6..8)?);
-    let (hour, minute, second, micros) = (digits(9..11)?, digits(11..13)?, digits(13..15)?, digits(16..22)?);
-    let days = days_from_civil(year as i64, month as u32, day as u32)?;
-    let secs = u64::try_from(days).ok()? * 86_400 + hour * 3600 + minute * 60 + second;
-    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(micros))
-}
-
-fn days_from_civil(year: i64, month: u32, day: u32) -> Option<i64> {
-    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
-        return None;
-    }
-    let year = if month <= 2 { year - 1 } else { year };
-    let era = year.div_euclid(400);
-    let yoe = year.rem_euclid(400);
-    let mp = i64::from((month + 9) % 12);
-    let doy = (153 * mp + 2) / 5 + i64::from(day) - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    Some(era * 146_097 + doe - 719_468)
+    let digits = |range: std::ops::Range<usize>| stamp.get(range)?.parse::<u32>().ok();
+    let month = time::Month::try_from(u8::try_from(digits(4..6)?).ok()?).ok()?;
+    let date = time::Date::from_calendar_date(
+        i32::try_from(digits(0..4)?).ok()?,
+        month,
+        u8::try_from(digits(6..8)?).ok()?,
+    )
+    .ok()?;
+    let clock = time::Time::from_hms_micro(
+        u8::try_from(digits(9..11)?).ok()?,
+        u8::try_from(digits(11..13)?).ok()?,
+        u8::try_from(digits(13..15)?).ok()?,
+        digits(16..22)?,
+    )
+    .ok()?;
+    let at = time::PrimitiveDateTime::new(date, clock).assume_utc();
+    let secs = u64::try_from(at.unix_timestamp()).ok()?;
+    Some(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_micros(u64::from(at.microsecond())))
 }
 
 /// A status filter: `2xx`..`5xx`, or one status.

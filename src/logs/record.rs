@@ -255,26 +255,19 @@ static SAFE: [bool; 256] = {
     safe
 };
 
-/// Seconds since the epoch to a civil UTC date and time (Howard Hinnant's days-to-civil).
+/// Seconds since the epoch to a civil UTC date and time.
 pub fn civil(unix_secs: u64) -> (i64, u32, u32, u32, u32, u32) {
-    let days = (unix_secs / 86_400) as i64;
-    let secs = unix_secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let at = i64::try_from(unix_secs)
+        .ok()
+        .and_then(|secs| time::OffsetDateTime::from_unix_timestamp(secs).ok())
+        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
     (
-        year,
-        month,
-        day,
-        (secs / 3600) as u32,
-        (secs / 60 % 60) as u32,
-        (secs % 60) as u32,
+        i64::from(at.year()),
+        u32::from(u8::from(at.month())),
+        u32::from(at.day()),
+        u32::from(at.hour()),
+        u32::from(at.minute()),
+        u32::from(at.second()),
     )
 }
 

@@ -44,7 +44,6 @@ pub fn start(config: &LogsConfig, node: &str, region: Option<&str>) -> std::io::
             buffer_bytes: section.buffer_bytes,
         },
         stats.clone(),
-        config.dir.clone(),
         section.flush_interval,
         writer.sender(),
     ));

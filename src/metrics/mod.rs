@@ -15,7 +15,7 @@ mod protection;
 mod render;
 
 pub use protection::Protection;
-pub use render::{describe, single};
+pub use render::{describe, labelled, single};
 
 use crate::base::ErrorKind;
 use crate::limits::PlanDecisions;

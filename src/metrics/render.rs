@@ -150,21 +150,16 @@ impl Metrics {
             "Anonymous usage rows dropped because a flood outran the usage store (decisions unaffected).",
             self.anonymous_rows_dropped.load(Ordering::Relaxed),
         );
-        describe(
+        labelled(
             out,
             CONFIG_RELOADS_TOTAL,
             "counter",
             "Configuration reloads, by result.",
-        );
-        let _ = writeln!(
-            out,
-            "{CONFIG_RELOADS_TOTAL}{{result=\"success\"}} {}",
-            self.reloads_ok.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "{CONFIG_RELOADS_TOTAL}{{result=\"failure\"}} {}",
-            self.reloads_failed.load(Ordering::Relaxed)
+            "result",
+            &[
+                ("success", self.reloads_ok.load(Ordering::Relaxed)),
+                ("failure", self.reloads_failed.load(Ordering::Relaxed)),
+            ],
         );
     }
 
@@ -198,21 +193,16 @@ impl Metrics {
             "Subjects with usage counters held in memory.",
             u.counters.load(Ordering::Relaxed),
         );
-        describe(
+        labelled(
             out,
             USAGE_FLUSHES_TOTAL,
             "counter",
             "Usage flushes to the state backend, by result.",
-        );
-        let _ = writeln!(
-            out,
-            "{USAGE_FLUSHES_TOTAL}{{result=\"success\"}} {}",
-            u.flushes_ok.load(Ordering::Relaxed)
-        );
-        let _ = writeln!(
-            out,
-            "{USAGE_FLUSHES_TOTAL}{{result=\"failure\"}} {}",
-            u.flushes_failed.load(Ordering::Relaxed)
+            "result",
+            &[
+                ("success", u.flushes_ok.load(Ordering::Relaxed)),
+                ("failure", u.flushes_failed.load(Ordering::Relaxed)),
+            ],
         );
         single(
             out,
@@ -242,6 +232,14 @@ impl Metrics {
 pub fn single(out: &mut String, name: &str, kind: &str, help: &str, value: impl std::fmt::Display) {
     describe(out, name, kind, help);
     let _ = writeln!(out, "{name} {value}");
+}
+
+/// A metric with one label: its help, type and a sample per label value.
+pub fn labelled(out: &mut String, name: &str, kind: &str, help: &str, label: &str, samples: &[(&str, u64)]) {
+    describe(out, name, kind, help);
+    for (value, sample) in samples {
+        let _ = writeln!(out, "{name}{{{label}=\"{value}\"}} {sample}");
+    }
 }
 
 /// The `# HELP` and `# TYPE` lines of one metric.

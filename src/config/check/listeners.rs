@@ -3,6 +3,30 @@
 
 use super::*;
 
+/// A `listen` list, parsed: at least one `ip:port`, each error reported at `span`.
+fn listen_addresses(
+    sink: &mut ErrorSink<'_>,
+    span: Option<std::ops::Range<usize>>,
+    field: &str,
+    list: &[String],
+) -> Vec<SocketAddr> {
+    let mut listen = Vec::new();
+    for text in list {
+        match text.parse::<SocketAddr>() {
+            Ok(addr) => listen.push(addr),
+            Err(_) => sink.push(
+                span.clone(),
+                field,
+                format!("invalid listen address {text:?}: expected ip:port"),
+            ),
+        }
+    }
+    if list.is_empty() {
+        sink.push(span, field, "at least one listen address is required");
+    }
+    listen
+}
+
 /// `[server]`, with its listen addresses and trusted proxies parsed.
 pub(in crate::config) fn server(
     sink: &mut ErrorSink<'_>,
@@ -11,24 +35,7 @@ pub(in crate::config) fn server(
     let server: ServerSection = optional(sink, root, "server")?;
     let item = root.get("server");
     let span = |key: &str| item.and_then(|i| field_span(i, key));
-    let mut listen = Vec::new();
-    for text in &server.listen {
-        match text.parse::<SocketAddr>() {
-            Ok(addr) => listen.push(addr),
-            Err(_) => sink.push(
-                span("listen"),
-                "server.listen",
-                format!("invalid listen address {text:?}: expected ip:port"),
-            ),
-        }
-    }
-    if server.listen.is_empty() {
-        sink.push(
-            span("listen"),
-            "server.listen",
-            "at least one listen address is required",
-        );
-    }
+    let listen = listen_addresses(sink, span("listen"), "server.listen", &server.listen);
     let mut trusted_proxies = Vec::new();
     for text in &server.trusted_proxies {
         let parsed = text
@@ -84,24 +91,7 @@ pub(in crate::config) fn tls(sink: &mut ErrorSink<'_>, root: &Table, path: &Path
     let item = root.get("server")?.get("tls")?;
     let section: TlsSection = read_section(sink, item, "server.tls")?;
     let span = |key: &str| field_span(item, key);
-    let mut listen = Vec::new();
-    for text in &section.listen {
-        match text.parse::<SocketAddr>() {
-            Ok(addr) => listen.push(addr),
-            Err(_) => sink.push(
-                span("listen"),
-                "server.tls.listen",
-                format!("invalid listen address {text:?}: expected ip:port"),
-            ),
-        }
-    }
-    if section.listen.is_empty() {
-        sink.push(
-            span("listen"),
-            "server.tls.listen",
-            "at least one listen address is required",
-        );
-    }
+    let listen = listen_addresses(sink, span("listen"), "server.tls.listen", &section.listen);
     if section.certificates.is_empty() {
         sink.push(
             span("certificates"),

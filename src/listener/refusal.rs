@@ -1,0 +1,90 @@
+//! The access-log record of a request head the guard refused (docs/access-logs.md): the
+//! same fields as a proxied request's, read off the request line as far as it is well
+//! formed.
+
+use std::sync::Arc;
+
+use super::guard::trim_leading_crlf;
+use crate::base::ErrorKind;
+
+/// What a refused head's access-log record needs from its connection.
+pub struct RefusalLog {
+    pub log: Arc<crate::logs::AccessLog>,
+    /// The client's address as the access log writes it.
+    pub client_ip: http::HeaderValue,
+    pub tls: Option<&'static str>,
+}
+
+/// A refused head's access-log record: the same fields as a request's
+/// (docs/access-logs.md), with the method, path and protocol read off the request line
+/// as far as they are well formed. The query is never recorded: it may hold a key.
+pub(super) fn record(refusals: &RefusalLog, kind: ErrorKind, request_id: &http::HeaderValue, head: &[u8], sent: usize) {
+    let (method, path, protocol) = request_line(head);
+    let mut record = crate::logs::Pending::begin(&refusals.log, tokio::time::Instant::now());
+    let mut fields = record.fields();
+    fields.bytes("request_id", request_id.as_bytes());
+    match method {
+        Some(method) => fields.bytes("method", method),
+        None => fields.null("method"),
+    };
+    match path {
+        Some(path) => fields.bytes("path", path),
+        None => fields.null("path"),
+    };
+    fields
+        .null("query")
+        .null("referer_host")
+        .opt_str("protocol", protocol)
+        .u64("bytes_in", 0)
+        .null("route")
+        .null("consumer")
+        .null("key_id")
+        .str("auth", "none")
+        .bytes("client_ip", refusals.client_ip.as_bytes())
+        .u64("status", u64::from(kind.status().as_u16()))
+        .str("error", kind.code())
+        .null("decision")
+        .null("upstream")
+        .null("upstream_status")
+        .u64("tries", 0)
+        .null("upstream_latency_ms")
+        .opt_str("tls", refusals.tls);
+    record.sent(sent);
+    record.completed();
+}
+
+/// The method, path (without query) and protocol of a head's request line, each only when
+/// it is well formed enough to be worth recording.
+fn request_line(head: &[u8]) -> (Option<&[u8]>, Option<&[u8]>, Option<&'static str>) {
+    let head = trim_leading_crlf(head);
+    let line = &head[..memchr::memchr(b'\n', head).unwrap_or(head.len()).min(2048)];
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let mut parts = line.split(|&b| b == b' ');
+    let method = parts
+        .next()
+        .filter(|m| !m.is_empty() && m.len() <= 20 && m.iter().all(|b| b.is_ascii_alphabetic()));
+    let target = parts.next().filter(|_| method.is_some());
+    let path = target.map(|t| &t[..memchr::memchr2(b'?', b'#', t).unwrap_or(t.len())]);
+    let protocol = match parts.next() {
+        Some(b"HTTP/1.1") => Some("HTTP/1.1"),
+        Some(b"HTTP/1.0") => Some("HTTP/1.0"),
+        _ => None,
+    };
+    (method, path, protocol)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refused_request_lines() {
+        let (method, path, protocol) = request_line(b"\r\nGET /a<b?api_key=secret HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(
+            (method, path, protocol),
+            (Some(&b"GET"[..]), Some(&b"/a<b"[..]), Some("HTTP/1.1"))
+        );
+        assert_eq!(request_line(b"\x16\x03\x01 garbage"), (None, None, None));
+        assert_eq!(request_line(b""), (None, None, None));
+    }
+}
