@@ -207,20 +207,234 @@ async fn a_region_without_nats_keeps_serving_and_nothing_is_lost() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_region_cut_off_keeps_serving_and_converges_after_rejoining() {
-    let mut cluster = Supercluster::start(3);
+    let cluster = Supercluster::start(3);
     let upstream = Upstream::start("u").await;
     let nodes = start_nodes(&cluster, upstream.addr);
     let (key_id, secret) = key_everywhere(&nodes).await;
 
-    // Region 3's server comes back without its gateway links: cut off from the others.
-    cluster.start_region(2, false);
+    // Region 3's links to the others are cut; every server keeps running.
+    cluster.cut_region(2);
     let (served, errors) = load_all(&nodes, &secret, Duration::from_secs(4)).await;
     let admitted = nodes.len() as u64 + served;
     println!("region 3 cut off for 4 s: {admitted} admitted, {errors} errors");
     assert_eq!(errors, 0, "both sides kept serving");
 
-    cluster.start_region(2, true);
+    cluster.heal_region(2);
+    let healed = Instant::now();
     cluster.wait_formed();
-    let took = converge(&nodes, &key_id, admitted, Duration::from_secs(20)).await;
-    println!("after rejoining, every node's report equals {admitted} after {took:?}");
+    let formed = healed.elapsed();
+    converge(&nodes, &key_id, admitted, Duration::from_secs(20)).await;
+    let took = healed.elapsed();
+    println!(
+        "links back: gateways formed after {formed:?}; every node's report equals {admitted} {took:?} after the links returned"
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "converged {took:?} after the links returned"
+    );
+}
+
+/// `GET path` on an admin API: (status, JSON body).
+async fn admin_get(gateway: &Gateway, path: &str) -> (u16, serde_json::Value) {
+    let reply = admin(gateway, "GET", path).await;
+    let body = serde_json::from_str(&reply.text()).unwrap_or(serde_json::Value::Null);
+    (reply.status.as_u16(), body)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn losing_the_first_region_stops_nothing_among_the_others() {
+    let mut cluster = Supercluster::start(3);
+    let upstream = Upstream::start("u").await;
+    // Region 1's nodes start first: before regions were peers, its server held every
+    // bucket and stream.
+    let nodes = start_nodes(&cluster, upstream.addr);
+    let (key_id, secret) = key_everywhere(&nodes).await;
+    let (b, c) = (&nodes[2].gateway, &nodes[4].gateway);
+
+    cluster.stop_region(0);
+    // Usage admitted in region 2 reaches region 3's view within a second.
+    let mut lags = Vec::new();
+    for _ in 0..5 {
+        let before = usage_total(c, &key_id).await;
+        assert_eq!(status_with_key(b, &secret).await, 200);
+        let started = Instant::now();
+        let seen = within(Duration::from_secs(3), || async {
+            usage_total(c, &key_id).await > before
+        })
+        .await;
+        assert!(seen.is_some(), "region 2's usage reaches region 3 without region 1");
+        lags.push(started.elapsed());
+    }
+    lags.sort();
+    println!("without region 1: usage r2 → r3 in {lags:?}");
+    assert!(lags[2] < Duration::from_secs(1), "median {:?}", lags[2]);
+
+    // Admin writes in regions 2 and 3 succeed, and take effect in the other.
+    let reply = admin_json(b, "POST", "/v1/consumers", json!({"id": "during"})).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    within(Duration::from_secs(2), || async {
+        admin(c, "GET", "/v1/consumers/during").await.status == 200
+    })
+    .await
+    .expect("consumer created in r2 reaches r3");
+    let (new_key, new_secret) = create_key(c, json!({"consumer": "during"})).await;
+    within(Duration::from_secs(2), || async {
+        status_with_key(b, &new_secret).await == 200
+    })
+    .await
+    .expect("key created in r3 works in r2");
+
+    // Unknown keys: 401 on the majority side, 503 where the region's NATS is gone.
+    assert_eq!(status_with_key(b, "tg_live_unknown").await, 401);
+    assert_eq!(status_with_key(&nodes[0].gateway, "tg_live_unknown").await, 503);
+    // Region 1's nodes still answer reads from their own copy, at once, marked stale.
+    let (status, keys) = admin_get(&nodes[0].gateway, "/v1/keys").await;
+    assert_eq!(status, 200);
+    assert!(keys.to_string().contains(&key_id), "{keys}");
+    let started = Instant::now();
+    let (status, report) = admin_get(&nodes[0].gateway, &format!("/v1/usage?key={key_id}")).await;
+    let took = started.elapsed();
+    println!("report on a node whose NATS is gone: {status} in {took:?}: {report}");
+    assert_eq!(status, 200);
+    assert_eq!(report["stale"], true, "{report}");
+    assert!(took < Duration::from_millis(100), "{took:?}");
+    // Served meanwhile in region 1 (from memory) and in the others.
+    let (served, errors) = load_all(&nodes, &secret, Duration::from_secs(2)).await;
+    assert_eq!(errors, 0);
+
+    let restarted = Instant::now();
+    cluster.start_region(0, true);
+    cluster.wait_formed();
+    let healthy = cluster.wait_healthy(0);
+    let total = nodes.len() as u64 + 5 + served;
+    let took = converge(&nodes, &key_id, total, Duration::from_secs(10)).await;
+    println!(
+        "region 1 back: its JetStream current {healthy:?} after the gateways formed; every view equals {total} \
+         {took:?} later ({:?} after the restart)",
+        restarted.elapsed()
+    );
+    assert!(
+        took < Duration::from_secs(2),
+        "converged {took:?} after region 1's JetStream was back"
+    );
+    within(Duration::from_secs(2), || async {
+        status_with_key(&nodes[0].gateway, &new_secret).await == 200
+    })
+    .await
+    .expect("the key created without region 1 works there once it is back");
+    let (_, report) = admin_get(&nodes[0].gateway, &format!("/v1/usage?key={new_key}")).await;
+    assert_eq!(report["stale"], false, "{report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn conflicting_writes_during_a_partition_converge_everywhere() {
+    let cluster = Supercluster::start(3);
+    let upstream = Upstream::start("u").await;
+    let nodes = start_nodes(&cluster, upstream.addr);
+    let (key_id, secret) = key_everywhere(&nodes).await;
+    let (r1, r3) = (&nodes[0].gateway, &nodes[4].gateway);
+    for plan in ["gold", "silver"] {
+        let reply = admin_json(r1, "PUT", &format!("/v1/plans/{plan}"), json!({"daily": 1000})).await;
+        assert!(reply.status.as_u16() < 300, "{}", reply.text());
+    }
+    within(Duration::from_secs(2), || async {
+        admin(r3, "GET", "/v1/plans/silver").await.status == 200
+    })
+    .await
+    .expect("plans everywhere");
+
+    // Region 3 cut off (its server keeps running); both sides write to the same records.
+    cluster.cut_region(2);
+    within(Duration::from_secs(10), || async {
+        status_with_key(r3, "tg_live_unknown").await == 503
+    })
+    .await
+    .expect("the cut-off side says it cannot know unknown keys");
+    assert_eq!(
+        status_with_key(r1, "tg_live_unknown").await,
+        401,
+        "the majority side can"
+    );
+    let probe = within(Duration::from_secs(30), || async {
+        admin_json(r3, "POST", "/v1/consumers", json!({"id": "probe"}))
+            .await
+            .status
+            .as_u16()
+            == 201
+    })
+    .await;
+    println!("r3 accepts writes while cut off after {probe:?}");
+    let write = |gateway: &'static str, method: &'static str, path: String, body: serde_json::Value| {
+        (gateway, method, path, body)
+    };
+    let steps = [
+        write("r3", "DELETE", format!("/v1/keys/{key_id}"), json!(null)),
+        write("r1", "PATCH", format!("/v1/keys/{key_id}"), json!({"plan": "gold"})),
+        write("r1", "PATCH", "/v1/consumers/acme".into(), json!({"plan": "gold"})),
+        write("r3", "PATCH", "/v1/consumers/acme".into(), json!({"plan": "silver"})),
+        write("r1", "PUT", "/v1/plans/shared".into(), json!({"daily": 10})),
+        write("r3", "PUT", "/v1/plans/shared".into(), json!({"daily": 20})),
+        write("r3", "POST", "/v1/consumers".into(), json!({"id": "made-in-r3"})),
+    ];
+    for (side, method, path, body) in steps {
+        let gateway = if side == "r1" { r1 } else { r3 };
+        let reply = if body.is_null() {
+            admin(gateway, method, &path).await
+        } else {
+            admin_json(gateway, method, &path, body).await
+        };
+        assert!(
+            reply.status.as_u16() < 300,
+            "{side} {method} {path}: {} {}\n{}",
+            reply.status,
+            reply.text(),
+            r3.stderr()
+        );
+        // Stamps are milliseconds: keep the order of the steps unambiguous.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_, r3_secret) = create_key(r3, json!({"consumer": "made-in-r3"})).await;
+    assert_eq!(
+        status_with_key(r1, &r3_secret).await,
+        401,
+        "not known across the partition yet"
+    );
+
+    cluster.heal_region(2);
+    cluster.wait_formed();
+    let started = Instant::now();
+    let expected = |view: &[(u16, serde_json::Value)]| {
+        view[0].1["revoked"] == true
+            && view[0].1["plan"] == "gold"
+            && view[1].1["plan"] == "silver"
+            && view[2].1["daily"] == 20
+    };
+    for node in &nodes {
+        let agreed = within(Duration::from_secs(10), || async {
+            let view = [
+                admin_get(&node.gateway, &format!("/v1/keys/{key_id}")).await,
+                admin_get(&node.gateway, "/v1/consumers/acme").await,
+                admin_get(&node.gateway, "/v1/plans/shared").await,
+            ];
+            expected(&view)
+        })
+        .await;
+        assert!(
+            agreed.is_some(),
+            "a node disagrees: key {:?}, consumer {:?}, plan {:?}",
+            admin_get(&node.gateway, &format!("/v1/keys/{key_id}")).await,
+            admin_get(&node.gateway, "/v1/consumers/acme").await,
+            admin_get(&node.gateway, "/v1/plans/shared").await
+        );
+        assert_eq!(status_with_key(&node.gateway, &secret).await, 403, "revocation wins");
+        let works = within(Duration::from_secs(5), || async {
+            status_with_key(&node.gateway, &r3_secret).await == 200
+        })
+        .await;
+        assert!(
+            works.is_some(),
+            "the key made in r3 during the partition works everywhere"
+        );
+    }
+    println!("after healing, all six nodes agree after {:?}", started.elapsed());
 }

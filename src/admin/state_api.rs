@@ -23,6 +23,14 @@ fn state_error(error: StateError) -> Response {
     match error {
         StateError::NotFound(what) => json_error(StatusCode::NOT_FOUND, "not_found", &format!("{what} not found")),
         StateError::Conflict(what) => json_error(StatusCode::CONFLICT, "conflict", &format!("{what} already exists")),
+        StateError::Unavailable(message) => {
+            tracing::warn!(%message, "state unavailable");
+            json_error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "state_unavailable",
+                &format!("the shared state is unreachable: {message}"),
+            )
+        }
         StateError::Backend(message) => {
             tracing::error!(%message, "state backend failed");
             json_error(

@@ -34,13 +34,21 @@ async fn rows(state: &AdminState, query: &UsageQuery) -> Result<Vec<ReportRow>, 
     state.gateway.usage.report(query).await.map_err(|e| unavailable(&e))
 }
 
-fn render(query: &UsageQuery, rows: Vec<ReportRow>) -> Response {
+/// `stale`: regions this node's view has not heard from recently (global mode); the
+/// report is then what the view holds, which may be behind.
+fn render(query: &UsageQuery, rows: Vec<ReportRow>, stale: Vec<String>) -> Response {
+    let stale_header = (!stale.is_empty())
+        .then(|| HeaderValue::from_str(&stale.join(",")).ok())
+        .flatten();
     if query.csv {
         let mut response = report::to_csv(&rows, query.group_by).into_response();
         response.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/csv; charset=utf-8"),
         );
+        if let Some(regions) = stale_header {
+            response.headers_mut().insert("x-tollgate-stale-regions", regions);
+        }
         return response;
     }
     let total: u64 = rows.iter().map(|r| r.requests).sum();
@@ -50,6 +58,8 @@ fn render(query: &UsageQuery, rows: Vec<ReportRow>) -> Response {
         "to": window::format_day(query.scan.to_day),
         "group_by": query.group_by,
         "total": total,
+        "stale": !stale.is_empty(),
+        "stale_regions": stale,
         "rows": rows,
     }))
     .into_response()
@@ -116,7 +126,7 @@ async fn answer(
                 Some(limit) => report::top(rows, limit),
                 None => rows,
             };
-            render(&query, rows)
+            render(&query, rows, state.gateway.usage.stale_regions())
         }
         Err(response) => response,
     }

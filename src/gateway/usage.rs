@@ -123,11 +123,7 @@ impl Usage {
         let mut pending = self.pending.lock().await;
         self.table.collect(&mut pending);
         if pending.is_empty() {
-            let store = self.store.clone();
-            return match tokio::task::spawn_blocking(move || store.sync()).await {
-                Ok(result) => result.map(|()| 0),
-                Err(join) => Err(StateError::Backend(join.to_string())),
-            };
+            return Ok(0);
         }
         let rows = std::mem::take(&mut *pending);
         let store = self.store.clone();
@@ -157,6 +153,20 @@ impl Usage {
                 Err(StateError::Backend(format!("usage write panicked: {join}")))
             }
         }
+    }
+
+    /// Hands what the store owes to shared state (global mode: the outbox) to it.
+    pub async fn sync(&self) -> Result<(), StateError> {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.sync()).await {
+            Ok(result) => result,
+            Err(join) => Err(StateError::Backend(join.to_string())),
+        }
+    }
+
+    /// Regions the stored view has not heard from recently (global mode).
+    pub fn stale_regions(&self) -> Vec<String> {
+        self.store.stale_regions()
     }
 
     /// A usage report: this node's counts written first, then every node's stored slots
@@ -212,6 +222,8 @@ impl Usage {
             if let Err(error) = self.flush().await {
                 tracing::warn!(%error, "usage flush failed; will retry");
             }
+            // A failure is logged by the store; the outbox keeps the counts.
+            let _ = self.sync().await;
             self.prune_if_new_day().await;
             self.report_table();
         }
@@ -227,6 +239,8 @@ impl Usage {
             match self.flush().await {
                 Ok(rows) => {
                     tracing::info!(rows, "usage flushed at shutdown");
+                    // What NATS does not take now stays in the on-disk outbox for the next start.
+                    let _ = self.sync().await;
                     return;
                 }
                 Err(error) => {

@@ -34,6 +34,9 @@ pub enum StateError {
     Conflict(String),
     #[error("state backend: {0}")]
     Backend(String),
+    /// The shared state cannot be reached now (global mode); the call may succeed later.
+    #[error("state unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Plans, consumers and API keys. Calls block; callers run them on the blocking pool.
@@ -72,6 +75,11 @@ pub trait UsageStore: Send + Sync + 'static {
     /// mode publishes its outbox after an outage).
     fn sync(&self) -> Result<(), StateError> {
         Ok(())
+    }
+    /// Regions whose usage this node's view has not heard from recently (global mode):
+    /// reports answer from the view and say they may be behind.
+    fn stale_regions(&self) -> Vec<String> {
+        Vec::new()
     }
 }
 

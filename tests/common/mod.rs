@@ -600,9 +600,70 @@ impl Drop for Nats {
 
 /// Regions as a NATS supercluster on loopback: one single-node cluster per region, joined
 /// by gateway connections (`../shared/notes/nats-on-loopback.md`).
+/// A TCP forwarder standing in for a network link between two regions: [`Link::cut`]
+/// drops every connection through it and refuses new ones until [`Link::heal`].
+pub struct Link {
+    pub port: u16,
+    state: Arc<std::sync::Mutex<LinkState>>,
+}
+
+struct LinkState {
+    open: bool,
+    conns: Vec<std::net::TcpStream>,
+}
+
+impl Link {
+    pub fn start(target: u16) -> Link {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let state = Arc::new(std::sync::Mutex::new(LinkState {
+            open: true,
+            conns: Vec::new(),
+        }));
+        let shared = state.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let mut state = shared.lock().unwrap();
+                if !state.open {
+                    continue;
+                }
+                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                state.conns.push(client);
+                state.conns.push(server);
+            }
+        });
+        Link { port, state }
+    }
+
+    pub fn cut(&self) {
+        let mut state = self.state.lock().unwrap();
+        state.open = false;
+        for conn in state.conns.drain(..) {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
+    pub fn heal(&self) {
+        self.state.lock().unwrap().open = true;
+    }
+}
+
 pub struct Supercluster {
     pub regions: Vec<Option<Nats>>,
     ports: Vec<(u16, u16, u16, u16)>,
+    /// `links[i][j]`: how region i's server reaches region j's gateway (`None` for i = j).
+    links: Vec<Vec<Option<Link>>>,
     dir: tempfile::TempDir,
 }
 
@@ -612,12 +673,20 @@ impl Supercluster {
         // socket's ephemeral port under load): then the whole set is picked again.
         for _ in 0..3 {
             let dir = tempfile::tempdir().unwrap();
-            let ports = (0..regions)
+            let ports: Vec<(u16, u16, u16, u16)> = (0..regions)
                 .map(|_| (free_port(), free_port(), free_port(), free_port()))
+                .collect();
+            let links = (0..regions)
+                .map(|i| {
+                    (0..regions)
+                        .map(|j| (i != j).then(|| Link::start(ports[j].3)))
+                        .collect()
+                })
                 .collect();
             let mut cluster = Supercluster {
                 regions: (0..regions).map(|_| None).collect(),
                 ports,
+                links,
                 dir,
             };
             if (0..regions).all(|i| cluster.try_start_region(i, true)) {
@@ -655,20 +724,19 @@ impl Supercluster {
         let store = self.dir.path().join(&name);
         std::fs::create_dir_all(&store).unwrap();
         let gateway_block = if gateways {
-            let others: Vec<String> = self
-                .ports
-                .iter()
-                .enumerate()
-                .map(|(j, p)| {
+            // Other regions are reached through their links only: the address this
+            // server advertises is a closed port, so none learns a way around a link.
+            let others: Vec<String> = (0..self.ports.len())
+                .map(|j| {
+                    let port = self.links[i][j].as_ref().map_or(gateway, |link| link.port);
                     format!(
-                        "{{name: {}, urls: [\"nats://127.0.0.1:{}\"]}}",
-                        Supercluster::name(j),
-                        p.3
+                        "{{name: {}, urls: [\"nats://127.0.0.1:{port}\"]}}",
+                        Supercluster::name(j)
                     )
                 })
                 .collect();
             format!(
-                "gateway {{ name: {name}, listen: \"127.0.0.1:{gateway}\", gateways: [{}] }}",
+                "gateway {{ name: {name}, listen: \"127.0.0.1:{gateway}\", advertise: \"127.0.0.1:1\", gateways: [{}] }}",
                 others.join(", ")
             )
         } else {
@@ -716,6 +784,44 @@ cluster {{ name: {name}, listen: "127.0.0.1:{route}", routes: ["nats://127.0.0.1
         }
         self.regions[i] = Some(nats);
         true
+    }
+
+    /// Waits until region `i`'s server says its JetStream assets are current (a restarted
+    /// server serves its streams only once it has caught up with the meta group).
+    pub fn wait_healthy(&self, i: usize) -> Duration {
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(60) {
+            if http_get(self.ports[i].1, "/healthz").contains("\"ok\"")
+                && http_get(self.ports[i].1, "/jsz?streams=true")
+                    .contains(&format!("TOLLGATE_USAGE_{}", Supercluster::name(i)))
+            {
+                return started.elapsed();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("region {i}'s JetStream not healthy within 60 s");
+    }
+
+    /// Region `i`'s server log.
+    pub fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("{}.log", Supercluster::name(i)))).unwrap_or_default()
+    }
+
+    /// Cuts every link between region `i` and the others; its server keeps running.
+    pub fn cut_region(&self, i: usize) {
+        for j in 0..self.ports.len() {
+            for link in [&self.links[i][j], &self.links[j][i]].into_iter().flatten() {
+                link.cut();
+            }
+        }
+    }
+
+    pub fn heal_region(&self, i: usize) {
+        for j in 0..self.ports.len() {
+            for link in [&self.links[i][j], &self.links[j][i]].into_iter().flatten() {
+                link.heal();
+            }
+        }
     }
 
     pub fn stop_region(&mut self, i: usize) {

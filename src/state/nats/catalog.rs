@@ -1,343 +1,234 @@
-//! Plans, consumers and keys in JetStream KV buckets, and the watchers that bring other
-//! nodes' writes to this one.
+//! Plans, consumers and keys in global mode: every region accepts admin writes, publishes
+//! them to its own catalog stream, and every node merges every region's stream into its
+//! disk by the rules of [`super::merge`]. Reads are served from that disk, so they work
+//! while any region (this one's NATS included) is unreachable.
 
-use std::time::Duration;
-
-use async_nats::jetstream::{self, consumer, kv, stream};
 use bytes::Bytes;
-use futures_util::StreamExt;
-use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
 
-use super::wire::{KeyRecord, decode_key, kv_id, kv_key};
-use super::{CACHED_META, CONSUMERS_BUCKET, NatsBackend, PLANS_BUCKET, nats_error};
-use crate::base::{Shutdown, stopped};
+use super::merge::{self, CatalogEvent, Kind};
+use super::regions::Log;
+use super::wire::{KeyRecord, kv_key};
+use super::{NatsBackend, nats_error};
 use crate::model::{ApiKey, Consumer, Plan, StateData};
-use crate::state::{Catalog, Replica, StateChange, StateError};
+use crate::state::{Catalog, StateChange, StateError};
+
+/// How long an admin write waits for this region's NATS to come back before it answers
+/// 503 (a client reconnecting after a server restart takes a moment).
+const RECONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl NatsBackend {
-    fn get_json<T: for<'de> Deserialize<'de>>(&self, store: &kv::Store, id: &str) -> Result<Option<T>, StateError> {
-        let value = self.block("get", async {
-            store.get(kv_key(id)).await.map_err(|e| nats_error("get", e))
-        })?;
-        Ok(value.and_then(|v| serde_json::from_slice(&v).ok()))
+    /// Applies one region's catalog message to this node's disk; what changed goes to the
+    /// gateway's tables.
+    pub(super) fn apply_catalog_message(&self, payload: &[u8]) -> Result<(), StateError> {
+        let Ok(event) = serde_json::from_slice::<CatalogEvent>(payload) else {
+            tracing::warn!("unreadable catalog event skipped");
+            return Ok(());
+        };
+        if let Some(change) = self.apply_event(event)?
+            && let Some(tx) = self.changes_tx.get()
+        {
+            let _ = tx.send(change);
+        }
+        Ok(())
     }
 
-    fn put_json(&self, store: &kv::Store, id: &str, value: &impl Serialize) -> Result<(), StateError> {
-        let bytes = Bytes::from(serde_json::to_vec(value).map_err(|e| nats_error("encode", e))?);
-        self.block("put", async {
-            store
-                .put(kv_key(id), bytes)
+    /// Merges `event` into the disk copy; returns the record's new state when it changed.
+    fn apply_event(&self, event: CatalogEvent) -> Result<Option<StateChange>, StateError> {
+        let _serial = self.apply_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.hlc.observe(event.hlc);
+        let kind = event.kind.as_str();
+        let stored = self.local.clock(kind, &event.id)?;
+        let newer = merge::newer(
+            (event.hlc, &event.node),
+            stored.as_ref().map(|(hlc, node)| (*hlc, node.as_str())),
+        );
+        let change = match event.kind {
+            Kind::Key => {
+                let Some(incoming) = event.key.and_then(KeyRecord::into_key) else {
+                    return Ok(None);
+                };
+                let current = self.local.get_key(&event.id)?;
+                match merge::merge_key(current.as_ref(), incoming, newer) {
+                    Some(key) => {
+                        self.local.cache_keys(std::slice::from_ref(&key))?;
+                        Some(StateChange::Key(key))
+                    }
+                    None => None,
+                }
+            }
+            Kind::Plan if newer => {
+                match &event.plan {
+                    Some(plan) => self.local.put_plan(plan)?,
+                    None => ignore_missing(self.local.delete_plan(&event.id))?,
+                }
+                Some(StateChange::Plan(event.id.clone(), event.plan))
+            }
+            Kind::Consumer if newer => {
+                match &event.consumer {
+                    Some(consumer) => self.local.cache_consumer(consumer)?,
+                    None => self.local.uncache_consumer(&event.id)?,
+                }
+                Some(StateChange::Consumer(event.id.clone(), event.consumer))
+            }
+            Kind::Plan | Kind::Consumer => None,
+        };
+        // After the record: a crash between the two re-applies the write, which is harmless.
+        if newer {
+            self.local.set_clock(kind, &event.id, event.hlc, &event.node)?;
+        }
+        Ok(change)
+    }
+
+    /// Publishes a write to this region's catalog stream (acknowledged by JetStream) and
+    /// applies it here; every other node merges it from the stream.
+    fn write(&self, kind: Kind, id: &str, fill: impl FnOnce(&mut CatalogEvent)) -> Result<(), StateError> {
+        if !self.wait_connected(RECONNECT_GRACE) {
+            return Err(StateError::Unavailable(format!(
+                "this region's NATS ({}) is unreachable",
+                self.region
+            )));
+        }
+        let mut event = CatalogEvent {
+            kind,
+            id: id.to_string(),
+            hlc: self.hlc.stamp(merge::wall_ms()),
+            node: self.node.clone(),
+            plan: None,
+            consumer: None,
+            key: None,
+        };
+        fill(&mut event);
+        let subject = format!(
+            "{}.{}.{}",
+            Log::Catalog.subject_root(&self.token),
+            kind.as_str(),
+            kv_key(id).replace('.', "=2E")
+        );
+        let payload = Bytes::from(serde_json::to_vec(&event).map_err(|e| nats_error("encode", e))?);
+        self.block("publishing a catalog write", async {
+            self.jet()?
+                .js
+                .publish(subject, payload)
+                .await
+                .map_err(|e| nats_error("publishing a catalog write", e))?
                 .await
                 .map(|_| ())
-                .map_err(|e| nats_error("put", e))
-        })
-    }
-
-    /// Deletes `id` from a bucket; `NotFound` (naming it as `what`) when it is not there.
-    fn delete_existing(&self, store: &kv::Store, id: &str, what: &str) -> Result<(), StateError> {
-        let found = self.block("get", async {
-            store.get(kv_key(id)).await.map_err(|e| nats_error("get", e))
+                .map_err(|e| nats_error("publishing a catalog write", e))
         })?;
-        if found.is_none() {
-            return Err(StateError::NotFound(format!("{what} {id}")));
-        }
-        self.delete(store, id)
+        self.apply_event(event).map(|_| ())
     }
 
-    fn delete(&self, store: &kv::Store, id: &str) -> Result<(), StateError> {
-        self.block("delete", async {
-            store.delete(kv_key(id)).await.map_err(|e| nats_error("delete", e))
-        })
-    }
-
-    fn all_keys(&self) -> Result<Vec<ApiKey>, StateError> {
-        let mut keys = Vec::new();
-        self.block("reading keys", async {
-            all_entries(&self.jet()?.keys, |entry| keys.extend(decode_key(&entry.value))).await
-        })?;
-        keys.sort_by(|a, b| a.id.cmp(&b.id));
-        Ok(keys)
+    fn write_key(&self, key: &ApiKey) -> Result<(), StateError> {
+        self.write(Kind::Key, &key.id, |e| e.key = Some(KeyRecord::from(key)))
     }
 }
 
-pub(super) async fn bucket(js: &jetstream::Context, name: &str, replicas: usize) -> Result<kv::Store, StateError> {
-    if let Ok(store) = js.get_key_value(name).await {
-        return Ok(store);
+fn ignore_missing(result: Result<(), StateError>) -> Result<(), StateError> {
+    match result {
+        Err(StateError::NotFound(_)) => Ok(()),
+        other => other,
     }
-    js.create_key_value(kv::Config {
-        bucket: name.to_string(),
-        history: 1,
-        num_replicas: replicas,
-        storage: stream::StorageType::File,
-        ..Default::default()
-    })
-    .await
-    .map_err(|e| nats_error(&format!("creating bucket {name}"), e))
-}
-
-/// Every live entry of a bucket, read with one watcher (last value per key), not one
-/// request per key.
-async fn all_entries(store: &kv::Store, mut each: impl FnMut(kv::Entry)) -> Result<(), StateError> {
-    // Fresh stream info: `kv::Store::status` answers from the info cached when the bucket
-    // was opened, so a bucket empty then would read as empty for ever (no keys listed).
-    let info = store
-        .stream
-        .get_info()
-        .await
-        .map_err(|e| nats_error("bucket status", e))?;
-    if info.state.messages == 0 {
-        return Ok(());
-    }
-    let mut watch = store
-        .watch_with_history(">")
-        .await
-        .map_err(|e| nats_error("reading bucket", e))?;
-    while let Some(entry) = watch.next().await {
-        let entry = entry.map_err(|e| nats_error("reading bucket", e))?;
-        let last = entry.delta == 0;
-        if entry.operation == kv::Operation::Put {
-            each(entry);
-        }
-        if last {
-            break;
-        }
-    }
-    Ok(())
-}
-
-/// Forwards every write to a bucket (from any node) as a [`StateChange`].
-///
-/// Reads the bucket's stream with an ordered *pull* consumer rather than the KV push
-/// watcher: across a supercluster's gateways a push consumer's first deliveries waited
-/// about a second for interest to propagate; pull requests carry their reply route.
-/// After an interruption it resumes after the last sequence it saw, so nothing is missed.
-pub(super) async fn watch_bucket(
-    js: jetstream::Context,
-    bucket: &'static str,
-    start: u64,
-    tx: mpsc::UnboundedSender<StateChange>,
-    mut shutdown: Shutdown,
-) {
-    let mut next = Some(start);
-    loop {
-        tokio::select! {
-            result = watch_bucket_once(&js, bucket, &tx, &mut next) => match result {
-                Ok(()) => return,
-                Err(error) => tracing::warn!(%error, bucket, "watching a state bucket interrupted; resuming"),
-            },
-            _ = stopped(&mut shutdown) => return,
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-            _ = stopped(&mut shutdown) => return,
-        }
-    }
-}
-
-async fn watch_bucket_once(
-    js: &jetstream::Context,
-    bucket: &str,
-    tx: &mpsc::UnboundedSender<StateChange>,
-    next: &mut Option<u64>,
-) -> Result<(), StateError> {
-    let stream = js
-        .get_stream(format!("KV_{bucket}"))
-        .await
-        .map_err(|e| nats_error("bucket stream", e))?;
-    let deliver_policy = match *next {
-        Some(start_sequence) => consumer::DeliverPolicy::ByStartSequence { start_sequence },
-        None => consumer::DeliverPolicy::New,
-    };
-    let ordered = stream
-        .create_consumer(consumer::pull::OrderedConfig {
-            filter_subject: format!("$KV.{bucket}.>"),
-            deliver_policy,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| nats_error("bucket consumer", e))?;
-    let mut messages = ordered.messages().await.map_err(|e| nats_error("bucket consumer", e))?;
-    while let Some(message) = messages.next().await {
-        let message = message.map_err(|e| nats_error("bucket", e))?;
-        if let Ok(info) = message.info() {
-            *next = Some(info.stream_sequence + 1);
-        }
-        let key = kv_id(message.subject.as_str().rsplit('.').next().unwrap_or_default());
-        let deleted = message
-            .headers
-            .as_ref()
-            .and_then(|h| h.get("KV-Operation"))
-            .is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
-        let value = &message.payload;
-        let change = match bucket {
-            PLANS_BUCKET => {
-                let plan = (!deleted).then(|| serde_json::from_slice::<Plan>(value).ok()).flatten();
-                let name = plan.as_ref().map_or(key, |p| p.name.clone());
-                Some(StateChange::Plan(name, plan))
-            }
-            CONSUMERS_BUCKET => {
-                let consumer = (!deleted)
-                    .then(|| serde_json::from_slice::<Consumer>(value).ok())
-                    .flatten();
-                let id = consumer.as_ref().map_or(key, |c| c.id.clone());
-                Some(StateChange::Consumer(id, consumer))
-            }
-            _ => decode_key(value).map(StateChange::Key),
-        };
-        if let Some(change) = change
-            && tx.send(change).is_err()
-        {
-            return Ok(());
-        }
-    }
-    Err(nats_error("bucket", "watch ended"))
 }
 
 impl Catalog for NatsBackend {
     fn load(&self) -> Result<StateData, StateError> {
-        if !self.is_attached() {
-            // Started while JetStream was unreachable: the copy on this node's disk.
-            return self.local.load();
-        }
-        let mut data = StateData::default();
-        self.block("reading plans and consumers", async {
-            all_entries(&self.jet()?.plans, |entry| {
-                if let Ok(plan) = serde_json::from_slice::<Plan>(&entry.value) {
-                    data.plans.insert(plan.name.clone(), plan);
-                }
-            })
-            .await?;
-            all_entries(&self.jet()?.consumers, |entry| {
-                if let Ok(consumer) = serde_json::from_slice::<Consumer>(&entry.value) {
-                    data.consumers.insert(consumer.id.clone(), consumer);
-                }
-            })
-            .await
-        })?;
-        // Kept on disk for a start while JetStream is unreachable.
-        self.local.cache_state(&data)?;
-        Ok(data)
+        self.local.load()
     }
 
     fn for_each_key(&self, f: &mut dyn FnMut(ApiKey)) -> Result<(), StateError> {
-        if !self.is_attached() {
-            return self.local.for_each_key(f);
-        }
-        const CACHE_BATCH: usize = 5_000;
-        let mut batch = Vec::with_capacity(CACHE_BATCH);
-        let mut cached = Ok(());
-        self.block("reading keys", async {
-            all_entries(&self.jet()?.keys, |entry| {
-                if let Some(key) = decode_key(&entry.value) {
-                    batch.push(key.clone());
-                    if batch.len() == CACHE_BATCH && cached.is_ok() {
-                        cached = self.local.cache_keys(&batch);
-                        batch.clear();
-                    }
-                    f(key);
-                }
-            })
-            .await
-        })?;
-        cached?;
-        self.local.cache_keys(&batch)?;
-        self.local.set_meta(CACHED_META, 1)
+        self.local.for_each_key(f)
     }
 
     fn get_key(&self, id: &str) -> Result<Option<ApiKey>, StateError> {
-        if !self.is_attached() {
-            return self.local.get_key(id);
-        }
-        Ok(self
-            .get_json::<KeyRecord>(&self.jet()?.keys, id)?
-            .and_then(KeyRecord::into_key))
+        self.local.get_key(id)
     }
 
     fn list_keys(&self) -> Result<Vec<ApiKey>, StateError> {
-        if !self.is_attached() {
-            return self.local.list_keys();
-        }
-        self.all_keys()
+        self.local.list_keys()
     }
 
     fn consumer_keys(&self, consumer: &str) -> Result<Vec<ApiKey>, StateError> {
-        Ok(self
-            .all_keys()?
-            .into_iter()
-            .filter(|k| k.consumer == consumer)
-            .collect())
+        self.local.consumer_keys(consumer)
     }
 
     fn put_plan(&self, plan: &Plan) -> Result<(), StateError> {
-        self.put_json(&self.jet()?.plans, &plan.name, plan)
+        self.write(Kind::Plan, &plan.name, |e| e.plan = Some(plan.clone()))
     }
 
     fn delete_plan(&self, name: &str) -> Result<(), StateError> {
-        self.delete_existing(&self.jet()?.plans, name, "plan")
+        if !self.local.load()?.plans.contains_key(name) {
+            return Err(StateError::NotFound(format!("plan {name}")));
+        }
+        self.write(Kind::Plan, name, |_| {})
     }
 
     fn create_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
-        let bytes = Bytes::from(serde_json::to_vec(consumer).map_err(|e| nats_error("encode", e))?);
-        self.block("create", async {
-            match self.jet()?.consumers.create(kv_key(&consumer.id), bytes).await {
-                Ok(_) => Ok(()),
-                Err(e) if e.kind() == kv::CreateErrorKind::AlreadyExists => {
-                    Err(StateError::Conflict(format!("consumer {}", consumer.id)))
-                }
-                Err(e) => Err(nats_error("create", e)),
-            }
-        })
+        if self.local.get_consumer(&consumer.id)?.is_some() {
+            return Err(StateError::Conflict(format!("consumer {}", consumer.id)));
+        }
+        self.write(Kind::Consumer, &consumer.id, |e| e.consumer = Some(consumer.clone()))
     }
 
     fn delete_consumer(&self, id: &str) -> Result<(), StateError> {
-        if self.get_json::<Consumer>(&self.jet()?.consumers, id)?.is_none() {
+        if self.local.get_consumer(id)?.is_none() {
             return Err(StateError::NotFound(format!("consumer {id}")));
         }
-        for mut key in self.consumer_keys(id)? {
-            key.revoked = true;
-            self.put_json(&self.jet()?.keys, &key.id, &KeyRecord::from(&key))?;
+        for mut key in self.local.consumer_keys(id)? {
+            if !key.revoked {
+                key.revoked = true;
+                self.write_key(&key)?;
+            }
         }
-        self.delete(&self.jet()?.consumers, id)
+        self.write(Kind::Consumer, id, |_| {})
     }
 
     fn create_key(&self, key: &ApiKey) -> Result<(), StateError> {
-        if self
-            .get_json::<Consumer>(&self.jet()?.consumers, &key.consumer)?
-            .is_none()
-        {
+        if self.local.get_consumer(&key.consumer)?.is_none() {
             return Err(StateError::NotFound(format!("consumer {}", key.consumer)));
         }
-        self.put_json(&self.jet()?.keys, &key.id, &KeyRecord::from(key))
+        if self.local.get_key(&key.id)?.is_some() {
+            return Err(StateError::Conflict(format!("key {}", key.id)));
+        }
+        self.write_key(key)
     }
 
     fn revoke_key(&self, id: &str) -> Result<(), StateError> {
         let mut key = self
+            .local
             .get_key(id)?
             .ok_or_else(|| StateError::NotFound(format!("key {id}")))?;
         key.revoked = true;
-        self.put_json(&self.jet()?.keys, id, &KeyRecord::from(&key))
+        self.write_key(&key)
     }
 
     fn update_key(&self, key: &ApiKey) -> Result<(), StateError> {
         let mut stored = self
+            .local
             .get_key(&key.id)?
             .ok_or_else(|| StateError::NotFound(format!("key {}", key.id)))?;
         stored.plan = key.plan.clone();
         stored.expires_at = key.expires_at;
         stored.allowed_routes = key.allowed_routes.clone();
-        self.put_json(&self.jet()?.keys, &key.id, &KeyRecord::from(&stored))
+        self.write_key(&stored)
     }
 
     fn update_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
         let mut stored = self
-            .get_json::<Consumer>(&self.jet()?.consumers, &consumer.id)?
+            .local
+            .get_consumer(&consumer.id)?
             .ok_or_else(|| StateError::NotFound(format!("consumer {}", consumer.id)))?;
         stored.plan = consumer.plan.clone();
-        self.put_json(&self.jet()?.consumers, &consumer.id, &stored)
+        self.write(Kind::Consumer, &consumer.id, |e| e.consumer = Some(stored))
     }
 
+    /// A key missing here may exist only while this region is in the minority: its own
+    /// NATS unreachable, or most regions' catalogs unheard (it may be cut off from writes
+    /// made elsewhere). The majority side answers 401 for unknown keys.
     fn available(&self) -> bool {
-        self.is_attached() && self.client.connection_state() == async_nats::connection::State::Connected
+        if !self.connected() {
+            return false;
+        }
+        let (fresh, known) = self.regions.fresh(Log::Catalog);
+        2 * fresh > known
     }
 }

@@ -1,4 +1,5 @@
-//! Heartbeats on core NATS: how many gateway nodes are alive, for `[cluster] divide_rate`.
+//! Heartbeats on core NATS: how many gateway nodes are alive (for `[cluster] divide_rate`),
+//! and which regions have nodes (a new one is followed at once).
 
 use std::sync::Arc;
 
@@ -27,7 +28,8 @@ impl NatsBackend {
             tokio::select! {
                 _ = ticks.tick() => {
                     if self.available() {
-                        let _ = self.client.publish(HEARTBEAT_SUBJECT, Bytes::from(self.node.clone())).await;
+                        let beat = format!("{}\n{}", self.node, self.token);
+                        let _ = self.client.publish(HEARTBEAT_SUBJECT, Bytes::from(beat)).await;
                     }
                     let now = std::time::Instant::now();
                     last_heard.retain(|_, at| now.duration_since(*at) < LIVE_WINDOW);
@@ -38,7 +40,12 @@ impl NatsBackend {
                 }
                 message = heard.next() => match message {
                     Some(message) => {
-                        if let Ok(node) = std::str::from_utf8(&message.payload) {
+                        // "node\nregion" (a node of an older version sends its name alone).
+                        if let Ok(beat) = std::str::from_utf8(&message.payload) {
+                            let (node, region) = beat.split_once('\n').unwrap_or((beat, ""));
+                            if !region.is_empty() {
+                                self.regions.seen_node_of(region);
+                            }
                             last_heard.insert(node.to_string(), std::time::Instant::now());
                         }
                     }

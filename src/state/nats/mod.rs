@@ -1,6 +1,6 @@
-//! Global mode (docs/multi-region.md): consumers, keys and plans in JetStream KV buckets shared by
-//! every node; usage slots published in batches to a JetStream stream that every node
-//! replays into its own view.
+//! Global mode (docs/multi-region.md): every region is a full peer. A region's nodes publish
+//! catalog writes (plans, consumers, keys) and usage batches to that region's own streams;
+//! every node follows every region's streams and merges them into its own view.
 //!
 //! Each node also keeps a local SQLite file: its view of every node's usage slots (what
 //! reports read, and what a restart restores from), the outbox of its own slots that
@@ -9,39 +9,40 @@
 //!
 //! Calls of the [`Catalog`] and [`UsageStore`] traits come from blocking threads and wait
 //! on the async client through the runtime handle. The files: `wire` (records as stored
-//! and published), `catalog` (KV buckets and their watchers), `usage` (the usage stream
-//! and the outbox), `snapshots`, `liveness` (heartbeats); this one connects and attaches.
+//! and published), `regions` (per-region streams and their followers), `merge` (how
+//! concurrent catalog writes converge), `catalog`, `usage` (the outbox and usage batches),
+//! `snapshots`, `liveness` (heartbeats); this one connects and attaches.
 //!
 //! Every loop here ends when the shutdown signal given to [`NatsBackend::connect`] turns.
 
 mod catalog;
 mod liveness;
+mod merge;
+mod regions;
 mod snapshots;
 mod usage;
 mod wire;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use async_nats::jetstream::{self, kv, stream};
-use tokio::sync::mpsc;
+use async_nats::jetstream::{self, stream};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use super::{Catalog, Replica, ReplicaHooks, SqliteBackend, StateChange, StateError};
+use super::{Replica, ReplicaHooks, SqliteBackend, StateChange, StateError, UsageSink};
 use crate::base::{Shutdown, stopped};
 use crate::config::ClusterSection;
 use crate::model::{ApiKey, Consumer, Plan};
 
+pub use regions::region_token;
+use regions::{Log, Regions};
 pub use wire::{kv_id, kv_key};
 
-pub const PLANS_BUCKET: &str = "tollgate_plans";
-pub const CONSUMERS_BUCKET: &str = "tollgate_consumers";
-pub const KEYS_BUCKET: &str = "tollgate_keys";
-pub const USAGE_STREAM: &str = "TOLLGATE_USAGE";
-pub const SNAPSHOTS_BUCKET: &str = "tollgate_snapshots";
-const USAGE_SUBJECTS: &str = "tollgate.usage.>";
+/// One object store per region (`tollgate_snapshots_<region>`).
+pub const SNAPSHOTS_PREFIX: &str = "tollgate_snapshots_";
 /// How long one call to NATS may take before the caller gets an error.
 const OP_TIMEOUT: Duration = Duration::from_secs(5);
 /// Core NATS (not a stream): every node says it is alive every `HEARTBEAT`; a node not
@@ -51,9 +52,11 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 const LIVE_WINDOW: Duration = Duration::from_millis(3500);
 /// Rows per published batch (well under NATS's default 1 MiB message limit).
 const BATCH_ROWS: usize = 4000;
-const SEQ_META: &str = "usage_stream_seq";
-/// Set once this disk holds a complete copy of the buckets (after a start with JetStream).
+/// Set once this disk holds a complete copy of the catalog (after a start with JetStream).
 const CACHED_META: &str = "state_cached";
+/// How long a start waits for every region's catalog to be replayed before it serves what
+/// it has (the regions not replayed yet are then stale, and their writes arrive later).
+const CATALOG_CATCH_UP: Duration = Duration::from_secs(5);
 
 fn nats_error(context: &str, error: impl std::fmt::Display) -> StateError {
     StateError::Backend(format!("nats: {context}: {error}"))
@@ -62,13 +65,21 @@ fn nats_error(context: &str, error: impl std::fmt::Display) -> StateError {
 pub struct NatsBackend {
     handle: tokio::runtime::Handle,
     client: async_nats::Client,
-    /// JetStream's buckets and stream, once reached: at start, or later when the node
+    /// JetStream and this region's streams, once reached: at start, or later when the node
     /// started from its disk while NATS was unreachable.
     jet: tokio::sync::SetOnce<Jet>,
     local: SqliteBackend,
     pub node: String,
     pub region: String,
+    /// `region` as a stream-name and subject token.
+    token: String,
     changes: Mutex<Option<mpsc::UnboundedReceiver<StateChange>>>,
+    /// Where merged catalog changes go once the start-up replay is over.
+    changes_tx: OnceLock<mpsc::UnboundedSender<StateChange>>,
+    regions: Regions,
+    hlc: merge::Hlc,
+    /// Catalog merges one at a time (followers of several regions, and admin writes).
+    apply_lock: Mutex<()>,
     /// Nodes heard from within `LIVE_WINDOW`, this one included.
     live_nodes: std::sync::atomic::AtomicU32,
     snapshot_interval: Duration,
@@ -78,9 +89,6 @@ pub struct NatsBackend {
 /// What this node uses in JetStream.
 struct Jet {
     js: jetstream::Context,
-    plans: kv::Store,
-    consumers: kv::Store,
-    keys: kv::Store,
     snapshots: async_nats::jetstream::object_store::ObjectStore,
 }
 
@@ -88,40 +96,28 @@ struct Jet {
 /// its own disk (cached keys, plans, consumers and usage) and keeps trying in the background.
 const START_FROM_DISK_AFTER: Duration = Duration::from_secs(5);
 
-/// Opens (creating when missing) the buckets, the usage stream and the snapshot store.
+/// Opens this region's streams and snapshot store, creating them when missing.
 async fn open_jet(js: jetstream::Context, cluster: &ClusterSection) -> Result<Jet, StateError> {
-    let plans = catalog::bucket(&js, PLANS_BUCKET, cluster.replicas).await?;
-    let consumers = catalog::bucket(&js, CONSUMERS_BUCKET, cluster.replicas).await?;
-    let keys = catalog::bucket(&js, KEYS_BUCKET, cluster.replicas).await?;
-    js.get_or_create_stream(stream::Config {
-        name: USAGE_STREAM.to_string(),
-        subjects: vec![USAGE_SUBJECTS.to_string()],
-        max_age: cluster.usage_max_age,
-        num_replicas: cluster.replicas,
-        storage: stream::StorageType::File,
-        ..Default::default()
+    let token = region_token(&cluster.region);
+    for log in [Log::Catalog, Log::Usage] {
+        regions::own_stream(&js, log, &token, cluster.replicas, cluster.usage_max_age).await?;
+    }
+    let bucket = format!("{SNAPSHOTS_PREFIX}{token}");
+    let snapshots = regions::retry_race(|| async {
+        if let Ok(store) = js.get_object_store(&bucket).await {
+            return Ok(store);
+        }
+        js.create_object_store(async_nats::jetstream::object_store::Config {
+            bucket: bucket.clone(),
+            num_replicas: cluster.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| nats_error("creating the snapshot bucket", e))
     })
-    .await
-    .map_err(|e| nats_error("creating the usage stream", e))?;
-    let snapshots = match js.get_object_store(SNAPSHOTS_BUCKET).await {
-        Ok(store) => store,
-        Err(_) => js
-            .create_object_store(async_nats::jetstream::object_store::Config {
-                bucket: SNAPSHOTS_BUCKET.to_string(),
-                num_replicas: cluster.replicas,
-                storage: stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| nats_error("creating the snapshot bucket", e))?,
-    };
-    Ok(Jet {
-        js,
-        plans,
-        consumers,
-        keys,
-        snapshots,
-    })
+    .await?;
+    Ok(Jet { js, snapshots })
 }
 
 impl NatsBackend {
@@ -139,7 +135,10 @@ impl NatsBackend {
             .name(format!("tollgate {node}"))
             .connection_timeout(Duration::from_secs(5))
             .retry_on_initial_connect()
-            .max_reconnects(None);
+            .max_reconnects(None)
+            // The default backs off to 4 s; convergence after an outage waits on this,
+            // and a retry twice a second against this region's own servers costs nothing.
+            .reconnect_delay_callback(|attempts| Duration::from_millis((attempts as u64 * 100).min(500)));
         if let Some(path) = &cluster.credentials {
             options = options
                 .credentials_file(path)
@@ -174,7 +173,12 @@ impl NatsBackend {
             local,
             node,
             region: cluster.region.clone(),
+            token: region_token(&cluster.region),
             changes: Mutex::new(Some(rx)),
+            changes_tx: OnceLock::new(),
+            regions: Regions::default(),
+            hlc: merge::Hlc::default(),
+            apply_lock: Mutex::new(()),
             live_nodes: std::sync::atomic::AtomicU32::new(1),
             snapshot_interval: cluster.snapshot_interval,
             shutdown,
@@ -185,7 +189,7 @@ impl NatsBackend {
             Duration::from_secs(30)
         };
         match tokio::time::timeout(wait, open_jet(js.clone(), cluster)).await {
-            Ok(Ok(jet)) => backend.attach(jet, false, tx).await?,
+            Ok(Ok(jet)) => backend.clone().attach(jet, tx).await,
             Ok(Err(error)) if !disk_has_state => return Err(error),
             Err(_) if !disk_has_state => {
                 return Err(nats_error("connecting", "JetStream did not answer within 30 s"));
@@ -198,39 +202,26 @@ impl NatsBackend {
         Ok(backend)
     }
 
-    /// Starts watching the buckets and makes JetStream available to every call. `replay`:
-    /// from each bucket's first entry, so writes made while this node ran from its disk
-    /// reach it (as changes); otherwise from after the entries the start-up load reads.
-    async fn attach(&self, jet: Jet, replay: bool, tx: mpsc::UnboundedSender<StateChange>) -> Result<(), StateError> {
-        for bucket in [PLANS_BUCKET, CONSUMERS_BUCKET, KEYS_BUCKET] {
-            let start = if replay {
-                1
-            } else {
-                // Fixed before the gateway loads the buckets: a write between the two is
-                // seen twice, not never.
-                let mut stream = jet
-                    .js
-                    .get_stream(format!("KV_{bucket}"))
-                    .await
-                    .map_err(|e| nats_error("bucket stream", e))?;
-                stream
-                    .info()
-                    .await
-                    .map_err(|e| nats_error("bucket stream", e))?
-                    .state
-                    .last_sequence
-                    + 1
-            };
-            tokio::spawn(catalog::watch_bucket(
-                jet.js.clone(),
-                bucket,
-                start,
-                tx.clone(),
-                self.shutdown.clone(),
-            ));
-        }
+    /// Makes JetStream available to every call and follows every region's catalog; waits
+    /// (up to [`CATALOG_CATCH_UP`]) until the catalogs are replayed to their tails, so what
+    /// the gateway loads next is complete. Changes merged after that go to the gateway.
+    async fn attach(self: Arc<Self>, jet: Jet, tx: mpsc::UnboundedSender<StateChange>) {
         let _ = self.jet.set(jet);
-        Ok(())
+        let (caught_up, replayed) = oneshot::channel();
+        let handler: regions::Handler = Arc::new(|backend, _region, payload| backend.apply_catalog_message(&payload));
+        tokio::spawn(self.clone().follow_regions(Log::Catalog, handler, caught_up));
+        if tokio::time::timeout(CATALOG_CATCH_UP, replayed).await.is_err() {
+            tracing::warn!(
+                stale = ?self.regions.stale(Log::Catalog),
+                "catalog not replayed from every region yet; serving what this disk has"
+            );
+        }
+        let _ = self.changes_tx.set(tx);
+        let local = self.clone();
+        let cached = tokio::task::spawn_blocking(move || local.local.set_meta(CACHED_META, 1)).await;
+        if let Ok(Err(error)) = cached {
+            tracing::warn!(%error, "could not mark the catalog copy on disk");
+        }
     }
 
     fn attach_later(
@@ -253,13 +244,11 @@ impl NatsBackend {
                     _ = stopped(&mut shutdown) => return,
                 };
                 match outcome {
-                    Ok(Ok(jet)) => match self.attach(jet, true, tx.clone()).await {
-                        Ok(()) => {
-                            tracing::info!("JetStream reached: following the cluster again");
-                            return;
-                        }
-                        Err(error) => tracing::warn!(%error, "attaching to JetStream failed; retrying"),
-                    },
+                    Ok(Ok(jet)) => {
+                        self.attach(jet, tx.clone()).await;
+                        tracing::info!("JetStream reached: following the cluster again");
+                        return;
+                    }
                     Ok(Err(error)) => tracing::debug!(%error, "JetStream still unreachable"),
                     Err(_) => tracing::debug!("JetStream still unreachable"),
                 }
@@ -286,6 +275,23 @@ impl NatsBackend {
         }
     }
 
+    /// Whether this region's NATS answers now (and JetStream was reached since start).
+    fn connected(&self) -> bool {
+        self.is_attached() && self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Blocking: waits up to `grace` for [`Self::connected`].
+    fn wait_connected(&self, grace: Duration) -> bool {
+        let deadline = std::time::Instant::now() + grace;
+        while !self.connected() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        true
+    }
+
     fn block<T>(&self, what: &str, future: impl Future<Output = Result<T, StateError>>) -> Result<T, StateError> {
         self.handle
             .block_on(async { tokio::time::timeout(OP_TIMEOUT, future).await })
@@ -304,19 +310,18 @@ impl Replica for NatsBackend {
         self.changes.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    fn cache_plan(&self, plan: &Plan) -> Result<(), StateError> {
-        self.local.put_plan(plan)
+    // The followers write every merged change to this disk themselves (by the merge
+    // rules); a second write from the gateway could put an older state back.
+    fn cache_plan(&self, _plan: &Plan) -> Result<(), StateError> {
+        Ok(())
     }
 
-    fn cache_consumer(&self, id: &str, consumer: Option<&Consumer>) -> Result<(), StateError> {
-        match consumer {
-            Some(consumer) => self.local.cache_consumer(consumer),
-            None => self.local.uncache_consumer(id),
-        }
+    fn cache_consumer(&self, _id: &str, _consumer: Option<&Consumer>) -> Result<(), StateError> {
+        Ok(())
     }
 
-    fn cache_keys(&self, keys: &[ApiKey]) -> Result<(), StateError> {
-        self.local.cache_keys(keys)
+    fn cache_keys(&self, _keys: &[ApiKey]) -> Result<(), StateError> {
+        Ok(())
     }
 
     fn start(self: Arc<Self>, hooks: ReplicaHooks, shutdown: Shutdown) -> Vec<JoinHandle<()>> {
@@ -326,10 +331,18 @@ impl Replica for NatsBackend {
             caught_up,
             clock,
         } = hooks;
+        let sink: Arc<UsageSink> = Arc::new(usage);
+        let handler: regions::Handler =
+            Arc::new(move |backend, _region, payload| backend.apply_usage_message(&payload, &sink));
+        let follower = self.clone();
         vec![
             tokio::spawn(self.clone().snapshot_periodically(clock, shutdown.clone())),
-            tokio::spawn(self.clone().track_live_nodes(live_nodes, shutdown.clone())),
-            tokio::spawn(self.follow_usage(usage, caught_up, shutdown)),
+            tokio::spawn(self.clone().track_live_nodes(live_nodes, shutdown)),
+            tokio::spawn(async move {
+                if follower.wait_attached().await {
+                    follower.follow_regions(Log::Usage, handler, caught_up).await;
+                }
+            }),
         ]
     }
 
@@ -338,8 +351,8 @@ impl Replica for NatsBackend {
             out,
             "tollgate_cluster_connected",
             "gauge",
-            "1 while this node is connected to NATS.",
-            u8::from(self.available()),
+            "1 while this node is connected to its region's NATS.",
+            u8::from(self.connected()),
         );
         let live = self.live_nodes.load(std::sync::atomic::Ordering::Relaxed);
         crate::metrics::single(
@@ -356,12 +369,17 @@ impl Replica for NatsBackend {
             "Own usage slots not yet acknowledged by NATS (kept on disk).",
             self.outbox_len(),
         );
-        crate::metrics::single(
-            out,
-            "tollgate_usage_stream_sequence",
-            "gauge",
-            "Last usage-stream sequence merged into this node's view.",
-            self.local.meta(SEQ_META).ok().flatten().unwrap_or(0),
+        out.push_str(
+            "# HELP tollgate_cluster_stale_regions Regions whose stream this node has not read in the last 3 s.\n\
+             # TYPE tollgate_cluster_stale_regions gauge\n",
         );
+        for log in [Log::Catalog, Log::Usage] {
+            let (fresh, known) = self.regions.fresh(log);
+            out.push_str(&format!(
+                "tollgate_cluster_stale_regions{{log=\"{}\"}} {}\n",
+                log.name(),
+                known - fresh
+            ));
+        }
     }
 }

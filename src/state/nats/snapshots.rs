@@ -1,12 +1,13 @@
-//! Compacted copies of a node's usage view in a JetStream object store, so a new node
-//! loads one and replays only the usage stream's tail.
+//! Compacted copies of a node's usage view in its region's JetStream object store, so a
+//! new node loads one and replays only the tail of every region's usage stream.
 
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 
+use super::regions::Log;
 use super::wire::{Snapshot, SnapshotRow};
-use super::{NatsBackend, SEQ_META, nats_error};
+use super::{NatsBackend, nats_error};
 use crate::base::{Shutdown, stopped};
 use crate::limits::window::Clock;
 use crate::model::UsageRow;
@@ -21,9 +22,20 @@ impl NatsBackend {
         if !self.is_attached() {
             return Ok(None);
         }
-        let applied = self.applied_sequence().await?;
-        let (_, state) = self.usage_stream().await?;
-        if applied.is_some_and(|seq| seq + 1 >= state.first_sequence) {
+        // A region whose stream no longer holds what this disk lacks (never followed, or
+        // aged out): the snapshot has it.
+        let mut behind = false;
+        for region in self.known_regions(Log::Usage).await {
+            let Ok(mut stream) = self.jet()?.js.get_stream(Log::Usage.stream(&region)).await else {
+                continue;
+            };
+            let Ok(info) = stream.info().await else { continue };
+            let applied = self.local.meta(&Log::Usage.sequence_meta(&region))?.unwrap_or(0);
+            if applied + 1 < info.state.first_sequence {
+                behind = true;
+            }
+        }
+        if !behind {
             return Ok(None);
         }
         let mut newest: Option<(u64, String)> = None;
@@ -35,17 +47,14 @@ impl NatsBackend {
             .map_err(|e| nats_error("snapshots", e))?;
         while let Some(info) = list.next().await {
             let Ok(info) = info else { continue };
-            let sequence = info.metadata.get("sequence").and_then(|s| s.parse().ok()).unwrap_or(0);
-            if newest.as_ref().is_none_or(|(best, _)| sequence > *best) {
-                newest = Some((sequence, info.name));
+            let written = info.metadata.get("written").and_then(|s| s.parse().ok()).unwrap_or(0);
+            if newest.as_ref().is_none_or(|(best, _)| written > *best) {
+                newest = Some((written, info.name));
             }
         }
-        let Some((sequence, name)) = newest else {
+        let Some((_, name)) = newest else {
             return Ok(None);
         };
-        if applied.is_some_and(|seq| seq >= sequence) {
-            return Ok(None);
-        }
         let mut object = self
             .jet()?
             .snapshots
@@ -67,8 +76,16 @@ impl NatsBackend {
             for (node, rows) in by_node {
                 local.local.merge_usage(&node, &rows)?;
             }
-            local.local.set_meta(SEQ_META, snapshot.sequence)?;
-            Ok(Some((count, snapshot.sequence)))
+            // Slots keep the largest count, so a snapshot older than this disk lowers nothing.
+            let mut furthest = 0;
+            for (region, sequence) in snapshot.sequences {
+                let meta = Log::Usage.sequence_meta(&region);
+                if local.local.meta(&meta)?.unwrap_or(0) < sequence {
+                    local.local.set_meta(&meta, sequence)?;
+                }
+                furthest = furthest.max(sequence);
+            }
+            Ok(Some((count, furthest)))
         })
         .await
         .map_err(|e| nats_error("snapshot", e))?
@@ -95,9 +112,14 @@ impl NatsBackend {
         let local = self.clone();
         let from_day = crate::limits::window::month_start(now.month().saturating_sub(1));
         let to_day = now.day();
-        let (sequence, bytes, rows) = tokio::task::spawn_blocking(move || -> Result<_, StateError> {
-            // The sequence is read first: rows merged meanwhile are newer, never missing.
-            let sequence = local.local.meta(SEQ_META)?.unwrap_or(0);
+        let (bytes, rows) = tokio::task::spawn_blocking(move || -> Result<_, StateError> {
+            // The sequences are read first: rows merged meanwhile are newer, never missing.
+            let prefix = Log::Usage.sequence_meta("");
+            let mut sequences = std::collections::BTreeMap::new();
+            for name in local.local.meta_names(&prefix)? {
+                let sequence = local.local.meta(&name)?.unwrap_or(0);
+                sequences.insert(name[prefix.len()..].to_string(), sequence);
+            }
             let mut rows = Vec::new();
             let scan = UsageScan {
                 from_day,
@@ -116,17 +138,17 @@ impl NatsBackend {
             let count = rows.len();
             let snapshot = Snapshot {
                 node: local.node.clone(),
-                sequence,
+                sequences,
                 rows,
             };
             let bytes = serde_json::to_vec(&snapshot).map_err(|e| nats_error("encode", e))?;
-            Ok((sequence, bytes, count))
+            Ok((bytes, count))
         })
         .await
         .map_err(|e| nats_error("snapshot", e))??;
         let meta = async_nats::jetstream::object_store::ObjectMetadata {
             name: self.node.clone(),
-            metadata: [("sequence".to_string(), sequence.to_string())].into(),
+            metadata: [("written".to_string(), super::merge::wall_ms().to_string())].into(),
             ..Default::default()
         };
         self.jet()?

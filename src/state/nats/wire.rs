@@ -96,10 +96,6 @@ impl KeyRecord {
     }
 }
 
-pub(super) fn decode_key(value: &[u8]) -> Option<ApiKey> {
-    serde_json::from_slice::<KeyRecord>(value).ok()?.into_key()
-}
-
 /// One published batch of a node's usage slots.
 #[derive(Serialize, Deserialize)]
 pub(super) struct UsageBatch {
@@ -146,11 +142,12 @@ impl BatchRow {
 }
 
 /// A compacted copy of one node's usage view: every node's slots of this month and the
-/// last, and the usage-stream sequence they include.
+/// last, and how far into each region's usage stream they include.
 #[derive(Serialize, Deserialize)]
 pub(super) struct Snapshot {
     pub(super) node: String,
-    pub(super) sequence: u64,
+    #[serde(default)]
+    pub(super) sequences: std::collections::BTreeMap<String, u64>,
     pub(super) rows: Vec<SnapshotRow>,
 }
 
@@ -185,8 +182,9 @@ mod tests {
             allowed_routes: vec!["lookup".into()],
             revoked: false,
         };
+        let decode = |bytes: &[u8]| serde_json::from_slice::<KeyRecord>(bytes).ok()?.into_key();
         let encoded = serde_json::to_vec(&KeyRecord::from(&key)).unwrap();
-        assert_eq!(decode_key(&encoded), Some(key));
-        assert_eq!(decode_key(b"{}"), None);
+        assert_eq!(decode(&encoded), Some(key));
+        assert_eq!(decode(b"{}"), None);
     }
 }

@@ -60,6 +60,46 @@ impl SqliteBackend {
         })
     }
 
+    /// The stamp (HLC, node) of the last write applied to a catalog record (global mode).
+    pub fn clock(&self, kind: &str, id: &str) -> Result<Option<(u64, String)>, StateError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT hlc, node FROM catalog_clock WHERE kind = ?1 AND id = ?2",
+                params![kind, id],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get(1)?)),
+            )
+            .optional()
+        })
+    }
+
+    pub fn set_clock(&self, kind: &str, id: &str, hlc: u64, node: &str) -> Result<(), StateError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO catalog_clock (kind, id, hlc, node) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (kind, id) DO UPDATE SET hlc = ?3, node = ?4",
+                params![kind, id, hlc as i64, node],
+            )
+            .map(|_| ())
+        })
+    }
+
+    pub fn get_consumer(&self, id: &str) -> Result<Option<Consumer>, StateError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT id, plan, created_at FROM consumers WHERE id = ?1",
+                params![id],
+                |r| {
+                    Ok(Consumer {
+                        id: r.get(0)?,
+                        plan: r.get(1)?,
+                        created_at: r.get(2)?,
+                    })
+                },
+            )
+            .optional()
+        })
+    }
+
     pub fn uncache_consumer(&self, id: &str) -> Result<(), StateError> {
         self.with(|c| {
             c.execute("DELETE FROM consumers WHERE id = ?1", params![id])

@@ -146,6 +146,9 @@ impl SqliteBackend {
         add_column(&conn, "usage", "published", "INTEGER NOT NULL DEFAULT 0")?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+             CREATE TABLE IF NOT EXISTS catalog_clock (
+                 kind TEXT NOT NULL, id TEXT NOT NULL, hlc INTEGER NOT NULL, node TEXT NOT NULL,
+                 PRIMARY KEY (kind, id)) WITHOUT ROWID;
              CREATE INDEX IF NOT EXISTS usage_outbox ON usage (node) WHERE count > published;",
         )
         .map_err(backend_error)?;

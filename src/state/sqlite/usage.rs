@@ -113,6 +113,14 @@ impl SqliteBackend {
         .map(|v| v.map(|v| v.max(0) as u64))
     }
 
+    /// Names of the meta rows that start with `prefix`.
+    pub fn meta_names(&self, prefix: &str) -> Result<Vec<String>, StateError> {
+        self.with(|c| {
+            let mut stmt = c.prepare("SELECT name FROM meta WHERE substr(name, 1, length(?1)) = ?1")?;
+            stmt.query_map(params![prefix], |r| r.get(0))?.collect()
+        })
+    }
+
     pub fn set_meta(&self, name: &str, value: u64) -> Result<(), StateError> {
         self.with(|c| {
             c.execute(
