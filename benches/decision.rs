@@ -21,6 +21,8 @@ fn generous_plan() -> PlanLimits {
         monthly: Some(u64::MAX / 2),
         groups: vec![],
         decisions: Default::default(),
+        on_partition: Default::default(),
+        partition_allowance: None,
     }
 }
 

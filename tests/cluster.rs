@@ -470,3 +470,72 @@ async fn nats_token_and_user_password_authentication_are_used() {
         assert!(info.contains("\"auth_required\":true"), "{info}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn during_an_outage_a_node_spends_its_lease_then_follows_the_plans_partition_mode() {
+    let mut nats = Nats::start();
+    let upstream = Upstream::start("u").await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &nats, "a"));
+    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &nats, "b"));
+    for (plan, body) in [
+        ("strict", json!({"daily": 100, "on_partition": "strict"})),
+        (
+            "available",
+            json!({"daily": 100, "on_partition": "available", "partition_allowance": 3}),
+        ),
+    ] {
+        let reply = admin_json(&a, "PUT", &format!("/v1/plans/{plan}"), body).await;
+        assert!(reply.status.as_u16() < 300, "{}", reply.text());
+    }
+    let mut keys = Vec::new();
+    for plan in ["strict", "available"] {
+        let reply = admin_json(&a, "POST", "/v1/consumers", json!({"id": plan, "plan": plan})).await;
+        assert_eq!(reply.status, 201, "{}", reply.text());
+        let (key_id, secret) = create_key(&a, json!({"consumer": plan})).await;
+        within(Duration::from_secs(2), || async {
+            admin(&b, "GET", &format!("/v1/keys/{key_id}")).await.status == 200
+        })
+        .await
+        .expect("the key reaches B");
+        keys.push((key_id, secret));
+    }
+    let [(strict_id, strict), (available_id, available)] = <[_; 2]>::try_from(keys).unwrap();
+    // Two live nodes known: the first lease is a quarter of the quota (half of what is
+    // left, shared by two): A may count up to 25.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for secret in [&strict, &available] {
+        for _ in 0..10 {
+            assert_eq!(status_with_key(&a, secret).await, 200);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (before_strict, before_available) = (usage_total(&a, &strict_id).await, usage_total(&a, &available_id).await);
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut admitted = [0, 0];
+    for (i, secret) in [&strict, &available].into_iter().enumerate() {
+        for _ in 0..40 {
+            match status_with_key(&a, secret).await {
+                200 => admitted[i] += 1,
+                429 => {}
+                other => panic!("unexpected {other}"),
+            }
+        }
+    }
+    println!(
+        "NATS down: strict plan admitted {} more (view had {before_strict}), available plan {} more (view had {before_available})",
+        admitted[0], admitted[1]
+    );
+    let leased = |before: u64| 25 - before.min(25);
+    assert_eq!(
+        admitted[0],
+        leased(before_strict),
+        "strict: what the lease holds, no more"
+    );
+    assert_eq!(
+        admitted[1],
+        leased(before_available) + 3,
+        "available: the lease plus the allowance"
+    );
+}

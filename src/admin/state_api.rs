@@ -72,6 +72,8 @@ pub struct PlanBody {
     monthly: Option<u64>,
     #[serde(default)]
     groups: std::collections::BTreeMap<String, crate::model::GroupQuota>,
+    on_partition: Option<crate::model::PartitionMode>,
+    partition_allowance: Option<u64>,
 }
 
 #[utoipa::path(get, path = "/v1/plans", responses((status = 200, description = "All plans: the file's, and stored ones (which override a file plan of the same name)")))]
@@ -126,6 +128,8 @@ async fn save_plan(state: &AdminState, name: String, body: PlanBody, status: Sta
         daily: body.daily,
         monthly: body.monthly,
         groups: body.groups,
+        on_partition: body.on_partition,
+        partition_allowance: body.partition_allowance,
     };
     if let Some(Err(message)) = plan.rate_per_second.map(crate::config::check_rate) {
         return bad_request(&format!(

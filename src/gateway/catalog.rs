@@ -259,6 +259,8 @@ mod tests {
                 daily: Some(1000),
                 monthly: None,
                 groups: Default::default(),
+                on_partition: None,
+                partition_allowance: None,
             })
             .await
             .unwrap();

@@ -23,6 +23,8 @@ pub(super) fn effective(config: &Config, data: &StateData) -> BTreeMap<String, P
             daily: plan.daily,
             monthly: plan.monthly,
             groups: plan.groups.clone(),
+            on_partition: plan.on_partition,
+            partition_allowance: plan.partition_allowance,
         });
     }
     plans

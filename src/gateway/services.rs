@@ -88,6 +88,16 @@ fn start_replica(
         .as_ref()
         .is_some_and(|c| c.divide_rate);
     let (view, sharing) = (gateway.clone(), gateway.clone());
+    // Quota leases: claims from the request path to the replica, answers back to the table.
+    let (claims_tx, claims_rx) = tokio::sync::mpsc::unbounded_channel();
+    gateway.usage.table.leasing.enable(claims_tx);
+    let granting = gateway.clone();
+    let grants: crate::state::GrantSink = Box::new(move |claim, granted| {
+        granting
+            .usage
+            .table
+            .apply_grant(claim, granted, granting.usage.clock.now());
+    });
     let hooks = ReplicaHooks {
         usage: Box::new(move |own, rows| {
             let now = view.usage.clock.now();
@@ -96,12 +106,14 @@ fn start_replica(
             }
         }),
         live_nodes: Box::new(move |live| {
+            sharing.usage.table.leasing.set_nodes(live);
             if divide_rate {
                 sharing.set_rate_share(live);
             }
         }),
         caught_up,
         clock: gateway.usage.clock.clone(),
+        claims: Some((claims_rx, grants)),
     };
     handles.extend(replica.start(hooks, shutdown.clone()));
     let ready = gateway.clone();

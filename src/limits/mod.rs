@@ -2,6 +2,7 @@
 //! counts the caller passes in. The usage table ([`crate::usage`]) holds the counts and
 //! calls these under its lock, so a check and its increment are one step.
 
+pub mod lease;
 pub mod window;
 
 use std::sync::Arc;
@@ -100,6 +101,9 @@ pub struct PlanLimits {
     pub monthly: Option<u64>,
     pub groups: Vec<GroupLimits>,
     pub decisions: Arc<PlanDecisions>,
+    /// Global mode, while a lease authority is unreachable (docs/multi-region.md).
+    pub on_partition: crate::model::PartitionMode,
+    pub partition_allowance: Option<u64>,
 }
 
 impl PlanLimits {
@@ -135,6 +139,8 @@ impl PlanLimits {
                 })
                 .collect(),
             decisions,
+            on_partition: plan.on_partition.unwrap_or_default(),
+            partition_allowance: plan.partition_allowance,
         }
     }
 }
@@ -164,6 +170,8 @@ impl PlanTable {
                 monthly: None,
                 groups: Vec::new(),
                 decisions: default_decisions,
+                on_partition: Default::default(),
+                partition_allowance: None,
             }),
         }
     }
@@ -191,6 +199,7 @@ impl PlanDecisions {
             Ok(()) => &self.admitted,
             Err(RejectKind::RateLimited) => &self.rate_limited,
             Err(RejectKind::QuotaExceeded) => &self.quota_exceeded,
+            Err(RejectKind::LeasePending) => return,
         };
         counter.fetch_add(1, Ordering::Relaxed);
     }
@@ -255,6 +264,9 @@ impl LimitStatus {
 pub enum RejectKind {
     RateLimited,
     QuotaExceeded,
+    /// Global mode: this node holds no lease for the request and has asked for one; the
+    /// caller waits for it (docs/multi-region.md, "Quota leases").
+    LeasePending,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -381,6 +393,8 @@ impl PlanLimits {
             monthly,
             groups: vec![],
             decisions: Default::default(),
+            on_partition: Default::default(),
+            partition_allowance: None,
         }
     }
 }

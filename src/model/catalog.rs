@@ -15,6 +15,24 @@ pub struct Plan {
     /// Quotas of route groups (`group = "..."` on routes), by group name.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub groups: BTreeMap<String, GroupQuota>,
+    /// Global mode: what a node does with this plan's quotas while it cannot reach a
+    /// subject's lease authority (docs/multi-region.md, "Quota leases"). Default `available`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_partition: Option<PartitionMode>,
+    /// `available` mode: requests each node may admit per window beyond its lease while
+    /// cut off. Default: 10 % of the quota, at least 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partition_allowance: Option<u64>,
+}
+
+/// Availability (keep admitting, bounded by an allowance) or strictness (refuse once the
+/// lease is spent) while a quota's lease authority is unreachable.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionMode {
+    #[default]
+    Available,
+    Strict,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]

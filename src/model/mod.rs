@@ -6,6 +6,6 @@ mod catalog;
 mod subject;
 mod usage;
 
-pub use catalog::{ApiKey, Consumer, GroupQuota, Plan, StateData};
+pub use catalog::{ApiKey, Consumer, GroupQuota, PartitionMode, Plan, StateData};
 pub use subject::{Scope, Subject, SubjectRef};
 pub use usage::{StoredRow, UsageRow};

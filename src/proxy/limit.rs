@@ -54,12 +54,19 @@ impl Worker {
                 ctx.limit = status;
                 Ok(())
             }
+            Err(rejection) if rejection.kind == RejectKind::LeasePending => {
+                ctx.lease_pending = true;
+                Err(ProxyError::with_cause(
+                    ErrorKind::StateUnavailable,
+                    "no quota lease from the subject's authority in time".to_string(),
+                ))
+            }
             Err(rejection) => {
                 ctx.limit = Some(rejection.status);
                 ctx.retry_after = Some(rejection.retry_after);
                 Err(ProxyError::new(match rejection.kind {
                     RejectKind::RateLimited => ErrorKind::RateLimited,
-                    RejectKind::QuotaExceeded => ErrorKind::QuotaExceeded,
+                    _ => ErrorKind::QuotaExceeded,
                 }))
             }
         }

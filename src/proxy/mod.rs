@@ -136,6 +136,9 @@ pub struct RequestCtx<'c> {
     pub tries: u32,
     /// Body bytes read so far, for a body of no declared length (with `[logs]` only).
     pub body_read: Option<Arc<std::sync::atomic::AtomicU64>>,
+    /// Global mode: refused only because this node's quota lease ran out and more was
+    /// asked for; `handle` waits for the answer and decides again.
+    pub lease_pending: bool,
 }
 
 impl<'c> RequestCtx<'c> {
@@ -163,6 +166,7 @@ impl<'c> RequestCtx<'c> {
             upstream_micros: None,
             tries: 0,
             body_read: None,
+            lease_pending: false,
         }
     }
 
@@ -179,13 +183,49 @@ pub struct Worker {
     pub id: usize,
 }
 
+/// How long a request waits for a quota lease its node asked for, deciding again after
+/// every answer (docs/multi-region.md, "Quota leases"); then it is refused with 503.
+const LEASE_WAIT: std::time::Duration = std::time::Duration::from_millis(1500);
+
 impl Worker {
+    /// Waits (at most [`LEASE_WAIT`]) for the answer to the lease claim `request_filter`
+    /// made, and runs it again; still waiting then: `503 state_unavailable`.
+    async fn after_lease<'s>(
+        &self,
+        snapshot: &'s Snapshot,
+        ctx: &mut RequestCtx<'_>,
+        head: Head<'_>,
+        mut filtered: Result<&'s crate::gateway::Route, ProxyError>,
+    ) -> Result<&'s crate::gateway::Route, ProxyError> {
+        let deadline = tokio::time::Instant::now() + LEASE_WAIT;
+        let leasing = &self.gateway.usage.table.leasing;
+        while ctx.lease_pending {
+            let answered = leasing.answered.notified();
+            // A short poll as well: an answer between the refusal and `notified` is not
+            // missed for long.
+            let poll = tokio::time::Instant::now() + std::time::Duration::from_millis(20);
+            if tokio::time::timeout_at(poll.min(deadline), answered).await.is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
+                return filtered;
+            }
+            ctx.lease_pending = false;
+            ctx.limit = None;
+            ctx.retry_after = None;
+            filtered = self.request_filter(snapshot, ctx, head);
+        }
+        filtered
+    }
+
     /// Runs a request through every phase. Never fails: errors become JSON responses.
     pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
         let snapshot = self.gateway.snapshot();
         let mut ctx = RequestCtx::new(headers::request_id(req.headers()), conn);
         ctx.declared_body = hyper::body::Body::size_hint(req.body()).lower();
-        let filtered = self.request_filter(&snapshot, &mut ctx, Head::of(&req));
+        let mut filtered = self.request_filter(&snapshot, &mut ctx, Head::of(&req));
+        if ctx.lease_pending {
+            filtered = self.after_lease(&snapshot, &mut ctx, Head::of(&req), filtered).await;
+        }
         let mut record = self.gateway.access_log.as_ref().map(|log| {
             let mut record = crate::logs::Pending::begin(log, ctx.start);
             access_log::record_request(&mut record, &log.settings, &ctx, Head::of(&req));

@@ -104,7 +104,13 @@ pub struct ReplicaHooks {
     /// Fires once the usage stream's tail at start has been applied.
     pub caught_up: oneshot::Sender<()>,
     pub clock: Clock,
+    /// Quota lease claims from the usage table, and where their answers go
+    /// (docs/multi-region.md, "Quota leases").
+    pub claims: Option<(mpsc::UnboundedReceiver<crate::usage::Claim>, GrantSink)>,
 }
+
+/// Where the answer to a quota lease claim goes.
+pub type GrantSink = Box<dyn Fn(&crate::usage::Claim, crate::usage::Granted) + Send + Sync>;
 
 /// A node's membership of a cluster (global mode): the writes other nodes make, a copy of
 /// them on this node's disk, and the services that follow the cluster.

@@ -44,6 +44,8 @@ pub(super) struct Extra {
     pub(super) consumer: Option<Arc<str>>,
     pub(super) month: Option<Slot>,
     pub(super) scoped: Scopes,
+    /// Global mode: what this node holds of the day and month quotas (keys only).
+    pub(super) leases: Option<Box<[crate::limits::lease::WindowLease; 2]>>,
 }
 
 /// A subject's route and group counters. Most keys call one route, so the first counter

@@ -11,6 +11,7 @@
 //! node) for reports, and months are sums of days.
 
 mod entry;
+mod leases;
 pub mod report;
 
 use std::hash::BuildHasher;
@@ -21,6 +22,7 @@ use rustc_hash::FxBuildHasher;
 use crate::limits::{self, Counts, GroupLimits, LimitStatus, Now, PlanLimits, Rejection};
 pub use entry::Sketch;
 use entry::{Entry, Shard, commit, entry_of};
+pub use leases::{Claim, Granted, Leasing};
 
 use crate::model::{Scope, StoredRow, Subject, SubjectRef, UsageRow};
 
@@ -55,6 +57,8 @@ pub struct UsageTable {
     max_anonymous_per_shard: std::sync::atomic::AtomicUsize,
     evictions: std::sync::atomic::AtomicU64,
     rows_dropped: std::sync::atomic::AtomicU64,
+    /// Global mode: quota leases (off on a single node).
+    pub leasing: Leasing,
 }
 
 impl Default for UsageTable {
@@ -66,6 +70,7 @@ impl Default for UsageTable {
             max_anonymous_per_shard: Default::default(),
             evictions: Default::default(),
             rows_dropped: Default::default(),
+            leasing: Leasing::default(),
         }
     }
 }
@@ -344,6 +349,7 @@ impl UsageTable {
             group_month: grouped.map_or(0, |s| s.month.total()),
         };
         let mut status = limits::check_quotas(plan, group, &counts, now)?;
+        self.check_leases(entry, subject, plan, group, now)?;
         let tat = match &plan.rate {
             Some(gcra) => {
                 let (admit, rate) = limits::check_rate(gcra, entry.tat, now)?;

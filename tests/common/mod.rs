@@ -934,6 +934,10 @@ auth = ["api_key"]
 
 [plans.metered]
 daily = 50
+# These tests are about replication through outages: while a node cannot reach a quota's
+# lease authority it may admit this many beyond its lease (tests/cluster.rs has its own
+# partition-mode test).
+partition_allowance = 1000
 
 [usage]
 flush_interval = "100ms"

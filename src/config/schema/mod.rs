@@ -416,6 +416,11 @@ pub struct PlanSection {
     /// Quotas of route groups, by group name.
     #[serde(default)]
     pub groups: BTreeMap<String, crate::model::GroupQuota>,
+    /// Global mode: `available` (default) or `strict` while a lease authority is unreachable.
+    #[serde(default)]
+    pub on_partition: Option<crate::model::PartitionMode>,
+    #[serde(default)]
+    pub partition_allowance: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

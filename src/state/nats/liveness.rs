@@ -8,7 +8,6 @@ use futures_util::StreamExt;
 
 use super::{HEARTBEAT, HEARTBEAT_SUBJECT, LIVE_WINDOW, NatsBackend};
 use crate::base::{Shutdown, stopped};
-use crate::state::Catalog;
 
 impl NatsBackend {
     /// Publishes this node's heartbeat and counts the nodes heard from (this one always
@@ -24,17 +23,23 @@ impl NatsBackend {
         };
         let mut last_heard: std::collections::HashMap<String, std::time::Instant> = Default::default();
         let mut ticks = tokio::time::interval(HEARTBEAT);
+        // The first count is reported once every live node has had time to be heard, even
+        // when it equals the initial 1 (quota leases start from a cautious guess).
+        let started = std::time::Instant::now();
+        let mut reported = false;
         loop {
             tokio::select! {
                 _ = ticks.tick() => {
-                    if self.available() {
+                    if self.connected() {
                         let beat = format!("{}\n{}", self.node, self.token);
                         let _ = self.client.publish(HEARTBEAT_SUBJECT, Bytes::from(beat)).await;
                     }
                     let now = std::time::Instant::now();
                     last_heard.retain(|_, at| now.duration_since(*at) < LIVE_WINDOW);
                     let live = 1 + last_heard.keys().filter(|node| **node != self.node).count() as u32;
-                    if self.live_nodes.swap(live, std::sync::atomic::Ordering::Relaxed) != live {
+                    let first = !reported && started.elapsed() >= HEARTBEAT * 3 / 2;
+                    if self.live_nodes.swap(live, std::sync::atomic::Ordering::Relaxed) != live || first {
+                        reported = true;
                         on_change(live);
                     }
                 }

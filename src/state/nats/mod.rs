@@ -16,6 +16,7 @@
 //! Every loop here ends when the shutdown signal given to [`NatsBackend::connect`] turns.
 
 mod catalog;
+mod leases;
 mod liveness;
 mod merge;
 mod regions;
@@ -82,6 +83,9 @@ pub struct NatsBackend {
     apply_lock: Mutex<()>,
     /// Nodes heard from within `LIVE_WINDOW`, this one included.
     live_nodes: std::sync::atomic::AtomicU32,
+    /// Lease buckets of the regions this node has claimed from.
+    lease_buckets: Mutex<std::collections::HashMap<String, async_nats::jetstream::kv::Store>>,
+    lease_stats: leases::LeaseStats,
     snapshot_interval: Duration,
     shutdown: Shutdown,
 }
@@ -102,6 +106,25 @@ async fn open_jet(js: jetstream::Context, cluster: &ClusterSection) -> Result<Je
     for log in [Log::Catalog, Log::Usage] {
         regions::own_stream(&js, log, &token, cluster.replicas, cluster.usage_max_age).await?;
     }
+    let leases = format!("{}{token}", leases::LEASES_PREFIX);
+    regions::retry_race(|| async {
+        if js.get_key_value(&leases).await.is_ok() {
+            return Ok(());
+        }
+        js.create_key_value(async_nats::jetstream::kv::Config {
+            bucket: leases.clone(),
+            history: 1,
+            // Records of ended windows: a month and a few days at most.
+            max_age: Duration::from_secs(40 * 86_400),
+            num_replicas: cluster.replicas,
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+        .map_err(|e| nats_error("creating the lease bucket", e))
+    })
+    .await?;
     let bucket = format!("{SNAPSHOTS_PREFIX}{token}");
     let snapshots = regions::retry_race(|| async {
         if let Ok(store) = js.get_object_store(&bucket).await {
@@ -180,6 +203,8 @@ impl NatsBackend {
             hlc: merge::Hlc::default(),
             apply_lock: Mutex::new(()),
             live_nodes: std::sync::atomic::AtomicU32::new(1),
+            lease_buckets: Mutex::new(Default::default()),
+            lease_stats: Default::default(),
             snapshot_interval: cluster.snapshot_interval,
             shutdown,
         });
@@ -330,12 +355,21 @@ impl Replica for NatsBackend {
             live_nodes,
             caught_up,
             clock,
+            claims,
         } = hooks;
         let sink: Arc<UsageSink> = Arc::new(usage);
         let handler: regions::Handler =
             Arc::new(move |backend, _region, payload| backend.apply_usage_message(&payload, &sink));
         let follower = self.clone();
-        vec![
+        let mut services = Vec::new();
+        if let Some((claims, grants)) = claims {
+            services.push(tokio::spawn(self.clone().serve_claims(
+                claims,
+                grants,
+                shutdown.clone(),
+            )));
+        }
+        services.extend([
             tokio::spawn(self.clone().snapshot_periodically(clock, shutdown.clone())),
             tokio::spawn(self.clone().track_live_nodes(live_nodes, shutdown)),
             tokio::spawn(async move {
@@ -343,7 +377,8 @@ impl Replica for NatsBackend {
                     follower.follow_regions(Log::Usage, handler, caught_up).await;
                 }
             }),
-        ]
+        ]);
+        services
     }
 
     fn render_metrics(&self, out: &mut String) {
@@ -369,6 +404,20 @@ impl Replica for NatsBackend {
             "Own usage slots not yet acknowledged by NATS (kept on disk).",
             self.outbox_len(),
         );
+        out.push_str(
+            "# HELP tollgate_quota_lease_claims_total Quota lease claims answered, by outcome.\n\
+             # TYPE tollgate_quota_lease_claims_total counter\n",
+        );
+        for (outcome, counter) in [
+            ("granted", &self.lease_stats.granted),
+            ("refused", &self.lease_stats.refused),
+            ("unreachable", &self.lease_stats.unreachable),
+        ] {
+            out.push_str(&format!(
+                "tollgate_quota_lease_claims_total{{outcome=\"{outcome}\"}} {}\n",
+                counter.load(std::sync::atomic::Ordering::Relaxed)
+            ));
+        }
         out.push_str(
             "# HELP tollgate_cluster_stale_regions Regions whose stream this node has not read in the last 3 s.\n\
              # TYPE tollgate_cluster_stale_regions gauge\n",

@@ -26,8 +26,10 @@ pub(super) const FRESH_WITHIN: Duration = Duration::from_secs(3);
 /// How often an idle follower asks its stream where it stands (also how a follower notices
 /// a restarted server forgot its consumer), and how soon it retries after an error.
 const POLL: Duration = Duration::from_millis(1000);
-const RETRY: Duration = Duration::from_millis(500);
-const FOLLOW_TIMEOUT: Duration = Duration::from_millis(1000);
+const RETRY: Duration = Duration::from_millis(250);
+/// Well above a request's round trip between regions, well below the 5 s default: a
+/// follower stuck on a request lost in a cut link notices the link is back this soon.
+const FOLLOW_TIMEOUT: Duration = Duration::from_millis(750);
 /// How often the streams are listed for regions this node does not follow yet (a heartbeat
 /// from a node of a new region triggers a listing at once).
 const DISCOVER_EVERY: Duration = Duration::from_secs(5);

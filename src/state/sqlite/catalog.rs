@@ -112,7 +112,7 @@ impl Catalog for SqliteBackend {
     fn load(&self) -> Result<StateData, StateError> {
         self.with(|c| {
             let mut data = StateData::default();
-            let mut stmt = c.prepare("SELECT name, rate_per_second, burst, daily, monthly, groups FROM plans")?;
+            let mut stmt = c.prepare("SELECT name, rate_per_second, burst, daily, monthly, groups, on_partition, partition_allowance FROM plans")?;
             for plan in stmt.query_map([], |r| {
                 let groups: Option<String> = r.get(5)?;
                 Ok(Plan {
@@ -122,6 +122,10 @@ impl Catalog for SqliteBackend {
                     daily: r.get::<_, Option<i64>>(3)?.map(|v| v as u64),
                     monthly: r.get::<_, Option<i64>>(4)?.map(|v| v as u64),
                     groups: groups.and_then(|g| serde_json::from_str(&g).ok()).unwrap_or_default(),
+                    on_partition: r
+                        .get::<_, Option<String>>(6)?
+                        .and_then(|m| serde_json::from_value(serde_json::Value::String(m)).ok()),
+                    partition_allowance: r.get::<_, Option<i64>>(7)?.map(|v| v as u64),
                 })
             })? {
                 let plan = plan?;
@@ -180,15 +184,22 @@ impl Catalog for SqliteBackend {
     fn put_plan(&self, plan: &Plan) -> Result<(), StateError> {
         self.with(|c| {
             c.execute(
-                "INSERT INTO plans (name, rate_per_second, burst, daily, monthly, groups) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT(name) DO UPDATE SET rate_per_second = ?2, burst = ?3, daily = ?4, monthly = ?5, groups = ?6",
+                "INSERT INTO plans (name, rate_per_second, burst, daily, monthly, groups, on_partition, partition_allowance)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT(name) DO UPDATE SET rate_per_second = ?2, burst = ?3, daily = ?4, monthly = ?5,
+                 groups = ?6, on_partition = ?7, partition_allowance = ?8",
                 params![
                     plan.name,
                     plan.rate_per_second,
                     plan.burst,
                     plan.daily.map(|v| v as i64),
                     plan.monthly.map(|v| v as i64),
-                    (!plan.groups.is_empty()).then(|| serde_json::to_string(&plan.groups).unwrap_or_default())
+                    (!plan.groups.is_empty()).then(|| serde_json::to_string(&plan.groups).unwrap_or_default()),
+                    plan.on_partition.map(|m| match m {
+                        crate::model::PartitionMode::Available => "available",
+                        crate::model::PartitionMode::Strict => "strict",
+                    }),
+                    plan.partition_allowance.map(|v| v as i64)
                 ],
             )
             .map(|_| ())

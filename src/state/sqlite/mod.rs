@@ -141,6 +141,9 @@ impl SqliteBackend {
         .map_err(backend_error)?;
         // Databases created before plans had route-group quotas.
         add_column(&conn, "plans", "groups", "TEXT")?;
+        // And before plans chose what happens to their quotas during a partition.
+        add_column(&conn, "plans", "on_partition", "TEXT")?;
+        add_column(&conn, "plans", "partition_allowance", "INTEGER")?;
         // Global mode: how much of each own slot NATS has acknowledged, and where this
         // node's replay of the usage stream stands.
         add_column(&conn, "usage", "published", "INTEGER NOT NULL DEFAULT 0")?;
@@ -209,6 +212,8 @@ mod tests {
                     },
                 )]
                 .into(),
+                on_partition: Some(crate::model::PartitionMode::Strict),
+                partition_allowance: Some(3),
             })
             .unwrap();
             db.create_consumer(&Consumer {
@@ -236,6 +241,11 @@ mod tests {
         let data = db.load().unwrap();
         assert_eq!(data.plans["pro"].monthly, Some(2_000_000));
         assert_eq!(data.plans["pro"].groups["batch"].daily, Some(5));
+        assert_eq!(
+            data.plans["pro"].on_partition,
+            Some(crate::model::PartitionMode::Strict)
+        );
+        assert_eq!(data.plans["pro"].partition_allowance, Some(3));
         assert_eq!(data.consumers["acme"].created_at, 1);
         let key = &db.get_key("key_1").unwrap().unwrap();
         assert_eq!(db.list_keys().unwrap().len(), 1);
