@@ -301,8 +301,61 @@ async fn losing_the_first_region_stops_nothing_among_the_others() {
     assert_eq!(report["stale"], true, "{report}");
     assert!(took < Duration::from_millis(100), "{took:?}");
     // Served meanwhile in region 1 (from memory) and in the others.
-    let (served, errors) = load_all(&nodes, &secret, Duration::from_secs(2)).await;
+    let (mut served, errors) = load_all(&nodes, &secret, Duration::from_secs(2)).await;
     assert_eq!(errors, 0);
+
+    // Nodes restarted while region 1 is gone: r2b on an empty disk, r3b with its disk.
+    // Region 1's catalog and usage reach them from their own region's copy.
+    let mut nodes = nodes;
+    for (index, keep_disk) in [(3usize, false), (5usize, true)] {
+        let region = index / 2;
+        let name = Supercluster::name(region);
+        nodes[index].gateway.signal(15);
+        nodes[index]
+            .gateway
+            .wait_exit(Duration::from_secs(10))
+            .expect("stopped");
+        if !keep_disk {
+            nodes[index]._data = tempfile::tempdir().unwrap();
+        }
+        let config = cluster_node_config(
+            upstream.addr,
+            nodes[index]._data.path(),
+            &cluster.url(region),
+            &name,
+            &format!("{name}{}", ["a", "b"][index % 2]),
+            "",
+        );
+        let started = Instant::now();
+        nodes[index].gateway = Gateway::start(&config);
+        let restarted = &nodes[index].gateway;
+        within(Duration::from_secs(15), || async {
+            admin(restarted, "GET", "/readyz").await.status == 200
+        })
+        .await
+        .expect("restarted node ready");
+        println!(
+            "{name} node restarted (disk kept: {keep_disk}) without region 1: ready after {:?}",
+            started.elapsed()
+        );
+        assert_eq!(
+            status_with_key(restarted, &secret).await,
+            200,
+            "the key made in region 1 is known"
+        );
+        served += 1;
+        let peer = &nodes[index - 1].gateway;
+        let same = within(Duration::from_secs(5), || async {
+            usage_total(restarted, &key_id).await == usage_total(peer, &key_id).await
+        })
+        .await;
+        assert!(
+            same.is_some(),
+            "restarted node's view {} equals its region peer's {}",
+            usage_total(restarted, &key_id).await,
+            usage_total(peer, &key_id).await
+        );
+    }
 
     let restarted = Instant::now();
     cluster.start_region(0, true);
@@ -519,7 +572,7 @@ async fn a_hot_key_stays_within_its_quota_through_six_nodes_in_three_regions() {
             .await
             .expect("key everywhere");
         }
-        let seconds = if pace.is_some() { 1 } else { 3 };
+        let seconds = if pace.is_some() { 2 } else { 3 };
         let (admitted, limited, other) = hammer(&nodes, &secret, 40, Duration::from_secs(seconds), pace).await;
         let bound = quota + (quota / 100).max(5);
         println!(
@@ -531,7 +584,12 @@ async fn a_hot_key_stays_within_its_quota_through_six_nodes_in_three_regions() {
             admitted <= bound,
             "{admitted} admitted of a quota of {quota} (bound {bound})"
         );
-        assert!(admitted >= quota * 95 / 100, "only {admitted} admitted of {quota}");
+        // A slow client may not even reach the quota; then nothing may be refused.
+        if limited == 0 {
+            assert!(admitted <= quota, "all {admitted} sent were admitted");
+        } else {
+            assert!(admitted >= quota * 95 / 100, "only {admitted} admitted of {quota}");
+        }
         let took = converge(&nodes, &key_id, admitted, Duration::from_secs(5)).await;
         println!("  every node's report equals the {admitted} admitted after {took:?}");
     }

@@ -600,70 +600,123 @@ impl Drop for Nats {
 
 /// Regions as a NATS supercluster on loopback: one single-node cluster per region, joined
 /// by gateway connections (`../shared/notes/nats-on-loopback.md`).
-/// A TCP forwarder standing in for a network link between two regions: [`Link::cut`]
-/// drops every connection through it and refuses new ones until [`Link::heal`].
-pub struct Link {
-    pub port: u16,
+/// TCP forwarders standing in for the network between regions: every region reaches
+/// region j's gateway through `ports[j]`. A forwarder learns which region is connecting
+/// from the gateway `CONNECT` it forwards, so [`Links::cut`] can drop every connection to
+/// or from one region (and refuse new ones) while the others stay connected.
+pub struct Links {
+    pub ports: Vec<u16>,
     state: Arc<std::sync::Mutex<LinkState>>,
 }
 
+/// A forwarded connection: its source region once its `CONNECT` was seen, its target
+/// region, and both sockets.
+type LinkConn = (
+    Arc<std::sync::Mutex<Option<String>>>,
+    String,
+    std::net::TcpStream,
+    std::net::TcpStream,
+);
+
+#[derive(Default)]
 struct LinkState {
-    open: bool,
-    conns: Vec<std::net::TcpStream>,
+    blocked: std::collections::HashSet<String>,
+    /// (source region once known, target region, both sockets)
+    conns: Vec<LinkConn>,
 }
 
-impl Link {
-    pub fn start(target: u16) -> Link {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let state = Arc::new(std::sync::Mutex::new(LinkState {
-            open: true,
-            conns: Vec::new(),
-        }));
-        let shared = state.clone();
-        std::thread::spawn(move || {
-            for client in listener.incoming() {
-                let Ok(client) = client else { continue };
-                let mut state = shared.lock().unwrap();
-                if !state.open {
-                    continue;
-                }
-                let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target)) else {
-                    continue;
-                };
-                for (from, to) in [(&client, &server), (&server, &client)] {
-                    let (mut from, mut to) = (from.try_clone().unwrap(), to.try_clone().unwrap());
+impl Links {
+    pub fn start(targets: &[(String, u16)]) -> Links {
+        let state: Arc<std::sync::Mutex<LinkState>> = Default::default();
+        let mut ports = Vec::new();
+        for (target, target_port) in targets.iter().cloned() {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            ports.push(listener.local_addr().unwrap().port());
+            let shared = state.clone();
+            std::thread::spawn(move || {
+                for client in listener.incoming() {
+                    let Ok(client) = client else { continue };
+                    if shared.lock().unwrap().blocked.contains(&target) {
+                        continue;
+                    }
+                    let Ok(server) = std::net::TcpStream::connect(("127.0.0.1", target_port)) else {
+                        continue;
+                    };
+                    let source = Arc::new(std::sync::Mutex::new(None));
+                    shared.lock().unwrap().conns.push((
+                        source.clone(),
+                        target.clone(),
+                        client.try_clone().unwrap(),
+                        server.try_clone().unwrap(),
+                    ));
+                    let (mut from, mut to) = (server.try_clone().unwrap(), client.try_clone().unwrap());
                     std::thread::spawn(move || {
                         let _ = std::io::copy(&mut from, &mut to);
                         let _ = to.shutdown(std::net::Shutdown::Both);
                         let _ = from.shutdown(std::net::Shutdown::Both);
                     });
+                    let shared = shared.clone();
+                    let (mut from, mut to) = (client, server);
+                    std::thread::spawn(move || {
+                        let mut seen = Vec::new();
+                        let mut buf = [0u8; 8192];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            if source.lock().unwrap().is_none() && seen.len() < 65536 {
+                                seen.extend_from_slice(&buf[..n]);
+                                let text = String::from_utf8_lossy(&seen);
+                                if let Some(at) = text.find("\"gateway\":\"") {
+                                    let rest = &text[at + 11..];
+                                    if let Some(end) = rest.find('"') {
+                                        let name = rest[..end].to_string();
+                                        let blocked = shared.lock().unwrap().blocked.contains(&name);
+                                        *source.lock().unwrap() = Some(name);
+                                        if blocked {
+                                            break;
+                                        }
+                                    }
+                                }
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
                 }
-                state.conns.push(client);
-                state.conns.push(server);
-            }
-        });
-        Link { port, state }
-    }
-
-    pub fn cut(&self) {
-        let mut state = self.state.lock().unwrap();
-        state.open = false;
-        for conn in state.conns.drain(..) {
-            let _ = conn.shutdown(std::net::Shutdown::Both);
+            });
         }
+        Links { ports, state }
     }
 
-    pub fn heal(&self) {
-        self.state.lock().unwrap().open = true;
+    /// Cuts region `name` off: every connection to or from it is dropped, new ones refused.
+    pub fn cut(&self, name: &str) {
+        let mut state = self.state.lock().unwrap();
+        state.blocked.insert(name.to_string());
+        state.conns.retain(|(source, target, client, server)| {
+            let involved = target == name || source.lock().unwrap().as_deref() == Some(name);
+            if involved {
+                let _ = client.shutdown(std::net::Shutdown::Both);
+                let _ = server.shutdown(std::net::Shutdown::Both);
+            }
+            !involved
+        });
+    }
+
+    pub fn heal(&self, name: &str) {
+        self.state.lock().unwrap().blocked.remove(name);
     }
 }
 
 pub struct Supercluster {
     pub regions: Vec<Option<Nats>>,
     ports: Vec<(u16, u16, u16, u16)>,
-    /// `links[i][j]`: how region i's server reaches region j's gateway (`None` for i = j).
-    links: Vec<Vec<Option<Link>>>,
+    /// How every region's server reaches the others' gateways.
+    links: Links,
     dir: tempfile::TempDir,
 }
 
@@ -676,13 +729,11 @@ impl Supercluster {
             let ports: Vec<(u16, u16, u16, u16)> = (0..regions)
                 .map(|_| (free_port(), free_port(), free_port(), free_port()))
                 .collect();
-            let links = (0..regions)
-                .map(|i| {
-                    (0..regions)
-                        .map(|j| (i != j).then(|| Link::start(ports[j].3)))
-                        .collect()
-                })
-                .collect();
+            let links = Links::start(
+                &(0..regions)
+                    .map(|j| (Supercluster::name(j), ports[j].3))
+                    .collect::<Vec<_>>(),
+            );
             let mut cluster = Supercluster {
                 regions: (0..regions).map(|_| None).collect(),
                 ports,
@@ -728,7 +779,7 @@ impl Supercluster {
             // server advertises is a closed port, so none learns a way around a link.
             let others: Vec<String> = (0..self.ports.len())
                 .map(|j| {
-                    let port = self.links[i][j].as_ref().map_or(gateway, |link| link.port);
+                    let port = if i == j { gateway } else { self.links.ports[j] };
                     format!(
                         "{{name: {}, urls: [\"nats://127.0.0.1:{port}\"]}}",
                         Supercluster::name(j)
@@ -809,19 +860,11 @@ cluster {{ name: {name}, listen: "127.0.0.1:{route}", routes: ["nats://127.0.0.1
 
     /// Cuts every link between region `i` and the others; its server keeps running.
     pub fn cut_region(&self, i: usize) {
-        for j in 0..self.ports.len() {
-            for link in [&self.links[i][j], &self.links[j][i]].into_iter().flatten() {
-                link.cut();
-            }
-        }
+        self.links.cut(&Supercluster::name(i));
     }
 
     pub fn heal_region(&self, i: usize) {
-        for j in 0..self.ports.len() {
-            for link in [&self.links[i][j], &self.links[j][i]].into_iter().flatten() {
-                link.heal();
-            }
-        }
+        self.links.heal(&Supercluster::name(i));
     }
 
     pub fn stop_region(&mut self, i: usize) {

@@ -55,9 +55,10 @@ const LIVE_WINDOW: Duration = Duration::from_millis(3500);
 const BATCH_ROWS: usize = 4000;
 /// Set once this disk holds a complete copy of the catalog (after a start with JetStream).
 const CACHED_META: &str = "state_cached";
-/// How long a start waits for every region's catalog to be replayed before it serves what
-/// it has (the regions not replayed yet are then stale, and their writes arrive later).
-const CATALOG_CATCH_UP: Duration = Duration::from_secs(5);
+/// How long a start waits for this region's catalog stream (which holds copies of every
+/// region's writes) to be replayed before it serves what it has; other regions are waited
+/// for only while they answer (an unreachable one is stale, its writes arrive later).
+const CATALOG_CATCH_UP: Duration = Duration::from_secs(30);
 
 fn nats_error(context: &str, error: impl std::fmt::Display) -> StateError {
     StateError::Backend(format!("nats: {context}: {error}"))
@@ -86,6 +87,8 @@ pub struct NatsBackend {
     /// Lease buckets of the regions this node has claimed from.
     lease_buckets: Mutex<std::collections::HashMap<String, async_nats::jetstream::kv::Store>>,
     lease_stats: leases::LeaseStats,
+    /// The last attempt to make this region's streams source the others failed.
+    sources_missing: std::sync::atomic::AtomicBool,
     snapshot_interval: Duration,
     shutdown: Shutdown,
 }
@@ -205,6 +208,7 @@ impl NatsBackend {
             live_nodes: std::sync::atomic::AtomicU32::new(1),
             lease_buckets: Mutex::new(Default::default()),
             lease_stats: Default::default(),
+            sources_missing: Default::default(),
             snapshot_interval: cluster.snapshot_interval,
             shutdown,
         });

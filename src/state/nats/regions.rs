@@ -29,7 +29,7 @@ const POLL: Duration = Duration::from_millis(1000);
 const RETRY: Duration = Duration::from_millis(250);
 /// Well above a request's round trip between regions, well below the 5 s default: a
 /// follower stuck on a request lost in a cut link notices the link is back this soon.
-const FOLLOW_TIMEOUT: Duration = Duration::from_millis(750);
+pub(super) const FOLLOW_TIMEOUT: Duration = Duration::from_millis(750);
 /// How often the streams are listed for regions this node does not follow yet (a heartbeat
 /// from a node of a new region triggers a listing at once).
 const DISCOVER_EVERY: Duration = Duration::from_secs(5);
@@ -164,6 +164,15 @@ impl Regions {
 pub(super) type Handler = Arc<dyn Fn(&NatsBackend, &str, Bytes) -> Result<(), StateError> + Send + Sync>;
 
 impl NatsBackend {
+    /// JetStream with a short request timeout, for asking other regions: a call that waits
+    /// 5 s (the default) on a region that is gone or coming back delays starts and
+    /// convergence by as much.
+    pub(super) fn quick_js(&self) -> Result<async_nats::jetstream::Context, StateError> {
+        let mut js = self.jet()?.js.clone();
+        js.set_timeout(FOLLOW_TIMEOUT);
+        Ok(js)
+    }
+
     /// Regions with a stream of `log`: those listed by JetStream now, those this disk has
     /// followed before, and this node's own.
     pub(super) async fn known_regions(&self, log: Log) -> Vec<String> {
@@ -195,7 +204,9 @@ impl NatsBackend {
     pub(super) async fn follow_regions(self: Arc<Self>, log: Log, handler: Handler, caught_up: oneshot::Sender<()>) {
         let mut shutdown = self.shutdown.clone();
         let mut first = Vec::new();
-        for region in self.known_regions(log).await {
+        let known = self.known_regions(log).await;
+        self.source_others(log, &known).await;
+        for region in known {
             if self.regions.claim(log, &region) {
                 let (done, wait) = oneshot::channel();
                 first.push(wait);
@@ -214,13 +225,67 @@ impl NatsBackend {
                 _ = self.regions.wake.notified() => {}
                 _ = stopped(&mut shutdown) => return,
             }
-            for region in self.known_regions(log).await {
-                if self.regions.claim(log, &region) {
+            let known = self.known_regions(log).await;
+            let mut new = false;
+            for region in &known {
+                if self.regions.claim(log, region) {
                     tracing::info!(region, log = log.name(), "following a new region");
-                    tokio::spawn(self.clone().follow(log, region, handler.clone(), None));
+                    tokio::spawn(self.clone().follow(log, region.clone(), handler.clone(), None));
+                    new = true;
                 }
             }
+            if new || self.sources_missing.load(std::sync::atomic::Ordering::Relaxed) {
+                self.source_others(log, &known).await;
+            }
         }
+    }
+
+    /// Makes this region's stream of `log` source every other region's own writes, so the
+    /// region holds a complete copy: a node starting here on an empty disk while another
+    /// region is unreachable still gets that region's catalog and usage (up to the loss).
+    /// Needs JetStream's meta leader; retried at the next discovery when it fails.
+    async fn source_others(&self, log: Log, regions: &[String]) {
+        let result: Result<(), StateError> = async {
+            let js = &self.jet()?.js;
+            let mut stream = js
+                .get_stream(log.stream(&self.token))
+                .await
+                .map_err(|e| nats_error("own stream", e))?;
+            let mut config = stream
+                .info()
+                .await
+                .map_err(|e| nats_error("own stream", e))?
+                .config
+                .clone();
+            let wanted: Vec<stream::Source> = regions
+                .iter()
+                .filter(|r| **r != self.token)
+                .map(|r| stream::Source {
+                    name: log.stream(r),
+                    // Only that region's own writes: what it sources from others is
+                    // sourced here directly, and copies never travel in circles.
+                    filter_subject: Some(log.subjects(r)),
+                    ..Default::default()
+                })
+                .collect();
+            let have: std::collections::BTreeSet<&str> =
+                config.sources.iter().flatten().map(|s| s.name.as_str()).collect();
+            if wanted.iter().all(|s| have.contains(s.name.as_str())) {
+                return Ok(());
+            }
+            config.sources = Some(wanted);
+            js.update_stream(&config)
+                .await
+                .map_err(|e| nats_error("sourcing other regions", e))?;
+            tracing::info!(log = log.name(), regions = ?regions, "this region's stream now sources every other region");
+            Ok(())
+        }
+        .await;
+        let failed = result.is_err();
+        if let Err(error) = result {
+            tracing::debug!(%error, "could not update this region's sources yet");
+        }
+        self.sources_missing.store(failed, std::sync::atomic::Ordering::Relaxed);
     }
 
     async fn follow(
@@ -241,8 +306,12 @@ impl NatsBackend {
                 }
                 _ = stopped(&mut shutdown) => return,
             }
-            // Unreachable at start: do not hold readiness; this region is served stale.
-            if let Some(done) = caught_up.take() {
+            // Another region unreachable at start: do not hold readiness; it is served
+            // stale. This region's own stream (which holds copies of the others') is
+            // retried until replayed.
+            if region != self.token
+                && let Some(done) = caught_up.take()
+            {
                 let _ = done.send(());
             }
             tokio::select! {
@@ -267,11 +336,8 @@ impl NatsBackend {
             .map_err(|e| nats_error("meta", e))??
             .unwrap_or(0)
             + 1;
-        // A short request timeout: a follower that waits 5 s (the default) on a region
-        // that is coming back delays convergence by as much.
-        let mut js = self.jet()?.js.clone();
-        js.set_timeout(FOLLOW_TIMEOUT);
-        let mut stream = js
+        let mut stream = self
+            .quick_js()?
             .get_stream(log.stream(region))
             .await
             .map_err(|e| nats_error("region stream", e))?;
@@ -286,9 +352,15 @@ impl NatsBackend {
         {
             let _ = done.send(());
         }
+        // This region's stream also holds copies of the others' writes (sourced): all of it.
+        let filter_subject = if region == self.token {
+            String::new()
+        } else {
+            log.subjects(region)
+        };
         let ordered = stream
             .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: log.subjects(region),
+                filter_subject,
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence { start_sequence: start },
                 ..Default::default()
             })

@@ -26,7 +26,7 @@ impl NatsBackend {
         // aged out): the snapshot has it.
         let mut behind = false;
         for region in self.known_regions(Log::Usage).await {
-            let Ok(mut stream) = self.jet()?.js.get_stream(Log::Usage.stream(&region)).await else {
+            let Ok(mut stream) = self.quick_js()?.get_stream(Log::Usage.stream(&region)).await else {
                 continue;
             };
             let Ok(info) = stream.info().await else { continue };
