@@ -1,6 +1,7 @@
 //! Decision cost on the request path: key lookup + auth with 100k and 1M keys loaded, then
 //! the same with the plan's limits (rate + daily + monthly quota) checked and counted, and
-//! an anonymous caller charged to IP and Referer among 1M distinct IPs.
+//! an anonymous caller charged to IP and Referer among 1M distinct IPs; and the keyed case
+//! with global mode's quota leases on.
 //! `cargo bench --bench decision`; results in docs/benchmarks.md.
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -105,6 +106,35 @@ fn decision(c: &mut Criterion) {
     for &keys in sizes {
         let (table, secrets) = table_with(keys);
         let usage = UsageTable::default();
+        let mut next = presented(&secrets);
+        group.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
+            b.iter_batched_ref(
+                &mut next,
+                |secret| {
+                    let identity = authenticate(&table, Some(secret), "lookup", 0).ok()?;
+                    let charge = Charge {
+                        subject: SubjectRef::Key(&identity.key_id),
+                        consumer: Some(&identity.consumer_id),
+                        route: Some(&route),
+                    };
+                    usage.admit(&Charges::One(charge), &plan, None, Now::system()).ok()
+                },
+                BatchSize::SmallInput,
+            )
+        });
+    }
+    group.finish();
+
+    // Global mode: the same, with quota leases on (every key holds a lease after its
+    // first request; claims go to a channel nobody answers, as a running gateway's would
+    // go to its lease service).
+    let mut group = c.benchmark_group("authenticate+limits+leases");
+    for &keys in sizes {
+        let (table, secrets) = table_with(keys);
+        let usage = UsageTable::default();
+        let (claims, _unanswered) = tokio::sync::mpsc::unbounded_channel();
+        usage.leasing.enable(claims);
+        usage.leasing.set_nodes(6);
         let mut next = presented(&secrets);
         group.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
             b.iter_batched_ref(

@@ -539,3 +539,31 @@ async fn during_an_outage_a_node_spends_its_lease_then_follows_the_plans_partiti
         "available: the lease plus the allowance"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_starting_at_once_on_an_empty_jetstream_are_all_ready_promptly() {
+    let upstream = Upstream::start("u").await;
+    // Three rounds, each on a fresh server: the streams, buckets and stores are created by
+    // whichever node gets there first, and the others find them.
+    for round in 0..3 {
+        let nats = Nats::start();
+        let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+        let started = Instant::now();
+        let nodes: Vec<Gateway> = dirs
+            .iter()
+            .enumerate()
+            .map(|(i, dir)| Gateway::start(&node_config(upstream.addr, dir.path(), &nats, &format!("n{i}"))))
+            .collect();
+        for node in &nodes {
+            let ready = within(Duration::from_secs(8), || async {
+                admin(node, "GET", "/readyz").await.status == 200
+            })
+            .await;
+            assert!(ready.is_some(), "round {round}: a node not ready: {}", node.stderr());
+        }
+        println!(
+            "round {round}: three nodes started at once, all ready after {:?}",
+            started.elapsed()
+        );
+    }
+}
