@@ -567,3 +567,38 @@ async fn nodes_starting_at_once_on_an_empty_jetstream_are_all_ready_promptly() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_lease_left_idle_goes_back_to_the_nodes_still_serving() {
+    let nats = Nats::start();
+    let upstream = Upstream::start("u").await;
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = Gateway::start(&node_config(upstream.addr, dir_a.path(), &nats, "a"));
+    let b = Gateway::start(&node_config(upstream.addr, dir_b.path(), &nats, "b"));
+    let reply = admin_json(&a, "PUT", "/v1/plans/hundred", json!({"daily": 100})).await;
+    assert!(reply.status.as_u16() < 300, "{}", reply.text());
+    let reply = admin_json(&a, "POST", "/v1/consumers", json!({"id": "mover", "plan": "hundred"})).await;
+    assert_eq!(reply.status, 201, "{}", reply.text());
+    let (key_id, secret) = create_key(&a, json!({"consumer": "mover"})).await;
+    within(Duration::from_secs(2), || async {
+        admin(&b, "GET", &format!("/v1/keys/{key_id}")).await.status == 200
+    })
+    .await
+    .expect("the key reaches B");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The caller's traffic is on A, then moves to B for good.
+    for _ in 0..30 {
+        assert_eq!(status_with_key(&a, &secret).await, 200);
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut on_b = 0;
+    for _ in 0..120 {
+        if status_with_key(&b, &secret).await == 200 {
+            on_b += 1;
+        }
+    }
+    let released = metric(&a, "tollgate_quota_lease_claims_total{outcome=\"released\"}").await;
+    println!("A spent 30 and released {released} lease(s); B then admitted {on_b}");
+    assert!(released >= 1, "A gave back what it held");
+    assert_eq!(on_b, 70, "B gets all that A did not spend");
+}

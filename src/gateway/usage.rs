@@ -224,6 +224,7 @@ impl Usage {
             }
             // A failure is logged by the store; the outbox keeps the counts.
             let _ = self.sync().await;
+            self.table.release_idle(self.clock.now());
             self.prune_if_new_day().await;
             self.report_table();
         }

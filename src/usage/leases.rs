@@ -12,7 +12,7 @@ use super::entry::Entry;
 use super::{UsageTable, lock};
 use crate::limits::lease::{self, LeaseTerms, LeaseVerdict, LeaseWindow, WindowLease};
 use crate::limits::{Counts, GroupLimits, Now, PlanLimits, RejectKind, Rejection};
-use crate::model::{Subject, SubjectRef};
+use crate::model::{PartitionMode, Subject, SubjectRef};
 
 const NODES_UNTIL_KNOWN: u32 = 64;
 
@@ -28,6 +28,10 @@ pub struct Claim {
     pub local: u64,
     /// What this node's view counts for every other node.
     pub others_seen: u64,
+    /// Not a claim but a release: this node stopped at `local` and gives back the rest of
+    /// the lease it held up to `release_from` (the authority applies it only if its
+    /// record still says so).
+    pub release_from: Option<u64>,
 }
 
 /// What the authority answered.
@@ -37,6 +41,8 @@ pub enum Granted {
     Lease { until: u64, grant: u64 },
     /// The authority could not be reached.
     Unreachable,
+    /// A release was recorded (or found superseded).
+    Released,
 }
 
 /// Whether leases apply (global mode), and where claims go.
@@ -49,7 +55,13 @@ pub struct Leasing {
     pub answered: Notify,
     /// Claims sent and not yet answered: one per (subject, window) at a time.
     in_flight: Mutex<std::collections::HashSet<(Subject, LeaseWindow)>>,
+    /// Leases granted and maybe not spent, checked for idleness by [`UsageTable::release_idle`].
+    held: Mutex<std::collections::HashSet<(Subject, LeaseWindow)>>,
 }
+
+/// A lease unused for this long is given back, so quota a node holds but no longer needs
+/// (its callers moved to other nodes) is not lost to the others.
+pub const RELEASE_IDLE_SECS: u32 = 2;
 
 impl Leasing {
     /// Turns leases on; claims go to `claims`.
@@ -74,6 +86,13 @@ impl Leasing {
         if fresh && let Some(tx) = self.claims.get() {
             let _ = tx.send(claim);
         }
+    }
+
+    fn forget(&self, subject: &Subject, window: LeaseWindow) {
+        self.held
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(subject.clone(), window));
     }
 
     fn done(&self, subject: &Subject, window: LeaseWindow) {
@@ -136,6 +155,7 @@ impl UsageTable {
                     terms,
                     local: slot.local,
                     others_seen: slot.remote,
+                    release_from: None,
                 });
             }
             match verdict {
@@ -168,11 +188,19 @@ impl UsageTable {
             }
             held.pending = false;
             match granted {
+                Granted::Released => {}
                 Granted::Lease { until, grant } => {
                     held.until = held.until.max(until);
                     held.grant = grant;
                     held.partitioned = false;
                     held.refused_at = if grant == 0 { now.secs() as u32 } else { 0 };
+                    if grant > 0 {
+                        self.leasing
+                            .held
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert((claim.subject.clone(), claim.window));
+                    }
                 }
                 Granted::Unreachable => {
                     held.partitioned = true;
@@ -182,6 +210,77 @@ impl UsageTable {
         }
         self.leasing.done(&claim.subject, claim.window);
         self.leasing.answered.notify_waiters();
+    }
+}
+
+impl UsageTable {
+    /// Gives back what idle leases still hold: a lease whose subject this node has not
+    /// admitted for [`RELEASE_IDLE_SECS`] is cut to what was spent (here first, so nothing
+    /// more is admitted on it) and a release goes to the authority. Called by the flusher.
+    pub fn release_idle(&self, now: Now) {
+        if !self.leasing.enabled.load(Ordering::Relaxed) {
+            return;
+        }
+        let held: Vec<(Subject, LeaseWindow)> = {
+            let held = self.leasing.held.lock().unwrap_or_else(|e| e.into_inner());
+            held.iter().cloned().collect()
+        };
+        let now_secs = now.secs() as u32;
+        for (subject, window) in held {
+            let release = {
+                let mut shard = lock(&self.shards[self.shard_of(subject.as_ref())]);
+                let Some(entry) = shard.map.get_mut(&subject) else {
+                    self.leasing.forget(&subject, window);
+                    continue;
+                };
+                if now_secs.saturating_sub(entry.last_used) < RELEASE_IDLE_SECS {
+                    continue;
+                }
+                let local = match window {
+                    LeaseWindow::Day => Some(entry.day_total.local),
+                    LeaseWindow::Month => entry.month_total().map(|s| s.local),
+                };
+                let window_id = match window {
+                    LeaseWindow::Day => entry.day,
+                    LeaseWindow::Month => entry.month,
+                };
+                let Some(local) = local else { continue };
+                let Some(held) = entry
+                    .extra
+                    .as_mut()
+                    .and_then(|e| e.leases.as_mut())
+                    .map(|l| &mut l[window.index()])
+                else {
+                    continue;
+                };
+                if held.pending || held.window != window_id || held.until <= local {
+                    None
+                } else {
+                    let from = held.until;
+                    held.until = local;
+                    held.grant = 0;
+                    held.pending = true;
+                    Some((from, local, window_id))
+                }
+            };
+            self.leasing.forget(&subject, window);
+            if let Some((from, local, window_id)) = release {
+                self.leasing.send(Claim {
+                    subject,
+                    window,
+                    window_id,
+                    terms: LeaseTerms {
+                        quota: 0,
+                        nodes: self.leasing.nodes.load(Ordering::Relaxed),
+                        mode: PartitionMode::Available,
+                        allowance: 0,
+                    },
+                    local,
+                    others_seen: 0,
+                    release_from: Some(from),
+                });
+            }
+        }
     }
 }
 

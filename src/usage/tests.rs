@@ -375,3 +375,49 @@ fn unflushed_anonymous_subjects_are_evicted_and_their_rows_kept_or_counted_as_dr
     let subjects: std::collections::HashSet<&str> = rows.iter().map(|r| r.subject.as_str()).collect();
     assert_eq!(subjects.len(), 5000);
 }
+
+#[test]
+fn with_leases_a_node_admits_what_it_holds_and_gives_back_what_it_idles_on() {
+    let table = UsageTable::default();
+    let (claims, mut sent) = tokio::sync::mpsc::unbounded_channel();
+    table.leasing.enable(claims);
+    table.leasing.set_nodes(6);
+    let plan = plan(Some(1000), None);
+    let subject = key("hot");
+    let now = at("2026-11-23T12:00:00Z");
+    // Free share: max(1 %, 5) / 6 nodes = 1; then it waits for a lease.
+    assert_eq!(admit_n(&table, &subject, &plan, now, 1), 1);
+    let claim = sent.try_recv().expect("a claim for the day");
+    assert_eq!(
+        (claim.window, claim.local, claim.release_from),
+        (crate::limits::lease::LeaseWindow::Day, 0, None)
+    );
+    let refused = table
+        .admit(&Charges::One(charge(&subject)), &plan, None, now)
+        .unwrap_err();
+    assert_eq!(refused.kind, RejectKind::LeasePending);
+    // The authority grants up to 40.
+    table.apply_grant(&claim, Granted::Lease { until: 40, grant: 40 }, now);
+    assert_eq!(admit_n(&table, &subject, &plan, now, 50), 39);
+    // Used a second ago: kept. (Drop the prefetch claim made at half.)
+    while sent.try_recv().is_ok() {}
+    table.release_idle(Now::from_secs(now.secs() + 1));
+    assert!(sent.try_recv().is_err(), "a lease in use is not released");
+    let mut granted = claim.clone();
+    granted.local = 40;
+    table.apply_grant(&granted, Granted::Lease { until: 60, grant: 20 }, now);
+    assert_eq!(admit_n(&table, &subject, &plan, now, 5), 5);
+    // Idle for the release delay: the rest goes back, and nothing more is admitted on it.
+    let later = Now::from_secs(now.secs() + 3);
+    table.release_idle(later);
+    let release = sent.try_recv().expect("a release");
+    assert_eq!((release.local, release.release_from), (45, Some(60)));
+    let refused = table
+        .admit(&Charges::One(charge(&subject)), &plan, None, later)
+        .unwrap_err();
+    assert_eq!(
+        refused.kind,
+        RejectKind::LeasePending,
+        "released: a new claim is needed"
+    );
+}

@@ -82,6 +82,7 @@ impl NatsBackend {
     fn count_claim(&self, granted: Granted) {
         use std::sync::atomic::Ordering::Relaxed;
         let counter = match granted {
+            Granted::Released => &self.lease_stats.released,
             Granted::Lease { grant: 0, .. } => &self.lease_stats.refused,
             Granted::Lease { .. } => &self.lease_stats.granted,
             Granted::Unreachable => &self.lease_stats.unreachable,
@@ -122,6 +123,24 @@ impl NatsBackend {
                 .entry(key.clone())
                 .await
                 .map_err(|e| nats_error("lease record", e))?;
+            if let Some(from) = claim.release_from {
+                let Some(entry) = entry.filter(|e| e.operation == kv::Operation::Put) else {
+                    return Ok(Granted::Released);
+                };
+                let mut record: BTreeMap<String, u64> = serde_json::from_slice(&entry.value).unwrap_or_default();
+                // Only the lease being released: a grant recorded since is this node's too,
+                // and lowering it would let others spend what this node may still admit.
+                if record.get(&self.node) != Some(&from) {
+                    return Ok(Granted::Released);
+                }
+                record.insert(self.node.clone(), claim.local);
+                let value = Bytes::from(serde_json::to_vec(&record).map_err(|e| nats_error("encode", e))?);
+                match store.update(&key, value, entry.revision).await {
+                    Ok(_) => return Ok(Granted::Released),
+                    Err(e) if e.kind() == kv::UpdateErrorKind::WrongLastRevision => continue,
+                    Err(e) => return Err(nats_error("lease record", e)),
+                }
+            }
             let (record, revision) = match &entry {
                 Some(entry) if entry.operation == kv::Operation::Put => (
                     serde_json::from_slice::<BTreeMap<String, u64>>(&entry.value).unwrap_or_default(),
@@ -164,6 +183,7 @@ pub(super) struct LeaseStats {
     pub(super) granted: std::sync::atomic::AtomicU64,
     pub(super) refused: std::sync::atomic::AtomicU64,
     pub(super) unreachable: std::sync::atomic::AtomicU64,
+    pub(super) released: std::sync::atomic::AtomicU64,
 }
 
 #[cfg(test)]

@@ -416,6 +416,7 @@ impl Replica for NatsBackend {
             ("granted", &self.lease_stats.granted),
             ("refused", &self.lease_stats.refused),
             ("unreachable", &self.lease_stats.unreachable),
+            ("released", &self.lease_stats.released),
         ] {
             out.push_str(&format!(
                 "tollgate_quota_lease_claims_total{{outcome=\"{outcome}\"}} {}\n",
