@@ -218,7 +218,7 @@ impl NatsBackend {
             Duration::from_secs(30)
         };
         match tokio::time::timeout(wait, open_jet(js.clone(), cluster)).await {
-            Ok(Ok(jet)) => backend.clone().attach(jet, tx).await,
+            Ok(Ok(jet)) => backend.clone().attach(jet, tx, false).await,
             Ok(Err(error)) if !disk_has_state => return Err(error),
             Err(_) if !disk_has_state => {
                 return Err(nats_error("connecting", "JetStream did not answer within 30 s"));
@@ -234,7 +234,13 @@ impl NatsBackend {
     /// Makes JetStream available to every call and follows every region's catalog; waits
     /// (up to [`CATALOG_CATCH_UP`]) until the catalogs are replayed to their tails, so what
     /// the gateway loads next is complete. Changes merged after that go to the gateway.
-    async fn attach(self: Arc<Self>, jet: Jet, tx: mpsc::UnboundedSender<StateChange>) {
+    ///
+    /// `serving`: the gateway already loaded its tables (the node started from its disk),
+    /// so every change merged from now on must reach them, the replay's included.
+    async fn attach(self: Arc<Self>, jet: Jet, tx: mpsc::UnboundedSender<StateChange>, serving: bool) {
+        if serving {
+            let _ = self.changes_tx.set(tx.clone());
+        }
         let _ = self.jet.set(jet);
         let (caught_up, replayed) = oneshot::channel();
         let handler: regions::Handler = Arc::new(|backend, _region, payload| backend.apply_catalog_message(&payload));
@@ -274,7 +280,7 @@ impl NatsBackend {
                 };
                 match outcome {
                     Ok(Ok(jet)) => {
-                        self.attach(jet, tx.clone()).await;
+                        self.clone().attach(jet, tx.clone(), true).await;
                         tracing::info!("JetStream reached: following the cluster again");
                         return;
                     }
