@@ -32,4 +32,9 @@ command -v zstd >/dev/null || { apt-get update -qq && apt-get install -y -qq zst
 python3 -c "import duckdb" 2>/dev/null || pip_install duckdb
 command -v moto_server >/dev/null || pip_install "moto[server]"
 
+# Packaging (tests/packaging.rs): promtool checks and unit-tests the alert rules;
+# systemd-analyze verifies the unit file.
+command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+command -v systemd-analyze >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
+
 cargo test --locked --all-targets "$@"
