@@ -10,9 +10,15 @@ nats_ok() {
   version=$(nats-server --version 2>/dev/null | sed -n 's/.*v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')
   [ -n "$version" ] && set -- $version && { [ "$1" -gt 2 ] || { [ "$1" -eq 2 ] && [ "$2" -ge 10 ]; }; }
 }
+# `apt-get update` runs once, before the first Debian package this machine lacks.
+apt_updated=""
+apt_install() {
+  [ -n "$apt_updated" ] || { apt-get update -qq; apt_updated=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
 pip_install() {
   if ! command -v pip3 >/dev/null && ! command -v pip >/dev/null; then
-    apt-get update -qq && apt-get install -y -qq python3-pip >/dev/null
+    apt_install python3-pip
   fi
   "$(command -v pip3 || command -v pip)" install -q --break-system-packages "$@" 2>/dev/null \
     || "$(command -v pip3 || command -v pip)" install -q "$@"
@@ -28,13 +34,13 @@ command -v st >/dev/null || pip_install schemathesis
 
 # Access logs (tests/access_logs.rs): the zstd CLI reads segments, DuckDB queries them,
 # moto is the S3-compatible server uploads go to.
-command -v zstd >/dev/null || { apt-get update -qq && apt-get install -y -qq zstd >/dev/null; }
+command -v zstd >/dev/null || apt_install zstd
 python3 -c "import duckdb" 2>/dev/null || pip_install duckdb
 command -v moto_server >/dev/null || pip_install "moto[server]"
 
 # Packaging (tests/packaging.rs): promtool checks and unit-tests the alert rules;
 # systemd-analyze verifies the unit file.
-command -v promtool >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
-command -v systemd-analyze >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd >/dev/null; }
+command -v promtool >/dev/null || apt_install prometheus
+command -v systemd-analyze >/dev/null || apt_install systemd
 
 cargo test --locked --all-targets "$@"
