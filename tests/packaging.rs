@@ -136,7 +136,10 @@ async fn the_dashboard_and_the_rules_use_only_metrics_a_gateway_exports() {
         .map(str::to_string)
         .collect();
     let missing: Vec<&String> = used.iter().filter(|name| !exported.contains(*name)).collect();
-    assert!(missing.is_empty(), "used but not exported: {missing:?}\nexported: {exported:?}");
+    assert!(
+        missing.is_empty(),
+        "used but not exported: {missing:?}\nexported: {exported:?}"
+    );
 }
 
 #[test]
