@@ -7,7 +7,7 @@ use bytes::Bytes;
 
 use super::merge::{self, CatalogEvent, Kind};
 use super::regions::Log;
-use super::wire::{KeyRecord, kv_key};
+use super::wire::{KeyRecord, id_token};
 use super::{NatsBackend, nats_error};
 use crate::model::{ApiKey, Consumer, Plan, StateData};
 use crate::state::{Catalog, StateChange, StateError};
@@ -100,9 +100,9 @@ impl NatsBackend {
         fill(&mut event);
         let subject = format!(
             "{}.{}.{}",
-            Log::Catalog.subject_root(&self.token),
+            Log::Catalog.subject_root(&self.region),
             kind.as_str(),
-            kv_key(id).replace('.', "=2E")
+            id_token(id)
         );
         let payload = Bytes::from(serde_json::to_vec(&event).map_err(|e| nats_error("encode", e))?);
         self.block("publishing a catalog write", async {

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use super::regions::Log;
-use super::wire::kv_key;
+use super::wire::id_token;
 use super::{NatsBackend, nats_error};
 use crate::base::{Shutdown, stopped};
 use crate::limits::lease;
@@ -115,9 +115,11 @@ impl NatsBackend {
         }
         let subject = claim.subject.to_string();
         let regions = self.regions.known(Log::Usage);
-        let owner = owner(&regions, &subject).cloned().unwrap_or_else(|| self.token.clone());
+        let owner = owner(&regions, &subject)
+            .cloned()
+            .unwrap_or_else(|| self.region.clone());
         let store = self.lease_bucket(&owner).await?;
-        let key = format!("{}.{}", claim.window.record(claim.window_id), kv_key(&subject));
+        let key = format!("{}.{}", claim.window.record(claim.window_id), id_token(&subject));
         for _ in 0..CAS_ATTEMPTS {
             let entry = store
                 .entry(key.clone())

@@ -31,7 +31,7 @@ impl NatsBackend {
             tokio::select! {
                 _ = ticks.tick() => {
                     if self.connected() {
-                        let beat = format!("{}\n{}", self.node, self.token);
+                        let beat = format!("{}\n{}", self.node, self.region);
                         let _ = self.client.publish(HEARTBEAT_SUBJECT, Bytes::from(beat)).await;
                     }
                     let now = std::time::Instant::now();

@@ -38,9 +38,7 @@ use crate::base::{Shutdown, stopped};
 use crate::config::ClusterSection;
 use crate::model::{ApiKey, Consumer, Plan};
 
-pub use regions::region_token;
 use regions::{Log, Regions};
-pub use wire::{kv_id, kv_key};
 
 /// One object store per region (`tollgate_snapshots_<region>`).
 pub const SNAPSHOTS_PREFIX: &str = "tollgate_snapshots_";
@@ -73,8 +71,6 @@ pub struct NatsBackend {
     local: SqliteBackend,
     pub node: String,
     pub region: String,
-    /// `region` as a stream-name and subject token.
-    token: String,
     changes: Mutex<Option<mpsc::UnboundedReceiver<StateChange>>>,
     /// Where merged catalog changes go once the start-up replay is over.
     changes_tx: OnceLock<mpsc::UnboundedSender<StateChange>>,
@@ -105,9 +101,10 @@ const START_FROM_DISK_AFTER: Duration = Duration::from_secs(5);
 
 /// Opens this region's streams and snapshot store, creating them when missing.
 async fn open_jet(js: jetstream::Context, cluster: &ClusterSection) -> Result<Jet, StateError> {
-    let token = region_token(&cluster.region);
+    // `[cluster] region` is checked to be a stream-name and subject token.
+    let token = &cluster.region;
     for log in [Log::Catalog, Log::Usage] {
-        regions::own_stream(&js, log, &token, cluster.replicas, cluster.usage_max_age).await?;
+        regions::own_stream(&js, log, token, cluster.replicas, cluster.usage_max_age).await?;
     }
     let leases = format!("{}{token}", leases::LEASES_PREFIX);
     regions::retry_race(|| async {
@@ -199,7 +196,6 @@ impl NatsBackend {
             local,
             node,
             region: cluster.region.clone(),
-            token: region_token(&cluster.region),
             changes: Mutex::new(Some(rx)),
             changes_tx: OnceLock::new(),
             regions: Regions::default(),

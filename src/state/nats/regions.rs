@@ -81,20 +81,6 @@ impl Log {
     }
 }
 
-/// A region name as a stream-name and subject token (`[A-Za-z0-9_-]`).
-pub fn region_token(region: &str) -> String {
-    region
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 /// When each (log, region) was last read successfully, and which followers run.
 #[derive(Default)]
 pub(super) struct Regions {
@@ -176,7 +162,7 @@ impl NatsBackend {
     /// Regions with a stream of `log`: those listed by JetStream now, those this disk has
     /// followed before, and this node's own.
     pub(super) async fn known_regions(&self, log: Log) -> Vec<String> {
-        let mut regions = std::collections::BTreeSet::from([self.token.clone()]);
+        let mut regions = std::collections::BTreeSet::from([self.region.clone()]);
         let prefix = log.sequence_meta("");
         if let Ok(followed) = self.local.meta_names(&prefix) {
             regions.extend(followed.into_iter().map(|name| name[prefix.len()..].to_string()));
@@ -248,7 +234,7 @@ impl NatsBackend {
         let result: Result<(), StateError> = async {
             let js = &self.jet()?.js;
             let mut stream = js
-                .get_stream(log.stream(&self.token))
+                .get_stream(log.stream(&self.region))
                 .await
                 .map_err(|e| nats_error("own stream", e))?;
             let mut config = stream
@@ -259,7 +245,7 @@ impl NatsBackend {
                 .clone();
             let wanted: Vec<stream::Source> = regions
                 .iter()
-                .filter(|r| **r != self.token)
+                .filter(|r| **r != self.region)
                 .map(|r| stream::Source {
                     name: log.stream(r),
                     // Only that region's own writes: what it sources from others is
@@ -309,7 +295,7 @@ impl NatsBackend {
             // Another region unreachable at start: do not hold readiness; it is served
             // stale. This region's own stream (which holds copies of the others') is
             // retried until replayed.
-            if region != self.token
+            if region != self.region
                 && let Some(done) = caught_up.take()
             {
                 let _ = done.send(());
@@ -353,7 +339,7 @@ impl NatsBackend {
             let _ = done.send(());
         }
         // This region's stream also holds copies of the others' writes (sourced): all of it.
-        let filter_subject = if region == self.token {
+        let filter_subject = if region == self.region {
             String::new()
         } else {
             log.subjects(region)
@@ -459,9 +445,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn region_names_become_stream_tokens() {
-        assert_eq!(region_token("eu-west_1"), "eu-west_1");
-        assert_eq!(region_token("us.east 2"), "us_east_2");
+    fn each_region_has_its_streams_and_subjects() {
         assert_eq!(Log::Usage.stream("eu"), "TOLLGATE_USAGE_eu");
         assert_eq!(Log::Catalog.subjects("eu"), "tg.catalog.eu.>");
     }

@@ -4,7 +4,7 @@
 
 use bytes::Bytes;
 
-use super::regions::{Log, region_token};
+use super::regions::Log;
 use super::wire::{BatchRow, UsageBatch};
 use super::{BATCH_ROWS, NatsBackend, nats_error};
 use crate::model::{StoredRow, UsageRow};
@@ -18,7 +18,7 @@ impl NatsBackend {
         if !self.connected() {
             return Ok(0);
         }
-        let subject = format!("{}.{}", Log::Usage.subject_root(&self.token), region_token(&self.node));
+        let subject = format!("{}.{}", Log::Usage.subject_root(&self.region), self.node);
         let mut published = 0;
         loop {
             let rows = self.local.unpublished(&self.node, BATCH_ROWS)?;

@@ -1,16 +1,17 @@
-//! Records as JetStream holds them: KV keys, API keys (the secret's hash, never the
+//! Records as JetStream holds them: ids as subject and KV-key tokens, API keys (the secret's hash, never the
 //! secret), usage batches and snapshots with short field names.
 
 use serde::{Deserialize, Serialize};
 
 use crate::model::{ApiKey, Scope, UsageRow};
 
-/// KV keys allow `[-/_=.a-zA-Z0-9]`; ids may hold more (`@` in consumer ids), so other
-/// bytes are written as `=XX`.
-pub fn kv_key(id: &str) -> String {
+/// An id as one token of a subject or KV key: ids may hold bytes neither allows (`@` in
+/// consumer ids) and `.` separates tokens, so anything but `[-_a-zA-Z0-9]` is written as
+/// `=XX`.
+pub(super) fn id_token(id: &str) -> String {
     let mut out = String::with_capacity(id.len());
     for b in id.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.') {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_') {
             out.push(b as char);
         } else {
             out.push_str(&format!("={b:02X}"));
@@ -19,8 +20,10 @@ pub fn kv_key(id: &str) -> String {
     out
 }
 
-/// The id a KV key was made from by [`kv_key`].
-pub fn kv_id(key: &str) -> String {
+/// The id a token was made from by [`id_token`] (tests: the escaping is reversible, so
+/// two ids never share a token).
+#[cfg(test)]
+fn token_id(key: &str) -> String {
     let bytes = key.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -164,12 +167,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn kv_keys_escape_what_nats_does_not_allow() {
-        assert_eq!(kv_key("key_ab12"), "key_ab12");
-        assert_eq!(kv_key("jane@example.com"), "jane=40example.com");
-        assert_eq!(kv_key("a=b"), "a=3Db");
+    fn ids_escape_what_nats_tokens_do_not_allow() {
+        assert_eq!(id_token("key_ab12"), "key_ab12");
+        assert_eq!(id_token("jane@example.com"), "jane=40example=2Ecom");
+        assert_eq!(id_token("a=b"), "a=3Db");
         for id in ["jane@example.com", "a=b", "plain-id_1.x"] {
-            assert_eq!(kv_id(&kv_key(id)), id);
+            assert_eq!(token_id(&id_token(id)), id);
         }
         let key = ApiKey {
             id: "key_1".into(),
