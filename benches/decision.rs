@@ -100,59 +100,39 @@ fn decision(c: &mut Criterion) {
     }
     group.finish();
 
-    let mut group = c.benchmark_group("authenticate+limits");
     let plan = generous_plan();
     let route: Arc<str> = Arc::from("lookup");
-    for &keys in sizes {
-        let (table, secrets) = table_with(keys);
-        let usage = UsageTable::default();
-        let mut next = presented(&secrets);
-        group.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
-            b.iter_batched_ref(
-                &mut next,
-                |secret| {
-                    let identity = authenticate(&table, Some(secret), "lookup", 0).ok()?;
-                    let charge = Charge {
-                        subject: SubjectRef::Key(&identity.key_id),
-                        consumer: Some(&identity.consumer_id),
-                        route: Some(&route),
-                    };
-                    usage.admit(&Charges::One(charge), &plan, None, Now::system()).ok()
-                },
-                BatchSize::SmallInput,
-            )
-        });
+    // Global mode adds quota leases (every key holds one after its first request; claims
+    // go to a channel nobody answers, as a running gateway's go to its lease service).
+    for (name, leases) in [("authenticate+limits", false), ("authenticate+limits+leases", true)] {
+        let mut group = c.benchmark_group(name);
+        for &keys in sizes {
+            let (table, secrets) = table_with(keys);
+            let usage = UsageTable::default();
+            let (claims, _unanswered) = tokio::sync::mpsc::unbounded_channel();
+            if leases {
+                usage.leasing.enable(claims);
+                usage.leasing.set_nodes(6);
+            }
+            let mut next = presented(&secrets);
+            group.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
+                b.iter_batched_ref(
+                    &mut next,
+                    |secret| {
+                        let identity = authenticate(&table, Some(secret), "lookup", 0).ok()?;
+                        let charge = Charge {
+                            subject: SubjectRef::Key(&identity.key_id),
+                            consumer: Some(&identity.consumer_id),
+                            route: Some(&route),
+                        };
+                        usage.admit(&Charges::One(charge), &plan, None, Now::system()).ok()
+                    },
+                    BatchSize::SmallInput,
+                )
+            });
+        }
+        group.finish();
     }
-    group.finish();
-
-    // Global mode: the same, with quota leases on (every key holds a lease after its
-    // first request; claims go to a channel nobody answers, as a running gateway's would
-    // go to its lease service).
-    let mut group = c.benchmark_group("authenticate+limits+leases");
-    for &keys in sizes {
-        let (table, secrets) = table_with(keys);
-        let usage = UsageTable::default();
-        let (claims, _unanswered) = tokio::sync::mpsc::unbounded_channel();
-        usage.leasing.enable(claims);
-        usage.leasing.set_nodes(6);
-        let mut next = presented(&secrets);
-        group.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
-            b.iter_batched_ref(
-                &mut next,
-                |secret| {
-                    let identity = authenticate(&table, Some(secret), "lookup", 0).ok()?;
-                    let charge = Charge {
-                        subject: SubjectRef::Key(&identity.key_id),
-                        consumer: Some(&identity.consumer_id),
-                        route: Some(&route),
-                    };
-                    usage.admit(&Charges::One(charge), &plan, None, Now::system()).ok()
-                },
-                BatchSize::SmallInput,
-            )
-        });
-    }
-    group.finish();
 
     // Anonymous callers: IP + Referer charged together, over many distinct IPs (RSS for
     // this case is measured on a running gateway by bench/anonymous_rss.py).

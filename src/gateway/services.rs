@@ -72,11 +72,7 @@ fn start_replica(
         gateway.set_ready(true);
     }
     if let Some(changes) = replica.take_changes() {
-        handles.push(tokio::spawn(gateway.clone().apply_changes(
-            changes,
-            replica.clone(),
-            shutdown.clone(),
-        )));
+        handles.push(tokio::spawn(gateway.clone().apply_changes(changes, shutdown.clone())));
     }
     // Not ready until this node's view holds every node's usage up to the stream's tail
     // at start.

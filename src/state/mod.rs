@@ -118,13 +118,9 @@ pub trait Replica: Send + Sync + 'static {
     /// Whether the shared state has been reached since start (a node may start from its
     /// disk while it cannot be).
     fn is_attached(&self) -> bool;
-    /// Writes made on other nodes (and echoes of this node's), in order; taken once.
+    /// Writes made on other nodes, in order, as merged (the replica keeps them on this
+    /// node's disk itself, so a restart does not depend on the cluster); taken once.
     fn take_changes(&self) -> Option<mpsc::UnboundedReceiver<StateChange>>;
-    /// Keeps replicated records on this node's disk, so a restart does not depend on the
-    /// cluster being reachable (blocking).
-    fn cache_plan(&self, plan: &Plan) -> Result<(), StateError>;
-    fn cache_consumer(&self, id: &str, consumer: Option<&Consumer>) -> Result<(), StateError>;
-    fn cache_keys(&self, keys: &[ApiKey]) -> Result<(), StateError>;
     /// Starts the services that follow the cluster (heartbeats, usage stream, snapshots);
     /// each ends when `shutdown` turns true.
     fn start(self: Arc<Self>, hooks: ReplicaHooks, shutdown: Shutdown) -> Vec<JoinHandle<()>>;

@@ -36,7 +36,6 @@ use tokio::task::JoinHandle;
 use super::{Replica, ReplicaHooks, SqliteBackend, StateChange, StateError, UsageSink};
 use crate::base::{Shutdown, stopped};
 use crate::config::ClusterSection;
-use crate::model::{ApiKey, Consumer, Plan};
 
 use regions::{Log, Regions};
 
@@ -339,20 +338,6 @@ impl Replica for NatsBackend {
     /// Writes made on other nodes (and echoes of this node's), in bucket order.
     fn take_changes(&self) -> Option<mpsc::UnboundedReceiver<StateChange>> {
         self.changes.lock().unwrap_or_else(|e| e.into_inner()).take()
-    }
-
-    // The followers write every merged change to this disk themselves (by the merge
-    // rules); a second write from the gateway could put an older state back.
-    fn cache_plan(&self, _plan: &Plan) -> Result<(), StateError> {
-        Ok(())
-    }
-
-    fn cache_consumer(&self, _id: &str, _consumer: Option<&Consumer>) -> Result<(), StateError> {
-        Ok(())
-    }
-
-    fn cache_keys(&self, _keys: &[ApiKey]) -> Result<(), StateError> {
-        Ok(())
     }
 
     fn start(self: Arc<Self>, hooks: ReplicaHooks, shutdown: Shutdown) -> Vec<JoinHandle<()>> {

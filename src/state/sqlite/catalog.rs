@@ -20,35 +20,6 @@ impl SqliteBackend {
         })
     }
 
-    /// Replaces the cached plans and consumers with `data` (what the cluster holds now).
-    pub fn cache_state(&self, data: &StateData) -> Result<(), StateError> {
-        self.with(|c| {
-            let tx = c.unchecked_transaction()?;
-            tx.execute("DELETE FROM consumers", [])?;
-            for consumer in data.consumers.values() {
-                tx.execute(
-                    "INSERT INTO consumers (id, plan, created_at) VALUES (?1, ?2, ?3)",
-                    params![consumer.id, consumer.plan, consumer.created_at],
-                )?;
-            }
-            tx.commit()
-        })?;
-        // Plans through the backend's own write, which knows their columns.
-        let stale: Vec<String> = self
-            .load()?
-            .plans
-            .into_keys()
-            .filter(|name| !data.plans.contains_key(name))
-            .collect();
-        for name in stale {
-            self.delete_plan(&name)?;
-        }
-        for plan in data.plans.values() {
-            self.put_plan(plan)?;
-        }
-        Ok(())
-    }
-
     pub fn cache_consumer(&self, consumer: &Consumer) -> Result<(), StateError> {
         self.with(|c| {
             c.execute(
