@@ -2,6 +2,7 @@
 //! Everything except `/healthz` and `/readyz` requires `Authorization: Bearer <token>`
 //! when `[admin] token` is set.
 
+mod console;
 mod state_api;
 mod usage_api;
 
@@ -60,11 +61,19 @@ pub fn router(gateway: Arc<Gateway>) -> Router {
         .route("/v1/upstreams", get(upstreams))
         .route("/v1/usage", get(usage_api::usage_report))
         .route("/v1/usage/top", get(usage_api::usage_top))
+        .route("/v1/traffic", get(console::traffic))
+        .route("/v1/cluster", get(console::cluster))
         .route_layer(middleware::from_fn_with_state(state.clone(), require_token));
     Router::new()
         .route("/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        // The console's files hold no data; what they show is read with the token.
+        .route("/console", get(console::index))
+        .route("/console/", get(console::index))
+        .route("/console/app.js", get(console::script))
+        .route("/console/app.css", get(console::style))
+        .route("/console/icon.svg", get(console::icon))
         .merge(protected)
         .fallback(not_found)
         .with_state(state)
@@ -365,6 +374,7 @@ pub struct ErrorDetail {
         api::list_consumers, api::get_consumer, api::create_consumer, api::update_consumer, api::delete_consumer,
         api::list_keys, api::get_key, api::create_key, api::update_key, api::revoke_key,
         usage_api::usage_report, usage_api::usage_top,
+        console::traffic, console::cluster,
     ),
     components(schemas(ErrorBody, ErrorDetail)),
     modifiers(&BearerAuth)

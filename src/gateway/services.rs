@@ -43,6 +43,7 @@ pub fn start(gateway: &Arc<Gateway>, shutdown: &Shutdown, logs: Option<crate::lo
             shutdown.clone(),
         )),
         tokio::spawn(refresh_jwks_periodically(gateway.clone(), shutdown.clone())),
+        tokio::spawn(sample_traffic(gateway.metrics.clone(), shutdown.clone())),
     ];
     if gateway.tls.is_some() {
         background.push(tokio::spawn(watch_certificates(gateway.clone(), shutdown.clone())));
@@ -57,6 +58,20 @@ pub fn start(gateway: &Arc<Gateway>, shutdown: &Shutdown, logs: Option<crate::lo
         flusher,
         stop_flusher,
         force,
+    }
+}
+
+/// Samples the route counters for the console's last hour (docs/console.md).
+async fn sample_traffic(metrics: Arc<crate::metrics::Metrics>, mut shutdown: Shutdown) {
+    let mut ticks = tokio::time::interval(crate::metrics::history::SAMPLE_EVERY);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {
+                let counts = metrics.route_counts();
+                metrics.traffic.record(crate::auth::unix_now() as u64, std::time::Instant::now(), counts);
+            }
+            _ = stopped(&mut shutdown) => return,
+        }
     }
 }
 

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+pub mod history;
 mod protection;
 mod render;
 
@@ -179,6 +180,8 @@ pub struct Metrics {
     anonymous_subjects: AtomicI64,
     anonymous_evictions: AtomicU64,
     anonymous_rows_dropped: AtomicU64,
+    /// The last hour by route, for the console (sampled by a background service).
+    pub traffic: history::TrafficHistory,
 }
 
 /// The usage flusher's health: how many counters are held and how writes go.

@@ -126,6 +126,52 @@ pub trait Replica: Send + Sync + 'static {
     fn start(self: Arc<Self>, hooks: ReplicaHooks, shutdown: Shutdown) -> Vec<JoinHandle<()>>;
     /// Backend-specific lines for `/metrics` (Prometheus text format; blocking).
     fn render_metrics(&self, out: &mut String);
+    /// Where this node stands in the cluster, for `GET /v1/cluster` (blocking).
+    fn status(&self) -> ClusterStatus;
+}
+
+/// A node's view of its cluster (docs/admin-api.md, `GET /v1/cluster`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ClusterStatus {
+    pub node: String,
+    pub region: String,
+    /// Connected to its region's NATS now.
+    pub connected: bool,
+    /// Reached the shared state since start (false: serving from its disk).
+    pub attached: bool,
+    pub live_nodes: u32,
+    /// Gateway nodes heard from recently, this one included.
+    pub nodes: Vec<NodeStatus>,
+    pub regions: Vec<RegionStatus>,
+    /// Own usage slots not yet acknowledged by NATS.
+    pub outbox_slots: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct NodeStatus {
+    pub node: String,
+    pub region: String,
+    /// Since its last heartbeat (0 for this node).
+    pub last_seen_ms: u64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RegionStatus {
+    pub region: String,
+    pub usage: Option<StreamStatus>,
+    pub catalog: Option<StreamStatus>,
+}
+
+/// How this node follows one region's stream.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StreamStatus {
+    /// Since the stream last answered; absent when it never has.
+    pub heard_ms_ago: Option<u64>,
+    pub stale: bool,
+    /// The last sequence applied on this node.
+    pub applied: u64,
+    /// Messages the stream held that this node had not applied when it last looked.
+    pub behind: u64,
 }
 
 /// The backends of one node, chosen by the configuration.

@@ -10,6 +10,33 @@ use super::{HEARTBEAT, HEARTBEAT_SUBJECT, LIVE_WINDOW, NatsBackend};
 use crate::base::{Shutdown, stopped};
 
 impl NatsBackend {
+    /// Nodes heard from: name → (region, last heartbeat).
+    pub(super) fn peers(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (String, std::time::Instant)>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The nodes heard from within the live window, this one first.
+    pub(super) fn live_peers(&self) -> Vec<crate::state::NodeStatus> {
+        let mut nodes = vec![crate::state::NodeStatus {
+            node: self.node.clone(),
+            region: self.region.clone(),
+            last_seen_ms: 0,
+        }];
+        let mut others: Vec<crate::state::NodeStatus> = self
+            .peers()
+            .iter()
+            .filter(|(node, (_, at))| **node != self.node && at.elapsed() < LIVE_WINDOW)
+            .map(|(node, (region, at))| crate::state::NodeStatus {
+                node: node.clone(),
+                region: region.clone(),
+                last_seen_ms: at.elapsed().as_millis() as u64,
+            })
+            .collect();
+        others.sort_by(|a, b| a.node.cmp(&b.node));
+        nodes.extend(others);
+        nodes
+    }
+
     /// Publishes this node's heartbeat and counts the nodes heard from (this one always
     /// included); `on_change` gets every new count. While NATS is unreachable the others
     /// go unheard, so the count falls to 1: a cut-off node enforces whole limits.
@@ -21,7 +48,6 @@ impl NatsBackend {
                 return;
             }
         };
-        let mut last_heard: std::collections::HashMap<String, std::time::Instant> = Default::default();
         let mut ticks = tokio::time::interval(HEARTBEAT);
         // The first count is reported once every live node has had time to be heard, even
         // when it equals the initial 1 (quota leases start from a cautious guess).
@@ -34,9 +60,12 @@ impl NatsBackend {
                         let beat = format!("{}\n{}", self.node, self.region);
                         let _ = self.client.publish(HEARTBEAT_SUBJECT, Bytes::from(beat)).await;
                     }
-                    let now = std::time::Instant::now();
-                    last_heard.retain(|_, at| now.duration_since(*at) < LIVE_WINDOW);
-                    let live = 1 + last_heard.keys().filter(|node| **node != self.node).count() as u32;
+                    let live = {
+                        let mut peers = self.peers();
+                        let now = std::time::Instant::now();
+                        peers.retain(|_, (_, at)| now.duration_since(*at) < LIVE_WINDOW);
+                        1 + peers.keys().filter(|node| **node != self.node).count() as u32
+                    };
                     let first = !reported && started.elapsed() >= HEARTBEAT * 3 / 2;
                     if self.live_nodes.swap(live, std::sync::atomic::Ordering::Relaxed) != live || first {
                         reported = true;
@@ -51,7 +80,7 @@ impl NatsBackend {
                             if !region.is_empty() {
                                 self.regions.seen_node_of(region);
                             }
-                            last_heard.insert(node.to_string(), std::time::Instant::now());
+                            self.peers().insert(node.to_string(), (region.to_string(), std::time::Instant::now()));
                         }
                     }
                     None => return,

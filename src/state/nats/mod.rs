@@ -79,6 +79,8 @@ pub struct NatsBackend {
     apply_lock: Mutex<()>,
     /// Nodes heard from within `LIVE_WINDOW`, this one included.
     live_nodes: std::sync::atomic::AtomicU32,
+    /// Nodes heard from: name → (region, last heartbeat).
+    peers: Mutex<std::collections::HashMap<String, (String, std::time::Instant)>>,
     /// Lease buckets of the regions this node has claimed from.
     lease_buckets: Mutex<std::collections::HashMap<String, async_nats::jetstream::kv::Store>>,
     lease_stats: leases::LeaseStats,
@@ -201,6 +203,7 @@ impl NatsBackend {
             hlc: merge::Hlc::default(),
             apply_lock: Mutex::new(()),
             live_nodes: std::sync::atomic::AtomicU32::new(1),
+            peers: Mutex::default(),
             lease_buckets: Mutex::new(Default::default()),
             lease_stats: Default::default(),
             sources_missing: Default::default(),
@@ -370,6 +373,19 @@ impl Replica for NatsBackend {
             }),
         ]);
         services
+    }
+
+    fn status(&self) -> crate::state::ClusterStatus {
+        crate::state::ClusterStatus {
+            node: self.node.clone(),
+            region: self.region.clone(),
+            connected: self.connected(),
+            attached: self.is_attached(),
+            live_nodes: self.live_nodes.load(std::sync::atomic::Ordering::Relaxed),
+            nodes: self.live_peers(),
+            regions: self.regions.status(),
+            outbox_slots: self.outbox_len(),
+        }
     }
 
     fn render_metrics(&self, out: &mut String) {

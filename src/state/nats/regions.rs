@@ -85,6 +85,9 @@ impl Log {
 #[derive(Default)]
 pub(super) struct Regions {
     heard: Mutex<BTreeMap<(Log, String), Option<Instant>>>,
+    /// (applied, tail): the last sequence this node applied of each stream, and the last
+    /// the stream was seen to hold; their difference is the replication lag.
+    progress: Mutex<BTreeMap<(Log, String), (u64, u64)>>,
     /// Wakes the discovery loops early: a heartbeat came from a region not followed yet.
     wake: tokio::sync::Notify,
 }
@@ -106,6 +109,40 @@ impl Regions {
 
     fn heard(&self, log: Log, region: &str) {
         self.lock().insert((log, region.to_string()), Some(Instant::now()));
+    }
+
+    fn progressed(&self, log: Log, region: &str, applied: u64, tail: u64) {
+        let mut progress = self.progress.lock().unwrap_or_else(|e| e.into_inner());
+        let entry = progress.entry((log, region.to_string())).or_default();
+        entry.0 = applied;
+        entry.1 = tail.max(applied);
+    }
+
+    /// Every followed stream: its region, how long since it was last read, and how far
+    /// this node trails it (docs/console.md, "Cluster").
+    pub(super) fn status(&self) -> Vec<crate::state::RegionStatus> {
+        let heard = self.lock().clone();
+        let progress = self.progress.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut regions: BTreeMap<String, crate::state::RegionStatus> = BTreeMap::new();
+        for ((log, region), at) in heard {
+            let (applied, tail) = progress.get(&(log, region.clone())).copied().unwrap_or_default();
+            let stream = crate::state::StreamStatus {
+                heard_ms_ago: at.map(|at| at.elapsed().as_millis() as u64),
+                stale: at.is_none_or(|at| at.elapsed() > FRESH_WITHIN),
+                applied,
+                behind: tail.saturating_sub(applied),
+            };
+            let entry = regions.entry(region.clone()).or_insert_with(|| crate::state::RegionStatus {
+                region,
+                usage: None,
+                catalog: None,
+            });
+            match log {
+                Log::Usage => entry.usage = Some(stream),
+                Log::Catalog => entry.catalog = Some(stream),
+            }
+        }
+        regions.into_values().collect()
     }
 
     /// A node of `region` is alive: when its streams are not followed yet, look now
@@ -333,6 +370,7 @@ impl NatsBackend {
         // snapshot loaded at start covers what is gone.
         let start = start.max(info.state.first_sequence);
         self.regions.heard(log, region);
+        self.regions.progressed(log, region, start.saturating_sub(1), tail);
         if tail < start
             && let Some(done) = caught_up.take()
         {
@@ -368,6 +406,7 @@ impl NatsBackend {
                         .state
                         .last_sequence;
                     self.regions.heard(log, region);
+                    self.regions.progressed(log, region, applied, last);
                     if last > applied {
                         return Err(nats_error("region stream", "consumer stalled behind the stream"));
                     }
@@ -387,6 +426,7 @@ impl NatsBackend {
             })
             .await
             .map_err(|e| nats_error("applying", e))??;
+            self.regions.progressed(log, region, sequence, tail);
             if sequence >= tail
                 && let Some(done) = caught_up.take()
             {
