@@ -46,6 +46,8 @@ pub struct Config {
     pub logs: Option<LogsConfig>,
     /// Present in global mode.
     pub cluster: Option<ClusterSection>,
+    /// `[usage_page]`, when present and enabled.
+    pub usage_page: Option<schema::UsagePageSection>,
     /// `server.trusted_proxies`, parsed.
     pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `[server.tls]`, checked: its certificates load.
@@ -126,6 +128,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
     let plans = check::plans(&mut sink, root);
     let usage = check::usage(&mut sink, root);
     let cluster = check::cluster(&mut sink, root);
+    let usage_page = check::usage_page(&mut sink, root);
     let routes = check::routes(&mut sink, root);
     let base = path.parent().unwrap_or_else(|| Path::new("."));
     let data_dir = base.join(data_dir.unwrap_or_else(|| "./data".to_string()));
@@ -164,6 +167,7 @@ pub fn parse(path: &Path, source: &str) -> Result<Config, ConfigErrors> {
         usage,
         logs,
         cluster,
+        usage_page,
         trusted_proxies,
         tls,
         admin_tls,

@@ -22,7 +22,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use arc_swap::{ArcSwap, Guard};
 
 pub use catalog::{KeyChange, valid_id};
-pub use snapshot::{ClientCache, Route, Snapshot, UpstreamPool};
+pub use snapshot::{ClientCache, Route, Snapshot, USAGE_PAGE_ROUTE, UpstreamPool, UsagePage};
 pub use usage::{Retention, Usage};
 
 use crate::auth::KeyTable;
@@ -64,6 +64,8 @@ pub struct Gateway {
     /// How many live nodes share each plan's rate limit (`[cluster] divide_rate`).
     rate_share: AtomicU32,
     pub usage: Arc<Usage>,
+    /// Page views per key of the customer usage page (`[usage_page]`), across reloads.
+    pub usage_page_rate: crate::limits::keyed::KeyedRate,
     clients: ClientCache,
     workers: usize,
     ready: AtomicBool,
@@ -127,6 +129,7 @@ impl Gateway {
             plans: ArcSwap::from_pointee(plans),
             rate_share: AtomicU32::new(1),
             usage,
+            usage_page_rate: Default::default(),
             metrics,
             keys,
             catalog,

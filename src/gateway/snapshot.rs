@@ -57,7 +57,21 @@ pub struct Snapshot {
     pub jwt: JwtVerifier,
     /// How request paths are normalized before routing (`[server] normalize_path`).
     pub path_rules: PathRules,
+    /// `[usage_page]`: the customer usage page, when enabled.
+    pub usage_page: Option<UsagePage>,
 }
+
+/// The customer usage page (docs/customer-usage.md), compiled.
+pub struct UsagePage {
+    /// Matched against the normalized request path, before routes.
+    pub path: String,
+    /// Page views per key.
+    pub rate: crate::limits::Gcra,
+    pub metrics: Arc<RouteMetrics>,
+}
+
+/// The metrics label of the customer usage page's requests.
+pub const USAGE_PAGE_ROUTE: &str = "(usage_page)";
 
 /// HTTP/2 clients are keyed by worker and connect timeout, and kept across reloads so a
 /// reload does not drop warm upstream connections. (HTTP/1.1 pools are per worker thread
@@ -194,6 +208,13 @@ impl Snapshot {
             routes,
             pools,
             no_route_metrics: metrics.route(NO_ROUTE),
+            usage_page: config.usage_page.as_ref().and_then(|page| {
+                Some(UsagePage {
+                    path: page.path.clone(),
+                    rate: crate::limits::Gcra::per_minute(page.rate_per_minute)?,
+                    metrics: metrics.route(USAGE_PAGE_ROUTE),
+                })
+            }),
             jwt: JwtVerifier::from_config(
                 &config.jwt.issuers,
                 config.path.parent().unwrap_or(std::path::Path::new(".")),

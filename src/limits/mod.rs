@@ -2,6 +2,7 @@
 //! counts the caller passes in. The usage table ([`crate::usage`]) holds the counts and
 //! calls these under its lock, so a check and its increment are one step.
 
+pub mod keyed;
 pub mod lease;
 pub mod window;
 

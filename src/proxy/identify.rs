@@ -207,7 +207,7 @@ fn referer_host(headers: &HeaderMap) -> Option<String> {
         .and_then(auth::referer_host)
 }
 
-fn auth_error_kind(error: AuthError) -> ErrorKind {
+pub(super) fn auth_error_kind(error: AuthError) -> ErrorKind {
     match error {
         AuthError::MissingCredentials => ErrorKind::MissingCredentials,
         AuthError::InvalidApiKey => ErrorKind::InvalidApiKey,

@@ -19,6 +19,7 @@ mod forward;
 pub mod headers;
 mod identify;
 mod limit;
+mod usage_page;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
@@ -139,6 +140,8 @@ pub struct RequestCtx<'c> {
     /// Global mode: refused only because this node's quota lease ran out and more was
     /// asked for; `handle` waits for the answer and decides again.
     pub lease_pending: bool,
+    /// The request is for the customer usage page (`[usage_page]`), not a route.
+    pub usage_page: bool,
 }
 
 impl<'c> RequestCtx<'c> {
@@ -167,6 +170,7 @@ impl<'c> RequestCtx<'c> {
             tries: 0,
             body_read: None,
             lease_pending: false,
+            usage_page: false,
         }
     }
 
@@ -222,17 +226,29 @@ impl Worker {
         let snapshot = self.gateway.snapshot();
         let mut ctx = RequestCtx::new(headers::request_id(req.headers()), conn);
         ctx.declared_body = hyper::body::Body::size_hint(req.body()).lower();
-        let mut filtered = self.request_filter(&snapshot, &mut ctx, Head::of(&req));
-        if ctx.lease_pending {
-            filtered = self.after_lease(&snapshot, &mut ctx, Head::of(&req), filtered).await;
-        }
+        let page = snapshot
+            .usage_page
+            .as_ref()
+            .filter(|page| usage_page::requested(page, Head::of(&req), &snapshot));
+        // `Ok(None)`: the usage page, which has no route.
+        let filtered = match page {
+            Some(page) => self.usage_page_filter(page, &mut ctx, Head::of(&req)).map(|()| None),
+            None => {
+                let mut filtered = self.request_filter(&snapshot, &mut ctx, Head::of(&req));
+                if ctx.lease_pending {
+                    filtered = self.after_lease(&snapshot, &mut ctx, Head::of(&req), filtered).await;
+                }
+                filtered.map(Some)
+            }
+        };
         let mut record = self.gateway.access_log.as_ref().map(|log| {
             let mut record = crate::logs::Pending::begin(log, ctx.start);
             access_log::record_request(&mut record, &log.settings, &ctx, Head::of(&req));
             record
         });
         let outcome = match filtered {
-            Ok(route) => self.proxy(&snapshot, route, &mut ctx, req).await,
+            Ok(Some(route)) => self.proxy(&snapshot, route, &mut ctx, req).await,
+            Ok(None) => self.usage_page(&ctx, Head::of(&req)).await,
             Err(error) => Err(error),
         };
         let mut response = match outcome {
@@ -261,7 +277,11 @@ impl Worker {
     fn logging(&self, snapshot: &Snapshot, ctx: &RequestCtx<'_>, status: StatusCode) {
         let elapsed = ctx.start.elapsed();
         let route = ctx.route.and_then(|i| snapshot.routes.get(i));
-        let metrics = route.map_or(&snapshot.no_route_metrics, |r| &r.metrics);
+        let metrics = match (route, &snapshot.usage_page) {
+            (Some(route), _) => &route.metrics,
+            (None, Some(page)) if ctx.usage_page => &page.metrics,
+            (None, _) => &snapshot.no_route_metrics,
+        };
         metrics.record(status.as_u16(), elapsed);
         tracing::debug!(
             target: "tollgate::access",

@@ -151,6 +151,31 @@ pub(super) fn usage(sink: &mut ErrorSink<'_>, root: &Table) -> UsageSection {
 }
 
 /// `[cluster]` (global mode): NATS URLs, the region and node names, replicas.
+/// `[usage_page]`, when present and enabled.
+pub(super) fn usage_page(sink: &mut ErrorSink<'_>, root: &Table) -> Option<schema::UsagePageSection> {
+    let item = root.get("usage_page")?;
+    let page: schema::UsagePageSection = read_section(sink, item, "usage_page")?;
+    let path = &page.path;
+    // Compared with the normalized request path: it must be a normalized path itself.
+    let normal = path.starts_with('/')
+        && path.len() > 1
+        && !path.ends_with('/')
+        && path.bytes().all(|b| b.is_ascii_graphic() && !b"?#%\\".contains(&b))
+        && !path.contains("//")
+        && !path.split('/').any(|segment| segment == "." || segment == "..");
+    if !normal {
+        sink.push(
+            field_span(item, "path"),
+            "usage_page.path",
+            format!("{path:?}: expected a normalized absolute path such as \"/usage\" (no query, '%', '.' or '..' segments, or trailing '/')"),
+        );
+    }
+    if !(1..=100_000).contains(&page.rate_per_minute) {
+        sink.push(field_span(item, "rate_per_minute"), "usage_page.rate_per_minute", "must be between 1 and 100000");
+    }
+    page.enabled.then_some(page)
+}
+
 pub(super) fn cluster(sink: &mut ErrorSink<'_>, root: &Table) -> Option<ClusterSection> {
     let cluster: ClusterSection = root
         .get("cluster")

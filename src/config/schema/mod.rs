@@ -547,7 +547,30 @@ pub const SECTIONS: &[&str] = &[
     "usage",
     "logs",
     "cluster",
+    "usage_page",
 ];
+
+/// `[usage_page]`: the customer usage page on the proxy listeners (docs/customer-usage.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsagePageSection {
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Served at this exact path; it takes precedence over routes.
+    #[serde(default = "default_usage_page_path")]
+    pub path: String,
+    /// Page views per minute per key (all at once at most).
+    #[serde(default = "default_usage_page_rate")]
+    pub rate_per_minute: u32,
+}
+
+fn default_usage_page_path() -> String {
+    "/usage".to_string()
+}
+
+fn default_usage_page_rate() -> u32 {
+    30
+}
 
 pub type Upstreams = BTreeMap<String, UpstreamSection>;
 
