@@ -43,4 +43,10 @@ command -v moto_server >/dev/null || pip_install "moto[server]"
 command -v promtool >/dev/null || apt_install prometheus
 command -v systemd-analyze >/dev/null || apt_install systemd
 
+# The console (tests/console.rs): Debian's Chromium, driven by Playwright (playwright-core,
+# pinned in tests/console/package-lock.json; it never downloads a browser of its own).
+command -v chromium >/dev/null || apt_install chromium
+command -v npm >/dev/null || apt_install nodejs npm
+[ -d tests/console/node_modules/playwright-core ] || (cd tests/console && npm ci --no-audit --no-fund --silent)
+
 cargo test --locked --all-targets "$@"

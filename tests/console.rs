@@ -138,7 +138,12 @@ async fn the_console_in_a_real_browser_shows_what_the_admin_api_says_and_manages
         .as_array()
         .unwrap()
         .iter()
-        .map(|r| (r["subject"].as_str().unwrap().to_string(), r["requests"].as_u64().unwrap()))
+        .map(|r| {
+            (
+                r["subject"].as_str().unwrap().to_string(),
+                r["requests"].as_u64().unwrap(),
+            )
+        })
         .collect();
     assert_eq!(api_rows[0], (format!("key:{acme_id}"), 30));
     assert_eq!(api_rows[1], (format!("key:{globex_id}"), 12));
@@ -150,7 +155,10 @@ async fn the_console_in_a_real_browser_shows_what_the_admin_api_says_and_manages
         .collect();
     assert_eq!(shown, api_rows[..shown.len()].to_vec());
     assert_eq!(seen["usage"]["top_month"][0]["requests"], 30);
-    assert_eq!(seen["usage"]["consumers_day"][0], json!({"name": "acme", "requests": 30}));
+    assert_eq!(
+        seen["usage"]["consumers_day"][0],
+        json!({"name": "acme", "requests": 30})
+    );
     // The first key's 30 days: today's bar holds its 30 calls, under pro's daily line.
     let bars = seen["usage"]["detail"]["bars"].as_array().unwrap();
     assert_eq!(bars.len(), 30);
@@ -168,7 +176,10 @@ async fn the_console_in_a_real_browser_shows_what_the_admin_api_says_and_manages
     assert_eq!(seen["keys"]["secret_hidden"], true);
     let id = created["id"].as_str().unwrap();
     let stored = admin(&gateway, "GET", &format!("/v1/keys/{id}")).await.json();
-    assert_eq!((stored["consumer"].as_str(), stored["revoked"].as_bool()), (Some("globex"), Some(true)));
+    assert_eq!(
+        (stored["consumer"].as_str(), stored["revoked"].as_bool()),
+        (Some("globex"), Some(true))
+    );
 
     // Cluster (single node here).
     assert_eq!(seen["cluster"][0], "single node");
@@ -179,7 +190,15 @@ async fn the_console_in_a_real_browser_shows_what_the_admin_api_says_and_manages
     assert_eq!(seen["customer"]["bars"], 30);
     assert!(seen["customer"]["plan"].as_str().unwrap().contains("pro"));
 
-    for name in ["login", "traffic", "upstreams", "usage", "keys", "cluster", "customer-usage"] {
+    for name in [
+        "login",
+        "traffic",
+        "upstreams",
+        "usage",
+        "keys",
+        "cluster",
+        "customer-usage",
+    ] {
         let size = std::fs::metadata(shots.join(format!("{name}.png"))).map_or(0, |m| m.len());
         assert!(size > 10_000, "screenshot {name}.png is {size} bytes");
     }
@@ -193,7 +212,10 @@ async fn the_console_is_self_contained_and_its_data_needs_the_token() {
     assert_eq!(page.status, 200);
     assert!(page.headers["content-type"].to_str().unwrap().starts_with("text/html"));
     let policy = page.headers["content-security-policy"].to_str().unwrap();
-    assert!(policy.contains("default-src 'none'") && policy.contains("frame-ancestors 'none'"), "{policy}");
+    assert!(
+        policy.contains("default-src 'none'") && policy.contains("frame-ancestors 'none'"),
+        "{policy}"
+    );
     let html = page.text();
     let mut assets = vec![("/console".to_string(), html.clone())];
     for path in ["/console/app.js", "/console/app.css", "/console/icon.svg"] {
@@ -206,7 +228,9 @@ async fn the_console_is_self_contained_and_its_data_needs_the_token() {
     // name, which is an identifier, never fetched.
     for (path, text) in &assets {
         for (at, _) in text.match_indices("://") {
-            let start = text[..at].rfind(|c: char| !c.is_ascii_alphanumeric()).map_or(0, |i| i + 1);
+            let start = text[..at]
+                .rfind(|c: char| !c.is_ascii_alphanumeric())
+                .map_or(0, |i| i + 1);
             let url: String = text[start..].chars().take_while(|c| !"\"' )`".contains(*c)).collect();
             assert_eq!(url, "http://www.w3.org/2000/svg", "{path} names an outside URL");
         }
@@ -234,7 +258,10 @@ async fn the_console_is_self_contained_and_its_data_needs_the_token() {
         if sum == 6 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "traffic never showed 6 requests: {traffic}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "traffic never showed 6 requests: {traffic}"
+        );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
     let bad = admin(&gateway, "GET", "/v1/traffic?minutes=0").await;
@@ -266,7 +293,12 @@ async fn the_customer_page_shows_a_key_its_own_usage_and_nothing_else() {
     assert_eq!(reply.headers["cache-control"], "private, no-store");
     let mine = reply.json();
     let report = admin(&gateway, "GET", &format!("/v1/usage?key={acme_id}")).await.json();
-    let reported: u64 = report["rows"].as_array().unwrap().iter().map(|r| r["requests"].as_u64().unwrap()).sum();
+    let reported: u64 = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["requests"].as_u64().unwrap())
+        .sum();
     assert_eq!(reported, 7);
     assert_eq!(mine["key"], acme_id);
     assert_eq!(mine["today"]["used"], 7);
@@ -287,7 +319,12 @@ async fn the_customer_page_shows_a_key_its_own_usage_and_nothing_else() {
     assert!(html.headers["content-type"].to_str().unwrap().starts_with("text/html"));
     let body = html.text();
     assert!(body.contains("data-used=\"7\"") && !body.contains("<script"), "{body}");
-    assert!(html.headers["content-security-policy"].to_str().unwrap().contains("default-src 'none'"));
+    assert!(
+        html.headers["content-security-policy"]
+            .to_str()
+            .unwrap()
+            .contains("default-src 'none'")
+    );
 
     // The page counts against nobody's quota: still 7 after the views.
     let again = page(Some(&acme), Some("application/json")).await.json();
@@ -327,7 +364,10 @@ async fn the_customer_page_shows_a_key_its_own_usage_and_nothing_else() {
 
     // Counted as its own "route" in the metrics, and a revoked key sees nothing.
     assert!(route_total(&gateway, "(usage_page)").await >= 8);
-    assert_eq!(admin(&gateway, "DELETE", &format!("/v1/keys/{acme_id}")).await.status, 204);
+    assert_eq!(
+        admin(&gateway, "DELETE", &format!("/v1/keys/{acme_id}")).await.status,
+        204
+    );
     let revoked = page(Some(&acme), None).await;
     assert_eq!(revoked.status, 403);
     assert_eq!(revoked.json()["error"]["code"], "key_revoked");

@@ -62,6 +62,7 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
     println!("  gateway      http://{proxy}");
     println!("  example API  http://{upstream} (fake IP geolocation)");
     println!("  admin API    http://{admin}  token {token}");
+    println!("  console      http://{admin}/console  (sign in with the token)");
     println!(
         "  config       {}  (edit it, then: kill -HUP {})",
         config_path.display(),
@@ -105,6 +106,11 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
             "a path with no route (404 JSON error)",
             format!("http://{proxy}/nowhere"),
             None,
+        ),
+        (
+            "the key's own usage page (JSON; open it in a browser with ?api_key=... for the page)",
+            format!("http://{proxy}/usage?format=json"),
+            Some(("X-API-Key", key.as_str())),
         ),
         (
             "the admin metrics",
@@ -213,6 +219,10 @@ by = ["ip", "referer"]
 
 [usage]
 flush_interval = "200ms"
+
+# Each key's own usage page: http://{listen}/usage?api_key=... (docs/customer-usage.md).
+[usage_page]
+path = "/usage"
 
 [logs]
 dir = "{data}/logs"

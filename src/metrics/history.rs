@@ -120,6 +120,9 @@ pub struct Traffic {
     pub series: BTreeMap<String, Vec<Point>>,
 }
 
+/// Counters read at a moment: (unix seconds, the monotonic instant, each route's counts).
+pub type Reading = (u64, std::time::Instant, Vec<(String, RouteCounts)>);
+
 /// The samples of the last hour.
 #[derive(Default)]
 pub struct TrafficHistory {
@@ -152,7 +155,7 @@ impl TrafficHistory {
 
     /// The series since `since` (unix seconds), plus a last, partial point from the
     /// counts read now (`current`), so traffic shows before the next sample is due.
-    pub fn series(&self, since: u64, current: Option<(u64, std::time::Instant, Vec<(String, RouteCounts)>)>) -> Traffic {
+    pub fn series(&self, since: u64, current: Option<Reading>) -> Traffic {
         let inner = self.lock();
         let partial = current.and_then(|(at, now, counts)| {
             let (_, then, last) = inner.last.as_ref()?;
@@ -207,7 +210,10 @@ impl TrafficHistory {
     }
 }
 
-fn difference(current: &BTreeMap<String, RouteCounts>, last: &BTreeMap<String, RouteCounts>) -> Vec<(String, RouteCounts)> {
+fn difference(
+    current: &BTreeMap<String, RouteCounts>,
+    last: &BTreeMap<String, RouteCounts>,
+) -> Vec<(String, RouteCounts)> {
     current
         .iter()
         .map(|(name, counts)| {
@@ -347,7 +353,11 @@ mod tests {
         let history = TrafficHistory::default();
         let start = std::time::Instant::now();
         for i in 0..=(KEEP as u64 + 10) {
-            history.record(i * 5, start + Duration::from_secs(i * 5), vec![("a".into(), counts(i, 0, 0))]);
+            history.record(
+                i * 5,
+                start + Duration::from_secs(i * 5),
+                vec![("a".into(), counts(i, 0, 0))],
+            );
         }
         assert_eq!(history.series(0, None).series["a"].len(), KEEP);
     }

@@ -93,10 +93,13 @@ impl Worker {
             Credentials::Key(key, source) => (key, source),
             _ => return Err(ProxyError::new(ErrorKind::MissingCredentials)),
         };
-        let identity = auth::authenticate_key(&self.gateway.keys, Some(key), auth::unix_now()).map_err(|e| match e {
-            AuthError::InvalidApiKey if !self.gateway.catalog.available() => ProxyError::new(ErrorKind::StateUnavailable),
-            e => ProxyError::new(auth_error_kind(e)),
-        })?;
+        let identity =
+            auth::authenticate_key(&self.gateway.keys, Some(key), auth::unix_now()).map_err(|e| match e {
+                AuthError::InvalidApiKey if !self.gateway.catalog.available() => {
+                    ProxyError::new(ErrorKind::StateUnavailable)
+                }
+                e => ProxyError::new(auth_error_kind(e)),
+            })?;
         let now = self.gateway.usage.clock.now();
         let admitted = self.gateway.usage_page_rate.admit(&page.rate, &identity.key_id, now);
         ctx.caller = Caller::Key { identity, source };
@@ -114,23 +117,35 @@ impl Worker {
     }
 
     /// The page for the identified caller.
-    pub(super) async fn usage_page(&self, ctx: &RequestCtx<'_>, head: Head<'_>) -> Result<Response<ProxyBody>, ProxyError> {
+    pub(super) async fn usage_page(
+        &self,
+        ctx: &RequestCtx<'_>,
+        head: Head<'_>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let identity = ctx.identity().ok_or_else(|| ProxyError::new(ErrorKind::Internal))?;
         let data = self.page_data(identity).await?;
         let (body, content_type, policy) = if wants_json(head) {
-            let json = serde_json::to_vec(&data).map_err(|e| ProxyError::with_cause(ErrorKind::Internal, e.to_string()))?;
+            let json =
+                serde_json::to_vec(&data).map_err(|e| ProxyError::with_cause(ErrorKind::Internal, e.to_string()))?;
             (json, "application/json", None)
         } else {
             // No script at all; the style sheet is inline.
             let policy = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
-            (render_html(&data).into_bytes(), "text/html; charset=utf-8", Some(policy))
+            (
+                render_html(&data).into_bytes(),
+                "text/html; charset=utf-8",
+                Some(policy),
+            )
         };
         let mut response = Response::new(ProxyBody::full(Bytes::from(body)));
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
         // One caller's numbers: never kept by a shared cache.
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("private, no-store"));
-        headers.insert(header::VARY, HeaderValue::from_static("Accept, Authorization, X-API-Key"));
+        headers.insert(
+            header::VARY,
+            HeaderValue::from_static("Accept, Authorization, X-API-Key"),
+        );
         headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
         headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
         if let Some(policy) = policy {
@@ -165,9 +180,10 @@ impl Worker {
         let (Ok(days_query), Ok(month_query)) = (days_query, month_query) else {
             return Err(ProxyError::new(ErrorKind::Internal));
         };
-        let unavailable = |e: crate::state::StateError| ProxyError::with_cause(ErrorKind::StateUnavailable, e.to_string());
-        let days_rows = usage.report(&days_query).await.map_err(unavailable)?;
-        let month_rows = usage.report(&month_query).await.map_err(unavailable)?;
+        let unavailable =
+            |e: &dyn std::fmt::Display| ProxyError::with_cause(ErrorKind::StateUnavailable, e.to_string());
+        let days_rows = usage.report(&days_query).await.map_err(|e| unavailable(&e))?;
+        let month_rows = usage.report(&month_query).await.map_err(|e| unavailable(&e))?;
         let plan = self.gateway.effective_plans().remove(&*identity.plan);
         let plan = PlanView {
             name: identity.plan.to_string(),
@@ -224,7 +240,12 @@ fn build(
         key: identity.key_id.to_string(),
         consumer: identity.consumer_id.to_string(),
         today: window_use(window::format_day(today), today_used, plan.daily, calendar.day_end),
-        month: window_use(month_label.clone(), sum(month_rows, &month_label), plan.monthly, calendar.month_end),
+        month: window_use(
+            month_label.clone(),
+            sum(month_rows, &month_label),
+            plan.monthly,
+            calendar.month_end,
+        ),
         plan,
         days,
         stale,
@@ -268,7 +289,7 @@ fn thousands(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(c);
@@ -301,7 +322,7 @@ fn meter(out: &mut String, title: &str, id: &str, usage: &WindowUse) {
             let _ = write!(
                 out,
                 "<div class=\"{class}\"><div class=\"fill\" style=\"width:{:.1}%\"></div><span><b data-used=\"{}\">{}</b> of {} requests</span></div>\
-                 <p>{} left · resets in {} ({})</p>",
+                 <p>{} left · resets in {} (<time datetime=\"{}\">{}</time>)</p>",
                 share * 100.0,
                 usage.used,
                 thousands(usage.used),
@@ -309,6 +330,7 @@ fn meter(out: &mut String, title: &str, id: &str, usage: &WindowUse) {
                 thousands(usage.remaining.unwrap_or(0)),
                 duration(usage.resets_in_seconds),
                 escape(&usage.resets_at),
+                escape(&usage.resets_at.replace('T', " ").replace(":00Z", " UTC")),
             );
         }
         None => {
@@ -327,7 +349,14 @@ fn meter(out: &mut String, title: &str, id: &str, usage: &WindowUse) {
 /// The 30-day bar chart, with the daily quota as a dashed line.
 fn chart(out: &mut String, days: &[DayUse], daily: Option<u64>) {
     let (width, height, left, bottom, top) = (720.0, 200.0, 44.0, 22.0, 12.0);
-    let peak = days.iter().map(|d| d.requests).max().unwrap_or(0).max(daily.unwrap_or(0)).max(1) as f64 * 1.08;
+    let peak = days
+        .iter()
+        .map(|d| d.requests)
+        .max()
+        .unwrap_or(0)
+        .max(daily.unwrap_or(0))
+        .max(1) as f64
+        * 1.08;
     let y = |v: f64| top + (1.0 - v / peak) * (height - top - bottom);
     let slot = (width - left - 6.0) / days.len().max(1) as f64;
     let _ = write!(
@@ -498,11 +527,21 @@ mod tests {
         assert_eq!(page.days.len(), 30);
         assert_eq!(page.days[0].date, "2026-11-06");
         assert_eq!(page.days[29].date, "2026-12-05");
-        assert_eq!(page.days.iter().map(|d| d.requests).sum::<u64>(), 47, "October is outside");
-        assert_eq!((page.today.used, page.today.quota, page.today.remaining), (40, Some(50), Some(10)));
+        assert_eq!(
+            page.days.iter().map(|d| d.requests).sum::<u64>(),
+            47,
+            "October is outside"
+        );
+        assert_eq!(
+            (page.today.used, page.today.quota, page.today.remaining),
+            (40, Some(50), Some(10))
+        );
         assert_eq!(page.today.resets_at, "2026-12-06T00:00:00Z");
         assert_eq!(page.today.resets_in_seconds, 23 * 3600);
-        assert_eq!((page.month.window.as_str(), page.month.used, page.month.remaining), ("2026-12", 45, Some(955)));
+        assert_eq!(
+            (page.month.window.as_str(), page.month.used, page.month.remaining),
+            ("2026-12", 45, Some(955))
+        );
         assert_eq!(page.month.resets_at, "2027-01-01T00:00:00Z");
     }
 

@@ -116,7 +116,7 @@ function short(value) {
 
 // series: [{label, color, points: [[x, y], ...]}]; x is unix seconds.
 function lineChart(series, opts) {
-  const width = 560, height = 200, left = 44, right = 10, top = 10, bottom = 24;
+  const width = 600, height = 200, left = 54, right = 12, top = 10, bottom = 24;
   const xs = series.flatMap((s) => s.points.map((p) => p[0]));
   const ys = series.flatMap((s) => s.points.map((p) => p[1]).filter((y) => y !== null));
   const count = series.reduce((n, s) => n + s.points.length, 0);
@@ -162,7 +162,7 @@ function lineChart(series, opts) {
 
 // bars: [{label, value}]; lines: [{label, value, color}] drawn across (quota lines).
 function barChart(bars, lines) {
-  const width = 720, height = 220, left = 48, right = 10, top = 14, bottom = 28;
+  const width = 1100, height = 230, left = 52, right = 10, top = 16, bottom = 28;
   const yMax = niceMax(Math.max(1, ...bars.map((b) => b.value), ...lines.map((l) => l.value * 1.05)));
   const root = svg("svg", { viewBox: `0 0 ${width} ${height}`, class: "chart-svg", role: "img", "data-bars": bars.length, "aria-label": "daily usage" });
   const py = (y) => top + (1 - y / yMax) * (height - top - bottom);
@@ -223,7 +223,9 @@ async function loadTraffic() {
     card("Open connections", num(body.open_connections), "now", "connections"),
   );
   drawTraffic();
-  const rows = traffic.routes.filter((r) => r !== "(all)").map((route) => {
+  // Labels with no requests in the window (no route matched, the usage page) are left out.
+  const busy = traffic.routes.filter((r) => r !== "(all)" && (traffic.series[r] || []).some((p) => p.requests > 0));
+  const rows = busy.map((route) => {
     const points = traffic.series[route] || [];
     const requests = points.reduce((n, p) => n + p.requests, 0);
     const failed = points.reduce((n, p) => n + p.errors, 0);
@@ -301,11 +303,10 @@ function topTable(node, rows, subjectColumn) {
     const label = kind ? el("a", { href: "#usage", onclick: (ev) => { ev.preventDefault(); showDetail(kind, kind === "key" ? name.slice(4) : name); } }, name) : name;
     return el("tr", { "data-name": name },
       el("td", { class: "n muted" }, i + 1), el("td", { class: "name" }, label),
-      subjectColumn ? el("td", { class: "muted" }, r.consumer || "") : null,
       el("td", { class: "n", "data-requests": r.requests }, num(r.requests)),
       el("td", { class: "bar-cell" }, el("div", { class: "hbar", style: `width:${((r.requests / max) * 100).toFixed(1)}%` })));
   });
-  table(node, subjectColumn ? ["#", "Subject", "Consumer", "Requests", ""] : ["#", "Consumer", "Requests", ""], trs, "No usage recorded.");
+  table(node, ["#", subjectColumn ? "Subject" : "Consumer", "Requests", ""], trs, "No usage recorded.");
 }
 
 async function loadUsage() {
@@ -370,14 +371,14 @@ async function showDetail(kind, id) {
     if (plan.daily && kind === "key") lines.push({ label: "daily quota", value: plan.daily, color: "#d64545" });
     const monthUsed = month.rows.filter((r) => r.window === today.slice(0, 7)).reduce((n, r) => n + r.requests, 0);
     const todayUsed = byDay.get(today) || 0;
-    out.replaceChildren(
+    out.replaceChildren(...[
       el("div", { class: "cards" },
         card("Plan", plan.name + (plan.missing ? " (undefined)" : ""), plan.rate_per_second ? `${plan.rate_per_second}/s, burst ${plan.burst || plan.rate_per_second}` : "no rate limit", "plan"),
         el("div", { class: "stat", "data-stat": "today" }, el("div", { class: "stat-label" }, `Today (${today})`), kind === "key" ? meter(todayUsed, plan.daily) : el("div", { class: "stat-value" }, num(todayUsed))),
         el("div", { class: "stat", "data-stat": "month" }, el("div", { class: "stat-label" }, `This month (${today.slice(0, 7)})`), kind === "key" ? meter(monthUsed, plan.monthly) : el("div", { class: "stat-value" }, num(monthUsed)))),
       el("div", { class: "chart wide", id: "detail-chart" }, barChart(bars, lines)),
       kind === "consumer" ? el("p", { class: "muted" }, "Quotas apply per key; a consumer's chart sums its keys.") : null,
-    );
+    ].filter(Boolean));
   } catch (e) {
     out.replaceChildren(el("p", { class: "error" }, e.status === 404 ? `No ${kind} ${id}.` : e.message));
   }

@@ -94,7 +94,10 @@ pub async fn traffic(State(state): State<AdminState>, query: Result<Query<Traffi
     responses((status = 200, description = "`mode` (`single` or `global`); in global mode `node`, `region`, `connected`, `attached`, `live_nodes`, `nodes`, `regions` (per region `usage` and `catalog`: `heard_ms_ago`, `stale`, `applied`, `behind`) and `outbox_slots`")))]
 pub async fn cluster(State(state): State<AdminState>) -> Response {
     let Some(replica) = state.gateway.replica.clone() else {
-        return axum::Json(json!({"mode": "single", "node": crate::gateway::node_name(&state.gateway.snapshot().config)})).into_response();
+        return axum::Json(
+            json!({"mode": "single", "node": crate::gateway::node_name(&state.gateway.snapshot().config)}),
+        )
+        .into_response();
     };
     // The outbox count reads the node's SQLite file.
     match tokio::task::spawn_blocking(move || replica.status()).await {

@@ -171,7 +171,11 @@ pub(super) fn usage_page(sink: &mut ErrorSink<'_>, root: &Table) -> Option<schem
         );
     }
     if !(1..=100_000).contains(&page.rate_per_minute) {
-        sink.push(field_span(item, "rate_per_minute"), "usage_page.rate_per_minute", "must be between 1 and 100000");
+        sink.push(
+            field_span(item, "rate_per_minute"),
+            "usage_page.rate_per_minute",
+            "must be between 1 and 100000",
+        );
     }
     page.enabled.then_some(page)
 }

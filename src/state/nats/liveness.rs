@@ -11,7 +11,9 @@ use crate::base::{Shutdown, stopped};
 
 impl NatsBackend {
     /// Nodes heard from: name → (region, last heartbeat).
-    pub(super) fn peers(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (String, std::time::Instant)>> {
+    pub(super) fn peers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, (String, std::time::Instant)>> {
         self.peers.lock().unwrap_or_else(|e| e.into_inner())
     }
 

@@ -132,11 +132,13 @@ impl Regions {
                 applied,
                 behind: tail.saturating_sub(applied),
             };
-            let entry = regions.entry(region.clone()).or_insert_with(|| crate::state::RegionStatus {
-                region,
-                usage: None,
-                catalog: None,
-            });
+            let entry = regions
+                .entry(region.clone())
+                .or_insert_with(|| crate::state::RegionStatus {
+                    region,
+                    usage: None,
+                    catalog: None,
+                });
             match log {
                 Log::Usage => entry.usage = Some(stream),
                 Log::Catalog => entry.catalog = Some(stream),
