@@ -211,6 +211,34 @@ async fn a_region_cut_off_keeps_serving_and_converges_after_rejoining() {
     let upstream = Upstream::start("u").await;
     let nodes = start_nodes(&cluster, upstream.addr);
     let (key_id, secret) = key_everywhere(&nodes).await;
+    // The console's cluster view (`GET /v1/cluster`): every node and region, all fresh.
+    let view = |i: usize| admin_get(&nodes[i].gateway, "/v1/cluster");
+    let region3 = Supercluster::name(2);
+    let stale = |body: &serde_json::Value, region: &str| {
+        body["regions"]
+            .as_array()
+            .and_then(|rs| rs.iter().find(|r| r["region"] == region))
+            .map(|r| r["usage"]["stale"] == true || r["catalog"]["stale"] == true)
+    };
+    let deadline = Instant::now() + Duration::from_secs(8);
+    let whole = loop {
+        let (status, body) = view(0).await;
+        assert_eq!(status, 200);
+        if body["live_nodes"] == 6 && body["regions"].as_array().is_some_and(|r| r.len() == 3) {
+            break body;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster view never showed 6 nodes in 3 regions: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        (whole["mode"].as_str(), whole["region"].as_str()),
+        (Some("global"), Some(Supercluster::name(0).as_str()))
+    );
+    assert_eq!(whole["nodes"].as_array().unwrap().len(), 6, "{whole}");
+    assert_eq!(stale(&whole, &region3), Some(false), "{whole}");
 
     // Region 3's links to the others are cut; every server keeps running.
     cluster.cut_region(2);
@@ -218,6 +246,10 @@ async fn a_region_cut_off_keeps_serving_and_converges_after_rejoining() {
     let admitted = nodes.len() as u64 + served;
     println!("region 3 cut off for 4 s: {admitted} admitted, {errors} errors");
     assert_eq!(errors, 0, "both sides kept serving");
+    // Region 1's nodes see region 3 stale and its nodes gone.
+    let (_, cut) = view(0).await;
+    assert_eq!(stale(&cut, &region3), Some(true), "{cut}");
+    assert_eq!(cut["live_nodes"], 4, "{cut}");
 
     cluster.heal_region(2);
     let healed = Instant::now();
@@ -234,6 +266,19 @@ async fn a_region_cut_off_keeps_serving_and_converges_after_rejoining() {
         took < Duration::from_secs(4),
         "converged {took:?} after the links returned"
     );
+    // Fresh again in the cluster view (heard within its 3 s window).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let (_, body) = view(0).await;
+        if stale(&body, &region3) == Some(false) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "region 3 still stale after rejoining: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// `GET path` on an admin API: (status, JSON body).

@@ -136,7 +136,7 @@ function lineChart(series, opts) {
   }
   for (let i = 0; i <= 4; i++) {
     const x = x0 + ((x1 - x0) * i) / 4;
-    root.append(svg("text", { x: px(x), y: height - 6, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle", class: "axis" }, clock(x).slice(0, 5)));
+    root.append(svg("text", { x: px(x), y: height - 6, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle", class: "axis" }, clock(x).slice(0, x1 - x0 < 300 ? 8 : 5)));
   }
   for (const s of series) {
     const points = s.points.filter((p) => p[1] !== null);
