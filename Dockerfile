@@ -7,7 +7,7 @@ COPY src ./src
 COPY benches ./benches
 COPY examples ./examples
 RUN cargo build --release --locked --bin tollgate \
-    && install -D -m 0755 target/release/tollgate /out/tollgate
+    && install -D -s -m 0755 target/release/tollgate /out/tollgate
 
 # glibc and libgcc only (SQLite is compiled into the binary); `nonroot` is uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
