@@ -16,18 +16,23 @@ use crate::model::{Plan, StateData};
 pub(super) fn effective(config: &Config, data: &StateData) -> BTreeMap<String, Plan> {
     let mut plans = data.plans.clone();
     for (name, plan) in &config.plans {
-        plans.entry(name.clone()).or_insert_with(|| Plan {
-            name: name.clone(),
-            rate_per_second: plan.rate.as_ref().map(|r| r.per_second),
-            burst: plan.rate.as_ref().and_then(|r| r.burst),
-            daily: plan.daily,
-            monthly: plan.monthly,
-            groups: plan.groups.clone(),
-            on_partition: plan.on_partition,
-            partition_allowance: plan.partition_allowance,
-        });
+        plans.entry(name.clone()).or_insert_with(|| file_plan(name, plan));
     }
     plans
+}
+
+/// A `[plans.NAME]` section as a plan.
+fn file_plan(name: &str, plan: &crate::config::PlanSection) -> Plan {
+    Plan {
+        name: name.to_string(),
+        rate_per_second: plan.rate.as_ref().map(|r| r.per_second),
+        burst: plan.rate.as_ref().and_then(|r| r.burst),
+        daily: plan.daily,
+        monthly: plan.monthly,
+        groups: plan.groups.clone(),
+        on_partition: plan.on_partition,
+        partition_allowance: plan.partition_allowance,
+    }
 }
 
 /// `rate_share`: how many live nodes share each plan's rate limit.
@@ -46,6 +51,14 @@ impl Gateway {
     /// Every plan: the file's, overridden by stored ones of the same name.
     pub fn effective_plans(&self) -> BTreeMap<String, Plan> {
         effective(&self.snapshot().config, &self.read_data())
+    }
+
+    /// One plan as `effective_plans` has it (a stored plan overrides the file's).
+    pub fn effective_plan(&self, name: &str) -> Option<Plan> {
+        if let Some(stored) = self.read_data().plans.get(name) {
+            return Some(stored.clone());
+        }
+        self.snapshot().config.plans.get(name).map(|plan| file_plan(name, plan))
     }
 
     /// Recompiles the request path's plans after a plan write or a reload; applies to the

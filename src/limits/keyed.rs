@@ -22,18 +22,10 @@ impl KeyedRate {
         if tats.len() >= MAX_NAMES && !tats.contains_key(name) {
             tats.retain(|_, tat| *tat > now.0);
             if tats.len() >= MAX_NAMES {
-                // Every name is active: refuse the newcomer rather than forget a limit.
-                return Err(check_rate(gcra, u64::MAX / 2, now).err().unwrap_or_else(|| Rejection {
-                    kind: super::RejectKind::RateLimited,
-                    status: LimitStatus {
-                        name: super::LimitName::Rate,
-                        quota: u64::from(gcra.burst),
-                        window_secs: gcra.window_secs(),
-                        remaining: 0,
-                        reset_secs: 1,
-                    },
-                    retry_after: 1,
-                }));
+                // Every name is active: refuse the newcomer (as one whose burst is spent)
+                // rather than forget a limit.
+                let full = now.0.saturating_add(gcra.capacity_ns());
+                return check_rate(gcra, full, now).map(|(_, status)| status);
             }
         }
         let tat = tats.get(name).copied().unwrap_or(0);

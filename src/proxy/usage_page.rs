@@ -184,7 +184,7 @@ impl Worker {
             |e: &dyn std::fmt::Display| ProxyError::with_cause(ErrorKind::StateUnavailable, e.to_string());
         let days_rows = usage.report(&days_query).await.map_err(|e| unavailable(&e))?;
         let month_rows = usage.report(&month_query).await.map_err(|e| unavailable(&e))?;
-        let plan = self.gateway.effective_plans().remove(&*identity.plan);
+        let plan = self.gateway.effective_plan(&identity.plan);
         let plan = PlanView {
             name: identity.plan.to_string(),
             defined: plan.is_some(),

@@ -394,7 +394,7 @@ function renderKeys() {
   const keys = state.keys.filter((k) => !query || [k.id, k.consumer, k.plan || "", k.prefix].some((v) => v.toLowerCase().includes(query)));
   keys.sort((a, b) => b.created_at - a.created_at);
   const rows = keys.slice(0, 500).map((k) => {
-    const plan = el("select", { "aria-label": `plan of ${k.id}`, disabled: k.revoked, onchange: (ev) => changeKeyPlan(k, ev.target.value) },
+    const plan = el("select", { "aria-label": `plan of ${k.id}`, disabled: k.revoked, onchange: (ev) => changePlan("keys", k.id, ev.target.value, "its consumer's plan") },
       el("option", { value: "" }, "consumer's plan"), ...state.plans.map((p) => el("option", { value: p.name, selected: p.name === k.plan }, p.name)));
     const revoke = k.revoked ? el("span", { class: "pill bad" }, "revoked") : el("button", { class: "danger small", type: "button", "data-revoke": k.id, onclick: () => revokeKey(k) }, "Revoke");
     return el("tr", { "data-key": k.id, class: k.revoked ? "row-muted" : "" },
@@ -419,7 +419,7 @@ async function loadKeys() {
   renderKeys();
   table($("consumers-table"), ["Id", "Plan", "Created", "Keys"], state.consumers.map((c) => el("tr", { "data-consumer": c.id },
     el("td", {}, c.id),
-    el("td", {}, el("select", { "aria-label": `plan of ${c.id}`, onchange: (ev) => changeConsumerPlan(c, ev.target.value) }, el("option", { value: "" }, "default plan"), ...state.plans.map((p) => el("option", { value: p.name, selected: p.name === c.plan }, p.name)))),
+    el("td", {}, el("select", { "aria-label": `plan of ${c.id}`, onchange: (ev) => changePlan("consumers", c.id, ev.target.value, "the default plan") }, el("option", { value: "" }, "default plan"), ...state.plans.map((p) => el("option", { value: p.name, selected: p.name === c.plan }, p.name)))),
     el("td", {}, dateOf(c.created_at)), el("td", { class: "n" }, state.keys.filter((k) => k.consumer === c.id && !k.revoked).length))), "No consumers yet.");
   const q = (v) => (v === null || v === undefined ? "–" : num(v));
   table($("plans-table"), ["Plan", "Rate/s", "Burst", "Daily", "Monthly", "Groups", "On partition"], state.plans.map((p) => el("tr", { "data-plan": p.name },
@@ -427,23 +427,14 @@ async function loadKeys() {
     el("td", {}, Object.keys(p.groups || {}).join(", ") || "–"), el("td", {}, p.on_partition || "available"))), "No plans.");
 }
 
-async function changeKeyPlan(key, plan) {
+// `kind` is "keys" or "consumers"; an empty plan clears it (`fallback` says what applies then).
+async function changePlan(kind, id, plan, fallback) {
   try {
-    await api(`/v1/keys/${encodeURIComponent(key.id)}`, { method: "PATCH", json: { plan: plan || null } });
-    notice(`Key ${key.id} now on ${plan || "its consumer's plan"}.`, "ok");
+    await api(`/v1/${kind}/${encodeURIComponent(id)}`, { method: "PATCH", json: { plan: plan || null } });
+    notice(`${id} now on ${plan || fallback}.`, "ok");
     await loadKeys();
   } catch (e) {
-    notice(`Could not change the plan of ${key.id}: ${e.message}`);
-  }
-}
-
-async function changeConsumerPlan(consumer, plan) {
-  try {
-    await api(`/v1/consumers/${encodeURIComponent(consumer.id)}`, { method: "PATCH", json: { plan: plan || null } });
-    notice(`Consumer ${consumer.id} now on ${plan || "the default plan"}.`, "ok");
-    await loadKeys();
-  } catch (e) {
-    notice(`Could not change the plan of ${consumer.id}: ${e.message}`);
+    notice(`Could not change the plan of ${id}: ${e.message}`);
   }
 }
 
