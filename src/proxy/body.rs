@@ -7,13 +7,13 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
 use crate::base::{ConnPhase, Deadline};
 use crate::logs::Pending;
 use crate::upstream::InflightGuard;
-use crate::upstream::client::PooledConn;
+use crate::upstream::client::{PooledConn, UpstreamBody};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -33,7 +33,7 @@ enum Kind {
 }
 
 struct TimedBody {
-    inner: Incoming,
+    inner: UpstreamBody,
     idle: Duration,
     deadline: Option<Instant>,
     timer: Deadline,
@@ -75,7 +75,7 @@ impl ProxyBody {
 
     /// Streams `inner`, failing when no frame arrives for `idle` or `deadline` passes.
     pub fn upstream(
-        inner: Incoming,
+        inner: UpstreamBody,
         idle: Duration,
         deadline: Option<Instant>,
         inflight: InflightGuard,
@@ -169,7 +169,7 @@ impl Body for ProxyBody {
                         None => timed.ended = true,
                     }
                     timed.release_if_done(frame.is_none());
-                    return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
+                    return Poll::Ready(frame);
                 }
                 ready!(timed.timer.poll_expired(cx));
                 let which = match timed.deadline {

@@ -16,7 +16,7 @@ use super::{ProxyBody, RequestCtx, Worker, forward};
 use crate::base::{ErrorKind, ErrorSource, ProxyError};
 use crate::config::HashKey;
 use crate::gateway::{Route, Snapshot, UpstreamPool};
-use crate::upstream::client::{ClientBody, PooledConn, RequestBody, SendError};
+use crate::upstream::client::{ClientBody, PooledConn, RequestBody, SendError, UpstreamBody};
 use crate::upstream::{InflightGuard, Selected, Target, Tried};
 
 /// The endpoint chosen for one try.
@@ -44,7 +44,7 @@ impl Peer {
 }
 
 /// The upstream's response head, and the pooled connection its body comes on.
-type Answer = (Response<Incoming>, Option<PooledConn>);
+type Answer = (Response<UpstreamBody>, Option<PooledConn>);
 
 /// One try's result: what to answer if it is the last, and what to send if it is not.
 struct Try {
@@ -245,7 +245,7 @@ fn retry_peer(upstream: &UpstreamPool, ctx: &mut RequestCtx<'_>, tried: &Tried) 
 /// The upstream's response for the client: its body streamed under the read-idle and
 /// total deadlines, holding the endpoint's in-flight count; a protocol switch tunnelled.
 fn respond(
-    mut response: Response<Incoming>,
+    mut response: Response<UpstreamBody>,
     pooled: Option<PooledConn>,
     peer: Peer,
     client_upgrade: Option<OnUpgrade>,

@@ -21,7 +21,7 @@ use hyper_util::rt::TokioIo;
 use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
-use super::{Endpoint, Target, UpstreamTls};
+use super::{Endpoint, Target, UpstreamTls, h1};
 use crate::base::{ErrorKind, ProxyError};
 use rustls::pki_types::ServerName;
 
@@ -227,7 +227,7 @@ impl From<ProxyError> for SendError {
 
 /// Idle connections are kept per endpoint address and TLS settings (a pool's own, by
 /// identity), so a connection is only reused the way it was set up.
-type IdleKey = (SocketAddr, usize);
+pub(crate) type IdleKey = (SocketAddr, usize);
 
 fn idle_key(addr: SocketAddr, tls: Option<&Arc<UpstreamTls>>) -> IdleKey {
     (addr, tls.map_or(0, |t| Arc::as_ptr(t) as usize))
@@ -240,6 +240,32 @@ struct IdleConn {
 
 thread_local! {
     static IDLE: RefCell<FxHashMap<IdleKey, Vec<IdleConn>>> = RefCell::default();
+    /// The purpose-built client's idle connections (`h1`), apart from hyper's.
+    static IDLE_H1: RefCell<FxHashMap<IdleKey, Vec<(Box<h1::Conn>, Instant)>>> = RefCell::default();
+}
+
+/// Takes back a connection whose response was read to its end.
+pub(crate) fn release_h1(key: IdleKey, conn: Box<h1::Conn>) {
+    IDLE_H1.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        let list = idle.entry(key).or_default();
+        if list.len() < MAX_IDLE_PER_ADDR {
+            list.push((conn, Instant::now()));
+        }
+    });
+}
+
+fn checkout_h1(key: IdleKey) -> Option<Box<h1::Conn>> {
+    IDLE_H1.with(|idle| {
+        let mut idle = idle.borrow_mut();
+        let list = idle.get_mut(&key)?;
+        while let Some((mut conn, since)) = list.pop() {
+            if since.elapsed() < IDLE_TIMEOUT && conn.is_usable() {
+                return Some(conn);
+            }
+        }
+        None
+    })
 }
 
 /// An HTTP/1.1 connection lent to one exchange; it goes back to the worker's pool when the
@@ -280,13 +306,13 @@ fn checkout(key: IdleKey) -> Option<http1::SendRequest<RequestBody>> {
     })
 }
 
-/// A new HTTP/1.1 connection to `addr`, over TLS when `tls` names the server; the TCP
-/// connect and the TLS handshake together get `connect_timeout`.
+/// A new connection to `addr`, over TLS when `tls` names the server; the TCP connect and
+/// the TLS handshake together get `connect_timeout`.
 async fn connect(
     addr: SocketAddr,
     connect_timeout: Duration,
     tls: Option<(&UpstreamTls, ServerName<'static>)>,
-) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
+) -> Result<h1::Io, ProxyError> {
     let deadline = Instant::now() + connect_timeout;
     let stream = match tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr)).await {
         Err(_) => return Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
@@ -295,12 +321,12 @@ async fn connect(
     };
     let _ = stream.set_nodelay(true);
     let Some((tls, name)) = tls else {
-        return handshake(addr, stream).await;
+        return Ok(h1::Io::Plain(stream));
     };
     match tokio::time::timeout_at(deadline, tls.connector.connect(name, stream)).await {
         Err(_) => Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
         Ok(Err(e)) => Err(ProxyError::with_cause(ErrorKind::UpstreamTls, e)),
-        Ok(Ok(stream)) => handshake(addr, stream).await,
+        Ok(Ok(stream)) => Ok(h1::Io::Tls(Box::new(stream))),
     }
 }
 
@@ -367,87 +393,156 @@ impl UpstreamClient {
         endpoint: &Endpoint,
         target: &Target,
         mut req: Request<RequestBody>,
-    ) -> Result<(Response<Incoming>, Option<PooledConn>), SendError> {
+    ) -> Result<(Response<UpstreamBody>, Option<PooledConn>), SendError> {
         match self {
             UpstreamClient::Http2(client) => {
                 set_absolute_uri(&mut req, http::uri::Scheme::HTTP, target)?;
                 let response = client.request(req).await.map_err(classify_legacy_error)?;
-                Ok((response, None))
+                Ok((response.map(UpstreamBody::Hyper), None))
             }
             UpstreamClient::Http2Tls(client) => {
                 set_absolute_uri(&mut req, http::uri::Scheme::HTTPS, target)?;
                 let response = client.request(req).await.map_err(classify_legacy_error)?;
-                Ok((response, None))
+                Ok((response.map(UpstreamBody::Hyper), None))
             }
-            UpstreamClient::Http1 {
-                connect_timeout,
-                connecting,
-                max_pending,
-                tls,
-            } => loop {
+            UpstreamClient::Http1 { tls, .. } => {
                 let key = idle_key(target.addr, tls.as_ref());
-                let (mut sender, reused) = match checkout(key) {
-                    Some(sender) => (sender, true),
-                    None => {
-                        let Some(slot) = PendingConnect::take(connecting, *max_pending) else {
-                            return Err(SendError {
-                                error: ProxyError::new(ErrorKind::UpstreamOverloaded),
-                                unsent: Some(req),
-                            });
-                        };
-                        let name = match tls.as_deref() {
-                            Some(tls) => match tls.name_for(endpoint) {
-                                Some(name) => Some((tls, name)),
-                                None => {
-                                    return Err(SendError {
-                                        error: ProxyError::new(ErrorKind::UpstreamTls),
-                                        unsent: Some(req),
-                                    });
-                                }
+                if h1::can_send(&req) {
+                    return self.send_h1(key, endpoint, target, req).await;
+                }
+                loop {
+                    let (mut sender, reused) = match checkout(key) {
+                        Some(sender) => (sender, true),
+                        None => match self.open(endpoint, target).await {
+                            Ok(io) => match handshake(target.addr, io).await {
+                                Ok(sender) => (sender, false),
+                                Err(error) => return Err(SendError { error, unsent: Some(req) }),
                             },
-                            None => None,
-                        };
-                        let connected = connect(target.addr, *connect_timeout, name).await;
-                        drop(slot);
-                        match connected {
-                            Ok(sender) => (sender, false),
-                            Err(error) => {
+                            Err(error) => return Err(SendError { error, unsent: Some(req) }),
+                        },
+                    };
+                    if let Err(error) = sender.ready().await {
+                        if reused {
+                            continue;
+                        }
+                        return Err(SendError {
+                            error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error),
+                            unsent: Some(req),
+                        });
+                    }
+                    match sender.try_send_request(req).await {
+                        Ok(response) => {
+                            return Ok((response.map(UpstreamBody::Hyper), Some(PooledConn { key, sender })));
+                        }
+                        Err(mut error) => match error.take_message() {
+                            // Never written: the idle connection was closed under us; use another.
+                            Some(unsent) if reused => req = unsent,
+                            unsent => {
+                                let error = error.into_error();
+                                let kind = ClientBodyError::find(&error)
+                                    .map_or(ErrorKind::UpstreamProtocol, ClientBodyError::kind);
                                 return Err(SendError {
-                                    error,
-                                    unsent: Some(req),
+                                    error: ProxyError::with_cause(kind, error),
+                                    unsent,
                                 });
                             }
-                        }
+                        },
                     }
-                };
-                if let Err(error) = sender.ready().await {
-                    if reused {
+                }
+            }
+        }
+    }
+
+    /// A bodiless request through the purpose-built client (`h1`). A reused connection
+    /// that fails before the head is written, or (for a method that may be repeated)
+    /// closes before a byte of the answer, is the keep-alive race: the request goes on
+    /// another connection, as NGINX does with its cached ones.
+    async fn send_h1(
+        &self,
+        key: IdleKey,
+        endpoint: &Endpoint,
+        target: &Target,
+        req: Request<RequestBody>,
+    ) -> Result<(Response<UpstreamBody>, Option<PooledConn>), SendError> {
+        loop {
+            let (conn, reused) = match checkout_h1(key) {
+                Some(conn) => (conn, true),
+                None => match self.open(endpoint, target).await {
+                    Ok(io) => (Box::new(h1::Conn::new(io)), false),
+                    Err(error) => return Err(SendError { error, unsent: Some(req) }),
+                },
+            };
+            match h1::send(conn, key, &req).await {
+                Ok(response) => return Ok((response.map(UpstreamBody::H1), None)),
+                Err(failure) => {
+                    if reused && (failure.unsent || (failure.closed_early && req.method().is_idempotent())) {
                         continue;
                     }
                     return Err(SendError {
-                        error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error),
-                        unsent: Some(req),
+                        error: failure.error,
+                        unsent: failure.unsent.then_some(req),
                     });
                 }
-                match sender.try_send_request(req).await {
-                    Ok(response) => {
-                        return Ok((response, Some(PooledConn { key, sender })));
-                    }
-                    Err(mut error) => match error.take_message() {
-                        // Never written: the idle connection was closed under us; use another.
-                        Some(unsent) if reused => req = unsent,
-                        unsent => {
-                            let error = error.into_error();
-                            let kind = ClientBodyError::find(&error)
-                                .map_or(ErrorKind::UpstreamProtocol, ClientBodyError::kind);
-                            return Err(SendError {
-                                error: ProxyError::with_cause(kind, error),
-                                unsent,
-                            });
-                        }
-                    },
-                }
+            }
+        }
+    }
+
+    /// A new connection for an HTTP/1.1 pool, within the worker's pending-connect limit.
+    async fn open(&self, endpoint: &Endpoint, target: &Target) -> Result<h1::Io, ProxyError> {
+        let UpstreamClient::Http1 {
+            connect_timeout,
+            connecting,
+            max_pending,
+            tls,
+        } = self
+        else {
+            return Err(ProxyError::new(ErrorKind::Internal));
+        };
+        let Some(_slot) = PendingConnect::take(connecting, *max_pending) else {
+            return Err(ProxyError::new(ErrorKind::UpstreamOverloaded));
+        };
+        let name = match tls.as_deref() {
+            Some(tls) => match tls.name_for(endpoint) {
+                Some(name) => Some((tls, name)),
+                None => return Err(ProxyError::new(ErrorKind::UpstreamTls)),
             },
+            None => None,
+        };
+        connect(target.addr, *connect_timeout, name).await
+    }
+}
+
+/// A response body from an upstream: hyper's (HTTP/2, requests with a body, protocol
+/// switches) or the purpose-built HTTP/1.1 client's.
+pub enum UpstreamBody {
+    Hyper(Incoming),
+    H1(h1::H1Body),
+}
+
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+            UpstreamBody::H1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Hyper(body) => body.is_end_stream(),
+            UpstreamBody::H1(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Hyper(body) => body.size_hint(),
+            UpstreamBody::H1(body) => body.size_hint(),
         }
     }
 }

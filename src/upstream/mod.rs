@@ -6,6 +6,7 @@
 mod balancer;
 pub mod check;
 pub mod client;
+pub mod h1;
 pub mod health;
 
 use std::net::SocketAddr;

@@ -1,0 +1,749 @@
+//! A purpose-built HTTP/1.1 client for the common upstream exchange: a request without a
+//! body (most API calls) on a keep-alive connection of the worker's pool. The request's
+//! own task writes the head and reads the response: no connection task, no channel
+//! between the two, no per-request allocation for the body's plumbing, and one read
+//! buffer per connection reused for every response (docs/benchmarks.md, "A purpose-built
+//! HTTP/1.1 client"). Requests with a body and protocol switches go through hyper's
+//! client, which sends a body while it already waits for an early answer.
+//!
+//! Response framing follows RFC 9112 §6.3: no body for `HEAD`, 1xx, 204 and 304;
+//! `Transfer-Encoding` ending in `chunked` is decoded (and wins over `Content-Length`, the
+//! connection then not reused); a valid `Content-Length` is exact; otherwise the body runs
+//! to the connection's close.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::base::{ErrorKind, ProxyError};
+
+/// The most a response head may take (status line and headers).
+const MAX_HEAD_BYTES: usize = 256 * 1024;
+/// The most header lines a response may have (hyper's limit too).
+const MAX_HEADERS: usize = 100;
+/// What a read asks the socket for at least.
+const READ_SIZE: usize = 8 * 1024;
+/// Chunk extensions and trailers are skipped, up to these many bytes per body.
+const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
+const MAX_TRAILERS: usize = 16 * 1024;
+
+/// An upstream connection's transport.
+pub enum Io {
+    Plain(TcpStream),
+    /// Boxed: the rustls state is large and most pools are plain.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for Io {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(stream) => Pin::new(stream).poll_read(cx, buf),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Io {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            Io::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(stream) => Pin::new(stream).poll_flush(cx),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            Io::Plain(stream) => Pin::new(stream).poll_shutdown(cx),
+            Io::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// One keep-alive connection and its buffers, kept between exchanges.
+pub struct Conn {
+    io: Io,
+    /// Bytes read and not yet consumed; response bodies are handed out as slices of it.
+    buf: BytesMut,
+    /// The request head being written.
+    out: Vec<u8>,
+}
+
+impl Conn {
+    pub fn new(io: Io) -> Conn {
+        Conn {
+            io,
+            buf: BytesMut::new(),
+            out: Vec::new(),
+        }
+    }
+
+    /// An idle connection may take a request: the upstream has neither closed it nor sent
+    /// anything unasked. Costs no system call unless the socket became readable.
+    pub fn is_usable(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut byte);
+        matches!(Pin::new(&mut self.io).poll_read(&mut cx, &mut probe), Poll::Pending)
+    }
+
+    /// Reads more of the response into the buffer; `Ok(0)` at the end of input.
+    async fn fill(&mut self) -> std::io::Result<usize> {
+        self.buf.reserve(READ_SIZE);
+        self.io.read_buf(&mut self.buf).await
+    }
+
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        self.buf.reserve(READ_SIZE);
+        let read = self.io.read_buf(&mut self.buf);
+        tokio::pin!(read);
+        read.as_mut().poll(cx)
+    }
+}
+
+/// Why an exchange failed, and what that allows.
+#[derive(Debug)]
+pub struct Failure {
+    pub error: ProxyError,
+    /// The request head was not completely written: the endpoint cannot have acted on it.
+    pub unsent: bool,
+    /// The connection ended before a byte of the response: on a reused connection, the
+    /// upstream closed it as it was taken (the keep-alive race).
+    pub closed_early: bool,
+}
+
+impl Failure {
+    fn protocol(why: &'static str) -> Failure {
+        Failure {
+            error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, Malformed(why)),
+            unsent: false,
+            closed_early: false,
+        }
+    }
+}
+
+/// A response the upstream sent that breaks HTTP/1.1's rules.
+#[derive(Debug, thiserror::Error)]
+#[error("upstream response: {0}")]
+pub struct Malformed(&'static str);
+
+/// Whether a request without a body can take this path: not a protocol switch (hyper
+/// tunnels those), not `CONNECT`.
+pub fn can_send<B: Body>(req: &Request<B>) -> bool {
+    req.body().is_end_stream()
+        && req.method() != Method::CONNECT
+        && !req.headers().contains_key(http::header::UPGRADE)
+}
+
+/// Sends a bodiless request on `conn` and reads the response head; the body streams from
+/// the returned response, which gives the connection back to the worker's pool when it
+/// has been read to its end.
+pub async fn send<B>(mut conn: Box<Conn>, key: super::client::IdleKey, req: &Request<B>) -> Result<Response<H1Body>, Failure> {
+    encode_request(&mut conn.out, req);
+    let mut out = std::mem::take(&mut conn.out);
+    let written = conn.io.write_all(&out).await;
+    out.clear();
+    conn.out = out;
+    if let Err(error) = written {
+        return Err(Failure {
+            error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error),
+            unsent: true,
+            closed_early: true,
+        });
+    }
+    let head_request = req.method() == Method::HEAD;
+    let mut seen = false;
+    loop {
+        if !conn.buf.is_empty() {
+            seen = true;
+            if let Some(parsed) = parse_head(&mut conn.buf)? {
+                // Interim answers (100 Continue, 103 Early Hints) are not forwarded.
+                if parsed.status.is_informational() {
+                    if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
+                        return Err(Failure::protocol("a protocol switch that was not asked for"));
+                    }
+                    continue;
+                }
+                let (framing, reusable) = framing(&parsed, head_request)?;
+                return Ok(respond(parsed, conn, key, framing, reusable));
+            }
+            if conn.buf.len() > MAX_HEAD_BYTES {
+                return Err(Failure::protocol("head too large"));
+            }
+        }
+        match conn.fill().await {
+            Ok(0) => {
+                return Err(Failure {
+                    error: ProxyError::with_cause(
+                        ErrorKind::UpstreamProtocol,
+                        Malformed("connection closed before the response ended its head"),
+                    ),
+                    unsent: false,
+                    closed_early: !seen,
+                });
+            }
+            Ok(_) => {}
+            Err(error) => {
+                return Err(Failure {
+                    error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error),
+                    unsent: false,
+                    closed_early: !seen,
+                });
+            }
+        }
+    }
+}
+
+/// The request head in HTTP/1.1 wire form. The pipeline has already set the target, `Host`
+/// and forwarding headers and removed hop-by-hop ones; the framing is this client's: a
+/// bodiless request carries `content-length: 0` where a body could be expected.
+fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>) {
+    out.clear();
+    out.extend_from_slice(req.method().as_str().as_bytes());
+    out.push(b' ');
+    let target = req.uri().path_and_query().map_or("/", |target| target.as_str());
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut framed = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
+    for (name, value) in req.headers() {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            framed = true;
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if framed {
+        out.extend_from_slice(b"content-length: 0\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A response head parsed from the front of the buffer (which it consumes).
+struct Parsed {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+}
+
+/// Parses a complete head at the front of `buf`, or `None` if more bytes are needed.
+fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failure> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut slots);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(Failure::protocol("too many headers")),
+        Err(_) => return Err(Failure::protocol("malformed head")),
+    };
+    let status = response
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or_else(|| Failure::protocol("bad status code"))?;
+    let version = if response.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    // Where each name and value lies, so the values can share the head's bytes.
+    let base = buf.as_ptr() as usize;
+    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+    let count = response.headers.len();
+    for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
+        let name = header.name.as_ptr() as usize - base;
+        let value = header.value.as_ptr() as usize - base;
+        *span = (
+            name as u32,
+            (name + header.name.len()) as u32,
+            value as u32,
+            (value + header.value.len()) as u32,
+        );
+    }
+    let head = buf.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(count);
+    for &(ns, ne, vs, ve) in &spans[..count] {
+        let name =
+            HeaderName::from_bytes(&head[ns as usize..ne as usize]).map_err(|_| Failure::protocol("bad header name"))?;
+        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
+            .map_err(|_| Failure::protocol("bad header value"))?;
+        headers.append(name, value);
+    }
+    Ok(Some(Parsed {
+        status,
+        version,
+        headers,
+    }))
+}
+
+/// How the response's body is delimited, and whether the connection outlives it.
+fn framing(parsed: &Parsed, head_request: bool) -> Result<(Framing, bool), Failure> {
+    let headers = &parsed.headers;
+    let mut reusable = parsed.version == Version::HTTP_11
+        && !headers
+            .get_all(CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"close"));
+    let status = parsed.status;
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Length(0), reusable));
+    }
+    let mut codings = headers.get_all(TRANSFER_ENCODING).iter().peekable();
+    if codings.peek().is_some() {
+        let chunked = codings.last().is_some_and(|last| {
+            last.as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        });
+        if headers.contains_key(CONTENT_LENGTH) {
+            // RFC 9112 §6.3 (3): Transfer-Encoding wins; the connection is not trusted after.
+            reusable = false;
+        }
+        return Ok(if chunked {
+            (Framing::Chunked(Chunked::default()), reusable)
+        } else {
+            (Framing::Close, false)
+        });
+    }
+    let mut length: Option<u64> = None;
+    for value in headers.get_all(CONTENT_LENGTH) {
+        // A list of the same length repeated is one length (RFC 9110 §8.6).
+        for item in value.as_bytes().split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) || item.len() > 19 {
+                return Err(Failure::protocol("bad Content-Length"));
+            }
+            let n = item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            if length.is_some_and(|l| l != n) {
+                return Err(Failure::protocol("conflicting Content-Length"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => (Framing::Length(n), reusable),
+        None => (Framing::Close, false),
+    })
+}
+
+/// `list` (a comma-separated header value) holds `token`, compared without case.
+fn has_token(list: &[u8], token: &[u8]) -> bool {
+    list.split(|&b| b == b',')
+        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+fn respond(
+    parsed: Parsed,
+    conn: Box<Conn>,
+    key: super::client::IdleKey,
+    framing: Framing,
+    reusable: bool,
+) -> Response<H1Body> {
+    let mut body = H1Body {
+        conn: Some(conn),
+        key,
+        framing,
+        reusable,
+    };
+    body.release_if_done();
+    let mut response = Response::new(body);
+    *response.status_mut() = parsed.status;
+    *response.version_mut() = parsed.version;
+    *response.headers_mut() = parsed.headers;
+    response
+}
+
+enum Framing {
+    Length(u64),
+    Chunked(Chunked),
+    Close,
+    Done,
+}
+
+/// The response body, read from the connection's buffer and socket; the connection goes
+/// back to the pool as soon as the last byte has been read.
+pub struct H1Body {
+    conn: Option<Box<Conn>>,
+    key: super::client::IdleKey,
+    framing: Framing,
+    reusable: bool,
+}
+
+impl H1Body {
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        self.release_if_done();
+    }
+
+    fn release_if_done(&mut self) {
+        if matches!(self.framing, Framing::Length(0)) {
+            self.framing = Framing::Done;
+        }
+        if !matches!(self.framing, Framing::Done) {
+            return;
+        }
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && conn.buf.is_empty()
+        {
+            super::client::release_h1(self.key, conn);
+        }
+    }
+}
+
+/// The body ended before its framing said it would, or broke its framing.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("upstream body: {0}")]
+    Malformed(&'static str),
+    #[error("upstream body: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Body for H1Body {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(conn) = this.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match &mut this.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) => {
+                    if !conn.buf.is_empty() {
+                        let take = (*left).min(conn.buf.len() as u64) as usize;
+                        *left -= take as u64;
+                        let data = conn.buf.split_to(take).freeze();
+                        this.release_if_done();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if ready!(conn.poll_fill(cx))? == 0 {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(BodyError::Malformed("closed before the body's end"))));
+                    }
+                }
+                Framing::Close => {
+                    if !conn.buf.is_empty() {
+                        let data = conn.buf.split().freeze();
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    if ready!(conn.poll_fill(cx))? == 0 {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                }
+                Framing::Chunked(chunked) => match chunked.step(&mut conn.buf) {
+                    Err(why) => {
+                        this.conn = None;
+                        return Poll::Ready(Some(Err(BodyError::Malformed(why))));
+                    }
+                    Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                    Ok(Step::End) => {
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    Ok(Step::More) => {
+                        if ready!(conn.poll_fill(cx))? == 0 {
+                            this.conn = None;
+                            return Poll::Ready(Some(Err(BodyError::Malformed("closed inside a chunked body"))));
+                        }
+                    }
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Done | Framing::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Length(n) => SizeHint::with_exact(n),
+            Framing::Done => SizeHint::with_exact(0),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// Where a chunked body's decoder stands (RFC 9112 §7.1).
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+enum ChunkState {
+    /// Reading the chunk size's hex digits (`digits` so far).
+    #[default]
+    Size,
+    /// After the size: whitespace or extensions up to CR.
+    Extension,
+    SizeLf,
+    Data,
+    DataCr,
+    DataLf,
+    /// After the last chunk: at the start of a trailer line, or of the final CRLF.
+    TrailerStart,
+    TrailerLine,
+    EndLf,
+    End,
+}
+
+#[derive(Default, Debug)]
+struct Chunked {
+    state: ChunkState,
+    size: u64,
+    digits: u8,
+    /// Extension and trailer bytes skipped so far.
+    skipped: usize,
+}
+
+enum Step {
+    Data(Bytes),
+    /// The buffer holds no more of the body.
+    More,
+    End,
+}
+
+impl Chunked {
+    /// Consumes framing from the front of `buf` up to the next data or the end.
+    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, &'static str> {
+        use ChunkState::*;
+        loop {
+            if self.state == End {
+                return Ok(Step::End);
+            }
+            if self.state == Data {
+                if buf.is_empty() {
+                    return Ok(Step::More);
+                }
+                let take = self.size.min(buf.len() as u64) as usize;
+                self.size -= take as u64;
+                if self.size == 0 {
+                    self.state = DataCr;
+                }
+                return Ok(Step::Data(buf.split_to(take).freeze()));
+            }
+            let Some(&byte) = buf.first() else {
+                return Ok(Step::More);
+            };
+            buf.advance(1);
+            self.state = match (self.state, byte) {
+                (Size, b) if b.is_ascii_hexdigit() => {
+                    if self.digits == 16 {
+                        return Err("chunk size too large");
+                    }
+                    self.digits += 1;
+                    self.size = self.size << 4 | u64::from((b as char).to_digit(16).unwrap_or(0));
+                    Size
+                }
+                (Size, b'\r') if self.digits > 0 => SizeLf,
+                (Size, b';' | b' ' | b'\t') if self.digits > 0 => Extension,
+                (Size, _) => return Err("bad chunk size"),
+                (Extension, b'\r') => SizeLf,
+                (Extension, b'\n') => return Err("bare LF in a chunk header"),
+                (Extension, _) => {
+                    self.skipped += 1;
+                    if self.skipped > MAX_CHUNK_EXTENSIONS {
+                        return Err("chunk extensions too long");
+                    }
+                    Extension
+                }
+                (SizeLf, b'\n') => {
+                    self.digits = 0;
+                    if self.size == 0 {
+                        self.skipped = 0;
+                        TrailerStart
+                    } else {
+                        Data
+                    }
+                }
+                (SizeLf, _) => return Err("chunk header not ended by CRLF"),
+                (DataCr, b'\r') => DataLf,
+                (DataLf, b'\n') => Size,
+                (DataCr | DataLf, _) => return Err("chunk not ended by CRLF"),
+                (TrailerStart, b'\r') => EndLf,
+                (TrailerStart, b'\n') => return Err("bare LF in trailers"),
+                (TrailerLine, b'\n') => TrailerStart,
+                (TrailerStart | TrailerLine, _) => {
+                    self.skipped += 1;
+                    if self.skipped > MAX_TRAILERS {
+                        return Err("trailers too long");
+                    }
+                    TrailerLine
+                }
+                (EndLf, b'\n') => End,
+                (EndLf, _) => return Err("chunked body not ended by CRLF"),
+                // Handled before a byte is taken.
+                (Data | End, _) => return Err("decoder state"),
+            };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decode(input: &[u8]) -> Result<(Vec<u8>, bool), &'static str> {
+        let mut chunked = Chunked::default();
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        loop {
+            match chunked.step(&mut buf)? {
+                Step::Data(data) => out.extend_from_slice(&data),
+                Step::More => return Ok((out, false)),
+                Step::End => return Ok((out, true)),
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_bodies_decode_with_extensions_and_trailers() {
+        assert_eq!(decode(b"5\r\nhello\r\n0\r\n\r\n"), Ok((b"hello".to_vec(), true)));
+        assert_eq!(
+            decode(b"3;name=v\r\nabc\r\nA\r\n0123456789\r\n0\r\nX-Sum: 1\r\n\r\n"),
+            Ok((b"abc0123456789".to_vec(), true))
+        );
+        assert_eq!(decode(b"5\r\nhel"), Ok((b"hel".to_vec(), false)));
+    }
+
+    #[test]
+    fn chunked_bodies_decode_a_byte_at_a_time() {
+        let input = b"4\r\nWiki\r\n5;x\r\npedia\r\n0\r\nT: 1\r\n\r\n";
+        let mut chunked = Chunked::default();
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut ended = false;
+        for &byte in input {
+            buf.extend_from_slice(&[byte]);
+            loop {
+                match chunked.step(&mut buf).unwrap() {
+                    Step::Data(data) => out.extend_from_slice(&data),
+                    Step::More => break,
+                    Step::End => {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+        }
+        assert!(ended);
+        assert_eq!(out, b"Wikipedia");
+    }
+
+    #[test]
+    fn broken_chunked_framing_is_refused() {
+        for bad in [
+            &b"x\r\n"[..],
+            b"\r\n",
+            b"5\nhello",
+            b"5\r\nhelloXX",
+            b"11111111111111111\r\n",
+            b"5 \n",
+            b"0\r\n\r\r",
+        ] {
+            assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    fn head(text: &str) -> Parsed {
+        parse_head(&mut BytesMut::from(text.as_bytes())).unwrap().unwrap()
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        let cases = [
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false, "len5", true),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", false, "len5", true),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false, "chunked", true),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
+                false,
+                "chunked",
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false, "close", false),
+            ("HTTP/1.1 200 OK\r\n\r\n", false, "close", false),
+            ("HTTP/1.1 204 No Content\r\n\r\n", false, "len0", true),
+            ("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", false, "len0", true),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", true, "len0", true),
+            ("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n", false, "len1", false),
+            ("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false, "len1", false),
+        ];
+        for (text, head_request, want, want_reuse) in cases {
+            let (framing, reusable) = framing(&head(text), head_request).unwrap();
+            let got = match framing {
+                Framing::Length(n) => format!("len{n}"),
+                Framing::Chunked(_) => "chunked".into(),
+                Framing::Close => "close".into(),
+                Framing::Done => "done".into(),
+            };
+            assert_eq!((got.as_str(), reusable), (want, want_reuse), "{text:?}");
+        }
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1x\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+        ] {
+            assert!(framing(&head(bad), false).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn heads_parse_into_shared_header_values() {
+        let mut buf = BytesMut::from(&b"HTTP/1.1 404 Not Found\r\nX-A: 1\r\nx-a: 2\r\nServer: up\r\n\r\nbody"[..]);
+        let parsed = parse_head(&mut buf).unwrap().unwrap();
+        assert_eq!(parsed.status, 404);
+        assert_eq!(parsed.headers.get_all("x-a").iter().count(), 2);
+        assert_eq!(parsed.headers["server"], "up");
+        assert_eq!(&buf[..], b"body");
+        assert!(parse_head(&mut BytesMut::from(&b"HTTP/1.1 200 OK\r\nX: 1\r\n"[..])).unwrap().is_none());
+        assert!(parse_head(&mut BytesMut::from(&b"HTTP/1.1 2000 OK\r\n\r\n"[..])).is_err());
+        assert!(parse_head(&mut BytesMut::from(&b"HTTP/1.1 200 OK\r\nBad Name: 1\r\n\r\n"[..])).is_err());
+    }
+
+    #[test]
+    fn request_heads_carry_the_pipelines_headers_and_our_framing() {
+        let mut req = Request::get("/v1/x?a=1").body(()).unwrap();
+        req.headers_mut().insert("host", HeaderValue::from_static("up"));
+        req.headers_mut().insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        let mut out = Vec::new();
+        encode_request(&mut out, &req);
+        assert_eq!(
+            String::from_utf8(out.clone()).unwrap(),
+            "GET /v1/x?a=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 0\r\n\r\n"
+        );
+        let req = Request::delete("/k").body(()).unwrap();
+        encode_request(&mut out, &req);
+        assert_eq!(String::from_utf8(out.clone()).unwrap(), "DELETE /k HTTP/1.1\r\n\r\n");
+        let req = Request::post("/k").body(()).unwrap();
+        encode_request(&mut out, &req);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /k HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
+        );
+    }
+}
