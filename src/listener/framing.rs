@@ -10,7 +10,7 @@
 use crate::base::ErrorKind;
 
 /// Most header lines in a head; more is a 431.
-const MAX_HEADERS: usize = 128;
+pub const MAX_HEADERS: usize = 128;
 
 /// What follows a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,12 +28,26 @@ pub fn check_head(head: &[u8]) -> Result<BodyLength, ErrorKind> {
     // Uninitialised slots: initialising 128 headers would cost more than the parse.
     let mut headers = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
-    match request.parse_with_uninit_headers(head, &mut headers) {
-        Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(ErrorKind::BadRequest),
-        Err(httparse::Error::TooManyHeaders) => return Err(ErrorKind::HeadersTooLarge),
-        Err(_) => return Err(ErrorKind::BadRequest),
+    parse_complete(&mut request, head, &mut headers)?;
+    check_parsed(&request)
+}
+
+/// Parses a complete head (which must not hold a bare LF: see [`has_bare_lf`]).
+pub fn parse_complete<'h, 'b>(
+    request: &mut httparse::Request<'h, 'b>,
+    head: &'b [u8],
+    slots: &'h mut [std::mem::MaybeUninit<httparse::Header<'b>>],
+) -> Result<(), ErrorKind> {
+    match request.parse_with_uninit_headers(head, slots) {
+        Ok(httparse::Status::Complete(_)) => Ok(()),
+        Ok(httparse::Status::Partial) => Err(ErrorKind::BadRequest),
+        Err(httparse::Error::TooManyHeaders) => Err(ErrorKind::HeadersTooLarge),
+        Err(_) => Err(ErrorKind::BadRequest),
     }
+}
+
+/// [`check_head`]'s rules over a head already parsed.
+pub fn check_parsed(request: &httparse::Request<'_, '_>) -> Result<BodyLength, ErrorKind> {
     let (Some(method), Some(target), Some(minor)) = (request.method, request.path, request.version) else {
         return Err(ErrorKind::BadRequest);
     };

@@ -123,11 +123,13 @@ pub struct GuardedStream<S> {
 }
 
 impl<S: Transport> GuardedStream<S> {
-    /// A new connection: the first head must arrive within `header_read_timeout`.
+    /// A new connection: the first head must be complete by `head_deadline` (its start
+    /// plus `header_read_timeout`, or earlier when the fast path read part of it).
     pub fn new(
         inner: S,
         phase: Arc<ConnPhase>,
         limits: HeadLimits,
+        head_deadline: Instant,
         park: Option<ParkSlot<S>>,
         metrics: Arc<Metrics>,
     ) -> Self {
@@ -141,7 +143,7 @@ impl<S: Transport> GuardedStream<S> {
             state: State::Waiting { first: true },
             head: Vec::new(),
             pipelined: Vec::new(),
-            timer: Deadline::new(now + limits.header_read_timeout),
+            timer: Deadline::new(head_deadline),
             write_timer: None,
             metrics,
             refusals: None,

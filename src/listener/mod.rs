@@ -2,6 +2,7 @@
 //! current-thread tokio runtime and its own `SO_REUSEPORT` socket per listen address, so
 //! the kernel spreads connections and a connection never leaves its thread.
 
+mod fast;
 pub mod framing;
 mod guard;
 mod limits;
@@ -328,8 +329,9 @@ async fn serve_connection(
         return;
     };
     let Some(tls) = settings.tls.clone() else {
-        let conn = ConnInfo::new(peer, settings.port, false);
-        return serve_http(worker, settings, stream, conn, shutdown).await;
+        let mut conn = ConnInfo::new(peer, settings.port, false);
+        conn.streams = ConnStreams::new(settings.max_premature_resets);
+        return fast::serve(worker, settings, stream, conn, shutdown).await;
     };
     // Boxed: the handshake and the rustls state would otherwise make every plain
     // connection's task as large as a TLS one (10,000 idle connections: 46 → 98 MiB).
@@ -377,21 +379,24 @@ async fn serve_tls(
             conn.tls_version = stream.get_ref().1.protocol_version().map(tls_version_name);
             conn.client_identity = crate::tls::client_identity(stream.get_ref().1)
                 .and_then(|identity| http::HeaderValue::from_str(&identity).ok());
-            serve_http(worker, settings, stream, conn, shutdown).await;
+            conn.streams = ConnStreams::new(settings.max_premature_resets);
+            fast::serve(worker, settings, stream, conn, shutdown).await;
         }
         Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
 }
 
-/// HTTP on a ready connection: hyper serves it while requests come; between them it is
-/// parked (no HTTP state held) until its socket is readable.
+/// HTTP on a ready connection, on the general path: hyper serves it while requests come;
+/// between them it is parked (no HTTP state held) until its socket is readable. The first
+/// head must be complete by `head_deadline`.
 async fn serve_http<S: Transport>(
     worker: Worker,
     settings: Arc<ConnSettings>,
     stream: S,
     mut conn: ConnInfo,
     mut shutdown: watch::Receiver<bool>,
+    head_deadline: tokio::time::Instant,
 ) {
     let limits = settings.limits;
     let peer = conn.peer;
@@ -399,7 +404,6 @@ async fn serve_http<S: Transport>(
     let access_log = worker.gateway.access_log.clone();
     let phase = ConnPhase::new();
     conn.phase = Some(phase.clone());
-    conn.streams = ConnStreams::new(settings.max_premature_resets);
     let conn = Arc::new(conn);
     let max_requests = settings.max_requests;
     let service_conn = conn.clone();
@@ -409,7 +413,7 @@ async fn serve_http<S: Transport>(
         async move {
             let stream = conn.streams.start();
             let http1 = req.version() < http::Version::HTTP_2;
-            let mut response = handler.handle(req, &conn).await;
+            let mut response = handler.handle(req.map(Some), &conn).await;
             stream.answered();
             // NGINX's keepalive_requests: the last request of the connection says so.
             if http1
@@ -435,7 +439,8 @@ async fn serve_http<S: Transport>(
             })
         })
     };
-    let mut io = GuardedStream::new(stream, phase.clone(), limits, park, metrics.clone()).with_refusals(refusals());
+    let mut io = GuardedStream::new(stream, phase.clone(), limits, head_deadline, park, metrics.clone())
+        .with_refusals(refusals());
     loop {
         // Boxed so that a parked connection does not keep room for hyper's state.
         let mut connection = Box::pin(

@@ -59,7 +59,7 @@ impl Worker {
         snapshot: &Snapshot,
         route: &Route,
         ctx: &mut RequestCtx<'_>,
-        req: Request<Incoming>,
+        req: Request<Option<Incoming>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // Before a pool slot is taken: a slow body holds nothing upstream.
         let body_timeout = snapshot.config.server.client_body_timeout;

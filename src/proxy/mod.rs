@@ -221,11 +221,16 @@ impl Worker {
         filtered
     }
 
-    /// Runs a request through every phase. Never fails: errors become JSON responses.
-    pub async fn handle(&self, req: Request<Incoming>, conn: &ConnInfo) -> Response<ProxyBody> {
+    /// Runs a request through every phase. Never fails: errors become JSON responses. The
+    /// body is hyper's, or `None` for a bodiless request read by the purpose-built
+    /// HTTP/1.1 server (`listener::fast`).
+    pub async fn handle(&self, req: Request<Option<Incoming>>, conn: &ConnInfo) -> Response<ProxyBody> {
         let snapshot = self.gateway.snapshot();
         let mut ctx = RequestCtx::new(headers::request_id(req.headers()), conn);
-        ctx.declared_body = hyper::body::Body::size_hint(req.body()).lower();
+        ctx.declared_body = req
+            .body()
+            .as_ref()
+            .map_or(0, |body| hyper::body::Body::size_hint(body).lower());
         let page = snapshot
             .usage_page
             .as_ref()

@@ -36,7 +36,8 @@ pub enum RequestBody {
 /// breach ends it with a [`ClientBodyError`], which the send's error carries back so the
 /// client is answered `413`/`408`/`400`, not a `502` (docs/security.md).
 pub struct ClientBody {
-    inner: Incoming,
+    /// `None`: a request the purpose-built HTTP/1.1 server read without a body.
+    inner: Option<Incoming>,
     /// The first frame, read before the upstream is chosen (see [`ClientBody::prefetch`]).
     /// Boxed, with `timer`: most bodies are empty, and the request moves a few times.
     peeked: Option<Box<Frame<Bytes>>>,
@@ -49,7 +50,7 @@ pub struct ClientBody {
 }
 
 impl ClientBody {
-    pub fn new(inner: Incoming, max_bytes: u64, timeout: Duration) -> ClientBody {
+    pub fn new(inner: Option<Incoming>, max_bytes: u64, timeout: Duration) -> ClientBody {
         ClientBody {
             inner,
             peeked: None,
@@ -72,7 +73,7 @@ impl ClientBody {
     /// malformed from its first bytes (a bad chunk size), too large or never sent is
     /// answered without an upstream ever seeing its head. Later frames stream as they come.
     pub async fn prefetch(&mut self) -> Result<(), ClientBodyError> {
-        if self.peeked.is_some() || self.inner.is_end_stream() {
+        if self.peeked.is_some() || self.inner.as_ref().is_none_or(Incoming::is_end_stream) {
             return Ok(());
         }
         match std::future::poll_fn(|cx| self.poll_inner(cx)).await {
@@ -84,7 +85,10 @@ impl ClientBody {
     }
 
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
-        match Pin::new(&mut self.inner).poll_frame(cx) {
+        let Some(inner) = self.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Pending => {
                 let at = Instant::now() + self.timeout;
                 let timer = self
@@ -161,11 +165,11 @@ impl Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.peeked.is_none() && self.inner.is_end_stream()
+        self.peeked.is_none() && self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        let hint = self.inner.size_hint();
+        let hint = self.inner.as_ref().map_or(SizeHint::with_exact(0), Incoming::size_hint);
         let Some(peeked) = self.peeked.as_deref().and_then(Frame::data_ref).map(|d| d.len() as u64) else {
             return hint;
         };
@@ -416,9 +420,19 @@ impl UpstreamClient {
                         None => match self.open(endpoint, target).await {
                             Ok(io) => match handshake(target.addr, io).await {
                                 Ok(sender) => (sender, false),
-                                Err(error) => return Err(SendError { error, unsent: Some(req) }),
+                                Err(error) => {
+                                    return Err(SendError {
+                                        error,
+                                        unsent: Some(req),
+                                    });
+                                }
                             },
-                            Err(error) => return Err(SendError { error, unsent: Some(req) }),
+                            Err(error) => {
+                                return Err(SendError {
+                                    error,
+                                    unsent: Some(req),
+                                });
+                            }
                         },
                     };
                     if let Err(error) = sender.ready().await {
@@ -469,7 +483,12 @@ impl UpstreamClient {
                 Some(conn) => (conn, true),
                 None => match self.open(endpoint, target).await {
                     Ok(io) => (Box::new(h1::Conn::new(io)), false),
-                    Err(error) => return Err(SendError { error, unsent: Some(req) }),
+                    Err(error) => {
+                        return Err(SendError {
+                            error,
+                            unsent: Some(req),
+                        });
+                    }
                 },
             };
             match h1::send(conn, key, &req).await {

@@ -146,15 +146,17 @@ pub struct Malformed(&'static str);
 /// Whether a request without a body can take this path: not a protocol switch (hyper
 /// tunnels those), not `CONNECT`.
 pub fn can_send<B: Body>(req: &Request<B>) -> bool {
-    req.body().is_end_stream()
-        && req.method() != Method::CONNECT
-        && !req.headers().contains_key(http::header::UPGRADE)
+    req.body().is_end_stream() && req.method() != Method::CONNECT && !req.headers().contains_key(http::header::UPGRADE)
 }
 
 /// Sends a bodiless request on `conn` and reads the response head; the body streams from
 /// the returned response, which gives the connection back to the worker's pool when it
 /// has been read to its end.
-pub async fn send<B>(mut conn: Box<Conn>, key: super::client::IdleKey, req: &Request<B>) -> Result<Response<H1Body>, Failure> {
+pub async fn send<B>(
+    mut conn: Box<Conn>,
+    key: super::client::IdleKey,
+    req: &Request<B>,
+) -> Result<Response<H1Body>, Failure> {
     encode_request(&mut conn.out, req);
     let mut out = std::mem::take(&mut conn.out);
     let written = conn.io.write_all(&out).await;
@@ -280,8 +282,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failure> {
     let head = buf.split_to(len).freeze();
     let mut headers = HeaderMap::with_capacity(count);
     for &(ns, ne, vs, ve) in &spans[..count] {
-        let name =
-            HeaderName::from_bytes(&head[ns as usize..ne as usize]).map_err(|_| Failure::protocol("bad header name"))?;
+        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
+            .map_err(|_| Failure::protocol("bad header name"))?;
         let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
             .map_err(|_| Failure::protocol("bad header value"))?;
         headers.append(name, value);
@@ -306,6 +308,10 @@ fn framing(parsed: &Parsed, head_request: bool) -> Result<(Framing, bool), Failu
         return Ok((Framing::Length(0), reusable));
     }
     let mut codings = headers.get_all(TRANSFER_ENCODING).iter().peekable();
+    if codings.peek().is_some() && parsed.version == Version::HTTP_10 {
+        // RFC 9112 §6.1: faulty framing in HTTP/1.0; refused, as hyper does.
+        return Err(Failure::protocol("Transfer-Encoding in an HTTP/1.0 response"));
+    }
     if codings.peek().is_some() {
         let chunked = codings.last().is_some_and(|last| {
             last.as_bytes()
@@ -497,7 +503,9 @@ enum ChunkState {
     /// Reading the chunk size's hex digits (`digits` so far).
     #[default]
     Size,
-    /// After the size: whitespace or extensions up to CR.
+    /// Whitespace after the size; then an extension or CR.
+    SizeLws,
+    /// An extension, skipped up to CR.
     Extension,
     SizeLf,
     Data,
@@ -515,8 +523,11 @@ struct Chunked {
     state: ChunkState,
     size: u64,
     digits: u8,
-    /// Extension and trailer bytes skipped so far.
+    /// Extension bytes skipped so far.
     skipped: usize,
+    /// The trailer section, checked as header lines once it ends, then dropped (trailers
+    /// are not forwarded).
+    trailers: Vec<u8>,
 }
 
 enum Step {
@@ -559,7 +570,12 @@ impl Chunked {
                     Size
                 }
                 (Size, b'\r') if self.digits > 0 => SizeLf,
-                (Size, b';' | b' ' | b'\t') if self.digits > 0 => Extension,
+                (Size, b';') if self.digits > 0 => Extension,
+                (Size, b' ' | b'\t') if self.digits > 0 => SizeLws,
+                (SizeLws, b' ' | b'\t') => SizeLws,
+                (SizeLws, b';') => Extension,
+                (SizeLws, b'\r') => SizeLf,
+                (SizeLws, _) => return Err("bad chunk size"),
                 (Size, _) => return Err("bad chunk size"),
                 (Extension, b'\r') => SizeLf,
                 (Extension, b'\n') => return Err("bare LF in a chunk header"),
@@ -572,12 +588,7 @@ impl Chunked {
                 }
                 (SizeLf, b'\n') => {
                     self.digits = 0;
-                    if self.size == 0 {
-                        self.skipped = 0;
-                        TrailerStart
-                    } else {
-                        Data
-                    }
+                    if self.size == 0 { TrailerStart } else { Data }
                 }
                 (SizeLf, _) => return Err("chunk header not ended by CRLF"),
                 (DataCr, b'\r') => DataLf,
@@ -585,21 +596,78 @@ impl Chunked {
                 (DataCr | DataLf, _) => return Err("chunk not ended by CRLF"),
                 (TrailerStart, b'\r') => EndLf,
                 (TrailerStart, b'\n') => return Err("bare LF in trailers"),
-                (TrailerLine, b'\n') => TrailerStart,
                 (TrailerStart | TrailerLine, _) => {
-                    self.skipped += 1;
-                    if self.skipped > MAX_TRAILERS {
+                    if self.trailers.len() >= MAX_TRAILERS {
                         return Err("trailers too long");
                     }
-                    TrailerLine
+                    if byte == b'\n' && self.trailers.last() != Some(&b'\r') {
+                        return Err("bare LF in trailers");
+                    }
+                    self.trailers.push(byte);
+                    if byte == b'\n' { TrailerStart } else { TrailerLine }
                 }
-                (EndLf, b'\n') => End,
+                (EndLf, b'\n') => {
+                    if !self.trailers.is_empty() {
+                        self.trailers.extend_from_slice(b"\r\n");
+                        let mut slots = [httparse::EMPTY_HEADER; 64];
+                        if !matches!(
+                            httparse::parse_headers(&self.trailers, &mut slots),
+                            Ok(httparse::Status::Complete(_))
+                        ) {
+                            return Err("malformed trailers");
+                        }
+                        self.trailers = Vec::new();
+                    }
+                    End
+                }
                 (EndLf, _) => return Err("chunked body not ended by CRLF"),
                 // Handled before a byte is taken.
                 (Data | End, _) => return Err("decoder state"),
             };
         }
     }
+}
+
+/// What this client reads from a whole response held in memory: status, head length,
+/// body, and whether the connection could be reused after it — the codec without the
+/// socket, for differential tests against hyper (tests/fuzz.rs). Interim (1xx) heads are
+/// skipped as on a connection; `Err` is a response refused as malformed or cut short.
+pub fn decode_response(bytes: &[u8], head_request: bool) -> Result<(u16, Vec<u8>, bool), &'static str> {
+    let mut buf = BytesMut::from(bytes);
+    let parsed = loop {
+        let parsed = parse_head(&mut buf)
+            .map_err(|_| "malformed head")?
+            .ok_or("incomplete head")?;
+        if parsed.status == StatusCode::SWITCHING_PROTOCOLS {
+            return Err("protocol switch");
+        }
+        if !parsed.status.is_informational() {
+            break parsed;
+        }
+    };
+    let (framing, reusable) = framing(&parsed, head_request).map_err(|_| "bad framing")?;
+    let body = match framing {
+        Framing::Length(n) => {
+            let n = usize::try_from(n).map_err(|_| "too long")?;
+            if buf.len() < n {
+                return Err("body cut short");
+            }
+            buf.split_to(n).to_vec()
+        }
+        Framing::Chunked(mut chunked) => {
+            let mut body = Vec::new();
+            loop {
+                match chunked.step(&mut buf)? {
+                    Step::Data(data) => body.extend_from_slice(&data),
+                    Step::More => return Err("chunked body cut short"),
+                    Step::End => break,
+                }
+            }
+            body
+        }
+        Framing::Close | Framing::Done => buf.split().to_vec(),
+    };
+    Ok((parsed.status.as_u16(), body, reusable && buf.is_empty()))
 }
 
 #[cfg(test)]
@@ -677,19 +745,39 @@ mod tests {
         let cases = [
             ("HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n", false, "len5", true),
             ("HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n", false, "len5", true),
-            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false, "chunked", true),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false,
+                "chunked",
+                true,
+            ),
             (
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\nContent-Length: 3\r\n\r\n",
                 false,
                 "chunked",
                 false,
             ),
-            ("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", false, "close", false),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                false,
+                "close",
+                false,
+            ),
             ("HTTP/1.1 200 OK\r\n\r\n", false, "close", false),
             ("HTTP/1.1 204 No Content\r\n\r\n", false, "len0", true),
-            ("HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n", false, "len0", true),
+            (
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+                false,
+                "len0",
+                true,
+            ),
             ("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", true, "len0", true),
-            ("HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n", false, "len1", false),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n",
+                false,
+                "len1",
+                false,
+            ),
             ("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false, "len1", false),
         ];
         for (text, head_request, want, want_reuse) in cases {
@@ -720,7 +808,11 @@ mod tests {
         assert_eq!(parsed.headers.get_all("x-a").iter().count(), 2);
         assert_eq!(parsed.headers["server"], "up");
         assert_eq!(&buf[..], b"body");
-        assert!(parse_head(&mut BytesMut::from(&b"HTTP/1.1 200 OK\r\nX: 1\r\n"[..])).unwrap().is_none());
+        assert!(
+            parse_head(&mut BytesMut::from(&b"HTTP/1.1 200 OK\r\nX: 1\r\n"[..]))
+                .unwrap()
+                .is_none()
+        );
         assert!(parse_head(&mut BytesMut::from(&b"HTTP/1.1 2000 OK\r\n\r\n"[..])).is_err());
         assert!(parse_head(&mut BytesMut::from(&b"HTTP/1.1 200 OK\r\nBad Name: 1\r\n\r\n"[..])).is_err());
     }
@@ -729,7 +821,8 @@ mod tests {
     fn request_heads_carry_the_pipelines_headers_and_our_framing() {
         let mut req = Request::get("/v1/x?a=1").body(()).unwrap();
         req.headers_mut().insert("host", HeaderValue::from_static("up"));
-        req.headers_mut().insert("transfer-encoding", HeaderValue::from_static("chunked"));
+        req.headers_mut()
+            .insert("transfer-encoding", HeaderValue::from_static("chunked"));
         let mut out = Vec::new();
         encode_request(&mut out, &req);
         assert_eq!(
