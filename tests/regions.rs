@@ -102,6 +102,17 @@ async fn keys_travel_between_regions_and_a_quota_is_global() {
         )
     });
     println!("key created in r1 → accepted in r3 after {took:?}");
+    // Every node knows the key before the quota is spread over them (one node lagging a
+    // few ms behind r3 under a loaded CI machine would answer 401; that is propagation,
+    // measured above, not what this part tests). Asked through the admin API, which
+    // charges nothing.
+    for node in &nodes {
+        let known = within(Duration::from_secs(2), || async {
+            admin(&node.gateway, "GET", &format!("/v1/keys/{key_id}")).await.status == 200
+        })
+        .await;
+        assert!(known.is_some(), "a node never learned the key");
+    }
     let mut admitted = 1;
 
     // 150 requests spread over all six nodes at ~100/s; the plan allows 50 a day.

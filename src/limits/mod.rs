@@ -217,13 +217,13 @@ pub enum LimitName {
 }
 
 impl LimitName {
-    pub fn policy(&self) -> String {
+    pub fn policy(&self) -> std::borrow::Cow<'static, str> {
         match self {
             LimitName::Rate => "rate".into(),
             LimitName::Daily => "daily".into(),
             LimitName::Monthly => "monthly".into(),
-            LimitName::GroupDaily(group) => format!("{group}-daily"),
-            LimitName::GroupMonthly(group) => format!("{group}-monthly"),
+            LimitName::GroupDaily(group) => format!("{group}-daily").into(),
+            LimitName::GroupMonthly(group) => format!("{group}-monthly").into(),
         }
     }
 

@@ -310,7 +310,9 @@ impl Exchange<'_> {
         // Checked: from here the head is consumed.
         let head = self.buf.split_to(end).freeze();
         let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1));
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for what the pipeline adds (forwarding headers, request id, caller), so
+        // the map is not grown on the way upstream.
+        let mut headers = HeaderMap::with_capacity(count + 12);
         let mut valid = uri.is_ok();
         for &(ns, ne, vs, ve) in &spans[..count] {
             let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]);
@@ -474,18 +476,7 @@ enum Wait {
 
 fn write_length(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(b"content-length: ");
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
+    crate::proxy::headers::push_decimal(out, n);
     out.extend_from_slice(b"\r\n");
 }
 

@@ -100,11 +100,14 @@ impl Worker {
             && client_upgrade.is_none()
             && hyper::body::Body::is_end_stream(req.body())
             && pool.idempotent(req.method());
-        let head = repeatable.then(|| copy_head(&req));
-        let mut req = req.map(RequestBody::Client);
+        let req = req.map(RequestBody::Client);
+        let client = &upstream.clients[self.id % upstream.clients.len()];
+        // A client that only borrows the request leaves it here to send again: no copy.
+        let borrowed = client.borrows(&req);
+        let head = (repeatable && !borrowed).then(|| copy_head(&req));
+        let mut req = Some(req);
         let total_deadline = pool.timeouts.total.map(|t| ctx.start + t);
         let mut attempt = 0;
-        let client = &upstream.clients[self.id % upstream.clients.len()];
         // `read` counts from handing the request to the pool, so it includes a connect when
         // no idle connection exists; the connector enforces `connect` on its own.
         let per_try = pool.retries.per_try_timeout.unwrap_or(pool.timeouts.read);
@@ -112,15 +115,32 @@ impl Worker {
             let head_deadline = Instant::now() + per_try;
             let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
             let sent_at = Instant::now();
-            let sent =
-                tokio::time::timeout_at(head_deadline, client.send(peer.guard.endpoint(), &peer.target, req)).await;
+            let endpoint = peer.guard.endpoint();
+            let sent = match (borrowed, &req) {
+                (true, Some(kept)) => {
+                    tokio::time::timeout_at(head_deadline, client.send_borrowed(endpoint, &peer.target, kept)).await
+                }
+                _ => {
+                    let Some(owned) = req.take() else {
+                        return Err(ProxyError::new(ErrorKind::Internal));
+                    };
+                    tokio::time::timeout_at(head_deadline, client.send(endpoint, &peer.target, owned)).await
+                }
+            };
             ctx.tries += 1;
             ctx.upstream_micros = Some(sent_at.elapsed().as_micros() as u64);
             ctx.upstream_status = match &sent {
                 Ok(Ok((response, _))) => Some(response.status().as_u16()),
                 _ => None,
             };
-            let outcome = judge(upstream, &peer, sent, head.as_ref());
+            let kept = req.as_ref().filter(|_| borrowed);
+            let outcome = judge(
+                upstream,
+                &peer,
+                sent,
+                head.as_ref().or(kept.filter(|_| repeatable)),
+                kept,
+            );
             let retry = match outcome.again {
                 Some(request) if attempt < pool.retries.attempts => {
                     tried.insert(peer.index);
@@ -156,7 +176,7 @@ impl Worker {
                     .headers_mut()
                     .insert(header::HOST, peer.guard.endpoint().host_header.clone());
             }
-            req = request;
+            req = Some(request);
             attempt += 1;
         }
     }
@@ -165,12 +185,13 @@ impl Worker {
 /// What one try came to, fed to the endpoint's health: the answer if it is the last try,
 /// and the request to send again if it may be retried. Unwritten requests may go
 /// elsewhere whatever their method; written ones only when repeatable (`head` kept) — a
-/// streamed body is never replayed.
+/// streamed body is never replayed. `kept`: the request, when the client only borrowed it.
 fn judge(
     upstream: &UpstreamPool,
     peer: &Peer,
     sent: Result<Result<Answer, SendError>, tokio::time::error::Elapsed>,
     head: Option<&Request<RequestBody>>,
+    kept: Option<&Request<RequestBody>>,
 ) -> Try {
     let pool = &upstream.pool;
     match sent {
@@ -189,8 +210,13 @@ fn judge(
             answer: Err(error),
             again: None,
         },
-        Ok(Err(SendError { error, unsent })) => {
+        Ok(Err(SendError {
+            error,
+            unsent,
+            unwritten,
+        })) => {
             pool.record(peer.guard.endpoint(), peer.probe, false);
+            let unsent = unsent.or_else(|| kept.filter(|_| unwritten).map(copy_head));
             Try {
                 answer: Err(error),
                 again: unsent.or_else(|| head.map(copy_head)),

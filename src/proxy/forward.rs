@@ -108,22 +108,22 @@ fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx<'_>, host: &Head
     if our_bearer || ctx.caller.credentials() == Some(KeySource::Bearer) {
         headers.remove(header::AUTHORIZATION);
     }
-    headers.remove(&headers::X_CONSUMER_ID);
-    headers.remove(&headers::X_PLAN);
     // Only Tollgate says which client certificate was verified.
     match &conn.client_identity {
         Some(identity) => drop(headers.insert(&headers::X_CLIENT_CERT_SUBJECT, identity.clone())),
         None => drop(headers.remove(&headers::X_CLIENT_CERT_SUBJECT)),
     }
-    if let Caller::Anonymous { .. } = ctx.caller {
-        headers.insert(&headers::X_PLAN, anonymous_plan.clone());
-    }
-    if let Some(identity) = ctx.identity() {
-        if let Ok(value) = HeaderValue::from_str(&identity.consumer_id) {
-            headers.insert(&headers::X_CONSUMER_ID, value);
-        }
-        if let Ok(value) = HeaderValue::from_str(&identity.plan) {
-            headers.insert(&headers::X_PLAN, value);
+    // Who the caller is, from Tollgate only: `insert` replaces whatever the client sent.
+    let consumer = ctx.identity().and_then(|i| HeaderValue::from_str(&i.consumer_id).ok());
+    let plan = match (&ctx.caller, ctx.identity()) {
+        (_, Some(identity)) => HeaderValue::from_str(&identity.plan).ok(),
+        (Caller::Anonymous { .. }, None) => Some(anonymous_plan.clone()),
+        _ => None,
+    };
+    for (name, value) in [(&headers::X_CONSUMER_ID, consumer), (&headers::X_PLAN, plan)] {
+        match value {
+            Some(value) => drop(headers.insert(name, value)),
+            None => drop(headers.remove(name)),
         }
     }
 }

@@ -221,11 +221,17 @@ pub type TlsLegacyClient = Client<hyper_rustls::HttpsConnector<HttpConnector>, R
 pub struct SendError {
     pub error: ProxyError,
     pub unsent: Option<Request<RequestBody>>,
+    /// None of a request the client only borrowed (`send_borrowed`) was written.
+    pub unwritten: bool,
 }
 
 impl From<ProxyError> for SendError {
     fn from(error: ProxyError) -> Self {
-        SendError { error, unsent: None }
+        SendError {
+            error,
+            unsent: None,
+            unwritten: false,
+        }
     }
 }
 
@@ -245,8 +251,11 @@ struct IdleConn {
 thread_local! {
     static IDLE: RefCell<FxHashMap<IdleKey, Vec<IdleConn>>> = RefCell::default();
     /// The purpose-built client's idle connections (`h1`), apart from hyper's.
-    static IDLE_H1: RefCell<FxHashMap<IdleKey, Vec<(Box<h1::Conn>, Instant)>>> = RefCell::default();
+    static IDLE_H1: RefCell<FxHashMap<IdleKey, Vec<IdleH1>>> = RefCell::default();
 }
+
+/// An idle connection of the purpose-built client, and since when.
+type IdleH1 = (Box<h1::Conn>, Instant);
 
 /// Takes back a connection whose response was read to its end.
 pub(crate) fn release_h1(key: IdleKey, conn: Box<h1::Conn>) {
@@ -412,7 +421,13 @@ impl UpstreamClient {
             UpstreamClient::Http1 { tls, .. } => {
                 let key = idle_key(target.addr, tls.as_ref());
                 if h1::can_send(&req) {
-                    return self.send_h1(key, endpoint, target, req).await;
+                    return match self.send_borrowed(endpoint, target, &req).await {
+                        Ok(answer) => Ok(answer),
+                        Err(mut failed) => {
+                            failed.unsent = failed.unwritten.then_some(req);
+                            Err(failed)
+                        }
+                    };
                 }
                 loop {
                     let (mut sender, reused) = match checkout(key) {
@@ -424,6 +439,7 @@ impl UpstreamClient {
                                     return Err(SendError {
                                         error,
                                         unsent: Some(req),
+                                        unwritten: true,
                                     });
                                 }
                             },
@@ -431,6 +447,7 @@ impl UpstreamClient {
                                 return Err(SendError {
                                     error,
                                     unsent: Some(req),
+                                    unwritten: true,
                                 });
                             }
                         },
@@ -442,6 +459,7 @@ impl UpstreamClient {
                         return Err(SendError {
                             error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error),
                             unsent: Some(req),
+                            unwritten: true,
                         });
                     }
                     match sender.try_send_request(req).await {
@@ -457,6 +475,7 @@ impl UpstreamClient {
                                     .map_or(ErrorKind::UpstreamProtocol, ClientBodyError::kind);
                                 return Err(SendError {
                                     error: ProxyError::with_cause(kind, error),
+                                    unwritten: unsent.is_some(),
                                     unsent,
                                 });
                             }
@@ -467,17 +486,26 @@ impl UpstreamClient {
         }
     }
 
-    /// A bodiless request through the purpose-built client (`h1`). A reused connection
-    /// that fails before the head is written, or (for a method that may be repeated)
-    /// closes before a byte of the answer, is the keep-alive race: the request goes on
-    /// another connection, as NGINX does with its cached ones.
-    async fn send_h1(
+    /// Whether `send_borrowed` can take this request: a bodiless one (no protocol switch)
+    /// to an HTTP/1.1 pool. The caller keeps the request, so it needs no copy to retry.
+    pub fn borrows(&self, req: &Request<RequestBody>) -> bool {
+        matches!(self, UpstreamClient::Http1 { .. }) && h1::can_send(req)
+    }
+
+    /// A bodiless request through the purpose-built client (`h1`), borrowed. A reused
+    /// connection that fails before the head is written, or (for a method that may be
+    /// repeated) closes before a byte of the answer, is the keep-alive race: the request
+    /// goes on another connection, as NGINX does with its cached ones.
+    pub async fn send_borrowed(
         &self,
-        key: IdleKey,
         endpoint: &Endpoint,
         target: &Target,
-        req: Request<RequestBody>,
+        req: &Request<RequestBody>,
     ) -> Result<(Response<UpstreamBody>, Option<PooledConn>), SendError> {
+        let UpstreamClient::Http1 { tls, .. } = self else {
+            return Err(ProxyError::new(ErrorKind::Internal).into());
+        };
+        let key = idle_key(target.addr, tls.as_ref());
         loop {
             let (conn, reused) = match checkout_h1(key) {
                 Some(conn) => (conn, true),
@@ -486,12 +514,13 @@ impl UpstreamClient {
                     Err(error) => {
                         return Err(SendError {
                             error,
-                            unsent: Some(req),
+                            unsent: None,
+                            unwritten: true,
                         });
                     }
                 },
             };
-            match h1::send(conn, key, &req).await {
+            match h1::send(conn, key, req).await {
                 Ok(response) => return Ok((response.map(UpstreamBody::H1), None)),
                 Err(failure) => {
                     if reused && (failure.unsent || (failure.closed_early && req.method().is_idempotent())) {
@@ -499,7 +528,8 @@ impl UpstreamClient {
                     }
                     return Err(SendError {
                         error: failure.error,
-                        unsent: failure.unsent.then_some(req),
+                        unsent: None,
+                        unwritten: failure.unsent,
                     });
                 }
             }

@@ -280,7 +280,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failure> {
         );
     }
     let head = buf.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(count);
+    // Room for what the response filter adds (request id, `RateLimit` headers, …).
+    let mut headers = HeaderMap::with_capacity(count + 6);
     for &(ns, ne, vs, ve) in &spans[..count] {
         let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
             .map_err(|_| Failure::protocol("bad header name"))?;
