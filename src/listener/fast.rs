@@ -113,8 +113,12 @@ impl Exchange<'_> {
     ) -> Option<(Bytes, Instant)> {
         let limits = self.settings.limits;
         let metrics = &self.worker.gateway.metrics;
-        // The first head must begin (and end) by `first_deadline`.
-        let mut head_deadline = first_deadline;
+        // The first head must begin (and end) by `first_deadline`; a later one within
+        // `header_read_timeout` of its first bytes, a time read only when it is needed
+        // (a head that arrives whole, the common case, needs none).
+        let mut head_deadline = Some(first_deadline);
+        let deadline =
+            |at: &mut Option<Instant>| *at.get_or_insert_with(|| Instant::now() + limits.header_read_timeout);
         let mut first = true;
         loop {
             let skip = self.buf.len() - trim_leading_crlf(&self.buf).len();
@@ -129,10 +133,10 @@ impl Exchange<'_> {
                         Wait::Closed => return None,
                     }
                 } else {
-                    match self.wait_idle(stream, stop.as_mut(), metrics).await {
-                        Some(at) => head_deadline = at + limits.header_read_timeout,
-                        None => return None,
+                    if !self.wait_idle(stream, stop.as_mut(), metrics).await {
+                        return None;
                     }
+                    head_deadline = None;
                 }
                 continue;
             }
@@ -145,12 +149,12 @@ impl Exchange<'_> {
                     || framing::has_bare_lf(&self.buf, 0)
                     || framing::check_partial(&self.buf).is_err()
                 {
-                    return Some((self.buf.split().freeze(), head_deadline));
+                    return Some((self.buf.split().freeze(), deadline(&mut head_deadline)));
                 }
-                self.timer.set(head_deadline);
+                self.timer.set(deadline(&mut head_deadline));
                 match self.read(stream, stop.as_mut()).await {
                     Wait::Read => continue,
-                    Wait::Timeout => return Some((self.buf.split().freeze(), head_deadline)),
+                    Wait::Timeout => return Some((self.buf.split().freeze(), deadline(&mut head_deadline))),
                     Wait::Closed => return None,
                 }
             };
@@ -158,10 +162,10 @@ impl Exchange<'_> {
             // a read before any is served, so a smuggling attempt behind an innocent
             // request is refused as a whole.
             if end < self.buf.len() {
-                return Some((self.buf.split().freeze(), head_deadline));
+                return Some((self.buf.split().freeze(), deadline(&mut head_deadline)));
             }
             let Some(request) = self.parse(end) else {
-                return Some((self.buf.split().freeze(), head_deadline));
+                return Some((self.buf.split().freeze(), deadline(&mut head_deadline)));
             };
             let (request, close) = request;
             let head_only = request.method() == Method::HEAD;
@@ -189,7 +193,6 @@ impl Exchange<'_> {
                     return None;
                 }
             }
-            head_deadline = Instant::now() + limits.header_read_timeout;
         }
     }
 
@@ -214,14 +217,14 @@ impl Exchange<'_> {
         }
     }
 
-    /// Between requests: waits for the next head's first bytes (returning when they came),
+    /// Between requests: waits for the next head's first bytes (`true` when they came),
     /// parks after `park_idle_after`, closes after `idle_timeout` or at shutdown.
     async fn wait_idle<S: Transport>(
         &mut self,
         stream: &mut S,
         mut stop: Pin<&mut impl std::future::Future<Output = ()>>,
         metrics: &Arc<Metrics>,
-    ) -> Option<Instant> {
+    ) -> bool {
         let limits = self.settings.limits;
         let now = Instant::now();
         let idle_until = now + limits.idle_timeout;
@@ -229,13 +232,13 @@ impl Exchange<'_> {
         self.timer
             .set(if parking { now + limits.park_after } else { idle_until });
         match self.read(stream, stop.as_mut()).await {
-            Wait::Read => return Some(Instant::now()),
-            Wait::Closed => return None,
-            Wait::Timeout if !parking => return None,
+            Wait::Read => return true,
+            Wait::Closed => return false,
+            Wait::Timeout if !parking => return false,
             Wait::Timeout => {}
         }
         if Instant::now() >= idle_until {
-            return None;
+            return false;
         }
         // Parked: the buffer goes; the socket is all that is kept.
         self.buf = BytesMut::new();
@@ -245,14 +248,11 @@ impl Exchange<'_> {
         let timer = &mut self.timer;
         tokio::select! {
             biased;
-            ready = stream.socket().readable() => ready.ok()?,
-            () = std::future::poll_fn(|cx| timer.poll_expired(cx)) => return None,
-            () = stop.as_mut() => return None,
+            ready = stream.socket().readable() => if ready.is_err() { return false },
+            () = std::future::poll_fn(|cx| timer.poll_expired(cx)) => return false,
+            () = stop.as_mut() => return false,
         }
-        match self.read(stream, stop).await {
-            Wait::Read => Some(Instant::now()),
-            Wait::Closed | Wait::Timeout => None,
-        }
+        matches!(self.read(stream, stop).await, Wait::Read)
     }
 
     /// The head at the front of the buffer (`end` bytes) as a request, when this path can

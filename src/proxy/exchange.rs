@@ -112,9 +112,9 @@ impl Worker {
         // no idle connection exists; the connector enforces `connect` on its own.
         let per_try = pool.retries.per_try_timeout.unwrap_or(pool.timeouts.read);
         loop {
-            let head_deadline = Instant::now() + per_try;
-            let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
             let sent_at = Instant::now();
+            let head_deadline = sent_at + per_try;
+            let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
             let endpoint = peer.guard.endpoint();
             let sent = match (borrowed, &req) {
                 (true, Some(kept)) => {
@@ -124,11 +124,15 @@ impl Worker {
                     let Some(owned) = req.take() else {
                         return Err(ProxyError::new(ErrorKind::Internal));
                     };
-                    tokio::time::timeout_at(head_deadline, client.send(endpoint, &peer.target, owned)).await
+                    // Boxed: hyper's client futures would otherwise widen every request's
+                    // future, bodiless ones included, which are moved per request.
+                    let send = Box::pin(client.send(endpoint, &peer.target, owned));
+                    tokio::time::timeout_at(head_deadline, send).await
                 }
             };
             ctx.tries += 1;
-            ctx.upstream_micros = Some(sent_at.elapsed().as_micros() as u64);
+            let answered_at = Instant::now();
+            ctx.upstream_micros = Some((answered_at - sent_at).as_micros() as u64);
             ctx.upstream_status = match &sent {
                 Ok(Ok((response, _))) => Some(response.status().as_u16()),
                 _ => None,

@@ -241,7 +241,9 @@ impl Worker {
             None => {
                 let mut filtered = self.request_filter(&snapshot, &mut ctx, Head::of(&req));
                 if ctx.lease_pending {
-                    filtered = self.after_lease(&snapshot, &mut ctx, Head::of(&req), filtered).await;
+                    // Boxed, like the usage page below: rare, and kept out of every
+                    // request's future.
+                    filtered = Box::pin(self.after_lease(&snapshot, &mut ctx, Head::of(&req), filtered)).await;
                 }
                 filtered.map(Some)
             }
@@ -253,7 +255,7 @@ impl Worker {
         });
         let outcome = match filtered {
             Ok(Some(route)) => self.proxy(&snapshot, route, &mut ctx, req).await,
-            Ok(None) => self.usage_page(&ctx, Head::of(&req)).await,
+            Ok(None) => Box::pin(self.usage_page(&ctx, Head::of(&req))).await,
             Err(error) => Err(error),
         };
         let mut response = match outcome {

@@ -433,7 +433,8 @@ impl UpstreamClient {
                     let (mut sender, reused) = match checkout(key) {
                         Some(sender) => (sender, true),
                         None => match self.open(endpoint, target).await {
-                            Ok(io) => match handshake(target.addr, io).await {
+                            // Boxed, as connects are: rare, and large.
+                            Ok(io) => match Box::pin(handshake(target.addr, io)).await {
                                 Ok(sender) => (sender, false),
                                 Err(error) => {
                                     return Err(SendError {
@@ -557,7 +558,9 @@ impl UpstreamClient {
             },
             None => None,
         };
-        connect(target.addr, *connect_timeout, name).await
+        // Boxed: the TCP connect and TLS handshake state would otherwise be part of every
+        // request's future, moved with it on every request though most never connect.
+        Box::pin(connect(target.addr, *connect_timeout, name)).await
     }
 }
 

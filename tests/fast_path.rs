@@ -1,0 +1,220 @@
+//! The purpose-built HTTP/1.1 path and its hand-over to hyper, seen from a raw socket
+//! (docs/architecture.md, "Two HTTP/1.1 paths"): one keep-alive connection carries
+//! bodiless requests (served on the fast path), a request with a body (handed to hyper
+//! with the bytes already read) and more requests after it; framing is checked byte for
+//! byte.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use common::*;
+
+/// One response read off `stream`: status line, lower-cased headers and the body, framed
+/// by `Content-Length`, chunked encoding or (for HEAD) nothing.
+struct Raw {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Raw {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str())
+    }
+}
+
+struct Conn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    fn open(addr: std::net::SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        Conn {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    fn fill(&mut self) -> usize {
+        let mut chunk = [0u8; 16384];
+        let n = self.stream.read(&mut chunk).expect("read");
+        self.buf.extend_from_slice(&chunk[..n]);
+        n
+    }
+
+    fn take_line(&mut self) -> String {
+        loop {
+            if let Some(at) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = String::from_utf8(self.buf[..at].to_vec()).unwrap();
+                self.buf.drain(..at + 2);
+                return line;
+            }
+            assert!(self.fill() > 0, "closed inside a line");
+        }
+    }
+
+    fn take(&mut self, n: usize) -> Vec<u8> {
+        while self.buf.len() < n {
+            assert!(self.fill() > 0, "closed inside a body");
+        }
+        self.buf.drain(..n).collect()
+    }
+
+    fn send(&mut self, request: &[u8]) {
+        self.stream.write_all(request).unwrap();
+    }
+
+    fn response(&mut self, head_request: bool) -> Raw {
+        let status_line = self.take_line();
+        assert!(status_line.starts_with("HTTP/1.1 "), "{status_line}");
+        let status = status_line[9..12].parse().unwrap();
+        let mut headers = Vec::new();
+        loop {
+            let line = self.take_line();
+            if line.is_empty() {
+                break;
+            }
+            let (name, value) = line.split_once(':').unwrap();
+            headers.push((name.to_ascii_lowercase(), value.trim().to_string()));
+        }
+        let mut raw = Raw {
+            status,
+            headers,
+            body: Vec::new(),
+        };
+        if head_request {
+            return raw;
+        }
+        if raw.header("transfer-encoding") == Some("chunked") {
+            assert!(raw.header("content-length").is_none());
+            loop {
+                let size = usize::from_str_radix(&self.take_line(), 16).unwrap();
+                if size == 0 {
+                    assert_eq!(self.take_line(), "");
+                    break;
+                }
+                let data = self.take(size);
+                raw.body.extend_from_slice(&data);
+                assert_eq!(self.take_line(), "");
+            }
+        } else {
+            let length: usize = raw
+                .header("content-length")
+                .expect("a framed response")
+                .parse()
+                .unwrap();
+            raw.body = self.take(length);
+        }
+        raw
+    }
+
+    fn closed(&mut self) -> bool {
+        self.buf.is_empty() && matches!(self.stream.read(&mut [0u8; 1]), Ok(0))
+    }
+}
+
+fn config(upstream: std::net::SocketAddr) -> String {
+    format!(
+        "{}[upstreams.u]\nendpoints = [\"{upstream}\"]\n\n[[routes]]\nname = \"all\"\nupstream = \"u\"\n",
+        base_config()
+    )
+}
+
+fn json(raw: &Raw) -> serde_json::Value {
+    serde_json::from_slice(&raw.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&raw.body)))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn one_connection_carries_fast_and_handed_over_requests_framed_exactly() {
+    let upstream = Upstream::start("u").await;
+    let gateway = Gateway::start(&config(upstream.addr));
+    let mut conn = Conn::open(gateway.proxy);
+
+    // Bodiless GET: the echo's JSON, with a length, a date and the request id.
+    conn.send(b"GET /a?x=1 HTTP/1.1\r\nHost: api.example\r\nX-Custom: kept\r\n\r\n");
+    let get = conn.response(false);
+    assert_eq!(get.status, 200);
+    let echo = json(&get);
+    assert_eq!(echo["path"], "/a?x=1");
+    assert_eq!(echo["headers"]["x-custom"], "kept");
+    assert_eq!(echo["headers"]["x-forwarded-host"], "api.example");
+    assert_eq!(get.header("content-length").unwrap(), get.body.len().to_string());
+    assert!(get.header("date").is_some_and(|d| d.ends_with(" GMT")));
+    assert_eq!(get.header("x-request-id").map(str::len), Some(32));
+
+    // HEAD: the upstream's length of the GET body, and no body on the wire (the next
+    // response must start right after the head).
+    conn.send(b"HEAD /a?x=1 HTTP/1.1\r\nHost: api.example\r\nX-Custom: kept\r\n\r\n");
+    let head = conn.response(true);
+    assert_eq!(head.status, 200);
+    assert!(head.header("content-length").is_some());
+
+    // A chunked upstream body, decoded and re-framed as chunked for the client.
+    conn.send(b"GET /download/100000 HTTP/1.1\r\nHost: a\r\n\r\n");
+    let download = conn.response(false);
+    assert_eq!(download.status, 200);
+    assert_eq!(download.header("transfer-encoding"), Some("chunked"));
+    assert_eq!(download.body.len(), 100_000);
+    assert!(download.body.iter().all(|&b| b == b'x'));
+
+    // An upstream error status passes through.
+    conn.send(b"GET /status/503 HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(conn.response(false).status, 503);
+
+    // A request with a body goes to hyper with the bytes already read, on the same
+    // connection, and the body arrives whole.
+    conn.send(b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello");
+    let posted = conn.response(false);
+    assert_eq!(posted.status, 200);
+    assert_eq!(json(&posted)["bytes"], 5);
+
+    // The connection goes on serving after the hand-over.
+    conn.send(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n");
+    let after = conn.response(false);
+    assert_eq!(json(&after)["path"], "/b");
+
+    // `Connection: close` is answered in kind and the connection is closed.
+    conn.send(b"GET /c HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    let last = conn.response(false);
+    assert_eq!(json(&last)["path"], "/c");
+    assert_eq!(last.header("connection"), Some("close"));
+    assert!(conn.closed(), "closed after Connection: close");
+
+    // The same on the fast path from the first request, and a head sent in pieces.
+    let mut conn = Conn::open(gateway.proxy);
+    conn.send(b"GET /d HTTP/1.1\r\nHo");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    conn.send(b"st: a\r\nConnection: close\r\n\r\n");
+    let pieces = conn.response(false);
+    assert_eq!(json(&pieces)["path"], "/d");
+    assert_eq!(pieces.header("connection"), Some("close"));
+    assert!(conn.closed());
+
+    // Error responses from the gateway itself are framed the same way (no route → 404,
+    // JSON body with its length), and HEAD gets their length without the body.
+    let gateway = Gateway::start(&format!(
+        "{}[upstreams.u]\nendpoints = [\"{}\"]\n\n[[routes]]\nname = \"v1\"\npath = \"/v1\"\nupstream = \"u\"\n",
+        base_config(),
+        upstream.addr
+    ));
+    let mut conn = Conn::open(gateway.proxy);
+    conn.send(b"GET /nowhere HTTP/1.1\r\nHost: a\r\n\r\n");
+    let missing = conn.response(false);
+    assert_eq!(missing.status, 404);
+    assert_eq!(json(&missing)["error"]["code"], "route_not_found");
+    conn.send(b"HEAD /nowhere HTTP/1.1\r\nHost: a\r\n\r\n");
+    let missing_head = conn.response(true);
+    assert_eq!(missing_head.status, 404);
+    assert_eq!(
+        missing_head.header("content-length"),
+        Some(missing.body.len().to_string().as_str())
+    );
+    conn.send(b"GET /v1/ok HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(json(&conn.response(false))["path"], "/v1/ok");
+}
