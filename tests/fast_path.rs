@@ -1,8 +1,8 @@
 //! The purpose-built HTTP/1.1 path and its hand-over to hyper, seen from a raw socket
 //! (docs/architecture.md, "Two HTTP/1.1 paths"): one keep-alive connection carries
 //! bodiless requests (served on the fast path), a request with a body (handed to hyper
-//! with the bytes already read) and more requests after it; framing is checked byte for
-//! byte.
+//! with the bytes already read), more requests after it, and the hand-back once it was
+//! parked; framing is checked byte for byte.
 
 mod common;
 
@@ -126,6 +126,17 @@ fn config(upstream: std::net::SocketAddr) -> String {
     )
 }
 
+/// The gateway's `tollgate_parked_connections` gauge.
+async fn parked(gateway: &Gateway) -> i64 {
+    admin(gateway, "GET", "/metrics")
+        .await
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix("tollgate_parked_connections "))
+        .and_then(|v| v.parse().ok())
+        .expect("parked gauge")
+}
+
 fn json(raw: &Raw) -> serde_json::Value {
     serde_json::from_slice(&raw.body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&raw.body)))
 }
@@ -178,6 +189,20 @@ async fn one_connection_carries_fast_and_handed_over_requests_framed_exactly() {
     conn.send(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n");
     let after = conn.response(false);
     assert_eq!(json(&after)["path"], "/b");
+
+    // Idle past `park_idle_after`, the general path parks the connection and hands it
+    // back: it is counted parked, and then serves again — a body, and bodiless requests.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(parked(&gateway).await, 1);
+    conn.send(b"GET /e HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(json(&conn.response(false))["path"], "/e");
+    conn.send(b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc");
+    assert_eq!(json(&conn.response(false))["bytes"], 3);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(parked(&gateway).await, 1);
+    conn.send(b"GET /f HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(json(&conn.response(false))["path"], "/f");
+    assert_eq!(parked(&gateway).await, 0);
 
     // `Connection: close` is answered in kind and the connection is closed.
     conn.send(b"GET /c HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");

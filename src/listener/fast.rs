@@ -7,7 +7,7 @@
 //! path").
 //!
 //! Everything else goes to the general path (the listener guard and hyper) with the bytes
-//! already read, and stays there for the rest of the connection: a head the guard would
+//! already read, until the connection is parked there, when it comes back: a head the guard would
 //! refuse — malformed, too large, or not complete by `header_read_timeout` — which it
 //! answers with its own error and access-log record, bodies, upgrades, `Expect`,
 //! `CONNECT`, HTTP/1.0, HTTP/2 (a preface, over TLS by ALPN or in cleartext), and requests
@@ -48,38 +48,53 @@ pub(super) async fn serve<S: Transport>(
     worker: Worker,
     settings: Arc<ConnSettings>,
     mut stream: S,
-    conn: ConnInfo,
+    mut conn: ConnInfo,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let head_deadline = Instant::now() + settings.limits.header_read_timeout;
-    let outcome = {
-        let stop = stopped(&mut shutdown);
-        tokio::pin!(stop);
-        let mut exchange = Exchange {
-            worker: &worker,
-            settings: &settings,
-            conn: &conn,
-            buf: BytesMut::new(),
-            out: Vec::new(),
-            timer: Deadline::new(head_deadline),
+    let mut head_deadline = Instant::now() + settings.limits.header_read_timeout;
+    // Set when the general path handed the connection back parked: when it closes.
+    let mut parked: Option<Instant> = None;
+    loop {
+        let outcome = {
+            let stop = stopped(&mut shutdown);
+            tokio::pin!(stop);
+            let mut exchange = Exchange {
+                worker: &worker,
+                settings: &settings,
+                conn: &conn,
+                buf: BytesMut::new(),
+                out: Vec::new(),
+                timer: Deadline::new(head_deadline),
+            };
+            exchange.run(&mut stream, head_deadline, parked, stop.as_mut()).await
         };
-        exchange.run(&mut stream, head_deadline, stop.as_mut()).await
-    };
-    if let Some((buffered, head_deadline)) = outcome {
-        let stream = Rewind {
+        let Some((buffered, deadline)) = outcome else {
+            return;
+        };
+        let rewind = Rewind {
             prefix: buffered,
             inner: stream,
         };
         // Boxed: its state would otherwise take room in every connection's task.
-        Box::pin(super::serve_http(
-            worker,
-            settings,
-            stream,
+        let general = super::serve_http(
+            worker.clone(),
+            settings.clone(),
+            rewind,
             conn,
-            shutdown,
-            head_deadline,
-        ))
-        .await;
+            shutdown.clone(),
+            deadline,
+        );
+        let Some((rewind, idle_until, back)) = Box::pin(general).await else {
+            return;
+        };
+        // Parked after its last request: hyper has read everything this path gave it.
+        if !rewind.prefix.is_empty() {
+            return;
+        }
+        stream = rewind.inner;
+        conn = back;
+        parked = Some(idle_until);
+        head_deadline = idle_until;
     }
 }
 
@@ -105,21 +120,29 @@ enum Next {
 impl Exchange<'_> {
     /// Serves requests until the connection ends (`None`) or one must go to the general
     /// path: then the bytes read and the deadline of the head they begin.
+    /// `parked`: the connection comes back parked from the general path, to be closed at
+    /// that time if no request comes.
     async fn run<S: Transport>(
         &mut self,
         stream: &mut S,
         first_deadline: Instant,
+        parked: Option<Instant>,
         mut stop: Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Option<(Bytes, Instant)> {
         let limits = self.settings.limits;
         let metrics = &self.worker.gateway.metrics;
+        if let Some(idle_until) = parked
+            && !self.wait_parked(stream, stop.as_mut(), metrics, idle_until).await
+        {
+            return None;
+        }
         // The first head must begin (and end) by `first_deadline`; a later one within
         // `header_read_timeout` of its first bytes, a time read only when it is needed
         // (a head that arrives whole, the common case, needs none).
-        let mut head_deadline = Some(first_deadline);
+        let mut head_deadline = if parked.is_some() { None } else { Some(first_deadline) };
         let deadline =
             |at: &mut Option<Instant>| *at.get_or_insert_with(|| Instant::now() + limits.header_read_timeout);
-        let mut first = true;
+        let mut first = parked.is_none();
         loop {
             let skip = self.buf.len() - trim_leading_crlf(&self.buf).len();
             self.buf.advance(skip);
@@ -243,6 +266,18 @@ impl Exchange<'_> {
         // Parked: the buffer goes; the socket is all that is kept.
         self.buf = BytesMut::new();
         self.out = Vec::new();
+        self.wait_parked(stream, stop, metrics, idle_until).await
+    }
+
+    /// Parked: waits on the socket alone until bytes come (`true`, read into the
+    /// buffer), `idle_until` or shutdown.
+    async fn wait_parked<S: Transport>(
+        &mut self,
+        stream: &mut S,
+        mut stop: Pin<&mut impl std::future::Future<Output = ()>>,
+        metrics: &Arc<Metrics>,
+        idle_until: Instant,
+    ) -> bool {
         let _parked = metrics.connection_parked();
         self.timer.set(idle_until);
         let timer = &mut self.timer;

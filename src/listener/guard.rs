@@ -150,32 +150,6 @@ impl<S: Transport> GuardedStream<S> {
         }
     }
 
-    /// A parked keep-alive connection coming back because bytes arrived; it still closes at
-    /// `idle_until` if no head starts.
-    pub fn resume(
-        inner: S,
-        phase: Arc<ConnPhase>,
-        limits: HeadLimits,
-        idle_until: Instant,
-        park: Option<ParkSlot<S>>,
-        metrics: Arc<Metrics>,
-    ) -> Self {
-        GuardedStream {
-            inner: Some(inner),
-            park,
-            idle_until,
-            phase,
-            limits,
-            state: State::Waiting { first: false },
-            head: Vec::new(),
-            pipelined: Vec::new(),
-            timer: Deadline::new(idle_until),
-            write_timer: None,
-            metrics,
-            refusals: None,
-        }
-    }
-
     fn stream(&mut self) -> io::Result<&mut S> {
         self.inner.as_mut().ok_or_else(|| io::ErrorKind::NotConnected.into())
     }

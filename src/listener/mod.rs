@@ -387,9 +387,14 @@ async fn serve_tls(
     }
 }
 
-/// HTTP on a ready connection, on the general path: hyper serves it while requests come;
-/// between them it is parked (no HTTP state held) until its socket is readable. The first
-/// head must be complete by `head_deadline`.
+/// A connection parked by the general path, handed back to the fast path: its socket, when
+/// it closes if no request comes, and what it knows about itself.
+type HandedBack<S> = (S, tokio::time::Instant, ConnInfo);
+
+/// HTTP on a ready connection, on the general path: hyper serves it while requests come.
+/// Once it is idle for `park_idle_after` it is parked — hyper's state freed — and handed
+/// back (`Some`) to the fast path, which waits on its socket. The first head must be
+/// complete by `head_deadline`.
 async fn serve_http<S: Transport>(
     worker: Worker,
     settings: Arc<ConnSettings>,
@@ -397,7 +402,7 @@ async fn serve_http<S: Transport>(
     mut conn: ConnInfo,
     mut shutdown: watch::Receiver<bool>,
     head_deadline: tokio::time::Instant,
-) {
+) -> Option<HandedBack<S>> {
     let limits = settings.limits;
     let peer = conn.peer;
     let metrics = worker.gateway.metrics.clone();
@@ -429,80 +434,68 @@ async fn serve_http<S: Transport>(
             Ok::<_, Infallible>(response)
         }
     });
-    let (park, mut parked) = park_slot(settings.parking);
-    let refusals = || {
-        access_log.as_ref().map(|log| {
-            Box::new(refusal::RefusalLog {
-                log: log.clone(),
-                client_ip: conn.peer_ip.clone(),
-                tls: conn.tls_version,
-            })
+    let (park, parked) = park_slot(settings.parking);
+    let refusals = access_log.as_ref().map(|log| {
+        Box::new(refusal::RefusalLog {
+            log: log.clone(),
+            client_ip: conn.peer_ip.clone(),
+            tls: conn.tls_version,
         })
-    };
-    let mut io = GuardedStream::new(stream, phase.clone(), limits, head_deadline, park, metrics.clone())
-        .with_refusals(refusals());
-    loop {
-        // Boxed so that a parked connection does not keep room for hyper's state.
-        let mut connection = Box::pin(
-            settings
-                .builder
-                .serve_connection_with_upgrades(TokioIo::new(io), service.clone()),
-        );
-        // HTTP/1 idle time is the guard's; this closes HTTP/2 connections with no stream
-        // open (an h2c preface and nothing more): idle at two looks `idle_timeout` apart
-        // with no stream begun in between — no clock read per request.
-        let mut idle_check = Box::pin(tokio::time::sleep(limits.idle_timeout));
-        let mut last_look = (conn.streams.started(), true);
-        let result = loop {
-            tokio::select! {
-                // The connection first: no random branch order on every wake.
-                biased;
-                result = connection.as_mut() => break result,
-                _ = stopped(&mut shutdown) => {
-                    // Finish the request in flight (HTTP/2: GOAWAY), then close.
-                    connection.as_mut().graceful_shutdown();
-                    break connection.as_mut().await;
-                }
-                _ = std::future::poll_fn(|cx| conn.streams.poll_abused(cx)) => {
-                    // Rapid reset: the connection is dropped without finishing anything.
-                    metrics.protected(Protection::PrematureResets);
-                    tracing::debug!(%peer, "connection closed: streams reset before their response");
-                    return;
-                }
-                _ = idle_check.as_mut() => {
-                    let look = (conn.streams.started(), conn.streams.is_idle());
-                    if look.1 && look == last_look {
-                        metrics.protected(Protection::Http2Idle);
-                        connection.as_mut().graceful_shutdown();
-                        let closing = tokio::time::timeout(Duration::from_secs(5), connection.as_mut()).await;
-                        break closing.unwrap_or(Ok(()));
-                    }
-                    last_look = look;
-                    idle_check.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
-                }
-            }
-        };
-        if let Err(error) = result {
-            tracing::debug!(%peer, %error, "connection ended with error");
-        }
-        // hyper's buffers and the idle timer go now, not when this loop turn ends after
-        // the parked wait (the timer alone is ~1 KiB per parked connection).
-        drop(connection);
-        drop(idle_check);
-        let Some(Ok((stream, idle_until))) = parked.as_mut().map(|rx| rx.try_recv()) else {
-            break;
-        };
-        let _parked = metrics.connection_parked();
+    });
+    let io =
+        GuardedStream::new(stream, phase.clone(), limits, head_deadline, park, metrics.clone()).with_refusals(refusals);
+    // Boxed so that a parked connection does not keep room for hyper's state.
+    let mut connection = Box::pin(
+        settings
+            .builder
+            .serve_connection_with_upgrades(TokioIo::new(io), service.clone()),
+    );
+    // HTTP/1 idle time is the guard's; this closes HTTP/2 connections with no stream
+    // open (an h2c preface and nothing more): idle at two looks `idle_timeout` apart
+    // with no stream begun in between — no clock read per request.
+    let mut idle_check = Box::pin(tokio::time::sleep(limits.idle_timeout));
+    let mut last_look = (conn.streams.started(), true);
+    let result = loop {
         tokio::select! {
-            ready = stream.socket().readable() => if ready.is_err() { break },
-            _ = tokio::time::sleep_until(idle_until) => break,
-            _ = stopped(&mut shutdown) => break,
+            // The connection first: no random branch order on every wake.
+            biased;
+            result = connection.as_mut() => break result,
+            _ = stopped(&mut shutdown) => {
+                // Finish the request in flight (HTTP/2: GOAWAY), then close.
+                connection.as_mut().graceful_shutdown();
+                break connection.as_mut().await;
+            }
+            _ = std::future::poll_fn(|cx| conn.streams.poll_abused(cx)) => {
+                // Rapid reset: the connection is dropped without finishing anything.
+                metrics.protected(Protection::PrematureResets);
+                tracing::debug!(%peer, "connection closed: streams reset before their response");
+                return None;
+            }
+            _ = idle_check.as_mut() => {
+                let look = (conn.streams.started(), conn.streams.is_idle());
+                if look.1 && look == last_look {
+                    metrics.protected(Protection::Http2Idle);
+                    connection.as_mut().graceful_shutdown();
+                    let closing = tokio::time::timeout(Duration::from_secs(5), connection.as_mut()).await;
+                    break closing.unwrap_or(Ok(()));
+                }
+                last_look = look;
+                idle_check.as_mut().reset(tokio::time::Instant::now() + limits.idle_timeout);
+            }
         }
-        let (park, next) = park_slot(settings.parking);
-        parked = next;
-        io = GuardedStream::resume(stream, phase.clone(), limits, idle_until, park, metrics.clone())
-            .with_refusals(refusals());
+    };
+    if let Err(error) = result {
+        tracing::debug!(%peer, %error, "connection ended with error");
     }
+    // hyper's buffers, the service and its hold on the connection's info go now.
+    drop(connection);
+    drop(idle_check);
+    drop(service);
+    let (stream, idle_until) = parked?.try_recv().ok()?;
+    let mut conn = Arc::try_unwrap(conn).ok()?;
+    // The guard that watched the phase is gone; the fast path needs no signal.
+    conn.phase = None;
+    Some((stream, idle_until, conn))
 }
 
 type Parked<S> = tokio::sync::oneshot::Receiver<(S, tokio::time::Instant)>;
