@@ -27,24 +27,43 @@ def post(admin, path, body):
     return json.loads(urllib.request.urlopen(req).read() or b"{}")
 
 
-def measure(name, binary, up, workdir):
-    # `NAME=BINARY+logs`: the same, with access logs on (docs/access-logs.md).
-    logs = binary.endswith("+logs")
-    binary = binary.removesuffix("+logs")
+def start_upstream(workdir):
+    """The NGINX upstream every measurement proxies to (`return 200 'ok'`, CPU 1); its port."""
+    up = free_port()
+    proc = start_nginx(workdir, "upstream", f"server {{ listen 127.0.0.1:{up}; location / {{ return 200 'ok'; }} }}", 1)
+    wait_port(up)
+    return proc, up
+
+
+def start_keyed(name, binary, up, workdir, prefix, logs=False):
+    """`binary` (run under `prefix`) with a keyed route to `up` on the plan above, and a
+    key made for it; returns the process, its proxy port and the key."""
     port, admin = free_port(), free_port()
     config = os.path.join(workdir, f"{name}.toml")
     plan = PLAN + (f'\n[logs]\ndir = "{workdir}/logs-{name}"\n' if logs else "")
     open(config, "w").write(gateway_config(f"{workdir}/data-{name}", port, admin, f"127.0.0.1:{up}", "api_key", plan,
                                           lift_limits=binary.startswith(os.path.join(ROOT, "target"))))
-    out = os.path.join(workdir, f"{name}.callgrind")
-    proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no",
-                             binary, "serve", "--config", config],
+    proc = subprocess.Popen(prefix + [binary, "serve", "--config", config],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
     try:
         wait_port(port, timeout=60)
         wait_port(admin, timeout=60)
         post(admin, "/v1/consumers", {"id": "bench", "plan": "pro"})
         key = post(admin, "/v1/keys", {"consumer": "bench"})["key"]
+    except BaseException:
+        stop_all([proc], "/nonexistent")
+        raise
+    return proc, port, key
+
+
+def measure(name, binary, up, workdir):
+    # `NAME=BINARY+logs`: the same, with access logs on (docs/access-logs.md).
+    logs = binary.endswith("+logs")
+    binary = binary.removesuffix("+logs")
+    out = os.path.join(workdir, f"{name}.callgrind")
+    proc, port, key = start_keyed(name, binary, up, workdir,
+                                  ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"], logs)
+    try:
         wrk = ["wrk", "-t1", "-c8", "-H", f"X-API-Key: {key}", f"http://127.0.0.1:{port}/"]
         subprocess.run(wrk[:3] + ["-d2s"] + wrk[3:], capture_output=True)  # warm-up
         subprocess.run(["callgrind_control", "--zero", str(proc.pid)], capture_output=True, check=True)
@@ -76,9 +95,8 @@ def main():
     workdir = tempfile.mkdtemp(prefix="tollgate-cg-")
     procs = []
     try:
-        up = free_port()
-        procs.append(start_nginx(workdir, "upstream", f"server {{ listen 127.0.0.1:{up}; location / {{ return 200 'ok'; }} }}", 1))
-        wait_port(up)
+        upstream, up = start_upstream(workdir)
+        procs.append(upstream)
         for name, binary in binaries:
             requests, instructions = measure(name, binary, up, workdir)
             print(f"{name}: {requests} requests, {instructions / requests:,.0f} instructions per request")

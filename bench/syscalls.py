@@ -10,8 +10,8 @@ strace slows the traced process, so only the counts mean anything, not the rates
 import os, re, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, free_port, gateway_config, start_nginx, stop_all, wait_port  # noqa: E402
-from instructions import PLAN, post  # noqa: E402
+from run import ROOT, free_port, start_nginx, stop_all, wait_port  # noqa: E402
+from instructions import start_keyed, start_upstream  # noqa: E402
 
 
 def traced(pid, url, headers, workdir, name):
@@ -40,9 +40,8 @@ def main():
     workdir = tempfile.mkdtemp(prefix="tollgate-sc-")
     procs = []
     try:
-        up = free_port()
-        procs.append(start_nginx(workdir, "upstream", f"server {{ listen 127.0.0.1:{up}; location / {{ return 200 'ok'; }} }}", 1))
-        wait_port(up)
+        upstream, up = start_upstream(workdir)
+        procs.append(upstream)
         px = free_port()
         nginx = start_nginx(workdir, "proxy", f"""
 upstream backend {{ server 127.0.0.1:{up}; keepalive 64; }}
@@ -54,16 +53,8 @@ server {{ listen 127.0.0.1:{px} backlog=4096;
         worker = subprocess.run(["pgrep", "-P", str(nginx.pid)], capture_output=True, text=True).stdout.split()[0]
         traced(int(worker), f"http://127.0.0.1:{px}/", [], workdir, "nginx")
         for name, binary in binaries:
-            port, admin = free_port(), free_port()
-            config = os.path.join(workdir, f"{name}.toml")
-            open(config, "w").write(gateway_config(f"{workdir}/data-{name}", port, admin, f"127.0.0.1:{up}", "api_key", PLAN))
-            proc = subprocess.Popen(["taskset", "-c", "0", binary, "serve", "--config", config],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RUST_LOG": "warn"})
+            proc, port, key = start_keyed(name, binary, up, workdir, ["taskset", "-c", "0"])
             procs.append(proc)
-            wait_port(port)
-            wait_port(admin)
-            post(admin, "/v1/consumers", {"id": "bench", "plan": "pro"})
-            key = post(admin, "/v1/keys", {"consumer": "bench"})["key"]
             traced(proc.pid, f"http://127.0.0.1:{port}/", [f"X-API-Key: {key}"], workdir, name)
     finally:
         stop_all(procs, workdir)

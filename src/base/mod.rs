@@ -1,11 +1,12 @@
 //! Primitives every layer may use and that use nothing else of the crate: the request
 //! path's error kind and its JSON body, deadlines, the shutdown signal, the state a
-//! connection shares with its responses, request ids and durations (docs/architecture.md,
+//! connection shares with its responses, request ids and durations, HTTP/1.1 wire helpers (docs/architecture.md,
 //! "Modules").
 
 pub mod conn;
 pub mod deadline;
 pub mod error;
+pub mod http1;
 pub mod shutdown;
 pub mod time;
 

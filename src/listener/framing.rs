@@ -8,9 +8,7 @@
 //! the JSON error body.
 
 use crate::base::ErrorKind;
-
-/// Most header lines in a head; more is a 431.
-pub const MAX_HEADERS: usize = 128;
+use crate::base::http1::{MAX_HEADERS, parse_length, trim_ows};
 
 /// What follows a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,28 +237,6 @@ const REG_NAME: [bool; 256] = {
     }
     table
 };
-
-/// `Content-Length` is 1*DIGIT (§6.3, RFC 9110 §8.6); signs, spaces inside, lists or
-/// values that overflow are refused.
-fn parse_length(value: &[u8]) -> Option<u64> {
-    let value = trim_ows(value);
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(value).ok()?.parse().ok()
-}
-
-fn trim_ows(bytes: &[u8]) -> &[u8] {
-    let start = bytes
-        .iter()
-        .position(|b| *b != b' ' && *b != b'\t')
-        .unwrap_or(bytes.len());
-    let end = bytes
-        .iter()
-        .rposition(|b| *b != b' ' && *b != b'\t')
-        .map_or(start, |e| e + 1);
-    &bytes[start..end]
-}
 
 #[cfg(test)]
 mod tests {

@@ -6,6 +6,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::base::http1::push_decimal;
+
 /// Appends `"key":value` pairs to a JSON object under construction.
 pub struct JsonObject<'b> {
     out: &'b mut Vec<u8>,
@@ -95,8 +97,7 @@ impl<'b> JsonObject<'b> {
     #[inline(always)]
     pub fn u64(&mut self, key: &str, value: u64) -> &mut Self {
         self.key(key);
-        let mut digits = itoa_buffer();
-        self.out.extend_from_slice(format_u64(&mut digits, value));
+        push_decimal(self.out, value);
         self
     }
 
@@ -119,8 +120,7 @@ impl<'b> JsonObject<'b> {
     #[inline(always)]
     pub fn millis(&mut self, key: &str, micros: u64) -> &mut Self {
         self.key(key);
-        let mut digits = itoa_buffer();
-        self.out.extend_from_slice(format_u64(&mut digits, micros / 1000));
+        push_decimal(self.out, micros / 1000);
         self.out.push(b'.');
         let fraction = micros % 1000;
         self.out.extend_from_slice(&[
@@ -183,23 +183,6 @@ impl<'b> JsonObject<'b> {
 pub struct SecondCache {
     second: Option<u64>,
     prefix: [u8; 20],
-}
-
-fn itoa_buffer() -> [u8; 20] {
-    [0; 20]
-}
-
-fn format_u64(buffer: &mut [u8; 20], mut value: u64) -> &[u8] {
-    let mut at = buffer.len();
-    loop {
-        at -= 1;
-        buffer[at] = b'0' + (value % 10) as u8;
-        value /= 10;
-        if value == 0 {
-            break;
-        }
-    }
-    &buffer[at..]
 }
 
 /// A JSON string literal of `value`; bytes that are not UTF-8 become U+FFFD.

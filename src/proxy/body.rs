@@ -13,7 +13,8 @@ use tokio::time::Instant;
 use crate::base::{ConnPhase, Deadline};
 use crate::logs::Pending;
 use crate::upstream::InflightGuard;
-use crate::upstream::client::{PooledConn, UpstreamBody};
+use crate::upstream::body::UpstreamBody;
+use crate::upstream::client::PooledConn;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 

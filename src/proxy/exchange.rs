@@ -16,7 +16,8 @@ use super::{ProxyBody, RequestCtx, Worker, forward};
 use crate::base::{ErrorKind, ErrorSource, ProxyError};
 use crate::config::HashKey;
 use crate::gateway::{Route, Snapshot, UpstreamPool};
-use crate::upstream::client::{ClientBody, PooledConn, RequestBody, SendError, UpstreamBody};
+use crate::upstream::body::{ClientBody, RequestBody, UpstreamBody};
+use crate::upstream::client::{PooledConn, SendError};
 use crate::upstream::{InflightGuard, Selected, Target, Tried};
 
 /// The endpoint chosen for one try.

@@ -72,9 +72,9 @@ pub fn insert_rate_limit(headers: &mut HeaderMap, status: &LimitStatus, retry_af
         value.push(b'"');
         value.extend_from_slice(name.as_bytes());
         value.extend_from_slice(&[b'"', b';', a, b'=']);
-        push_decimal(value, x);
+        crate::base::http1::push_decimal(value, x);
         value.extend_from_slice(&[b';', b, b'=']);
-        push_decimal(value, y);
+        crate::base::http1::push_decimal(value, y);
     };
     item(&mut value, b'q', status.quota, b'w', status.window_secs);
     let middle = value.len();
@@ -90,21 +90,6 @@ pub fn insert_rate_limit(headers: &mut HeaderMap, status: &LimitStatus, retry_af
     if let Some(seconds) = retry_after {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
     }
-}
-
-/// Appends `n` in decimal.
-pub fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
 }
 
 pub fn is_upgrade_request(headers: &HeaderMap) -> bool {

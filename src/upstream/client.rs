@@ -5,15 +5,11 @@
 
 use std::cell::RefCell;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::{Request, Response, Uri};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -21,193 +17,10 @@ use hyper_util::rt::TokioIo;
 use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
+use super::body::{ClientBodyError, RequestBody, UpstreamBody};
 use super::{Endpoint, Target, UpstreamTls, h1};
 use crate::base::{ErrorKind, ProxyError};
 use rustls::pki_types::ServerName;
-
-/// The body of a request sent upstream: the client's, streamed, or none (a retry of a
-/// request that had no body is rebuilt from its head).
-pub enum RequestBody {
-    Client(ClientBody),
-    Empty,
-}
-
-/// The client's request body under the route's size limit and the body read timeout; a
-/// breach ends it with a [`ClientBodyError`], which the send's error carries back so the
-/// client is answered `413`/`408`/`400`, not a `502` (docs/security.md).
-pub struct ClientBody {
-    /// `None`: a request the purpose-built HTTP/1.1 server read without a body.
-    inner: Option<Incoming>,
-    /// The first frame, read before the upstream is chosen (see [`ClientBody::prefetch`]).
-    /// Boxed, with `timer`: most bodies are empty, and the request moves a few times.
-    peeked: Option<Box<Frame<Bytes>>>,
-    /// Bytes still allowed.
-    allowed: u64,
-    timeout: Duration,
-    timer: Option<Box<crate::base::Deadline>>,
-    /// Bytes read so far, for the access log, on bodies of no declared length.
-    counted: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
-}
-
-impl ClientBody {
-    pub fn new(inner: Option<Incoming>, max_bytes: u64, timeout: Duration) -> ClientBody {
-        ClientBody {
-            inner,
-            peeked: None,
-            allowed: max_bytes,
-            timeout,
-            timer: None,
-            counted: None,
-        }
-    }
-
-    /// Counts the bytes read into `counter` (a chunked body's size is known only then).
-    pub fn with_counter(mut self, counter: std::sync::Arc<std::sync::atomic::AtomicU64>) -> ClientBody {
-        self.counted = Some(counter);
-        self
-    }
-}
-
-impl ClientBody {
-    /// Reads the body's first frame before anything is sent upstream, so a body that is
-    /// malformed from its first bytes (a bad chunk size), too large or never sent is
-    /// answered without an upstream ever seeing its head. Later frames stream as they come.
-    pub async fn prefetch(&mut self) -> Result<(), ClientBodyError> {
-        if self.peeked.is_some() || self.inner.as_ref().is_none_or(Incoming::is_end_stream) {
-            return Ok(());
-        }
-        match std::future::poll_fn(|cx| self.poll_inner(cx)).await {
-            Some(Ok(frame)) => self.peeked = Some(Box::new(frame)),
-            Some(Err(error)) => return Err(error),
-            None => {}
-        }
-        Ok(())
-    }
-
-    fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
-        };
-        match Pin::new(inner).poll_frame(cx) {
-            Poll::Pending => {
-                let at = Instant::now() + self.timeout;
-                let timer = self
-                    .timer
-                    .get_or_insert_with(|| Box::new(crate::base::Deadline::new(at)));
-                match timer.poll_expired(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(ClientBodyError::Timeout))),
-                    Poll::Pending => Poll::Pending,
-                }
-            }
-            Poll::Ready(Some(Ok(frame))) => {
-                self.timer = None;
-                let size = frame.data_ref().map_or(0, |d| d.len() as u64);
-                match self.allowed.checked_sub(size) {
-                    Some(left) => {
-                        self.allowed = left;
-                        if let Some(counted) = &self.counted {
-                            counted.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    None => Poll::Ready(Some(Err(ClientBodyError::TooLarge))),
-                }
-            }
-            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(ClientBodyError::Broken(error)))),
-            Poll::Ready(None) => Poll::Ready(None),
-        }
-    }
-}
-
-/// Why a client's request body was cut short: the client's fault, not the upstream's.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientBodyError {
-    #[error("request body larger than allowed")]
-    TooLarge,
-    #[error("request body stalled")]
-    Timeout,
-    #[error("request body malformed or cut short: {0}")]
-    Broken(hyper::Error),
-}
-
-impl ClientBodyError {
-    pub fn kind(&self) -> ErrorKind {
-        match self {
-            ClientBodyError::TooLarge => ErrorKind::PayloadTooLarge,
-            ClientBodyError::Timeout => ErrorKind::BodyTimeout,
-            ClientBodyError::Broken(_) => ErrorKind::BadRequest,
-        }
-    }
-
-    /// The client-body fault somewhere in an error's chain of sources.
-    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a ClientBodyError> {
-        let mut current = Some(error);
-        while let Some(error) = current {
-            if let Some(found) = error.downcast_ref::<ClientBodyError>() {
-                return Some(found);
-            }
-            current = error.source();
-        }
-        None
-    }
-}
-
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = ClientBodyError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
-        let this = self.get_mut();
-        if let Some(frame) = this.peeked.take() {
-            return Poll::Ready(Some(Ok(*frame)));
-        }
-        this.poll_inner(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.peeked.is_none() && self.inner.as_ref().is_none_or(Incoming::is_end_stream)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        let hint = self.inner.as_ref().map_or(SizeHint::with_exact(0), Incoming::size_hint);
-        let Some(peeked) = self.peeked.as_deref().and_then(Frame::data_ref).map(|d| d.len() as u64) else {
-            return hint;
-        };
-        // The length hyper sends as Content-Length includes the frame already read.
-        let mut total = SizeHint::new();
-        total.set_lower(hint.lower() + peeked);
-        if let Some(upper) = hint.upper() {
-            total.set_upper(upper + peeked);
-        }
-        total
-    }
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = ClientBodyError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
-        match self.get_mut() {
-            RequestBody::Client(body) => Pin::new(body).poll_frame(cx),
-            RequestBody::Empty => Poll::Ready(None),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Client(body) => body.is_end_stream(),
-            RequestBody::Empty => true,
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Client(body) => body.size_hint(),
-            RequestBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
 
 /// Idle upstream connections older than this are closed rather than reused.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -561,41 +374,6 @@ impl UpstreamClient {
         // Boxed: the TCP connect and TLS handshake state would otherwise be part of every
         // request's future, moved with it on every request though most never connect.
         Box::pin(connect(target.addr, *connect_timeout, name)).await
-    }
-}
-
-/// A response body from an upstream: hyper's (HTTP/2, requests with a body, protocol
-/// switches) or the purpose-built HTTP/1.1 client's.
-pub enum UpstreamBody {
-    Hyper(Incoming),
-    H1(h1::H1Body),
-}
-
-pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        match self.get_mut() {
-            UpstreamBody::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
-            UpstreamBody::H1(body) => Pin::new(body).poll_frame(cx).map_err(BodyError::from),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Hyper(body) => body.is_end_stream(),
-            UpstreamBody::H1(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Hyper(body) => body.size_hint(),
-            UpstreamBody::H1(body) => body.size_hint(),
-        }
     }
 }
 

@@ -4,6 +4,7 @@
 //! [`InflightGuard`] while the exchange runs, so least-requests sees every exit path.
 
 mod balancer;
+pub mod body;
 pub mod check;
 pub mod client;
 pub mod h1;

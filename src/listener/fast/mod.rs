@@ -16,31 +16,33 @@
 //! Between requests the connection waits here: closed after `idle_timeout`, and after
 //! `park_idle_after` it lets go of its read buffer and counts as parked.
 
-use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, EXPECT, TRANSFER_ENCODING, UPGRADE};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
-use hyper::body::Body;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use http::header::{CONNECTION, EXPECT, UPGRADE};
+use http::{Method, Request, Uri, Version};
+use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
+
+mod respond;
+mod rewind;
+
+use respond::Next;
+use rewind::Rewind;
 
 use super::framing::{self, BodyLength};
 use super::guard::trim_leading_crlf;
 use super::{ConnSettings, Transport};
+use crate::base::http1::{HeaderSpans, MAX_HEADERS, has_token, offset};
 use crate::base::{Deadline, stopped};
 use crate::metrics::{Metrics, Protection};
-use crate::proxy::{ConnInfo, ProxyBody, Worker};
+use crate::proxy::{ConnInfo, Worker};
 
 /// What a read asks the socket for at least.
 const READ_SIZE: usize = 8 * 1024;
-/// Body data up to this size is copied behind the head so both leave in one write.
-const COALESCE_BYTES: usize = 16 * 1024;
 
 /// Serves an HTTP/1 connection (plain, or TLS without `h2` in use): on this path while
 /// its requests allow, on the general one from the first that does not.
@@ -109,12 +111,6 @@ struct Exchange<'a> {
     out: Vec<u8>,
     /// Idle and park time between requests, moved rather than re-armed.
     timer: Deadline,
-}
-
-/// Why a response was written the way it was, and whether the connection goes on.
-enum Next {
-    KeepAlive,
-    Close,
 }
 
 impl Exchange<'_> {
@@ -301,205 +297,44 @@ impl Exchange<'_> {
         {
             return None;
         }
-        // Parsed once: the guard's RFC 9112 checks run on the same parse.
-        let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; framing::MAX_HEADERS];
+        // Parsed once: the guard's RFC 9112 checks run on the same parse (they refuse
+        // CONNECT, conflicting framing and bad targets; bodies are the general path's).
+        let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         let mut parsed = httparse::Request::new(&mut []);
         framing::parse_complete(&mut parsed, head, &mut slots).ok()?;
         if parsed.version != Some(1) || !matches!(framing::check_parsed(&parsed), Ok(BodyLength::None)) {
             return None;
         }
         let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
-        if method == Method::CONNECT {
-            return None;
-        }
-        let base = head.as_ptr() as usize;
-        let offset = |bytes: &[u8]| bytes.as_ptr() as usize - base;
-        let target = parsed.path?;
-        let target = (offset(target.as_bytes()), target.len());
-        let mut spans = [(0u32, 0u32, 0u32, 0u32); framing::MAX_HEADERS];
-        let count = parsed.headers.len();
+        let target = offset(head, parsed.path?.as_bytes());
         let mut close = false;
-        for (span, header) in spans.iter_mut().zip(parsed.headers.iter()) {
+        for header in parsed.headers.iter() {
             let name = header.name.as_bytes();
             if name.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes())
                 || name.eq_ignore_ascii_case(EXPECT.as_str().as_bytes())
             {
                 return None;
             }
-            if name.eq_ignore_ascii_case(CONNECTION.as_str().as_bytes())
-                && header
-                    .value
-                    .split(|&b| b == b',')
-                    .any(|token| token.trim_ascii().eq_ignore_ascii_case(b"close"))
-            {
-                close = true;
-            }
-            let (n, v) = (offset(name), offset(header.value));
-            *span = (
-                n as u32,
-                (n + name.len()) as u32,
-                v as u32,
-                (v + header.value.len()) as u32,
-            );
+            close |= name.eq_ignore_ascii_case(CONNECTION.as_str().as_bytes()) && has_token(header.value, b"close");
         }
-        // Checked: from here the head is consumed.
+        let spans = HeaderSpans::of(head, parsed.headers);
+        // Checked: from here the head is consumed (nothing follows it: pipelined requests
+        // went to the general path).
         let head = self.buf.split_to(end).freeze();
-        let uri = Uri::from_maybe_shared(head.slice(target.0..target.0 + target.1));
+        let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize));
         // Room for what the pipeline adds (forwarding headers, request id, caller), so
         // the map is not grown on the way upstream.
-        let mut headers = HeaderMap::with_capacity(count + 12);
-        let mut valid = uri.is_ok();
-        for &(ns, ne, vs, ve) in &spans[..count] {
-            let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]);
-            let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize));
-            match (name, value) {
-                (Ok(name), Ok(value)) => {
-                    headers.append(name, value);
-                }
-                _ => valid = false,
-            }
-        }
-        if !valid {
-            // httparse and `http` disagree on this head: put it back for hyper.
-            let mut restored = BytesMut::with_capacity(head.len() + self.buf.len());
-            restored.extend_from_slice(&head);
-            restored.extend_from_slice(&self.buf);
-            self.buf = restored;
+        let (Ok(uri), Some(headers)) = (uri, spans.header_map(&head, 12)) else {
+            // httparse and `http` disagree on this head: it goes back for hyper.
+            self.buf.extend_from_slice(&head);
             return None;
-        }
+        };
         let mut request = Request::new(None);
         *request.method_mut() = method;
-        *request.uri_mut() = uri.ok()?;
+        *request.uri_mut() = uri;
         *request.version_mut() = Version::HTTP_11;
         *request.headers_mut() = headers;
         Some((request, close))
-    }
-
-    /// Writes the response: the head, then the body, framed by its known length or
-    /// chunked; a body that fails after the head was sent ends the connection.
-    async fn respond<S: Transport>(
-        &mut self,
-        stream: &mut S,
-        mut response: http::Response<ProxyBody>,
-        head_only: bool,
-        close: bool,
-    ) -> io::Result<Next> {
-        let status = response.status();
-        let close = close
-            || response
-                .headers()
-                .get_all(CONNECTION)
-                .iter()
-                .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
-        let bodiless = head_only
-            || status.is_informational()
-            || status == StatusCode::NO_CONTENT
-            || status == StatusCode::NOT_MODIFIED;
-        let body = response.body_mut();
-        let length = body.size_hint().exact();
-        let chunked = !bodiless && length.is_none();
-        let out = &mut self.out;
-        out.clear();
-        out.extend_from_slice(b"HTTP/1.1 ");
-        out.extend_from_slice(status.as_str().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-        out.extend_from_slice(b"\r\n");
-        let mut has_date = false;
-        let mut has_length = false;
-        for (name, value) in response.headers() {
-            if name == TRANSFER_ENCODING || name == CONNECTION {
-                continue;
-            }
-            if name == CONTENT_LENGTH {
-                // A HEAD or 304 answer keeps the length of what a GET would get.
-                if !bodiless {
-                    continue;
-                }
-                has_length = true;
-            }
-            has_date |= name == DATE;
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        if !has_date {
-            out.extend_from_slice(b"date: ");
-            http_date(out);
-            out.extend_from_slice(b"\r\n");
-        }
-        match (bodiless, length) {
-            (false, Some(n)) => write_length(out, n),
-            (true, Some(n)) if head_only && !has_length && n > 0 => write_length(out, n),
-            (false, None) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-            _ => {}
-        }
-        if close {
-            out.extend_from_slice(b"connection: close\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        let send_timeout = self.settings.limits.send_timeout;
-        let metrics = &self.worker.gateway.metrics;
-        if bodiless {
-            write_all(stream, out, send_timeout, metrics).await?;
-            return Ok(if close { Next::Close } else { Next::KeepAlive });
-        }
-        let mut body = Pin::new(response.body_mut());
-        let mut head_sent = false;
-        loop {
-            let frame = if head_sent {
-                std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
-            } else {
-                // The body's first data, when it is at hand, leaves with the head.
-                match std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
-                    Poll::Ready(frame) => frame,
-                    Poll::Pending => {
-                        write_all(stream, out, send_timeout, metrics).await?;
-                        out.clear();
-                        head_sent = true;
-                        continue;
-                    }
-                }
-            };
-            let data = match frame {
-                None => break,
-                Some(Err(error)) => return Err(io::Error::other(error)),
-                Some(Ok(frame)) => match frame.into_data() {
-                    Ok(data) if !data.is_empty() => data,
-                    _ => continue,
-                },
-            };
-            if chunked {
-                write_chunk_size(out, data.len());
-            }
-            if data.len() <= COALESCE_BYTES {
-                out.extend_from_slice(&data);
-            } else {
-                write_all(stream, out, send_timeout, metrics).await?;
-                out.clear();
-                write_all(stream, &data, send_timeout, metrics).await?;
-            }
-            if chunked {
-                out.extend_from_slice(b"\r\n");
-            }
-            if !body.is_end_stream() {
-                // More is coming, maybe not soon: what is here leaves now.
-                write_all(stream, out, send_timeout, metrics).await?;
-                out.clear();
-                head_sent = true;
-            }
-        }
-        if chunked {
-            out.extend_from_slice(b"0\r\n\r\n");
-        }
-        if !out.is_empty() {
-            write_all(stream, out, send_timeout, metrics).await?;
-            out.clear();
-        }
-        // The body's drop finishes its access-log record and frees the upstream's slot.
-        drop(response);
-        Ok(if close { Next::Close } else { Next::KeepAlive })
     }
 }
 
@@ -507,166 +342,4 @@ enum Wait {
     Read,
     Timeout,
     Closed,
-}
-
-fn write_length(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(b"content-length: ");
-    crate::proxy::headers::push_decimal(out, n);
-    out.extend_from_slice(b"\r\n");
-}
-
-fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    let mut at = digits.len();
-    let mut n = n;
-    loop {
-        at -= 1;
-        digits[at] = HEX[n & 0xf];
-        n >>= 4;
-        if n == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-    out.extend_from_slice(b"\r\n");
-}
-
-thread_local! {
-    /// The `Date` value of the current second, formatted once per second per worker.
-    static DATE_CACHE: std::cell::RefCell<(u64, [u8; 29])> = const { std::cell::RefCell::new((0, [0; 29])) };
-}
-
-/// Appends the current time as an HTTP date (RFC 9110 §5.6.7).
-fn http_date(out: &mut Vec<u8>) {
-    let now = std::time::SystemTime::now();
-    let secs = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    DATE_CACHE.with(|cache| {
-        let mut cache = cache.borrow_mut();
-        if cache.0 != secs {
-            let text = httpdate::fmt_http_date(now);
-            if text.len() == 29 {
-                cache.1.copy_from_slice(text.as_bytes());
-                cache.0 = secs;
-            }
-        }
-        out.extend_from_slice(&cache.1);
-    });
-}
-
-/// Writes all of `bytes`, giving up when a write stays blocked for `send_timeout` (the
-/// client stopped reading); flushes what a TLS stream buffered.
-async fn write_all<S: Transport>(
-    stream: &mut S,
-    bytes: &[u8],
-    send_timeout: Duration,
-    metrics: &Metrics,
-) -> io::Result<()> {
-    let mut written = 0;
-    let mut timer: Option<Deadline> = None;
-    std::future::poll_fn(|cx| {
-        loop {
-            let step = if written < bytes.len() {
-                Pin::new(&mut *stream).poll_write(cx, &bytes[written..])
-            } else {
-                Pin::new(&mut *stream).poll_flush(cx).map_ok(|()| usize::MAX)
-            };
-            match step {
-                Poll::Ready(Ok(usize::MAX)) => return Poll::Ready(Ok(())),
-                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Poll::Ready(Ok(n)) => {
-                    written += n;
-                    timer = None;
-                }
-                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
-                Poll::Pending => {
-                    let timer = timer.get_or_insert_with(|| Deadline::new(Instant::now() + send_timeout));
-                    ready!(timer.poll_expired(cx));
-                    metrics.protected(Protection::SendTimeout);
-                    return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
-                }
-            }
-        }
-    })
-    .await
-}
-
-/// A connection handed to the general path: the bytes this path read come first.
-pub(super) struct Rewind<S> {
-    prefix: Bytes,
-    inner: S,
-}
-
-impl<S: Transport> AsyncRead for Rewind<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        let this = self.get_mut();
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            buf.put_slice(&this.prefix[..n]);
-            this.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut this.inner).poll_read(cx, buf)
-    }
-}
-
-impl<S: Transport> AsyncWrite for Rewind<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
-    }
-}
-
-impl<S: Transport> Transport for Rewind<S> {
-    fn socket(&self) -> &tokio::net::TcpStream {
-        self.inner.socket()
-    }
-
-    fn write_final(&mut self, bytes: &[u8]) {
-        self.inner.write_final(bytes);
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn lengths_and_chunk_sizes_are_written_without_formatting() {
-        let mut out = Vec::new();
-        write_length(&mut out, 0);
-        write_length(&mut out, 1234567);
-        write_chunk_size(&mut out, 0x1f);
-        write_chunk_size(&mut out, 0);
-        assert_eq!(out, b"content-length: 0\r\ncontent-length: 1234567\r\n1f\r\n0\r\n");
-    }
-
-    #[test]
-    fn dates_are_rfc_9110_imf_fixdate() {
-        let mut out = Vec::new();
-        http_date(&mut out);
-        let text = String::from_utf8(out).unwrap();
-        assert_eq!(text.len(), 29);
-        assert!(text.ends_with(" GMT"), "{text}");
-        assert!(httpdate::parse_http_date(&text).is_ok(), "{text}");
-    }
 }

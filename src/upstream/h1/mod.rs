@@ -13,15 +13,23 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::BytesMut;
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
-use hyper::body::{Body, Frame, SizeHint};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+mod body;
+mod chunked;
+
+use body::Framing;
+pub use body::{BodyError, H1Body};
+use chunked::{Chunked, Step};
+
+use crate::base::http1::{HeaderSpans, has_token, parse_length, trim_ows};
 use crate::base::{ErrorKind, ProxyError};
 
 /// The most a response head may take (status line and headers).
@@ -30,9 +38,6 @@ const MAX_HEAD_BYTES: usize = 256 * 1024;
 const MAX_HEADERS: usize = 100;
 /// What a read asks the socket for at least.
 const READ_SIZE: usize = 8 * 1024;
-/// Chunk extensions and trailers are skipped, up to these many bytes per body.
-const MAX_CHUNK_EXTENSIONS: usize = 16 * 1024;
-const MAX_TRAILERS: usize = 16 * 1024;
 
 /// An upstream connection's transport.
 pub enum Io {
@@ -154,7 +159,7 @@ pub fn can_send<B: Body>(req: &Request<B>) -> bool {
 /// has been read to its end.
 pub async fn send<B>(
     mut conn: Box<Conn>,
-    key: super::client::IdleKey,
+    key: crate::upstream::client::IdleKey,
     req: &Request<B>,
 ) -> Result<Response<H1Body>, Failure> {
     encode_request(&mut conn.out, req);
@@ -265,30 +270,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failure> {
     } else {
         Version::HTTP_11
     };
-    // Where each name and value lies, so the values can share the head's bytes.
-    let base = buf.as_ptr() as usize;
-    let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
-    let count = response.headers.len();
-    for (span, header) in spans.iter_mut().zip(response.headers.iter()) {
-        let name = header.name.as_ptr() as usize - base;
-        let value = header.value.as_ptr() as usize - base;
-        *span = (
-            name as u32,
-            (name + header.name.len()) as u32,
-            value as u32,
-            (value + header.value.len()) as u32,
-        );
-    }
+    let spans = HeaderSpans::of(buf, response.headers);
     let head = buf.split_to(len).freeze();
     // Room for what the response filter adds (request id, `RateLimit` headers, …).
-    let mut headers = HeaderMap::with_capacity(count + 6);
-    for &(ns, ne, vs, ve) in &spans[..count] {
-        let name = HeaderName::from_bytes(&head[ns as usize..ne as usize])
-            .map_err(|_| Failure::protocol("bad header name"))?;
-        let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize))
-            .map_err(|_| Failure::protocol("bad header value"))?;
-        headers.append(name, value);
-    }
+    let headers = spans
+        .header_map(&head, 6)
+        .ok_or_else(|| Failure::protocol("bad header name or value"))?;
     Ok(Some(Parsed {
         status,
         version,
@@ -318,7 +305,7 @@ fn framing(parsed: &Parsed, head_request: bool) -> Result<(Framing, bool), Failu
             last.as_bytes()
                 .rsplit(|&b| b == b',')
                 .next()
-                .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+                .is_some_and(|coding| trim_ows(coding).eq_ignore_ascii_case(b"chunked"))
         });
         if headers.contains_key(CONTENT_LENGTH) {
             // RFC 9112 §6.3 (3): Transfer-Encoding wins; the connection is not trusted after.
@@ -334,11 +321,7 @@ fn framing(parsed: &Parsed, head_request: bool) -> Result<(Framing, bool), Failu
     for value in headers.get_all(CONTENT_LENGTH) {
         // A list of the same length repeated is one length (RFC 9110 §8.6).
         for item in value.as_bytes().split(|&b| b == b',') {
-            let item = item.trim_ascii();
-            if item.is_empty() || !item.iter().all(u8::is_ascii_digit) || item.len() > 19 {
-                return Err(Failure::protocol("bad Content-Length"));
-            }
-            let n = item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            let n = parse_length(item).ok_or_else(|| Failure::protocol("bad Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Failure::protocol("conflicting Content-Length"));
             }
@@ -351,16 +334,10 @@ fn framing(parsed: &Parsed, head_request: bool) -> Result<(Framing, bool), Failu
     })
 }
 
-/// `list` (a comma-separated header value) holds `token`, compared without case.
-fn has_token(list: &[u8], token: &[u8]) -> bool {
-    list.split(|&b| b == b',')
-        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
-}
-
 fn respond(
     parsed: Parsed,
     conn: Box<Conn>,
-    key: super::client::IdleKey,
+    key: crate::upstream::client::IdleKey,
     framing: Framing,
     reusable: bool,
 ) -> Response<H1Body> {
@@ -376,257 +353,6 @@ fn respond(
     *response.version_mut() = parsed.version;
     *response.headers_mut() = parsed.headers;
     response
-}
-
-enum Framing {
-    Length(u64),
-    Chunked(Chunked),
-    Close,
-    Done,
-}
-
-/// The response body, read from the connection's buffer and socket; the connection goes
-/// back to the pool as soon as the last byte has been read.
-pub struct H1Body {
-    conn: Option<Box<Conn>>,
-    key: super::client::IdleKey,
-    framing: Framing,
-    reusable: bool,
-}
-
-impl H1Body {
-    fn finish(&mut self) {
-        self.framing = Framing::Done;
-        self.release_if_done();
-    }
-
-    fn release_if_done(&mut self) {
-        if matches!(self.framing, Framing::Length(0)) {
-            self.framing = Framing::Done;
-        }
-        if !matches!(self.framing, Framing::Done) {
-            return;
-        }
-        if let Some(conn) = self.conn.take()
-            && self.reusable
-            && conn.buf.is_empty()
-        {
-            super::client::release_h1(self.key, conn);
-        }
-    }
-}
-
-/// The body ended before its framing said it would, or broke its framing.
-#[derive(Debug, thiserror::Error)]
-pub enum BodyError {
-    #[error("upstream body: {0}")]
-    Malformed(&'static str),
-    #[error("upstream body: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-impl Body for H1Body {
-    type Data = Bytes;
-    type Error = BodyError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
-        let this = self.get_mut();
-        loop {
-            let Some(conn) = this.conn.as_mut() else {
-                return Poll::Ready(None);
-            };
-            match &mut this.framing {
-                Framing::Done => return Poll::Ready(None),
-                Framing::Length(0) => {
-                    this.finish();
-                    return Poll::Ready(None);
-                }
-                Framing::Length(left) => {
-                    if !conn.buf.is_empty() {
-                        let take = (*left).min(conn.buf.len() as u64) as usize;
-                        *left -= take as u64;
-                        let data = conn.buf.split_to(take).freeze();
-                        this.release_if_done();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    if ready!(conn.poll_fill(cx))? == 0 {
-                        this.conn = None;
-                        return Poll::Ready(Some(Err(BodyError::Malformed("closed before the body's end"))));
-                    }
-                }
-                Framing::Close => {
-                    if !conn.buf.is_empty() {
-                        let data = conn.buf.split().freeze();
-                        return Poll::Ready(Some(Ok(Frame::data(data))));
-                    }
-                    if ready!(conn.poll_fill(cx))? == 0 {
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                }
-                Framing::Chunked(chunked) => match chunked.step(&mut conn.buf) {
-                    Err(why) => {
-                        this.conn = None;
-                        return Poll::Ready(Some(Err(BodyError::Malformed(why))));
-                    }
-                    Ok(Step::Data(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
-                    Ok(Step::End) => {
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    Ok(Step::More) => {
-                        if ready!(conn.poll_fill(cx))? == 0 {
-                            this.conn = None;
-                            return Poll::Ready(Some(Err(BodyError::Malformed("closed inside a chunked body"))));
-                        }
-                    }
-                },
-            }
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        matches!(self.framing, Framing::Done | Framing::Length(0))
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self.framing {
-            Framing::Length(n) => SizeHint::with_exact(n),
-            Framing::Done => SizeHint::with_exact(0),
-            _ => SizeHint::default(),
-        }
-    }
-}
-
-/// Where a chunked body's decoder stands (RFC 9112 §7.1).
-#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
-enum ChunkState {
-    /// Reading the chunk size's hex digits (`digits` so far).
-    #[default]
-    Size,
-    /// Whitespace after the size; then an extension or CR.
-    SizeLws,
-    /// An extension, skipped up to CR.
-    Extension,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    /// After the last chunk: at the start of a trailer line, or of the final CRLF.
-    TrailerStart,
-    TrailerLine,
-    EndLf,
-    End,
-}
-
-#[derive(Default, Debug)]
-struct Chunked {
-    state: ChunkState,
-    size: u64,
-    digits: u8,
-    /// Extension bytes skipped so far.
-    skipped: usize,
-    /// The trailer section, checked as header lines once it ends, then dropped (trailers
-    /// are not forwarded).
-    trailers: Vec<u8>,
-}
-
-enum Step {
-    Data(Bytes),
-    /// The buffer holds no more of the body.
-    More,
-    End,
-}
-
-impl Chunked {
-    /// Consumes framing from the front of `buf` up to the next data or the end.
-    fn step(&mut self, buf: &mut BytesMut) -> Result<Step, &'static str> {
-        use ChunkState::*;
-        loop {
-            if self.state == End {
-                return Ok(Step::End);
-            }
-            if self.state == Data {
-                if buf.is_empty() {
-                    return Ok(Step::More);
-                }
-                let take = self.size.min(buf.len() as u64) as usize;
-                self.size -= take as u64;
-                if self.size == 0 {
-                    self.state = DataCr;
-                }
-                return Ok(Step::Data(buf.split_to(take).freeze()));
-            }
-            let Some(&byte) = buf.first() else {
-                return Ok(Step::More);
-            };
-            buf.advance(1);
-            self.state = match (self.state, byte) {
-                (Size, b) if b.is_ascii_hexdigit() => {
-                    if self.digits == 16 {
-                        return Err("chunk size too large");
-                    }
-                    self.digits += 1;
-                    self.size = self.size << 4 | u64::from((b as char).to_digit(16).unwrap_or(0));
-                    Size
-                }
-                (Size, b'\r') if self.digits > 0 => SizeLf,
-                (Size, b';') if self.digits > 0 => Extension,
-                (Size, b' ' | b'\t') if self.digits > 0 => SizeLws,
-                (SizeLws, b' ' | b'\t') => SizeLws,
-                (SizeLws, b';') => Extension,
-                (SizeLws, b'\r') => SizeLf,
-                (SizeLws, _) => return Err("bad chunk size"),
-                (Size, _) => return Err("bad chunk size"),
-                (Extension, b'\r') => SizeLf,
-                (Extension, b'\n') => return Err("bare LF in a chunk header"),
-                (Extension, _) => {
-                    self.skipped += 1;
-                    if self.skipped > MAX_CHUNK_EXTENSIONS {
-                        return Err("chunk extensions too long");
-                    }
-                    Extension
-                }
-                (SizeLf, b'\n') => {
-                    self.digits = 0;
-                    if self.size == 0 { TrailerStart } else { Data }
-                }
-                (SizeLf, _) => return Err("chunk header not ended by CRLF"),
-                (DataCr, b'\r') => DataLf,
-                (DataLf, b'\n') => Size,
-                (DataCr | DataLf, _) => return Err("chunk not ended by CRLF"),
-                (TrailerStart, b'\r') => EndLf,
-                (TrailerStart, b'\n') => return Err("bare LF in trailers"),
-                (TrailerStart | TrailerLine, _) => {
-                    if self.trailers.len() >= MAX_TRAILERS {
-                        return Err("trailers too long");
-                    }
-                    if byte == b'\n' && self.trailers.last() != Some(&b'\r') {
-                        return Err("bare LF in trailers");
-                    }
-                    self.trailers.push(byte);
-                    if byte == b'\n' { TrailerStart } else { TrailerLine }
-                }
-                (EndLf, b'\n') => {
-                    if !self.trailers.is_empty() {
-                        self.trailers.extend_from_slice(b"\r\n");
-                        let mut slots = [httparse::EMPTY_HEADER; 64];
-                        if !matches!(
-                            httparse::parse_headers(&self.trailers, &mut slots),
-                            Ok(httparse::Status::Complete(_))
-                        ) {
-                            return Err("malformed trailers");
-                        }
-                        self.trailers = Vec::new();
-                    }
-                    End
-                }
-                (EndLf, _) => return Err("chunked body not ended by CRLF"),
-                // Handled before a byte is taken.
-                (Data | End, _) => return Err("decoder state"),
-            };
-        }
-    }
 }
 
 /// What this client reads from a whole response held in memory: status, head length,
@@ -673,69 +399,9 @@ pub fn decode_response(bytes: &[u8], head_request: bool) -> Result<(u16, Vec<u8>
 
 #[cfg(test)]
 mod tests {
+    use http::HeaderValue;
+
     use super::*;
-
-    fn decode(input: &[u8]) -> Result<(Vec<u8>, bool), &'static str> {
-        let mut chunked = Chunked::default();
-        let mut buf = BytesMut::from(input);
-        let mut out = Vec::new();
-        loop {
-            match chunked.step(&mut buf)? {
-                Step::Data(data) => out.extend_from_slice(&data),
-                Step::More => return Ok((out, false)),
-                Step::End => return Ok((out, true)),
-            }
-        }
-    }
-
-    #[test]
-    fn chunked_bodies_decode_with_extensions_and_trailers() {
-        assert_eq!(decode(b"5\r\nhello\r\n0\r\n\r\n"), Ok((b"hello".to_vec(), true)));
-        assert_eq!(
-            decode(b"3;name=v\r\nabc\r\nA\r\n0123456789\r\n0\r\nX-Sum: 1\r\n\r\n"),
-            Ok((b"abc0123456789".to_vec(), true))
-        );
-        assert_eq!(decode(b"5\r\nhel"), Ok((b"hel".to_vec(), false)));
-    }
-
-    #[test]
-    fn chunked_bodies_decode_a_byte_at_a_time() {
-        let input = b"4\r\nWiki\r\n5;x\r\npedia\r\n0\r\nT: 1\r\n\r\n";
-        let mut chunked = Chunked::default();
-        let mut buf = BytesMut::new();
-        let mut out = Vec::new();
-        let mut ended = false;
-        for &byte in input {
-            buf.extend_from_slice(&[byte]);
-            loop {
-                match chunked.step(&mut buf).unwrap() {
-                    Step::Data(data) => out.extend_from_slice(&data),
-                    Step::More => break,
-                    Step::End => {
-                        ended = true;
-                        break;
-                    }
-                }
-            }
-        }
-        assert!(ended);
-        assert_eq!(out, b"Wikipedia");
-    }
-
-    #[test]
-    fn broken_chunked_framing_is_refused() {
-        for bad in [
-            &b"x\r\n"[..],
-            b"\r\n",
-            b"5\nhello",
-            b"5\r\nhelloXX",
-            b"11111111111111111\r\n",
-            b"5 \n",
-            b"0\r\n\r\r",
-        ] {
-            assert!(decode(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
-        }
-    }
 
     fn head(text: &str) -> Parsed {
         parse_head(&mut BytesMut::from(text.as_bytes())).unwrap().unwrap()

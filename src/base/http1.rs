@@ -1,0 +1,131 @@
+//! HTTP/1.1 wire helpers shared by the listener's head checks, the purpose-built server
+//! path, the upstream codec and the access log: field values (RFC 9110 §5.6), decimal
+//! numbers written without `fmt`, and header maps whose values share the bytes read.
+
+use bytes::Bytes;
+use http::{HeaderMap, HeaderName, HeaderValue};
+
+/// Most header lines a head may have (the listener refuses more with a 431).
+pub const MAX_HEADERS: usize = 128;
+
+/// `bytes` without optional whitespace (spaces and tabs) around it.
+pub fn trim_ows(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| *b != b' ' && *b != b'\t')
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| *b != b' ' && *b != b'\t')
+        .map_or(start, |e| e + 1);
+    &bytes[start..end]
+}
+
+/// A `Content-Length` value (RFC 9110 §8.6): digits only, no sign, no list.
+pub fn parse_length(value: &[u8]) -> Option<u64> {
+    let value = trim_ows(value);
+    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(value.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// `list` (a comma-separated field value) holds `token`, compared without case.
+pub fn has_token(list: &[u8], token: &[u8]) -> bool {
+    list.split(|&b| b == b',')
+        .any(|item| trim_ows(item).eq_ignore_ascii_case(token))
+}
+
+/// `value` in decimal, written at the end of `buffer`.
+pub fn format_decimal(buffer: &mut [u8; 20], mut value: u64) -> &[u8] {
+    let mut at = buffer.len();
+    loop {
+        at -= 1;
+        buffer[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    &buffer[at..]
+}
+
+/// Appends `value` in decimal.
+pub fn push_decimal(out: &mut Vec<u8>, value: u64) {
+    out.extend_from_slice(format_decimal(&mut [0; 20], value));
+}
+
+/// Where a parsed head's header names and values lie in the bytes it was parsed from,
+/// so that once those bytes are split off and frozen the values can share them instead
+/// of being copied (the borrow of the parse ends before the split).
+pub struct HeaderSpans {
+    spans: [(u32, u32, u32, u32); MAX_HEADERS],
+    count: usize,
+}
+
+impl HeaderSpans {
+    /// `headers` were parsed from `buf`; at most [`MAX_HEADERS`] are kept.
+    pub fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> HeaderSpans {
+        let mut spans = HeaderSpans {
+            spans: [(0, 0, 0, 0); MAX_HEADERS],
+            count: headers.len().min(MAX_HEADERS),
+        };
+        for (span, header) in spans.spans.iter_mut().zip(headers) {
+            let (name, value) = (offset(buf, header.name.as_bytes()), offset(buf, header.value));
+            *span = (name.0, name.1, value.0, value.1);
+        }
+        spans
+    }
+
+    /// The header map over `head` (the bytes parsed, frozen), with room for `extra` more
+    /// fields; `None` if a name or value is not one `http` takes.
+    pub fn header_map(&self, head: &Bytes, extra: usize) -> Option<HeaderMap> {
+        let mut headers = HeaderMap::with_capacity(self.count + extra);
+        for &(ns, ne, vs, ve) in &self.spans[..self.count] {
+            let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]).ok()?;
+            let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).ok()?;
+            headers.append(name, value);
+        }
+        Some(headers)
+    }
+}
+
+/// Where `part` (a slice of `buf`) starts and ends in `buf`.
+pub fn offset(buf: &[u8], part: &[u8]) -> (u32, u32) {
+    let start = part.as_ptr() as usize - buf.as_ptr() as usize;
+    (start as u32, (start + part.len()) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn field_values_and_numbers() {
+        assert_eq!(parse_length(b" 42 "), Some(42));
+        for bad in [&b""[..], b"-1", b"+1", b"1,1", b"1x", b"99999999999999999999"] {
+            assert_eq!(parse_length(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+        assert!(has_token(b"keep-alive, Close", b"close"));
+        assert!(!has_token(b"closed", b"close"));
+        let mut out = Vec::new();
+        push_decimal(&mut out, 0);
+        out.push(b' ');
+        push_decimal(&mut out, u64::MAX);
+        assert_eq!(out, b"0 18446744073709551615");
+    }
+
+    #[test]
+    fn header_values_share_the_head() {
+        let mut slots = [httparse::EMPTY_HEADER; 4];
+        let raw = b"HTTP/1.1 200 OK\r\nX-A: 1\r\nx-a: 2\r\nServer: up\r\n\r\n";
+        let mut response = httparse::Response::new(&mut slots);
+        response.parse(raw).unwrap();
+        let spans = HeaderSpans::of(raw, response.headers);
+        let head = Bytes::from_static(raw);
+        let map = spans.header_map(&head, 4).unwrap();
+        assert_eq!(map.get_all("x-a").iter().count(), 2);
+        assert_eq!(map["server"], "up");
+        assert!(map.capacity() >= 7);
+    }
+}

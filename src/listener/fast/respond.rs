@@ -1,0 +1,265 @@
+//! Writing a response on the purpose-built path: the head from the response's header map,
+//! the body framed by its known length or chunked, small bodies behind the head in one
+//! write, every write under `send_timeout`.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Poll, ready};
+use std::time::Duration;
+
+use http::StatusCode;
+use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use hyper::body::Body;
+use tokio::time::Instant;
+
+use super::Exchange;
+use crate::base::Deadline;
+use crate::base::http1::{has_token, push_decimal};
+use crate::listener::Transport;
+use crate::metrics::{Metrics, Protection};
+use crate::proxy::ProxyBody;
+
+/// Body data up to this size is copied behind the head so both leave in one write.
+const COALESCE_BYTES: usize = 16 * 1024;
+
+/// Whether the connection goes on after a response.
+pub(super) enum Next {
+    KeepAlive,
+    Close,
+}
+
+impl Exchange<'_> {
+    /// Writes the response: the head, then the body, framed by its known length or
+    /// chunked; a body that fails after the head was sent ends the connection.
+    pub(super) async fn respond<S: Transport>(
+        &mut self,
+        stream: &mut S,
+        mut response: http::Response<ProxyBody>,
+        head_only: bool,
+        close: bool,
+    ) -> io::Result<Next> {
+        let status = response.status();
+        let close = close
+            || response
+                .headers()
+                .get_all(CONNECTION)
+                .iter()
+                .any(|v| has_token(v.as_bytes(), b"close"));
+        let bodiless = head_only
+            || status.is_informational()
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED;
+        let body = response.body_mut();
+        let length = body.size_hint().exact();
+        let chunked = !bodiless && length.is_none();
+        let out = &mut self.out;
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let mut has_date = false;
+        let mut has_length = false;
+        for (name, value) in response.headers() {
+            if name == TRANSFER_ENCODING || name == CONNECTION {
+                continue;
+            }
+            if name == CONTENT_LENGTH {
+                // A HEAD or 304 answer keeps the length of what a GET would get.
+                if !bodiless {
+                    continue;
+                }
+                has_length = true;
+            }
+            has_date |= name == DATE;
+            out.extend_from_slice(name.as_str().as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        if !has_date {
+            out.extend_from_slice(b"date: ");
+            http_date(out);
+            out.extend_from_slice(b"\r\n");
+        }
+        match (bodiless, length) {
+            (false, Some(n)) => write_length(out, n),
+            (true, Some(n)) if head_only && !has_length && n > 0 => write_length(out, n),
+            (false, None) => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+            _ => {}
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        let send_timeout = self.settings.limits.send_timeout;
+        let metrics = &self.worker.gateway.metrics;
+        if bodiless {
+            write_all(stream, out, send_timeout, metrics).await?;
+            return Ok(if close { Next::Close } else { Next::KeepAlive });
+        }
+        let mut body = Pin::new(response.body_mut());
+        let mut head_sent = false;
+        loop {
+            let frame = if head_sent {
+                std::future::poll_fn(|cx| body.as_mut().poll_frame(cx)).await
+            } else {
+                // The body's first data, when it is at hand, leaves with the head.
+                match std::future::poll_fn(|cx| Poll::Ready(body.as_mut().poll_frame(cx))).await {
+                    Poll::Ready(frame) => frame,
+                    Poll::Pending => {
+                        write_all(stream, out, send_timeout, metrics).await?;
+                        out.clear();
+                        head_sent = true;
+                        continue;
+                    }
+                }
+            };
+            let data = match frame {
+                None => break,
+                Some(Err(error)) => return Err(io::Error::other(error)),
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) if !data.is_empty() => data,
+                    _ => continue,
+                },
+            };
+            if chunked {
+                write_chunk_size(out, data.len());
+            }
+            if data.len() <= COALESCE_BYTES {
+                out.extend_from_slice(&data);
+            } else {
+                write_all(stream, out, send_timeout, metrics).await?;
+                out.clear();
+                write_all(stream, &data, send_timeout, metrics).await?;
+            }
+            if chunked {
+                out.extend_from_slice(b"\r\n");
+            }
+            if !body.is_end_stream() {
+                // More is coming, maybe not soon: what is here leaves now.
+                write_all(stream, out, send_timeout, metrics).await?;
+                out.clear();
+                head_sent = true;
+            }
+        }
+        if chunked {
+            out.extend_from_slice(b"0\r\n\r\n");
+        }
+        if !out.is_empty() {
+            write_all(stream, out, send_timeout, metrics).await?;
+            out.clear();
+        }
+        // The body's drop finishes its access-log record and frees the upstream's slot.
+        drop(response);
+        Ok(if close { Next::Close } else { Next::KeepAlive })
+    }
+}
+
+fn write_length(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    push_decimal(out, n);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_chunk_size(out: &mut Vec<u8>, n: usize) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = HEX[n & 0xf];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+thread_local! {
+    /// The `Date` value of the current second, formatted once per second per worker.
+    static DATE_CACHE: std::cell::RefCell<(u64, [u8; 29])> = const { std::cell::RefCell::new((0, [0; 29])) };
+}
+
+/// Appends the current time as an HTTP date (RFC 9110 §5.6.7).
+fn http_date(out: &mut Vec<u8>) {
+    let now = std::time::SystemTime::now();
+    let secs = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE_CACHE.with(|cache| {
+        let mut cache = cache.borrow_mut();
+        if cache.0 != secs {
+            let text = httpdate::fmt_http_date(now);
+            if text.len() == 29 {
+                cache.1.copy_from_slice(text.as_bytes());
+                cache.0 = secs;
+            }
+        }
+        out.extend_from_slice(&cache.1);
+    });
+}
+
+/// Writes all of `bytes`, giving up when a write stays blocked for `send_timeout` (the
+/// client stopped reading); flushes what a TLS stream buffered.
+async fn write_all<S: Transport>(
+    stream: &mut S,
+    bytes: &[u8],
+    send_timeout: Duration,
+    metrics: &Metrics,
+) -> io::Result<()> {
+    let mut written = 0;
+    let mut timer: Option<Deadline> = None;
+    std::future::poll_fn(|cx| {
+        loop {
+            let step = if written < bytes.len() {
+                Pin::new(&mut *stream).poll_write(cx, &bytes[written..])
+            } else {
+                Pin::new(&mut *stream).poll_flush(cx).map_ok(|()| usize::MAX)
+            };
+            match step {
+                Poll::Ready(Ok(usize::MAX)) => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    written += n;
+                    timer = None;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {
+                    let timer = timer.get_or_insert_with(|| Deadline::new(Instant::now() + send_timeout));
+                    ready!(timer.poll_expired(cx));
+                    metrics.protected(Protection::SendTimeout);
+                    return Poll::Ready(Err(io::ErrorKind::TimedOut.into()));
+                }
+            }
+        }
+    })
+    .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lengths_and_chunk_sizes_are_written_without_formatting() {
+        let mut out = Vec::new();
+        write_length(&mut out, 0);
+        write_length(&mut out, 1234567);
+        write_chunk_size(&mut out, 0x1f);
+        write_chunk_size(&mut out, 0);
+        assert_eq!(out, b"content-length: 0\r\ncontent-length: 1234567\r\n1f\r\n0\r\n");
+    }
+
+    #[test]
+    fn dates_are_rfc_9110_imf_fixdate() {
+        let mut out = Vec::new();
+        http_date(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert_eq!(text.len(), 29);
+        assert!(text.ends_with(" GMT"), "{text}");
+        assert!(httpdate::parse_http_date(&text).is_ok(), "{text}");
+    }
+}
