@@ -243,3 +243,84 @@ async fn one_connection_carries_fast_and_handed_over_requests_framed_exactly() {
     conn.send(b"GET /v1/ok HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(json(&conn.response(false))["path"], "/v1/ok");
 }
+
+/// An upstream that answers every request on a keep-alive connection with the same head:
+/// mixed-case names, hop-by-hop fields (one named by `Connection`), a repeated field, and
+/// fields the gateway sets itself.
+fn raw_upstream() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..at + 4);
+                        let response = "HTTP/1.1 200 OK\r\nServer: Raw/1\r\nConnection: keep-alive, X-Hop\r\n\
+                            X-Hop: secret\r\nKeep-Alive: timeout=5\r\nSet-Cookie: a=1\r\nX-Request-Id: upstream-id\r\n\
+                            Strict-Transport-Security: max-age=1\r\nset-cookie: b=2\r\nContent-Length: 2\r\n\r\nok";
+                        if stream.write_all(response.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_fields_are_forwarded_as_read_without_the_connections_own() {
+    let upstream = raw_upstream();
+    let gateway = Gateway::start(&format!(
+        "{}[upstreams.u]\nendpoints = [\"{upstream}\"]\n\n[[routes]]\nname = \"all\"\nupstream = \"u\"\n\
+         response_headers = {{ \"strict-transport-security\" = \"max-age=63072000\" }}\n",
+        base_config()
+    ));
+    let check = |raw: &Raw, path: &str| {
+        assert_eq!(raw.status, 200, "{path}");
+        assert_eq!(raw.body, b"ok", "{path}");
+        assert_eq!(raw.header("server"), Some("Raw/1"), "{path}");
+        let cookies: Vec<&str> = raw
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "set-cookie")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        assert_eq!(cookies, ["a=1", "b=2"], "{path}: both, in order");
+        for hop in ["x-hop", "keep-alive"] {
+            assert_eq!(raw.header(hop), None, "{path}: {hop} is the upstream connection's own");
+        }
+        assert_ne!(raw.header("connection"), Some("keep-alive, X-Hop"), "{path}");
+        // The gateway's values replace the upstream's, once.
+        let ids: Vec<&(String, String)> = raw.headers.iter().filter(|(n, _)| n == "x-request-id").collect();
+        assert_eq!(ids.len(), 1, "{path}: {ids:?}");
+        assert_eq!(ids[0].1, "client-id", "{path}");
+        let hsts: Vec<&(String, String)> = raw
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "strict-transport-security")
+            .collect();
+        assert_eq!(hsts.len(), 1, "{path}: {hsts:?}");
+        assert_eq!(hsts[0].1, "max-age=63072000", "{path}");
+    };
+    let mut conn = Conn::open(gateway.proxy);
+    // The purpose-built path writes the fields as read.
+    conn.send(b"GET /a HTTP/1.1\r\nHost: a\r\nX-Request-Id: client-id\r\n\r\n");
+    check(&conn.response(false), "fast path");
+    // hyper's path (a request with a body) gets them merged into its map.
+    conn.send(b"POST /b HTTP/1.1\r\nHost: a\r\nX-Request-Id: client-id\r\nContent-Length: 1\r\n\r\nx");
+    check(&conn.response(false), "hyper's path, body");
+    // And a GET while the connection stays on hyper's side: the purpose-built client
+    // read the upstream's head, hyper writes it.
+    conn.send(b"GET /c HTTP/1.1\r\nHost: a\r\nX-Request-Id: client-id\r\n\r\n");
+    check(&conn.response(false), "hyper's path, no body");
+}

@@ -88,6 +88,125 @@ impl HeaderSpans {
         }
         Some(headers)
     }
+
+    /// The fields over `head` (the bytes parsed, frozen), kept as they were read, with
+    /// the connection's own fields marked.
+    pub fn raw_headers(&self, head: Bytes) -> RawHeaders {
+        let mut fields: Vec<RawField> = self.spans[..self.count]
+            .iter()
+            .map(|&(ns, ne, vs, ve)| RawField {
+                name: (ns, ne),
+                value: (vs, ve),
+                hop: is_hop_by_hop(&head[ns as usize..ne as usize]),
+            })
+            .collect();
+        // Fields a `Connection` header names describe the connection too (RFC 9110
+        // §7.6.1); rare, so looked for only when one is there.
+        for i in 0..fields.len() {
+            if !field(&head, fields[i].name).eq_ignore_ascii_case(b"connection") {
+                continue;
+            }
+            let named = field(&head, fields[i].value);
+            for token in named.split(|&b| b == b',').map(trim_ows).filter(|t| !t.is_empty()) {
+                for f in fields.iter_mut() {
+                    f.hop |= field(&head, f.name).eq_ignore_ascii_case(token);
+                }
+            }
+        }
+        RawHeaders { head, fields }
+    }
+}
+
+fn field(head: &[u8], (start, end): (u32, u32)) -> &[u8] {
+    &head[start as usize..end as usize]
+}
+
+/// The hop-by-hop field names (RFC 9110 §7.6.1, with `Keep-Alive` and
+/// `Proxy-Connection`), in any case.
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    const NAMES: [&[u8]; 8] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"proxy-authorization",
+    ];
+    NAMES
+        .iter()
+        .any(|known| known.len() == name.len() && known.eq_ignore_ascii_case(name))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct RawField {
+    name: (u32, u32),
+    value: (u32, u32),
+    /// Describes the connection it came on: not forwarded.
+    hop: bool,
+}
+
+/// A head's header fields as they were read: its bytes and where each name and value lie
+/// in them. Forwarded by copying those bytes (docs/architecture.md, "Two HTTP/1.1 paths"),
+/// not through a header map; names keep the sender's case.
+#[derive(Debug)]
+pub struct RawHeaders {
+    head: Bytes,
+    fields: Vec<RawField>,
+}
+
+impl RawHeaders {
+    /// Every field, in order: (name, value).
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields
+            .iter()
+            .map(|f| (field(&self.head, f.name), field(&self.head, f.value)))
+    }
+
+    /// The values of every field named `name` (compared without case).
+    pub fn get_all<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value)
+    }
+
+    /// The fields that go on to the next hop: all but the connection's own.
+    pub fn forwarded(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.fields
+            .iter()
+            .filter(|f| !f.hop)
+            .map(|f| (field(&self.head, f.name), field(&self.head, f.value)))
+    }
+
+    /// Merges the forwarded fields into `headers` (for a writer that needs a map: hyper's
+    /// server, HTTP/2). Names already in `headers` were set by the pipeline and replace
+    /// the fields read; a field `http` does not take is left out.
+    pub fn merge_into(self, headers: &mut HeaderMap) {
+        let set = std::mem::take(headers);
+        let mut merged = HeaderMap::with_capacity(self.fields.len() + set.len());
+        for (name, value) in self.forwarded() {
+            let Ok(name) = HeaderName::from_bytes(name) else {
+                continue;
+            };
+            if set.contains_key(&name) {
+                continue;
+            }
+            if let Ok(value) = HeaderValue::from_maybe_shared(self.head.slice_ref(value)) {
+                merged.append(name, value);
+            }
+        }
+        let mut last: Option<HeaderName> = None;
+        for (name, value) in set {
+            if let Some(name) = name {
+                last = Some(name);
+            }
+            if let Some(name) = &last {
+                merged.append(name.clone(), value);
+            }
+        }
+        *headers = merged;
+    }
 }
 
 /// Where `part` (a slice of `buf`) starts and ends in `buf`.
@@ -127,5 +246,39 @@ mod tests {
         assert_eq!(map.get_all("x-a").iter().count(), 2);
         assert_eq!(map["server"], "up");
         assert!(map.capacity() >= 7);
+    }
+
+    #[test]
+    fn fields_as_read_drop_the_connections_own_and_merge_under_the_map() {
+        let mut slots = [httparse::EMPTY_HEADER; 8];
+        let raw = b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: keep-alive, X-Hop\r\nx-hop: s\r\n\
+            Keep-Alive: timeout=5\r\nTE: trailers\r\nx-a: 2\r\nX-Id: up\r\n\r\n";
+        let mut response = httparse::Response::new(&mut slots);
+        response.parse(raw).unwrap();
+        let fields = HeaderSpans::of(raw, response.headers).raw_headers(Bytes::from_static(raw));
+        assert_eq!(fields.iter().count(), 7);
+        assert_eq!(
+            fields.get_all(b"CONNECTION").collect::<Vec<_>>(),
+            [b"keep-alive, X-Hop"]
+        );
+        let forwarded: Vec<_> = fields.forwarded().collect();
+        assert_eq!(
+            forwarded,
+            [(&b"X-A"[..], &b"1"[..]), (b"x-a", b"2"), (b"X-Id", b"up")],
+            "hop-by-hop fields and the one Connection names are dropped"
+        );
+        let mut map = HeaderMap::new();
+        map.insert("x-id", HeaderValue::from_static("ours"));
+        map.append("x-ours", HeaderValue::from_static("1"));
+        map.append("x-ours", HeaderValue::from_static("2"));
+        fields.merge_into(&mut map);
+        assert_eq!(map.get_all("x-a").iter().collect::<Vec<_>>(), ["1", "2"]);
+        assert_eq!(
+            map.get_all("x-id").iter().collect::<Vec<_>>(),
+            ["ours"],
+            "the map's names replace"
+        );
+        assert_eq!(map.get_all("x-ours").iter().count(), 2);
+        assert_eq!(map.len(), 5);
     }
 }

@@ -418,8 +418,12 @@ async fn serve_http<S: Transport>(
         async move {
             let stream = conn.streams.start();
             let http1 = req.version() < http::Version::HTTP_2;
-            let mut response = handler.handle(req.map(Some), &conn).await;
+            let response = handler.handle(req.map(Some), &conn).await;
             stream.answered();
+            // hyper writes only the map: the upstream's fields as read join it.
+            let (mut parts, mut body) = response.into_parts();
+            body.merge_upstream_head(&mut parts.headers);
+            let mut response = hyper::Response::from_parts(parts, body);
             // NGINX's keepalive_requests: the last request of the connection says so.
             if http1
                 && max_requests > 0

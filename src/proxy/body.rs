@@ -10,6 +10,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
+use crate::base::http1::RawHeaders;
 use crate::base::{ConnPhase, Deadline};
 use crate::logs::Pending;
 use crate::upstream::InflightGuard;
@@ -28,6 +29,9 @@ pub struct ProxyBody {
     record: Option<Pending>,
 }
 
+// Not boxed: the upstream's body is the common case, and a box would be an allocation
+// per request; the generated one is the rare case.
+#[allow(clippy::large_enum_variant)]
 enum Kind {
     Full(Option<Bytes>),
     Upstream(TimedBody),
@@ -106,6 +110,26 @@ impl ProxyBody {
     /// Carries the request's access-log record until the body is done.
     pub fn set_record(&mut self, record: Pending) {
         self.record = Some(record);
+    }
+
+    /// The upstream's header fields as read, when the purpose-built client read them:
+    /// they are part of the response's head beside its map (docs/architecture.md, "Two
+    /// HTTP/1.1 paths").
+    pub fn upstream_head(&self) -> Option<&RawHeaders> {
+        match &self.kind {
+            Kind::Upstream(timed) => timed.inner.head(),
+            Kind::Full(_) => None,
+        }
+    }
+
+    /// Moves the upstream's header fields into `headers`, for a writer that only knows
+    /// the map (hyper's server); names already there replace the fields read.
+    pub fn merge_upstream_head(&mut self, headers: &mut http::HeaderMap) {
+        if let Kind::Upstream(timed) = &mut self.kind
+            && let Some(head) = timed.inner.take_head()
+        {
+            head.merge_into(headers);
+        }
     }
 
     /// The whole body was produced (not cut short by the client or the upstream).

@@ -12,6 +12,7 @@ use tokio::time::Instant;
 
 use super::h1;
 use crate::base::ErrorKind;
+use crate::base::http1::RawHeaders;
 
 /// The body of a request sent upstream: the client's, streamed, or none (a retry of a
 /// request that had no body is rebuilt from its head).
@@ -202,6 +203,24 @@ impl Body for RequestBody {
 pub enum UpstreamBody {
     Hyper(Incoming),
     H1(h1::H1Body),
+}
+
+impl UpstreamBody {
+    /// The response's header fields as read, when they came through the purpose-built
+    /// client; the response's own map then holds none of them.
+    pub fn head(&self) -> Option<&RawHeaders> {
+        match self {
+            UpstreamBody::Hyper(_) => None,
+            UpstreamBody::H1(body) => body.head(),
+        }
+    }
+
+    pub fn take_head(&mut self) -> Option<RawHeaders> {
+        match self {
+            UpstreamBody::Hyper(_) => None,
+            UpstreamBody::H1(body) => body.take_head(),
+        }
+    }
 }
 
 pub type BodyError = Box<dyn std::error::Error + Send + Sync>;

@@ -8,13 +8,13 @@ use std::task::{Poll, ready};
 use std::time::Duration;
 
 use http::StatusCode;
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRANSFER_ENCODING};
+use http::header::CONNECTION;
 use hyper::body::Body;
 use tokio::time::Instant;
 
 use super::Exchange;
 use crate::base::Deadline;
-use crate::base::http1::{has_token, push_decimal};
+use crate::base::http1::{RawHeaders, has_token, push_decimal};
 use crate::listener::Transport;
 use crate::metrics::{Metrics, Protection};
 use crate::proxy::ProxyBody;
@@ -49,7 +49,7 @@ impl Exchange<'_> {
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED;
-        let body = response.body_mut();
+        let body = response.body();
         let length = body.size_hint().exact();
         let chunked = !bodiless && length.is_none();
         let out = &mut self.out;
@@ -61,21 +61,35 @@ impl Exchange<'_> {
         out.extend_from_slice(b"\r\n");
         let mut has_date = false;
         let mut has_length = false;
-        for (name, value) in response.headers() {
-            if name == TRANSFER_ENCODING || name == CONNECTION {
+        let headers = response.headers();
+        // The upstream's fields as read (its hop-by-hop ones already marked), then the
+        // map, whose names (set by the pipeline) replace theirs.
+        let read = body.upstream_head().into_iter().flat_map(RawHeaders::forwarded);
+        let set = headers
+            .iter()
+            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
+        for (name, value) in read
+            .filter(|(name, _)| {
+                !headers
+                    .keys()
+                    .any(|set| set.as_str().as_bytes().eq_ignore_ascii_case(name))
+            })
+            .chain(set)
+        {
+            if name.eq_ignore_ascii_case(b"transfer-encoding") || name.eq_ignore_ascii_case(b"connection") {
                 continue;
             }
-            if name == CONTENT_LENGTH {
+            if name.eq_ignore_ascii_case(b"content-length") {
                 // A HEAD or 304 answer keeps the length of what a GET would get.
                 if !bodiless {
                     continue;
                 }
                 has_length = true;
             }
-            has_date |= name == DATE;
-            out.extend_from_slice(name.as_str().as_bytes());
+            has_date |= name.eq_ignore_ascii_case(b"date");
+            out.extend_from_slice(name);
             out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
         if !has_date {

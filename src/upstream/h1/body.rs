@@ -25,6 +25,19 @@ pub struct H1Body {
     pub(super) key: crate::upstream::client::IdleKey,
     pub(super) framing: Framing,
     pub(super) reusable: bool,
+    /// The response's header fields as read, until the client's side takes them.
+    pub(super) head: Option<crate::base::http1::RawHeaders>,
+}
+
+impl H1Body {
+    /// The response's header fields as read (docs/architecture.md, "Two HTTP/1.1 paths").
+    pub fn head(&self) -> Option<&crate::base::http1::RawHeaders> {
+        self.head.as_ref()
+    }
+
+    pub fn take_head(&mut self) -> Option<crate::base::http1::RawHeaders> {
+        self.head.take()
+    }
 }
 
 impl H1Body {

@@ -16,8 +16,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::BytesMut;
-use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{HeaderMap, Method, Request, Response, StatusCode, Version};
+use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -29,7 +29,7 @@ use body::Framing;
 pub use body::{BodyError, H1Body};
 use chunked::{Chunked, Step};
 
-use crate::base::http1::{HeaderSpans, has_token, parse_length, trim_ows};
+use crate::base::http1::{HeaderSpans, RawHeaders, has_token, parse_length, trim_ows};
 use crate::base::{ErrorKind, ProxyError};
 
 /// The most a response head may take (status line and headers).
@@ -248,7 +248,7 @@ fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>) {
 struct Parsed {
     status: StatusCode,
     version: Version,
-    headers: HeaderMap,
+    headers: RawHeaders,
 }
 
 /// Parses a complete head at the front of `buf`, or `None` if more bytes are needed.
@@ -271,11 +271,8 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failure> {
         Version::HTTP_11
     };
     let spans = HeaderSpans::of(buf, response.headers);
-    let head = buf.split_to(len).freeze();
-    // Room for what the response filter adds (request id, `RateLimit` headers, …).
-    let headers = spans
-        .header_map(&head, 6)
-        .ok_or_else(|| Failure::protocol("bad header name or value"))?;
+    // Kept as read: the client's side copies the fields it forwards from these bytes.
+    let headers = spans.raw_headers(buf.split_to(len).freeze());
     Ok(Some(Parsed {
         status,
         version,
@@ -286,28 +283,24 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failure> {
 /// How the response's body is delimited, and whether the connection outlives it.
 fn framing(parsed: &Parsed, head_request: bool) -> Result<(Framing, bool), Failure> {
     let headers = &parsed.headers;
-    let mut reusable = parsed.version == Version::HTTP_11
-        && !headers
-            .get_all(CONNECTION)
-            .iter()
-            .any(|v| has_token(v.as_bytes(), b"close"));
+    let mut reusable =
+        parsed.version == Version::HTTP_11 && !headers.get_all(b"connection").any(|v| has_token(v, b"close"));
     let status = parsed.status;
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Length(0), reusable));
     }
-    let mut codings = headers.get_all(TRANSFER_ENCODING).iter().peekable();
+    let mut codings = headers.get_all(b"transfer-encoding").peekable();
     if codings.peek().is_some() && parsed.version == Version::HTTP_10 {
         // RFC 9112 §6.1: faulty framing in HTTP/1.0; refused, as hyper does.
         return Err(Failure::protocol("Transfer-Encoding in an HTTP/1.0 response"));
     }
     if codings.peek().is_some() {
         let chunked = codings.last().is_some_and(|last| {
-            last.as_bytes()
-                .rsplit(|&b| b == b',')
+            last.rsplit(|&b| b == b',')
                 .next()
                 .is_some_and(|coding| trim_ows(coding).eq_ignore_ascii_case(b"chunked"))
         });
-        if headers.contains_key(CONTENT_LENGTH) {
+        if headers.get_all(b"content-length").next().is_some() {
             // RFC 9112 §6.3 (3): Transfer-Encoding wins; the connection is not trusted after.
             reusable = false;
         }
@@ -318,9 +311,9 @@ fn framing(parsed: &Parsed, head_request: bool) -> Result<(Framing, bool), Failu
         });
     }
     let mut length: Option<u64> = None;
-    for value in headers.get_all(CONTENT_LENGTH) {
+    for value in headers.get_all(b"content-length") {
         // A list of the same length repeated is one length (RFC 9110 §8.6).
-        for item in value.as_bytes().split(|&b| b == b',') {
+        for item in value.split(|&b| b == b',') {
             let n = parse_length(item).ok_or_else(|| Failure::protocol("bad Content-Length"))?;
             if length.is_some_and(|l| l != n) {
                 return Err(Failure::protocol("conflicting Content-Length"));
@@ -346,12 +339,13 @@ fn respond(
         key,
         framing,
         reusable,
+        head: Some(parsed.headers),
     };
     body.release_if_done();
+    // The map stays empty: the fields travel as read, with the body (`H1Body::head`).
     let mut response = Response::new(body);
     *response.status_mut() = parsed.status;
     *response.version_mut() = parsed.version;
-    *response.headers_mut() = parsed.headers;
     response
 }
 
@@ -472,8 +466,8 @@ mod tests {
         let mut buf = BytesMut::from(&b"HTTP/1.1 404 Not Found\r\nX-A: 1\r\nx-a: 2\r\nServer: up\r\n\r\nbody"[..]);
         let parsed = parse_head(&mut buf).unwrap().unwrap();
         assert_eq!(parsed.status, 404);
-        assert_eq!(parsed.headers.get_all("x-a").iter().count(), 2);
-        assert_eq!(parsed.headers["server"], "up");
+        assert_eq!(parsed.headers.get_all(b"x-a").count(), 2);
+        assert_eq!(parsed.headers.get_all(b"server").collect::<Vec<_>>(), [b"up"]);
         assert_eq!(&buf[..], b"body");
         assert!(
             parse_head(&mut BytesMut::from(&b"HTTP/1.1 200 OK\r\nX: 1\r\n"[..]))
