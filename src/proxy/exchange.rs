@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -18,6 +18,7 @@ use crate::config::HashKey;
 use crate::gateway::{Route, Snapshot, UpstreamPool};
 use crate::upstream::body::{ClientBody, RequestBody, UpstreamBody};
 use crate::upstream::client::{PooledConn, SendError};
+use crate::upstream::h1::Edits;
 use crate::upstream::{InflightGuard, Selected, Target, Tried};
 
 /// The endpoint chosen for one try.
@@ -93,7 +94,8 @@ impl Worker {
         let mut peer = upstream_peer(upstream, ctx, req.headers(), &tried)?;
         let client_upgrade = ctx.upgrade.then(|| hyper::upgrade::on(&mut req));
         let endpoint_host = &peer.guard.endpoint().host_header;
-        forward::upstream_request_filter(route, &snapshot.anonymous_plan, ctx, &mut req, endpoint_host)?;
+        let mut forwarding =
+            forward::upstream_request_filter(route, &snapshot.anonymous_plan, ctx, &mut req, endpoint_host)?;
         // A request without a body whose method may be repeated can be sent again after it
         // reached an endpoint; keep its head for that. Others are retried only when none of
         // them was written (a failed connect).
@@ -101,10 +103,14 @@ impl Worker {
             && client_upgrade.is_none()
             && hyper::body::Body::is_end_stream(req.body())
             && pool.idempotent(req.method());
-        let req = req.map(RequestBody::Client);
+        let mut req = req.map(RequestBody::Client);
         let client = &upstream.clients[self.id % upstream.clients.len()];
-        // A client that only borrows the request leaves it here to send again: no copy.
+        // A client that only borrows the request leaves it here to send again: no copy. It
+        // writes the forwarding edits as it encodes the head; hyper's needs them applied.
         let borrowed = client.borrows(&req);
+        if !borrowed {
+            forwarding.apply(req.headers_mut());
+        }
         let head = (repeatable && !borrowed).then(|| copy_head(&req));
         let mut req = Some(req);
         let total_deadline = pool.timeouts.total.map(|t| ctx.start + t);
@@ -119,7 +125,13 @@ impl Worker {
             let endpoint = peer.guard.endpoint();
             let sent = match (borrowed, &req) {
                 (true, Some(kept)) => {
-                    tokio::time::timeout_at(head_deadline, client.send_borrowed(endpoint, &peer.target, kept)).await
+                    let keep = |name: &HeaderName| forwarding.keeps(name);
+                    let edits = Edits {
+                        keep: &keep,
+                        add: forwarding.added(),
+                    };
+                    let send = client.send_borrowed(endpoint, &peer.target, kept, &edits);
+                    tokio::time::timeout_at(head_deadline, send).await
                 }
                 _ => {
                     let Some(owned) = req.take() else {
@@ -177,9 +189,12 @@ impl Worker {
             }
             peer = next;
             if !pool.preserve_host {
-                request
-                    .headers_mut()
-                    .insert(header::HOST, peer.guard.endpoint().host_header.clone());
+                let host = peer.guard.endpoint().host_header.clone();
+                if borrowed {
+                    forwarding.set_host(host);
+                } else {
+                    request.headers_mut().insert(header::HOST, host);
+                }
             }
             req = Some(request);
             attempt += 1;

@@ -3,17 +3,19 @@
 //! the client's.
 
 use http::uri::PathAndQuery;
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 
 use super::{Caller, KeySource, ProxyBody, RequestCtx, headers};
 use crate::auth::KEY_PREFIX;
 use crate::base::{ErrorKind, ProxyError};
 use crate::config::UpstreamProtocol;
 use crate::gateway::Route;
+use crate::upstream::h1::Edits;
 
 /// Phase 3: the request head as the upstream gets it — URI (prefix stripped, key removed
-/// from the query), version, `Host`, forwarding headers, request id, the caller as
-/// identified; hop-by-hop headers and the caller's credentials removed. `endpoint_host` is
+/// from the query) and version set on the request; `Host`, forwarding headers, request id
+/// and the caller as identified, hop-by-hop headers and the caller's credentials removed,
+/// returned as the [`Forwarding`] to write (or apply) when it is sent. `endpoint_host` is
 /// the chosen endpoint's `Host` (used unless the pool preserves the client's).
 pub(super) fn upstream_request_filter<B>(
     route: &Route,
@@ -21,7 +23,7 @@ pub(super) fn upstream_request_filter<B>(
     ctx: &RequestCtx<'_>,
     req: &mut Request<B>,
     endpoint_host: &HeaderValue,
-) -> Result<(), ProxyError> {
+) -> Result<Forwarding, ProxyError> {
     let pool = &route.upstream.pool;
     let strip = route.strip_prefix.then_some(route.path.as_str());
     // Stripped on every route, keyed or not: a caller's secret never reaches an upstream.
@@ -36,8 +38,104 @@ pub(super) fn upstream_request_filter<B>(
         (Some(host), true) => host,
         _ => endpoint_host,
     };
-    forwarding_headers(req.headers_mut(), ctx, host, anonymous_plan);
-    Ok(())
+    Ok(Forwarding::new(req.headers_mut(), ctx, host, anonymous_plan))
+}
+
+/// How the upstream's request head differs from the client's fields: written by the
+/// purpose-built client as it encodes the head, so the client's map is neither edited
+/// nor copied (docs/architecture.md, "Two HTTP/1.1 paths"), or applied to the map for
+/// hyper's client.
+pub(super) struct Forwarding {
+    /// Set by Tollgate, replacing any the client sent (`None`: the client's is kept, or
+    /// for the identity fields, removed).
+    add: [(&'static HeaderName, Option<HeaderValue>); 10],
+    /// The client's `Authorization` carried our credentials: it stays here.
+    drop_authorization: bool,
+    /// A protocol switch: `Connection: upgrade` and `Upgrade` go on.
+    upgrade: bool,
+}
+
+impl Forwarding {
+    /// `headers` (the client's) lose here only the fields a `Connection` header names,
+    /// which are rare; everything else is decided per field as the head is written.
+    fn new(headers: &mut HeaderMap, ctx: &RequestCtx<'_>, host: &HeaderValue, anonymous_plan: &HeaderValue) -> Self {
+        if ctx.upgrade || headers.contains_key(header::CONNECTION) {
+            headers::remove_hop_by_hop(headers, ctx.upgrade);
+        }
+        let conn = ctx.conn;
+        // The caller as Tollgate identified it (after trusted proxies and PROXY protocol).
+        let real_ip = if ctx.caller_ip == ctx.client_addr.ip() {
+            conn.peer_ip.clone()
+        } else {
+            headers::ip_header_value(ctx.caller_ip)
+        };
+        // A bearer that is not ours (on a public route) is the upstream's business.
+        let our_bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|token| token.trim().starts_with(KEY_PREFIX));
+        // Who the caller is, from Tollgate only.
+        let consumer = ctx.identity().and_then(|i| HeaderValue::from_str(&i.consumer_id).ok());
+        let plan = match (&ctx.caller, ctx.identity()) {
+            (_, Some(identity)) => HeaderValue::from_str(&identity.plan).ok(),
+            (Caller::Anonymous { .. }, None) => Some(anonymous_plan.clone()),
+            _ => None,
+        };
+        Forwarding {
+            add: [
+                (&headers::HOST, Some(host.clone())),
+                (&headers::X_FORWARDED_HOST, ctx.host.clone()),
+                (
+                    &headers::X_FORWARDED_FOR,
+                    headers::forwarded_for(headers, &conn.peer_ip),
+                ),
+                (&headers::X_REAL_IP, Some(real_ip)),
+                (&headers::X_FORWARDED_PROTO, Some(conn.proto.clone())),
+                (&headers::X_FORWARDED_PORT, Some(conn.port.clone())),
+                (&headers::X_REQUEST_ID, Some(ctx.request_id.clone())),
+                // Only Tollgate says which client certificate was verified.
+                (&headers::X_CLIENT_CERT_SUBJECT, conn.client_identity.clone()),
+                (&headers::X_CONSUMER_ID, consumer),
+                (&headers::X_PLAN, plan),
+            ],
+            drop_authorization: our_bearer || ctx.caller.credentials() == Some(KeySource::Bearer),
+            upgrade: ctx.upgrade,
+        }
+    }
+
+    /// The client's field `name` goes upstream.
+    pub(super) fn keeps(&self, name: &HeaderName) -> bool {
+        match name.as_str() {
+            // The caller's credentials never reach the upstream, on any route; who they
+            // are does, from Tollgate only.
+            "x-api-key" | "x-client-cert-subject" | "x-consumer-id" | "x-plan" => false,
+            "authorization" => !self.drop_authorization,
+            "connection" | "upgrade" => self.upgrade,
+            other if crate::base::http1::is_hop_by_hop(other.as_bytes()) => false,
+            _ => !self.add.iter().any(|(set, value)| value.is_some() && *set == name),
+        }
+    }
+
+    /// The fields Tollgate sets.
+    pub(super) fn added(&self) -> &[(&'static HeaderName, Option<HeaderValue>)] {
+        &self.add
+    }
+
+    /// A retry's endpoint's `Host`.
+    pub(super) fn set_host(&mut self, host: HeaderValue) {
+        self.add[0].1 = Some(host);
+    }
+
+    /// Edits `headers` (the client's) into the upstream's, for hyper's client.
+    pub(super) fn apply(&self, headers: &mut HeaderMap) {
+        let keep = |name: &HeaderName| self.keeps(name);
+        Edits {
+            keep: &keep,
+            add: &self.add,
+        }
+        .apply(headers);
+    }
 }
 
 /// The upstream's request target: the normalized path (`normalized`, when it differs),
@@ -75,57 +173,6 @@ fn upstream_target(
         None => path.to_string(),
     };
     PathAndQuery::try_from(rewritten).map_err(|e| ProxyError::with_cause(ErrorKind::BadRequest, e))
-}
-
-/// Hop-by-hop headers out; `Host`, `X-Forwarded-*`, `X-Real-IP`, `X-Request-Id`,
-/// `X-Consumer-Id` and `X-Plan` set from what Tollgate knows; credentials removed.
-fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx<'_>, host: &HeaderValue, anonymous_plan: &HeaderValue) {
-    headers::remove_hop_by_hop(headers, ctx.upgrade);
-    headers.insert(header::HOST, host.clone());
-    if let Some(host) = &ctx.host {
-        headers.insert(&headers::X_FORWARDED_HOST, host.clone());
-    }
-    let conn = ctx.conn;
-    headers::append_forwarded_for(headers, &conn.peer_ip);
-    // The caller as Tollgate identified it (after trusted proxies and PROXY protocol).
-    let real_ip = if ctx.caller_ip == ctx.client_addr.ip() {
-        conn.peer_ip.clone()
-    } else {
-        headers::ip_header_value(ctx.caller_ip)
-    };
-    headers.insert(&headers::X_REAL_IP, real_ip);
-    headers.insert(&headers::X_FORWARDED_PROTO, conn.proto.clone());
-    headers.insert(&headers::X_FORWARDED_PORT, conn.port.clone());
-    headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
-    // The caller's credentials never reach the upstream, on any route; who they are does.
-    // A bearer that is not ours (on a public route) is the upstream's business.
-    headers.remove(&headers::X_API_KEY);
-    let our_bearer = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|token| token.trim().starts_with(KEY_PREFIX));
-    if our_bearer || ctx.caller.credentials() == Some(KeySource::Bearer) {
-        headers.remove(header::AUTHORIZATION);
-    }
-    // Only Tollgate says which client certificate was verified.
-    match &conn.client_identity {
-        Some(identity) => drop(headers.insert(&headers::X_CLIENT_CERT_SUBJECT, identity.clone())),
-        None => drop(headers.remove(&headers::X_CLIENT_CERT_SUBJECT)),
-    }
-    // Who the caller is, from Tollgate only: `insert` replaces whatever the client sent.
-    let consumer = ctx.identity().and_then(|i| HeaderValue::from_str(&i.consumer_id).ok());
-    let plan = match (&ctx.caller, ctx.identity()) {
-        (_, Some(identity)) => HeaderValue::from_str(&identity.plan).ok(),
-        (Caller::Anonymous { .. }, None) => Some(anonymous_plan.clone()),
-        _ => None,
-    };
-    for (name, value) in [(&headers::X_CONSUMER_ID, consumer), (&headers::X_PLAN, plan)] {
-        match value {
-            Some(value) => drop(headers.insert(name, value)),
-            None => drop(headers.remove(name)),
-        }
-    }
 }
 
 /// The query has an `api-key`/`api_key` parameter.
@@ -178,6 +225,38 @@ mod tests {
         ctx.host = Some(HeaderValue::from_static("api.example.com"));
         ctx.caller = caller;
         ctx
+    }
+
+    /// The client's fields as the upstream gets them, through both ways of sending them:
+    /// written as the head is encoded (the purpose-built client) and applied to the map
+    /// (hyper's), which must agree.
+    fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx<'_>, host: &HeaderValue, anonymous: &HeaderValue) {
+        let forwarding = Forwarding::new(headers, ctx, host, anonymous);
+        let mut request = Request::new(());
+        *request.headers_mut() = headers.clone();
+        let keep = |name: &HeaderName| forwarding.keeps(name);
+        let edits = Edits {
+            keep: &keep,
+            add: forwarding.added(),
+        };
+        let mut written = Vec::new();
+        crate::upstream::h1::encode_request(&mut written, &request, &edits);
+        forwarding.apply(headers);
+        let mut slots = [httparse::EMPTY_HEADER; 32];
+        let mut parsed = httparse::Request::new(&mut slots);
+        parsed.parse(&written).unwrap();
+        let mut fields: Vec<(String, Vec<u8>)> = parsed
+            .headers
+            .iter()
+            .map(|h| (h.name.to_string(), h.value.to_vec()))
+            .collect();
+        let mut applied: Vec<(String, Vec<u8>)> = headers
+            .iter()
+            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+            .collect();
+        fields.sort();
+        applied.sort();
+        assert_eq!(fields, applied, "written and applied edits agree");
     }
 
     fn key_caller(source: KeySource) -> Caller {

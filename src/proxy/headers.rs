@@ -8,6 +8,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use crate::base::new_request_id;
 use crate::limits::LimitStatus;
 
+pub static HOST: HeaderName = header::HOST;
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -162,21 +163,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Appends the client address to `X-Forwarded-For` (as NGINX's `$proxy_add_x_forwarded_for`).
-/// `client` is the address already rendered as a header value (once per connection).
-pub fn append_forwarded_for(headers: &mut HeaderMap, client: &HeaderValue) {
-    let value = match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+/// `X-Forwarded-For` with the client address appended (as NGINX's
+/// `$proxy_add_x_forwarded_for`). `client` is the address already rendered as a header
+/// value (once per connection).
+pub fn forwarded_for(headers: &HeaderMap, client: &HeaderValue) -> Option<HeaderValue> {
+    match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(existing) if !existing.is_empty() => {
             let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
             joined.extend_from_slice(existing);
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(client.as_bytes());
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(joined))
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).ok()
         }
-        _ => Ok(client.clone()),
-    };
-    if let Ok(value) = value {
-        headers.insert(&X_FORWARDED_FOR, value);
+        _ => Some(client.clone()),
     }
 }
 
@@ -241,11 +240,15 @@ mod tests {
 
     #[test]
     fn forwarded_for_appends() {
+        let append = |headers: &mut HeaderMap, ip: &str| {
+            let value = forwarded_for(headers, &ip_header_value(ip.parse().unwrap())).unwrap();
+            headers.insert(&X_FORWARDED_FOR, value);
+        };
         let mut headers = HeaderMap::new();
-        append_forwarded_for(&mut headers, &ip_header_value("10.0.0.1".parse().unwrap()));
-        append_forwarded_for(&mut headers, &ip_header_value("10.0.0.2".parse().unwrap()));
+        append(&mut headers, "10.0.0.1");
+        append(&mut headers, "10.0.0.2");
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2");
-        append_forwarded_for(&mut headers, &ip_header_value("::1".parse().unwrap()));
+        append(&mut headers, "::1");
         assert_eq!(headers[&X_FORWARDED_FOR], "10.0.0.1, 10.0.0.2, ::1");
     }
 

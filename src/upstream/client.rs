@@ -234,7 +234,7 @@ impl UpstreamClient {
             UpstreamClient::Http1 { tls, .. } => {
                 let key = idle_key(target.addr, tls.as_ref());
                 if h1::can_send(&req) {
-                    return match self.send_borrowed(endpoint, target, &req).await {
+                    return match self.send_borrowed(endpoint, target, &req, &h1::Edits::NONE).await {
                         Ok(answer) => Ok(answer),
                         Err(mut failed) => {
                             failed.unsent = failed.unwritten.then_some(req);
@@ -315,6 +315,7 @@ impl UpstreamClient {
         endpoint: &Endpoint,
         target: &Target,
         req: &Request<RequestBody>,
+        edits: &h1::Edits<'_>,
     ) -> Result<(Response<UpstreamBody>, Option<PooledConn>), SendError> {
         let UpstreamClient::Http1 { tls, .. } = self else {
             return Err(ProxyError::new(ErrorKind::Internal).into());
@@ -334,7 +335,7 @@ impl UpstreamClient {
                     }
                 },
             };
-            match h1::send(conn, key, req).await {
+            match h1::send(conn, key, req, edits).await {
                 Ok(response) => return Ok((response.map(UpstreamBody::H1), None)),
                 Err(failure) => {
                     if reused && (failure.unsent || (failure.closed_early && req.method().is_idempotent())) {

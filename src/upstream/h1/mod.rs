@@ -17,7 +17,7 @@ use std::task::{Context, Poll};
 
 use bytes::BytesMut;
 use http::header::{CONTENT_LENGTH, TRANSFER_ENCODING};
-use http::{Method, Request, Response, StatusCode, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Version};
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -161,8 +161,9 @@ pub async fn send<B>(
     mut conn: Box<Conn>,
     key: crate::upstream::client::IdleKey,
     req: &Request<B>,
+    edits: &Edits<'_>,
 ) -> Result<Response<H1Body>, Failure> {
-    encode_request(&mut conn.out, req);
+    encode_request(&mut conn.out, req, edits);
     let mut out = std::mem::take(&mut conn.out);
     let written = conn.io.write_all(&out).await;
     out.clear();
@@ -217,10 +218,41 @@ pub async fn send<B>(
     }
 }
 
-/// The request head in HTTP/1.1 wire form. The pipeline has already set the target, `Host`
-/// and forwarding headers and removed hop-by-hop ones; the framing is this client's: a
-/// bodiless request carries `content-length: 0` where a body could be expected.
-fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>) {
+/// How the head the upstream gets differs from the request's map, applied as the head is
+/// written rather than to the map first (docs/architecture.md, "Two HTTP/1.1 paths"): the
+/// request is the client's, borrowed, and stays as it came for a retry.
+pub struct Edits<'a> {
+    /// Whether a field of the request's map goes upstream.
+    pub keep: &'a (dyn Fn(&HeaderName) -> bool + Sync),
+    /// Fields written after the kept ones (`None`: nothing to write).
+    pub add: &'a [(&'static HeaderName, Option<HeaderValue>)],
+}
+
+impl Edits<'_> {
+    /// The head as the request's map has it.
+    pub const NONE: Edits<'static> = Edits {
+        keep: &|_| true,
+        add: &[],
+    };
+
+    /// Applies the edits to `headers`, for a client that writes the map (hyper's).
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        let dropped: Vec<HeaderName> = headers.keys().filter(|name| !(self.keep)(name)).cloned().collect();
+        for name in dropped {
+            headers.remove(name);
+        }
+        for (name, value) in self.add {
+            if let Some(value) = value {
+                headers.append(*name, value.clone());
+            }
+        }
+    }
+}
+
+/// The request head in HTTP/1.1 wire form: the request's target (set by the pipeline) and
+/// its fields as `edits` change them. The framing is this client's: a bodiless request
+/// carries `content-length: 0` where a body could be expected.
+pub fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>, edits: &Edits<'_>) {
     out.clear();
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
@@ -233,14 +265,25 @@ fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>) {
             framed = true;
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
+        if (edits.keep)(name) {
+            write_field(out, name, value);
+        }
+    }
+    for (name, value) in edits.add {
+        if let Some(value) = value {
+            write_field(out, name, value);
+        }
     }
     if framed {
         out.extend_from_slice(b"content-length: 0\r\n");
     }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+    out.extend_from_slice(name.as_str().as_bytes());
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value.as_bytes());
     out.extend_from_slice(b"\r\n");
 }
 
@@ -485,16 +528,16 @@ mod tests {
         req.headers_mut()
             .insert("transfer-encoding", HeaderValue::from_static("chunked"));
         let mut out = Vec::new();
-        encode_request(&mut out, &req);
+        encode_request(&mut out, &req, &Edits::NONE);
         assert_eq!(
             String::from_utf8(out.clone()).unwrap(),
             "GET /v1/x?a=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 0\r\n\r\n"
         );
         let req = Request::delete("/k").body(()).unwrap();
-        encode_request(&mut out, &req);
+        encode_request(&mut out, &req, &Edits::NONE);
         assert_eq!(String::from_utf8(out.clone()).unwrap(), "DELETE /k HTTP/1.1\r\n\r\n");
         let req = Request::post("/k").body(()).unwrap();
-        encode_request(&mut out, &req);
+        encode_request(&mut out, &req, &Edits::NONE);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /k HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
