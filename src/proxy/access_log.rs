@@ -108,7 +108,7 @@ pub(super) fn record_response(
         _ => fields.null("decision"),
     };
     match &ctx.upstream_addr {
-        Some(addr) => fields.display("upstream", addr),
+        Some(addr) => fields.addr("upstream", addr),
         None => fields.null("upstream"),
     };
     fields

@@ -322,9 +322,9 @@ impl Exchange<'_> {
         // went to the general path).
         let head = self.buf.split_to(end).freeze();
         let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize));
-        // Room for what the pipeline adds (forwarding headers, request id, caller), so
-        // the map is not grown on the way upstream.
-        let (Ok(uri), Some(headers)) = (uri, spans.header_map(&head, 12)) else {
+        // No room for more: the pipeline adds nothing to this map on its way to an
+        // HTTP/1.1 upstream (the forwarding fields are written with the head).
+        let (Ok(uri), Some(headers)) = (uri, spans.header_map(&head, 0)) else {
             // httparse and `http` disagree on this head: it goes back for hyper.
             self.buf.extend_from_slice(&head);
             return None;
