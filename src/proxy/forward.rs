@@ -10,7 +10,7 @@ use crate::auth::KEY_PREFIX;
 use crate::base::{ErrorKind, ProxyError};
 use crate::config::UpstreamProtocol;
 use crate::gateway::Route;
-use crate::upstream::h1::Edits;
+use crate::upstream::h1::{Edits, FieldValue};
 
 /// Phase 3: the request head as the upstream gets it — URI (prefix stripped, key removed
 /// from the query) and version set on the request; `Host`, forwarding headers, request id
@@ -48,7 +48,7 @@ pub(super) fn upstream_request_filter<B>(
 pub(super) struct Forwarding {
     /// Set by Tollgate, replacing any the client sent (`None`: the client's is kept, or
     /// for the identity fields, removed).
-    add: [(&'static HeaderName, Option<HeaderValue>); 10],
+    add: [(&'static HeaderName, Option<FieldValue>); 10],
     /// The client's `Authorization` carried our credentials: it stays here.
     drop_authorization: bool,
     /// A protocol switch: `Connection: upgrade` and `Upgrade` go on.
@@ -76,26 +76,30 @@ impl Forwarding {
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|token| token.trim().starts_with(KEY_PREFIX));
         // Who the caller is, from Tollgate only.
-        let consumer = ctx.identity().and_then(|i| HeaderValue::from_str(&i.consumer_id).ok());
+        let consumer = ctx.identity().and_then(|i| FieldValue::text(&i.consumer_id));
         let plan = match (&ctx.caller, ctx.identity()) {
-            (_, Some(identity)) => HeaderValue::from_str(&identity.plan).ok(),
-            (Caller::Anonymous { .. }, None) => Some(anonymous_plan.clone()),
+            (_, Some(identity)) => FieldValue::text(&identity.plan),
+            (Caller::Anonymous { .. }, None) => Some(anonymous_plan.clone().into()),
             _ => None,
         };
+        let set = |value: HeaderValue| Some(FieldValue::Header(value));
         Forwarding {
             add: [
-                (&headers::HOST, Some(host.clone())),
-                (&headers::X_FORWARDED_HOST, ctx.host.clone()),
+                (&headers::HOST, set(host.clone())),
+                (&headers::X_FORWARDED_HOST, ctx.host.clone().and_then(set)),
                 (
                     &headers::X_FORWARDED_FOR,
-                    headers::forwarded_for(headers, &conn.peer_ip),
+                    headers::forwarded_for(headers, &conn.peer_ip).and_then(set),
                 ),
-                (&headers::X_REAL_IP, Some(real_ip)),
-                (&headers::X_FORWARDED_PROTO, Some(conn.proto.clone())),
-                (&headers::X_FORWARDED_PORT, Some(conn.port.clone())),
-                (&headers::X_REQUEST_ID, Some(ctx.request_id.clone())),
+                (&headers::X_REAL_IP, set(real_ip)),
+                (&headers::X_FORWARDED_PROTO, set(conn.proto.clone())),
+                (&headers::X_FORWARDED_PORT, set(conn.port.clone())),
+                (&headers::X_REQUEST_ID, set(ctx.request_id.clone())),
                 // Only Tollgate says which client certificate was verified.
-                (&headers::X_CLIENT_CERT_SUBJECT, conn.client_identity.clone()),
+                (
+                    &headers::X_CLIENT_CERT_SUBJECT,
+                    conn.client_identity.clone().and_then(set),
+                ),
                 (&headers::X_CONSUMER_ID, consumer),
                 (&headers::X_PLAN, plan),
             ],
@@ -118,13 +122,13 @@ impl Forwarding {
     }
 
     /// The fields Tollgate sets.
-    pub(super) fn added(&self) -> &[(&'static HeaderName, Option<HeaderValue>)] {
+    pub(super) fn added(&self) -> &[(&'static HeaderName, Option<FieldValue>)] {
         &self.add
     }
 
     /// A retry's endpoint's `Host`.
     pub(super) fn set_host(&mut self, host: HeaderValue) {
-        self.add[0].1 = Some(host);
+        self.add[0].1 = Some(host.into());
     }
 
     /// Edits `headers` (the client's) into the upstream's, for hyper's client.

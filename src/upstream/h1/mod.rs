@@ -225,7 +225,45 @@ pub struct Edits<'a> {
     /// Whether a field of the request's map goes upstream.
     pub keep: &'a (dyn Fn(&HeaderName) -> bool + Sync),
     /// Fields written after the kept ones (`None`: nothing to write).
-    pub add: &'a [(&'static HeaderName, Option<HeaderValue>)],
+    pub add: &'a [(&'static HeaderName, Option<FieldValue>)],
+}
+
+/// A value the pipeline sets: a header value it holds, or text checked to be a valid one
+/// and kept inline when short, so a name per request (the caller's consumer and plan)
+/// costs no allocation.
+pub enum FieldValue {
+    Header(HeaderValue),
+    Text(compact_str::CompactString),
+}
+
+impl FieldValue {
+    /// `text` as a field value, if it is one (no control characters but tabs: what
+    /// `HeaderValue::from_str` takes).
+    pub fn text(text: &str) -> Option<FieldValue> {
+        text.bytes()
+            .all(|b| b == b'\t' || (b >= b' ' && b != 0x7f))
+            .then(|| FieldValue::Text(text.into()))
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            FieldValue::Header(value) => value.as_bytes(),
+            FieldValue::Text(text) => text.as_bytes(),
+        }
+    }
+
+    pub fn to_header(&self) -> Option<HeaderValue> {
+        match self {
+            FieldValue::Header(value) => Some(value.clone()),
+            FieldValue::Text(text) => HeaderValue::from_str(text).ok(),
+        }
+    }
+}
+
+impl From<HeaderValue> for FieldValue {
+    fn from(value: HeaderValue) -> Self {
+        FieldValue::Header(value)
+    }
 }
 
 impl Edits<'_> {
@@ -242,8 +280,8 @@ impl Edits<'_> {
             headers.remove(name);
         }
         for (name, value) in self.add {
-            if let Some(value) = value {
-                headers.append(*name, value.clone());
+            if let Some(value) = value.as_ref().and_then(FieldValue::to_header) {
+                headers.append(*name, value);
             }
         }
     }
@@ -266,12 +304,12 @@ pub fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>, edits: &Edits<'_>)
             continue;
         }
         if (edits.keep)(name) {
-            write_field(out, name, value);
+            write_field(out, name, value.as_bytes());
         }
     }
     for (name, value) in edits.add {
         if let Some(value) = value {
-            write_field(out, name, value);
+            write_field(out, name, value.as_bytes());
         }
     }
     if framed {
@@ -280,10 +318,10 @@ pub fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>, edits: &Edits<'_>)
     out.extend_from_slice(b"\r\n");
 }
 
-fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
+fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
     out.extend_from_slice(name.as_str().as_bytes());
     out.extend_from_slice(b": ");
-    out.extend_from_slice(value.as_bytes());
+    out.extend_from_slice(value);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -442,6 +480,19 @@ mod tests {
 
     fn head(text: &str) -> Parsed {
         parse_head(&mut BytesMut::from(text.as_bytes())).unwrap().unwrap()
+    }
+
+    #[test]
+    fn field_values_from_text_are_what_header_values_take() {
+        for text in ["acme", "pro plan", "tab\there", "~!#$%&'*+-.^_`|", "", "caf\u{e9}"] {
+            let value = FieldValue::text(text).expect(text);
+            assert_eq!(value.as_bytes(), text.as_bytes());
+            assert_eq!(value.to_header().unwrap(), HeaderValue::from_str(text).unwrap());
+        }
+        for text in ["new\nline", "cr\r", "nul\0", "del\x7f"] {
+            assert!(FieldValue::text(text).is_none(), "{text:?}");
+            assert!(HeaderValue::from_str(text).is_err(), "{text:?}");
+        }
     }
 
     #[test]
