@@ -1,6 +1,6 @@
 //! HTTP/1.1 wire helpers shared by the listener's head checks, the purpose-built server
 //! path, the upstream codec and the access log: field values (RFC 9110 §5.6), decimal
-//! numbers written without `fmt`, and header maps whose values share the bytes read.
+//! numbers written without `fmt`, and header fields kept as the bytes read (`RawHeaders`).
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
@@ -55,65 +55,24 @@ pub fn push_decimal(out: &mut Vec<u8>, value: u64) {
     out.extend_from_slice(format_decimal(&mut [0; 20], value));
 }
 
-/// Where a parsed head's header names and values lie in the bytes it was parsed from,
-/// so that once those bytes are split off and frozen the values can share them instead
-/// of being copied (the borrow of the parse ends before the split).
-pub struct HeaderSpans {
-    spans: [(u32, u32, u32, u32); MAX_HEADERS],
-    count: usize,
-}
+/// Where a parsed head's fields lie in the bytes it was parsed from, taken while the
+/// parse borrows them; [`RawHeaders::new`] pairs them with those bytes once split off
+/// and frozen.
+pub struct RawFields(Vec<RawField>);
 
-impl HeaderSpans {
-    /// `headers` were parsed from `buf`; at most [`MAX_HEADERS`] are kept.
-    pub fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> HeaderSpans {
-        let mut spans = HeaderSpans {
-            spans: [(0, 0, 0, 0); MAX_HEADERS],
-            count: headers.len().min(MAX_HEADERS),
-        };
-        for (span, header) in spans.spans.iter_mut().zip(headers) {
-            let (name, value) = (offset(buf, header.name.as_bytes()), offset(buf, header.value));
-            *span = (name.0, name.1, value.0, value.1);
-        }
-        spans
-    }
-
-    /// The header map over `head` (the bytes parsed, frozen), with room for `extra` more
-    /// fields; `None` if a name or value is not one `http` takes.
-    pub fn header_map(&self, head: &Bytes, extra: usize) -> Option<HeaderMap> {
-        let mut headers = HeaderMap::with_capacity(self.count + extra);
-        for &(ns, ne, vs, ve) in &self.spans[..self.count] {
-            let name = HeaderName::from_bytes(&head[ns as usize..ne as usize]).ok()?;
-            let value = HeaderValue::from_maybe_shared(head.slice(vs as usize..ve as usize)).ok()?;
-            headers.append(name, value);
-        }
-        Some(headers)
-    }
-
-    /// The fields over `head` (the bytes parsed, frozen), kept as they were read, with
-    /// the connection's own fields marked.
-    pub fn raw_headers(&self, head: Bytes) -> RawHeaders {
-        let mut fields: Vec<RawField> = self.spans[..self.count]
-            .iter()
-            .map(|&(ns, ne, vs, ve)| RawField {
-                name: (ns, ne),
-                value: (vs, ve),
-                hop: is_hop_by_hop(&head[ns as usize..ne as usize]),
-            })
-            .collect();
-        // Fields a `Connection` header names describe the connection too (RFC 9110
-        // §7.6.1); rare, so looked for only when one is there.
-        for i in 0..fields.len() {
-            if !field(&head, fields[i].name).eq_ignore_ascii_case(b"connection") {
-                continue;
-            }
-            let named = field(&head, fields[i].value);
-            for token in named.split(|&b| b == b',').map(trim_ows).filter(|t| !t.is_empty()) {
-                for f in fields.iter_mut() {
-                    f.hop |= field(&head, f.name).eq_ignore_ascii_case(token);
-                }
-            }
-        }
-        RawHeaders { head, fields }
+impl RawFields {
+    /// `headers` were parsed from `buf`.
+    pub fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> RawFields {
+        RawFields(
+            headers
+                .iter()
+                .map(|header| RawField {
+                    name: offset(buf, header.name.as_bytes()),
+                    value: offset(buf, header.value),
+                    hop: false,
+                })
+                .collect(),
+        )
     }
 }
 
@@ -157,6 +116,29 @@ pub struct RawHeaders {
 }
 
 impl RawHeaders {
+    /// The fields over `head` (the bytes they were parsed from, frozen), with the
+    /// connection's own fields marked.
+    pub fn new(head: Bytes, fields: RawFields) -> RawHeaders {
+        let mut fields = fields.0;
+        for f in fields.iter_mut() {
+            f.hop = is_hop_by_hop(field(&head, f.name));
+        }
+        // Fields a `Connection` header names describe the connection too (RFC 9110
+        // §7.6.1); rare, so looked for only when one is there.
+        for i in 0..fields.len() {
+            if !field(&head, fields[i].name).eq_ignore_ascii_case(b"connection") {
+                continue;
+            }
+            let named = field(&head, fields[i].value);
+            for token in named.split(|&b| b == b',').map(trim_ows).filter(|t| !t.is_empty()) {
+                for f in fields.iter_mut() {
+                    f.hop |= field(&head, f.name).eq_ignore_ascii_case(token);
+                }
+            }
+        }
+        RawHeaders { head, fields }
+    }
+
     /// Every field, in order: (name, value).
     pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         self.fields
@@ -235,27 +217,13 @@ mod tests {
     }
 
     #[test]
-    fn header_values_share_the_head() {
-        let mut slots = [httparse::EMPTY_HEADER; 4];
-        let raw = b"HTTP/1.1 200 OK\r\nX-A: 1\r\nx-a: 2\r\nServer: up\r\n\r\n";
-        let mut response = httparse::Response::new(&mut slots);
-        response.parse(raw).unwrap();
-        let spans = HeaderSpans::of(raw, response.headers);
-        let head = Bytes::from_static(raw);
-        let map = spans.header_map(&head, 4).unwrap();
-        assert_eq!(map.get_all("x-a").iter().count(), 2);
-        assert_eq!(map["server"], "up");
-        assert!(map.capacity() >= 7);
-    }
-
-    #[test]
     fn fields_as_read_drop_the_connections_own_and_merge_under_the_map() {
         let mut slots = [httparse::EMPTY_HEADER; 8];
         let raw = b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: keep-alive, X-Hop\r\nx-hop: s\r\n\
             Keep-Alive: timeout=5\r\nTE: trailers\r\nx-a: 2\r\nX-Id: up\r\n\r\n";
         let mut response = httparse::Response::new(&mut slots);
         response.parse(raw).unwrap();
-        let fields = HeaderSpans::of(raw, response.headers).raw_headers(Bytes::from_static(raw));
+        let fields = RawHeaders::new(Bytes::from_static(raw), RawFields::of(raw, response.headers));
         assert_eq!(fields.iter().count(), 7);
         assert_eq!(
             fields.get_all(b"CONNECTION").collect::<Vec<_>>(),

@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, EXPECT, UPGRADE};
-use http::{Method, Request, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -36,7 +36,7 @@ use rewind::Rewind;
 use super::framing::{self, BodyLength};
 use super::guard::trim_leading_crlf;
 use super::{ConnSettings, Transport};
-use crate::base::http1::{HeaderSpans, MAX_HEADERS, has_token, offset};
+use crate::base::http1::{MAX_HEADERS, has_token};
 use crate::base::{Deadline, stopped};
 use crate::metrics::{Metrics, Protection};
 use crate::proxy::{ConnInfo, Worker};
@@ -297,45 +297,70 @@ impl Exchange<'_> {
         {
             return None;
         }
-        // Parsed once: the guard's RFC 9112 checks run on the same parse (they refuse
-        // CONNECT, conflicting framing and bad targets; bodies are the general path's).
-        let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
-        let mut parsed = httparse::Request::new(&mut []);
-        framing::parse_complete(&mut parsed, head, &mut slots).ok()?;
-        if parsed.version != Some(1) || !matches!(framing::check_parsed(&parsed), Ok(BodyLength::None)) {
-            return None;
-        }
-        let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
-        let target = offset(head, parsed.path?.as_bytes());
-        let mut close = false;
-        for header in parsed.headers.iter() {
-            let name = header.name.as_bytes();
-            if name.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes())
-                || name.eq_ignore_ascii_case(EXPECT.as_str().as_bytes())
-            {
-                return None;
-            }
-            close |= name.eq_ignore_ascii_case(CONNECTION.as_str().as_bytes()) && has_token(header.value, b"close");
-        }
-        let spans = HeaderSpans::of(head, parsed.headers);
-        // Checked: from here the head is consumed (nothing follows it: pipelined requests
-        // went to the general path).
+        // Split off and frozen before the parse, so the target and header values can
+        // share these bytes as they are read; given back if this path cannot serve it.
         let head = self.buf.split_to(end).freeze();
-        let uri = Uri::from_maybe_shared(head.slice(target.0 as usize..target.1 as usize));
-        // No room for more: the pipeline adds nothing to this map on its way to an
-        // HTTP/1.1 upstream (the forwarding fields are written with the head).
-        let (Ok(uri), Some(headers)) = (uri, spans.header_map(&head, 0)) else {
-            // httparse and `http` disagree on this head: it goes back for hyper.
-            self.buf.extend_from_slice(&head);
-            return None;
-        };
-        let mut request = Request::new(None);
-        *request.method_mut() = method;
-        *request.uri_mut() = uri;
-        *request.version_mut() = Version::HTTP_11;
-        *request.headers_mut() = headers;
-        Some((request, close))
+        match request_parts(&head) {
+            Some(parts) => {
+                let (method, uri, headers, close) = parts;
+                let mut request = Request::new(None);
+                *request.method_mut() = method;
+                *request.uri_mut() = uri;
+                *request.version_mut() = Version::HTTP_11;
+                *request.headers_mut() = headers;
+                Some((request, close))
+            }
+            None => {
+                let rest = std::mem::take(&mut self.buf);
+                self.buf = match head.try_into_mut() {
+                    // Nothing else holds the head: its bytes are rejoined in place.
+                    Ok(mut head) => {
+                        head.unsplit(rest);
+                        head
+                    }
+                    Err(head) => {
+                        let mut whole = BytesMut::from(&head[..]);
+                        whole.extend_from_slice(&rest);
+                        whole
+                    }
+                };
+                None
+            }
+        }
     }
+}
+
+/// The request `head` holds, when the purpose-built path can serve it: method, target,
+/// header map (values sharing `head`'s bytes) and whether the client asked to close.
+fn request_parts(head: &Bytes) -> Option<(Method, Uri, HeaderMap, bool)> {
+    // Parsed once: the guard's RFC 9112 checks run on the same parse (they refuse
+    // CONNECT, conflicting framing and bad targets; bodies are the general path's).
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut parsed = httparse::Request::new(&mut []);
+    framing::parse_complete(&mut parsed, head, &mut slots).ok()?;
+    if parsed.version != Some(1) || !matches!(framing::check_parsed(&parsed), Ok(BodyLength::None)) {
+        return None;
+    }
+    let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
+    let mut close = false;
+    // No room for more: the pipeline adds nothing to this map on its way to an HTTP/1.1
+    // upstream (the forwarding fields are written with the head).
+    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    for header in parsed.headers.iter() {
+        let name = header.name.as_bytes();
+        if name.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes())
+            || name.eq_ignore_ascii_case(EXPECT.as_str().as_bytes())
+        {
+            return None;
+        }
+        close |= name.eq_ignore_ascii_case(CONNECTION.as_str().as_bytes()) && has_token(header.value, b"close");
+        // A head httparse takes and `http` does not goes back for hyper.
+        let name = HeaderName::from_bytes(name).ok()?;
+        let value = HeaderValue::from_maybe_shared(head.slice_ref(header.value)).ok()?;
+        headers.append(name, value);
+    }
+    let uri = Uri::from_maybe_shared(head.slice_ref(parsed.path?.as_bytes())).ok()?;
+    Some((method, uri, headers, close))
 }
 
 enum Wait {

@@ -29,7 +29,7 @@ use body::Framing;
 pub use body::{BodyError, H1Body};
 use chunked::{Chunked, Step};
 
-use crate::base::http1::{HeaderSpans, RawHeaders, has_token, parse_length, trim_ows};
+use crate::base::http1::{RawFields, RawHeaders, has_token, parse_length, trim_ows};
 use crate::base::{ErrorKind, ProxyError};
 
 /// The most a response head may take (status line and headers).
@@ -351,9 +351,9 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failure> {
     } else {
         Version::HTTP_11
     };
-    let spans = HeaderSpans::of(buf, response.headers);
+    let fields = RawFields::of(buf, response.headers);
     // Kept as read: the client's side copies the fields it forwards from these bytes.
-    let headers = spans.raw_headers(buf.split_to(len).freeze());
+    let headers = RawHeaders::new(buf.split_to(len).freeze(), fields);
     Ok(Some(Parsed {
         status,
         version,
