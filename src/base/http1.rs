@@ -81,21 +81,27 @@ fn field(head: &[u8], (start, end): (u32, u32)) -> &[u8] {
 }
 
 /// The hop-by-hop field names (RFC 9110 §7.6.1, with `Keep-Alive` and
-/// `Proxy-Connection`), in any case.
-pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    const NAMES: [&[u8]; 8] = [
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"trailer",
-        b"transfer-encoding",
-        b"upgrade",
-        b"proxy-authorization",
-    ];
-    NAMES
+/// `Proxy-Connection`), lower-case; the one list both paths use.
+pub const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "proxy-authorization",
+];
+
+/// Where `name` (in any case) is in [`HOP_BY_HOP`], if it is a hop-by-hop field.
+pub fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
+    HOP_BY_HOP
         .iter()
-        .any(|known| known.len() == name.len() && known.eq_ignore_ascii_case(name))
+        .position(|known| known.len() == name.len() && known.as_bytes().eq_ignore_ascii_case(name))
+}
+
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    hop_by_hop_index(name).is_some()
 }
 
 #[derive(Debug, Clone, Copy)]

@@ -45,6 +45,9 @@ pub(super) fn upstream_request_filter<B>(
 /// purpose-built client as it encodes the head, so the client's map is neither edited
 /// nor copied (docs/architecture.md, "Two HTTP/1.1 paths"), or applied to the map for
 /// hyper's client.
+/// Where `Host` is in `Forwarding::add` (first).
+const HOST_FIELD: usize = 0;
+
 pub(super) struct Forwarding {
     /// Set by Tollgate, replacing any the client sent (`None`: the client's is kept, or
     /// for the identity fields, removed).
@@ -128,7 +131,7 @@ impl Forwarding {
 
     /// A retry's endpoint's `Host`.
     pub(super) fn set_host(&mut self, host: HeaderValue) {
-        self.add[0].1 = Some(host.into());
+        self.add[HOST_FIELD].1 = Some(host.into());
     }
 
     /// Edits `headers` (the client's) into the upstream's, for hyper's client.

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::base::http1::hop_by_hop_index;
 use crate::base::new_request_id;
 use crate::limits::LimitStatus;
 
@@ -20,26 +21,17 @@ pub static X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
 pub static X_PLAN: HeaderName = HeaderName::from_static("x-plan");
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
-/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), as bits.
+/// Headers that describe one connection, not the message (RFC 9110 §7.6.1), as bits:
+/// bit `i` is `base::http1::HOP_BY_HOP[i]`.
 const CONNECTION_BIT: u8 = 1;
 const UPGRADE_BIT: u8 = 1 << 6;
 
 fn hop_by_hop_bit(name: &str) -> u8 {
-    match name {
-        "connection" => CONNECTION_BIT,
-        "keep-alive" => 1 << 1,
-        "proxy-connection" => 1 << 2,
-        "te" => 1 << 3,
-        "trailer" => 1 << 4,
-        "transfer-encoding" => 1 << 5,
-        "upgrade" => UPGRADE_BIT,
-        "proxy-authorization" => 1 << 7,
-        _ => 0,
-    }
+    hop_by_hop_index(name.as_bytes()).map_or(0, |i| 1 << i)
 }
 
-/// Same order as the bits of `hop_by_hop_bit`; `HeaderName`s, so removal needs no parsing.
-static HOP_BY_HOP: [HeaderName; 8] = [
+/// `base::http1::HOP_BY_HOP` as `HeaderName`s, in its order, so removal needs no parsing.
+static HOP_BY_HOP_NAMES: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -49,14 +41,6 @@ static HOP_BY_HOP: [HeaderName; 8] = [
     header::UPGRADE,
     header::PROXY_AUTHORIZATION,
 ];
-
-fn lowercase(token: &str) -> std::borrow::Cow<'_, str> {
-    if token.bytes().any(|b| b.is_ascii_uppercase()) {
-        std::borrow::Cow::Owned(token.to_ascii_lowercase())
-    } else {
-        std::borrow::Cow::Borrowed(token)
-    }
-}
 
 /// True when the client asks to switch protocols (WebSocket) on an HTTP/1.1 connection.
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
@@ -145,13 +129,13 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             for token in connection.to_str().unwrap_or("").split(',').map(str::trim) {
                 // Standard hop-by-hop names are removed below; `&str` keys are looked up
                 // without allocating a HeaderName.
-                if !token.is_empty() && hop_by_hop_bit(&lowercase(token)) == 0 {
+                if !token.is_empty() && hop_by_hop_bit(token) == 0 {
                     headers.remove(token);
                 }
             }
         }
     }
-    for (bit, name) in HOP_BY_HOP.iter().enumerate() {
+    for (bit, name) in HOP_BY_HOP_NAMES.iter().enumerate() {
         let bit = 1u8 << bit;
         let kept = keep_upgrade && bit == UPGRADE_BIT;
         if present & bit != 0 && !kept {
@@ -262,5 +246,16 @@ mod tests {
         assert_eq!(request_id(&headers), "abc-123");
         headers.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
         assert_eq!(request_id(&headers).len(), 32);
+    }
+
+    #[test]
+    fn hop_by_hop_names_follow_the_shared_list() {
+        for (i, name) in crate::base::http1::HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(HOP_BY_HOP_NAMES[i].as_str(), *name);
+            assert_eq!(hop_by_hop_bit(name), 1 << i);
+        }
+        assert_eq!(hop_by_hop_bit("Connection"), CONNECTION_BIT);
+        assert_eq!(hop_by_hop_bit("UPGRADE"), UPGRADE_BIT);
+        assert_eq!(hop_by_hop_bit("x-hop"), 0);
     }
 }

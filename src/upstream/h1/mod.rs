@@ -556,7 +556,7 @@ mod tests {
     }
 
     #[test]
-    fn heads_parse_into_shared_header_values() {
+    fn heads_parse_into_fields_as_read() {
         let mut buf = BytesMut::from(&b"HTTP/1.1 404 Not Found\r\nX-A: 1\r\nx-a: 2\r\nServer: up\r\n\r\nbody"[..]);
         let parsed = parse_head(&mut buf).unwrap().unwrap();
         assert_eq!(parsed.status, 404);
