@@ -148,6 +148,8 @@ def run_wrk(url, args, key=None, extra=()):
     if key:
         cmd[4:4] = ["-H", f"X-API-Key: {key}"]
     cmd[4:4] = list(extra)
+    if getattr(args, "script", None):
+        cmd[4:4] = ["-s", args.script]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     requests = int(re.search(r"(\d+) requests in", out).group(1))
@@ -228,6 +230,9 @@ def main():
                         help="access logs on Tollgate ([logs], zstd segments) and on an extra NGINX "
                              "(access_log buffer=64k gzip, JSON of the same fields); also measures "
                              "'tollgate-nologs' (same config, no [logs])")
+    parser.add_argument("--body", type=int, default=0, metavar="BYTES",
+                        help="send POSTs with a body of this many bytes (Content-Length, written with "
+                             "the head) instead of GETs")
     parser.add_argument("--core-hour-usd", type=float, default=0.04,
                         help="price of one core-hour, for the cost per billion requests")
     args = parser.parse_args()
@@ -235,6 +240,12 @@ def main():
         args.auth = True
 
     workdir = tempfile.mkdtemp(prefix="tollgate-bench-")
+    args.script = None
+    if args.body:
+        args.script = os.path.join(workdir, "post.lua")
+        with open(args.script, "w") as script:
+            script.write(f'wrk.method = "POST"\nwrk.body = string.rep("x", {args.body})\n'
+                         'wrk.headers["Content-Type"] = "application/octet-stream"\n')
     procs = []
     try:
         up_port = free_port()
@@ -366,6 +377,8 @@ server {{
             mode += ", active health checks"
         if args.logs:
             mode += ", access logs"
+        if args.body:
+            mode += f", POST bodies of {args.body} bytes"
         print(f"## Core proxy benchmark ({mode}) — {datetime.date.today()}\n")
         print(f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.release()}; "
               f"wrk -t1 -c{args.connections} -d{args.duration}s, {args.rounds} rounds, medians. "

@@ -93,7 +93,7 @@ fn decision(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::from_parameter(keys), &keys, |b, _| {
             b.iter_batched_ref(
                 &mut next,
-                |secret| authenticate(&table, Some(secret), "lookup", 0).map(|id| id.plan.len()),
+                |secret| authenticate(&table, Some(secret), "lookup", || 0).map(|id| id.plan.len()),
                 BatchSize::SmallInput,
             )
         });
@@ -119,7 +119,7 @@ fn decision(c: &mut Criterion) {
                 b.iter_batched_ref(
                     &mut next,
                     |secret| {
-                        let identity = authenticate(&table, Some(secret), "lookup", 0).ok()?;
+                        let identity = authenticate(&table, Some(secret), "lookup", || 0).ok()?;
                         let charge = Charge {
                             subject: SubjectRef::Key(&identity.key_id),
                             consumer: Some(&identity.consumer_id),

@@ -1,8 +1,9 @@
 //! The purpose-built HTTP/1.1 path and its hand-over to hyper, seen from a raw socket
 //! (docs/architecture.md, "Two HTTP/1.1 paths"): one keep-alive connection carries
-//! bodiless requests (served on the fast path), a request with a body (handed to hyper
-//! with the bytes already read), more requests after it, and the hand-back once it was
-//! parked; framing is checked byte for byte.
+//! bodiless requests and bodies of declared length that arrive with their head (served
+//! on the fast path), a chunked body (handed to hyper with the bytes already read), more
+//! requests after it, and the hand-back once it was parked; framing is checked byte for
+//! byte.
 
 mod common;
 
@@ -178,9 +179,15 @@ async fn one_connection_carries_fast_and_handed_over_requests_framed_exactly() {
     conn.send(b"GET /status/503 HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(conn.response(false).status, 503);
 
-    // A request with a body goes to hyper with the bytes already read, on the same
-    // connection, and the body arrives whole.
+    // A body of declared length, written with its head, is served on this path.
     conn.send(b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello");
+    let posted = conn.response(false);
+    assert_eq!(posted.status, 200);
+    assert_eq!(json(&posted)["bytes"], 5);
+
+    // A chunked body goes to hyper with the bytes already read, on the same connection,
+    // and arrives whole.
+    conn.send(b"POST /count HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n");
     let posted = conn.response(false);
     assert_eq!(posted.status, 200);
     assert_eq!(json(&posted)["bytes"], 5);
@@ -196,7 +203,7 @@ async fn one_connection_carries_fast_and_handed_over_requests_framed_exactly() {
     assert_eq!(parked(&gateway).await, 1);
     conn.send(b"GET /e HTTP/1.1\r\nHost: a\r\n\r\n");
     assert_eq!(json(&conn.response(false))["path"], "/e");
-    conn.send(b"POST /count HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabc");
+    conn.send(b"POST /count HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n");
     assert_eq!(json(&conn.response(false))["bytes"], 3);
     tokio::time::sleep(Duration::from_millis(400)).await;
     assert_eq!(parked(&gateway).await, 1);
@@ -316,11 +323,180 @@ async fn upstream_fields_are_forwarded_as_read_without_the_connections_own() {
     // The purpose-built path writes the fields as read.
     conn.send(b"GET /a HTTP/1.1\r\nHost: a\r\nX-Request-Id: client-id\r\n\r\n");
     check(&conn.response(false), "fast path");
-    // hyper's path (a request with a body) gets them merged into its map.
-    conn.send(b"POST /b HTTP/1.1\r\nHost: a\r\nX-Request-Id: client-id\r\nContent-Length: 1\r\n\r\nx");
+    // hyper's path (a chunked body) gets them merged into its map.
+    conn.send(b"POST /b HTTP/1.1\r\nHost: a\r\nX-Request-Id: client-id\r\nTransfer-Encoding: chunked\r\n\r\n1\r\nx\r\n0\r\n\r\n");
     check(&conn.response(false), "hyper's path, body");
     // And a GET while the connection stays on hyper's side: the purpose-built client
     // read the upstream's head, hyper writes it.
     conn.send(b"GET /c HTTP/1.1\r\nHost: a\r\nX-Request-Id: client-id\r\n\r\n");
     check(&conn.response(false), "hyper's path, no body");
+}
+
+/// An upstream that answers every request with the request itself as it arrived: its
+/// head, then its body as framed by `Content-Length` or chunked (the chunks decoded).
+/// Counts the requests it saw.
+fn mirror_upstream() -> (std::net::SocketAddr, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { return };
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut conn = Conn {
+                    stream,
+                    buf: Vec::new(),
+                };
+                conn.stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+                loop {
+                    let mut head = String::new();
+                    loop {
+                        let Some(line) =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| conn.take_line())).ok()
+                        else {
+                            return;
+                        };
+                        head.push_str(&line);
+                        head.push_str("\r\n");
+                        if line.is_empty() {
+                            break;
+                        }
+                    }
+                    let field = |name: &str| {
+                        head.lines()
+                            .find_map(|l| l.split_once(':').filter(|(n, _)| n.eq_ignore_ascii_case(name)))
+                            .map(|(_, v)| v.trim().to_string())
+                    };
+                    let mut body = Vec::new();
+                    if field("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked")) {
+                        loop {
+                            let size = usize::from_str_radix(&conn.take_line(), 16).unwrap();
+                            if size == 0 {
+                                conn.take_line();
+                                break;
+                            }
+                            body.extend(conn.take(size));
+                            conn.take_line();
+                        }
+                    } else if let Some(length) = field("content-length") {
+                        body = conn.take(length.parse().unwrap());
+                    }
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let mut mirrored = head.into_bytes();
+                    mirrored.extend_from_slice(&body);
+                    let response = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", mirrored.len());
+                    let mut out = response.into_bytes();
+                    out.extend_from_slice(&mirrored);
+                    if conn.stream.write_all(&out).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// What the mirror upstream saw: the head's lines (names lower-cased) and the body.
+fn mirrored(raw: &Raw) -> (Vec<String>, Vec<u8>) {
+    let at = raw
+        .body
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a mirrored head")
+        + 4;
+    let head = String::from_utf8(raw.body[..at].to_vec()).unwrap();
+    let lines = head
+        .lines()
+        .map(|l| match l.split_once(':') {
+            Some((name, value)) => format!("{}:{value}", name.to_ascii_lowercase()),
+            None => l.to_string(),
+        })
+        .collect();
+    (lines, raw.body[at..].to_vec())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bodies_of_declared_length_reach_the_upstream_whole_from_either_path() {
+    let (upstream, seen) = mirror_upstream();
+    let gateway = Gateway::start(&format!(
+        "{}[upstreams.u]\nendpoints = [\"{upstream}\"]\n\n[[routes]]\nname = \"all\"\nupstream = \"u\"\n\
+         max_body_bytes = 64\n",
+        base_config()
+    ));
+    let mut conn = Conn::open(gateway.proxy);
+    let framed_as = |lines: &[String], length: usize, what: &str| {
+        let lengths: Vec<&String> = lines.iter().filter(|l| l.starts_with("content-length:")).collect();
+        assert_eq!(lengths, [&format!("content-length: {length}")], "{what}: {lines:?}");
+        assert!(
+            !lines.iter().any(|l| l.starts_with("transfer-encoding:")),
+            "{what}: {lines:?}"
+        );
+    };
+
+    // Written with its head: the body behind the forwarded head, framed by its length.
+    conn.send(b"POST /a HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\nContent-Length: 17\r\n\r\n{\"q\":\"8.8.8.8\"}\r\n");
+    let answer = conn.response(false);
+    assert_eq!(answer.status, 200);
+    let (lines, body) = mirrored(&answer);
+    assert_eq!(lines[0], "POST /a HTTP/1.1");
+    assert!(
+        lines.contains(&"content-type: application/json".to_string()),
+        "{lines:?}"
+    );
+    framed_as(&lines, 17, "whole with its head");
+    assert_eq!(body, b"{\"q\":\"8.8.8.8\"}\r\n");
+
+    // The head first and the body 50 ms later: streamed by the general path, the same
+    // bytes arrive.
+    conn.send(b"PUT /b HTTP/1.1\r\nHost: a\r\nContent-Length: 11\r\n\r\n");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    conn.send(b"hello world");
+    let answer = conn.response(false);
+    assert_eq!(answer.status, 200);
+    let (lines, body) = mirrored(&answer);
+    assert_eq!(lines[0], "PUT /b HTTP/1.1");
+    framed_as(&lines, 11, "sent in two pieces");
+    assert_eq!(body, b"hello world");
+
+    // A body with a request pipelined behind it: both answered, in order, each whole.
+    conn.send(b"POST /c HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\n\r\nabcGET /d HTTP/1.1\r\nHost: a\r\n\r\n");
+    let (lines, body) = mirrored(&conn.response(false));
+    assert_eq!((lines[0].as_str(), body.as_slice()), ("POST /c HTTP/1.1", &b"abc"[..]));
+    framed_as(&lines, 3, "pipelined");
+    let (lines, body) = mirrored(&conn.response(false));
+    assert_eq!(lines[0], "GET /d HTTP/1.1");
+    assert!(body.is_empty());
+
+    // An empty body of declared length stays framed as one.
+    conn.send(b"POST /e HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n");
+    let (lines, body) = mirrored(&conn.response(false));
+    framed_as(&lines, 0, "empty");
+    assert!(body.is_empty());
+
+    // Over the route's limit, whole or not: refused with 413 before any upstream sees it.
+    let before = seen.load(std::sync::atomic::Ordering::SeqCst);
+    let mut big = b"POST /f HTTP/1.1\r\nHost: a\r\nContent-Length: 65\r\n\r\n".to_vec();
+    big.extend_from_slice(&[b'x'; 65]);
+    let mut refused = Conn::open(gateway.proxy);
+    refused.send(&big);
+    let answer = refused.response(false);
+    assert_eq!(answer.status, 413);
+    assert_eq!(
+        json(&answer)["error"]["code"],
+        "payload_too_large",
+        "{:?}",
+        json(&answer)
+    );
+    assert_eq!(
+        seen.load(std::sync::atomic::Ordering::SeqCst),
+        before,
+        "no upstream saw it"
+    );
+
+    // The connection that carried the bodies still serves.
+    conn.send(b"GET /g HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert_eq!(mirrored(&conn.response(false)).0[0], "GET /g HTTP/1.1");
 }

@@ -188,7 +188,14 @@ pub fn generate_secret() -> Result<String, getrandom::Error> {
 }
 
 /// Checks a presented key for `route` at unix time `now`.
-pub fn authenticate(table: &KeyTable, presented: Option<&str>, route: &str, now: i64) -> Result<Identity, AuthError> {
+/// `now`: the Unix time, read only for a key that has an expiry (most have none, and the
+/// clock read is one of several per request).
+pub fn authenticate(
+    table: &KeyTable,
+    presented: Option<&str>,
+    route: &str,
+    now: impl FnOnce() -> i64,
+) -> Result<Identity, AuthError> {
     let identity = authenticate_key(table, presented, now)?;
     if !identity.allowed_routes.is_empty() && !identity.allowed_routes.iter().any(|r| &**r == route) {
         return Err(AuthError::RouteNotAllowed);
@@ -198,7 +205,11 @@ pub fn authenticate(table: &KeyTable, presented: Option<&str>, route: &str, now:
 
 /// Checks a presented key whatever routes it may call (the customer usage page shows a
 /// key its own usage).
-pub fn authenticate_key(table: &KeyTable, presented: Option<&str>, now: i64) -> Result<Identity, AuthError> {
+pub fn authenticate_key(
+    table: &KeyTable,
+    presented: Option<&str>,
+    now: impl FnOnce() -> i64,
+) -> Result<Identity, AuthError> {
     let presented = presented
         .filter(|k| !k.is_empty())
         .ok_or(AuthError::MissingCredentials)?;
@@ -206,7 +217,7 @@ pub fn authenticate_key(table: &KeyTable, presented: Option<&str>, now: i64) -> 
     if entry.revoked {
         return Err(AuthError::KeyRevoked);
     }
-    if entry.expires_at.is_some_and(|at| now >= at) {
+    if entry.expires_at.is_some_and(|at| now() >= at) {
         return Err(AuthError::KeyExpired);
     }
     Ok(Identity(entry))
@@ -257,41 +268,44 @@ mod tests {
         assert!(secret.starts_with(KEY_PREFIX) && secret.len() == KEY_PREFIX.len() + 64);
         let table = KeyTable::default();
         load(&table, &data_with(&secret, |_| {}));
-        let id = authenticate(&table, Some(&secret), "lookup", 10).unwrap();
+        let id = authenticate(&table, Some(&secret), "lookup", || 10).unwrap();
         assert_eq!((&*id.consumer_id, &*id.plan, &*id.key_id), ("acme", "pro", "key_1"));
         assert_eq!(
-            authenticate(&table, None, "lookup", 10),
+            authenticate(&table, None, "lookup", || 10),
             Err(AuthError::MissingCredentials)
         );
         assert_eq!(
-            authenticate(&table, Some(""), "lookup", 10),
+            authenticate(&table, Some(""), "lookup", || 10),
             Err(AuthError::MissingCredentials)
         );
         assert_eq!(
-            authenticate(&table, Some("tg_live_nope"), "lookup", 10),
+            authenticate(&table, Some("tg_live_nope"), "lookup", || 10),
             Err(AuthError::InvalidApiKey)
         );
 
         load(&table, &data_with(&secret, |k| k.expires_at = Some(10)));
-        assert_eq!(authenticate(&table, Some(&secret), "lookup", 9).map(|_| ()), Ok(()));
+        assert_eq!(authenticate(&table, Some(&secret), "lookup", || 9).map(|_| ()), Ok(()));
         assert_eq!(
-            authenticate(&table, Some(&secret), "lookup", 10),
+            authenticate(&table, Some(&secret), "lookup", || 10),
             Err(AuthError::KeyExpired)
         );
 
         load(&table, &data_with(&secret, |k| k.allowed_routes = vec!["batch".into()]));
         assert_eq!(
-            authenticate(&table, Some(&secret), "lookup", 0),
+            authenticate(&table, Some(&secret), "lookup", || 0),
             Err(AuthError::RouteNotAllowed)
         );
-        assert!(authenticate(&table, Some(&secret), "batch", 0).is_ok());
+        assert!(authenticate(&table, Some(&secret), "batch", || 0).is_ok());
 
         let mut state = data_with(&secret, |k| k.plan = Some("gold".into()));
         load(&table, &state);
-        assert_eq!(&*authenticate(&table, Some(&secret), "x", 0).unwrap().plan, "gold");
+        assert_eq!(&*authenticate(&table, Some(&secret), "x", || 0).unwrap().plan, "gold");
         state.1[0].revoked = true;
         table.upsert(&state.1[0], &state.0, "free");
-        assert_eq!(authenticate(&table, Some(&secret), "x", 0), Err(AuthError::KeyRevoked));
+        assert_eq!(
+            authenticate(&table, Some(&secret), "x", || 0),
+            Err(AuthError::KeyRevoked)
+        );
         assert_eq!(table.len(), 1);
     }
 
@@ -308,7 +322,7 @@ mod tests {
         let table = KeyTable::default();
         load(&table, &state);
         assert_eq!(table.len(), 50_001);
-        let id = authenticate(&table, Some(&format!("tg_live_{:064}", 31_337)), "x", 0).unwrap();
+        let id = authenticate(&table, Some(&format!("tg_live_{:064}", 31_337)), "x", || 0).unwrap();
         assert_eq!(&*id.key_id, "key_n31337");
     }
 }

@@ -259,19 +259,8 @@ pub fn new_request_id() -> http::HeaderValue {
     for (i, byte) in out.iter_mut().enumerate() {
         *byte = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
     }
-    // Cut from a per-thread arena: one allocation per 128 ids instead of one per id; the
-    // id is cloned into the upstream request and the response, which only bumps a count.
-    let id = ID_ARENA.with(|arena| {
-        let mut arena = arena.borrow_mut();
-        if arena.capacity() - arena.len() < out.len() {
-            *arena = bytes::BytesMut::with_capacity(128 * out.len());
-        }
-        arena.extend_from_slice(&out);
-        arena.split().freeze()
-    });
+    // Cut from the per-thread arena: the id is cloned into the upstream request and the
+    // response, which only bumps a count.
+    let id = crate::base::http1::arena_value(|value| value.extend_from_slice(&out));
     http::HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| http::HeaderValue::from_static("0"))
-}
-
-thread_local! {
-    static ID_ARENA: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
 }

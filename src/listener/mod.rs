@@ -418,7 +418,9 @@ async fn serve_http<S: Transport>(
         async move {
             let stream = conn.streams.start();
             let http1 = req.version() < http::Version::HTTP_2;
-            let response = handler.handle(req.map(Some), &conn).await;
+            let response = handler
+                .handle(req.map(|body| Some(crate::proxy::Inbound::Hyper(body))), &conn)
+                .await;
             stream.answered();
             // hyper writes only the map: the upstream's fields as read join it.
             let (mut parts, mut body) = response.into_parts();

@@ -60,6 +60,17 @@ impl TimedBody {
     }
 }
 
+/// How long an upstream body may take.
+pub struct BodyTimes {
+    /// Longest wait for the next frame.
+    pub idle: Duration,
+    /// When the whole exchange must be over, if ever.
+    pub deadline: Option<Instant>,
+    /// When the response's head arrived: the first wait counts from there, so no clock
+    /// read is needed for it.
+    pub answered_at: Instant,
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("upstream body {0}")]
 pub struct BodyTimeout(&'static str);
@@ -78,15 +89,15 @@ impl ProxyBody {
         Self::full(Bytes::new())
     }
 
-    /// Streams `inner`, failing when no frame arrives for `idle` or `deadline` passes.
-    pub fn upstream(
-        inner: UpstreamBody,
-        idle: Duration,
-        deadline: Option<Instant>,
-        inflight: InflightGuard,
-        conn: Option<PooledConn>,
-    ) -> Self {
-        let first = next_deadline(idle, deadline);
+    /// Streams `inner`, failing when no frame arrives for `times.idle` or
+    /// `times.deadline` passes.
+    pub fn upstream(inner: UpstreamBody, times: BodyTimes, inflight: InflightGuard, conn: Option<PooledConn>) -> Self {
+        let BodyTimes {
+            idle,
+            deadline,
+            answered_at,
+        } = times;
+        let first = deadline.map_or(answered_at + idle, |d| d.min(answered_at + idle));
         ProxyBody {
             kind: Kind::Upstream(TimedBody {
                 inner,
@@ -183,8 +194,11 @@ impl Body for ProxyBody {
                 if let Poll::Ready(frame) = Pin::new(&mut timed.inner).poll_frame(cx) {
                     match &frame {
                         Some(frame) => {
-                            let next = next_deadline(timed.idle, timed.deadline);
-                            timed.timer.set(next);
+                            // A body that just ended waits no more: no clock read for it.
+                            if !timed.inner.is_end_stream() {
+                                let next = next_deadline(timed.idle, timed.deadline);
+                                timed.timer.set(next);
+                            }
                             if let (Some(record), Ok(frame)) = (this.record.as_mut(), frame)
                                 && let Some(data) = frame.data_ref()
                             {

@@ -7,16 +7,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use hyper::upgrade::OnUpgrade;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
 
+use super::body::BodyTimes;
 use super::{ProxyBody, RequestCtx, Worker, forward};
 use crate::base::{ErrorKind, ErrorSource, ProxyError};
 use crate::config::HashKey;
 use crate::gateway::{Route, Snapshot, UpstreamPool};
-use crate::upstream::body::{ClientBody, RequestBody, UpstreamBody};
+use crate::upstream::body::{ClientBody, Inbound, RequestBody, UpstreamBody};
 use crate::upstream::client::{PooledConn, SendError};
 use crate::upstream::h1::Edits;
 use crate::upstream::{InflightGuard, Selected, Target, Tried};
@@ -61,7 +61,7 @@ impl Worker {
         snapshot: &Snapshot,
         route: &Route,
         ctx: &mut RequestCtx<'_>,
-        req: Request<Option<Incoming>>,
+        req: Request<Option<Inbound>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // Before a pool slot is taken: a slow body holds nothing upstream.
         let body_timeout = snapshot.config.server.client_body_timeout;
@@ -176,8 +176,11 @@ impl Worker {
                     pooled,
                     peer,
                     client_upgrade,
-                    pool.timeouts.read,
-                    total_deadline,
+                    BodyTimes {
+                        idle: pool.timeouts.read,
+                        deadline: total_deadline,
+                        answered_at,
+                    },
                     tunnel_idle,
                 ));
             };
@@ -295,8 +298,7 @@ fn respond(
     pooled: Option<PooledConn>,
     peer: Peer,
     client_upgrade: Option<OnUpgrade>,
-    idle: std::time::Duration,
-    total_deadline: Option<Instant>,
+    times: BodyTimes,
     tunnel_idle: TunnelIdle,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
@@ -306,7 +308,7 @@ fn respond(
         tokio::spawn(tunnel(client_upgrade, upstream_upgrade, peer.guard, tunnel_idle));
         return response.map(|_| ProxyBody::empty());
     }
-    response.map(|body| ProxyBody::upstream(body, idle, total_deadline, peer.guard, pooled))
+    response.map(|body| ProxyBody::upstream(body, times, peer.guard, pooled))
 }
 
 /// A bodiless copy of a request's head: what a repeatable request is sent again from.

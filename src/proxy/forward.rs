@@ -247,7 +247,7 @@ mod tests {
             add: forwarding.added(),
         };
         let mut written = Vec::new();
-        crate::upstream::h1::encode_request(&mut written, &request, &edits);
+        crate::upstream::h1::encode_request(&mut written, &request, &edits, &[]);
         forwarding.apply(headers);
         let mut slots = [httparse::EMPTY_HEADER; 32];
         let mut parsed = httparse::Request::new(&mut slots);

@@ -49,25 +49,22 @@ static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 /// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) for one
 /// limit, and `Retry-After` on a refusal.
 pub fn insert_rate_limit(headers: &mut HeaderMap, status: &LimitStatus, retry_after: Option<u64>) {
-    // Both values written by hand into one shared buffer: `format!` and its `String`s
-    // cost ~1,000 instructions per limited request (docs/benchmarks.md).
+    // Both values written by hand and cut from the per-thread arena: `format!` and its
+    // `String`s cost ~1,000 instructions per limited request (docs/benchmarks.md).
     let name = status.name.policy();
-    let mut value = Vec::with_capacity(2 * name.len() + 64);
-    let item = |value: &mut Vec<u8>, a: u8, x: u64, b: u8, y: u64| {
-        value.push(b'"');
-        value.extend_from_slice(name.as_bytes());
-        value.extend_from_slice(&[b'"', b';', a, b'=']);
-        crate::base::http1::push_decimal(value, x);
-        value.extend_from_slice(&[b';', b, b'=']);
-        crate::base::http1::push_decimal(value, y);
+    let item = |a: u8, x: u64, b: u8, y: u64| {
+        crate::base::http1::arena_value(|value| {
+            value.push(b'"');
+            value.extend_from_slice(name.as_bytes());
+            value.extend_from_slice(&[b'"', b';', a, b'=']);
+            crate::base::http1::push_decimal(value, x);
+            value.extend_from_slice(&[b';', b, b'=']);
+            crate::base::http1::push_decimal(value, y);
+        })
     };
-    item(&mut value, b'q', status.quota, b'w', status.window_secs);
-    let middle = value.len();
-    item(&mut value, b'r', status.remaining, b't', status.reset_secs);
-    let value = bytes::Bytes::from(value);
     if let (Ok(policy), Ok(current)) = (
-        HeaderValue::from_maybe_shared(value.slice(..middle)),
-        HeaderValue::from_maybe_shared(value.slice(middle..)),
+        HeaderValue::from_maybe_shared(item(b'q', status.quota, b'w', status.window_secs)),
+        HeaderValue::from_maybe_shared(item(b'r', status.remaining, b't', status.reset_secs)),
     ) {
         headers.insert(&RATELIMIT_POLICY, policy);
         headers.insert(&RATELIMIT, current);

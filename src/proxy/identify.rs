@@ -122,7 +122,7 @@ impl Worker {
                 .map(Caller::Jwt)
                 .map_err(|e| ProxyError::new(ErrorKind::InvalidToken(e.reason()))),
             Credentials::Key(key, source) => {
-                auth::authenticate(&self.gateway.keys, Some(key), &route.name, auth::unix_now())
+                auth::authenticate(&self.gateway.keys, Some(key), &route.name, auth::unix_now)
                     .map(|identity| Caller::Key { identity, source })
                     .map_err(|e| match e {
                         // Created elsewhere and not seen here yet: it may be valid.

@@ -25,9 +25,10 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
 use tokio::time::Instant;
 
+/// The client's request body as the listener hands it over.
+pub use crate::upstream::body::Inbound;
 pub use body::ProxyBody;
 pub use identify::{Caller, Credentials, KeySource, presented_credentials};
 
@@ -222,15 +223,12 @@ impl Worker {
     }
 
     /// Runs a request through every phase. Never fails: errors become JSON responses. The
-    /// body is hyper's, or `None` for a bodiless request read by the purpose-built
-    /// HTTP/1.1 server (`listener::fast`).
-    pub async fn handle(&self, req: Request<Option<Incoming>>, conn: &ConnInfo) -> Response<ProxyBody> {
+    /// body is hyper's, the one the purpose-built HTTP/1.1 server (`listener::fast`) read
+    /// with the head, or `None` for a bodiless request read by that server.
+    pub async fn handle(&self, req: Request<Option<Inbound>>, conn: &ConnInfo) -> Response<ProxyBody> {
         let snapshot = self.gateway.snapshot();
         let mut ctx = RequestCtx::new(headers::request_id(req.headers()), conn);
-        ctx.declared_body = req
-            .body()
-            .as_ref()
-            .map_or(0, |body| hyper::body::Body::size_hint(body).lower());
+        ctx.declared_body = req.body().as_ref().map_or(0, Inbound::declared_len);
         let page = snapshot
             .usage_page
             .as_ref()

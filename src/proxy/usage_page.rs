@@ -93,13 +93,12 @@ impl Worker {
             Credentials::Key(key, source) => (key, source),
             _ => return Err(ProxyError::new(ErrorKind::MissingCredentials)),
         };
-        let identity =
-            auth::authenticate_key(&self.gateway.keys, Some(key), auth::unix_now()).map_err(|e| match e {
-                AuthError::InvalidApiKey if !self.gateway.catalog.available() => {
-                    ProxyError::new(ErrorKind::StateUnavailable)
-                }
-                e => ProxyError::new(auth_error_kind(e)),
-            })?;
+        let identity = auth::authenticate_key(&self.gateway.keys, Some(key), auth::unix_now).map_err(|e| match e {
+            AuthError::InvalidApiKey if !self.gateway.catalog.available() => {
+                ProxyError::new(ErrorKind::StateUnavailable)
+            }
+            e => ProxyError::new(auth_error_kind(e)),
+        })?;
         let now = self.gateway.usage.clock.now();
         let admitted = self.gateway.usage_page_rate.admit(&page.rate, &identity.key_id, now);
         ctx.caller = Caller::Key { identity, source };

@@ -21,12 +21,42 @@ pub enum RequestBody {
     Empty,
 }
 
+impl RequestBody {
+    /// The whole body, when the purpose-built server read it with the head and none of
+    /// it has been taken: the purpose-built client writes it behind the head.
+    pub fn whole(&self) -> Option<&Bytes> {
+        match self {
+            RequestBody::Client(body) => body.whole(),
+            RequestBody::Empty => None,
+        }
+    }
+}
+
+/// Where a client's request body comes from.
+pub enum Inbound {
+    /// Read whole, with its head, by the purpose-built HTTP/1.1 server (`listener::fast`):
+    /// a body of declared length that arrived with the head.
+    Read(Bytes),
+    /// Streamed by hyper's server.
+    Hyper(Incoming),
+}
+
+impl Inbound {
+    /// The length the request declared (0 for one that streams without a length).
+    pub fn declared_len(&self) -> u64 {
+        match self {
+            Inbound::Read(bytes) => bytes.len() as u64,
+            Inbound::Hyper(inner) => inner.size_hint().lower(),
+        }
+    }
+}
+
 /// The client's request body under the route's size limit and the body read timeout; a
 /// breach ends it with a [`ClientBodyError`], which the send's error carries back so the
 /// client is answered `413`/`408`/`400`, not a `502` (docs/security.md).
 pub struct ClientBody {
     /// `None`: a request the purpose-built HTTP/1.1 server read without a body.
-    inner: Option<Incoming>,
+    inner: Option<Inbound>,
     /// The first frame, read before the upstream is chosen (see [`ClientBody::prefetch`]).
     /// Boxed, with `timer`: most bodies are empty, and the request moves a few times.
     peeked: Option<Box<Frame<Bytes>>>,
@@ -39,7 +69,7 @@ pub struct ClientBody {
 }
 
 impl ClientBody {
-    pub fn new(inner: Option<Incoming>, max_bytes: u64, timeout: Duration) -> ClientBody {
+    pub fn new(inner: Option<Inbound>, max_bytes: u64, timeout: Duration) -> ClientBody {
         ClientBody {
             inner,
             peeked: None,
@@ -62,8 +92,16 @@ impl ClientBody {
     /// malformed from its first bytes (a bad chunk size), too large or never sent is
     /// answered without an upstream ever seeing its head. Later frames stream as they come.
     pub async fn prefetch(&mut self) -> Result<(), ClientBodyError> {
-        if self.peeked.is_some() || self.inner.as_ref().is_none_or(Incoming::is_end_stream) {
-            return Ok(());
+        match &self.inner {
+            // Already whole: only its size is checked, and it stays for `whole`.
+            Some(Inbound::Read(bytes)) if self.peeked.is_none() => {
+                return match self.allowed.checked_sub(bytes.len() as u64) {
+                    Some(_) => Ok(()),
+                    None => Err(ClientBodyError::TooLarge),
+                };
+            }
+            Some(Inbound::Hyper(inner)) if self.peeked.is_none() && !inner.is_end_stream() => {}
+            _ => return Ok(()),
         }
         match std::future::poll_fn(|cx| self.poll_inner(cx)).await {
             Some(Ok(frame)) => self.peeked = Some(Box::new(frame)),
@@ -73,9 +111,26 @@ impl ClientBody {
         Ok(())
     }
 
+    /// The whole body as read with the head, while none of it has been taken.
+    pub fn whole(&self) -> Option<&Bytes> {
+        match (&self.inner, &self.peeked) {
+            (Some(Inbound::Read(bytes)), None) => Some(bytes),
+            _ => None,
+        }
+    }
+
     fn poll_inner(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
-        let Some(inner) = self.inner.as_mut() else {
-            return Poll::Ready(None);
+        let inner = match self.inner.as_mut() {
+            None => return Poll::Ready(None),
+            Some(Inbound::Hyper(inner)) => inner,
+            Some(Inbound::Read(bytes)) => {
+                let bytes = std::mem::take(bytes);
+                self.inner = None;
+                if bytes.is_empty() {
+                    return Poll::Ready(None);
+                }
+                return Poll::Ready(Some(self.admit(Frame::data(bytes))));
+            }
         };
         match Pin::new(inner).poll_frame(cx) {
             Poll::Pending => {
@@ -90,21 +145,22 @@ impl ClientBody {
             }
             Poll::Ready(Some(Ok(frame))) => {
                 self.timer = None;
-                let size = frame.data_ref().map_or(0, |d| d.len() as u64);
-                match self.allowed.checked_sub(size) {
-                    Some(left) => {
-                        self.allowed = left;
-                        if let Some(counted) = &self.counted {
-                            counted.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
-                        }
-                        Poll::Ready(Some(Ok(frame)))
-                    }
-                    None => Poll::Ready(Some(Err(ClientBodyError::TooLarge))),
-                }
+                Poll::Ready(Some(self.admit(frame)))
             }
             Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(ClientBodyError::Broken(error)))),
             Poll::Ready(None) => Poll::Ready(None),
         }
+    }
+
+    /// A frame read, within the bytes still allowed, and counted.
+    fn admit(&mut self, frame: Frame<Bytes>) -> Result<Frame<Bytes>, ClientBodyError> {
+        let size = frame.data_ref().map_or(0, |d| d.len() as u64);
+        let left = self.allowed.checked_sub(size).ok_or(ClientBodyError::TooLarge)?;
+        self.allowed = left;
+        if let Some(counted) = &self.counted {
+            counted.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(frame)
     }
 }
 
@@ -154,11 +210,20 @@ impl Body for ClientBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.peeked.is_none() && self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        self.peeked.is_none()
+            && match &self.inner {
+                None => true,
+                Some(Inbound::Read(bytes)) => bytes.is_empty(),
+                Some(Inbound::Hyper(inner)) => inner.is_end_stream(),
+            }
     }
 
     fn size_hint(&self) -> SizeHint {
-        let hint = self.inner.as_ref().map_or(SizeHint::with_exact(0), Incoming::size_hint);
+        let hint = match &self.inner {
+            None => SizeHint::with_exact(0),
+            Some(Inbound::Read(bytes)) => SizeHint::with_exact(bytes.len() as u64),
+            Some(Inbound::Hyper(inner)) => inner.size_hint(),
+        };
         let Some(peeked) = self.peeked.as_deref().and_then(Frame::data_ref).map(|d| d.len() as u64) else {
             return hint;
         };

@@ -96,11 +96,28 @@ impl Health {
             };
         }
         let restored = self.restored_at.load(Ordering::Relaxed);
-        if restored != 0 && policy.slow_start_ms > 0 && now.saturating_sub(restored) < policy.slow_start_ms {
-            let share = (now - restored) as f64 / policy.slow_start_ms as f64;
-            return Admission::Serve { share: share.max(0.05) };
+        if restored != 0 {
+            let since = now.saturating_sub(restored);
+            if since < policy.slow_start_ms {
+                let share = since as f64 / policy.slow_start_ms as f64;
+                return Admission::Serve { share: share.max(0.05) };
+            }
+            // Slow start is over: "long ago" again, so picks need no clock (`is_timed`).
+            // A `now` older than the restore (see `is_timed`) lands in the branch above.
+            let _ = self
+                .restored_at
+                .compare_exchange(restored, 0, Ordering::Relaxed, Ordering::Relaxed);
         }
         Admission::Serve { share: 1.0 }
+    }
+
+    /// Whether a decision about this endpoint depends on the time: its breaker is open or
+    /// half-open, or it is in slow start. Most endpoints never are, and then a pick or a
+    /// success skips the clock read (two per request). Deciding with a time older than
+    /// a change made meanwhile by another worker is deciding as of just before it,
+    /// which is what the caller saw: so a caller that found no endpoint timed passes 0.
+    pub fn is_timed(&self) -> bool {
+        self.open_until.load(Ordering::Relaxed) != 0 || self.restored_at.load(Ordering::Relaxed) != 0
     }
 
     /// Marks a request as one of the half-open probes (after the balancer chose it).
@@ -239,6 +256,7 @@ mod tests {
     #[test]
     fn ejection_grows_and_a_probe_restores() {
         let health = Health::default();
+        assert!(!health.is_timed(), "a fresh endpoint is decided without the clock");
         assert_eq!(health.admission(0, &POLICY), Admission::Serve { share: 1.0 });
         assert_eq!(health.record(false, false, 10, &POLICY, || true), None);
         assert_eq!(health.record(false, false, 11, &POLICY, || true), None);
@@ -253,6 +271,7 @@ mod tests {
                 ejections: 1
             })
         );
+        assert!(health.is_timed());
         assert_eq!(health.admission(500, &POLICY), Admission::Refuse);
         assert_eq!(health.breaker_state(500), "open");
         // Half-open: one probe at a time.
@@ -275,9 +294,15 @@ mod tests {
             Some(Transition::Restored)
         );
         // Slow start: a growing share of traffic.
+        assert!(health.is_timed());
+        // A time from before the restore (a caller that saw nothing timed passes 0).
+        assert_eq!(health.admission(0, &POLICY), Admission::Serve { share: 0.05 });
         assert_eq!(health.admission(3530, &POLICY), Admission::Serve { share: 0.5 });
         assert_eq!(health.admission(4100, &POLICY), Admission::Serve { share: 1.0 });
         assert_eq!(health.breaker_state(4100), "closed");
+        // Slow start over: picks and successes need no clock again.
+        assert!(!health.is_timed());
+        assert_eq!(health.admission(0, &POLICY), Admission::Serve { share: 1.0 });
     }
 
     #[test]

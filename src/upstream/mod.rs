@@ -368,7 +368,11 @@ impl Pool {
     /// `tried`. `None` when none can take a request: the caller answers 503 at once
     /// instead of waiting on timeouts.
     pub fn select_healthy(&self, hash: Option<&[u8]>, tried: &Tried) -> Option<Selected> {
-        let now = health::now_ms();
+        let now = if self.endpoints.iter().any(|e| e.health.is_timed()) {
+            health::now_ms()
+        } else {
+            0
+        };
         let skip = |i: usize| tried.contains(i);
         let pick = |slow_start: bool| {
             self.balancer.pick(
@@ -399,7 +403,12 @@ impl Pool {
 
     /// Feeds one try's outcome to the endpoint's passive health and breaker.
     pub fn record(&self, endpoint: &Endpoint, probe: bool, ok: bool) {
-        let now = health::now_ms();
+        // A success against an endpoint with no timed state changes nothing timed.
+        let now = if ok && !endpoint.health.is_timed() {
+            0
+        } else {
+            health::now_ms()
+        };
         // Counted only when a failure would eject. A pool of one has nothing to fail over
         // to: passive ejection never empties a pool beyond its cap (active checks still can).
         let below_cap = || {

@@ -1,5 +1,6 @@
 //! The purpose-built HTTP/1.1 server path for the common request: a complete HTTP/1.1
-//! head with no body, no protocol switch and no `Expect`, which is most API traffic. The
+//! head with no body or a body of declared length that came whole with it, no protocol
+//! switch and no `Expect`, which is most API traffic. The
 //! connection's task reads the head into one buffer kept for the connection, parses it
 //! once (`httparse`) into a request whose header values share the buffer's bytes, runs
 //! the pipeline, and writes the response head and body itself — one read and one write
@@ -9,7 +10,8 @@
 //! Everything else goes to the general path (the listener guard and hyper) with the bytes
 //! already read, until the connection is parked there, when it comes back: a head the guard would
 //! refuse — malformed, too large, or not complete by `header_read_timeout` — which it
-//! answers with its own error and access-log record, bodies, upgrades, `Expect`,
+//! answers with its own error and access-log record, chunked bodies and bodies still
+//! arriving, upgrades, `Expect`,
 //! `CONNECT`, HTTP/1.0, HTTP/2 (a preface, over TLS by ALPN or in cleartext), and requests
 //! pipelined behind one another.
 //!
@@ -22,7 +24,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{CONNECTION, EXPECT, UPGRADE};
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -36,10 +38,10 @@ use rewind::Rewind;
 use super::framing::{self, BodyLength};
 use super::guard::trim_leading_crlf;
 use super::{ConnSettings, Transport};
-use crate::base::http1::{MAX_HEADERS, has_token};
+use crate::base::http1::{MAX_HEADERS, has_token, header_name};
 use crate::base::{Deadline, stopped};
 use crate::metrics::{Metrics, Protection};
-use crate::proxy::{ConnInfo, Worker};
+use crate::proxy::{ConnInfo, Inbound, Worker};
 
 /// What a read asks the socket for at least.
 const READ_SIZE: usize = 8 * 1024;
@@ -177,12 +179,9 @@ impl Exchange<'_> {
                     Wait::Closed => return None,
                 }
             };
-            // Requests pipelined behind this one are the guard's: it checks every head in
-            // a read before any is served, so a smuggling attempt behind an innocent
-            // request is refused as a whole.
-            if end < self.buf.len() {
-                return Some((self.buf.split().freeze(), deadline(&mut head_deadline)));
-            }
+            // Requests pipelined behind this one (`parse` sees bytes beyond its body) are
+            // the guard's: it checks every head in a read before any is served, so a
+            // smuggling attempt behind an innocent request is refused as a whole.
             let Some(request) = self.parse(end) else {
                 return Some((self.buf.split().freeze(), deadline(&mut head_deadline)));
             };
@@ -191,7 +190,7 @@ impl Exchange<'_> {
             let answer = self.conn.streams.start();
             // Boxed: inline, the pipeline's state would make every connection's task as
             // large as a request in flight, idle ones too.
-            let response = Box::pin(self.worker.handle(request, self.conn)).await;
+            let response = boxed_in_place(|| self.worker.handle(request, self.conn)).await;
             answer.answered();
             let max_requests = self.settings.max_requests;
             let mut close = close;
@@ -287,9 +286,11 @@ impl Exchange<'_> {
     }
 
     /// The head at the front of the buffer (`end` bytes) as a request, when this path can
-    /// serve it; with whether the client asked to close after it. `None` leaves the
-    /// buffer as it was.
-    fn parse(&mut self, end: usize) -> Option<(Request<Option<hyper::body::Incoming>>, bool)> {
+    /// serve it; with whether the client asked to close after it. A body of declared
+    /// length is served here when it arrived whole with the head and nothing follows it
+    /// (the common API call: a small JSON body written with its head); the rest go to
+    /// the general path, which streams them. `None` leaves the buffer as it was.
+    fn parse(&mut self, end: usize) -> Option<(Request<Option<Inbound>>, bool)> {
         let head = &self.buf[..end];
         if end > self.settings.limits.max_header_bytes
             || head.starts_with(b"PRI * HTTP/2.0")
@@ -300,10 +301,11 @@ impl Exchange<'_> {
         // Split off and frozen before the parse, so the target and header values can
         // share these bytes as they are read; given back if this path cannot serve it.
         let head = self.buf.split_to(end).freeze();
-        match request_parts(&head) {
+        match request_parts(&head).filter(|parts| parts.4 == self.buf.len() as u64) {
             Some(parts) => {
-                let (method, uri, headers, close) = parts;
-                let mut request = Request::new(None);
+                let (method, uri, headers, close, length) = parts;
+                let body = (length > 0).then(|| Inbound::Read(self.buf.split().freeze()));
+                let mut request = Request::new(body);
                 *request.method_mut() = method;
                 *request.uri_mut() = uri;
                 *request.version_mut() = Version::HTTP_11;
@@ -331,16 +333,22 @@ impl Exchange<'_> {
 }
 
 /// The request `head` holds, when the purpose-built path can serve it: method, target,
-/// header map (values sharing `head`'s bytes) and whether the client asked to close.
-fn request_parts(head: &Bytes) -> Option<(Method, Uri, HeaderMap, bool)> {
+/// header map (values sharing `head`'s bytes), whether the client asked to close, and
+/// the body's declared length.
+fn request_parts(head: &Bytes) -> Option<(Method, Uri, HeaderMap, bool, u64)> {
     // Parsed once: the guard's RFC 9112 checks run on the same parse (they refuse
-    // CONNECT, conflicting framing and bad targets; bodies are the general path's).
+    // CONNECT, conflicting framing and bad targets; chunked bodies are the general path's).
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut []);
     framing::parse_complete(&mut parsed, head, &mut slots).ok()?;
-    if parsed.version != Some(1) || !matches!(framing::check_parsed(&parsed), Ok(BodyLength::None)) {
+    if parsed.version != Some(1) {
         return None;
     }
+    let length = match framing::check_parsed(&parsed) {
+        Ok(BodyLength::None) => 0,
+        Ok(BodyLength::Length(n)) => n,
+        Ok(BodyLength::Chunked) | Err(_) => return None,
+    };
     let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
     let mut close = false;
     // No room for more: the pipeline adds nothing to this map on its way to an HTTP/1.1
@@ -355,12 +363,19 @@ fn request_parts(head: &Bytes) -> Option<(Method, Uri, HeaderMap, bool)> {
         }
         close |= name.eq_ignore_ascii_case(CONNECTION.as_str().as_bytes()) && has_token(header.value, b"close");
         // A head httparse takes and `http` does not goes back for hyper.
-        let name = HeaderName::from_bytes(name).ok()?;
+        let name = header_name(name)?;
         let value = HeaderValue::from_maybe_shared(head.slice_ref(header.value)).ok()?;
         headers.append(name, value);
     }
     let uri = Uri::from_maybe_shared(head.slice_ref(parsed.path?.as_bytes())).ok()?;
-    Some((method, uri, headers, close))
+    Some((method, uri, headers, close, length))
+}
+
+/// `make()`'s future, put straight into its allocation: `Box::pin(future)` builds the
+/// future on the stack and then copies all of it, and the pipeline's is several KiB of
+/// which only the arguments are set before its first poll (docs/benchmarks.md).
+fn boxed_in_place<F: std::future::Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
+    Box::into_pin(Box::write(Box::new_uninit(), make()))
 }
 
 enum Wait {

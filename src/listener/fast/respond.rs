@@ -107,6 +107,8 @@ impl Exchange<'_> {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
+        // Written: the map goes back for the next response on this thread.
+        crate::base::http1::recycle_map(std::mem::take(response.headers_mut()));
         let send_timeout = self.settings.limits.send_timeout;
         let metrics = &self.worker.gateway.metrics;
         if bodiless {

@@ -29,8 +29,9 @@ use body::Framing;
 pub use body::{BodyError, H1Body};
 use chunked::{Chunked, Step};
 
-use crate::base::http1::{RawFields, RawHeaders, has_token, parse_length, trim_ows};
+use crate::base::http1::{RawFields, RawHeaders, has_token, parse_length, push_decimal, trim_ows};
 use crate::base::{ErrorKind, ProxyError};
+use crate::upstream::body::RequestBody;
 
 /// The most a response head may take (status line and headers).
 const MAX_HEAD_BYTES: usize = 256 * 1024;
@@ -148,22 +149,25 @@ impl Failure {
 #[error("upstream response: {0}")]
 pub struct Malformed(&'static str);
 
-/// Whether a request without a body can take this path: not a protocol switch (hyper
-/// tunnels those), not `CONNECT`.
-pub fn can_send<B: Body>(req: &Request<B>) -> bool {
-    req.body().is_end_stream() && req.method() != Method::CONNECT && !req.headers().contains_key(http::header::UPGRADE)
+/// Whether a request can take this path: without a body, or with one read whole with its
+/// head (`RequestBody::whole`); not a protocol switch (hyper tunnels those), not `CONNECT`.
+pub fn can_send(req: &Request<RequestBody>) -> bool {
+    (req.body().is_end_stream() || req.body().whole().is_some())
+        && req.method() != Method::CONNECT
+        && !req.headers().contains_key(http::header::UPGRADE)
 }
 
-/// Sends a bodiless request on `conn` and reads the response head; the body streams from
-/// the returned response, which gives the connection back to the worker's pool when it
-/// has been read to its end.
-pub async fn send<B>(
+/// Sends a request that `can_send` on `conn` (its whole body behind the head, in the same
+/// write) and reads the response head; the body streams from the returned response,
+/// which gives the connection back to the worker's pool when it has been read to its end.
+pub async fn send(
     mut conn: Box<Conn>,
     key: crate::upstream::client::IdleKey,
-    req: &Request<B>,
+    req: &Request<RequestBody>,
     edits: &Edits<'_>,
 ) -> Result<Response<H1Body>, Failure> {
-    encode_request(&mut conn.out, req, edits);
+    let body = req.body().whole().map_or(&[][..], |body| &body[..]);
+    encode_request(&mut conn.out, req, edits, body);
     let mut out = std::mem::take(&mut conn.out);
     let written = conn.io.write_all(&out).await;
     out.clear();
@@ -287,10 +291,11 @@ impl Edits<'_> {
     }
 }
 
-/// The request head in HTTP/1.1 wire form: the request's target (set by the pipeline) and
-/// its fields as `edits` change them. The framing is this client's: a bodiless request
-/// carries `content-length: 0` where a body could be expected.
-pub fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>, edits: &Edits<'_>) {
+/// The request in HTTP/1.1 wire form: the request's target (set by the pipeline), its
+/// fields as `edits` change them, and `body` (the whole of it). The framing is this
+/// client's: the body's length, and `content-length: 0` for a bodiless request where a
+/// body could be expected.
+pub fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>, edits: &Edits<'_>, body: &[u8]) {
     out.clear();
     out.extend_from_slice(req.method().as_str().as_bytes());
     out.push(b' ');
@@ -312,10 +317,15 @@ pub fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>, edits: &Edits<'_>)
             write_field(out, name, value.as_bytes());
         }
     }
-    if framed {
-        out.extend_from_slice(b"content-length: 0\r\n");
+    // The length is the body's as read, whatever the client declared (they were checked
+    // to agree when it was read); none at all for a bodiless method that sent none.
+    if framed || !body.is_empty() {
+        out.extend_from_slice(b"content-length: ");
+        push_decimal(out, body.len() as u64);
+        out.extend_from_slice(b"\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
 }
 
 fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
@@ -334,9 +344,11 @@ struct Parsed {
 
 /// Parses a complete head at the front of `buf`, or `None` if more bytes are needed.
 fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failure> {
-    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut slots);
-    let len = match response.parse(buf) {
+    // Left uninitialized: filling 100 slots cost more than parsing a short head.
+    let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let len = match httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut slots)
+    {
         Ok(httparse::Status::Complete(len)) => len,
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(Failure::protocol("too many headers")),
@@ -423,8 +435,10 @@ fn respond(
         head: Some(parsed.headers),
     };
     body.release_if_done();
-    // The map stays empty: the fields travel as read, with the body (`H1Body::head`).
+    // The map starts empty: the fields travel as read, with the body (`H1Body::head`);
+    // it holds only what the pipeline sets, in a map the client's side gives back.
     let mut response = Response::new(body);
+    *response.headers_mut() = crate::base::http1::recycled_map();
     *response.status_mut() = parsed.status;
     *response.version_mut() = parsed.version;
     response
@@ -579,16 +593,16 @@ mod tests {
         req.headers_mut()
             .insert("transfer-encoding", HeaderValue::from_static("chunked"));
         let mut out = Vec::new();
-        encode_request(&mut out, &req, &Edits::NONE);
+        encode_request(&mut out, &req, &Edits::NONE, &[]);
         assert_eq!(
             String::from_utf8(out.clone()).unwrap(),
             "GET /v1/x?a=1 HTTP/1.1\r\nhost: up\r\ncontent-length: 0\r\n\r\n"
         );
         let req = Request::delete("/k").body(()).unwrap();
-        encode_request(&mut out, &req, &Edits::NONE);
+        encode_request(&mut out, &req, &Edits::NONE, &[]);
         assert_eq!(String::from_utf8(out.clone()).unwrap(), "DELETE /k HTTP/1.1\r\n\r\n");
         let req = Request::post("/k").body(()).unwrap();
-        encode_request(&mut out, &req, &Edits::NONE);
+        encode_request(&mut out, &req, &Edits::NONE, &[]);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /k HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
