@@ -35,8 +35,10 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--keys", type=int, default=100_000)
     parser.add_argument("--connections", type=int, default=10_000)
+    parser.add_argument("--binary", default=os.path.join(ROOT, "target", "release", "tollgate"),
+                        help="the build to measure (default: this checkout's release build)")
     args = parser.parse_args()
-    binary = os.path.join(ROOT, "target", "release", "tollgate")
+    binary = args.binary
     if not os.path.exists(binary):
         raise SystemExit("build first: cargo build --release")
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -56,9 +56,14 @@ pub(super) async fn serve<S: Transport>(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut head_deadline = Instant::now() + settings.limits.header_read_timeout;
-    // Set when the general path handed the connection back parked: when it closes.
+    // Set when the connection was parked (here or by the general path): when it closes.
     let mut parked: Option<Instant> = None;
     loop {
+        if let Some(idle_until) = parked
+            && !wait_parked(&mut stream, &mut shutdown, &worker.gateway.metrics, idle_until).await
+        {
+            return;
+        }
         let outcome = {
             let stop = stopped(&mut shutdown);
             tokio::pin!(stop);
@@ -70,10 +75,19 @@ pub(super) async fn serve<S: Transport>(
                 out: Vec::new(),
                 timer: Deadline::new(head_deadline),
             };
-            exchange.run(&mut stream, head_deadline, parked, stop.as_mut()).await
+            // Boxed, and dropped when the connection parks: a parked connection's task
+            // then holds only what `wait_parked` needs, not the few KiB an exchange in
+            // flight does (docs/benchmarks.md, "Idle connections").
+            Box::pin(exchange.run(&mut stream, head_deadline, parked.is_some(), stop.as_mut())).await
         };
-        let Some((buffered, deadline)) = outcome else {
-            return;
+        let (buffered, deadline) = match outcome {
+            Outcome::Closed => return,
+            Outcome::Parked(idle_until) => {
+                parked = Some(idle_until);
+                head_deadline = idle_until;
+                continue;
+            }
+            Outcome::General(buffered, deadline) => (buffered, deadline),
         };
         let rewind = Rewind {
             prefix: buffered,
@@ -102,6 +116,35 @@ pub(super) async fn serve<S: Transport>(
     }
 }
 
+/// Parked: waits on the socket alone until bytes come (`true`), `idle_until` or shutdown,
+/// counted in the parked gauge meanwhile.
+async fn wait_parked<S: Transport>(
+    stream: &mut S,
+    shutdown: &mut watch::Receiver<bool>,
+    metrics: &Arc<Metrics>,
+    idle_until: Instant,
+) -> bool {
+    let _parked = metrics.connection_parked();
+    let stop = stopped(shutdown);
+    tokio::select! {
+        biased;
+        ready = stream.socket().readable() => ready.is_ok(),
+        () = tokio::time::sleep_until(idle_until) => false,
+        () = stop => false,
+    }
+}
+
+/// How a run of exchanges on this path ended.
+enum Outcome {
+    /// The connection is over.
+    Closed,
+    /// A request this path does not serve: the bytes read and the deadline of the head
+    /// they begin, for the general path.
+    General(Bytes, Instant),
+    /// Idle past `park_idle_after`: parked, to be closed at this time if no byte comes.
+    Parked(Instant),
+}
+
 /// One connection's state on this path.
 struct Exchange<'a> {
     worker: &'a Worker,
@@ -116,31 +159,28 @@ struct Exchange<'a> {
 }
 
 impl Exchange<'_> {
-    /// Serves requests until the connection ends (`None`) or one must go to the general
-    /// path: then the bytes read and the deadline of the head they begin.
-    /// `parked`: the connection comes back parked from the general path, to be closed at
-    /// that time if no request comes.
+    /// Serves requests until the connection ends, parks, or has a request the general
+    /// path must serve. `resumed`: the connection was parked and its socket has become
+    /// readable (the read is still bounded by `first_deadline`, when it was to close).
     async fn run<S: Transport>(
         &mut self,
         stream: &mut S,
         first_deadline: Instant,
-        parked: Option<Instant>,
+        resumed: bool,
         mut stop: Pin<&mut impl std::future::Future<Output = ()>>,
-    ) -> Option<(Bytes, Instant)> {
+    ) -> Outcome {
         let limits = self.settings.limits;
         let metrics = &self.worker.gateway.metrics;
-        if let Some(idle_until) = parked
-            && !self.wait_parked(stream, stop.as_mut(), metrics, idle_until).await
-        {
-            return None;
+        if resumed && !matches!(self.read(stream, stop.as_mut()).await, Wait::Read) {
+            return Outcome::Closed;
         }
         // The first head must begin (and end) by `first_deadline`; a later one within
         // `header_read_timeout` of its first bytes, a time read only when it is needed
         // (a head that arrives whole, the common case, needs none).
-        let mut head_deadline = if parked.is_some() { None } else { Some(first_deadline) };
+        let mut head_deadline = if resumed { None } else { Some(first_deadline) };
         let deadline =
             |at: &mut Option<Instant>| *at.get_or_insert_with(|| Instant::now() + limits.header_read_timeout);
-        let mut first = parked.is_none();
+        let mut first = !resumed;
         loop {
             let skip = self.buf.len() - trim_leading_crlf(&self.buf).len();
             self.buf.advance(skip);
@@ -150,12 +190,14 @@ impl Exchange<'_> {
                     match self.read(stream, stop.as_mut()).await {
                         Wait::Read => {}
                         // The guard answers the late head with its 408.
-                        Wait::Timeout => return Some((Bytes::new(), first_deadline)),
-                        Wait::Closed => return None,
+                        Wait::Timeout => return Outcome::General(Bytes::new(), first_deadline),
+                        Wait::Closed => return Outcome::Closed,
                     }
                 } else {
-                    if !self.wait_idle(stream, stop.as_mut(), metrics).await {
-                        return None;
+                    match self.wait_idle(stream, stop.as_mut()).await {
+                        Idle::Read => {}
+                        Idle::Closed => return Outcome::Closed,
+                        Idle::Park(idle_until) => return Outcome::Parked(idle_until),
                     }
                     head_deadline = None;
                 }
@@ -170,20 +212,20 @@ impl Exchange<'_> {
                     || framing::has_bare_lf(&self.buf, 0)
                     || framing::check_partial(&self.buf).is_err()
                 {
-                    return Some((self.buf.split().freeze(), deadline(&mut head_deadline)));
+                    return Outcome::General(self.buf.split().freeze(), deadline(&mut head_deadline));
                 }
                 self.timer.set(deadline(&mut head_deadline));
                 match self.read(stream, stop.as_mut()).await {
                     Wait::Read => continue,
-                    Wait::Timeout => return Some((self.buf.split().freeze(), deadline(&mut head_deadline))),
-                    Wait::Closed => return None,
+                    Wait::Timeout => return Outcome::General(self.buf.split().freeze(), deadline(&mut head_deadline)),
+                    Wait::Closed => return Outcome::Closed,
                 }
             };
             // Requests pipelined behind this one (`parse` sees bytes beyond its body) are
             // the guard's: it checks every head in a read before any is served, so a
             // smuggling attempt behind an innocent request is refused as a whole.
             let Some(request) = self.parse(end) else {
-                return Some((self.buf.split().freeze(), deadline(&mut head_deadline)));
+                return Outcome::General(self.buf.split().freeze(), deadline(&mut head_deadline));
             };
             let (request, close) = request;
             let head_only = request.method() == Method::HEAD;
@@ -204,11 +246,11 @@ impl Exchange<'_> {
                 Ok(Next::Close) => {
                     let _ =
                         tokio::time::timeout(Duration::from_secs(1), tokio::io::AsyncWriteExt::shutdown(stream)).await;
-                    return None;
+                    return Outcome::Closed;
                 }
                 Err(error) => {
                     tracing::debug!(peer = %self.conn.peer, %error, "connection ended with error");
-                    return None;
+                    return Outcome::Closed;
                 }
             }
         }
@@ -235,54 +277,27 @@ impl Exchange<'_> {
         }
     }
 
-    /// Between requests: waits for the next head's first bytes (`true` when they came),
-    /// parks after `park_idle_after`, closes after `idle_timeout` or at shutdown.
+    /// Between requests: waits for the next head's first bytes, closes after
+    /// `idle_timeout` or at shutdown, and after `park_idle_after` says to park.
     async fn wait_idle<S: Transport>(
         &mut self,
         stream: &mut S,
-        mut stop: Pin<&mut impl std::future::Future<Output = ()>>,
-        metrics: &Arc<Metrics>,
-    ) -> bool {
+        stop: Pin<&mut impl std::future::Future<Output = ()>>,
+    ) -> Idle {
         let limits = self.settings.limits;
         let now = Instant::now();
         let idle_until = now + limits.idle_timeout;
         let parking = !limits.park_after.is_zero();
         self.timer
             .set(if parking { now + limits.park_after } else { idle_until });
-        match self.read(stream, stop.as_mut()).await {
-            Wait::Read => return true,
-            Wait::Closed => return false,
-            Wait::Timeout if !parking => return false,
-            Wait::Timeout => {}
+        match self.read(stream, stop).await {
+            Wait::Read => Idle::Read,
+            Wait::Closed => Idle::Closed,
+            Wait::Timeout if !parking => Idle::Closed,
+            Wait::Timeout if Instant::now() >= idle_until => Idle::Closed,
+            // The buffers go with this run's state; the socket is all that is kept.
+            Wait::Timeout => Idle::Park(idle_until),
         }
-        if Instant::now() >= idle_until {
-            return false;
-        }
-        // Parked: the buffer goes; the socket is all that is kept.
-        self.buf = BytesMut::new();
-        self.out = Vec::new();
-        self.wait_parked(stream, stop, metrics, idle_until).await
-    }
-
-    /// Parked: waits on the socket alone until bytes come (`true`, read into the
-    /// buffer), `idle_until` or shutdown.
-    async fn wait_parked<S: Transport>(
-        &mut self,
-        stream: &mut S,
-        mut stop: Pin<&mut impl std::future::Future<Output = ()>>,
-        metrics: &Arc<Metrics>,
-        idle_until: Instant,
-    ) -> bool {
-        let _parked = metrics.connection_parked();
-        self.timer.set(idle_until);
-        let timer = &mut self.timer;
-        tokio::select! {
-            biased;
-            ready = stream.socket().readable() => if ready.is_err() { return false },
-            () = std::future::poll_fn(|cx| timer.poll_expired(cx)) => return false,
-            () = stop.as_mut() => return false,
-        }
-        matches!(self.read(stream, stop).await, Wait::Read)
     }
 
     /// The head at the front of the buffer (`end` bytes) as a request, when this path can
@@ -376,6 +391,12 @@ fn request_parts(head: &Bytes) -> Option<(Method, Uri, HeaderMap, bool, u64)> {
 /// which only the arguments are set before its first poll (docs/benchmarks.md).
 fn boxed_in_place<F: std::future::Future>(make: impl FnOnce() -> F) -> Pin<Box<F>> {
     Box::into_pin(Box::write(Box::new_uninit(), make()))
+}
+
+enum Idle {
+    Read,
+    Closed,
+    Park(Instant),
 }
 
 enum Wait {
