@@ -298,44 +298,50 @@ async fn accept_loop(
 
 /// One connection, from its PROXY-protocol header (and TLS handshake) to its close.
 /// `_held` (the open-connection gauge and the worker's drain count) lives as long as it.
-async fn serve_connection(
+/// Not an `async fn`, for the reason `fast::serve` gives: one copy of the arguments.
+#[allow(clippy::manual_async_fn, reason = "an async fn keeps a second copy of its arguments")]
+fn serve_connection(
     worker: Worker,
     settings: Arc<ConnSettings>,
     mut stream: tokio::net::TcpStream,
     peer: SocketAddr,
     shutdown: watch::Receiver<bool>,
-    _held: (ConnectionGuard, tokio::sync::mpsc::Sender<()>, limits::WorkerSlot),
-) {
-    let limits = settings.limits;
-    let peer = if settings.proxy_protocol {
-        // Boxed: its 536-byte buffer would otherwise stay in every connection's task.
-        match Box::pin(proxy_protocol::read_header(&mut stream, limits.header_read_timeout)).await {
-            Ok(source) => source.unwrap_or(peer),
-            Err(error) => {
-                tracing::debug!(%peer, %error, "connection refused: PROXY protocol");
-                return;
+    held: (ConnectionGuard, tokio::sync::mpsc::Sender<()>, limits::WorkerSlot),
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let _held = held;
+        let limits = settings.limits;
+        let peer = if settings.proxy_protocol {
+            // Boxed: its 536-byte buffer would otherwise stay in every connection's task.
+            match Box::pin(proxy_protocol::read_header(&mut stream, limits.header_read_timeout)).await {
+                Ok(source) => source.unwrap_or(peer),
+                Err(error) => {
+                    tracing::debug!(%peer, %error, "connection refused: PROXY protocol");
+                    return;
+                }
             }
-        }
-    } else {
-        peer
-    };
-    // Counted after the PROXY header: behind a load balancer the client is its source.
-    let Some(_ip_slot) = settings.counts.per_ip.open(peer.ip()) else {
-        worker.gateway.metrics.protected(Protection::ConnectionsPerIp);
-        tracing::debug!(%peer, "connection refused: max_connections_per_ip");
-        if settings.tls.is_none() {
-            refuse_connection(stream).await;
-        }
-        return;
-    };
-    let Some(tls) = settings.tls.clone() else {
-        let mut conn = ConnInfo::new(peer, settings.port, false);
-        conn.streams = ConnStreams::new(settings.max_premature_resets);
-        return fast::serve(worker, settings, stream, conn, shutdown).await;
-    };
-    // Boxed: the handshake and the rustls state would otherwise make every plain
-    // connection's task as large as a TLS one (10,000 idle connections: 46 → 98 MiB).
-    Box::pin(serve_tls(worker, settings, stream, peer, tls, shutdown)).await;
+        } else {
+            peer
+        };
+        // Counted after the PROXY header: behind a load balancer the client is its source.
+        let Some(_ip_slot) = settings.counts.per_ip.open(peer.ip()) else {
+            worker.gateway.metrics.protected(Protection::ConnectionsPerIp);
+            tracing::debug!(%peer, "connection refused: max_connections_per_ip");
+            if settings.tls.is_none() {
+                refuse_connection(stream).await;
+            }
+            return;
+        };
+        let Some(tls) = settings.tls.clone() else {
+            // Made in the call: a local would keep a copy's room in the task.
+            let conn =
+                ConnInfo::new(peer, settings.port, false).with_streams(ConnStreams::new(settings.max_premature_resets));
+            return fast::serve(worker, settings, stream, conn, shutdown).await;
+        };
+        // Boxed: the handshake and the rustls state would otherwise make every plain
+        // connection's task as large as a TLS one (10,000 idle connections: 46 → 98 MiB).
+        Box::pin(serve_tls(worker, settings, stream, peer, tls, shutdown)).await;
+    }
 }
 
 /// The access log's name of a TLS version.

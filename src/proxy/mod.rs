@@ -81,6 +81,12 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
+    /// With the per-connection limits' counts (set by the listener).
+    pub fn with_streams(mut self, streams: ConnStreams) -> ConnInfo {
+        self.streams = streams;
+        self
+    }
+
     /// `peer`: the socket peer, or the PROXY-protocol source; `port`: the listener's.
     pub fn new(peer: SocketAddr, port: u16, tls: bool) -> ConnInfo {
         ConnInfo {

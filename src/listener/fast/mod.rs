@@ -48,71 +48,78 @@ const READ_SIZE: usize = 8 * 1024;
 
 /// Serves an HTTP/1 connection (plain, or TLS without `h2` in use): on this path while
 /// its requests allow, on the general one from the first that does not.
-pub(super) async fn serve<S: Transport>(
+///
+/// Not an `async fn`: that would keep a second copy of its arguments (the connection's
+/// info alone is 264 bytes) in every state of every connection's task; the block below
+/// keeps the ones it captured (docs/benchmarks.md, "Idle connections").
+#[allow(clippy::manual_async_fn, reason = "an async fn keeps a second copy of its arguments")]
+pub(super) fn serve<S: Transport>(
     worker: Worker,
     settings: Arc<ConnSettings>,
     mut stream: S,
     mut conn: ConnInfo,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let mut head_deadline = Instant::now() + settings.limits.header_read_timeout;
-    // Set when the connection was parked (here or by the general path): when it closes.
-    let mut parked: Option<Instant> = None;
-    loop {
-        if let Some(idle_until) = parked
-            && !wait_parked(&mut stream, &mut shutdown, &worker.gateway.metrics, idle_until).await
-        {
-            return;
-        }
-        let outcome = {
-            let stop = stopped(&mut shutdown);
-            tokio::pin!(stop);
-            let mut exchange = Exchange {
-                worker: &worker,
-                settings: &settings,
-                conn: &conn,
-                buf: BytesMut::new(),
-                out: Vec::new(),
-                timer: Deadline::new(head_deadline),
-            };
-            // Boxed, and dropped when the connection parks: a parked connection's task
-            // then holds only what `wait_parked` needs, not the few KiB an exchange in
-            // flight does (docs/benchmarks.md, "Idle connections").
-            Box::pin(exchange.run(&mut stream, head_deadline, parked.is_some(), stop.as_mut())).await
-        };
-        let (buffered, deadline) = match outcome {
-            Outcome::Closed => return,
-            Outcome::Parked(idle_until) => {
-                parked = Some(idle_until);
-                head_deadline = idle_until;
-                continue;
+) -> impl std::future::Future<Output = ()> {
+    async move {
+        let mut head_deadline = Instant::now() + settings.limits.header_read_timeout;
+        // Set when the connection was parked (here or by the general path): when it closes.
+        let mut parked: Option<Instant> = None;
+        loop {
+            if let Some(idle_until) = parked
+                && !wait_parked(&mut stream, &mut shutdown, &worker.gateway.metrics, idle_until).await
+            {
+                return;
             }
-            Outcome::General(buffered, deadline) => (buffered, deadline),
-        };
-        let rewind = Rewind {
-            prefix: buffered,
-            inner: stream,
-        };
-        // Boxed: its state would otherwise take room in every connection's task.
-        let general = super::serve_http(
-            worker.clone(),
-            settings.clone(),
-            rewind,
-            conn,
-            shutdown.clone(),
-            deadline,
-        );
-        let Some((rewind, idle_until, back)) = Box::pin(general).await else {
-            return;
-        };
-        // Parked after its last request: hyper has read everything this path gave it.
-        if !rewind.prefix.is_empty() {
-            return;
+            let outcome = {
+                let stop = stopped(&mut shutdown);
+                tokio::pin!(stop);
+                let mut exchange = Exchange {
+                    worker: &worker,
+                    settings: &settings,
+                    conn: &conn,
+                    buf: BytesMut::new(),
+                    out: Vec::new(),
+                    timer: Deadline::new(head_deadline),
+                };
+                // Boxed, and dropped when the connection parks: a parked connection's task
+                // then holds only what `wait_parked` needs, not the few KiB an exchange in
+                // flight does (docs/benchmarks.md, "Idle connections").
+                Box::pin(exchange.run(&mut stream, head_deadline, parked.is_some(), stop.as_mut())).await
+            };
+            let (buffered, deadline) = match outcome {
+                Outcome::Closed => return,
+                Outcome::Parked(idle_until) => {
+                    parked = Some(idle_until);
+                    head_deadline = idle_until;
+                    continue;
+                }
+                Outcome::General(buffered, deadline) => (buffered, deadline),
+            };
+            let rewind = Rewind {
+                prefix: buffered,
+                inner: stream,
+            };
+            // Boxed: its state would otherwise take room in every connection's task.
+            let general = super::serve_http(
+                worker.clone(),
+                settings.clone(),
+                rewind,
+                conn,
+                shutdown.clone(),
+                deadline,
+            );
+            let Some((rewind, idle_until, back)) = Box::pin(general).await else {
+                return;
+            };
+            // Parked after its last request: hyper has read everything this path gave it.
+            if !rewind.prefix.is_empty() {
+                return;
+            }
+            stream = rewind.inner;
+            conn = back;
+            parked = Some(idle_until);
+            head_deadline = idle_until;
         }
-        stream = rewind.inner;
-        conn = back;
-        parked = Some(idle_until);
-        head_deadline = idle_until;
     }
 }
 
