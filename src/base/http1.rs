@@ -38,28 +38,28 @@ pub fn has_token(list: &[u8], token: &[u8]) -> bool {
 
 /// Appends `value` in decimal (`itoa`: two digits per step from a table, about a quarter
 /// of the instructions of a digit-by-digit loop for the nine-digit quotas in `RateLimit`).
-pub fn push_decimal(out: &mut Vec<u8>, value: u64) {
-    out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+pub fn push_decimal(out: &mut impl bytes::BufMut, value: u64) {
+    out.put_slice(itoa::Buffer::new().format(value).as_bytes());
 }
 
 /// A small field value the pipeline writes (a `RateLimit` value, a request id), cut from
 /// a per-thread arena: one allocation per few KiB of values instead of one (or, for a
-/// `Vec` turned into shared `Bytes`, two) per value. `write` appends the value's bytes.
-pub fn arena_value(write: impl FnOnce(&mut Vec<u8>)) -> Bytes {
-    /// Values longer than this still work; they just start a new block of their own size.
+/// `Vec` turned into shared `Bytes`, two) per value. `write` appends the value's bytes
+/// straight into the arena.
+pub fn arena_value(write: impl FnOnce(&mut bytes::BytesMut)) -> Bytes {
     const BLOCK: usize = 4096;
+    /// Room a value is expected to fit in; a longer one still works, as the arena then
+    /// grows into a new block of its own.
+    const ROOM: usize = 256;
     thread_local! {
-        static ARENA: std::cell::RefCell<(bytes::BytesMut, Vec<u8>)> =
-            std::cell::RefCell::new((bytes::BytesMut::new(), Vec::with_capacity(256)));
+        static ARENA: std::cell::RefCell<bytes::BytesMut> = std::cell::RefCell::new(bytes::BytesMut::new());
     }
     ARENA.with(|arena| {
-        let (arena, scratch) = &mut *arena.borrow_mut();
-        scratch.clear();
-        write(scratch);
-        if arena.capacity() - arena.len() < scratch.len() {
-            *arena = bytes::BytesMut::with_capacity(BLOCK.max(scratch.len()));
+        let arena = &mut *arena.borrow_mut();
+        if arena.capacity() - arena.len() < ROOM {
+            *arena = bytes::BytesMut::with_capacity(BLOCK);
         }
-        arena.extend_from_slice(scratch);
+        write(arena);
         arena.split().freeze()
     })
 }

@@ -334,9 +334,15 @@ fn serve_connection(
         };
         let Some(tls) = settings.tls.clone() else {
             // Made in the call: a local would keep a copy's room in the task.
-            let conn =
-                ConnInfo::new(peer, settings.port, false).with_streams(ConnStreams::new(settings.max_premature_resets));
-            return fast::serve(worker, settings, stream, conn, shutdown).await;
+            let streams = ConnStreams::new(settings.max_premature_resets);
+            return fast::serve(
+                worker,
+                settings.clone(),
+                stream,
+                ConnInfo::new(peer, settings.port, false).with_streams(streams),
+                shutdown,
+            )
+            .await;
         };
         // Boxed: the handshake and the rustls state would otherwise make every plain
         // connection's task as large as a TLS one (10,000 idle connections: 46 → 98 MiB).

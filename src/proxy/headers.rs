@@ -54,7 +54,7 @@ pub fn insert_rate_limit(headers: &mut HeaderMap, status: &LimitStatus, retry_af
     let name = status.name.policy();
     let item = |a: u8, x: u64, b: u8, y: u64| {
         crate::base::http1::arena_value(|value| {
-            value.push(b'"');
+            value.extend_from_slice(b"\"");
             value.extend_from_slice(name.as_bytes());
             value.extend_from_slice(&[b'"', b';', a, b'=']);
             crate::base::http1::push_decimal(value, x);

@@ -234,7 +234,7 @@ impl Worker {
     pub async fn handle(&self, req: Request<Option<Inbound>>, conn: &ConnInfo) -> Response<ProxyBody> {
         let snapshot = self.gateway.snapshot();
         let mut ctx = RequestCtx::new(headers::request_id(req.headers()), conn);
-        ctx.declared_body = req.body().as_ref().map_or(0, Inbound::declared_len);
+        ctx.declared_body = req.body().as_ref().map_or(0, |body| body.size_hint().lower());
         let page = snapshot
             .usage_page
             .as_ref()

@@ -42,11 +42,12 @@ pub enum Inbound {
 }
 
 impl Inbound {
-    /// The length the request declared (0 for one that streams without a length).
-    pub fn declared_len(&self) -> u64 {
+    /// What is known of its length: exact for a body read whole or declared by
+    /// `Content-Length`, a lower bound for one that streams.
+    pub fn size_hint(&self) -> SizeHint {
         match self {
-            Inbound::Read(bytes) => bytes.len() as u64,
-            Inbound::Hyper(inner) => inner.size_hint().lower(),
+            Inbound::Read(bytes) => SizeHint::with_exact(bytes.len() as u64),
+            Inbound::Hyper(inner) => inner.size_hint(),
         }
     }
 }
@@ -95,9 +96,10 @@ impl ClientBody {
         match &self.inner {
             // Already whole: only its size is checked, and it stays for `whole`.
             Some(Inbound::Read(bytes)) if self.peeked.is_none() => {
-                return match self.allowed.checked_sub(bytes.len() as u64) {
-                    Some(_) => Ok(()),
-                    None => Err(ClientBodyError::TooLarge),
+                return if bytes.len() as u64 > self.allowed {
+                    Err(ClientBodyError::TooLarge)
+                } else {
+                    Ok(())
                 };
             }
             Some(Inbound::Hyper(inner)) if self.peeked.is_none() && !inner.is_end_stream() => {}
@@ -219,11 +221,7 @@ impl Body for ClientBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let hint = match &self.inner {
-            None => SizeHint::with_exact(0),
-            Some(Inbound::Read(bytes)) => SizeHint::with_exact(bytes.len() as u64),
-            Some(Inbound::Hyper(inner)) => inner.size_hint(),
-        };
+        let hint = self.inner.as_ref().map_or(SizeHint::with_exact(0), Inbound::size_hint);
         let Some(peeked) = self.peeked.as_deref().and_then(Frame::data_ref).map(|d| d.len() as u64) else {
             return hint;
         };

@@ -323,16 +323,16 @@ impl Exchange<'_> {
         // Split off and frozen before the parse, so the target and header values can
         // share these bytes as they are read; given back if this path cannot serve it.
         let head = self.buf.split_to(end).freeze();
-        match request_parts(&head).filter(|parts| parts.4 == self.buf.len() as u64) {
+        // The body must be exactly what follows the head: all of it, and nothing more.
+        match request_parts(&head).filter(|parts| parts.body_len == self.buf.len() as u64) {
             Some(parts) => {
-                let (method, uri, headers, close, length) = parts;
-                let body = (length > 0).then(|| Inbound::Read(self.buf.split().freeze()));
+                let body = (parts.body_len > 0).then(|| Inbound::Read(self.buf.split().freeze()));
                 let mut request = Request::new(body);
-                *request.method_mut() = method;
-                *request.uri_mut() = uri;
+                *request.method_mut() = parts.method;
+                *request.uri_mut() = parts.uri;
                 *request.version_mut() = Version::HTTP_11;
-                *request.headers_mut() = headers;
-                Some((request, close))
+                *request.headers_mut() = parts.headers;
+                Some((request, parts.close))
             }
             None => {
                 let rest = std::mem::take(&mut self.buf);
@@ -354,10 +354,20 @@ impl Exchange<'_> {
     }
 }
 
-/// The request `head` holds, when the purpose-built path can serve it: method, target,
-/// header map (values sharing `head`'s bytes), whether the client asked to close, and
-/// the body's declared length.
-fn request_parts(head: &Bytes) -> Option<(Method, Uri, HeaderMap, bool, u64)> {
+/// A request head this path can serve.
+struct Parts {
+    method: Method,
+    uri: Uri,
+    /// Values share the head's bytes.
+    headers: HeaderMap,
+    /// The client asked to close after it.
+    close: bool,
+    /// The body's declared length (0 for none).
+    body_len: u64,
+}
+
+/// The request `head` holds, when the purpose-built path can serve it.
+fn request_parts(head: &Bytes) -> Option<Parts> {
     // Parsed once: the guard's RFC 9112 checks run on the same parse (they refuse
     // CONNECT, conflicting framing and bad targets; chunked bodies are the general path's).
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -390,7 +400,13 @@ fn request_parts(head: &Bytes) -> Option<(Method, Uri, HeaderMap, bool, u64)> {
         headers.append(name, value);
     }
     let uri = Uri::from_maybe_shared(head.slice_ref(parsed.path?.as_bytes())).ok()?;
-    Some((method, uri, headers, close, length))
+    Some(Parts {
+        method,
+        uri,
+        headers,
+        close,
+        body_len: length,
+    })
 }
 
 /// `make()`'s future, put straight into its allocation: `Box::pin(future)` builds the
