@@ -383,7 +383,10 @@ async fn serve_tls(
 ) {
     let limits = settings.limits;
     // The handshake is part of the request head's time budget.
-    let accepted = tokio::time::timeout(limits.header_read_timeout, tls.acceptor().accept(stream)).await;
+    // Fallible: a refused handshake gives the socket back, so the failure is counted before
+    // it closes and whoever saw the close (the client, a test) also sees the count.
+    let handshake = tls.acceptor().accept(stream).into_fallible();
+    let accepted = tokio::time::timeout(limits.header_read_timeout, handshake).await;
     tls.handshake_done(matches!(accepted, Ok(Ok(_))));
     match accepted {
         Ok(Ok(stream)) => {
@@ -394,7 +397,7 @@ async fn serve_tls(
             conn.streams = ConnStreams::new(settings.max_premature_resets);
             fast::serve(worker, settings, stream, conn, shutdown).await;
         }
-        Ok(Err(error)) => tracing::debug!(%peer, %error, "TLS handshake failed"),
+        Ok(Err((error, _socket))) => tracing::debug!(%peer, %error, "TLS handshake failed"),
         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
     }
 }
