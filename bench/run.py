@@ -313,6 +313,8 @@ dir = "./logs-{name}"
         extra = []
         for spec in args.also:
             name, binary = spec.split("=", 1)
+            # Absolute: a build of this checkout (under target/) has the load's limits lifted.
+            binary = os.path.abspath(binary)
             port, proc, keyed[name] = start_tollgate(name, binary)
             extra.append((name, f"http://127.0.0.1:{port}/", proc.pid))
         if args.health:
@@ -397,6 +399,9 @@ server {{
         for name, _, _ in extra:
             print(f"- Tollgate / {name}: throughput {t / med(name, 'rps'):.2f}×, "
                   f"CPU per request {med('tollgate', 'cpu_us') / med(name, 'cpu_us'):.2f}×")
+        for name in [n for n, _, _ in extra if n.startswith("tollgate") and n != "tollgate-nologs"]:
+            print(f"- {name} / NGINX: throughput {med(name, 'rps') / n:.2f}×, "
+                  f"CPU per request {med(name, 'cpu_us') / med('nginx', 'cpu_us'):.2f}×")
         if args.logs:
             tl, tn = med("tollgate", "cpu_us"), med("tollgate-nologs", "cpu_us")
             nl, nn = med("nginx-logs", "cpu_us"), med("nginx", "cpu_us")

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Core proxy benchmark: direct vs Tollgate vs NGINX on loopback. See docs/benchmarks.md.
-# Usage: bench/run.sh [--rounds N] [--duration SECONDS] [--connections N]
+# Usage: bench/run.sh [--pgo] [--rounds N] [--duration SECONDS] [--connections N] [run.py's options]
+#   --pgo  also build the profile-guided release binary (bench/pgo.sh) and measure it as
+#          `tollgate-pgo` in the same rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -10,4 +12,13 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 cargo build --release --quiet
-exec python3 bench/run.py "$@"
+args=()
+for arg in "$@"; do
+  if [ "$arg" = "--pgo" ]; then
+    bench/pgo.sh >/dev/null
+    args+=(--also "tollgate-pgo=target/pgo/release/tollgate")
+  else
+    args+=("$arg")
+  fi
+done
+exec python3 bench/run.py "${args[@]}"
