@@ -135,25 +135,31 @@ impl Clock {
     }
 
     pub fn now(&self) -> Now {
+        self.at(std::time::Instant::now())
+    }
+
+    /// The clock's time at `instant`, a monotonic reading the caller already has (the
+    /// request's arrival): the request path reads the clock once for several uses.
+    pub fn at(&self, instant: std::time::Instant) -> Now {
         use std::sync::atomic::Ordering;
-        let monotonic = self.monotonic();
+        let monotonic = self.monotonic(instant);
         // The system clock is compared once a second, not on every request.
         if monotonic >= self.next_wall_check.load(Ordering::Relaxed) {
             self.next_wall_check.store(monotonic + STEP_NS, Ordering::Relaxed);
-            return self.reading(Now::system().0.saturating_add_signed(self.offset_ns));
+            return self.reading(Now::system().0.saturating_add_signed(self.offset_ns), instant);
         }
         Now(monotonic)
     }
 
-    fn monotonic(&self) -> u64 {
+    fn monotonic(&self, instant: std::time::Instant) -> u64 {
         self.start_ns
-            + self.anchor.elapsed().as_nanos() as u64
+            + instant.saturating_duration_since(self.anchor).as_nanos() as u64
             + self.ahead_ns.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// The clock's time given the (shifted) system time `wall`.
-    fn reading(&self, wall: u64) -> Now {
-        let monotonic = self.monotonic();
+    /// The clock's time at `instant` given the (shifted) system time `wall`.
+    fn reading(&self, wall: u64, instant: std::time::Instant) -> Now {
+        let monotonic = self.monotonic(instant);
         if wall > monotonic + STEP_NS {
             self.ahead_ns
                 .fetch_add(wall - monotonic, std::sync::atomic::Ordering::Relaxed);
@@ -263,12 +269,30 @@ mod tests {
         let clock = Clock::starting_at(Now::from_secs(1_000_000));
         let start = clock.now().0;
         // The system clock stepped back an hour: time goes on from where it was.
-        let back = clock.reading(start - 3_600_000_000_000);
+        let back = clock.reading(start - 3_600_000_000_000, std::time::Instant::now());
         assert!(back.0 >= start && back.0 < start + STEP_NS, "{} vs {start}", back.0);
         // Stepped forward an hour: followed, and from then on.
-        let ahead = clock.reading(start + 3_600_000_000_000);
+        let ahead = clock.reading(start + 3_600_000_000_000, std::time::Instant::now());
         assert_eq!(ahead.0, start + 3_600_000_000_000);
         assert!(clock.now().0 >= ahead.0);
+    }
+
+    #[test]
+    fn a_reading_at_an_earlier_instant_is_that_instant_s_time() {
+        let arrived = std::time::Instant::now();
+        let clock = Clock::starting_at(Now::from_secs(1_000_000));
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let later = clock.now().0;
+        // Before the clock's anchor: its start, never earlier.
+        assert_eq!(clock.at(arrived).0, clock.start_ns);
+        let arrived = std::time::Instant::now();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let at_arrival = clock.at(arrived).0;
+        let after = clock.now().0;
+        assert!(
+            at_arrival >= later && at_arrival + 20_000_000 <= after,
+            "{later} {at_arrival} {after}"
+        );
     }
 
     fn at(day: &str, secs_into_day: u64) -> Now {

@@ -130,7 +130,7 @@ impl Worker {
                         keep: &keep,
                         add: forwarding.added(),
                     };
-                    let send = client.send_borrowed(endpoint, &peer.target, kept, &edits);
+                    let send = client.send_borrowed(endpoint, &peer.target, kept, &edits, sent_at);
                     tokio::time::timeout_at(head_deadline, send).await
                 }
                 _ => {
@@ -146,6 +146,7 @@ impl Worker {
             ctx.tries += 1;
             let answered_at = Instant::now();
             ctx.upstream_micros = Some((answered_at - sent_at).as_micros() as u64);
+            ctx.answered_at = Some(answered_at);
             ctx.upstream_status = match &sent {
                 Ok(Ok((response, _))) => Some(response.status().as_u16()),
                 _ => None,

@@ -47,7 +47,12 @@ impl Worker {
         // An undefined plan is a configuration mistake: refused, never unlimited.
         let plan = plan.ok_or_else(|| ProxyError::new(ErrorKind::PlanNotFound))?;
         let group = plan.group(route.group.as_deref());
-        let outcome = usage.table.admit(&charges, plan, group, usage.clock.now());
+        let outcome = usage.table.admit(
+            &charges,
+            plan,
+            group,
+            usage.clock.at(ctx.decided_at.unwrap_or(ctx.start).into_std()),
+        );
         plan.decisions.record(outcome.as_ref().map(|_| ()).map_err(|r| r.kind));
         match outcome {
             Ok(status) => {

@@ -149,6 +149,12 @@ pub struct RequestCtx<'c> {
     pub lease_pending: bool,
     /// The request is for the customer usage page (`[usage_page]`), not a route.
     pub usage_page: bool,
+    /// When a decision after a lease wait is made; the first decision, made as the request
+    /// arrives, uses `start` and reads no clock of its own.
+    pub decided_at: Option<Instant>,
+    /// When the last upstream try's head arrived: the request's latency in the metrics
+    /// ends there when it was proxied, without another clock read.
+    pub answered_at: Option<Instant>,
 }
 
 impl<'c> RequestCtx<'c> {
@@ -177,6 +183,8 @@ impl<'c> RequestCtx<'c> {
             tries: 0,
             body_read: None,
             lease_pending: false,
+            decided_at: None,
+            answered_at: None,
             usage_page: false,
         }
     }
@@ -223,6 +231,7 @@ impl Worker {
             ctx.lease_pending = false;
             ctx.limit = None;
             ctx.retry_after = None;
+            ctx.decided_at = Some(tokio::time::Instant::now());
             filtered = self.request_filter(snapshot, ctx, head);
         }
         filtered
@@ -286,7 +295,7 @@ impl Worker {
     /// Last for every request: records metrics and a debug event (the access log's record
     /// is finished by the response body, see `access_log`).
     fn logging(&self, snapshot: &Snapshot, ctx: &RequestCtx<'_>, status: StatusCode) {
-        let elapsed = ctx.start.elapsed();
+        let elapsed = ctx.answered_at.map_or_else(|| ctx.start.elapsed(), |at| at - ctx.start);
         let route = ctx.route.and_then(|i| snapshot.routes.get(i));
         let metrics = match (route, &snapshot.usage_page) {
             (Some(route), _) => &route.metrics,

@@ -81,12 +81,13 @@ pub(crate) fn release_h1(key: IdleKey, conn: Box<h1::Conn>) {
     });
 }
 
-fn checkout_h1(key: IdleKey) -> Option<Box<h1::Conn>> {
+/// An idle connection for `key` that has been idle less than `IDLE_TIMEOUT` at `now`.
+fn checkout_h1(key: IdleKey, now: Instant) -> Option<Box<h1::Conn>> {
     IDLE_H1.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&key)?;
         while let Some((mut conn, since)) = list.pop() {
-            if since.elapsed() < IDLE_TIMEOUT && conn.is_usable() {
+            if now.saturating_duration_since(since) < IDLE_TIMEOUT && conn.is_usable() {
                 return Some(conn);
             }
         }
@@ -234,7 +235,10 @@ impl UpstreamClient {
             UpstreamClient::Http1 { tls, .. } => {
                 let key = idle_key(target.addr, tls.as_ref());
                 if h1::can_send(&req) {
-                    return match self.send_borrowed(endpoint, target, &req, &h1::Edits::NONE).await {
+                    return match self
+                        .send_borrowed(endpoint, target, &req, &h1::Edits::NONE, Instant::now())
+                        .await
+                    {
                         Ok(answer) => Ok(answer),
                         Err(mut failed) => {
                             failed.unsent = failed.unwritten.then_some(req);
@@ -309,20 +313,22 @@ impl UpstreamClient {
     /// A bodiless request through the purpose-built client (`h1`), borrowed. A reused
     /// connection that fails before the head is written, or (for a method that may be
     /// repeated) closes before a byte of the answer, is the keep-alive race: the request
-    /// goes on another connection, as NGINX does with its cached ones.
+    /// goes on another connection, as NGINX does with its cached ones. `now`: the time
+    /// the caller read as it sent (idle connections are judged by it).
     pub async fn send_borrowed(
         &self,
         endpoint: &Endpoint,
         target: &Target,
         req: &Request<RequestBody>,
         edits: &h1::Edits<'_>,
+        now: Instant,
     ) -> Result<(Response<UpstreamBody>, Option<PooledConn>), SendError> {
         let UpstreamClient::Http1 { tls, .. } = self else {
             return Err(ProxyError::new(ErrorKind::Internal).into());
         };
         let key = idle_key(target.addr, tls.as_ref());
         loop {
-            let (conn, reused) = match checkout_h1(key) {
+            let (conn, reused) = match checkout_h1(key, now) {
                 Some(conn) => (conn, true),
                 None => match self.open(endpoint, target).await {
                     Ok(io) => (Box::new(h1::Conn::new(io)), false),
