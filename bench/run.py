@@ -233,6 +233,9 @@ def main():
     parser.add_argument("--body", type=int, default=0, metavar="BYTES",
                         help="send POSTs with a body of this many bytes (Content-Length, written with "
                              "the head) instead of GETs")
+    parser.add_argument("--haproxy", action="store_true",
+                        help="also HAProxy (one thread, http-reuse always) proxying alone, pinned "
+                             "like the others (apt-get install haproxy)")
     parser.add_argument("--core-hour-usd", type=float, default=0.04,
                         help="price of one core-hour, for the cost per billion requests")
     args = parser.parse_args()
@@ -343,6 +346,30 @@ server {{
             procs.append(nginx_logs)
             wait_port(ngl_port)
             extra.append(("nginx-logs", f"http://127.0.0.1:{ngl_port}/", nginx_worker_pid(nginx_logs)))
+        if args.haproxy:
+            ha_port = free_port()
+            ha_conf = os.path.join(workdir, "haproxy.cfg")
+            with open(ha_conf, "w") as f:
+                f.write(f"""global
+  nbthread 1
+  maxconn 20000
+defaults
+  mode http
+  timeout connect 5s
+  timeout client 30s
+  timeout server 30s
+  http-reuse always
+frontend f
+  bind 127.0.0.1:{ha_port} backlog 4096
+  default_backend b
+backend b
+  server s1 127.0.0.1:{up_port}
+""")
+            haproxy = subprocess.Popen(["taskset", "-c", "0", shutil.which("haproxy") or "/usr/sbin/haproxy",
+                                        "-f", ha_conf, "-db"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            procs.append(haproxy)
+            wait_port(ha_port)
+            extra.append(("haproxy", f"http://127.0.0.1:{ha_port}/", haproxy.pid))
         headers = {}
         if args.auth:
             import json, urllib.request

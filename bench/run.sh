@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Core proxy benchmark: direct vs Tollgate vs NGINX on loopback. See docs/benchmarks.md.
-# Usage: bench/run.sh [--pgo] [--rounds N] [--duration SECONDS] [--connections N] [run.py's options]
+# Usage: bench/run.sh [--pgo] [--haproxy] [--rounds N] [--duration SECONDS] [--connections N] [run.py's options]
 #   --pgo  also build the profile-guided release binary (bench/pgo.sh) and measure it as
 #          `tollgate-pgo` in the same rounds
 set -euo pipefail
@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 need=()
 command -v wrk >/dev/null || need+=(wrk)
 command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || need+=(nginx-light)
+case " $* " in *" --haproxy "*) command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy) ;; esac
 if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null
 fi

@@ -3,6 +3,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use http::Request;
+
 use common::*;
 
 fn config_for(endpoint: &str, timeouts: &str) -> String {
@@ -37,6 +39,41 @@ async fn slow_upstream_gives_504_after_read_timeout() {
         metrics.contains("tollgate_requests_total{route=\"all\",status=\"504\"} 1"),
         "{metrics}"
     );
+}
+
+/// The response head's deadline is the upstream connection's own timer, moved from one
+/// request to the next rather than registered for each (docs/benchmarks.md): every request
+/// on a reused connection gets its whole `read` time, counted from its own sending, and no
+/// more. One client connection, so its requests reach one worker and its pooled upstream
+/// connection.
+#[tokio::test(flavor = "multi_thread")]
+async fn each_request_on_a_reused_upstream_connection_gets_its_own_read_timeout() {
+    let upstream = Upstream::start("slow").await;
+    let gateway = Gateway::start(&config_for(&upstream.addr.to_string(), "read = \"600ms\""));
+    let client = client();
+    let get = |path: &str| send_with(&client, Request::get(gateway.url(path)).body(full("")).unwrap());
+    for _ in 0..2 {
+        assert_eq!(get("/slow/10").await.status, 200);
+        // 350 ms on, a 400 ms answer is within its own 600 ms, not within the last
+        // request's: a timer left at the earlier deadline would cut it at about 250 ms.
+        tokio::time::sleep(Duration::from_millis(350)).await;
+        assert_eq!(get("/slow/400").await.status, 200);
+    }
+    // Past the connection's last deadline while it was idle in the pool (its timer fired
+    // with nothing waiting), then a slow answer: cut after its own full 600 ms.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let started = Instant::now();
+    let reply = get("/slow/3000").await;
+    let waited = started.elapsed();
+    assert_eq!(reply.status, 504);
+    assert_eq!(reply.json()["error"]["code"], "upstream_timeout");
+    // Bounds wide for a loaded CI machine; the lower one is the point.
+    assert!(
+        waited >= Duration::from_millis(600) && waited < Duration::from_millis(2500),
+        "{waited:?}"
+    );
+    // The connection that timed out is not reused; the next request is served.
+    assert_eq!(get("/slow/10").await.status, 200);
 }
 
 #[tokio::test(flavor = "multi_thread")]

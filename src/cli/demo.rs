@@ -54,6 +54,7 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
     )?;
     let config = crate::config::load(&config_path)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))?;
+    let signals = super::serve::Signals::install()?;
     let running = super::serve::start(config).await?;
     let proxy = running.proxy_addrs[0];
     let admin = running.admin_addr;
@@ -160,7 +161,7 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
         return Ok(if ok { ExitCode::SUCCESS } else { ExitCode::FAILURE });
     }
     println!("Serving; press Ctrl-C to stop.");
-    running.run_until_signalled().await?;
+    running.run_until_signalled(signals).await?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -131,9 +131,10 @@ fn serve_file(path: &std::path::Path) -> ExitCode {
     }
     let result = runtime().and_then(|rt| {
         rt.block_on(async {
+            let signals = serve::Signals::install()?;
             let running = serve::start(config).await?;
             print_ready(&running);
-            running.run_until_signalled().await
+            running.run_until_signalled(signals).await
         })
     });
     match result {

@@ -93,13 +93,34 @@ pub async fn start(config: Config) -> std::io::Result<Running> {
     })
 }
 
+/// The signals a running gateway answers, taken over before it says it is ready: a
+/// SIGTERM sent as soon as "ready" is printed must drain, not kill, the process.
+pub struct Signals {
+    hangup: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Within a tokio runtime.
+    pub fn install() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Signals {
+            hangup: signal(SignalKind::hangup())?,
+            terminate: signal(SignalKind::terminate())?,
+            interrupt: signal(SignalKind::interrupt())?,
+        })
+    }
+}
+
 impl Running {
     /// Serves until SIGTERM or SIGINT; SIGHUP reloads the configuration.
-    pub async fn run_until_signalled(self) -> std::io::Result<()> {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut hangup = signal(SignalKind::hangup())?;
-        let mut terminate = signal(SignalKind::terminate())?;
-        let mut interrupt = signal(SignalKind::interrupt())?;
+    pub async fn run_until_signalled(self, signals: Signals) -> std::io::Result<()> {
+        let Signals {
+            mut hangup,
+            mut terminate,
+            mut interrupt,
+        } = signals;
         loop {
             tokio::select! {
                 _ = hangup.recv() => {

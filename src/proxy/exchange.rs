@@ -130,8 +130,15 @@ impl Worker {
                         keep: &keep,
                         add: forwarding.added(),
                     };
-                    let send = client.send_borrowed(endpoint, &peer.target, kept, &edits, sent_at);
-                    tokio::time::timeout_at(head_deadline, send).await
+                    // The deadline is the connection's own timer, not one registered per
+                    // request around the send (docs/benchmarks.md, "Where the time goes").
+                    match client
+                        .send_borrowed(endpoint, &peer.target, kept, &edits, sent_at, Some(head_deadline))
+                        .await
+                    {
+                        Err(SendError { timed_out: true, .. }) => Err(HeadTimeout),
+                        sent => Ok(sent),
+                    }
                 }
                 _ => {
                     let Some(owned) = req.take() else {
@@ -140,7 +147,9 @@ impl Worker {
                     // Boxed: hyper's client futures would otherwise widen every request's
                     // future, bodiless ones included, which are moved per request.
                     let send = Box::pin(client.send(endpoint, &peer.target, owned));
-                    tokio::time::timeout_at(head_deadline, send).await
+                    tokio::time::timeout_at(head_deadline, send)
+                        .await
+                        .map_err(|_| HeadTimeout)
                 }
             };
             ctx.tries += 1;
@@ -206,6 +215,9 @@ impl Worker {
     }
 }
 
+/// The response head had not come by the try's deadline.
+struct HeadTimeout;
+
 /// What one try came to, fed to the endpoint's health: the answer if it is the last try,
 /// and the request to send again if it may be retried. Unwritten requests may go
 /// elsewhere whatever their method; written ones only when repeatable (`head` kept) — a
@@ -213,7 +225,7 @@ impl Worker {
 fn judge(
     upstream: &UpstreamPool,
     peer: &Peer,
-    sent: Result<Result<Answer, SendError>, tokio::time::error::Elapsed>,
+    sent: Result<Result<Answer, SendError>, HeadTimeout>,
     head: Option<&Request<RequestBody>>,
     kept: Option<&Request<RequestBody>>,
 ) -> Try {
@@ -238,6 +250,7 @@ fn judge(
             error,
             unsent,
             unwritten,
+            ..
         })) => {
             pool.record(peer.guard.endpoint(), peer.probe, false);
             let unsent = unsent.or_else(|| kept.filter(|_| unwritten).map(copy_head));

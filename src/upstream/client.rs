@@ -36,6 +36,8 @@ pub struct SendError {
     pub unsent: Option<Request<RequestBody>>,
     /// None of a request the client only borrowed (`send_borrowed`) was written.
     pub unwritten: bool,
+    /// The response head had not come by the deadline given to `send_borrowed`.
+    pub timed_out: bool,
 }
 
 impl From<ProxyError> for SendError {
@@ -44,6 +46,7 @@ impl From<ProxyError> for SendError {
             error,
             unsent: None,
             unwritten: false,
+            timed_out: false,
         }
     }
 }
@@ -236,7 +239,7 @@ impl UpstreamClient {
                 let key = idle_key(target.addr, tls.as_ref());
                 if h1::can_send(&req) {
                     return match self
-                        .send_borrowed(endpoint, target, &req, &h1::Edits::NONE, Instant::now())
+                        .send_borrowed(endpoint, target, &req, &h1::Edits::NONE, Instant::now(), None)
                         .await
                     {
                         Ok(answer) => Ok(answer),
@@ -258,6 +261,7 @@ impl UpstreamClient {
                                         error,
                                         unsent: Some(req),
                                         unwritten: true,
+                                        timed_out: false,
                                     });
                                 }
                             },
@@ -266,6 +270,7 @@ impl UpstreamClient {
                                     error,
                                     unsent: Some(req),
                                     unwritten: true,
+                                    timed_out: false,
                                 });
                             }
                         },
@@ -278,6 +283,7 @@ impl UpstreamClient {
                             error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error),
                             unsent: Some(req),
                             unwritten: true,
+                            timed_out: false,
                         });
                     }
                     match sender.try_send_request(req).await {
@@ -295,6 +301,7 @@ impl UpstreamClient {
                                     error: ProxyError::with_cause(kind, error),
                                     unwritten: unsent.is_some(),
                                     unsent,
+                                    timed_out: false,
                                 });
                             }
                         },
@@ -314,7 +321,9 @@ impl UpstreamClient {
     /// connection that fails before the head is written, or (for a method that may be
     /// repeated) closes before a byte of the answer, is the keep-alive race: the request
     /// goes on another connection, as NGINX does with its cached ones. `now`: the time
-    /// the caller read as it sent (idle connections are judged by it).
+    /// the caller read as it sent (idle connections are judged by it). `deadline`: when
+    /// the response head must have come (a connect included), unless the caller bounds
+    /// the send itself; past it, the error says `timed_out`.
     pub async fn send_borrowed(
         &self,
         endpoint: &Endpoint,
@@ -322,6 +331,7 @@ impl UpstreamClient {
         req: &Request<RequestBody>,
         edits: &h1::Edits<'_>,
         now: Instant,
+        deadline: Option<Instant>,
     ) -> Result<(Response<UpstreamBody>, Option<PooledConn>), SendError> {
         let UpstreamClient::Http1 { tls, .. } = self else {
             return Err(ProxyError::new(ErrorKind::Internal).into());
@@ -330,27 +340,46 @@ impl UpstreamClient {
         loop {
             let (conn, reused) = match checkout_h1(key, now) {
                 Some(conn) => (conn, true),
-                None => match self.open(endpoint, target).await {
-                    Ok(io) => (Box::new(h1::Conn::new(io)), false),
-                    Err(error) => {
-                        return Err(SendError {
-                            error,
-                            unsent: None,
-                            unwritten: true,
-                        });
+                None => {
+                    let opened = match deadline {
+                        Some(deadline) => tokio::time::timeout_at(deadline, self.open(endpoint, target)).await,
+                        None => Ok(self.open(endpoint, target).await),
+                    };
+                    match opened {
+                        Ok(Ok(io)) => (Box::new(h1::Conn::new(io)), false),
+                        Ok(Err(error)) => {
+                            return Err(SendError {
+                                error,
+                                unsent: None,
+                                unwritten: true,
+                                timed_out: false,
+                            });
+                        }
+                        Err(_) => {
+                            return Err(SendError {
+                                error: ProxyError::new(ErrorKind::UpstreamTimeout),
+                                unsent: None,
+                                unwritten: true,
+                                timed_out: true,
+                            });
+                        }
                     }
-                },
+                }
             };
-            match h1::send(conn, key, req, edits).await {
+            match h1::send(conn, key, req, edits, deadline).await {
                 Ok(response) => return Ok((response.map(UpstreamBody::H1), None)),
                 Err(failure) => {
-                    if reused && (failure.unsent || (failure.closed_early && req.method().is_idempotent())) {
+                    if reused
+                        && !failure.timed_out
+                        && (failure.unsent || (failure.closed_early && req.method().is_idempotent()))
+                    {
                         continue;
                     }
                     return Err(SendError {
                         error: failure.error,
                         unsent: None,
                         unwritten: failure.unsent,
+                        timed_out: failure.timed_out,
                     });
                 }
             }

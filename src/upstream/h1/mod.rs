@@ -21,6 +21,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, Status
 use hyper::body::Body;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 mod body;
 mod chunked;
@@ -30,7 +31,7 @@ pub use body::{BodyError, H1Body};
 use chunked::{Chunked, Step};
 
 use crate::base::http1::{RawFields, RawHeaders, has_token, parse_length, push_decimal, trim_ows};
-use crate::base::{ErrorKind, ProxyError};
+use crate::base::{Deadline, ErrorKind, ProxyError};
 use crate::upstream::body::RequestBody;
 
 /// The most a response head may take (status line and headers).
@@ -86,6 +87,8 @@ pub struct Conn {
     buf: BytesMut,
     /// The request head being written.
     out: Vec<u8>,
+    /// The response head's deadline of the exchange in progress.
+    timer: Deadline,
 }
 
 impl Conn {
@@ -94,6 +97,7 @@ impl Conn {
             io,
             buf: BytesMut::new(),
             out: Vec::new(),
+            timer: Deadline::new(Instant::now()),
         }
     }
 
@@ -110,11 +114,6 @@ impl Conn {
     }
 
     /// Reads more of the response into the buffer; `Ok(0)` at the end of input.
-    async fn fill(&mut self) -> std::io::Result<usize> {
-        self.buf.reserve(READ_SIZE);
-        self.io.read_buf(&mut self.buf).await
-    }
-
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         self.buf.reserve(READ_SIZE);
         let read = self.io.read_buf(&mut self.buf);
@@ -132,6 +131,8 @@ pub struct Failure {
     /// The connection ended before a byte of the response: on a reused connection, the
     /// upstream closed it as it was taken (the keep-alive race).
     pub closed_early: bool,
+    /// The response head had not come by the caller's deadline.
+    pub timed_out: bool,
 }
 
 impl Failure {
@@ -140,6 +141,16 @@ impl Failure {
             error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, Malformed(why)),
             unsent: false,
             closed_early: false,
+            timed_out: false,
+        }
+    }
+
+    fn timed_out(unsent: bool) -> Failure {
+        Failure {
+            error: ProxyError::new(ErrorKind::UpstreamTimeout),
+            unsent,
+            closed_early: false,
+            timed_out: true,
         }
     }
 }
@@ -160,24 +171,48 @@ pub fn can_send(req: &Request<RequestBody>) -> bool {
 /// Sends a request that `can_send` on `conn` (its whole body behind the head, in the same
 /// write) and reads the response head; the body streams from the returned response,
 /// which gives the connection back to the worker's pool when it has been read to its end.
+///
+/// `deadline`: when the response head must have come, if the caller does not bound the
+/// exchange itself. It is the connection's own timer, moved from one request to the next
+/// rather than registered anew for each (docs/benchmarks.md, "Where the time goes").
 pub async fn send(
     mut conn: Box<Conn>,
     key: crate::upstream::client::IdleKey,
     req: &Request<RequestBody>,
     edits: &Edits<'_>,
+    deadline: Option<Instant>,
 ) -> Result<Response<H1Body>, Failure> {
     let body = req.body().whole().map_or(&[][..], |body| &body[..]);
     encode_request(&mut conn.out, req, edits, body);
     let mut out = std::mem::take(&mut conn.out);
-    let written = conn.io.write_all(&out).await;
+    if let Some(deadline) = deadline {
+        conn.timer.set(deadline);
+    }
+    let written = {
+        let Conn { io, timer, .. } = &mut *conn;
+        let expired = std::future::poll_fn(|cx| match deadline {
+            Some(_) => timer.poll_expired(cx),
+            None => Poll::Pending,
+        });
+        tokio::select! {
+            biased;
+            written = io.write_all(&out) => Some(written),
+            () = expired => None,
+        }
+    };
     out.clear();
     conn.out = out;
-    if let Err(error) = written {
-        return Err(Failure {
-            error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error),
-            unsent: true,
-            closed_early: true,
-        });
+    match written {
+        Some(Ok(())) => {}
+        Some(Err(error)) => {
+            return Err(Failure {
+                error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error),
+                unsent: true,
+                closed_early: true,
+                timed_out: false,
+            });
+        }
+        None => return Err(Failure::timed_out(true)),
     }
     let head_request = req.method() == Method::HEAD;
     let mut seen = false;
@@ -199,8 +234,18 @@ pub async fn send(
                 return Err(Failure::protocol("head too large"));
             }
         }
-        match conn.fill().await {
-            Ok(0) => {
+        let filled = std::future::poll_fn(|cx| {
+            if let Poll::Ready(filled) = conn.poll_fill(cx) {
+                return Poll::Ready(Some(filled));
+            }
+            match deadline {
+                Some(_) => conn.timer.poll_expired(cx).map(|()| None),
+                None => Poll::Pending,
+            }
+        })
+        .await;
+        match filled {
+            Some(Ok(0)) => {
                 return Err(Failure {
                     error: ProxyError::with_cause(
                         ErrorKind::UpstreamProtocol,
@@ -208,16 +253,19 @@ pub async fn send(
                     ),
                     unsent: false,
                     closed_early: !seen,
+                    timed_out: false,
                 });
             }
-            Ok(_) => {}
-            Err(error) => {
+            Some(Ok(_)) => {}
+            Some(Err(error)) => {
                 return Err(Failure {
                     error: ProxyError::with_cause(ErrorKind::UpstreamProtocol, error),
                     unsent: false,
                     closed_early: !seen,
+                    timed_out: false,
                 });
             }
+            None => return Err(Failure::timed_out(false)),
         }
     }
 }
