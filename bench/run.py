@@ -352,7 +352,7 @@ server {{
             with open(ha_conf, "w") as f:
                 f.write(f"""global
   nbthread 1
-  maxconn 20000
+  maxconn 8000
 defaults
   mode http
   timeout connect 5s
