@@ -11,18 +11,11 @@ Every Tollgate has a keyed route, a plan with limits, usage, and access logs unl
 Prints, per system: the median of its CPU µs/request and user-space µs/request, and the
 median and quartiles of its per-turn ratio to the first system.
 """
-import argparse, json, os, statistics, subprocess, sys, tempfile, urllib.request
+import argparse, os, statistics, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402
-
-PLAN = """
-[plans.pro]
-rate = { per_second = 100000000, burst = 100000000 }
-daily = 1000000000000
-monthly = 10000000000000
-"""
-
+from instructions import PLAN, post  # noqa: E402  (the keyed setup callgrind uses)
 
 def proc_times(pid):
     fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
@@ -64,13 +57,8 @@ def main():
                 print(open(log).read(), file=sys.stderr)
                 raise
 
-            def post(path, body):
-                req = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", data=json.dumps(body).encode(),
-                                             headers={"content-type": "application/json"}, method="POST")
-                return json.loads(urllib.request.urlopen(req).read() or b"{}")
-
-            post("/v1/consumers", {"id": "bench", "plan": "pro"})
-            key = post("/v1/keys", {"consumer": "bench"})["key"]
+            post(admin, "/v1/consumers", {"id": "bench", "plan": "pro"})
+            key = post(admin, "/v1/keys", {"consumer": "bench"})["key"]
             name = os.path.relpath(binary, bench.ROOT) if binary.startswith(bench.ROOT) else binary
             systems.append((f"{i}:{name}", f"http://127.0.0.1:{port}/", proc.pid, key))
         if args.nginx:

@@ -6,10 +6,11 @@ The mix: keyed GETs through a plan with a rate limit and quotas, usage counted a
 logs on (most of the time), POSTs with small bodies, a public route, and the common
 refusals (a bad key, no route). Usage: pgo_train.py BINARY SECONDS
 """
-import argparse, json, os, signal, subprocess, sys, tempfile, urllib.request
+import argparse, os, signal, subprocess, sys, tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as bench  # noqa: E402  (the benchmark's helpers: ports, NGINX, wrk)
+from instructions import post  # noqa: E402
 
 
 def main():
@@ -50,13 +51,8 @@ dir = "./logs"
             print(open(os.path.join(workdir, "gateway.log")).read(), file=sys.stderr)
             raise
 
-        def post(path, body):
-            req = urllib.request.Request(f"http://127.0.0.1:{admin}{path}", data=json.dumps(body).encode(),
-                                         headers={"content-type": "application/json"}, method="POST")
-            return json.loads(urllib.request.urlopen(req).read() or b"{}")
-
-        post("/v1/consumers", {"id": "train", "plan": "pro"})
-        key = post("/v1/keys", {"consumer": "train"})["key"]
+        post(admin, "/v1/consumers", {"id": "train", "plan": "pro"})
+        key = post(admin, "/v1/keys", {"consumer": "train"})["key"]
         script = os.path.join(workdir, "post.lua")
         with open(script, "w") as f:
             f.write('wrk.method = "POST"\nwrk.body = string.rep("x", 256)\n'
