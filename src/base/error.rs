@@ -264,3 +264,26 @@ pub fn new_request_id() -> http::HeaderValue {
     let id = crate::base::http1::arena_value(|value| value.extend_from_slice(&out));
     http::HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| http::HeaderValue::from_static("0"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_32_lower_case_hex_digits_and_differ() {
+        let ids: std::collections::HashSet<String> = (0..1000)
+            .map(|_| new_request_id().to_str().unwrap().to_string())
+            .collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_eq!(id.len(), 32, "{id}");
+            assert!(id.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')), "{id}");
+        }
+        // Every position takes all sixteen digits over a thousand ids: each half of each
+        // random byte is written where it belongs.
+        for at in 0..32 {
+            let digits: std::collections::HashSet<u8> = ids.iter().map(|id| id.as_bytes()[at]).collect();
+            assert_eq!(digits.len(), 16, "position {at}");
+        }
+    }
+}

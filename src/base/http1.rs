@@ -281,6 +281,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_hop_by_hop_name_is_found_in_any_case_and_nothing_else_is() {
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(name.as_bytes()), Some(i), "{name}");
+            assert_eq!(
+                hop_by_hop_index(name.to_ascii_uppercase().as_bytes()),
+                Some(i),
+                "{name}"
+            );
+            // One letter off, and one letter longer: not hop-by-hop.
+            let mut near = name.as_bytes().to_vec();
+            near[0] ^= 1;
+            assert_eq!(hop_by_hop_index(&near), None, "{name}");
+            assert_eq!(hop_by_hop_index(format!("{name}s").as_bytes()), None, "{name}");
+        }
+        for other in ["host", "content-length", "x-api-key", "accept", "t", "", "upgrades"] {
+            assert!(!is_hop_by_hop(other.as_bytes()), "{other}");
+        }
+    }
+
+    #[test]
     fn names_kept_per_thread_are_the_names_http_makes() {
         for raw in [
             &b"X-API-Key"[..],

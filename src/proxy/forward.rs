@@ -62,7 +62,8 @@ impl Forwarding {
     /// `headers` (the client's) lose here only the fields a `Connection` header names,
     /// which are rare; everything else is decided per field as the head is written.
     fn new(headers: &mut HeaderMap, ctx: &RequestCtx<'_>, host: &HeaderValue, anonymous_plan: &HeaderValue) -> Self {
-        if ctx.upgrade || headers.contains_key(header::CONNECTION) {
+        let names = ctx.names;
+        if ctx.upgrade || (names.may_have(&header::CONNECTION) && headers.contains_key(header::CONNECTION)) {
             headers::remove_hop_by_hop(headers, ctx.upgrade);
         }
         let conn = ctx.conn;
@@ -73,8 +74,8 @@ impl Forwarding {
             headers::ip_header_value(ctx.caller_ip)
         };
         // A bearer that is not ours (on a public route) is the upstream's business.
-        let our_bearer = headers
-            .get(header::AUTHORIZATION)
+        let our_bearer = names
+            .get(headers, &header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|token| token.trim().starts_with(KEY_PREFIX));
@@ -92,7 +93,7 @@ impl Forwarding {
                 (&headers::X_FORWARDED_HOST, ctx.host.clone().and_then(set)),
                 (
                     &headers::X_FORWARDED_FOR,
-                    headers::forwarded_for(headers, &conn.peer_ip).and_then(set),
+                    headers::forwarded_for(headers, names, &conn.peer_ip).and_then(set),
                 ),
                 (&headers::X_REAL_IP, set(real_ip)),
                 (&headers::X_FORWARDED_PROTO, set(conn.proto.clone())),
@@ -228,7 +229,7 @@ mod tests {
 
     fn ctx(caller: Caller) -> RequestCtx<'static> {
         let conn = Box::leak(Box::new(ConnInfo::new("203.0.113.9:5000".parse().unwrap(), 8443, true)));
-        let mut ctx = RequestCtx::new(HeaderValue::from_static("req-1"), conn);
+        let mut ctx = RequestCtx::new(HeaderValue::from_static("req-1"), Default::default(), conn);
         ctx.host = Some(HeaderValue::from_static("api.example.com"));
         ctx.caller = caller;
         ctx
@@ -237,8 +238,15 @@ mod tests {
     /// The client's fields as the upstream gets them, through both ways of sending them:
     /// written as the head is encoded (the purpose-built client) and applied to the map
     /// (hyper's), which must agree.
-    fn forwarding_headers(headers: &mut HeaderMap, ctx: &RequestCtx<'_>, host: &HeaderValue, anonymous: &HeaderValue) {
-        let forwarding = Forwarding::new(headers, ctx, host, anonymous);
+    fn forwarding_headers(
+        headers: &mut HeaderMap,
+        mut ctx: RequestCtx<'_>,
+        host: &HeaderValue,
+        anonymous: &HeaderValue,
+    ) {
+        // As the pipeline does: the names are taken from the client's map first.
+        ctx.names = headers::Names::of(headers);
+        let forwarding = Forwarding::new(headers, &ctx, host, anonymous);
         let mut request = Request::new(());
         *request.headers_mut() = headers.clone();
         let keep = |name: &HeaderName| forwarding.keeps(name);
@@ -309,7 +317,7 @@ mod tests {
         let host = HeaderValue::from_static("10.0.0.5:9000");
         forwarding_headers(
             &mut headers,
-            &ctx(key_caller(KeySource::Header)),
+            ctx(key_caller(KeySource::Header)),
             &host,
             &HeaderValue::from_static("anon"),
         );
@@ -328,7 +336,7 @@ mod tests {
         headers.insert("authorization", HeaderValue::from_static("Bearer eyJ.x.y"));
         headers.insert("x-plan", HeaderValue::from_static("spoofed"));
         let jwt = Caller::Jwt(Identity::new("jwt:sub".into(), Arc::from("sub"), Arc::from("default")));
-        forwarding_headers(&mut headers, &ctx(jwt), &host, &HeaderValue::from_static("anon"));
+        forwarding_headers(&mut headers, ctx(jwt), &host, &HeaderValue::from_static("anon"));
         assert!(!headers.contains_key("authorization"));
         assert_eq!(headers["x-plan"], "default");
 
@@ -338,7 +346,7 @@ mod tests {
         headers.insert("authorization", HeaderValue::from_static("Bearer tg_live_secret"));
         forwarding_headers(
             &mut headers,
-            &ctx(Caller::Public),
+            ctx(Caller::Public),
             &host,
             &HeaderValue::from_static("anon"),
         );
@@ -347,7 +355,7 @@ mod tests {
         headers.insert("authorization", HeaderValue::from_static("Bearer upstream-token"));
         forwarding_headers(
             &mut headers,
-            &ctx(Caller::Public),
+            ctx(Caller::Public),
             &host,
             &HeaderValue::from_static("anon"),
         );
@@ -358,7 +366,7 @@ mod tests {
         headers.insert("x-consumer-id", HeaderValue::from_static("spoofed"));
         headers.insert("x-client-cert-subject", HeaderValue::from_static("spoofed"));
         let anonymous = Caller::Anonymous { referer_host: None };
-        forwarding_headers(&mut headers, &ctx(anonymous), &host, &HeaderValue::from_static("anon"));
+        forwarding_headers(&mut headers, ctx(anonymous), &host, &HeaderValue::from_static("anon"));
         assert_eq!(headers["x-plan"], "anon");
         assert!(!headers.contains_key("x-consumer-id"));
         assert!(

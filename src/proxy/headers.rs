@@ -21,6 +21,51 @@ pub static X_CONSUMER_ID: HeaderName = HeaderName::from_static("x-consumer-id");
 pub static X_PLAN: HeaderName = HeaderName::from_static("x-plan");
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 
+/// Which names a request's header map holds, as a 64-bit filter: a lookup of a name the
+/// filter rules out skips hashing the name and probing the map. Most of the pipeline's
+/// lookups are for fields a request rarely carries (`X-Request-Id`, `X-Forwarded-For`,
+/// `Authorization`, `Referer`, `Upgrade`, `Connection`), and each cost about 150
+/// instructions (docs/benchmarks.md). A name in the map always passes; one that is not
+/// may pass too, and is then looked up. Made once per request, before any lookup; the
+/// pipeline adds none of these fields to the client's map afterwards (only `Host`, on a
+/// retry, which is not looked up through the filter).
+#[derive(Debug, Clone, Copy)]
+pub struct Names(u64);
+
+/// Rules nothing out: a map whose names were not taken is looked up as before.
+impl Default for Names {
+    fn default() -> Names {
+        Names(u64::MAX)
+    }
+}
+
+impl Names {
+    pub fn of(headers: &HeaderMap) -> Names {
+        Names(headers.keys().fold(0, |set, name| set | name_bit(name)))
+    }
+
+    /// `name` may be in the map.
+    pub fn may_have(self, name: &HeaderName) -> bool {
+        self.0 & name_bit(name) != 0
+    }
+
+    /// `headers.get(name)`, skipped when the filter rules `name` out.
+    pub fn get<'h>(self, headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h HeaderValue> {
+        if self.may_have(name) { headers.get(name) } else { None }
+    }
+}
+
+/// One of 64 bits for a (lower-case) name, from its length, middle and last bytes: no
+/// field the pipeline looks up shares a bit with a field browsers and API clients commonly
+/// send (the unit test below checks a list of them).
+fn name_bit(name: &HeaderName) -> u64 {
+    let bytes = name.as_str().as_bytes();
+    let (Some(&last), Some(&middle)) = (bytes.last(), bytes.get(bytes.len() / 2)) else {
+        return 1;
+    };
+    1 << ((bytes.len() * 11 + usize::from(last) * 3 + usize::from(middle)) % 64)
+}
+
 /// Headers that describe one connection, not the message (RFC 9110 §7.6.1), as bits:
 /// bit `i` is `base::http1::HOP_BY_HOP[i]`.
 const CONNECTION_BIT: u8 = 1;
@@ -74,8 +119,9 @@ pub fn insert_rate_limit(headers: &mut HeaderMap, status: &LimitStatus, retry_af
     }
 }
 
-pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+pub fn is_upgrade_request(headers: &HeaderMap, names: Names) -> bool {
+    names.may_have(&header::UPGRADE)
+        && headers.contains_key(header::UPGRADE)
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -147,8 +193,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// `X-Forwarded-For` with the client address appended (as NGINX's
 /// `$proxy_add_x_forwarded_for`). `client` is the address already rendered as a header
 /// value (once per connection).
-pub fn forwarded_for(headers: &HeaderMap, client: &HeaderValue) -> Option<HeaderValue> {
-    match headers.get(&X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+pub fn forwarded_for(headers: &HeaderMap, names: Names, client: &HeaderValue) -> Option<HeaderValue> {
+    match names.get(headers, &X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(existing) if !existing.is_empty() => {
             let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
             joined.extend_from_slice(existing);
@@ -166,8 +212,8 @@ pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
 }
 
 /// The client's request id when it is short and printable, else a new random one.
-pub fn request_id(headers: &HeaderMap) -> HeaderValue {
-    if let Some(value) = headers.get(&X_REQUEST_ID) {
+pub fn request_id(headers: &HeaderMap, names: Names) -> HeaderValue {
+    if let Some(value) = names.get(headers, &X_REQUEST_ID) {
         let bytes = value.as_bytes();
         if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic()) {
             return value.clone();
@@ -179,6 +225,95 @@ pub fn request_id(headers: &HeaderMap) -> HeaderValue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Fields browsers and API clients commonly send.
+    const COMMON: [&str; 29] = [
+        "host",
+        "user-agent",
+        "accept",
+        "accept-encoding",
+        "accept-language",
+        "content-type",
+        "content-length",
+        "x-api-key",
+        "cookie",
+        "origin",
+        "cache-control",
+        "sec-fetch-mode",
+        "sec-fetch-site",
+        "sec-fetch-dest",
+        "pragma",
+        "dnt",
+        "if-none-match",
+        "if-modified-since",
+        "x-forwarded-proto",
+        "traceparent",
+        "x-amzn-trace-id",
+        "sec-ch-ua",
+        "sec-ch-ua-mobile",
+        "sec-ch-ua-platform",
+        "upgrade-insecure-requests",
+        "priority",
+        "te",
+        "accept-charset",
+        "x-requested-with",
+    ];
+
+    /// The rarely present fields the pipeline looks up through `Names`.
+    const LOOKED_UP: [&str; 6] = [
+        "x-request-id",
+        "x-forwarded-for",
+        "authorization",
+        "referer",
+        "upgrade",
+        "connection",
+    ];
+
+    #[test]
+    fn a_map_of_common_fields_rules_out_every_field_looked_up_and_nothing_it_holds() {
+        let mut headers = HeaderMap::new();
+        for name in COMMON {
+            headers.append(HeaderName::from_static(name), HeaderValue::from_static("v"));
+        }
+        let names = Names::of(&headers);
+        for name in COMMON {
+            let name = HeaderName::from_static(name);
+            assert!(names.may_have(&name), "{name}");
+            assert_eq!(names.get(&headers, &name), headers.get(&name), "{name}");
+        }
+        for name in LOOKED_UP {
+            assert!(
+                !names.may_have(&HeaderName::from_static(name)),
+                "{name} shares a bit with a common field"
+            );
+        }
+    }
+
+    #[test]
+    fn a_field_in_the_map_is_always_found_through_its_names() {
+        // Any set of names: each one present is found, whatever else is there.
+        let all: Vec<&str> = COMMON.iter().chain(LOOKED_UP.iter()).copied().collect();
+        for (i, present) in all.iter().enumerate() {
+            let mut headers = HeaderMap::new();
+            headers.insert(HeaderName::from_static(present), HeaderValue::from_static("yes"));
+            headers.insert(
+                HeaderName::from_static(all[(i * 7 + 3) % all.len()]),
+                HeaderValue::from_static("v"),
+            );
+            let names = Names::of(&headers);
+            for name in &all {
+                let name = HeaderName::from_static(name);
+                assert_eq!(names.get(&headers, &name), headers.get(&name), "{name} with {present}");
+            }
+        }
+        // Made without a map, nothing is ruled out.
+        let mut headers = HeaderMap::new();
+        headers.insert("referer", HeaderValue::from_static("https://a.example/"));
+        assert_eq!(
+            Names::default().get(&headers, &header::REFERER),
+            headers.get(header::REFERER)
+        );
+    }
 
     #[test]
     fn hop_by_hop_headers_and_connection_tokens_are_removed() {
@@ -198,7 +333,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(is_upgrade_request(&headers));
+        assert!(is_upgrade_request(&headers, Names::of(&headers)));
         remove_hop_by_hop(&mut headers, true);
         assert_eq!(headers[header::UPGRADE], "websocket");
         assert_eq!(headers[header::CONNECTION], "upgrade");
@@ -222,7 +357,7 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let append = |headers: &mut HeaderMap, ip: &str| {
-            let value = forwarded_for(headers, &ip_header_value(ip.parse().unwrap())).unwrap();
+            let value = forwarded_for(headers, Names::of(headers), &ip_header_value(ip.parse().unwrap())).unwrap();
             headers.insert(&X_FORWARDED_FOR, value);
         };
         let mut headers = HeaderMap::new();
@@ -240,9 +375,9 @@ mod tests {
         assert_ne!(generated, new_request_id());
         let mut headers = HeaderMap::new();
         headers.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&headers), "abc-123");
+        assert_eq!(request_id(&headers, Names::of(&headers)), "abc-123");
         headers.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_eq!(request_id(&headers).len(), 32);
+        assert_eq!(request_id(&headers, Names::of(&headers)).len(), 32);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! plan, or nobody on a public route — then the plan's limits (`limit`). Everything here
 //! reads only the request head.
 
-use http::{HeaderMap, HeaderValue, Version, header};
+use http::{HeaderValue, Version, header};
 
 use super::{Head, RequestCtx, Worker, headers};
 use crate::auth::{self, AuthError, Identity, KEY_PREFIX};
@@ -82,7 +82,7 @@ impl Worker {
             None => return Err(ProxyError::new(ErrorKind::RouteNotFound)),
         };
         ctx.route = Some(index);
-        ctx.upgrade = head.version == Version::HTTP_11 && headers::is_upgrade_request(head.headers);
+        ctx.upgrade = head.version == Version::HTTP_11 && headers::is_upgrade_request(head.headers, head.names);
         if ctx.upgrade && !headers::upgrade_allowed(head.headers, &snapshot.config.server.upgrades) {
             // Not tunnelled: `Upgrade` goes with the other hop-by-hop headers and the
             // request is proxied as an ordinary one (RFC 9110 §7.8 lets a server ignore it).
@@ -95,10 +95,7 @@ impl Worker {
             .ok_or_else(|| ProxyError::new(ErrorKind::Internal))?;
         let trusted = &snapshot.config.trusted_proxies;
         if !trusted.is_empty() {
-            let forwarded = head
-                .headers
-                .get(&headers::X_FORWARDED_FOR)
-                .and_then(|v| v.to_str().ok());
+            let forwarded = head.get(&headers::X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
             ctx.caller_ip = auth::client_ip(ctx.client_addr.ip(), forwarded, trusted);
         }
         ctx.caller = self.identify(snapshot, route, head)?;
@@ -135,7 +132,7 @@ impl Worker {
             Credentials::None if route.anonymous => {
                 let anonymous = &snapshot.config.anonymous;
                 let by_referer = anonymous.by.contains(&AnonymousBy::Referer);
-                let mut referer_host = by_referer.then(|| referer_host(head.headers)).flatten();
+                let mut referer_host = by_referer.then(|| referer_host(head)).flatten();
                 // Random long hosts would each cost a counter; the IP still counts.
                 if referer_host
                     .as_ref()
@@ -158,7 +155,7 @@ impl Worker {
 pub(super) fn request_host(head: Head<'_>) -> Option<HeaderValue> {
     match head.uri.authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => head.headers.get(header::HOST).cloned(),
+        None => head.get(&header::HOST).cloned(),
     }
 }
 
@@ -170,7 +167,7 @@ pub fn presented_credentials(api_key: bool, jwt: bool, head: Head<'_>) -> Creden
     match presented {
         Some((value, KeySource::Bearer)) if jwt && !value.starts_with(KEY_PREFIX) => Credentials::Jwt(value),
         Some((key, source)) => Credentials::Key(key, source),
-        None if jwt => bearer(head.headers).map_or(Credentials::None, Credentials::Jwt),
+        None if jwt => bearer(head).map_or(Credentials::None, Credentials::Jwt),
         None => Credentials::None,
     }
 }
@@ -178,10 +175,10 @@ pub fn presented_credentials(api_key: bool, jwt: bool, head: Head<'_>) -> Creden
 fn find_api_key(head: Head<'_>) -> Option<(&str, KeySource)> {
     // A key header that is not text is a wrong key, not a reason to look elsewhere
     // (found by `tests/fuzz.rs`).
-    if let Some(key) = head.headers.get(&headers::X_API_KEY) {
+    if let Some(key) = head.get(&headers::X_API_KEY) {
         return Some((key.to_str().unwrap_or("").trim(), KeySource::Header));
     }
-    if let Some(key) = bearer(head.headers) {
+    if let Some(key) = bearer(head) {
         return Some((key, KeySource::Bearer));
     }
     head.uri
@@ -192,17 +189,15 @@ fn find_api_key(head: Head<'_>) -> Option<(&str, KeySource)> {
         .map(|(_, key)| (key, KeySource::Query))
 }
 
-fn bearer(headers: &HeaderMap) -> Option<&str> {
-    headers
-        .get(header::AUTHORIZATION)
+fn bearer(head: Head<'_>) -> Option<&str> {
+    head.get(&header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
 }
 
-fn referer_host(headers: &HeaderMap) -> Option<String> {
-    headers
-        .get(header::REFERER)
+fn referer_host(head: Head<'_>) -> Option<String> {
+    head.get(&header::REFERER)
         .and_then(|v| v.to_str().ok())
         .and_then(auth::referer_host)
 }
@@ -309,8 +304,8 @@ mod tests {
     #[test]
     fn referer_hosts_and_caller_credentials() {
         let referred = request("/", &[("referer", "https://Shop.Example:8443/page?q=1")]);
-        assert_eq!(referer_host(referred.headers()).as_deref(), Some("shop.example"));
-        assert_eq!(referer_host(request("/", &[]).headers()), None);
+        assert_eq!(referer_host(Head::of(&referred)).as_deref(), Some("shop.example"));
+        assert_eq!(referer_host(Head::of(&request("/", &[]))), None);
         let anonymous = Caller::Anonymous { referer_host: None };
         assert_eq!((anonymous.identity(), anonymous.credentials()), (None, None));
         assert_eq!(Caller::Public.credentials(), None);

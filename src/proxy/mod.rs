@@ -24,7 +24,7 @@ mod usage_page;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use tokio::time::Instant;
 
 /// The client's request body as the listener hands it over.
@@ -47,16 +47,29 @@ pub struct Head<'a> {
     pub uri: &'a Uri,
     pub version: Version,
     pub headers: &'a HeaderMap,
+    /// Which names `headers` may hold: lookups go through [`Head::get`].
+    pub names: headers::Names,
 }
 
 impl<'a> Head<'a> {
     pub fn of<B>(req: &'a Request<B>) -> Head<'a> {
+        Head::with_names(req, headers::Names::of(req.headers()))
+    }
+
+    /// With `names` already made from the request's map (once per request).
+    pub fn with_names<B>(req: &'a Request<B>, names: headers::Names) -> Head<'a> {
         Head {
             method: req.method(),
             uri: req.uri(),
             version: req.version(),
             headers: req.headers(),
+            names,
         }
+    }
+
+    /// The first value of field `name`.
+    pub fn get(&self, name: &HeaderName) -> Option<&'a HeaderValue> {
+        self.names.get(self.headers, name)
     }
 }
 
@@ -105,6 +118,8 @@ impl ConnInfo {
 /// Per-request state carried through the phases.
 pub struct RequestCtx<'c> {
     pub request_id: HeaderValue,
+    /// Which names the client's header map may hold (`headers::Names`).
+    pub names: headers::Names,
     pub start: Instant,
     pub client_addr: SocketAddr,
     /// The connection the request came on (peer, scheme, port, client certificate),
@@ -159,9 +174,10 @@ pub struct RequestCtx<'c> {
 
 impl<'c> RequestCtx<'c> {
     #[inline]
-    fn new(request_id: HeaderValue, conn: &'c ConnInfo) -> RequestCtx<'c> {
+    fn new(request_id: HeaderValue, names: headers::Names, conn: &'c ConnInfo) -> RequestCtx<'c> {
         RequestCtx {
             request_id,
+            names,
             start: Instant::now(),
             client_addr: conn.peer,
             conn,
@@ -242,33 +258,37 @@ impl Worker {
     /// with the head, or `None` for a bodiless request read by that server.
     pub async fn handle(&self, req: Request<Option<Inbound>>, conn: &ConnInfo) -> Response<ProxyBody> {
         let snapshot = self.gateway.snapshot();
-        let mut ctx = RequestCtx::new(headers::request_id(req.headers()), conn);
+        let names = headers::Names::of(req.headers());
+        let mut ctx = RequestCtx::new(headers::request_id(req.headers(), names), names, conn);
         ctx.declared_body = req.body().as_ref().map_or(0, |body| body.size_hint().lower());
         let page = snapshot
             .usage_page
             .as_ref()
-            .filter(|page| usage_page::requested(page, Head::of(&req), &snapshot));
+            .filter(|page| usage_page::requested(page, Head::with_names(&req, names), &snapshot));
         // `Ok(None)`: the usage page, which has no route.
         let filtered = match page {
-            Some(page) => self.usage_page_filter(page, &mut ctx, Head::of(&req)).map(|()| None),
+            Some(page) => self
+                .usage_page_filter(page, &mut ctx, Head::with_names(&req, names))
+                .map(|()| None),
             None => {
-                let mut filtered = self.request_filter(&snapshot, &mut ctx, Head::of(&req));
+                let mut filtered = self.request_filter(&snapshot, &mut ctx, Head::with_names(&req, names));
                 if ctx.lease_pending {
                     // Boxed, like the usage page below: rare, and kept out of every
                     // request's future.
-                    filtered = Box::pin(self.after_lease(&snapshot, &mut ctx, Head::of(&req), filtered)).await;
+                    filtered =
+                        Box::pin(self.after_lease(&snapshot, &mut ctx, Head::with_names(&req, names), filtered)).await;
                 }
                 filtered.map(Some)
             }
         };
         let mut record = self.gateway.access_log.as_ref().map(|log| {
             let mut record = crate::logs::Pending::begin(log, ctx.start);
-            access_log::record_request(&mut record, &log.settings, &ctx, Head::of(&req));
+            access_log::record_request(&mut record, &log.settings, &ctx, Head::with_names(&req, names));
             record
         });
         let outcome = match filtered {
             Ok(Some(route)) => self.proxy(&snapshot, route, &mut ctx, req).await,
-            Ok(None) => Box::pin(self.usage_page(&ctx, Head::of(&req))).await,
+            Ok(None) => Box::pin(self.usage_page(&ctx, Head::with_names(&req, names))).await,
             Err(error) => Err(error),
         };
         let mut response = match outcome {

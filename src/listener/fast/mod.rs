@@ -38,13 +38,18 @@ use rewind::Rewind;
 use super::framing::{self, BodyLength};
 use super::guard::trim_leading_crlf;
 use super::{ConnSettings, Transport};
-use crate::base::http1::{MAX_HEADERS, has_token, header_name};
+use crate::base::http1::{MAX_HEADERS, has_token, header_name, recycled_map};
 use crate::base::{Deadline, stopped};
 use crate::metrics::{Metrics, Protection};
 use crate::proxy::{ConnInfo, Inbound, Worker};
 
 /// What a read asks the socket for at least.
 const READ_SIZE: usize = 8 * 1024;
+
+/// The blank line that ends a head. Built once: `memmem::find` builds its searcher on
+/// every call, which cost more than the search of a short head (docs/benchmarks.md).
+static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
+    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
 
 /// Serves an HTTP/1 connection (plain, or TLS without `h2` in use): on this path while
 /// its requests allow, on the general one from the first that does not.
@@ -211,7 +216,7 @@ impl Exchange<'_> {
                 continue;
             }
             first = false;
-            let Some(end) = memchr::memmem::find(&self.buf, b"\r\n\r\n").map(|at| at + 4) else {
+            let Some(end) = HEAD_END.find(&self.buf).map(|at| at + 4) else {
                 // Part of a head: read on while it is well-formed so far and within its
                 // limits; otherwise the guard refuses it as it would have (431, 400, or
                 // 408 once `head_deadline` has passed).
@@ -383,9 +388,11 @@ fn request_parts(head: &Bytes) -> Option<Parts> {
     };
     let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
     let mut close = false;
-    // No room for more: the pipeline adds nothing to this map on its way to an HTTP/1.1
-    // upstream (the forwarding fields are written with the head).
-    let mut headers = HeaderMap::with_capacity(parsed.headers.len());
+    // The pipeline adds nothing to this map on its way to an HTTP/1.1 upstream (the
+    // forwarding fields are written with the head). One the thread gave back saves its
+    // two allocations and frees; the exchange gives it back when it ends.
+    let mut headers = recycled_map();
+    headers.reserve(parsed.headers.len());
     for header in parsed.headers.iter() {
         let name = header.name.as_bytes();
         if name.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes())
