@@ -48,11 +48,8 @@ impl Peer {
 /// The upstream's response head, and the pooled connection its body comes on.
 type Answer = (Response<UpstreamBody>, Option<PooledConn>);
 
-/// One try's result: what to answer if it is the last, and what to send if it is not.
-struct Try {
-    answer: Result<Answer, ProxyError>,
-    again: Option<Request<RequestBody>>,
-}
+/// One try's result, as the client returned it or the head's deadline cut it.
+type Sent = Result<Result<Answer, SendError>, HeadTimeout>;
 
 impl Worker {
     /// Phases 2 and 3 and the exchange, with retries on other endpoints.
@@ -94,8 +91,9 @@ impl Worker {
         let mut peer = upstream_peer(upstream, ctx, req.headers(), &tried)?;
         let client_upgrade = ctx.upgrade.then(|| hyper::upgrade::on(&mut req));
         let endpoint_host = &peer.guard.endpoint().host_header;
+        forward::upstream_request_filter(route, ctx, &mut req)?;
         let mut forwarding =
-            forward::upstream_request_filter(route, &snapshot.anonymous_plan, ctx, &mut req, endpoint_host)?;
+            forward::forwarding(route, &snapshot.anonymous_plan, ctx, req.headers_mut(), endpoint_host);
         // A request without a body whose method may be repeated can be sent again after it
         // reached an endpoint; keep its head for that. Others are retried only when none of
         // them was written (a failed connect).
@@ -123,7 +121,7 @@ impl Worker {
             let head_deadline = sent_at + per_try;
             let head_deadline = total_deadline.map_or(head_deadline, |t| t.min(head_deadline));
             let endpoint = peer.guard.endpoint();
-            let sent = match (borrowed, &req) {
+            let mut sent: Sent = match (borrowed, &req) {
                 (true, Some(kept)) => {
                     let keep = |name: &HeaderName| forwarding.keeps(name);
                     let edits = Edits {
@@ -161,14 +159,16 @@ impl Worker {
                 _ => None,
             };
             let kept = req.as_ref().filter(|_| borrowed);
-            let outcome = judge(
+            // Judged in place: the answer, a response of several hundred bytes, is moved
+            // only when it is the one returned (docs/benchmarks.md, "Fewer and smaller moves").
+            let again = judge(
                 upstream,
                 &peer,
-                sent,
+                &mut sent,
                 head.as_ref().or(kept.filter(|_| repeatable)),
                 kept,
             );
-            let retry = match outcome.again {
+            let retry = match again {
                 Some(request) if attempt < pool.retries.attempts => {
                     tried.insert(peer.index);
                     retry_peer(upstream, ctx, &tried).map(|next| (request, next))
@@ -176,10 +176,10 @@ impl Worker {
                 _ => None,
             };
             let Some((mut request, next)) = retry else {
-                let (response, pooled) = outcome.answer?;
+                let (response, pooled) = answer(sent)?;
                 // The request's map goes back for the next request on this thread
                 // (`listener::fast` takes it from there).
-                if let Some(mut sent) = req.take() {
+                if let Some(sent) = req.as_mut() {
                     crate::base::http1::recycle_map(std::mem::take(sent.headers_mut()));
                 }
                 let tunnel_idle = TunnelIdle {
@@ -199,11 +199,16 @@ impl Worker {
                     tunnel_idle,
                 ));
             };
-            match &outcome.answer {
-                Ok((response, _)) => {
+            match &sent {
+                Ok(Ok((response, _))) => {
                     tracing::debug!(upstream = %pool.name, status = response.status().as_u16(), "retrying on another endpoint")
                 }
-                Err(error) => tracing::debug!(upstream = %pool.name, %error, "retrying on another endpoint"),
+                Ok(Err(SendError { error, .. })) => {
+                    tracing::debug!(upstream = %pool.name, %error, "retrying on another endpoint")
+                }
+                Err(HeadTimeout) => {
+                    tracing::debug!(upstream = %pool.name, "retrying on another endpoint after a timeout")
+                }
             }
             peer = next;
             if !pool.preserve_host {
@@ -223,54 +228,46 @@ impl Worker {
 /// The response head had not come by the try's deadline.
 struct HeadTimeout;
 
-/// What one try came to, fed to the endpoint's health: the answer if it is the last try,
-/// and the request to send again if it may be retried. Unwritten requests may go
-/// elsewhere whatever their method; written ones only when repeatable (`head` kept) — a
-/// streamed body is never replayed. `kept`: the request, when the client only borrowed it.
+/// What one try came to, fed to the endpoint's health: the request to send again if it
+/// may be retried (the answer stays in `sent`). Unwritten requests may go elsewhere
+/// whatever their method; written ones only when repeatable (`head` kept) — a streamed
+/// body is never replayed. `kept`: the request, when the client only borrowed it.
 fn judge(
     upstream: &UpstreamPool,
     peer: &Peer,
-    sent: Result<Result<Answer, SendError>, HeadTimeout>,
+    sent: &mut Sent,
     head: Option<&Request<RequestBody>>,
     kept: Option<&Request<RequestBody>>,
-) -> Try {
+) -> Option<Request<RequestBody>> {
     let pool = &upstream.pool;
     match sent {
-        Ok(Ok((response, pooled))) => {
+        Ok(Ok((response, _))) => {
             let status = response.status();
             pool.record(peer.guard.endpoint(), peer.probe, !status.is_server_error());
             let retry_status = status.is_server_error() && pool.retries.on_statuses.contains(&status.as_u16());
-            Try {
-                answer: Ok((response, pooled)),
-                again: retry_status.then(|| head.map(copy_head)).flatten(),
-            }
+            retry_status.then(|| head.map(copy_head)).flatten()
         }
         // The client's body broke the exchange (too large, stalled, malformed): not the
         // endpoint's fault, and not to be sent again.
-        Ok(Err(SendError { error, .. })) if error.kind.source() == ErrorSource::Client => Try {
-            answer: Err(error),
-            again: None,
-        },
-        Ok(Err(SendError {
-            error,
-            unsent,
-            unwritten,
-            ..
-        })) => {
+        Ok(Err(SendError { error, .. })) if error.kind.source() == ErrorSource::Client => None,
+        Ok(Err(SendError { unsent, unwritten, .. })) => {
             pool.record(peer.guard.endpoint(), peer.probe, false);
-            let unsent = unsent.or_else(|| kept.filter(|_| unwritten).map(copy_head));
-            Try {
-                answer: Err(error),
-                again: unsent.or_else(|| head.map(copy_head)),
-            }
+            let unsent = unsent.take().or_else(|| kept.filter(|_| *unwritten).map(copy_head));
+            unsent.or_else(|| head.map(copy_head))
         }
-        Err(_) => {
+        Err(HeadTimeout) => {
             pool.record(peer.guard.endpoint(), peer.probe, false);
-            Try {
-                answer: Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
-                again: head.map(copy_head),
-            }
+            head.map(copy_head)
         }
+    }
+}
+
+/// The last try's answer, or the error it ended in.
+fn answer(sent: Sent) -> Result<Answer, ProxyError> {
+    match sent {
+        Ok(Ok(answer)) => Ok(answer),
+        Ok(Err(SendError { error, .. })) => Err(error),
+        Err(HeadTimeout) => Err(ProxyError::new(ErrorKind::UpstreamTimeout)),
     }
 }
 

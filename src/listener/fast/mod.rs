@@ -236,10 +236,9 @@ impl Exchange<'_> {
             // Requests pipelined behind this one (`parse` sees bytes beyond its body) are
             // the guard's: it checks every head in a read before any is served, so a
             // smuggling attempt behind an innocent request is refused as a whole.
-            let Some(request) = self.parse(end) else {
+            let Some((request, close)) = self.parse(end) else {
                 return Outcome::General(self.buf.split().freeze(), deadline(&mut head_deadline));
             };
-            let (request, close) = request;
             let head_only = request.method() == Method::HEAD;
             let answer = self.conn.streams.start();
             // Boxed: inline, the pipeline's state would make every connection's task as
