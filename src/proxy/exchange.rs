@@ -63,21 +63,26 @@ impl Worker {
         // Before a pool slot is taken: a slow body holds nothing upstream.
         let body_timeout = snapshot.config.server.client_body_timeout;
         let logged = self.gateway.access_log.is_some();
+        // The body takes its upstream form at once: each `map` of the request moves its
+        // 224-byte head (docs/benchmarks.md, "Fewer and smaller moves").
         let mut req = req.map(|body| {
             let body = ClientBody::new(body, route.max_body_bytes, body_timeout);
             // A body of no declared length (chunked, or HTTP/2 without one) is counted for
             // the access log's `bytes_in` as it streams.
-            if logged && ctx.declared_body == 0 && !hyper::body::Body::is_end_stream(&body) {
-                let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-                ctx.body_read = Some(counter.clone());
-                body.with_counter(counter)
-            } else {
-                body
-            }
+            RequestBody::Client(
+                if logged && ctx.declared_body == 0 && !hyper::body::Body::is_end_stream(&body) {
+                    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+                    ctx.body_read = Some(counter.clone());
+                    body.with_counter(counter)
+                } else {
+                    body
+                },
+            )
         });
-        if !hyper::body::Body::is_end_stream(req.body()) {
-            req.body_mut()
-                .prefetch()
+        if let RequestBody::Client(body) = req.body_mut()
+            && !hyper::body::Body::is_end_stream(body)
+        {
+            body.prefetch()
                 .await
                 .map_err(|fault| ProxyError::with_cause(fault.kind(), fault))?;
         }
@@ -101,7 +106,6 @@ impl Worker {
             && client_upgrade.is_none()
             && hyper::body::Body::is_end_stream(req.body())
             && pool.idempotent(req.method());
-        let mut req = req.map(RequestBody::Client);
         let client = &upstream.clients[self.id % upstream.clients.len()];
         // A client that only borrows the request leaves it here to send again: no copy. It
         // writes the forwarding edits as it encodes the head; hyper's needs them applied.

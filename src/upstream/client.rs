@@ -79,7 +79,8 @@ pub(crate) fn release_h1(key: IdleKey, conn: Box<h1::Conn>) {
         let mut idle = idle.borrow_mut();
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
-            list.push((conn, Instant::now()));
+            let since = conn.sent_at;
+            list.push((conn, since));
         }
     });
 }
@@ -366,7 +367,7 @@ impl UpstreamClient {
                     }
                 }
             };
-            match h1::send(conn, key, req, edits, deadline).await {
+            match h1::send(conn, key, req, edits, now, deadline).await {
                 Ok(response) => return Ok((response.map(UpstreamBody::H1), None)),
                 Err(failure) => {
                     if reused

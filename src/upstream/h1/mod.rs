@@ -89,6 +89,10 @@ pub struct Conn {
     out: Vec<u8>,
     /// The response head's deadline of the exchange in progress.
     timer: Deadline,
+    /// When its last request was sent: its idle stamp in the pool, read no later than
+    /// its release, so it is never kept past `IDLE_TIMEOUT` of true idleness, and no
+    /// clock read is spent on the release.
+    pub(crate) sent_at: Instant,
 }
 
 impl Conn {
@@ -98,6 +102,7 @@ impl Conn {
             buf: BytesMut::new(),
             out: Vec::new(),
             timer: Deadline::new(Instant::now()),
+            sent_at: Instant::now(),
         }
     }
 
@@ -180,8 +185,10 @@ pub async fn send(
     key: crate::upstream::client::IdleKey,
     req: &Request<RequestBody>,
     edits: &Edits<'_>,
+    sent_at: Instant,
     deadline: Option<Instant>,
 ) -> Result<Response<H1Body>, Failure> {
+    conn.sent_at = sent_at;
     let body = req.body().whole().map_or(&[][..], |body| &body[..]);
     encode_request(&mut conn.out, req, edits, body);
     let mut out = std::mem::take(&mut conn.out);
