@@ -12,10 +12,8 @@ use crate::config::UpstreamProtocol;
 use crate::gateway::Route;
 use crate::upstream::h1::{Edits, FieldValue};
 
-/// Phase 3: the request head as the upstream gets it — URI (prefix stripped, key removed
-/// from the query) and version set on the request; `Host`, forwarding headers, request id
-/// and the caller as identified, hop-by-hop headers and the caller's credentials removed,
-/// returned as the [`Forwarding`] to write (or apply) when it is sent ([`forwarding`]).
+/// Phase 3, the target: the URI (prefix stripped, key removed from the query) and the
+/// version the upstream gets, set on the request. The fields are [`forwarding`]'s.
 pub(super) fn upstream_request_filter<B>(
     route: &Route,
     ctx: &RequestCtx<'_>,
@@ -34,10 +32,13 @@ pub(super) fn upstream_request_filter<B>(
     Ok(())
 }
 
-/// The header edits of phase 3. Not returned in a `Result`: at 488 bytes the
-/// `Forwarding` is built where it is kept (docs/benchmarks.md, "Fewer and smaller
-/// moves"). `endpoint_host` is the chosen endpoint's `Host` (used unless the pool
-/// preserves the client's).
+/// Phase 3, the fields: `Host`, forwarding headers, request id and the caller as
+/// identified, hop-by-hop headers and the caller's credentials removed, as the
+/// [`Forwarding`] to write (or apply) when the request is sent. Apart from the target,
+/// which can fail, so that the 488-byte `Forwarding` is built where it is kept rather than
+/// returned in a `Result` (docs/benchmarks.md, "Fewer and smaller moves").
+/// `endpoint_host` is the chosen endpoint's `Host` (used unless the pool preserves the
+/// client's).
 pub(super) fn forwarding(
     route: &Route,
     anonymous_plan: &HeaderValue,

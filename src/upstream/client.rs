@@ -70,8 +70,9 @@ thread_local! {
     static IDLE_H1: RefCell<FxHashMap<IdleKey, Vec<IdleH1>>> = RefCell::default();
 }
 
-/// An idle connection of the purpose-built client, and since when.
-type IdleH1 = (Box<h1::Conn>, Instant);
+/// An idle connection of the purpose-built client, idle since its `sent_at`; boxed as the
+/// response body that lends it out holds it.
+type IdleH1 = Box<h1::Conn>;
 
 /// Takes back a connection whose response was read to its end.
 pub(crate) fn release_h1(key: IdleKey, conn: Box<h1::Conn>) {
@@ -79,8 +80,7 @@ pub(crate) fn release_h1(key: IdleKey, conn: Box<h1::Conn>) {
         let mut idle = idle.borrow_mut();
         let list = idle.entry(key).or_default();
         if list.len() < MAX_IDLE_PER_ADDR {
-            let since = conn.sent_at;
-            list.push((conn, since));
+            list.push(conn);
         }
     });
 }
@@ -90,8 +90,9 @@ fn checkout_h1(key: IdleKey, now: Instant) -> Option<Box<h1::Conn>> {
     IDLE_H1.with(|idle| {
         let mut idle = idle.borrow_mut();
         let list = idle.get_mut(&key)?;
-        while let Some((mut conn, since)) = list.pop() {
-            if now.saturating_duration_since(since) < IDLE_TIMEOUT && conn.is_usable() {
+        // Idle since its last request was sent (`h1::Conn::sent_at`).
+        while let Some(mut conn) = list.pop() {
+            if now.saturating_duration_since(conn.sent_at) < IDLE_TIMEOUT && conn.is_usable() {
                 return Some(conn);
             }
         }
