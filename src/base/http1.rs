@@ -2,6 +2,8 @@
 //! path, the upstream codec and the access log: field values (RFC 9110 §5.6), decimal
 //! numbers written without `fmt`, and header fields kept as the bytes read (`RawHeaders`).
 
+use std::ops::Range;
+
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue};
 
@@ -240,6 +242,33 @@ impl RawHeaders {
             .map(|f| (field(&self.head, f.name), field(&self.head, f.value)))
     }
 
+    /// The forwarded fields, each with where its whole line lies in [`RawHeaders::bytes`]
+    /// (name to CRLF) when it ends in CRLF: a writer copies a run of adjacent lines it
+    /// keeps as one slice, as it was read.
+    pub fn forwarded_lines(&self) -> impl Iterator<Item = (&[u8], &[u8], Option<Range<usize>>)> {
+        let head = &self.head[..];
+        self.fields
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !f.hop)
+            .map(move |(i, f)| {
+                // A line ends where the next begins; the last, before the blank line.
+                let end = match self.fields.get(i + 1) {
+                    Some(next) => next.name.0 as usize,
+                    None => head.len().saturating_sub(2),
+                };
+                let start = f.name.0 as usize;
+                let line =
+                    (end >= f.value.1 as usize + 2 && head.get(end - 2..end) == Some(b"\r\n")).then_some(start..end);
+                (field(head, f.name), field(head, f.value), line)
+            })
+    }
+
+    /// The bytes the fields were read from.
+    pub fn bytes(&self) -> &[u8] {
+        &self.head
+    }
+
     /// Merges the forwarded fields into `headers` (for a writer that needs a map: hyper's
     /// server, HTTP/2). Names already in `headers` were set by the pipeline and replace
     /// the fields read; a field `http` does not take is left out.
@@ -372,6 +401,45 @@ mod tests {
         out.push(b' ');
         push_decimal(&mut out, u64::MAX);
         assert_eq!(out, b"0 18446744073709551615");
+    }
+
+    #[test]
+    fn forwarded_lines_are_whole_crlf_lines_and_bare_lf_ones_are_not_offered() {
+        let lines = |raw: &'static [u8]| {
+            let mut slots = [httparse::EMPTY_HEADER; 8];
+            let mut response = httparse::Response::new(&mut slots);
+            response.parse(raw).unwrap();
+            let fields = RawHeaders::new(Bytes::from_static(raw), RawFields::of(raw, response.headers));
+            fields
+                .forwarded_lines()
+                .map(|(name, value, line)| {
+                    (
+                        String::from_utf8(name.to_vec()).unwrap(),
+                        String::from_utf8(value.to_vec()).unwrap(),
+                        line.map(|line| String::from_utf8(fields.bytes()[line].to_vec()).unwrap()),
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let some = |s: &str| Some(s.to_string());
+        assert_eq!(
+            lines(b"HTTP/1.1 200 OK\r\nServer: up \r\nConnection: close\r\nX-A:1\r\nDate: d\r\n\r\n"),
+            [
+                ("Server".into(), "up".into(), some("Server: up \r\n")),
+                ("X-A".into(), "1".into(), some("X-A:1\r\n")),
+                ("Date".into(), "d".into(), some("Date: d\r\n")),
+            ],
+            "the hop-by-hop line is left out; the others are whole, as read"
+        );
+        assert_eq!(
+            lines(b"HTTP/1.1 200 OK\nServer: up\nX-A: 1\r\nDate: d\n\n"),
+            [
+                ("Server".into(), "up".into(), None),
+                ("X-A".into(), "1".into(), some("X-A: 1\r\n")),
+                ("Date".into(), "d".into(), None),
+            ],
+            "a line ended by a bare LF is written again, not copied"
+        );
     }
 
     #[test]

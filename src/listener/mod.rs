@@ -434,7 +434,10 @@ async fn serve_http<S: Transport>(
             let stream = conn.streams.start();
             let http1 = req.version() < http::Version::HTTP_2;
             let response = handler
-                .handle(req.map(|body| Some(crate::proxy::Inbound::Hyper(body))), &conn)
+                .handle(
+                    Box::new(req.map(|body| Some(crate::proxy::Inbound::Hyper(body)))),
+                    &conn,
+                )
                 .await;
             stream.answered();
             // hyper writes only the map: the upstream's fields as read join it.

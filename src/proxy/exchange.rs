@@ -58,14 +58,14 @@ impl Worker {
         snapshot: &Snapshot,
         route: &Route,
         ctx: &mut RequestCtx<'_>,
-        req: Request<Option<Inbound>>,
+        req: Box<Request<Option<Inbound>>>,
     ) -> Result<Response<ProxyBody>, ProxyError> {
         // Before a pool slot is taken: a slow body holds nothing upstream.
         let body_timeout = snapshot.config.server.client_body_timeout;
         let logged = self.gateway.access_log.is_some();
         // The body takes its upstream form at once: each `map` of the request moves its
         // 224-byte head (docs/benchmarks.md, "Fewer and smaller moves").
-        let mut req = req.map(|body| {
+        let mut req = (*req).map(|body| {
             let body = ClientBody::new(body, route.max_body_bytes, body_timeout);
             // A body of no declared length (chunked, or HTTP/2 without one) is counted for
             // the access log's `bytes_in` as it streams.

@@ -256,7 +256,7 @@ impl Worker {
     /// Runs a request through every phase. Never fails: errors become JSON responses. The
     /// body is hyper's, the one the purpose-built HTTP/1.1 server (`listener::fast`) read
     /// with the head, or `None` for a bodiless request read by that server.
-    pub async fn handle(&self, req: Request<Option<Inbound>>, conn: &ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(&self, req: Box<Request<Option<Inbound>>>, conn: &ConnInfo) -> Response<ProxyBody> {
         let snapshot = self.gateway.snapshot();
         let names = headers::Names::of(req.headers());
         let mut ctx = RequestCtx::new(headers::request_id(req.headers(), names), names, conn);

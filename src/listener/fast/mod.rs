@@ -316,7 +316,7 @@ impl Exchange<'_> {
     /// length is served here when it arrived whole with the head and nothing follows it
     /// (the common API call: a small JSON body written with its head); the rest go to
     /// the general path, which streams them. `None` leaves the buffer as it was.
-    fn parse(&mut self, end: usize) -> Option<(Request<Option<Inbound>>, bool)> {
+    fn parse(&mut self, end: usize) -> Option<(Box<Request<Option<Inbound>>>, bool)> {
         let head = &self.buf[..end];
         if end > self.settings.limits.max_header_bytes
             || head.starts_with(b"PRI * HTTP/2.0")
@@ -331,7 +331,8 @@ impl Exchange<'_> {
         match request_parts(&head).filter(|parts| parts.body_len == self.buf.len() as u64) {
             Some(parts) => {
                 let body = (parts.body_len > 0).then(|| Inbound::Read(self.buf.split().freeze()));
-                let mut request = Request::new(body);
+                // Boxed: the pipeline moves it whole several times on its way upstream.
+                let mut request = Box::new(Request::new(body));
                 *request.method_mut() = parts.method;
                 *request.uri_mut() = parts.uri;
                 *request.version_mut() = Version::HTTP_11;

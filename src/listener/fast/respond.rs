@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::Exchange;
 use crate::base::Deadline;
-use crate::base::http1::{RawHeaders, has_token, push_decimal};
+use crate::base::http1::{has_token, push_decimal};
 use crate::listener::Transport;
 use crate::metrics::{Metrics, Protection};
 use crate::proxy::ProxyBody;
@@ -64,33 +64,52 @@ impl Exchange<'_> {
         let headers = response.headers();
         // The upstream's fields as read (its hop-by-hop ones already marked), then the
         // map, whose names (set by the pipeline) replace theirs.
-        let read = body.upstream_head().into_iter().flat_map(RawHeaders::forwarded);
-        let set = headers
-            .iter()
-            .map(|(name, value)| (name.as_str().as_bytes(), value.as_bytes()));
-        for (name, value) in read
-            .filter(|(name, _)| {
-                !headers
-                    .keys()
-                    .any(|set| set.as_str().as_bytes().eq_ignore_ascii_case(name))
-            })
-            .chain(set)
-        {
+        let mut written = |name: &[u8]| {
             if name.eq_ignore_ascii_case(b"transfer-encoding") || name.eq_ignore_ascii_case(b"connection") {
-                continue;
+                return false;
             }
             if name.eq_ignore_ascii_case(b"content-length") {
                 // A HEAD or 304 answer keeps the length of what a GET would get.
                 if !bodiless {
-                    continue;
+                    return false;
                 }
                 has_length = true;
             }
             has_date |= name.eq_ignore_ascii_case(b"date");
-            out.extend_from_slice(name);
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value);
-            out.extend_from_slice(b"\r\n");
+            true
+        };
+        if let Some(read) = body.upstream_head() {
+            // Adjacent lines kept as they were read leave in one copy.
+            let mut run: Option<std::ops::Range<usize>> = None;
+            for (name, value, line) in read.forwarded_lines() {
+                if headers
+                    .keys()
+                    .any(|set| set.as_str().as_bytes().eq_ignore_ascii_case(name))
+                    || !written(name)
+                {
+                    continue;
+                }
+                match (&mut run, line) {
+                    (Some(run), Some(line)) if run.end == line.start => run.end = line.end,
+                    (_, line) => {
+                        if let Some(done) = run.take() {
+                            out.extend_from_slice(&read.bytes()[done]);
+                        }
+                        match line {
+                            Some(line) => run = Some(line),
+                            None => write_field(out, name, value),
+                        }
+                    }
+                }
+            }
+            if let Some(done) = run {
+                out.extend_from_slice(&read.bytes()[done]);
+            }
+        }
+        for (name, value) in headers {
+            if written(name.as_str().as_bytes()) {
+                write_field(out, name.as_str().as_bytes(), value.as_bytes());
+            }
         }
         if !has_date {
             out.extend_from_slice(b"date: ");
@@ -171,6 +190,13 @@ impl Exchange<'_> {
         drop(response);
         Ok(if close { Next::Close } else { Next::KeepAlive })
     }
+}
+
+fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 fn write_length(out: &mut Vec<u8>, n: u64) {
