@@ -332,6 +332,78 @@ async fn upstream_fields_are_forwarded_as_read_without_the_connections_own() {
     check(&conn.response(false), "hyper's path, no body");
 }
 
+/// An upstream whose head mixes spellings: no space after a colon, trailing whitespace,
+/// and lines ended by a bare LF (which RFC 9112 §2.2 lets a recipient accept).
+fn spelled_upstream() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..at + 4);
+                        let response = "HTTP/1.1 200 OK\r\nX-Tight:v\r\nX-Case: Kept \r\nX-Lf: 1\n\
+                            X-After: 2\r\nConnection: keep-alive\r\nX-Last: 3\nContent-Length: 2\r\n\r\nok";
+                        if stream.write_all(response.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_lines_leave_as_read_and_bare_lf_ones_end_in_crlf() {
+    let gateway = Gateway::start(&config(spelled_upstream()));
+    let mut conn = Conn::open(gateway.proxy);
+    conn.send(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n");
+    // The head, byte for byte up to its blank line.
+    let mut head = Vec::new();
+    loop {
+        if let Some(at) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            head = conn.buf.drain(..at + 4).collect();
+            break;
+        }
+        assert!(conn.fill() > 0, "closed inside the head");
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(
+        head.contains("\r\nX-Tight:v\r\nX-Case: Kept \r\n"),
+        "adjacent lines as the upstream spelled them: {head:?}"
+    );
+    assert!(head.contains("\r\nX-Lf: 1\r\n"), "{head:?}");
+    assert!(head.contains("\r\nX-After: 2\r\n"), "{head:?}");
+    assert!(head.contains("\r\nX-Last: 3\r\n"), "{head:?}");
+    assert!(
+        !head.to_ascii_lowercase().contains("keep-alive"),
+        "hop-by-hop: {head:?}"
+    );
+    assert_eq!(
+        head.matches('\n').count(),
+        head.matches("\r\n").count(),
+        "every line ends in CRLF: {head:?}"
+    );
+    assert_eq!(conn.take(2), b"ok");
+    // The connection goes on: the head was framed right.
+    conn.send(b"GET /b HTTP/1.1\r\nHost: a\r\n\r\n");
+    let raw = conn.response(false);
+    assert_eq!(
+        (raw.status, raw.header("x-last"), &raw.body[..]),
+        (200, Some("3"), &b"ok"[..])
+    );
+}
+
 /// An upstream that answers every request with the request itself as it arrived: its
 /// head, then its body as framed by `Content-Length` or chunked (the chunks decoded).
 /// Counts the requests it saw.

@@ -440,6 +440,15 @@ mod tests {
             ],
             "a line ended by a bare LF is written again, not copied"
         );
+        assert_eq!(
+            lines(b"HTTP/1.1 200 OK\r\nX-Empty:\r\nX-Blank:  \r\nX-B: 1\r\n\r\n"),
+            [
+                ("X-Empty".into(), "".into(), some("X-Empty:\r\n")),
+                ("X-Blank".into(), "".into(), some("X-Blank:  \r\n")),
+                ("X-B".into(), "1".into(), some("X-B: 1\r\n")),
+            ],
+            "empty values are lines like the others"
+        );
     }
 
     #[test]
