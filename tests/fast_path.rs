@@ -369,14 +369,12 @@ async fn upstream_lines_leave_as_read_and_bare_lf_ones_end_in_crlf() {
     let mut conn = Conn::open(gateway.proxy);
     conn.send(b"GET /a HTTP/1.1\r\nHost: a\r\n\r\n");
     // The head, byte for byte up to its blank line.
-    let mut head = Vec::new();
-    loop {
+    let head: Vec<u8> = loop {
         if let Some(at) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            head = conn.buf.drain(..at + 4).collect();
-            break;
+            break conn.buf.drain(..at + 4).collect();
         }
         assert!(conn.fill() > 0, "closed inside the head");
-    }
+    };
     let head = String::from_utf8(head).unwrap();
     assert!(
         head.contains("\r\nX-Tight:v\r\nX-Case: Kept \r\n"),
