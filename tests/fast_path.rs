@@ -255,6 +255,15 @@ async fn one_connection_carries_fast_and_handed_over_requests_framed_exactly() {
 /// mixed-case names, hop-by-hop fields (one named by `Connection`), a repeated field, and
 /// fields the gateway sets itself.
 fn raw_upstream() -> std::net::SocketAddr {
+    canned_upstream(
+        "HTTP/1.1 200 OK\r\nServer: Raw/1\r\nConnection: keep-alive, X-Hop\r\n\
+         X-Hop: secret\r\nKeep-Alive: timeout=5\r\nSet-Cookie: a=1\r\nX-Request-Id: upstream-id\r\n\
+         Strict-Transport-Security: max-age=1\r\nset-cookie: b=2\r\nContent-Length: 2\r\n\r\nok",
+    )
+}
+
+/// An upstream that answers every bodiless request on a connection with `response`.
+fn canned_upstream(response: &'static str) -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     std::thread::spawn(move || {
@@ -266,9 +275,6 @@ fn raw_upstream() -> std::net::SocketAddr {
                 loop {
                     while let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
                         buf.drain(..at + 4);
-                        let response = "HTTP/1.1 200 OK\r\nServer: Raw/1\r\nConnection: keep-alive, X-Hop\r\n\
-                            X-Hop: secret\r\nKeep-Alive: timeout=5\r\nSet-Cookie: a=1\r\nX-Request-Id: upstream-id\r\n\
-                            Strict-Transport-Security: max-age=1\r\nset-cookie: b=2\r\nContent-Length: 2\r\n\r\nok";
                         if stream.write_all(response.as_bytes()).is_err() {
                             return;
                         }
@@ -335,32 +341,10 @@ async fn upstream_fields_are_forwarded_as_read_without_the_connections_own() {
 /// An upstream whose head mixes spellings: no space after a colon, trailing whitespace,
 /// and lines ended by a bare LF (which RFC 9112 §2.2 lets a recipient accept).
 fn spelled_upstream() -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 4096];
-                loop {
-                    while let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..at + 4);
-                        let response = "HTTP/1.1 200 OK\r\nX-Tight:v\r\nX-Case: Kept \r\nX-Lf: 1\n\
-                            X-After: 2\r\nConnection: keep-alive\r\nX-Last: 3\nContent-Length: 2\r\n\r\nok";
-                        if stream.write_all(response.as_bytes()).is_err() {
-                            return;
-                        }
-                    }
-                    match stream.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
-                }
-            });
-        }
-    });
-    addr
+    canned_upstream(
+        "HTTP/1.1 200 OK\r\nX-Tight:v\r\nX-Case: Kept \r\nX-Lf: 1\n\
+         X-After: 2\r\nConnection: keep-alive\r\nX-Last: 3\nContent-Length: 2\r\n\r\nok",
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -236,10 +236,7 @@ impl RawHeaders {
 
     /// The fields that go on to the next hop: all but the connection's own.
     pub fn forwarded(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.fields
-            .iter()
-            .filter(|f| !f.hop)
-            .map(|f| (field(&self.head, f.name), field(&self.head, f.value)))
+        self.forwarded_lines().map(|(name, value, _)| (name, value))
     }
 
     /// The forwarded fields, each with where its whole line lies in [`RawHeaders::bytes`]
