@@ -4,6 +4,15 @@ binary under `valgrind --tool=callgrind` with a keyed route, a plan with limits 
 recording, zeroes the counters after a warm-up, drives `wrk -t1 -c8 -d5s` with a key, dumps
 the counters and divides by the requests served.
 
+Also reported per request:
+- locked instructions (`lock`-prefixed, and `xchg` with memory, which locks implicitly),
+  found by disassembling every object the run executed (objdump) and summing callgrind's
+  per-instruction counts at those addresses. Each costs about 9 ns on this VM even
+  uncontended (docs/benchmarks.md, "Locked instructions");
+- instructions in SHA-256's software rounds: valgrind hides the CPU's SHA extensions, so
+  the key's hash runs in software under callgrind only (about 6,700 instructions a
+  request) and not on the benchmark machine, which has them.
+
 Usage (after bench/run.sh has installed wrk and nginx and built the release binary):
 `python3 bench/instructions.py [NAME=BINARY[+logs] ...]` (default: this checkout's release build;
 `+logs` turns access logs on for that run).
@@ -62,7 +71,7 @@ def measure(name, binary, up, workdir):
     binary = binary.removesuffix("+logs")
     out = os.path.join(workdir, f"{name}.callgrind")
     proc, port, key = start_keyed(name, binary, up, workdir,
-                                  ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=no"], logs)
+                                  ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=yes"], logs)
     try:
         wrk = ["wrk", "-t1", "-c8", "-H", f"X-API-Key: {key}", f"http://127.0.0.1:{port}/"]
         subprocess.run(wrk[:3] + ["-d2s"] + wrk[3:], capture_output=True)  # warm-up
@@ -87,7 +96,89 @@ def measure(name, binary, up, workdir):
         for line in open(dump, errors="replace"):
             if line.startswith("summary:") or line.startswith("totals:"):
                 counted = max(counted, int(line.split()[1]))
-    return requests, counted
+    locked, soft_sha = 0, 0
+    for dump in dumps:
+        one_locked, one_sha = per_instruction(dump)
+        locked, soft_sha = locked + one_locked, soft_sha + one_sha
+    return requests, counted, locked, soft_sha
+
+
+LOCKED_ADDRESSES = {}
+
+
+def locked_addresses(obj):
+    """Addresses (as callgrind gives them: the object's own) of `obj`'s locked instructions."""
+    if obj not in LOCKED_ADDRESSES:
+        found = set()
+        if os.path.exists(obj):
+            dump = subprocess.run(["objdump", "-d", "--no-show-raw-insn", obj], capture_output=True, text=True).stdout
+            for m in re.finditer(r"^\s+([0-9a-f]+):\s+(?:lock |xchg [^\n]*\()", dump, re.M):
+                found.add(int(m.group(1), 16))
+        LOCKED_ADDRESSES[obj] = found
+    return LOCKED_ADDRESSES[obj]
+
+
+def per_instruction(dump):
+    """(locked instructions executed, instructions in SHA-256's software rounds) of one
+    callgrind dump written with `--dump-instr=yes`."""
+    names, obj, fn, last, call_cost = {}, None, "", [0, 0], False
+    locked, soft_sha = 0, 0
+
+    def position(token, i):
+        if token == "*":
+            return last[i]
+        if token[0] in "+-":
+            step = int(token[1:], 16) if token[1:].startswith("0x") else int(token[1:])
+            return last[i] + (step if token[0] == "+" else -step)
+        return int(token, 16) if token.startswith("0x") else int(token)
+
+    def name(kind, rest):
+        m = re.match(r"\((\d+)\)(?: (.*))?", rest)
+        if not m:
+            return rest
+        if m.group(2):
+            names[(kind, m.group(1))] = m.group(2)
+        return names.get((kind, m.group(1)), "")
+
+    for line in open(dump, errors="replace"):
+        line = line.rstrip("\n")
+        if not line:
+            continue
+        key = line.split("=", 1)[0]
+        if key in ("ob", "cob"):
+            value = name("ob", line[len(key) + 1:])
+            if key == "ob":
+                obj = value
+            continue
+        if key in ("fn", "cfn"):
+            value = name("fn", line[len(key) + 1:])
+            if key == "fn":
+                fn = value
+            continue
+        if key in ("fl", "fi", "fe", "cfi", "cfl"):
+            name("fl", line[len(key) + 1:])
+            continue
+        if key == "calls":
+            # The next cost line is the call's inclusive cost, not this function's own.
+            call_cost = True
+            continue
+        if not (line[0].isdigit() or line[0] in "+-*"):
+            continue
+        tokens = line.split()
+        last[0] = position(tokens[0], 0)
+        if len(tokens) > 1:
+            last[1] = position(tokens[1], 1)
+        if call_cost:
+            call_cost = False
+            continue
+        if len(tokens) < 3:
+            continue
+        cost = int(tokens[2])
+        if obj and last[0] in locked_addresses(obj):
+            locked += cost
+        if "sha256" in fn and "compress" in fn:
+            soft_sha += cost
+    return locked, soft_sha
 
 
 def main():
@@ -98,8 +189,10 @@ def main():
         upstream, up = start_upstream(workdir)
         procs.append(upstream)
         for name, binary in binaries:
-            requests, instructions = measure(name, binary, up, workdir)
-            print(f"{name}: {requests} requests, {instructions / requests:,.0f} instructions per request")
+            requests, instructions, locked, soft_sha = measure(name, binary, up, workdir)
+            print(f"{name}: {requests} requests, {instructions / requests:,.0f} instructions per request "
+                  f"({(instructions - soft_sha) / requests:,.0f} without SHA-256's software rounds), "
+                  f"{locked / requests:.1f} locked instructions per request")
     finally:
         stop_all(procs, workdir)
 

@@ -8,9 +8,10 @@ pub mod deadline;
 pub mod error;
 pub mod http1;
 pub mod shutdown;
+pub mod sock;
 pub mod time;
 
 pub use conn::{ConnPhase, ConnStreams, Phase, StreamGuard};
 pub use deadline::Deadline;
 pub use error::{ErrorKind, ErrorSource, ProxyError, error_body, new_request_id, raw_error_response};
-pub use shutdown::{Shutdown, stopped};
+pub use shutdown::{Shutdown, stopped, stopped_armed};

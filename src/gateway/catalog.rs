@@ -264,7 +264,7 @@ mod tests {
             })
             .await
             .unwrap();
-        assert_eq!(gateway.plans().get("pro").unwrap().daily, Some(1000));
+        assert_eq!(gateway.with_plans(|plans| plans.get("pro").unwrap().daily), Some(1000));
         let consumer = gateway
             .set_consumer_plan("acme", Some(Some("pro".into())))
             .await
@@ -299,7 +299,10 @@ mod tests {
         );
         assert!(gateway.consumer("acme").is_none());
         gateway.delete_plan("pro").await.unwrap();
-        assert!(gateway.plans().get("pro").is_none(), "a deleted plan is no plan");
+        assert!(
+            gateway.with_plans(|plans| plans.get("pro").is_none()),
+            "a deleted plan is no plan"
+        );
     }
 
     #[tokio::test]

@@ -19,7 +19,7 @@ pub mod usage;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-use arc_swap::{ArcSwap, Guard};
+use arc_swap::ArcSwap;
 
 pub use catalog::{KeyChange, valid_id};
 pub use snapshot::{ClientCache, Route, Snapshot, USAGE_PAGE_ROUTE, UpstreamPool, UsagePage};
@@ -40,9 +40,33 @@ pub const DEFAULT_PLAN: &str = "default";
 /// This node's slot name in usage counters until nodes are named by `[cluster]`.
 pub const LOCAL_NODE: &str = "local";
 
+/// A thread's copy of what an `ArcSwap` holds. Checking that it is current is a plain
+/// load, where `ArcSwap::load` costs two locked instructions (docs/benchmarks.md, "Locked
+/// instructions"). It keeps the `ArcSwap` alive, so the address it is compared by is not
+/// reused while it is held.
+type LocalCopy<T> = arc_swap::Cache<Arc<ArcSwap<T>>, Arc<T>>;
+
+thread_local! {
+    static SNAPSHOT: std::cell::RefCell<Option<LocalCopy<Snapshot>>> = const { std::cell::RefCell::new(None) };
+    static PLANS: std::cell::RefCell<Option<LocalCopy<PlanTable>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// What `source` holds now, through this thread's copy in `slot` (made anew when it copies
+/// another gateway's: tests run several on one thread).
+fn latest<'a, T>(slot: &'a mut Option<LocalCopy<T>>, source: &Arc<ArcSwap<T>>) -> &'a Arc<T> {
+    if !slot
+        .as_ref()
+        .is_some_and(|copy| std::ptr::eq(copy.arc_swap(), &**source))
+    {
+        *slot = Some(arc_swap::Cache::new(source.clone()));
+    }
+    slot.get_or_insert_with(|| arc_swap::Cache::new(source.clone())).load()
+}
+
 /// State shared by every worker and the admin API.
 pub struct Gateway {
-    snapshot: ArcSwap<Snapshot>,
+    /// Shared with each worker thread's copy (`LOCAL`).
+    snapshot: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
     /// API keys for the request path; rebuilt from the catalog at start, updated per write.
     pub keys: KeyTable,
@@ -59,8 +83,8 @@ pub struct Gateway {
     /// Serialises admin writes, so the catalog and memory see them in the same order.
     /// Readers never wait on it.
     writes: tokio::sync::Mutex<()>,
-    /// Plans compiled for the request path.
-    plans: ArcSwap<PlanTable>,
+    /// Plans compiled for the request path; shared with each worker thread's copy.
+    plans: Arc<ArcSwap<PlanTable>>,
     /// How many live nodes share each plan's rate limit (`[cluster] divide_rate`).
     rate_share: AtomicU32,
     pub usage: Arc<Usage>,
@@ -125,8 +149,8 @@ impl Gateway {
             "usage counters restored"
         );
         Ok(Arc::new(Gateway {
-            snapshot: ArcSwap::from_pointee(snapshot),
-            plans: ArcSwap::from_pointee(plans),
+            snapshot: Arc::new(ArcSwap::from_pointee(snapshot)),
+            plans: Arc::new(ArcSwap::from_pointee(plans)),
             rate_share: AtomicU32::new(1),
             usage,
             usage_page_rate: Default::default(),
@@ -147,12 +171,12 @@ impl Gateway {
 
     /// The live configuration, compiled; a reload swaps it whole.
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.load_full()
+        SNAPSHOT.with(|copy| latest(&mut copy.borrow_mut(), &self.snapshot).clone())
     }
 
-    /// The plans as the request path uses them (one atomic load).
-    pub fn plans(&self) -> Guard<Arc<PlanTable>> {
-        self.plans.load()
+    /// Runs `f` on the plans as the request path uses them (`f` may not call this again).
+    pub fn with_plans<R>(&self, f: impl FnOnce(&PlanTable) -> R) -> R {
+        PLANS.with(|copy| f(latest(&mut copy.borrow_mut(), &self.plans)))
     }
 
     pub fn set_ready(&self, ready: bool) {

@@ -50,11 +50,20 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Writes a final error response if the socket takes it now, then ends the writing
     /// side (best effort: the connection is closing anyway).
     fn write_final(&mut self, bytes: &[u8]);
+    /// Writes what the transport takes of `bytes` now (`poll_write`, unless the
+    /// transport has a cheaper way).
+    fn poll_send(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(self).poll_write(cx, bytes)
+    }
 }
 
 impl Transport for TcpStream {
     fn socket(&self) -> &TcpStream {
         self
+    }
+
+    fn poll_send(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+        crate::base::sock::poll_send(self, cx, bytes)
     }
 
     fn write_final(&mut self, bytes: &[u8]) {

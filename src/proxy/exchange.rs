@@ -19,11 +19,11 @@ use crate::gateway::{Route, Snapshot, UpstreamPool};
 use crate::upstream::body::{ClientBody, Inbound, RequestBody, UpstreamBody};
 use crate::upstream::client::{PooledConn, SendError};
 use crate::upstream::h1::Edits;
-use crate::upstream::{InflightGuard, Selected, Target, Tried};
+use crate::upstream::{InflightGuard, Selected, Tried};
 
 /// The endpoint chosen for one try.
 struct Peer {
-    target: Target,
+    target: std::net::SocketAddr,
     guard: InflightGuard,
     /// The endpoint's place in its pool (retries skip it) and whether this try is a
     /// half-open breaker's probe.
@@ -35,7 +35,7 @@ impl Peer {
     /// Takes the endpoint's next address and counts the try in its in-flight load.
     fn new(selected: Selected, ctx: &mut RequestCtx<'_>) -> Option<Peer> {
         let target = selected.endpoint.target()?;
-        ctx.upstream_addr = Some(target.addr);
+        ctx.upstream_addr = Some(target);
         Some(Peer {
             guard: InflightGuard::new(selected.endpoint),
             target,
@@ -135,7 +135,7 @@ impl Worker {
                     // The deadline is the connection's own timer, not one registered per
                     // request around the send (docs/benchmarks.md, "Where the time goes").
                     match client
-                        .send_borrowed(endpoint, &peer.target, kept, &edits, sent_at, Some(head_deadline))
+                        .send_borrowed(endpoint, peer.target, kept, &edits, sent_at, Some(head_deadline))
                         .await
                     {
                         Err(SendError { timed_out: true, .. }) => Err(HeadTimeout),
@@ -148,7 +148,7 @@ impl Worker {
                     };
                     // Boxed: hyper's client futures would otherwise widen every request's
                     // future, bodiless ones included, which are moved per request.
-                    let send = Box::pin(client.send(endpoint, &peer.target, owned));
+                    let send = Box::pin(client.send(endpoint, peer.target, owned));
                     tokio::time::timeout_at(head_deadline, send)
                         .await
                         .map_err(|_| HeadTimeout)
@@ -188,7 +188,7 @@ impl Worker {
                 }
                 let tunnel_idle = TunnelIdle {
                     after: snapshot.config.server.tunnel_idle_timeout,
-                    metrics: self.gateway.metrics.clone(),
+                    metrics: &self.gateway.metrics,
                 };
                 return Ok(respond(
                     response,
@@ -319,13 +319,20 @@ fn respond(
     peer: Peer,
     client_upgrade: Option<OnUpgrade>,
     times: BodyTimes,
-    tunnel_idle: TunnelIdle,
+    tunnel_idle: TunnelIdle<'_>,
 ) -> Response<ProxyBody> {
     if response.status() == StatusCode::SWITCHING_PROTOCOLS
         && let Some(client_upgrade) = client_upgrade
     {
         let upstream_upgrade = hyper::upgrade::on(&mut response);
-        tokio::spawn(tunnel(client_upgrade, upstream_upgrade, peer.guard, tunnel_idle));
+        let metrics = tunnel_idle.metrics.clone();
+        tokio::spawn(tunnel(
+            client_upgrade,
+            upstream_upgrade,
+            peer.guard,
+            tunnel_idle.after,
+            metrics,
+        ));
         return response.map(|_| ProxyBody::empty());
     }
     response.map(|body| ProxyBody::upstream(body, times, peer.guard, pooled))
@@ -342,14 +349,23 @@ fn copy_head<B>(original: &Request<B>) -> Request<RequestBody> {
 }
 
 /// When an idle tunnel is closed, and where that is counted.
-struct TunnelIdle {
+/// Borrowed: cloning the metrics' `Arc` for every response, tunnel or not, cost two
+/// locked instructions (docs/benchmarks.md, "Locked instructions").
+struct TunnelIdle<'a> {
     after: std::time::Duration,
-    metrics: std::sync::Arc<crate::metrics::Metrics>,
+    metrics: &'a std::sync::Arc<crate::metrics::Metrics>,
 }
 
 /// Copies bytes both ways between an upgraded client connection and the upstream one,
 /// until either side closes or no byte has moved for `server.tunnel_idle_timeout`.
-async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, _inflight: InflightGuard, idle: TunnelIdle) {
+/// `idle_after`: `server.tunnel_idle_timeout`; a tunnel closed for it is counted in `metrics`.
+async fn tunnel(
+    client: OnUpgrade,
+    upstream: OnUpgrade,
+    _inflight: InflightGuard,
+    idle_after: std::time::Duration,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
+) {
     let (client, upstream) = match tokio::try_join!(client, upstream) {
         Ok(pair) => pair,
         Err(error) => {
@@ -364,7 +380,7 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, _inflight: InflightGuard
     let copy = tokio::io::copy_bidirectional(&mut client, &mut upstream);
     tokio::pin!(copy);
     loop {
-        let idle_until = start + std::time::Duration::from_millis(last.load(Ordering::Relaxed)) + idle.after;
+        let idle_until = start + std::time::Duration::from_millis(last.load(Ordering::Relaxed)) + idle_after;
         tokio::select! {
             result = &mut copy => {
                 if let Err(error) = result {
@@ -374,8 +390,8 @@ async fn tunnel(client: OnUpgrade, upstream: OnUpgrade, _inflight: InflightGuard
             }
             _ = tokio::time::sleep_until(idle_until) => {
                 let moved = start + std::time::Duration::from_millis(last.load(Ordering::Relaxed));
-                if Instant::now() >= moved + idle.after {
-                    idle.metrics.protected(crate::metrics::Protection::TunnelIdle);
+                if Instant::now() >= moved + idle_after {
+                    metrics.protected(crate::metrics::Protection::TunnelIdle);
                     tracing::debug!("tunnel closed: idle");
                     return;
                 }

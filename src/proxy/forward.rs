@@ -5,7 +5,7 @@
 use http::uri::PathAndQuery;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, Version, header};
 
-use super::{Caller, KeySource, ProxyBody, RequestCtx, headers};
+use super::{Caller, ConnInfo, KeySource, ProxyBody, RequestCtx, headers};
 use crate::auth::KEY_PREFIX;
 use crate::base::{ErrorKind, ProxyError};
 use crate::config::UpstreamProtocol;
@@ -39,13 +39,13 @@ pub(super) fn upstream_request_filter<B>(
 /// returned in a `Result` (docs/benchmarks.md, "Fewer and smaller moves").
 /// `endpoint_host` is the chosen endpoint's `Host` (used unless the pool preserves the
 /// client's).
-pub(super) fn forwarding(
+pub(super) fn forwarding<'c>(
     route: &Route,
     anonymous_plan: &HeaderValue,
-    ctx: &RequestCtx<'_>,
+    ctx: &RequestCtx<'c>,
     headers: &mut HeaderMap,
     endpoint_host: &HeaderValue,
-) -> Forwarding {
+) -> Forwarding<'c> {
     let host = match (&ctx.host, route.upstream.pool.preserve_host) {
         (Some(host), true) => host,
         _ => endpoint_host,
@@ -60,30 +60,30 @@ pub(super) fn forwarding(
 /// Where `Host` is in `Forwarding::add` (first).
 const HOST_FIELD: usize = 0;
 
-pub(super) struct Forwarding {
+pub(super) struct Forwarding<'c> {
     /// Set by Tollgate, replacing any the client sent (`None`: the client's is kept, or
-    /// for the identity fields, removed).
-    add: [(&'static HeaderName, Option<FieldValue>); 10],
+    /// for the identity fields, removed). The connection's own values are borrowed.
+    add: [(&'static HeaderName, Option<FieldValue<'c>>); 10],
     /// The client's `Authorization` carried our credentials: it stays here.
     drop_authorization: bool,
     /// A protocol switch: `Connection: upgrade` and `Upgrade` go on.
     upgrade: bool,
 }
 
-impl Forwarding {
+impl<'c> Forwarding<'c> {
     /// `headers` (the client's) lose here only the fields a `Connection` header names,
     /// which are rare; everything else is decided per field as the head is written.
-    fn new(headers: &mut HeaderMap, ctx: &RequestCtx<'_>, host: &HeaderValue, anonymous_plan: &HeaderValue) -> Self {
+    fn new(headers: &mut HeaderMap, ctx: &RequestCtx<'c>, host: &HeaderValue, anonymous_plan: &HeaderValue) -> Self {
         let names = ctx.names;
         if ctx.upgrade || (names.may_have(&header::CONNECTION) && headers.contains_key(header::CONNECTION)) {
             headers::remove_hop_by_hop(headers, ctx.upgrade);
         }
-        let conn = ctx.conn;
+        let conn: &'c ConnInfo = ctx.conn;
         // The caller as Tollgate identified it (after trusted proxies and PROXY protocol).
         let real_ip = if ctx.caller_ip == ctx.client_addr.ip() {
-            conn.peer_ip.clone()
+            FieldValue::Borrowed(&conn.peer_ip)
         } else {
-            headers::ip_header_value(ctx.caller_ip)
+            FieldValue::Header(headers::ip_header_value(ctx.caller_ip))
         };
         // A bearer that is not ours (on a public route) is the upstream's business.
         let our_bearer = names
@@ -105,16 +105,16 @@ impl Forwarding {
                 (&headers::X_FORWARDED_HOST, ctx.host.clone().and_then(set)),
                 (
                     &headers::X_FORWARDED_FOR,
-                    headers::forwarded_for(headers, names, &conn.peer_ip).and_then(set),
+                    headers::forwarded_for(headers, names, &conn.peer_ip),
                 ),
-                (&headers::X_REAL_IP, set(real_ip)),
-                (&headers::X_FORWARDED_PROTO, set(conn.proto.clone())),
-                (&headers::X_FORWARDED_PORT, set(conn.port.clone())),
-                (&headers::X_REQUEST_ID, set(ctx.request_id.clone())),
+                (&headers::X_REAL_IP, Some(real_ip)),
+                (&headers::X_FORWARDED_PROTO, Some(FieldValue::Borrowed(&conn.proto))),
+                (&headers::X_FORWARDED_PORT, Some(FieldValue::Borrowed(&conn.port))),
+                (&headers::X_REQUEST_ID, Some(FieldValue::Borrowed(ctx.request_id))),
                 // Only Tollgate says which client certificate was verified.
                 (
                     &headers::X_CLIENT_CERT_SUBJECT,
-                    conn.client_identity.clone().and_then(set),
+                    conn.client_identity.as_ref().map(FieldValue::Borrowed),
                 ),
                 (&headers::X_CONSUMER_ID, consumer),
                 (&headers::X_PLAN, plan),
@@ -138,7 +138,7 @@ impl Forwarding {
     }
 
     /// The fields Tollgate sets.
-    pub(super) fn added(&self) -> &[(&'static HeaderName, Option<FieldValue>)] {
+    pub(super) fn added(&self) -> &[(&'static HeaderName, Option<FieldValue<'c>>)] {
         &self.add
     }
 
@@ -241,7 +241,8 @@ mod tests {
 
     fn ctx(caller: Caller) -> RequestCtx<'static> {
         let conn = Box::leak(Box::new(ConnInfo::new("203.0.113.9:5000".parse().unwrap(), 8443, true)));
-        let mut ctx = RequestCtx::new(HeaderValue::from_static("req-1"), Default::default(), conn);
+        let request_id = Box::leak(Box::new(HeaderValue::from_static("req-1")));
+        let mut ctx = RequestCtx::new(request_id, Default::default(), conn);
         ctx.host = Some(HeaderValue::from_static("api.example.com"));
         ctx.caller = caller;
         ctx

@@ -8,6 +8,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use crate::base::http1::hop_by_hop_index;
 use crate::base::new_request_id;
 use crate::limits::LimitStatus;
+use crate::upstream::h1::FieldValue;
 
 pub static HOST: HeaderName = header::HOST;
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -192,17 +193,20 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 
 /// `X-Forwarded-For` with the client address appended (as NGINX's
 /// `$proxy_add_x_forwarded_for`). `client` is the address already rendered as a header
-/// value (once per connection).
-pub fn forwarded_for(headers: &HeaderMap, names: Names, client: &HeaderValue) -> Option<HeaderValue> {
+/// value (once per connection), borrowed when it is the whole field: no reference count
+/// is touched for it per request (docs/benchmarks.md, "Locked instructions").
+pub fn forwarded_for<'c>(headers: &HeaderMap, names: Names, client: &'c HeaderValue) -> Option<FieldValue<'c>> {
     match names.get(headers, &X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
         Some(existing) if !existing.is_empty() => {
             let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
             joined.extend_from_slice(existing);
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(client.as_bytes());
-            HeaderValue::from_maybe_shared(bytes::Bytes::from(joined)).ok()
+            HeaderValue::from_maybe_shared(bytes::Bytes::from(joined))
+                .ok()
+                .map(FieldValue::Header)
         }
-        _ => Some(client.clone()),
+        _ => Some(FieldValue::Borrowed(client)),
     }
 }
 
@@ -357,8 +361,9 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let append = |headers: &mut HeaderMap, ip: &str| {
-            let value = forwarded_for(headers, Names::of(headers), &ip_header_value(ip.parse().unwrap())).unwrap();
-            headers.insert(&X_FORWARDED_FOR, value);
+            let client = ip_header_value(ip.parse().unwrap());
+            let value = forwarded_for(headers, Names::of(headers), &client).unwrap();
+            headers.insert(&X_FORWARDED_FOR, HeaderValue::from_bytes(value.as_bytes()).unwrap());
         };
         let mut headers = HeaderMap::new();
         append(&mut headers, "10.0.0.1");

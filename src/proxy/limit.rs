@@ -20,61 +20,63 @@ impl Worker {
         ctx: &mut RequestCtx<'_>,
     ) -> Result<(), ProxyError> {
         let usage = &self.gateway.usage;
-        let plans = self.gateway.plans();
-        let (plan, charges) = match &ctx.caller {
-            Caller::Key { identity, .. } | Caller::Jwt(identity) => (
-                plans.get(&identity.plan),
-                Charges::One(Charge {
-                    subject: SubjectRef::Key(&identity.key_id),
-                    consumer: Some(&identity.consumer_id),
-                    route: Some(&route.name),
-                }),
-            ),
-            Caller::Anonymous { referer_host } => {
-                let ip = snapshot
-                    .anonymous_by_ip
-                    .then(|| SubjectRef::Ip(client_network(ctx.caller_ip, snapshot.config.anonymous.ipv6_prefix)));
-                let referer = referer_host.as_deref().map(SubjectRef::Referer);
-                let charges = match anonymous_charges(ip, referer) {
-                    Some(charges) => charges,
-                    // Counted by neither (`by = []`, or Referer only and none sent).
-                    None => return Ok(()),
-                };
-                (plans.get(&snapshot.config.anonymous.plan), charges)
+        // Under this thread's copy of the plans, borrowed rather than loaded.
+        self.gateway.with_plans(|plans| {
+            let (plan, charges) = match &ctx.caller {
+                Caller::Key { identity, .. } | Caller::Jwt(identity) => (
+                    plans.get(&identity.plan),
+                    Charges::One(Charge {
+                        subject: SubjectRef::Key(&identity.key_id),
+                        consumer: Some(&identity.consumer_id),
+                        route: Some(&route.name),
+                    }),
+                ),
+                Caller::Anonymous { referer_host } => {
+                    let ip = snapshot
+                        .anonymous_by_ip
+                        .then(|| SubjectRef::Ip(client_network(ctx.caller_ip, snapshot.config.anonymous.ipv6_prefix)));
+                    let referer = referer_host.as_deref().map(SubjectRef::Referer);
+                    let charges = match anonymous_charges(ip, referer) {
+                        Some(charges) => charges,
+                        // Counted by neither (`by = []`, or Referer only and none sent).
+                        None => return Ok(()),
+                    };
+                    (plans.get(&snapshot.config.anonymous.plan), charges)
+                }
+                Caller::Public => return Ok(()),
+            };
+            // An undefined plan is a configuration mistake: refused, never unlimited.
+            let plan = plan.ok_or_else(|| ProxyError::new(ErrorKind::PlanNotFound))?;
+            let group = plan.group(route.group.as_deref());
+            let outcome = usage.table.admit(
+                &charges,
+                plan,
+                group,
+                usage.clock.at(ctx.decided_at.unwrap_or(ctx.start).into_std()),
+            );
+            plan.decisions.record(outcome.as_ref().map(|_| ()).map_err(|r| r.kind));
+            match outcome {
+                Ok(status) => {
+                    ctx.limit = status;
+                    Ok(())
+                }
+                Err(rejection) if rejection.kind == RejectKind::LeasePending => {
+                    ctx.lease_pending = true;
+                    Err(ProxyError::with_cause(
+                        ErrorKind::StateUnavailable,
+                        "no quota lease from the subject's authority in time".to_string(),
+                    ))
+                }
+                Err(rejection) => {
+                    ctx.limit = Some(rejection.status);
+                    ctx.retry_after = Some(rejection.retry_after);
+                    Err(ProxyError::new(match rejection.kind {
+                        RejectKind::RateLimited => ErrorKind::RateLimited,
+                        _ => ErrorKind::QuotaExceeded,
+                    }))
+                }
             }
-            Caller::Public => return Ok(()),
-        };
-        // An undefined plan is a configuration mistake: refused, never unlimited.
-        let plan = plan.ok_or_else(|| ProxyError::new(ErrorKind::PlanNotFound))?;
-        let group = plan.group(route.group.as_deref());
-        let outcome = usage.table.admit(
-            &charges,
-            plan,
-            group,
-            usage.clock.at(ctx.decided_at.unwrap_or(ctx.start).into_std()),
-        );
-        plan.decisions.record(outcome.as_ref().map(|_| ()).map_err(|r| r.kind));
-        match outcome {
-            Ok(status) => {
-                ctx.limit = status;
-                Ok(())
-            }
-            Err(rejection) if rejection.kind == RejectKind::LeasePending => {
-                ctx.lease_pending = true;
-                Err(ProxyError::with_cause(
-                    ErrorKind::StateUnavailable,
-                    "no quota lease from the subject's authority in time".to_string(),
-                ))
-            }
-            Err(rejection) => {
-                ctx.limit = Some(rejection.status);
-                ctx.retry_after = Some(rejection.retry_after);
-                Err(ProxyError::new(match rejection.kind {
-                    RejectKind::RateLimited => ErrorKind::RateLimited,
-                    _ => ErrorKind::QuotaExceeded,
-                }))
-            }
-        }
+        })
     }
 }
 

@@ -117,7 +117,9 @@ impl ConnInfo {
 
 /// Per-request state carried through the phases.
 pub struct RequestCtx<'c> {
-    pub request_id: HeaderValue,
+    /// Borrowed from `Worker::handle`, which owns it: the upstream's head borrows it too,
+    /// with no reference count touched (docs/benchmarks.md, "Locked instructions").
+    pub request_id: &'c HeaderValue,
     /// Which names the client's header map may hold (`headers::Names`).
     pub names: headers::Names,
     pub start: Instant,
@@ -174,7 +176,7 @@ pub struct RequestCtx<'c> {
 
 impl<'c> RequestCtx<'c> {
     #[inline]
-    fn new(request_id: HeaderValue, names: headers::Names, conn: &'c ConnInfo) -> RequestCtx<'c> {
+    fn new(request_id: &'c HeaderValue, names: headers::Names, conn: &'c ConnInfo) -> RequestCtx<'c> {
         RequestCtx {
             request_id,
             names,
@@ -259,7 +261,8 @@ impl Worker {
     pub async fn handle(&self, req: Box<Request<Option<Inbound>>>, conn: &ConnInfo) -> Response<ProxyBody> {
         let snapshot = self.gateway.snapshot();
         let names = headers::Names::of(req.headers());
-        let mut ctx = RequestCtx::new(headers::request_id(req.headers(), names), names, conn);
+        let request_id = headers::request_id(req.headers(), names);
+        let mut ctx = RequestCtx::new(&request_id, names, conn);
         ctx.declared_body = req.body().as_ref().map_or(0, |body| body.size_hint().lower());
         let page = snapshot
             .usage_page
@@ -365,17 +368,17 @@ impl Worker {
                     limit,
                     retry_after,
                     self.gateway.usage.clock.now(),
-                    &ctx.request_id,
+                    ctx.request_id,
                 )
             }
             (ErrorKind::MethodNotAllowed, _, _) => {
-                let mut response = error::error_response(error.kind, &ctx.request_id);
+                let mut response = error::error_response(error.kind, ctx.request_id);
                 if let Some(allow) = ctx.allow.take() {
                     response.headers_mut().insert(http::header::ALLOW, allow);
                 }
                 response
             }
-            _ => error::error_response(error.kind, &ctx.request_id),
+            _ => error::error_response(error.kind, ctx.request_id),
         }
     }
 }

@@ -113,7 +113,7 @@ async fn check_endpoint(pool: Arc<Pool>, endpoint: Arc<Endpoint>, check: HealthS
         },
         None => None,
     };
-    let ok = probe(target.addr, &endpoint.address, &check, tls).await;
+    let ok = probe(target, &endpoint.address, &check, tls).await;
     record(&pool, &endpoint, &check, ok);
 }
 

@@ -18,7 +18,7 @@ use rustc_hash::FxHashMap;
 use tokio::time::Instant;
 
 use super::body::{ClientBodyError, RequestBody, UpstreamBody};
-use super::{Endpoint, Target, UpstreamTls, h1};
+use super::{Endpoint, UpstreamTls, h1};
 use crate::base::{ErrorKind, ProxyError};
 use rustls::pki_types::ServerName;
 
@@ -223,7 +223,7 @@ impl UpstreamClient {
     pub async fn send(
         &self,
         endpoint: &Endpoint,
-        target: &Target,
+        target: SocketAddr,
         mut req: Request<RequestBody>,
     ) -> Result<(Response<UpstreamBody>, Option<PooledConn>), SendError> {
         match self {
@@ -238,7 +238,7 @@ impl UpstreamClient {
                 Ok((response.map(UpstreamBody::Hyper), None))
             }
             UpstreamClient::Http1 { tls, .. } => {
-                let key = idle_key(target.addr, tls.as_ref());
+                let key = idle_key(target, tls.as_ref());
                 if h1::can_send(&req) {
                     return match self
                         .send_borrowed(endpoint, target, &req, &h1::Edits::NONE, Instant::now(), None)
@@ -256,7 +256,7 @@ impl UpstreamClient {
                         Some(sender) => (sender, true),
                         None => match self.open(endpoint, target).await {
                             // Boxed, as connects are: rare, and large.
-                            Ok(io) => match Box::pin(handshake(target.addr, io)).await {
+                            Ok(io) => match Box::pin(handshake(target, io)).await {
                                 Ok(sender) => (sender, false),
                                 Err(error) => {
                                     return Err(SendError {
@@ -329,7 +329,7 @@ impl UpstreamClient {
     pub async fn send_borrowed(
         &self,
         endpoint: &Endpoint,
-        target: &Target,
+        target: SocketAddr,
         req: &Request<RequestBody>,
         edits: &h1::Edits<'_>,
         now: Instant,
@@ -338,7 +338,7 @@ impl UpstreamClient {
         let UpstreamClient::Http1 { tls, .. } = self else {
             return Err(ProxyError::new(ErrorKind::Internal).into());
         };
-        let key = idle_key(target.addr, tls.as_ref());
+        let key = idle_key(target, tls.as_ref());
         loop {
             let (conn, reused) = match checkout_h1(key, now) {
                 Some(conn) => (conn, true),
@@ -389,7 +389,7 @@ impl UpstreamClient {
     }
 
     /// A new connection for an HTTP/1.1 pool, within the worker's pending-connect limit.
-    async fn open(&self, endpoint: &Endpoint, target: &Target) -> Result<h1::Io, ProxyError> {
+    async fn open(&self, endpoint: &Endpoint, target: SocketAddr) -> Result<h1::Io, ProxyError> {
         let UpstreamClient::Http1 {
             connect_timeout,
             connecting,
@@ -411,7 +411,7 @@ impl UpstreamClient {
         };
         // Boxed: the TCP connect and TLS handshake state would otherwise be part of every
         // request's future, moved with it on every request though most never connect.
-        Box::pin(connect(target.addr, *connect_timeout, name)).await
+        Box::pin(connect(target, *connect_timeout, name)).await
     }
 }
 
@@ -419,11 +419,15 @@ impl UpstreamClient {
 fn set_absolute_uri(
     req: &mut Request<RequestBody>,
     scheme: http::uri::Scheme,
-    target: &Target,
+    target: SocketAddr,
 ) -> Result<(), ProxyError> {
     let mut parts = req.uri().clone().into_parts();
     parts.scheme = Some(scheme);
-    parts.authority = Some(target.authority.clone());
+    // A socket address always renders as a valid authority.
+    parts.authority = Some(
+        http::uri::Authority::try_from(target.to_string())
+            .map_err(|e| ProxyError::with_cause(ErrorKind::Internal, e))?,
+    );
     *req.uri_mut() = Uri::from_parts(parts).map_err(|e| ProxyError::with_cause(ErrorKind::Internal, e))?;
     Ok(())
 }
@@ -486,10 +490,10 @@ mod tests {
             max_pending: 1,
             tls: None,
         };
-        let target = Target::new(addr);
+        let target = addr;
         let endpoint = Endpoint::new(&addr.to_string(), 1);
         for _ in 0..3 {
-            let send = client.send(&endpoint, &target, Request::new(RequestBody::Empty));
+            let send = client.send(&endpoint, target, Request::new(RequestBody::Empty));
             tokio::pin!(send);
             // The caller gives up while the connect waits (a per-try timeout, a client gone).
             tokio::select! {

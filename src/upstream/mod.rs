@@ -16,7 +16,6 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use http::uri::Authority;
 
 pub use balancer::Balancer;
 use health::{Admission, Health, OutlierPolicy, Transition};
@@ -88,21 +87,6 @@ impl UpstreamTls {
     }
 }
 
-/// One resolved address of an endpoint, with its URI authority ready for requests.
-#[derive(Debug, Clone)]
-pub struct Target {
-    pub addr: SocketAddr,
-    pub authority: Authority,
-}
-
-impl Target {
-    fn new(addr: SocketAddr) -> Self {
-        // A SocketAddr always renders as a valid authority.
-        let authority = Authority::try_from(addr.to_string()).unwrap_or_else(|_| Authority::from_static("invalid"));
-        Target { addr, authority }
-    }
-}
-
 /// A configured endpoint (`host:port` with a weight) and the addresses it resolves to.
 #[derive(Debug)]
 pub struct Endpoint {
@@ -110,7 +94,11 @@ pub struct Endpoint {
     pub weight: u32,
     /// `host:port` as configured, sent as `Host` when the pool does not preserve it.
     pub host_header: http::HeaderValue,
-    targets: ArcSwap<Vec<Target>>,
+    /// The address itself when it is an IP and port: read with no atomic operation on
+    /// every request (docs/benchmarks.md, "Locked instructions").
+    literal: Option<SocketAddr>,
+    /// What a host name resolved to last.
+    targets: ArcSwap<Vec<SocketAddr>>,
     next_target: AtomicUsize,
     inflight: AtomicUsize,
     pub health: Health,
@@ -118,12 +106,12 @@ pub struct Endpoint {
 
 impl Endpoint {
     fn new(address: &str, weight: u32) -> Self {
-        let literal: Vec<Target> = address.parse::<SocketAddr>().map(Target::new).into_iter().collect();
         Endpoint {
+            literal: address.parse::<SocketAddr>().ok(),
             address: address.to_string(),
             weight,
             host_header: http::HeaderValue::from_str(address).unwrap_or_else(|_| http::HeaderValue::from_static("")),
-            targets: ArcSwap::from_pointee(literal),
+            targets: ArcSwap::from_pointee(Vec::new()),
             next_target: AtomicUsize::new(0),
             inflight: AtomicUsize::new(0),
             health: Health::default(),
@@ -132,21 +120,24 @@ impl Endpoint {
 
     /// True when the address is a host name that must be resolved (and re-resolved).
     pub fn needs_resolution(&self) -> bool {
-        self.address.parse::<SocketAddr>().is_err()
+        self.literal.is_none()
     }
 
     /// The next resolved address, rotating over all of them.
-    pub fn target(&self) -> Option<Target> {
+    pub fn target(&self) -> Option<SocketAddr> {
+        if self.literal.is_some() {
+            return self.literal;
+        }
         let targets = self.targets.load();
         match targets.len() {
             0 => None,
-            1 => Some(targets[0].clone()),
-            n => Some(targets[self.next_target.fetch_add(1, Ordering::Relaxed) % n].clone()),
+            1 => Some(targets[0]),
+            n => Some(targets[self.next_target.fetch_add(1, Ordering::Relaxed) % n]),
         }
     }
 
     pub fn is_resolved(&self) -> bool {
-        !self.targets.load().is_empty()
+        self.literal.is_some() || !self.targets.load().is_empty()
     }
 
     pub fn inflight(&self) -> usize {
@@ -154,12 +145,14 @@ impl Endpoint {
     }
 
     pub fn set_targets(&self, addrs: Vec<SocketAddr>) {
-        self.targets
-            .store(Arc::new(addrs.into_iter().map(Target::new).collect()));
+        self.targets.store(Arc::new(addrs));
     }
 
     pub fn resolved_addrs(&self) -> Vec<SocketAddr> {
-        self.targets.load().iter().map(|t| t.addr).collect()
+        match self.literal {
+            Some(addr) => vec![addr],
+            None => self.targets.load().to_vec(),
+        }
     }
 
     /// Resolves a host-name endpoint again; keeps the previous addresses when lookup fails.
@@ -579,7 +572,7 @@ mod tests {
     fn endpoint_rotates_over_its_addresses() {
         let endpoint = Endpoint::new("api.internal:80", 1);
         endpoint.set_targets(vec!["10.0.0.1:80".parse().unwrap(), "10.0.0.2:80".parse().unwrap()]);
-        let seen: Vec<SocketAddr> = (0..4).map(|_| endpoint.target().unwrap().addr).collect();
+        let seen: Vec<SocketAddr> = (0..4).map(|_| endpoint.target().unwrap()).collect();
         assert_eq!(seen[0], seen[2]);
         assert_ne!(seen[0], seen[1]);
         assert_eq!(endpoint.host_header, "api.internal:80");

@@ -39,7 +39,7 @@ use super::framing::{self, BodyLength};
 use super::guard::trim_leading_crlf;
 use super::{ConnSettings, Transport};
 use crate::base::http1::{MAX_HEADERS, has_token, header_name, recycled_map};
-use crate::base::{Deadline, stopped};
+use crate::base::{Deadline, stopped, stopped_armed};
 use crate::metrics::{Metrics, Protection};
 use crate::proxy::{ConnInfo, Inbound, Worker};
 
@@ -76,7 +76,7 @@ pub(super) fn serve<S: Transport>(
                 return;
             }
             let outcome = {
-                let stop = stopped(&mut shutdown);
+                let stop = stopped_armed(&mut shutdown);
                 tokio::pin!(stop);
                 let mut exchange = Exchange {
                     worker: &worker,

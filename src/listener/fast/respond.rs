@@ -257,7 +257,7 @@ async fn write_all<S: Transport>(
     std::future::poll_fn(|cx| {
         loop {
             let step = if written < bytes.len() {
-                Pin::new(&mut *stream).poll_write(cx, &bytes[written..])
+                stream.poll_send(cx, &bytes[written..])
             } else {
                 Pin::new(&mut *stream).poll_flush(cx).map_ok(|()| usize::MAX)
             };

@@ -63,4 +63,8 @@ impl<S: Transport> Transport for Rewind<S> {
     fn write_final(&mut self, bytes: &[u8]) {
         self.inner.write_final(bytes);
     }
+
+    fn poll_send(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<io::Result<usize>> {
+        self.inner.poll_send(cx, bytes)
+    }
 }

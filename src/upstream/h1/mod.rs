@@ -60,7 +60,7 @@ impl AsyncRead for Io {
 impl AsyncWrite for Io {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
         match self.get_mut() {
-            Io::Plain(stream) => Pin::new(stream).poll_write(cx, buf),
+            Io::Plain(stream) => crate::base::sock::poll_send(stream, cx, buf),
             Io::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
         }
     }
@@ -284,21 +284,24 @@ pub struct Edits<'a> {
     /// Whether a field of the request's map goes upstream.
     pub keep: &'a (dyn Fn(&HeaderName) -> bool + Sync),
     /// Fields written after the kept ones (`None`: nothing to write).
-    pub add: &'a [(&'static HeaderName, Option<FieldValue>)],
+    pub add: &'a [(&'static HeaderName, Option<FieldValue<'a>>)],
 }
 
-/// A value the pipeline sets: a header value it holds, or text checked to be a valid one
+/// A value the pipeline sets: a header value it holds, one it borrows (the connection's
+/// own, such as the peer's address: cloning it would cost two locked instructions per
+/// request, docs/benchmarks.md, "Locked instructions"), or text checked to be a valid one
 /// and kept inline when short, so a name per request (the caller's consumer and plan)
 /// costs no allocation.
-pub enum FieldValue {
+pub enum FieldValue<'a> {
     Header(HeaderValue),
+    Borrowed(&'a HeaderValue),
     Text(compact_str::CompactString),
 }
 
-impl FieldValue {
+impl FieldValue<'_> {
     /// `text` as a field value, if it is one (no control characters but tabs: what
     /// `HeaderValue::from_str` takes).
-    pub fn text(text: &str) -> Option<FieldValue> {
+    pub fn text(text: &str) -> Option<FieldValue<'static>> {
         text.bytes()
             .all(|b| b == b'\t' || (b >= b' ' && b != 0x7f))
             .then(|| FieldValue::Text(text.into()))
@@ -307,6 +310,7 @@ impl FieldValue {
     pub fn as_bytes(&self) -> &[u8] {
         match self {
             FieldValue::Header(value) => value.as_bytes(),
+            FieldValue::Borrowed(value) => value.as_bytes(),
             FieldValue::Text(text) => text.as_bytes(),
         }
     }
@@ -314,12 +318,13 @@ impl FieldValue {
     pub fn to_header(&self) -> Option<HeaderValue> {
         match self {
             FieldValue::Header(value) => Some(value.clone()),
+            FieldValue::Borrowed(value) => Some((*value).clone()),
             FieldValue::Text(text) => HeaderValue::from_str(text).ok(),
         }
     }
 }
 
-impl From<HeaderValue> for FieldValue {
+impl From<HeaderValue> for FieldValue<'_> {
     fn from(value: HeaderValue) -> Self {
         FieldValue::Header(value)
     }
