@@ -95,7 +95,9 @@ impl Worker {
         let mut tried = Tried::default();
         let mut peer = upstream_peer(upstream, ctx, req.headers(), &tried)?;
         let client_upgrade = ctx.upgrade.then(|| hyper::upgrade::on(&mut req));
-        let endpoint_host = &peer.guard.endpoint().host_header;
+        // Borrowed from the pool (the route's, which outlives the exchange), not from the
+        // peer's guard: the upstream's head borrows it with no reference count touched.
+        let endpoint_host = &pool.endpoints[peer.index].host_header;
         forward::upstream_request_filter(route, ctx, &mut req)?;
         let mut forwarding =
             forward::forwarding(route, &snapshot.anonymous_plan, ctx, req.headers_mut(), endpoint_host);
@@ -216,11 +218,11 @@ impl Worker {
             }
             peer = next;
             if !pool.preserve_host {
-                let host = peer.guard.endpoint().host_header.clone();
+                let host = &pool.endpoints[peer.index].host_header;
                 if borrowed {
                     forwarding.set_host(host);
                 } else {
-                    request.headers_mut().insert(header::HOST, host);
+                    request.headers_mut().insert(header::HOST, host.clone());
                 }
             }
             req = Some(request);

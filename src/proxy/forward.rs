@@ -44,11 +44,11 @@ pub(super) fn forwarding<'c>(
     anonymous_plan: &HeaderValue,
     ctx: &RequestCtx<'c>,
     headers: &mut HeaderMap,
-    endpoint_host: &HeaderValue,
+    endpoint_host: &'c HeaderValue,
 ) -> Forwarding<'c> {
     let host = match (&ctx.host, route.upstream.pool.preserve_host) {
-        (Some(host), true) => host,
-        _ => endpoint_host,
+        (Some(host), true) => FieldValue::Header(host.clone()),
+        _ => FieldValue::Borrowed(endpoint_host),
     };
     Forwarding::new(headers, ctx, host, anonymous_plan)
 }
@@ -73,7 +73,7 @@ pub(super) struct Forwarding<'c> {
 impl<'c> Forwarding<'c> {
     /// `headers` (the client's) lose here only the fields a `Connection` header names,
     /// which are rare; everything else is decided per field as the head is written.
-    fn new(headers: &mut HeaderMap, ctx: &RequestCtx<'c>, host: &HeaderValue, anonymous_plan: &HeaderValue) -> Self {
+    fn new(headers: &mut HeaderMap, ctx: &RequestCtx<'c>, host: FieldValue<'c>, anonymous_plan: &HeaderValue) -> Self {
         let names = ctx.names;
         if ctx.upgrade || (names.may_have(&header::CONNECTION) && headers.contains_key(header::CONNECTION)) {
             headers::remove_hop_by_hop(headers, ctx.upgrade);
@@ -101,7 +101,7 @@ impl<'c> Forwarding<'c> {
         let set = |value: HeaderValue| Some(FieldValue::Header(value));
         Forwarding {
             add: [
-                (&headers::HOST, set(host.clone())),
+                (&headers::HOST, Some(host)),
                 (&headers::X_FORWARDED_HOST, ctx.host.clone().and_then(set)),
                 (
                     &headers::X_FORWARDED_FOR,
@@ -143,8 +143,8 @@ impl<'c> Forwarding<'c> {
     }
 
     /// A retry's endpoint's `Host`.
-    pub(super) fn set_host(&mut self, host: HeaderValue) {
-        self.add[HOST_FIELD].1 = Some(host.into());
+    pub(super) fn set_host(&mut self, host: &'c HeaderValue) {
+        self.add[HOST_FIELD].1 = Some(FieldValue::Borrowed(host));
     }
 
     /// Edits `headers` (the client's) into the upstream's, for hyper's client.
@@ -259,7 +259,7 @@ mod tests {
     ) {
         // As the pipeline does: the names are taken from the client's map first.
         ctx.names = headers::Names::of(headers);
-        let forwarding = Forwarding::new(headers, &ctx, host, anonymous);
+        let forwarding = Forwarding::new(headers, &ctx, FieldValue::Borrowed(host), anonymous);
         let mut request = Request::new(());
         *request.headers_mut() = headers.clone();
         let keep = |name: &HeaderName| forwarding.keeps(name);
