@@ -14,13 +14,14 @@ Also reported per request:
   request) and not on the benchmark machine, which has them.
 
 Usage (after bench/run.sh has installed wrk and nginx and built the release binary):
-`python3 bench/instructions.py [NAME=BINARY[+logs] ...]` (default: this checkout's release build;
-`+logs` turns access logs on for that run).
+`python3 bench/instructions.py [--nginx] [NAME=BINARY[+logs] ...]` (default: this checkout's release
+build; `+logs` turns access logs on for that run; `--nginx` measures NGINX proxying to the same
+upstream the same way, as one process with no master, for comparison).
 """
 import glob, json, os, re, shutil, subprocess, sys, tempfile, time, urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, free_port, gateway_config, stop_all, wait_port, start_nginx  # noqa: E402
+from run import NGINX, ROOT, free_port, gateway_config, stop_all, wait_port, start_nginx  # noqa: E402
 
 PLAN = """
 [plans.pro]
@@ -65,15 +66,58 @@ def start_keyed(name, binary, up, workdir, prefix, logs=False):
     return proc, port, key
 
 
+def callgrind(out):
+    return ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=yes"]
+
+
+def start_nginx_proxy(up, workdir, prefix):
+    """NGINX as a keep-alive proxy to `up` (bench/run.py's configuration), in one process
+    (no master) so that callgrind sees the worker; returns the process and its port."""
+    port = free_port()
+    conf = os.path.join(workdir, "nginx-proxy.conf")
+    scratch = os.path.join(workdir, "nginx-proxy")
+    os.makedirs(scratch, exist_ok=True)
+    open(conf, "w").write(f"""
+worker_processes 1;
+daemon off;
+master_process off;
+pid {scratch}/nginx.pid;
+error_log {scratch}/error.log warn;
+events {{ worker_connections 20000; }}
+http {{
+  access_log off;
+  client_body_temp_path {scratch};
+  proxy_temp_path {scratch};
+  fastcgi_temp_path {scratch};
+  uwsgi_temp_path {scratch};
+  scgi_temp_path {scratch};
+  keepalive_requests 1000000;
+  upstream backend {{ server 127.0.0.1:{up}; keepalive 64; }}
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+  }}
+}}
+""")
+    proc = subprocess.Popen(prefix + [NGINX, "-c", conf, "-p", workdir],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_port(port, timeout=60)
+    return proc, port
+
+
 def measure(name, binary, up, workdir):
-    # `NAME=BINARY+logs`: the same, with access logs on (docs/access-logs.md).
-    logs = binary.endswith("+logs")
-    binary = binary.removesuffix("+logs")
     out = os.path.join(workdir, f"{name}.callgrind")
-    proc, port, key = start_keyed(name, binary, up, workdir,
-                                  ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "--dump-instr=yes"], logs)
+    if binary == "nginx":
+        proc, port = start_nginx_proxy(up, workdir, callgrind(out))
+        headers = []
+    else:
+        # `NAME=BINARY+logs`: the same, with access logs on (docs/access-logs.md).
+        logs = binary.endswith("+logs")
+        binary = binary.removesuffix("+logs")
+        proc, port, key = start_keyed(name, binary, up, workdir, callgrind(out), logs)
+        headers = ["-H", f"X-API-Key: {key}"]
     try:
-        wrk = ["wrk", "-t1", "-c8", "-H", f"X-API-Key: {key}", f"http://127.0.0.1:{port}/"]
+        wrk = ["wrk", "-t1", "-c8"] + headers + [f"http://127.0.0.1:{port}/"]
         subprocess.run(wrk[:3] + ["-d2s"] + wrk[3:], capture_output=True)  # warm-up
         subprocess.run(["callgrind_control", "--zero", str(proc.pid)], capture_output=True, check=True)
         text = subprocess.run(wrk[:3] + ["-d5s"] + wrk[3:], capture_output=True, text=True).stdout
@@ -182,7 +226,10 @@ def per_instruction(dump):
 
 
 def main():
-    binaries = [a.split("=", 1) for a in sys.argv[1:]] or [("tollgate", os.path.join(ROOT, "target", "release", "tollgate"))]
+    args = [a for a in sys.argv[1:] if a != "--nginx"]
+    binaries = [a.split("=", 1) for a in args] or [("tollgate", os.path.join(ROOT, "target", "release", "tollgate"))]
+    if "--nginx" in sys.argv[1:]:
+        binaries.append(("nginx", "nginx"))
     workdir = tempfile.mkdtemp(prefix="tollgate-cg-")
     procs = []
     try:
