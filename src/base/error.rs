@@ -250,17 +250,30 @@ pub fn raw_error_response(kind: ErrorKind, request_id: &str) -> Vec<u8> {
     out
 }
 
+/// The two lower-case hex digits of every byte.
+const HEX_PAIRS: [[u8; 2]; 256] = {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0u8; 2]; 256];
+    let mut i = 0;
+    while i < 256 {
+        pairs[i] = [HEX[i >> 4], HEX[i & 0xf]];
+        i += 1;
+    }
+    pairs
+};
+
 /// 128 random bits as 32 hex digits. Uses the thread-local fast generator: ids need to be
 /// unique, not unpredictable, and a syscall per request would cost more than the proxying.
 pub fn new_request_id() -> http::HeaderValue {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let bits = fastrand::u128(..);
+    let bits = fastrand::u128(..).to_be_bytes();
     let mut out = [0u8; 32];
-    for (i, byte) in out.iter_mut().enumerate() {
-        *byte = HEX[((bits >> (124 - 4 * i)) & 0xf) as usize];
+    // Two digits per byte from a table: a quarter of the instructions of shifting the
+    // 128-bit number four bits at a time.
+    for (pair, byte) in out.chunks_exact_mut(2).zip(bits) {
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
     }
-    // Cut from the per-thread arena: the id is cloned into the upstream request and the
-    // response, which only bumps a count.
+    // Cut from the per-thread arena: the upstream request borrows the id and the response
+    // clones it, which only bumps a count.
     let id = crate::base::http1::arena_value(|value| value.extend_from_slice(&out));
     http::HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| http::HeaderValue::from_static("0"))
 }
