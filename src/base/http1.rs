@@ -145,6 +145,7 @@ impl RawFields {
                     name: offset(buf, header.name.as_bytes()),
                     value: offset(buf, header.value),
                     hop: false,
+                    known: None,
                 })
                 .collect(),
         )
@@ -185,6 +186,31 @@ struct RawField {
     value: (u32, u32),
     /// Describes the connection it came on: not forwarded.
     hop: bool,
+    /// Which framing field it is, if one: named once, when the head is read.
+    known: Option<FramingField>,
+}
+
+/// The fields that frame a message (RFC 9112 §6), looked up by [`RawHeaders::values`]
+/// without comparing names again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FramingField {
+    Connection,
+    TransferEncoding,
+    ContentLength,
+}
+
+impl FramingField {
+    /// Which framing field `name` is, given its place in [`HOP_BY_HOP`].
+    fn of(name: &[u8], hop: Option<usize>) -> Option<FramingField> {
+        match hop.map(|at| HOP_BY_HOP[at]) {
+            Some("connection") => Some(FramingField::Connection),
+            Some("transfer-encoding") => Some(FramingField::TransferEncoding),
+            Some(_) => None,
+            None => name
+                .eq_ignore_ascii_case(b"content-length")
+                .then_some(FramingField::ContentLength),
+        }
+    }
 }
 
 /// A head's header fields as they were read: its bytes and where each name and value lie
@@ -202,12 +228,15 @@ impl RawHeaders {
     pub fn new(head: Bytes, fields: RawFields) -> RawHeaders {
         let mut fields = fields.0;
         for f in fields.iter_mut() {
-            f.hop = is_hop_by_hop(field(&head, f.name));
+            let name = field(&head, f.name);
+            let hop = hop_by_hop_index(name);
+            f.hop = hop.is_some();
+            f.known = FramingField::of(name, hop);
         }
         // Fields a `Connection` header names describe the connection too (RFC 9110
         // §7.6.1); rare, so looked for only when one is there.
         for i in 0..fields.len() {
-            if !field(&head, fields[i].name).eq_ignore_ascii_case(b"connection") {
+            if fields[i].known != Some(FramingField::Connection) {
                 continue;
             }
             let named = field(&head, fields[i].value);
@@ -232,6 +261,15 @@ impl RawHeaders {
         self.iter()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
             .map(|(_, value)| value)
+    }
+
+    /// The values of every `which` field, in order: what `get_all` gives for its name,
+    /// without comparing names.
+    pub fn values(&self, which: FramingField) -> impl Iterator<Item = &[u8]> {
+        self.fields
+            .iter()
+            .filter(move |f| f.known == Some(which))
+            .map(|f| field(&self.head, f.value))
     }
 
     /// The fields that go on to the next hop: all but the connection's own.
@@ -446,6 +484,37 @@ mod tests {
             ],
             "empty values are lines like the others"
         );
+    }
+
+    #[test]
+    fn framing_fields_are_named_once_in_any_case_and_others_are_not_taken_for_them() {
+        let mut slots = [httparse::EMPTY_HEADER; 10];
+        let raw = b"HTTP/1.1 200 OK\r\nCONTENT-length: 5\r\nConnection: close\r\nTransfer-Encoding: gzip\r\n\
+            content-length: 5\r\nContent-Type: text/plain\r\nX-Connection: no\r\nKeep-Alive: timeout=5\r\n\
+            transfer-ENCODING: chunked\r\nContent-Length-X: 9\r\n\r\n";
+        let mut response = httparse::Response::new(&mut slots);
+        response.parse(raw).unwrap();
+        let fields = RawHeaders::new(Bytes::from_static(raw), RawFields::of(raw, response.headers));
+        for (which, name) in [
+            (FramingField::Connection, &b"connection"[..]),
+            (FramingField::TransferEncoding, b"transfer-encoding"),
+            (FramingField::ContentLength, b"content-length"),
+        ] {
+            assert_eq!(
+                fields.values(which).collect::<Vec<_>>(),
+                fields.get_all(name).collect::<Vec<_>>(),
+                "{which:?}"
+            );
+        }
+        assert_eq!(
+            fields.values(FramingField::ContentLength).collect::<Vec<_>>(),
+            [b"5", b"5"]
+        );
+        assert_eq!(
+            fields.values(FramingField::TransferEncoding).collect::<Vec<_>>(),
+            [&b"gzip"[..], b"chunked"]
+        );
+        assert_eq!(fields.values(FramingField::Connection).collect::<Vec<_>>(), [b"close"]);
     }
 
     #[test]

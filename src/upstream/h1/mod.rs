@@ -30,7 +30,7 @@ use body::Framing;
 pub use body::{BodyError, H1Body};
 use chunked::{Chunked, Step};
 
-use crate::base::http1::{RawFields, RawHeaders, has_token, parse_length, push_decimal, trim_ows};
+use crate::base::http1::{FramingField, RawFields, RawHeaders, has_token, parse_length, push_decimal, trim_ows};
 use crate::base::{Deadline, ErrorKind, ProxyError};
 use crate::upstream::body::RequestBody;
 
@@ -437,12 +437,12 @@ fn parse_head(buf: &mut BytesMut) -> Result<Option<Parsed>, Failure> {
 fn framing(parsed: &Parsed, head_request: bool) -> Result<(Framing, bool), Failure> {
     let headers = &parsed.headers;
     let mut reusable =
-        parsed.version == Version::HTTP_11 && !headers.get_all(b"connection").any(|v| has_token(v, b"close"));
+        parsed.version == Version::HTTP_11 && !headers.values(FramingField::Connection).any(|v| has_token(v, b"close"));
     let status = parsed.status;
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Framing::Length(0), reusable));
     }
-    let mut codings = headers.get_all(b"transfer-encoding").peekable();
+    let mut codings = headers.values(FramingField::TransferEncoding).peekable();
     if codings.peek().is_some() && parsed.version == Version::HTTP_10 {
         // RFC 9112 §6.1: faulty framing in HTTP/1.0; refused, as hyper does.
         return Err(Failure::protocol("Transfer-Encoding in an HTTP/1.0 response"));
@@ -453,7 +453,7 @@ fn framing(parsed: &Parsed, head_request: bool) -> Result<(Framing, bool), Failu
                 .next()
                 .is_some_and(|coding| trim_ows(coding).eq_ignore_ascii_case(b"chunked"))
         });
-        if headers.get_all(b"content-length").next().is_some() {
+        if headers.values(FramingField::ContentLength).next().is_some() {
             // RFC 9112 §6.3 (3): Transfer-Encoding wins; the connection is not trusted after.
             reusable = false;
         }
@@ -464,7 +464,7 @@ fn framing(parsed: &Parsed, head_request: bool) -> Result<(Framing, bool), Failu
         });
     }
     let mut length: Option<u64> = None;
-    for value in headers.get_all(b"content-length") {
+    for value in headers.values(FramingField::ContentLength) {
         // A list of the same length repeated is one length (RFC 9110 §8.6).
         for item in value.split(|&b| b == b',') {
             let n = parse_length(item).ok_or_else(|| Failure::protocol("bad Content-Length"))?;
