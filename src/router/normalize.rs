@@ -54,9 +54,15 @@ pub fn normalize(path: &str, rules: &PathRules) -> Result<Option<String>, PathEr
         return Ok(None);
     }
     let bytes = path.as_bytes();
-    let needs_work = bytes.iter().any(|&b| b == b'%' || b == b'\\')
-        || (rules.merge_slashes && path.contains("//"))
-        || path.split('/').any(|segment| segment == "." || segment == "..");
+    // One pass, erring towards work: any escape or backslash, `//` when merged, and any
+    // segment that starts with `.` (a superset of `.` and `..`, which the full pass sorts
+    // out: `/.well-known` comes back unchanged).
+    let mut previous = 0u8;
+    let needs_work = bytes.iter().any(|&b| {
+        let work = b == b'%' || b == b'\\' || (previous == b'/' && (b == b'.' || (b == b'/' && rules.merge_slashes)));
+        previous = b;
+        work
+    });
     if !needs_work {
         return Ok(None);
     }
@@ -156,7 +162,14 @@ mod tests {
 
     #[test]
     fn normal_paths_cost_nothing_and_rules_are_honoured() {
-        for path in ["/", "/v1/lookup/8.8.8.8", "/v1/lookup/", "/a.b/c..d/.e"] {
+        for path in [
+            "/",
+            "/v1/lookup/8.8.8.8",
+            "/v1/lookup/",
+            "/a.b/c..d/.e",
+            "/.well-known/x",
+            "/a/..b",
+        ] {
             assert_eq!(normalize(path, &PathRules::default()), Ok(None), "{path}");
         }
         let keep = PathRules {

@@ -39,12 +39,13 @@ impl Exchange<'_> {
         close: bool,
     ) -> io::Result<Next> {
         let status = response.status();
+        // A walk over the map's few fields (the upstream's travel as read): cheaper than
+        // hashing the name.
         let close = close
             || response
                 .headers()
-                .get_all(CONNECTION)
                 .iter()
-                .any(|v| has_token(v.as_bytes(), b"close"));
+                .any(|(name, v)| name == CONNECTION && has_token(v.as_bytes(), b"close"));
         let bodiless = head_only
             || status.is_informational()
             || status == StatusCode::NO_CONTENT
