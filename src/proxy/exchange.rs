@@ -97,7 +97,11 @@ impl Worker {
         let client_upgrade = ctx.upgrade.then(|| hyper::upgrade::on(&mut req));
         // Borrowed from the pool (the route's, which outlives the exchange), not from the
         // peer's guard: the upstream's head borrows it with no reference count touched.
-        let endpoint_host = &pool.endpoints[peer.index].host_header;
+        let endpoint_host = pool
+            .endpoints
+            .get(peer.index)
+            .map(|endpoint| &endpoint.host_header)
+            .ok_or_else(|| ProxyError::new(ErrorKind::Internal))?;
         forward::upstream_request_filter(route, ctx, &mut req)?;
         let mut forwarding =
             forward::forwarding(route, &snapshot.anonymous_plan, ctx, req.headers_mut(), endpoint_host);
@@ -217,8 +221,10 @@ impl Worker {
                 }
             }
             peer = next;
-            if !pool.preserve_host {
-                let host = &pool.endpoints[peer.index].host_header;
+            if !pool.preserve_host
+                && let Some(endpoint) = pool.endpoints.get(peer.index)
+            {
+                let host = &endpoint.host_header;
                 if borrowed {
                     forwarding.set_host(host);
                 } else {
