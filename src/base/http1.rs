@@ -256,7 +256,9 @@ impl RawHeaders {
             .map(|f| (field(&self.head, f.name), field(&self.head, f.value)))
     }
 
-    /// The values of every field named `name` (compared without case).
+    /// The values of every field named `name` (compared without case); the request path
+    /// uses [`RawHeaders::values`] for the fields it looks up.
+    #[cfg(test)]
     pub fn get_all<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
         self.iter()
             .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
@@ -438,13 +440,18 @@ mod tests {
         assert_eq!(out, b"0 18446744073709551615");
     }
 
+    /// A whole response head's fields, as the upstream client keeps them.
+    fn raw_headers(raw: &'static [u8]) -> RawHeaders {
+        let mut slots = [httparse::EMPTY_HEADER; 16];
+        let mut response = httparse::Response::new(&mut slots);
+        response.parse(raw).unwrap();
+        RawHeaders::new(Bytes::from_static(raw), RawFields::of(raw, response.headers))
+    }
+
     #[test]
     fn forwarded_lines_are_whole_crlf_lines_and_bare_lf_ones_are_not_offered() {
         let lines = |raw: &'static [u8]| {
-            let mut slots = [httparse::EMPTY_HEADER; 8];
-            let mut response = httparse::Response::new(&mut slots);
-            response.parse(raw).unwrap();
-            let fields = RawHeaders::new(Bytes::from_static(raw), RawFields::of(raw, response.headers));
+            let fields = raw_headers(raw);
             fields
                 .forwarded_lines()
                 .map(|(name, value, line)| {
@@ -488,13 +495,10 @@ mod tests {
 
     #[test]
     fn framing_fields_are_named_once_in_any_case_and_others_are_not_taken_for_them() {
-        let mut slots = [httparse::EMPTY_HEADER; 10];
         let raw = b"HTTP/1.1 200 OK\r\nCONTENT-length: 5\r\nConnection: close\r\nTransfer-Encoding: gzip\r\n\
             content-length: 5\r\nContent-Type: text/plain\r\nX-Connection: no\r\nKeep-Alive: timeout=5\r\n\
             transfer-ENCODING: chunked\r\nContent-Length-X: 9\r\n\r\n";
-        let mut response = httparse::Response::new(&mut slots);
-        response.parse(raw).unwrap();
-        let fields = RawHeaders::new(Bytes::from_static(raw), RawFields::of(raw, response.headers));
+        let fields = raw_headers(raw);
         for (which, name) in [
             (FramingField::Connection, &b"connection"[..]),
             (FramingField::TransferEncoding, b"transfer-encoding"),
@@ -519,12 +523,9 @@ mod tests {
 
     #[test]
     fn fields_as_read_drop_the_connections_own_and_merge_under_the_map() {
-        let mut slots = [httparse::EMPTY_HEADER; 8];
         let raw = b"HTTP/1.1 200 OK\r\nX-A: 1\r\nConnection: keep-alive, X-Hop\r\nx-hop: s\r\n\
             Keep-Alive: timeout=5\r\nTE: trailers\r\nx-a: 2\r\nX-Id: up\r\n\r\n";
-        let mut response = httparse::Response::new(&mut slots);
-        response.parse(raw).unwrap();
-        let fields = RawHeaders::new(Bytes::from_static(raw), RawFields::of(raw, response.headers));
+        let fields = raw_headers(raw);
         assert_eq!(fields.iter().count(), 7);
         assert_eq!(
             fields.get_all(b"CONNECTION").collect::<Vec<_>>(),

@@ -3,6 +3,7 @@
 //! connection shares with its responses, request ids and durations, HTTP/1.1 wire helpers (docs/architecture.md,
 //! "Modules").
 
+pub mod armed;
 pub mod conn;
 pub mod deadline;
 pub mod error;

@@ -54,18 +54,16 @@ thread_local! {
 /// What `source` holds now, through this thread's copy in `slot` (made anew when it copies
 /// another gateway's: tests run several on one thread).
 fn latest<'a, T>(slot: &'a mut Option<LocalCopy<T>>, source: &Arc<ArcSwap<T>>) -> &'a Arc<T> {
-    if !slot
-        .as_ref()
-        .is_some_and(|copy| std::ptr::eq(copy.arc_swap(), &**source))
-    {
-        *slot = Some(arc_swap::Cache::new(source.clone()));
-    }
-    slot.get_or_insert_with(|| arc_swap::Cache::new(source.clone())).load()
+    let copy = match slot.take() {
+        Some(copy) if std::ptr::eq(copy.arc_swap(), &**source) => copy,
+        _ => arc_swap::Cache::new(source.clone()),
+    };
+    slot.insert(copy).load()
 }
 
 /// State shared by every worker and the admin API.
 pub struct Gateway {
-    /// Shared with each worker thread's copy (`LOCAL`).
+    /// Shared with each worker thread's copy (`SNAPSHOT`).
     snapshot: Arc<ArcSwap<Snapshot>>,
     pub metrics: Arc<Metrics>,
     /// API keys for the request path; rebuilt from the catalog at start, updated per write.
@@ -83,7 +81,7 @@ pub struct Gateway {
     /// Serialises admin writes, so the catalog and memory see them in the same order.
     /// Readers never wait on it.
     writes: tokio::sync::Mutex<()>,
-    /// Plans compiled for the request path; shared with each worker thread's copy.
+    /// Plans compiled for the request path; shared with each worker thread's copy (`PLANS`).
     plans: Arc<ArcSwap<PlanTable>>,
     /// How many live nodes share each plan's rate limit (`[cluster] divide_rate`).
     rate_share: AtomicU32,
