@@ -79,7 +79,8 @@ pub fn recycle_map(mut map: HeaderMap) {
     /// A response is written right after its map is taken, so a few serve a thread.
     const KEPT: usize = 16;
     const LARGEST: usize = 32;
-    if map.capacity() > LARGEST {
+    // A map that never held a field (a request's read without one) has nothing to reuse.
+    if map.capacity() == 0 || map.capacity() > LARGEST {
         return;
     }
     map.clear();
@@ -223,6 +224,16 @@ pub struct RawHeaders {
 }
 
 impl RawHeaders {
+    /// A whole request head's fields, parsed here (for tests).
+    #[cfg(test)]
+    pub fn of_request_head(head: Bytes) -> RawHeaders {
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut parsed = httparse::Request::new(&mut slots);
+        parsed.parse(&head).unwrap();
+        let fields = RawFields::of(&head, parsed.headers);
+        RawHeaders::new(head.clone(), fields)
+    }
+
     /// The fields over `head` (the bytes they were parsed from, frozen), with the
     /// connection's own fields marked.
     pub fn new(head: Bytes, fields: RawFields) -> RawHeaders {
@@ -256,13 +267,26 @@ impl RawHeaders {
             .map(|f| (field(&self.head, f.name), field(&self.head, f.value)))
     }
 
-    /// The values of every field named `name` (compared without case); the request path
-    /// uses [`RawHeaders::values`] for the fields it looks up.
-    #[cfg(test)]
-    pub fn get_all<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> {
-        self.iter()
-            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, value)| value)
+    /// The values of every field named `name` (compared without case), in order. A walk
+    /// over the few fields a head has, most ruled out by their length alone: cheaper than
+    /// building a map to hash into (docs/benchmarks.md, "Request fields as read").
+    pub fn get_all<'a, 'n>(&'a self, name: &'n [u8]) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
+        self.fields
+            .iter()
+            .filter(move |f| {
+                (f.name.1 - f.name.0) as usize == name.len() && field(&self.head, f.name).eq_ignore_ascii_case(name)
+            })
+            .map(|f| field(&self.head, f.value))
+    }
+
+    /// The first value of field `name` (compared without case).
+    pub fn get(&self, name: &[u8]) -> Option<&[u8]> {
+        self.get_all(name).next()
+    }
+
+    /// `part` (a value these fields gave) as shared bytes, with no copy.
+    pub fn shared(&self, part: &[u8]) -> Bytes {
+        self.head.slice_ref(part)
     }
 
     /// The values of every `which` field, in order: what `get_all` gives for its name,
@@ -306,23 +330,40 @@ impl RawHeaders {
         &self.head
     }
 
+    /// Writes the forwarded fields `keep` takes (given each name as read) to `out`: runs of
+    /// adjacent lines as they were read, in one copy each, and a line that did not end in
+    /// CRLF written again.
+    pub fn write_forwarded(&self, out: &mut Vec<u8>, mut keep: impl FnMut(&[u8]) -> bool) {
+        let mut run: Option<Range<usize>> = None;
+        for (name, value, line) in self.forwarded_lines() {
+            if !keep(name) {
+                continue;
+            }
+            match (&mut run, line) {
+                (Some(run), Some(line)) if run.end == line.start => run.end = line.end,
+                (_, line) => {
+                    if let Some(done) = run.take() {
+                        out.extend_from_slice(&self.head[done]);
+                    }
+                    match line {
+                        Some(line) => run = Some(line),
+                        None => write_field(out, name, value),
+                    }
+                }
+            }
+        }
+        if let Some(done) = run {
+            out.extend_from_slice(&self.head[done]);
+        }
+    }
+
     /// Merges the forwarded fields into `headers` (for a writer that needs a map: hyper's
     /// server, HTTP/2). Names already in `headers` were set by the pipeline and replace
     /// the fields read; a field `http` does not take is left out.
     pub fn merge_into(self, headers: &mut HeaderMap) {
         let set = std::mem::take(headers);
         let mut merged = HeaderMap::with_capacity(self.fields.len() + set.len());
-        for (name, value) in self.forwarded() {
-            let Ok(name) = HeaderName::from_bytes(name) else {
-                continue;
-            };
-            if set.contains_key(&name) {
-                continue;
-            }
-            if let Ok(value) = HeaderValue::from_maybe_shared(self.head.slice_ref(value)) {
-                merged.append(name, value);
-            }
-        }
+        self.append_forwarded(&mut merged, |name| !set.contains_key(name));
         let mut last: Option<HeaderName> = None;
         for (name, value) in set {
             if let Some(name) = name {
@@ -333,6 +374,45 @@ impl RawHeaders {
             }
         }
         *headers = merged;
+    }
+
+    /// Appends the forwarded fields to `headers` (for a client that writes a map: hyper's,
+    /// HTTP/2); a field `http` does not take is left out.
+    pub fn copy_into(&self, headers: &mut HeaderMap) {
+        headers.reserve(self.fields.len());
+        self.append_forwarded(headers, |_| true);
+    }
+
+    fn append_forwarded(&self, headers: &mut HeaderMap, take: impl Fn(&HeaderName) -> bool) {
+        for (name, value) in self.forwarded() {
+            let Ok(name) = HeaderName::from_bytes(name) else {
+                continue;
+            };
+            if !take(&name) {
+                continue;
+            }
+            if let Ok(value) = HeaderValue::from_maybe_shared(self.head.slice_ref(value)) {
+                headers.append(name, value);
+            }
+        }
+    }
+}
+
+/// A field line, `name: value`, as HTTP/1.1 writes it.
+pub fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A field value as text when it is visible ASCII (and tabs): what
+/// `HeaderValue::to_str` accepts, for values read without a header map.
+pub fn field_text(value: &[u8]) -> Option<&str> {
+    if value.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b)) {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
     }
 }
 

@@ -436,6 +436,7 @@ async fn serve_http<S: Transport>(
             let response = handler
                 .handle(
                     Box::new(req.map(|body| Some(crate::proxy::Inbound::Hyper(body)))),
+                    None,
                     &conn,
                 )
                 .await;

@@ -52,8 +52,7 @@ pub(super) fn record_request(record: &mut Pending, settings: &RecordSettings, ct
     let referer = match &ctx.caller {
         Caller::Anonymous { referer_host } => referer_host.clone(),
         _ => head
-            .get(&http::header::REFERER)
-            .and_then(|v| v.to_str().ok())
+            .text(&http::header::REFERER)
             .and_then(crate::auth::referer_host)
             .filter(|host| host.len() <= 253),
     };

@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -117,7 +117,7 @@ impl Worker {
         // writes the forwarding edits as it encodes the head; hyper's needs them applied.
         let borrowed = client.borrows(&req);
         if !borrowed {
-            forwarding.apply(req.headers_mut());
+            forwarding.apply(req.headers_mut(), ctx.read);
         }
         let head = (repeatable && !borrowed).then(|| copy_head(&req));
         let mut req = Some(req);
@@ -133,10 +133,11 @@ impl Worker {
             let endpoint = peer.guard.endpoint();
             let mut sent: Sent = match (borrowed, &req) {
                 (true, Some(kept)) => {
-                    let keep = |name: &HeaderName| forwarding.keeps(name);
+                    let keep = |name: &[u8]| forwarding.keeps(name);
                     let edits = Edits {
                         keep: &keep,
                         add: forwarding.added(),
+                        read: ctx.read,
                     };
                     // The deadline is the connection's own timer, not one registered per
                     // request around the send (docs/benchmarks.md, "Where the time goes").
@@ -292,13 +293,17 @@ fn upstream_peer(
     tried: &Tried,
 ) -> Result<Peer, ProxyError> {
     let client_ip;
+    let read = ctx.read;
     let hash: Option<&[u8]> = match &upstream.pool.hash_key {
         None => None,
         Some(HashKey::ClientIp) => {
             client_ip = ctx.caller_ip.to_string();
             Some(client_ip.as_bytes())
         }
-        Some(HashKey::Header(name)) => headers.get(name.as_str()).map(HeaderValue::as_bytes),
+        Some(HashKey::Header(name)) => match read {
+            Some(read) => read.get(name.as_bytes()),
+            None => headers.get(name.as_str()).map(HeaderValue::as_bytes),
+        },
     };
     upstream
         .pool

@@ -7,6 +7,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Ur
 
 use super::{Caller, ConnInfo, KeySource, ProxyBody, RequestCtx, headers};
 use crate::auth::KEY_PREFIX;
+use crate::base::http1::RawHeaders;
 use crate::base::{ErrorKind, ProxyError};
 use crate::config::UpstreamProtocol;
 use crate::gateway::Route;
@@ -57,6 +58,10 @@ pub(super) fn forwarding<'c>(
 /// purpose-built client as it encodes the head, so the client's map is neither edited
 /// nor copied (docs/architecture.md, "Two HTTP/1.1 paths"), or applied to the map for
 /// hyper's client.
+/// The client's fields that never go upstream, whatever the route: its credentials, and
+/// the identity fields only Tollgate sets.
+const DROPPED: [&str; 4] = ["x-api-key", "x-client-cert-subject", "x-consumer-id", "x-plan"];
+
 /// Where `Host` is in `Forwarding::add` (first).
 const HOST_FIELD: usize = 0;
 
@@ -73,11 +78,16 @@ pub(super) struct Forwarding<'c> {
 impl<'c> Forwarding<'c> {
     /// `headers` (the client's) lose here only the fields a `Connection` header names,
     /// which are rare; everything else is decided per field as the head is written.
+    /// Fields read without a map have theirs marked as read, and are not written (a
+    /// protocol switch, which would keep two of them, is never read that way).
     fn new(headers: &mut HeaderMap, ctx: &RequestCtx<'c>, host: FieldValue<'c>, anonymous_plan: &HeaderValue) -> Self {
         let names = ctx.names;
-        if ctx.upgrade || (names.may_have(&header::CONNECTION) && headers.contains_key(header::CONNECTION)) {
+        if ctx.read.is_none()
+            && (ctx.upgrade || (names.may_have(&header::CONNECTION) && headers.contains_key(header::CONNECTION)))
+        {
             headers::remove_hop_by_hop(headers, ctx.upgrade);
         }
+        let fields = headers::Fields::new(headers, names, ctx.read);
         let conn: &'c ConnInfo = ctx.conn;
         // The caller as Tollgate identified it (after trusted proxies and PROXY protocol).
         let real_ip = if ctx.caller_ip == ctx.client_addr.ip() {
@@ -86,9 +96,8 @@ impl<'c> Forwarding<'c> {
             FieldValue::Header(headers::ip_header_value(ctx.caller_ip))
         };
         // A bearer that is not ours (on a public route) is the upstream's business.
-        let our_bearer = names
-            .get(headers, &header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
+        let our_bearer = fields
+            .text(&header::AUTHORIZATION)
             .and_then(|v| v.strip_prefix("Bearer "))
             .is_some_and(|token| token.trim().starts_with(KEY_PREFIX));
         // Who the caller is, from Tollgate only.
@@ -105,7 +114,7 @@ impl<'c> Forwarding<'c> {
                 (&headers::X_FORWARDED_HOST, ctx.host.clone().and_then(set)),
                 (
                     &headers::X_FORWARDED_FOR,
-                    headers::forwarded_for(headers, names, &conn.peer_ip),
+                    headers::forwarded_for(fields, &conn.peer_ip),
                 ),
                 (&headers::X_REAL_IP, Some(real_ip)),
                 (&headers::X_FORWARDED_PROTO, Some(FieldValue::Borrowed(&conn.proto))),
@@ -124,17 +133,25 @@ impl<'c> Forwarding<'c> {
         }
     }
 
-    /// The client's field `name` goes upstream.
-    pub(super) fn keeps(&self, name: &HeaderName) -> bool {
-        match name.as_str() {
-            // The caller's credentials never reach the upstream, on any route; who they
-            // are does, from Tollgate only.
-            "x-api-key" | "x-client-cert-subject" | "x-consumer-id" | "x-plan" => false,
-            "authorization" => !self.drop_authorization,
-            "connection" | "upgrade" => self.upgrade,
-            other if crate::base::http1::is_hop_by_hop(other.as_bytes()) => false,
-            _ => !self.add.iter().any(|(set, value)| value.is_some() && *set == name),
+    /// The client's field `name` (in any case) goes upstream.
+    pub(super) fn keeps(&self, name: &[u8]) -> bool {
+        let is = |known: &str| known.len() == name.len() && known.as_bytes().eq_ignore_ascii_case(name);
+        // The caller's credentials never reach the upstream, on any route; who they are
+        // does, from Tollgate only.
+        if DROPPED.iter().any(|dropped| is(dropped)) {
+            return false;
         }
+        if is("authorization") {
+            return !self.drop_authorization;
+        }
+        if is("connection") || is("upgrade") {
+            return self.upgrade;
+        }
+        !crate::base::http1::is_hop_by_hop(name)
+            && !self
+                .add
+                .iter()
+                .any(|(set, value)| value.is_some() && is(set.as_str()))
     }
 
     /// The fields Tollgate sets.
@@ -148,11 +165,13 @@ impl<'c> Forwarding<'c> {
     }
 
     /// Edits `headers` (the client's) into the upstream's, for hyper's client.
-    pub(super) fn apply(&self, headers: &mut HeaderMap) {
-        let keep = |name: &HeaderName| self.keeps(name);
+    /// `read`: the client's fields as read, when its map is empty.
+    pub(super) fn apply(&self, headers: &mut HeaderMap, read: Option<&RawHeaders>) {
+        let keep = |name: &[u8]| self.keeps(name);
         Edits {
             keep: &keep,
             add: &self.add,
+            read,
         }
         .apply(headers);
     }
@@ -242,49 +261,92 @@ mod tests {
     fn ctx(caller: Caller) -> RequestCtx<'static> {
         let conn = Box::leak(Box::new(ConnInfo::new("203.0.113.9:5000".parse().unwrap(), 8443, true)));
         let request_id = Box::leak(Box::new(HeaderValue::from_static("req-1")));
-        let mut ctx = RequestCtx::new(request_id, Default::default(), conn);
+        let mut ctx = RequestCtx::new(request_id, Default::default(), None, conn);
         ctx.host = Some(HeaderValue::from_static("api.example.com"));
         ctx.caller = caller;
         ctx
     }
 
-    /// The client's fields as the upstream gets them, through both ways of sending them:
-    /// written as the head is encoded (the purpose-built client) and applied to the map
-    /// (hyper's), which must agree.
+    /// The client's fields as the upstream gets them, through every way of sending them:
+    /// written as the head is encoded (the purpose-built client) from the map or from the
+    /// fields as read (the purpose-built server builds no map), and applied to the map
+    /// (hyper's); all must agree.
     fn forwarding_headers(
         headers: &mut HeaderMap,
         mut ctx: RequestCtx<'_>,
         host: &HeaderValue,
         anonymous: &HeaderValue,
     ) {
+        let raw: &'static _ = Box::leak(Box::new(fields_as_read(headers)));
         // As the pipeline does: the names are taken from the client's map first.
         ctx.names = headers::Names::of(headers);
         let forwarding = Forwarding::new(headers, &ctx, FieldValue::Borrowed(host), anonymous);
         let mut request = Request::new(());
         *request.headers_mut() = headers.clone();
-        let keep = |name: &HeaderName| forwarding.keeps(name);
+        let keep = |name: &[u8]| forwarding.keeps(name);
         let edits = Edits {
             keep: &keep,
             add: forwarding.added(),
+            read: None,
         };
         let mut written = Vec::new();
         crate::upstream::h1::encode_request(&mut written, &request, &edits, &[]);
-        forwarding.apply(headers);
+        forwarding.apply(headers, None);
+        let applied: Vec<(String, Vec<u8>)> = sorted(
+            headers
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())),
+        );
+        assert_eq!(parsed_fields(&written), applied, "written and applied edits agree");
+
+        let mut empty = HeaderMap::new();
+        ctx.names = headers::Names::of(&empty);
+        ctx.read = Some(raw);
+        let from_read = Forwarding::new(&mut empty, &ctx, FieldValue::Borrowed(host), anonymous);
+        let keep = |name: &[u8]| from_read.keeps(name);
+        let edits = Edits {
+            keep: &keep,
+            add: from_read.added(),
+            read: ctx.read,
+        };
+        let mut written = Vec::new();
+        crate::upstream::h1::encode_request(&mut written, &Request::new(()), &edits, &[]);
+        assert_eq!(parsed_fields(&written), applied, "fields as read are edited alike");
+        let mut map = HeaderMap::new();
+        from_read.apply(&mut map, ctx.read);
+        let applied_read = sorted(map.iter().map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec())));
+        assert_eq!(applied_read, applied, "and applied to a map alike");
+    }
+
+    fn sorted(fields: impl Iterator<Item = (String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+        let mut fields: Vec<_> = fields.collect();
+        fields.sort();
+        fields
+    }
+
+    /// The fields of a request head, names in lower case, sorted.
+    fn parsed_fields(written: &[u8]) -> Vec<(String, Vec<u8>)> {
         let mut slots = [httparse::EMPTY_HEADER; 32];
         let mut parsed = httparse::Request::new(&mut slots);
-        parsed.parse(&written).unwrap();
-        let mut fields: Vec<(String, Vec<u8>)> = parsed
-            .headers
-            .iter()
-            .map(|h| (h.name.to_string(), h.value.to_vec()))
-            .collect();
-        let mut applied: Vec<(String, Vec<u8>)> = headers
-            .iter()
-            .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
-            .collect();
-        fields.sort();
-        applied.sort();
-        assert_eq!(fields, applied, "written and applied edits agree");
+        parsed.parse(written).unwrap();
+        sorted(
+            parsed
+                .headers
+                .iter()
+                .map(|h| (h.name.to_ascii_lowercase(), h.value.to_vec())),
+        )
+    }
+
+    /// `headers` as the purpose-built server reads them: a head parsed where it lies, the
+    /// names in the case a client might send them.
+    fn fields_as_read(headers: &HeaderMap) -> crate::base::http1::RawHeaders {
+        let mut head = b"GET / HTTP/1.1\r\n".to_vec();
+        for (i, (name, value)) in headers.iter().enumerate() {
+            let name = if i % 2 == 0 { name.as_str().to_ascii_uppercase() } else { name.to_string() };
+            crate::base::http1::write_field(&mut head, name.as_bytes(), value.as_bytes());
+        }
+        head.extend_from_slice(b"\r\n");
+        crate::base::http1::RawHeaders::of_request_head(head.into())
     }
 
     fn key_caller(source: KeySource) -> Caller {

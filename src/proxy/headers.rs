@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
-use crate::base::http1::hop_by_hop_index;
+use crate::base::http1::{RawHeaders, field_text, hop_by_hop_index};
 use crate::base::new_request_id;
 use crate::limits::LimitStatus;
 use crate::upstream::h1::FieldValue;
@@ -53,6 +53,68 @@ impl Names {
     /// `headers.get(name)`, skipped when the filter rules `name` out.
     pub fn get<'h>(self, headers: &'h HeaderMap, name: &HeaderName) -> Option<&'h HeaderValue> {
         if self.may_have(name) { headers.get(name) } else { None }
+    }
+}
+
+/// The client's request fields, wherever they are: in the request's map (hyper's server,
+/// HTTP/2), or as read by the purpose-built HTTP/1.1 server, which builds no map for them
+/// (docs/benchmarks.md, "Request fields as read"). Values are the bytes received.
+#[derive(Debug, Clone, Copy)]
+pub struct Fields<'a> {
+    map: &'a HeaderMap,
+    /// Which names `map` may hold.
+    names: Names,
+    /// The fields as read; `map` is then empty.
+    read: Option<&'a RawHeaders>,
+}
+
+impl<'a> Fields<'a> {
+    pub fn new(map: &'a HeaderMap, names: Names, read: Option<&'a RawHeaders>) -> Fields<'a> {
+        Fields { map, names, read }
+    }
+
+    /// A map's fields, its names taken now.
+    pub fn of_map(map: &'a HeaderMap) -> Fields<'a> {
+        Fields::new(map, Names::of(map), None)
+    }
+
+    /// The first value of field `name`.
+    pub fn get(self, name: &HeaderName) -> Option<&'a [u8]> {
+        match self.read {
+            Some(read) => read.get(name.as_str().as_bytes()),
+            None => self.names.get(self.map, name).map(HeaderValue::as_bytes),
+        }
+    }
+
+    /// Every value of field `name`, in order.
+    pub fn get_all(self, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
+        let read = self
+            .read
+            .into_iter()
+            .flat_map(move |read| read.get_all(name.as_str().as_bytes()));
+        let map = self
+            .read
+            .is_none()
+            .then(|| self.map.get_all(name).iter().map(HeaderValue::as_bytes))
+            .into_iter()
+            .flatten();
+        read.chain(map)
+    }
+
+    /// The first value of `name` as text, when it is visible ASCII (as
+    /// `HeaderValue::to_str` has it).
+    pub fn text(self, name: &HeaderName) -> Option<&'a str> {
+        self.get(name).and_then(field_text)
+    }
+
+    /// The first value of `name` as a header value of its own (sharing the bytes read).
+    pub fn value(self, name: &HeaderName) -> Option<HeaderValue> {
+        match self.read {
+            Some(read) => read
+                .get(name.as_str().as_bytes())
+                .and_then(|value| HeaderValue::from_maybe_shared(read.shared(value)).ok()),
+            None => self.names.get(self.map, name).cloned(),
+        }
     }
 }
 
@@ -120,24 +182,21 @@ pub fn insert_rate_limit(headers: &mut HeaderMap, status: &LimitStatus, retry_af
     }
 }
 
-pub fn is_upgrade_request(headers: &HeaderMap, names: Names) -> bool {
-    names.may_have(&header::UPGRADE)
-        && headers.contains_key(header::UPGRADE)
-        && headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
+pub fn is_upgrade_request(fields: Fields<'_>) -> bool {
+    fields.get(&header::UPGRADE).is_some()
+        && fields
+            .get_all(&header::CONNECTION)
+            .filter_map(field_text)
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
 }
 
 /// Every protocol the `Upgrade` header asks for is in `allowed` (`server.upgrades`;
 /// names compared without case, versions ignored: `websocket`, `h2c`).
-pub fn upgrade_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
-    headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+pub fn upgrade_allowed(fields: Fields<'_>, allowed: &[String]) -> bool {
+    fields
+        .get_all(&header::UPGRADE)
+        .flat_map(|v| v.split(|b| *b == b','))
         .map(|p| p.split(|b| *b == b'/').next().unwrap_or_default().trim_ascii())
         .filter(|p| !p.is_empty())
         .all(|protocol| allowed.iter().any(|a| a.as_bytes().eq_ignore_ascii_case(protocol)))
@@ -195,8 +254,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// `$proxy_add_x_forwarded_for`). `client` is the address already rendered as a header
 /// value (once per connection), borrowed when it is the whole field: no reference count
 /// is touched for it per request (docs/benchmarks.md, "Locked instructions").
-pub fn forwarded_for<'c>(headers: &HeaderMap, names: Names, client: &'c HeaderValue) -> Option<FieldValue<'c>> {
-    match names.get(headers, &X_FORWARDED_FOR).map(HeaderValue::as_bytes) {
+pub fn forwarded_for<'c>(fields: Fields<'_>, client: &'c HeaderValue) -> Option<FieldValue<'c>> {
+    match fields.get(&X_FORWARDED_FOR) {
         Some(existing) if !existing.is_empty() => {
             let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
             joined.extend_from_slice(existing);
@@ -216,12 +275,14 @@ pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
 }
 
 /// The client's request id when it is short and printable, else a new random one.
-pub fn request_id(headers: &HeaderMap, names: Names) -> HeaderValue {
-    if let Some(value) = names.get(headers, &X_REQUEST_ID) {
-        let bytes = value.as_bytes();
-        if !bytes.is_empty() && bytes.len() <= 128 && bytes.iter().all(|b| b.is_ascii_graphic()) {
-            return value.clone();
-        }
+pub fn request_id(fields: Fields<'_>) -> HeaderValue {
+    if let Some(bytes) = fields.get(&X_REQUEST_ID)
+        && !bytes.is_empty()
+        && bytes.len() <= 128
+        && bytes.iter().all(|b| b.is_ascii_graphic())
+        && let Some(value) = fields.value(&X_REQUEST_ID)
+    {
+        return value;
     }
     new_request_id()
 }
@@ -337,7 +398,7 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        assert!(is_upgrade_request(&headers, Names::of(&headers)));
+        assert!(is_upgrade_request(Fields::of_map(&headers)));
         remove_hop_by_hop(&mut headers, true);
         assert_eq!(headers[header::UPGRADE], "websocket");
         assert_eq!(headers[header::CONNECTION], "upgrade");
@@ -349,7 +410,7 @@ mod tests {
         let upgrade = |value: &'static str| {
             let mut headers = HeaderMap::new();
             headers.insert(header::UPGRADE, HeaderValue::from_static(value));
-            upgrade_allowed(&headers, &allowed)
+            upgrade_allowed(Fields::of_map(&headers), &allowed)
         };
         assert!(upgrade("websocket"));
         assert!(upgrade("WebSocket"));
@@ -362,7 +423,7 @@ mod tests {
     fn forwarded_for_appends() {
         let append = |headers: &mut HeaderMap, ip: &str| {
             let client = ip_header_value(ip.parse().unwrap());
-            let value = forwarded_for(headers, Names::of(headers), &client).unwrap();
+            let value = forwarded_for(Fields::of_map(headers), &client).unwrap();
             headers.insert(&X_FORWARDED_FOR, HeaderValue::from_bytes(value.as_bytes()).unwrap());
         };
         let mut headers = HeaderMap::new();
@@ -380,9 +441,48 @@ mod tests {
         assert_ne!(generated, new_request_id());
         let mut headers = HeaderMap::new();
         headers.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
-        assert_eq!(request_id(&headers, Names::of(&headers)), "abc-123");
+        assert_eq!(request_id(Fields::of_map(&headers)), "abc-123");
         headers.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_eq!(request_id(&headers, Names::of(&headers)).len(), 32);
+        assert_eq!(request_id(Fields::of_map(&headers)).len(), 32);
+    }
+
+    #[test]
+    fn fields_as_read_are_found_as_in_the_map() {
+        let head = b"GET / HTTP/1.1\r\nHost: api.example.com\r\nX-API-KEY: tg_live_1 \r\n\
+            accept: text/html\r\nAccept: application/json\r\nX-Forwarded-For: 10.0.0.1\r\n\
+            x-request-id: abc-123\r\nReferer: https://caf\xc3\xa9.example/\r\n\
+            Connection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let read = RawHeaders::of_request_head(bytes::Bytes::from_static(head));
+        let mut map = HeaderMap::new();
+        for (name, value) in read.iter() {
+            map.append(
+                HeaderName::from_bytes(name).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
+            );
+        }
+        let empty = HeaderMap::new();
+        let from_map = Fields::of_map(&map);
+        let from_read = Fields::new(&empty, Names::of(&empty), Some(&read));
+        for name in COMMON.iter().chain(LOOKED_UP.iter()).chain(["x-api-key", "X-Missing"].iter()) {
+            let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
+            assert_eq!(from_read.get(&name), from_map.get(&name), "{name}");
+            assert_eq!(
+                from_read.get_all(&name).collect::<Vec<_>>(),
+                from_map.get_all(&name).collect::<Vec<_>>(),
+                "{name}"
+            );
+            assert_eq!(from_read.text(&name), from_map.text(&name), "{name}");
+            assert_eq!(from_read.value(&name), from_map.value(&name), "{name}");
+        }
+        assert_eq!(from_read.text(&header::REFERER), None, "not visible ASCII, as to_str has it");
+        assert_eq!(from_read.get_all(&header::ACCEPT).count(), 2);
+        assert_eq!(request_id(from_read), "abc-123");
+        assert!(is_upgrade_request(from_read) && is_upgrade_request(from_map));
+        let client = HeaderValue::from_static("10.0.0.2");
+        assert_eq!(
+            forwarded_for(from_read, &client).unwrap().as_bytes(),
+            b"10.0.0.1, 10.0.0.2"
+        );
     }
 
     #[test]

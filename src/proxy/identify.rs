@@ -6,6 +6,7 @@ use http::{HeaderValue, Version, header};
 
 use super::{Head, RequestCtx, Worker, headers};
 use crate::auth::{self, AuthError, Identity, KEY_PREFIX};
+use crate::base::http1::field_text;
 use crate::base::{ErrorKind, ProxyError};
 use crate::config::AnonymousBy;
 use crate::gateway::{DEFAULT_PLAN, Route, Snapshot};
@@ -82,8 +83,8 @@ impl Worker {
             None => return Err(ProxyError::new(ErrorKind::RouteNotFound)),
         };
         ctx.route = Some(index);
-        ctx.upgrade = head.version == Version::HTTP_11 && headers::is_upgrade_request(head.headers, head.names);
-        if ctx.upgrade && !headers::upgrade_allowed(head.headers, &snapshot.config.server.upgrades) {
+        ctx.upgrade = head.version == Version::HTTP_11 && headers::is_upgrade_request(head.fields);
+        if ctx.upgrade && !headers::upgrade_allowed(head.fields, &snapshot.config.server.upgrades) {
             // Not tunnelled: `Upgrade` goes with the other hop-by-hop headers and the
             // request is proxied as an ordinary one (RFC 9110 §7.8 lets a server ignore it).
             ctx.upgrade = false;
@@ -95,7 +96,7 @@ impl Worker {
             .ok_or_else(|| ProxyError::new(ErrorKind::Internal))?;
         let trusted = &snapshot.config.trusted_proxies;
         if !trusted.is_empty() {
-            let forwarded = head.get(&headers::X_FORWARDED_FOR).and_then(|v| v.to_str().ok());
+            let forwarded = head.text(&headers::X_FORWARDED_FOR);
             ctx.caller_ip = auth::client_ip(ctx.client_addr.ip(), forwarded, trusted);
         }
         ctx.caller = self.identify(snapshot, route, head)?;
@@ -155,7 +156,7 @@ impl Worker {
 pub(super) fn request_host(head: Head<'_>) -> Option<HeaderValue> {
     match head.uri.authority() {
         Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => head.get(&header::HOST).cloned(),
+        None => head.fields.value(&header::HOST),
     }
 }
 
@@ -176,7 +177,7 @@ fn find_api_key(head: Head<'_>) -> Option<(&str, KeySource)> {
     // A key header that is not text is a wrong key, not a reason to look elsewhere
     // (found by `tests/fuzz.rs`).
     if let Some(key) = head.get(&headers::X_API_KEY) {
-        return Some((key.to_str().unwrap_or("").trim(), KeySource::Header));
+        return Some((field_text(key).unwrap_or("").trim(), KeySource::Header));
     }
     if let Some(key) = bearer(head) {
         return Some((key, KeySource::Bearer));
@@ -190,16 +191,13 @@ fn find_api_key(head: Head<'_>) -> Option<(&str, KeySource)> {
 }
 
 fn bearer(head: Head<'_>) -> Option<&str> {
-    head.get(&header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    head.text(&header::AUTHORIZATION)
         .and_then(|v| v.strip_prefix("Bearer "))
         .map(str::trim)
 }
 
 fn referer_host(head: Head<'_>) -> Option<String> {
-    head.get(&header::REFERER)
-        .and_then(|v| v.to_str().ok())
-        .and_then(auth::referer_host)
+    head.text(&header::REFERER).and_then(auth::referer_host)
 }
 
 pub(super) fn auth_error_kind(error: AuthError) -> ErrorKind {

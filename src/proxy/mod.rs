@@ -24,7 +24,7 @@ mod usage_page;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderName, HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use tokio::time::Instant;
 
 /// The client's request body as the listener hands it over.
@@ -33,6 +33,7 @@ pub use body::ProxyBody;
 pub use identify::{Caller, Credentials, KeySource, presented_credentials};
 
 use crate::auth::Identity;
+use crate::base::http1::RawHeaders;
 use crate::base::{ConnPhase, ConnStreams, ErrorKind, ErrorSource, ProxyError};
 use crate::gateway::{Gateway, Snapshot};
 use crate::limits::LimitStatus;
@@ -46,30 +47,34 @@ pub struct Head<'a> {
     pub method: &'a Method,
     pub uri: &'a Uri,
     pub version: Version,
-    pub headers: &'a HeaderMap,
-    /// Which names `headers` may hold: lookups go through [`Head::get`].
-    pub names: headers::Names,
+    /// Looked up through [`Head::get`].
+    pub fields: headers::Fields<'a>,
 }
 
 impl<'a> Head<'a> {
     pub fn of<B>(req: &'a Request<B>) -> Head<'a> {
-        Head::with_names(req, headers::Names::of(req.headers()))
+        Head::with(req, headers::Names::of(req.headers()), None)
     }
 
-    /// With `names` already made from the request's map (once per request).
-    pub fn with_names<B>(req: &'a Request<B>, names: headers::Names) -> Head<'a> {
+    /// With `names` already made from the request's map (once per request), and the
+    /// fields as read when the purpose-built server left that map empty.
+    pub fn with<B>(req: &'a Request<B>, names: headers::Names, read: Option<&'a RawHeaders>) -> Head<'a> {
         Head {
             method: req.method(),
             uri: req.uri(),
             version: req.version(),
-            headers: req.headers(),
-            names,
+            fields: headers::Fields::new(req.headers(), names, read),
         }
     }
 
     /// The first value of field `name`.
-    pub fn get(&self, name: &HeaderName) -> Option<&'a HeaderValue> {
-        self.names.get(self.headers, name)
+    pub fn get(&self, name: &HeaderName) -> Option<&'a [u8]> {
+        self.fields.get(name)
+    }
+
+    /// The first value of field `name` as text (visible ASCII).
+    pub fn text(&self, name: &HeaderName) -> Option<&'a str> {
+        self.fields.text(name)
     }
 }
 
@@ -122,6 +127,8 @@ pub struct RequestCtx<'c> {
     pub request_id: &'c HeaderValue,
     /// Which names the client's header map may hold (`headers::Names`).
     pub names: headers::Names,
+    /// The client's fields as read, when the purpose-built server built no map for them.
+    pub read: Option<&'c RawHeaders>,
     pub start: Instant,
     pub client_addr: SocketAddr,
     /// The connection the request came on (peer, scheme, port, client certificate),
@@ -176,10 +183,16 @@ pub struct RequestCtx<'c> {
 
 impl<'c> RequestCtx<'c> {
     #[inline]
-    fn new(request_id: &'c HeaderValue, names: headers::Names, conn: &'c ConnInfo) -> RequestCtx<'c> {
+    fn new(
+        request_id: &'c HeaderValue,
+        names: headers::Names,
+        read: Option<&'c RawHeaders>,
+        conn: &'c ConnInfo,
+    ) -> RequestCtx<'c> {
         RequestCtx {
             request_id,
             names,
+            read,
             start: Instant::now(),
             client_addr: conn.peer,
             conn,
@@ -258,35 +271,41 @@ impl Worker {
     /// Runs a request through every phase. Never fails: errors become JSON responses. The
     /// body is hyper's, the one the purpose-built HTTP/1.1 server (`listener::fast`) read
     /// with the head, or `None` for a bodiless request read by that server.
-    pub async fn handle(&self, req: Box<Request<Option<Inbound>>>, conn: &ConnInfo) -> Response<ProxyBody> {
+    pub async fn handle(
+        &self,
+        req: Box<Request<Option<Inbound>>>,
+        read: Option<RawHeaders>,
+        conn: &ConnInfo,
+    ) -> Response<ProxyBody> {
         let snapshot = self.gateway.snapshot();
+        let read = read.as_ref();
         let names = headers::Names::of(req.headers());
-        let request_id = headers::request_id(req.headers(), names);
-        let mut ctx = RequestCtx::new(&request_id, names, conn);
+        let request_id = headers::request_id(headers::Fields::new(req.headers(), names, read));
+        let mut ctx = RequestCtx::new(&request_id, names, read, conn);
         ctx.declared_body = req.body().as_ref().map_or(0, |body| body.size_hint().lower());
         let page = snapshot
             .usage_page
             .as_ref()
-            .filter(|page| usage_page::requested(page, Head::with_names(&req, names), &snapshot));
+            .filter(|page| usage_page::requested(page, Head::with(&req, names, read), &snapshot));
         // `Ok(None)`: the usage page, which has no route.
         let filtered = match page {
             Some(page) => self
-                .usage_page_filter(page, &mut ctx, Head::with_names(&req, names))
+                .usage_page_filter(page, &mut ctx, Head::with(&req, names, read))
                 .map(|()| None),
             None => {
-                let mut filtered = self.request_filter(&snapshot, &mut ctx, Head::with_names(&req, names));
+                let mut filtered = self.request_filter(&snapshot, &mut ctx, Head::with(&req, names, read));
                 if ctx.lease_pending {
                     // Boxed, like the usage page below: rare, and kept out of every
                     // request's future.
                     filtered =
-                        Box::pin(self.after_lease(&snapshot, &mut ctx, Head::with_names(&req, names), filtered)).await;
+                        Box::pin(self.after_lease(&snapshot, &mut ctx, Head::with(&req, names, read), filtered)).await;
                 }
                 filtered.map(Some)
             }
         };
         let mut record = self.gateway.access_log.as_ref().map(|log| {
             let mut record = crate::logs::Pending::begin(log, ctx.start);
-            access_log::record_request(&mut record, &log.settings, &ctx, Head::with_names(&req, names));
+            access_log::record_request(&mut record, &log.settings, &ctx, Head::with(&req, names, read));
             record
         });
         // Each arm ends in the response: a `Result` bound first would be one more move of
@@ -296,7 +315,7 @@ impl Worker {
                 Ok(response) => response,
                 Err(error) => self.fail_to_proxy(&snapshot, &mut ctx, error),
             },
-            Ok(None) => match Box::pin(self.usage_page(&ctx, Head::with_names(&req, names))).await {
+            Ok(None) => match Box::pin(self.usage_page(&ctx, Head::with(&req, names, read))).await {
                 Ok(response) => response,
                 Err(error) => self.fail_to_proxy(&snapshot, &mut ctx, error),
             },

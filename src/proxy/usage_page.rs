@@ -13,6 +13,7 @@ use serde::Serialize;
 use super::identify::auth_error_kind;
 use super::{Caller, Credentials, Head, ProxyBody, RequestCtx, Worker, presented_credentials};
 use crate::auth::{self, AuthError, Identity};
+use crate::base::http1::field_text;
 use crate::base::{ErrorKind, ProxyError};
 use crate::gateway::{Snapshot, UsagePage};
 use crate::limits::window::{self, Calendar};
@@ -260,10 +261,9 @@ fn wants_json(head: Head<'_>) -> bool {
         .query()
         .is_some_and(|q| q.split('&').any(|pair| pair == "format=json"));
     let accept = head
-        .headers
-        .get_all(header::ACCEPT)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .fields
+        .get_all(&header::ACCEPT)
+        .filter_map(field_text)
         .collect::<Vec<_>>()
         .join(",");
     query_json || (accept.contains("application/json") && !accept.contains("text/html"))

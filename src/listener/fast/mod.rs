@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, EXPECT, UPGRADE};
-use http::{HeaderMap, HeaderValue, Method, Request, Uri, Version};
+use http::header::{EXPECT, UPGRADE};
+use http::{Method, Request, Uri, Version};
 use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -38,7 +38,7 @@ use rewind::Rewind;
 use super::framing::{self, BodyLength};
 use super::guard::trim_leading_crlf;
 use super::{ConnSettings, Transport};
-use crate::base::http1::{MAX_HEADERS, has_token, header_name, recycled_map};
+use crate::base::http1::{FramingField, MAX_HEADERS, RawFields, RawHeaders, has_token};
 use crate::base::{Deadline, stopped, stopped_armed};
 use crate::metrics::{Metrics, Protection};
 use crate::proxy::{ConnInfo, Inbound, Worker};
@@ -237,7 +237,7 @@ impl Exchange<'_> {
             // Requests pipelined behind this one (`parse` sees bytes beyond its body) are
             // the guard's: it checks every head in a read before any is served, so a
             // smuggling attempt behind an innocent request is refused as a whole.
-            let Some((request, close)) = self.parse(end) else {
+            let Some((request, fields, close)) = self.parse(end) else {
                 return Outcome::General(self.buf.split().freeze(), deadline(&mut head_deadline));
             };
             let head_only = request.method() == Method::HEAD;
@@ -247,7 +247,7 @@ impl Exchange<'_> {
             // this run: the state (about 3 KiB) is too large for the allocator's per-thread
             // cache, so reusing it saves an allocation and a free per request.
             let (worker, conn) = (self.worker, self.conn);
-            let response = boxed_again(&mut pipeline, || worker.handle(request, conn)).await;
+            let response = boxed_again(&mut pipeline, || worker.handle(request, Some(fields), conn)).await;
             answer.answered();
             let max_requests = self.settings.max_requests;
             let mut close = close;
@@ -316,11 +316,12 @@ impl Exchange<'_> {
     }
 
     /// The head at the front of the buffer (`end` bytes) as a request, when this path can
-    /// serve it; with whether the client asked to close after it. A body of declared
+    /// serve it; with its fields as read (its map is left empty) and whether the client
+    /// asked to close after it. A body of declared
     /// length is served here when it arrived whole with the head and nothing follows it
     /// (the common API call: a small JSON body written with its head); the rest go to
     /// the general path, which streams them. `None` leaves the buffer as it was.
-    fn parse(&mut self, end: usize) -> Option<(Box<Request<Option<Inbound>>>, bool)> {
+    fn parse(&mut self, end: usize) -> Option<(Box<Request<Option<Inbound>>>, RawHeaders, bool)> {
         let head = &self.buf[..end];
         if end > self.settings.limits.max_header_bytes
             || head.starts_with(b"PRI * HTTP/2.0")
@@ -340,8 +341,7 @@ impl Exchange<'_> {
                 *request.method_mut() = parts.method;
                 *request.uri_mut() = parts.uri;
                 *request.version_mut() = Version::HTTP_11;
-                *request.headers_mut() = parts.headers;
-                Some((request, parts.close))
+                Some((request, parts.fields, parts.close))
             }
             None => {
                 let rest = std::mem::take(&mut self.buf);
@@ -367,8 +367,8 @@ impl Exchange<'_> {
 struct Parts {
     method: Method,
     uri: Uri,
-    /// Values share the head's bytes.
-    headers: HeaderMap,
+    /// The fields, as read.
+    fields: RawHeaders,
     /// The client asked to close after it.
     close: bool,
     /// The body's declared length (0 for none).
@@ -391,30 +391,24 @@ fn request_parts(head: &Bytes) -> Option<Parts> {
         Ok(BodyLength::Chunked) | Err(_) => return None,
     };
     let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
-    let mut close = false;
-    // The pipeline adds nothing to this map on its way to an HTTP/1.1 upstream (the
-    // forwarding fields are written with the head). One the thread gave back saves its
-    // two allocations and frees; the exchange gives it back when it ends.
-    let mut headers = recycled_map();
-    headers.reserve(parsed.headers.len());
-    for header in parsed.headers.iter() {
+    // No map is built: the pipeline reads the fields where they lie, and the upstream's
+    // head copies them from there (docs/benchmarks.md, "Request fields as read").
+    if parsed.headers.iter().any(|header| {
         let name = header.name.as_bytes();
-        if name.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes())
-            || name.eq_ignore_ascii_case(EXPECT.as_str().as_bytes())
-        {
-            return None;
-        }
-        close |= name.eq_ignore_ascii_case(CONNECTION.as_str().as_bytes()) && has_token(header.value, b"close");
-        // A head httparse takes and `http` does not goes back for hyper.
-        let name = header_name(name)?;
-        let value = HeaderValue::from_maybe_shared(head.slice_ref(header.value)).ok()?;
-        headers.append(name, value);
+        name.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes()) || name.eq_ignore_ascii_case(EXPECT.as_str().as_bytes())
+    }) {
+        return None;
     }
+    let fields = RawFields::of(head, parsed.headers);
     let uri = Uri::from_maybe_shared(head.slice_ref(parsed.path?.as_bytes())).ok()?;
+    let fields = RawHeaders::new(head.clone(), fields);
+    let close = fields
+        .values(FramingField::Connection)
+        .any(|value| has_token(value, b"close"));
     Some(Parts {
         method,
         uri,
-        headers,
+        fields,
         close,
         body_len: length,
     })

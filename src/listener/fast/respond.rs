@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::Exchange;
 use crate::base::Deadline;
-use crate::base::http1::{has_token, push_decimal};
+use crate::base::http1::{has_token, push_decimal, write_field};
 use crate::listener::Transport;
 use crate::metrics::{Metrics, Protection};
 use crate::proxy::ProxyBody;
@@ -80,32 +80,12 @@ impl Exchange<'_> {
             true
         };
         if let Some(read) = body.upstream_head() {
-            // Adjacent lines kept as they were read leave in one copy.
-            let mut run: Option<std::ops::Range<usize>> = None;
-            for (name, value, line) in read.forwarded_lines() {
-                if headers
+            read.write_forwarded(out, |name| {
+                !headers
                     .keys()
                     .any(|set| set.as_str().as_bytes().eq_ignore_ascii_case(name))
-                    || !written(name)
-                {
-                    continue;
-                }
-                match (&mut run, line) {
-                    (Some(run), Some(line)) if run.end == line.start => run.end = line.end,
-                    (_, line) => {
-                        if let Some(done) = run.take() {
-                            out.extend_from_slice(&read.bytes()[done]);
-                        }
-                        match line {
-                            Some(line) => run = Some(line),
-                            None => write_field(out, name, value),
-                        }
-                    }
-                }
-            }
-            if let Some(done) = run {
-                out.extend_from_slice(&read.bytes()[done]);
-            }
+                    && written(name)
+            });
         }
         for (name, value) in headers {
             if written(name.as_str().as_bytes()) {
@@ -191,13 +171,6 @@ impl Exchange<'_> {
         drop(response);
         Ok(if close { Next::Close } else { Next::KeepAlive })
     }
-}
-
-fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 fn write_length(out: &mut Vec<u8>, n: u64) {

@@ -30,7 +30,9 @@ use body::Framing;
 pub use body::{BodyError, H1Body};
 use chunked::{Chunked, Step};
 
-use crate::base::http1::{FramingField, RawFields, RawHeaders, has_token, parse_length, push_decimal, trim_ows};
+use crate::base::http1::{
+    FramingField, RawFields, RawHeaders, has_token, parse_length, push_decimal, trim_ows, write_field,
+};
 use crate::base::{Deadline, ErrorKind, ProxyError};
 use crate::upstream::body::RequestBody;
 
@@ -282,10 +284,13 @@ pub async fn send(
 /// written rather than to the map first (docs/architecture.md, "Two HTTP/1.1 paths"): the
 /// request is the client's, borrowed, and stays as it came for a retry.
 pub struct Edits<'a> {
-    /// Whether a field of the request's map goes upstream.
-    pub keep: &'a (dyn Fn(&HeaderName) -> bool + Sync),
+    /// Whether a field of the client's (named in any case) goes upstream.
+    pub keep: &'a (dyn Fn(&[u8]) -> bool + Sync),
     /// Fields written after the kept ones (`None`: nothing to write).
     pub add: &'a [(&'static HeaderName, Option<FieldValue<'a>>)],
+    /// The client's fields as read, when the request's map is empty: written from there
+    /// (docs/benchmarks.md, "Request fields as read").
+    pub read: Option<&'a RawHeaders>,
 }
 
 /// A value the pipeline sets: a header value it holds, one it borrows (the connection's
@@ -336,11 +341,19 @@ impl Edits<'_> {
     pub const NONE: Edits<'static> = Edits {
         keep: &|_| true,
         add: &[],
+        read: None,
     };
 
     /// Applies the edits to `headers`, for a client that writes the map (hyper's).
     pub fn apply(&self, headers: &mut HeaderMap) {
-        let dropped: Vec<HeaderName> = headers.keys().filter(|name| !(self.keep)(name)).cloned().collect();
+        if let Some(read) = self.read {
+            read.copy_into(headers);
+        }
+        let dropped: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| !(self.keep)(name.as_str().as_bytes()))
+            .cloned()
+            .collect();
         for name in dropped {
             headers.remove(name);
         }
@@ -364,18 +377,28 @@ pub fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>, edits: &Edits<'_>,
     out.extend_from_slice(target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let mut framed = matches!(*req.method(), Method::POST | Method::PUT | Method::PATCH);
+    if let Some(read) = edits.read {
+        framed |= read.values(FramingField::TransferEncoding).next().is_some();
+        read.write_forwarded(out, |name| {
+            if name.eq_ignore_ascii_case(b"content-length") {
+                framed = true;
+                return false;
+            }
+            (edits.keep)(name)
+        });
+    }
     for (name, value) in req.headers() {
         if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             framed = true;
             continue;
         }
-        if (edits.keep)(name) {
-            write_field(out, name, value.as_bytes());
+        if (edits.keep)(name.as_str().as_bytes()) {
+            write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     for (name, value) in edits.add {
         if let Some(value) = value {
-            write_field(out, name, value.as_bytes());
+            write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
     // The length is the body's as read, whatever the client declared (they were checked
@@ -387,13 +410,6 @@ pub fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>, edits: &Edits<'_>,
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body);
-}
-
-fn write_field(out: &mut Vec<u8>, name: &HeaderName, value: &[u8]) {
-    out.extend_from_slice(name.as_str().as_bytes());
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
 }
 
 /// A response head parsed from the front of the buffer (which it consumes).
