@@ -96,41 +96,6 @@ thread_local! {
     static MAPS: std::cell::RefCell<Vec<HeaderMap>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// The `HeaderName` for a field name as read. `http` allocates a copy of every name it
-/// has no constant for, and API clients send the same few such names (`X-API-Key`, their
-/// own `X-*`) on every request, so the last few are kept per thread and cloned, which only
-/// bumps a count. `None` for a name `http` refuses.
-pub fn header_name(raw: &[u8]) -> Option<HeaderName> {
-    /// How many names are kept; a client's own names are few, and a stream of new ones
-    /// (an attacker's) only cycles through the slots.
-    const KEPT: usize = 16;
-    thread_local! {
-        static NAMES: std::cell::RefCell<(Vec<HeaderName>, usize)> = const { std::cell::RefCell::new((Vec::new(), 0)) };
-    }
-    // Clients' own names conventionally start with `x-`; only those are looked for here
-    // (the four of `http`'s constants that also do are kept like the rest, harmlessly).
-    if raw.len() < 3 || !raw[..2].eq_ignore_ascii_case(b"x-") {
-        return HeaderName::from_bytes(raw).ok();
-    }
-    NAMES.with(|names| {
-        let (names, next) = &mut *names.borrow_mut();
-        if let Some(name) = names
-            .iter()
-            .find(|name| name.as_str().len() == raw.len() && name.as_str().as_bytes().eq_ignore_ascii_case(raw))
-        {
-            return Some(name.clone());
-        }
-        let name = HeaderName::from_bytes(raw).ok()?;
-        if names.len() < KEPT {
-            names.push(name.clone());
-        } else {
-            names[*next] = name.clone();
-            *next = (*next + 1) % KEPT;
-        }
-        Some(name)
-    })
-}
-
 /// Where a parsed head's fields lie in the bytes it was parsed from, taken while the
 /// parse borrows them; [`RawHeaders::new`] pairs them with those bytes once split off
 /// and frozen.
@@ -172,9 +137,46 @@ pub const HOP_BY_HOP: [&str; 8] = [
 
 /// Where `name` (in any case) is in [`HOP_BY_HOP`], if it is a hop-by-hop field.
 pub fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
-    HOP_BY_HOP
-        .iter()
-        .position(|known| known.len() == name.len() && known.as_bytes().eq_ignore_ascii_case(name))
+    HOP_BY_HOP.iter().position(|known| same_name(known.as_bytes(), name))
+}
+
+/// Two field names are the same (compared without case, RFC 9110 §5.1). Eight bytes at
+/// a time: names are ASCII tokens, and the byte-by-byte `eq_ignore_ascii_case` cost
+/// several times more for the lookups a request makes (docs/benchmarks.md, "Request
+/// fields as read").
+pub fn same_name(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let (a_words, b_words) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (a_tail, b_tail) = (a_words.remainder(), b_words.remainder());
+    a_words.zip(b_words).all(|(x, y)| same_word(word(x), word(y))) && same_word(word(a_tail), word(b_tail))
+}
+
+/// Up to eight bytes as a word, zero-padded.
+fn word(bytes: &[u8]) -> u64 {
+    let mut word = [0u8; 8];
+    let n = bytes.len().min(8);
+    word[..n].copy_from_slice(&bytes[..n]);
+    u64::from_le_bytes(word)
+}
+
+/// Eight ASCII bytes each equal to the other's without case; bytes past ASCII (not in a
+/// token) are compared one by one.
+fn same_word(x: u64, y: u64) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = ONES * 0x80;
+    if (x | y) & HIGH != 0 {
+        return x.to_le_bytes().eq_ignore_ascii_case(&y.to_le_bytes());
+    }
+    // A byte is upper-case when adding `0x80 - 'A'` sets its high bit and adding
+    // `0x80 - 'Z' - 1` does not; no sum carries into the next byte below 0x80.
+    let lower = |w: u64| {
+        let at_least_a = w.wrapping_add(ONES * u64::from(0x80 - b'A'));
+        let past_z = w.wrapping_add(ONES * u64::from(0x80 - b'Z' - 1));
+        w | ((at_least_a & !past_z & HIGH) >> 2)
+    };
+    lower(x) == lower(y)
 }
 
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
@@ -207,9 +209,7 @@ impl FramingField {
             Some("connection") => Some(FramingField::Connection),
             Some("transfer-encoding") => Some(FramingField::TransferEncoding),
             Some(_) => None,
-            None => name
-                .eq_ignore_ascii_case(b"content-length")
-                .then_some(FramingField::ContentLength),
+            None => same_name(name, b"content-length").then_some(FramingField::ContentLength),
         }
     }
 }
@@ -253,7 +253,7 @@ impl RawHeaders {
             let named = field(&head, fields[i].value);
             for token in named.split(|&b| b == b',').map(trim_ows).filter(|t| !t.is_empty()) {
                 for f in fields.iter_mut() {
-                    f.hop |= field(&head, f.name).eq_ignore_ascii_case(token);
+                    f.hop |= same_name(field(&head, f.name), token);
                 }
             }
         }
@@ -273,9 +273,7 @@ impl RawHeaders {
     pub fn get_all<'a, 'n>(&'a self, name: &'n [u8]) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
         self.fields
             .iter()
-            .filter(move |f| {
-                (f.name.1 - f.name.0) as usize == name.len() && field(&self.head, f.name).eq_ignore_ascii_case(name)
-            })
+            .filter(move |f| (f.name.1 - f.name.0) as usize == name.len() && same_name(field(&self.head, f.name), name))
             .map(|f| field(&self.head, f.value))
     }
 
@@ -407,9 +405,11 @@ pub fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
 }
 
 /// A field value as text when it is visible ASCII (and tabs): what
-/// `HeaderValue::to_str` accepts, for values read without a header map.
+/// `HeaderValue::to_str` accepts, for values read without a header map. `value` is one
+/// httparse or `http` took, so it holds no control character but tabs and no DEL: being
+/// ASCII is then being visible ASCII, checked a word at a time rather than byte by byte.
 pub fn field_text(value: &[u8]) -> Option<&str> {
-    if value.iter().all(|&b| b == b'\t' || (b' '..0x7f).contains(&b)) {
+    if value.is_ascii() {
         std::str::from_utf8(value).ok()
     } else {
         None
@@ -447,28 +447,40 @@ mod tests {
     }
 
     #[test]
-    fn names_kept_per_thread_are_the_names_http_makes() {
-        for raw in [
-            &b"X-API-Key"[..],
-            b"x-api-key",
-            b"X-Client-Version",
-            b"host",
-            b"Accept",
-            b"x-frame-options",
-        ] {
-            // Twice: once made, once from the kept ones.
-            for _ in 0..2 {
-                assert_eq!(header_name(raw), HeaderName::from_bytes(raw).ok(), "{raw:?}");
+    fn names_are_the_same_in_any_case_and_only_then() {
+        let tchars = b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        // Every token character against every other, at every place in words of every length.
+        for len in 1..=17 {
+            for at in 0..len {
+                for &x in tchars.iter().chain([0x80u8, 0xc3, 0xff].iter()) {
+                    for &y in tchars.iter().chain([0x80u8, 0xe3].iter()) {
+                        let mut a = vec![b'k'; len];
+                        let mut b = vec![b'K'; len];
+                        a[at] = x;
+                        b[at] = y;
+                        assert_eq!(same_name(&a, &b), a.eq_ignore_ascii_case(&b), "{a:?} {b:?}");
+                    }
+                }
             }
         }
-        assert_eq!(header_name(b"x-bad name"), None);
-        assert_eq!(header_name(b"bad name"), None);
-        // More new names than are kept: each still comes out right, and the slots cycle.
-        for i in 0..100 {
-            let raw = format!("X-Name-{i}");
-            assert_eq!(header_name(raw.as_bytes()).unwrap().as_str(), raw.to_ascii_lowercase());
+        assert!(same_name(b"X-API-Key", b"x-api-key"));
+        assert!(!same_name(b"x-api-key", b"x-api-ke"));
+        assert!(same_name(b"", b""));
+    }
+
+    #[test]
+    fn field_text_is_to_str_for_values_http_takes() {
+        for value in [
+            &b"plain"[..],
+            b"with\ttab and space",
+            b"caf\xc3\xa9",
+            b"",
+            b"~!\"#",
+            b"\x80",
+        ] {
+            let header = HeaderValue::from_bytes(value).unwrap();
+            assert_eq!(field_text(value), header.to_str().ok(), "{value:?}");
         }
-        assert_eq!(header_name(b"X-API-KEY").unwrap(), "x-api-key");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Ur
 
 use super::{Caller, ConnInfo, KeySource, ProxyBody, RequestCtx, headers};
 use crate::auth::KEY_PREFIX;
-use crate::base::http1::RawHeaders;
+use crate::base::http1::{RawHeaders, same_name};
 use crate::base::{ErrorKind, ProxyError};
 use crate::config::UpstreamProtocol;
 use crate::gateway::Route;
@@ -48,7 +48,7 @@ pub(super) fn forwarding<'c>(
     endpoint_host: &'c HeaderValue,
 ) -> Forwarding<'c> {
     let host = match (&ctx.host, route.upstream.pool.preserve_host) {
-        (Some(host), true) => FieldValue::Header(host.clone()),
+        (Some(host), true) => host.clone(),
         _ => FieldValue::Borrowed(endpoint_host),
     };
     Forwarding::new(headers, ctx, host, anonymous_plan)
@@ -107,15 +107,11 @@ impl<'c> Forwarding<'c> {
             (Caller::Anonymous { .. }, None) => Some(anonymous_plan.clone().into()),
             _ => None,
         };
-        let set = |value: HeaderValue| Some(FieldValue::Header(value));
         Forwarding {
             add: [
                 (&headers::HOST, Some(host)),
-                (&headers::X_FORWARDED_HOST, ctx.host.clone().and_then(set)),
-                (
-                    &headers::X_FORWARDED_FOR,
-                    headers::forwarded_for(fields, &conn.peer_ip),
-                ),
+                (&headers::X_FORWARDED_HOST, ctx.host.clone()),
+                (&headers::X_FORWARDED_FOR, headers::forwarded_for(fields, &conn.peer_ip)),
                 (&headers::X_REAL_IP, Some(real_ip)),
                 (&headers::X_FORWARDED_PROTO, Some(FieldValue::Borrowed(&conn.proto))),
                 (&headers::X_FORWARDED_PORT, Some(FieldValue::Borrowed(&conn.port))),
@@ -135,7 +131,7 @@ impl<'c> Forwarding<'c> {
 
     /// The client's field `name` (in any case) goes upstream.
     pub(super) fn keeps(&self, name: &[u8]) -> bool {
-        let is = |known: &str| known.len() == name.len() && known.as_bytes().eq_ignore_ascii_case(name);
+        let is = |known: &str| same_name(known.as_bytes(), name);
         // The caller's credentials never reach the upstream, on any route; who they are
         // does, from Tollgate only.
         if DROPPED.iter().any(|dropped| is(dropped)) {
@@ -148,10 +144,7 @@ impl<'c> Forwarding<'c> {
             return self.upgrade;
         }
         !crate::base::http1::is_hop_by_hop(name)
-            && !self
-                .add
-                .iter()
-                .any(|(set, value)| value.is_some() && is(set.as_str()))
+            && !self.add.iter().any(|(set, value)| value.is_some() && is(set.as_str()))
     }
 
     /// The fields Tollgate sets.
@@ -262,7 +255,7 @@ mod tests {
         let conn = Box::leak(Box::new(ConnInfo::new("203.0.113.9:5000".parse().unwrap(), 8443, true)));
         let request_id = Box::leak(Box::new(HeaderValue::from_static("req-1")));
         let mut ctx = RequestCtx::new(request_id, Default::default(), None, conn);
-        ctx.host = Some(HeaderValue::from_static("api.example.com"));
+        ctx.host = Some(FieldValue::Header(HeaderValue::from_static("api.example.com")));
         ctx.caller = caller;
         ctx
     }
@@ -342,7 +335,11 @@ mod tests {
     fn fields_as_read(headers: &HeaderMap) -> crate::base::http1::RawHeaders {
         let mut head = b"GET / HTTP/1.1\r\n".to_vec();
         for (i, (name, value)) in headers.iter().enumerate() {
-            let name = if i % 2 == 0 { name.as_str().to_ascii_uppercase() } else { name.to_string() };
+            let name = if i % 2 == 0 {
+                name.as_str().to_ascii_uppercase()
+            } else {
+                name.to_string()
+            };
             crate::base::http1::write_field(&mut head, name.as_bytes(), value.as_bytes());
         }
         head.extend_from_slice(b"\r\n");

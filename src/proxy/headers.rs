@@ -463,7 +463,11 @@ mod tests {
         let empty = HeaderMap::new();
         let from_map = Fields::of_map(&map);
         let from_read = Fields::new(&empty, Names::of(&empty), Some(&read));
-        for name in COMMON.iter().chain(LOOKED_UP.iter()).chain(["x-api-key", "X-Missing"].iter()) {
+        for name in COMMON
+            .iter()
+            .chain(LOOKED_UP.iter())
+            .chain(["x-api-key", "X-Missing"].iter())
+        {
             let name = HeaderName::from_bytes(name.as_bytes()).unwrap();
             assert_eq!(from_read.get(&name), from_map.get(&name), "{name}");
             assert_eq!(
@@ -474,7 +478,11 @@ mod tests {
             assert_eq!(from_read.text(&name), from_map.text(&name), "{name}");
             assert_eq!(from_read.value(&name), from_map.value(&name), "{name}");
         }
-        assert_eq!(from_read.text(&header::REFERER), None, "not visible ASCII, as to_str has it");
+        assert_eq!(
+            from_read.text(&header::REFERER),
+            None,
+            "not visible ASCII, as to_str has it"
+        );
         assert_eq!(from_read.get_all(&header::ACCEPT).count(), 2);
         assert_eq!(request_id(from_read), "abc-123");
         assert!(is_upgrade_request(from_read) && is_upgrade_request(from_map));

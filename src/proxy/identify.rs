@@ -6,12 +6,13 @@ use http::{HeaderValue, Version, header};
 
 use super::{Head, RequestCtx, Worker, headers};
 use crate::auth::{self, AuthError, Identity, KEY_PREFIX};
-use crate::base::http1::field_text;
+use crate::base::http1::{RawHeaders, field_text};
 use crate::base::{ErrorKind, ProxyError};
 use crate::config::AnonymousBy;
 use crate::gateway::{DEFAULT_PLAN, Route, Snapshot};
 use crate::metrics::Protection;
 use crate::router;
+use crate::upstream::h1::FieldValue;
 
 /// Where the caller's API key was found, so it can be removed before proxying.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,10 +70,10 @@ impl Worker {
         ctx: &mut RequestCtx<'_>,
         head: Head<'_>,
     ) -> Result<&'s Route, ProxyError> {
-        ctx.host = request_host(head);
+        ctx.host = request_host(head, ctx.read);
         ctx.path = router::normalize(head.uri.path(), &snapshot.path_rules)
             .map_err(|e| ProxyError::with_cause(ErrorKind::BadRequest, format!("request path refused: {e:?}")))?;
-        let host = ctx.host.as_ref().and_then(|h| h.to_str().ok());
+        let host = ctx.host.as_ref().and_then(|h| field_text(h.as_bytes()));
         let path = ctx.path.as_deref().unwrap_or(head.uri.path());
         let index = match snapshot.router.find(host, head.method.as_str(), path) {
             Some(router::Found::Route(index)) => index,
@@ -153,10 +154,14 @@ impl Worker {
 /// The host the client asked for: the request target's authority when it has one (an
 /// absolute-form HTTP/1.1 target, where RFC 9112 §3.2.2 says `Host` is ignored, or
 /// HTTP/2's `:authority`), else the `Host` header.
-pub(super) fn request_host(head: Head<'_>) -> Option<HeaderValue> {
-    match head.uri.authority() {
-        Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
-        None => head.fields.value(&header::HOST),
+///
+/// `read`: the request's fields as read, which the value then borrows (a `HeaderValue`
+/// made of it would check it again, byte by byte).
+pub(super) fn request_host<'c>(head: Head<'_>, read: Option<&'c RawHeaders>) -> Option<FieldValue<'c>> {
+    match (head.uri.authority(), read) {
+        (Some(authority), _) => FieldValue::text(authority.as_str()),
+        (None, Some(read)) => read.get(header::HOST.as_str().as_bytes()).map(FieldValue::Read),
+        (None, None) => head.fields.value(&header::HOST).map(FieldValue::Header),
     }
 }
 
@@ -279,22 +284,28 @@ mod tests {
 
     #[test]
     fn the_host_is_the_header_or_the_authority() {
-        assert_eq!(
-            request_host(Head::of(&request("/", &[("host", "api.example.com")]))).unwrap(),
-            "api.example.com"
-        );
-        assert_eq!(
-            request_host(Head::of(&request("http://h2.example:8443/x", &[]))).unwrap(),
-            "h2.example:8443"
-        );
-        assert_eq!(request_host(Head::of(&request("/", &[]))), None);
+        let host = |uri: &str, headers: &[(&str, &str)]| {
+            let request = request(uri, headers);
+            let from_map = request_host(Head::of(&request), None).map(|h| h.as_bytes().to_vec());
+            // The same head as the purpose-built server reads it, with no map.
+            let mut head = format!("GET {uri} HTTP/1.1\r\n");
+            for (name, value) in headers {
+                head.push_str(&format!("{name}: {value}\r\n"));
+            }
+            head.push_str("\r\n");
+            let read = RawHeaders::of_request_head(head.into());
+            let bare = http::Request::builder().uri(uri).body(()).unwrap();
+            let from_read = request_host(Head::with(&bare, Default::default(), Some(&read)), Some(&read))
+                .map(|h| h.as_bytes().to_vec());
+            assert_eq!(from_map, from_read, "{uri} {headers:?}");
+            from_map.map(|h| String::from_utf8(h).unwrap())
+        };
+        assert_eq!(host("/", &[("host", "api.example.com")]).unwrap(), "api.example.com");
+        assert_eq!(host("http://h2.example:8443/x", &[]).unwrap(), "h2.example:8443");
+        assert_eq!(host("/", &[]), None);
         // Absolute form: the target's authority wins over a different Host.
         assert_eq!(
-            request_host(Head::of(&request(
-                "http://keyed.example/v1",
-                &[("host", "public.example")]
-            )))
-            .unwrap(),
+            host("http://keyed.example/v1", &[("host", "public.example")]).unwrap(),
             "keyed.example"
         );
     }

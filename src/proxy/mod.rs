@@ -37,6 +37,7 @@ use crate::base::http1::RawHeaders;
 use crate::base::{ConnPhase, ConnStreams, ErrorKind, ErrorSource, ProxyError};
 use crate::gateway::{Gateway, Snapshot};
 use crate::limits::LimitStatus;
+use crate::upstream::h1::FieldValue;
 
 /// The request head as the phases read it, borrowed from the request whatever its body:
 /// the pipeline's `Request<Incoming>`, or a `Request<()>` in a unit test. (Splitting the
@@ -134,8 +135,9 @@ pub struct RequestCtx<'c> {
     /// The connection the request came on (peer, scheme, port, client certificate),
     /// read where needed rather than copied into every request.
     pub conn: &'c ConnInfo,
-    /// The `Host` the client asked for (header, or authority on HTTP/2).
-    pub host: Option<HeaderValue>,
+    /// The `Host` the client asked for (header, or authority on HTTP/2), borrowed when
+    /// it was read without a map.
+    pub host: Option<FieldValue<'c>>,
     /// The request path normalized, when it differs from the one received: what routes
     /// match and the upstream receives.
     pub path: Option<String>,

@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use super::Exchange;
 use crate::base::Deadline;
-use crate::base::http1::{has_token, push_decimal, write_field};
+use crate::base::http1::{has_token, push_decimal, same_name, write_field};
 use crate::listener::Transport;
 use crate::metrics::{Metrics, Protection};
 use crate::proxy::ProxyBody;
@@ -66,25 +66,22 @@ impl Exchange<'_> {
         // The upstream's fields as read (its hop-by-hop ones already marked), then the
         // map, whose names (set by the pipeline) replace theirs.
         let mut written = |name: &[u8]| {
-            if name.eq_ignore_ascii_case(b"transfer-encoding") || name.eq_ignore_ascii_case(b"connection") {
+            if same_name(name, b"transfer-encoding") || same_name(name, b"connection") {
                 return false;
             }
-            if name.eq_ignore_ascii_case(b"content-length") {
+            if same_name(name, b"content-length") {
                 // A HEAD or 304 answer keeps the length of what a GET would get.
                 if !bodiless {
                     return false;
                 }
                 has_length = true;
             }
-            has_date |= name.eq_ignore_ascii_case(b"date");
+            has_date |= same_name(name, b"date");
             true
         };
         if let Some(read) = body.upstream_head() {
             read.write_forwarded(out, |name| {
-                !headers
-                    .keys()
-                    .any(|set| set.as_str().as_bytes().eq_ignore_ascii_case(name))
-                    && written(name)
+                !headers.keys().any(|set| same_name(set.as_str().as_bytes(), name)) && written(name)
             });
         }
         for (name, value) in headers {

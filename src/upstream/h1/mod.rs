@@ -31,7 +31,7 @@ pub use body::{BodyError, H1Body};
 use chunked::{Chunked, Step};
 
 use crate::base::http1::{
-    FramingField, RawFields, RawHeaders, has_token, parse_length, push_decimal, trim_ows, write_field,
+    FramingField, RawFields, RawHeaders, has_token, parse_length, push_decimal, same_name, trim_ows, write_field,
 };
 use crate::base::{Deadline, ErrorKind, ProxyError};
 use crate::upstream::body::RequestBody;
@@ -298,10 +298,13 @@ pub struct Edits<'a> {
 /// request, docs/benchmarks.md, "Locked instructions"), or text checked to be a valid one
 /// and kept inline when short, so a name per request (the caller's consumer and plan)
 /// costs no allocation.
+#[derive(Debug, Clone)]
 pub enum FieldValue<'a> {
     Header(HeaderValue),
     Borrowed(&'a HeaderValue),
     Text(compact_str::CompactString),
+    /// A value of the client's, as read (httparse took it: a valid field value).
+    Read(&'a [u8]),
 }
 
 impl FieldValue<'_> {
@@ -318,6 +321,7 @@ impl FieldValue<'_> {
             FieldValue::Header(value) => value.as_bytes(),
             FieldValue::Borrowed(value) => value.as_bytes(),
             FieldValue::Text(text) => text.as_bytes(),
+            FieldValue::Read(value) => value,
         }
     }
 
@@ -326,6 +330,7 @@ impl FieldValue<'_> {
             FieldValue::Header(value) => Some(value.clone()),
             FieldValue::Borrowed(value) => Some((*value).clone()),
             FieldValue::Text(text) => HeaderValue::from_str(text).ok(),
+            FieldValue::Read(value) => HeaderValue::from_bytes(value).ok(),
         }
     }
 }
@@ -380,7 +385,7 @@ pub fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>, edits: &Edits<'_>,
     if let Some(read) = edits.read {
         framed |= read.values(FramingField::TransferEncoding).next().is_some();
         read.write_forwarded(out, |name| {
-            if name.eq_ignore_ascii_case(b"content-length") {
+            if same_name(name, b"content-length") {
                 framed = true;
                 return false;
             }
