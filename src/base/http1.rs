@@ -66,55 +66,52 @@ pub fn arena_value(write: impl FnOnce(&mut bytes::BytesMut)) -> Bytes {
     })
 }
 
-/// An empty header map, from the ones this thread gave back (`recycle_map`) when there
-/// is one: a response's map otherwise costs two allocations and two frees per request
-/// for the three fields the pipeline sets.
-pub fn recycled_map() -> HeaderMap {
-    MAPS.with(|maps| maps.borrow_mut().pop()).unwrap_or_default()
-}
-
-/// Gives a map back for `recycled_map`, emptied and with its allocations kept; a map
-/// grown large, or one more than the few a thread keeps, is dropped instead.
-pub fn recycle_map(mut map: HeaderMap) {
-    /// A response is written right after its map is taken, so a few serve a thread.
-    const KEPT: usize = 16;
-    const LARGEST: usize = 32;
-    // A map that never held a field (a request's read without one) has nothing to reuse.
-    if map.capacity() == 0 || map.capacity() > LARGEST {
-        return;
-    }
-    map.clear();
-    MAPS.with(|maps| {
-        let mut maps = maps.borrow_mut();
-        if maps.len() < KEPT {
-            maps.push(map);
-        }
-    });
-}
-
-thread_local! {
-    static MAPS: std::cell::RefCell<Vec<HeaderMap>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Where a parsed head's fields lie in the bytes it was parsed from, taken while the
 /// parse borrows them; [`RawHeaders::new`] pairs them with those bytes once split off
 /// and frozen.
 pub struct RawFields(Vec<RawField>);
 
 impl RawFields {
-    /// `headers` were parsed from `buf`.
+    /// `headers` were parsed from `buf`. The list is one a head of this thread gave back
+    /// when there is one: two heads a request (the client's and the upstream's) would
+    /// otherwise cost an allocation and a free each.
     pub fn of(buf: &[u8], headers: &[httparse::Header<'_>]) -> RawFields {
-        RawFields(
-            headers
-                .iter()
-                .map(|header| RawField {
-                    name: offset(buf, header.name.as_bytes()),
-                    value: offset(buf, header.value),
-                    hop: false,
-                    known: None,
-                })
-                .collect(),
-        )
+        let mut list = FIELD_LISTS
+            .try_with(|lists| lists.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        list.extend(headers.iter().map(|header| RawField {
+            name: offset(buf, header.name.as_bytes()),
+            value: offset(buf, header.value),
+            hop: false,
+            known: None,
+        }));
+        RawFields(list)
+    }
+}
+
+thread_local! {
+    static FIELD_LISTS: std::cell::RefCell<Vec<Vec<RawField>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Gives the list back for the thread's next head (`RawFields::of`), unless it grew large
+/// or the thread keeps enough already.
+impl Drop for RawHeaders {
+    fn drop(&mut self) {
+        const KEPT: usize = 32;
+        let mut list = std::mem::take(&mut self.fields);
+        if list.capacity() == 0 || list.capacity() > MAX_HEADERS {
+            return;
+        }
+        list.clear();
+        // At thread exit the pool may be gone already; the list is then simply freed.
+        let _ = FIELD_LISTS.try_with(|lists| {
+            let mut lists = lists.borrow_mut();
+            if lists.len() < KEPT {
+                lists.push(list);
+            }
+        });
     }
 }
 
@@ -137,13 +134,29 @@ pub const HOP_BY_HOP: [&str; 8] = [
 
 /// Where `name` (in any case) is in [`HOP_BY_HOP`], if it is a hop-by-hop field.
 pub fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
-    HOP_BY_HOP.iter().position(|known| same_name(known.as_bytes(), name))
+    // Most names are ruled out by their length alone; the rest are compared with the one
+    // or two of that length.
+    let candidates: &[usize] = match name.len() {
+        2 => &[3],
+        7 => &[4, 6],
+        10 => &[0, 1],
+        16 => &[2],
+        17 => &[5],
+        19 => &[7],
+        _ => return None,
+    };
+    candidates.iter().copied().find(|&at| {
+        HOP_BY_HOP
+            .get(at)
+            .is_some_and(|known| same_name(known.as_bytes(), name))
+    })
 }
 
 /// Two field names are the same (compared without case, RFC 9110 §5.1). Eight bytes at
 /// a time: names are ASCII tokens, and the byte-by-byte `eq_ignore_ascii_case` cost
 /// several times more for the lookups a request makes (docs/benchmarks.md, "Request
 /// fields as read").
+#[inline]
 pub fn same_name(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
@@ -154,6 +167,7 @@ pub fn same_name(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// Up to eight bytes as a word, zero-padded.
+#[inline]
 fn word(bytes: &[u8]) -> u64 {
     let mut word = [0u8; 8];
     let n = bytes.len().min(8);
@@ -163,6 +177,7 @@ fn word(bytes: &[u8]) -> u64 {
 
 /// Eight ASCII bytes each equal to the other's without case; bytes past ASCII (not in a
 /// token) are compared one by one.
+#[inline]
 fn same_word(x: u64, y: u64) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = ONES * 0x80;
@@ -494,27 +509,6 @@ mod tests {
         assert_eq!(&b[..], b"18446744073709551615");
         let many: Vec<Bytes> = (0..1000u64).map(|i| arena_value(|v| push_decimal(v, i))).collect();
         assert!(many.iter().enumerate().all(|(i, v)| v[..] == *i.to_string().as_bytes()));
-    }
-
-    #[test]
-    fn maps_come_back_empty_and_large_ones_are_not_kept() {
-        let mut map = recycled_map();
-        map.insert("x-request-id", HeaderValue::from_static("abc"));
-        map.insert("ratelimit", HeaderValue::from_static("r=1"));
-        let capacity = map.capacity();
-        recycle_map(map);
-        let again = recycled_map();
-        assert!(again.is_empty());
-        assert_eq!(again.capacity(), capacity, "its allocation is reused");
-        let mut large = HeaderMap::new();
-        for i in 0..100 {
-            large.insert(
-                HeaderName::from_bytes(format!("x-{i}").as_bytes()).unwrap(),
-                HeaderValue::from_static("v"),
-            );
-        }
-        recycle_map(large);
-        assert!(recycled_map().capacity() < 100);
     }
 
     #[test]

@@ -10,6 +10,7 @@ use bytes::Bytes;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::time::Instant;
 
+use super::headers::SetFields;
 use crate::base::http1::RawHeaders;
 use crate::base::{ConnPhase, Deadline};
 use crate::logs::Pending;
@@ -47,6 +48,8 @@ struct TimedBody {
     conn: Option<PooledConn>,
     /// The last frame was read.
     ended: bool,
+    /// The pipeline's fields for the response head.
+    set: SetFields,
 }
 
 impl TimedBody {
@@ -107,6 +110,7 @@ impl ProxyBody {
                 timer: Deadline::new(first),
                 conn,
                 ended: false,
+                set: SetFields::default(),
             })),
             _inflight: Some(inflight),
             finished: None,
@@ -134,13 +138,31 @@ impl ProxyBody {
         }
     }
 
-    /// Moves the upstream's header fields into `headers`, for a writer that only knows
-    /// the map (hyper's server); names already there replace the fields read.
+    /// The fields the pipeline set on the upstream's response (`None` for a response
+    /// of its own, whose map holds them).
+    pub fn set_fields(&self) -> Option<&SetFields> {
+        match &self.kind {
+            Kind::Upstream(timed) => Some(&timed.set),
+            Kind::Full(_) => None,
+        }
+    }
+
+    pub(super) fn set_fields_mut(&mut self) -> Option<&mut SetFields> {
+        match &mut self.kind {
+            Kind::Upstream(timed) => Some(&mut timed.set),
+            Kind::Full(_) => None,
+        }
+    }
+
+    /// Moves the upstream's header fields and the pipeline's into `headers`, for a
+    /// writer that only knows the map (hyper's server); names already there replace the
+    /// fields read, and the pipeline's replace both.
     pub fn merge_upstream_head(&mut self, headers: &mut http::HeaderMap) {
-        if let Kind::Upstream(timed) = &mut self.kind
-            && let Some(head) = timed.inner.take_head()
-        {
-            head.merge_into(headers);
+        if let Kind::Upstream(timed) = &mut self.kind {
+            timed.set.insert_into(headers);
+            if let Some(head) = timed.inner.take_head() {
+                head.merge_into(headers);
+            }
         }
     }
 

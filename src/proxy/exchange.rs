@@ -188,11 +188,6 @@ impl Worker {
             };
             let Some((mut request, next)) = retry else {
                 let (response, pooled) = answer(sent)?;
-                // The request's map goes back for the next request on this thread
-                // (`listener::fast` takes it from there).
-                if let Some(sent) = req.as_mut() {
-                    crate::base::http1::recycle_map(std::mem::take(sent.headers_mut()));
-                }
                 let tunnel_idle = TunnelIdle {
                     after: snapshot.config.server.tunnel_idle_timeout,
                     metrics: &self.gateway.metrics,

@@ -237,9 +237,15 @@ pub(super) fn response_filter(ctx: &RequestCtx<'_>, route: Option<&Route>, respo
     for (name, value) in route.map_or(&[][..], |r| &r.response_headers) {
         headers.insert(name, value.clone());
     }
-    headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
-    if let Some(status) = &ctx.limit {
-        headers::insert_rate_limit(headers, status, ctx.retry_after);
+    match response.body_mut().set_fields_mut() {
+        Some(set) => *set = headers::SetFields::new(ctx.request_id.clone(), ctx.limit.clone(), ctx.retry_after),
+        None => {
+            let headers = response.headers_mut();
+            headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
+            if let Some(status) = &ctx.limit {
+                headers::insert_rate_limit(headers, status, ctx.retry_after);
+            }
+        }
     }
 }
 

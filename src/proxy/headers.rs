@@ -160,25 +160,104 @@ pub fn insert_rate_limit(headers: &mut HeaderMap, status: &LimitStatus, retry_af
     // Both values written by hand and cut from the per-thread arena: `format!` and its
     // `String`s cost ~1,000 instructions per limited request (docs/benchmarks.md).
     let name = status.name.policy();
-    let item = |a: u8, x: u64, b: u8, y: u64| {
-        crate::base::http1::arena_value(|value| {
-            value.extend_from_slice(b"\"");
-            value.extend_from_slice(name.as_bytes());
-            value.extend_from_slice(&[b'"', b';', a, b'=']);
-            crate::base::http1::push_decimal(value, x);
-            value.extend_from_slice(&[b';', b, b'=']);
-            crate::base::http1::push_decimal(value, y);
-        })
-    };
+    let item = |current: bool| crate::base::http1::arena_value(|value| rate_limit_value(value, &name, status, current));
     if let (Ok(policy), Ok(current)) = (
-        HeaderValue::from_maybe_shared(item(b'q', status.quota, b'w', status.window_secs)),
-        HeaderValue::from_maybe_shared(item(b'r', status.remaining, b't', status.reset_secs)),
+        HeaderValue::from_maybe_shared(item(false)),
+        HeaderValue::from_maybe_shared(item(true)),
     ) {
         headers.insert(&RATELIMIT_POLICY, policy);
         headers.insert(&RATELIMIT, current);
     }
     if let Some(seconds) = retry_after {
         headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    }
+}
+
+/// The `RateLimit-Policy` value of `status` (`"name";q=quota;w=window`), or with `current`
+/// its `RateLimit` value (`"name";r=remaining;t=reset`).
+fn rate_limit_value(out: &mut impl bytes::BufMut, name: &str, status: &LimitStatus, current: bool) {
+    let (a, x, b, y) = if current {
+        (b'r', status.remaining, b't', status.reset_secs)
+    } else {
+        (b'q', status.quota, b'w', status.window_secs)
+    };
+    out.put_slice(b"\"");
+    out.put_slice(name.as_bytes());
+    out.put_slice(&[b'"', b';', a, b'=']);
+    crate::base::http1::push_decimal(out, x);
+    out.put_slice(&[b';', b, b'=']);
+    crate::base::http1::push_decimal(out, y);
+}
+
+/// The fields the pipeline sets on a proxied response: `X-Request-Id`, and the
+/// `RateLimit` fields of the limit closest to exhaustion. Kept as values beside the
+/// upstream's fields as read, not in the response's map: the purpose-built server writes
+/// them straight into the head, and only a writer that needs a map (hyper's) gets them
+/// inserted into one (docs/benchmarks.md, "Response fields without a map"). They replace
+/// any field of the same name the upstream sent.
+#[derive(Debug, Default)]
+pub struct SetFields {
+    request_id: Option<HeaderValue>,
+    limit: Option<LimitStatus>,
+    retry_after: Option<u64>,
+}
+
+impl SetFields {
+    pub fn new(request_id: HeaderValue, limit: Option<LimitStatus>, retry_after: Option<u64>) -> SetFields {
+        SetFields {
+            request_id: Some(request_id),
+            limit,
+            retry_after,
+        }
+    }
+
+    /// A field named `name` (in any case) is set here.
+    pub fn sets(&self, name: &[u8]) -> bool {
+        use crate::base::http1::same_name;
+        (self.request_id.is_some() && same_name(name, X_REQUEST_ID.as_str().as_bytes()))
+            || (self.limit.is_some()
+                && (same_name(name, RATELIMIT.as_str().as_bytes())
+                    || same_name(name, RATELIMIT_POLICY.as_str().as_bytes())))
+            || (self.retry_after.is_some() && same_name(name, header::RETRY_AFTER.as_str().as_bytes()))
+    }
+
+    /// Writes the fields as HTTP/1.1 lines.
+    pub fn write(&self, out: &mut Vec<u8>) {
+        if let Some(id) = &self.request_id {
+            crate::base::http1::write_field(out, X_REQUEST_ID.as_str().as_bytes(), id.as_bytes());
+        }
+        if let Some(status) = &self.limit {
+            let name = status.name.policy();
+            // What `HeaderValue` refuses is left out, as `insert_rate_limit` leaves it.
+            if name.bytes().all(|b| b == b'\t' || (b >= b' ' && b != 0x7f)) {
+                for (field, current) in [(&RATELIMIT_POLICY, false), (&RATELIMIT, true)] {
+                    out.extend_from_slice(field.as_str().as_bytes());
+                    out.extend_from_slice(b": ");
+                    rate_limit_value(out, &name, status, current);
+                    out.extend_from_slice(b"\r\n");
+                }
+            }
+        }
+        if let Some(seconds) = self.retry_after {
+            out.extend_from_slice(b"retry-after: ");
+            crate::base::http1::push_decimal(out, seconds);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+
+    /// Inserts the fields into `headers`, replacing any of the same name.
+    pub fn insert_into(&self, headers: &mut HeaderMap) {
+        if let Some(id) = &self.request_id {
+            headers.insert(&X_REQUEST_ID, id.clone());
+        }
+        match &self.limit {
+            Some(status) => insert_rate_limit(headers, status, self.retry_after),
+            None => {
+                if let Some(seconds) = self.retry_after {
+                    headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                }
+            }
+        }
     }
 }
 
@@ -491,6 +570,57 @@ mod tests {
             forwarded_for(from_read, &client).unwrap().as_bytes(),
             b"10.0.0.1, 10.0.0.2"
         );
+    }
+
+    #[test]
+    fn the_pipelines_fields_are_written_as_a_map_would_hold_them() {
+        use crate::limits::LimitName;
+        let status = |name: LimitName| LimitStatus {
+            name,
+            quota: 1_000_000_000,
+            window_secs: 86_400,
+            remaining: 999_999_998,
+            reset_secs: 3_600,
+        };
+        for (limit, retry_after) in [
+            (None, None),
+            (Some(status(LimitName::Daily)), None),
+            (Some(status(LimitName::GroupMonthly("geo".into()))), Some(30)),
+            (Some(status(LimitName::GroupDaily("bad\u{7f}name".into()))), None),
+            (None, Some(5)),
+        ] {
+            let set = SetFields::new(HeaderValue::from_static("req-1"), limit.clone(), retry_after);
+            let mut written = b"HTTP/1.1 200 OK\r\n".to_vec();
+            set.write(&mut written);
+            written.extend_from_slice(b"\r\n");
+            let mut slots = [httparse::EMPTY_HEADER; 8];
+            let mut parsed = httparse::Response::new(&mut slots);
+            parsed.parse(&written).unwrap();
+            let mut lines: Vec<(String, Vec<u8>)> = parsed
+                .headers
+                .iter()
+                .map(|h| (h.name.to_string(), h.value.to_vec()))
+                .collect();
+            let mut map = HeaderMap::new();
+            set.insert_into(&mut map);
+            let mut inserted: Vec<(String, Vec<u8>)> = map
+                .iter()
+                .map(|(n, v)| (n.as_str().to_string(), v.as_bytes().to_vec()))
+                .collect();
+            lines.sort();
+            inserted.sort();
+            assert_eq!(lines, inserted, "{limit:?} {retry_after:?}");
+            for (name, _) in &lines {
+                assert!(set.sets(name.to_ascii_uppercase().as_bytes()), "{name}");
+            }
+            assert!(!set.sets(b"x-request"));
+            assert_eq!(set.sets(b"RateLimit"), limit.is_some());
+            assert_eq!(set.sets(b"retry-after"), retry_after.is_some());
+        }
+        let mut map = HeaderMap::new();
+        SetFields::new(HeaderValue::from_static("r"), Some(status(LimitName::Rate)), None).insert_into(&mut map);
+        assert_eq!(map["ratelimit-policy"], "\"rate\";q=1000000000;w=86400");
+        assert_eq!(map["ratelimit"], "\"rate\";r=999999998;t=3600");
     }
 
     #[test]

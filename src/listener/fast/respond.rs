@@ -64,7 +64,7 @@ impl Exchange<'_> {
         let mut has_length = false;
         let headers = response.headers();
         // The upstream's fields as read (its hop-by-hop ones already marked), then the
-        // map, whose names (set by the pipeline) replace theirs.
+        // map, whose names (the route's `response_headers`) replace theirs.
         let mut written = |name: &[u8]| {
             if same_name(name, b"transfer-encoding") || same_name(name, b"connection") {
                 return false;
@@ -79,15 +79,22 @@ impl Exchange<'_> {
             has_date |= same_name(name, b"date");
             true
         };
+        // The pipeline's own fields (`None`: in the map) replace both.
+        let set = body.set_fields();
+        let replaced = |name: &[u8]| set.is_some_and(|set| set.sets(name));
         if let Some(read) = body.upstream_head() {
             read.write_forwarded(out, |name| {
-                !headers.keys().any(|set| same_name(set.as_str().as_bytes(), name)) && written(name)
+                !headers.keys().any(|set| same_name(set.as_str().as_bytes(), name)) && !replaced(name) && written(name)
             });
         }
         for (name, value) in headers {
-            if written(name.as_str().as_bytes()) {
-                write_field(out, name.as_str().as_bytes(), value.as_bytes());
+            let name = name.as_str().as_bytes();
+            if !replaced(name) && written(name) {
+                write_field(out, name, value.as_bytes());
             }
+        }
+        if let Some(set) = set {
+            set.write(out);
         }
         if !has_date {
             out.extend_from_slice(b"date: ");
@@ -104,8 +111,6 @@ impl Exchange<'_> {
             out.extend_from_slice(b"connection: close\r\n");
         }
         out.extend_from_slice(b"\r\n");
-        // Written: the map goes back for the next response on this thread.
-        crate::base::http1::recycle_map(std::mem::take(response.headers_mut()));
         let send_timeout = self.settings.limits.send_timeout;
         let metrics = &self.worker.gateway.metrics;
         if bodiless {

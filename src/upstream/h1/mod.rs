@@ -517,10 +517,9 @@ fn respond(
         head: Some(parsed.headers),
     };
     body.release_if_done();
-    // The map starts empty: the fields travel as read, with the body (`H1Body::head`);
-    // it holds only what the pipeline sets, in a map the client's side gives back.
+    // The map starts empty, with nothing allocated: the fields travel as read, with the
+    // body (`H1Body::head`), and the pipeline's own beside them (`proxy::headers::SetFields`).
     let mut response = Response::new(body);
-    *response.headers_mut() = crate::base::http1::recycled_map();
     *response.status_mut() = parsed.status;
     *response.version_mut() = parsed.version;
     response
