@@ -161,18 +161,29 @@ pub fn same_name(a: &[u8], b: &[u8]) -> bool {
     if a.len() != b.len() {
         return false;
     }
-    let (a_words, b_words) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (a_tail, b_tail) = (a_words.remainder(), b_words.remainder());
-    a_words.zip(b_words).all(|(x, y)| same_word(word(x), word(y))) && same_word(word(a_tail), word(b_tail))
+    if a.len() < 8 {
+        return same_word(short_word(a), short_word(b));
+    }
+    // Whole words, then the last eight bytes (overlapping the last word when the length
+    // is not a multiple of eight): no copy of a partial word.
+    let last = a.len() - 8;
+    a.chunks_exact(8)
+        .zip(b.chunks_exact(8))
+        .all(|(x, y)| same_word(word(x), word(y)))
+        && same_word(word(&a[last..]), word(&b[last..]))
 }
 
-/// Up to eight bytes as a word, zero-padded.
+/// Eight bytes as a word.
 #[inline]
 fn word(bytes: &[u8]) -> u64 {
-    let mut word = [0u8; 8];
-    let n = bytes.len().min(8);
-    word[..n].copy_from_slice(&bytes[..n]);
-    u64::from_le_bytes(word)
+    bytes.first_chunk::<8>().map_or(0, |bytes| u64::from_le_bytes(*bytes))
+}
+
+/// Fewer than eight bytes as a word, zero-padded: built byte by byte, as copying a
+/// slice of unknown length into a word calls `memcpy`.
+#[inline]
+fn short_word(bytes: &[u8]) -> u64 {
+    bytes.iter().rev().fold(0, |word, &b| (word << 8) | u64::from(b))
 }
 
 /// Eight ASCII bytes each equal to the other's without case; bytes past ASCII (not in a

@@ -321,7 +321,7 @@ impl Exchange<'_> {
     /// length is served here when it arrived whole with the head and nothing follows it
     /// (the common API call: a small JSON body written with its head); the rest go to
     /// the general path, which streams them. `None` leaves the buffer as it was.
-    fn parse(&mut self, end: usize) -> Option<(Box<Request<Option<Inbound>>>, RawHeaders, bool)> {
+    fn parse(&mut self, end: usize) -> Option<(ClientRequest, RawHeaders, bool)> {
         let head = &self.buf[..end];
         if end > self.settings.limits.max_header_bytes
             || head.starts_with(b"PRI * HTTP/2.0")
@@ -362,6 +362,10 @@ impl Exchange<'_> {
         }
     }
 }
+
+/// A request as the pipeline takes it, boxed: it moves it whole several times on its way
+/// upstream.
+type ClientRequest = Box<Request<Option<Inbound>>>;
 
 /// A request head this path can serve.
 struct Parts {
