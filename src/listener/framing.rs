@@ -8,7 +8,7 @@
 //! the JSON error body.
 
 use crate::base::ErrorKind;
-use crate::base::http1::{MAX_HEADERS, parse_length, trim_ows};
+use crate::base::http1::{MAX_HEADERS, parse_length, same_name, trim_ows};
 
 /// What follows a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,19 +59,19 @@ pub fn check_parsed(request: &httparse::Request<'_, '_>) -> Result<BodyLength, E
     let mut chunked = false;
     for header in request.headers.iter() {
         let name = header.name;
-        if name.eq_ignore_ascii_case("host") {
+        if same_name(name.as_bytes(), b"host") {
             // §3.2: more than one Host is a 400.
             if host.replace(header.value).is_some() {
                 return Err(ErrorKind::BadRequest);
             }
-        } else if name.eq_ignore_ascii_case("content-length") {
+        } else if same_name(name.as_bytes(), b"content-length") {
             // §6.3: an invalid length is unrecoverable; duplicates are refused as NGINX
             // does rather than guessing which one the upstream would believe.
             if length.is_some() {
                 return Err(ErrorKind::BadRequest);
             }
             length = Some(parse_length(header.value).ok_or(ErrorKind::BadRequest)?);
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+        } else if same_name(name.as_bytes(), b"transfer-encoding") {
             // §6.1: a request must end in `chunked`, applied once; other codings are not
             // supported (501, as the RFC suggests).
             for coding in header.value.split(|b| *b == b',').map(trim_ows) {
