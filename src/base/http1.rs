@@ -133,7 +133,6 @@ pub const HOP_BY_HOP: [&str; 8] = [
 ];
 
 /// Where `name` (in any case) is in [`HOP_BY_HOP`], if it is a hop-by-hop field.
-#[inline]
 pub fn hop_by_hop_index(name: &[u8]) -> Option<usize> {
     // Most names are ruled out by their length alone; the rest are compared with the one
     // or two of that length.
@@ -189,7 +188,7 @@ fn short_word(bytes: &[u8]) -> u64 {
 
 /// Eight ASCII bytes each equal to the other's without case; bytes past ASCII (not in a
 /// token) are compared one by one.
-#[inline(always)]
+#[inline]
 fn same_word(x: u64, y: u64) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = ONES * 0x80;
