@@ -131,10 +131,16 @@ impl Router {
         router
     }
 
+    /// Some route names a host: only then does `find` read the one asked for (the caller
+    /// may skip making it text when none does).
+    pub fn routes_by_host(&self) -> bool {
+        !(self.exact.is_empty() && self.wildcard.is_empty())
+    }
+
     /// Finds the route for a request. `host` may carry a port and any letter case.
     pub fn find(&self, host: Option<&str>, method: &str, path: &str) -> Option<Found> {
         if let Some(host) = host.map(strip_port).filter(|h| !h.is_empty())
-            && !(self.exact.is_empty() && self.wildcard.is_empty())
+            && self.routes_by_host()
         {
             let lowered;
             let host = if host.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -241,6 +247,14 @@ mod tests {
         assert_eq!(router.find(Some("example.com"), "GET", "/x"), Some(Found::Route(2)));
         assert_eq!(router.find(Some("other.org"), "GET", "/x"), Some(Found::Route(2)));
         assert_eq!(router.find(None, "GET", "/x"), Some(Found::Route(2)));
+        assert!(router.routes_by_host());
+        assert!(Router::new(&[spec(&["*.example.com"], "/", &[])]).routes_by_host());
+        let any_host = Router::new(&[spec(&[], "/", &[]), spec(&[], "/v1", &["GET"])]);
+        assert!(!any_host.routes_by_host(), "no route names a host");
+        assert_eq!(
+            any_host.find(Some("api.example.com"), "GET", "/x"),
+            Some(Found::Route(0))
+        );
     }
 
     #[test]
