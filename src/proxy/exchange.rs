@@ -6,7 +6,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
-use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use http::{Request, Response, StatusCode, header};
 use hyper::upgrade::OnUpgrade;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::Instant;
@@ -93,7 +93,8 @@ impl Worker {
             .ok_or_else(|| ProxyError::new(ErrorKind::UpstreamOverloaded))?;
         pool.earn_retry_budget();
         let mut tried = Tried::default();
-        let mut peer = upstream_peer(upstream, ctx, req.headers(), &tried)?;
+        let fields = super::headers::Fields::new(req.headers(), ctx.names, ctx.read);
+        let mut peer = upstream_peer(upstream, ctx, fields, &tried)?;
         let client_upgrade = ctx.upgrade.then(|| hyper::upgrade::on(&mut req));
         // Borrowed from the pool (the route's, which outlives the exchange), not from the
         // peer's guard: the upstream's head borrows it with no reference count touched.
@@ -284,21 +285,17 @@ fn answer(sent: Sent) -> Result<Answer, ProxyError> {
 fn upstream_peer(
     upstream: &UpstreamPool,
     ctx: &mut RequestCtx<'_>,
-    headers: &HeaderMap,
+    fields: super::headers::Fields<'_>,
     tried: &Tried,
 ) -> Result<Peer, ProxyError> {
     let client_ip;
-    let read = ctx.read;
     let hash: Option<&[u8]> = match &upstream.pool.hash_key {
         None => None,
         Some(HashKey::ClientIp) => {
             client_ip = ctx.caller_ip.to_string();
             Some(client_ip.as_bytes())
         }
-        Some(HashKey::Header(name)) => match read {
-            Some(read) => read.get(name.as_bytes()),
-            None => headers.get(name.as_str()).map(HeaderValue::as_bytes),
-        },
+        Some(HashKey::Header(name)) => fields.get_named(name),
     };
     upstream
         .pool

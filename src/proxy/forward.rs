@@ -237,15 +237,11 @@ pub(super) fn response_filter(ctx: &RequestCtx<'_>, route: Option<&Route>, respo
     for (name, value) in route.map_or(&[][..], |r| &r.response_headers) {
         headers.insert(name, value.clone());
     }
+    // Beside the upstream's fields as read, or in the map of a response of Tollgate's own.
+    let set = headers::SetFields::new(ctx.request_id.clone(), ctx.limit.clone(), ctx.retry_after);
     match response.body_mut().set_fields_mut() {
-        Some(set) => *set = headers::SetFields::new(ctx.request_id.clone(), ctx.limit.clone(), ctx.retry_after),
-        None => {
-            let headers = response.headers_mut();
-            headers.insert(&headers::X_REQUEST_ID, ctx.request_id.clone());
-            if let Some(status) = &ctx.limit {
-                headers::insert_rate_limit(headers, status, ctx.retry_after);
-            }
-        }
+        Some(slot) => *slot = set,
+        None => set.insert_into(response.headers_mut()),
     }
 }
 

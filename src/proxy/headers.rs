@@ -86,6 +86,14 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// The first value of a field named in the configuration (in any case).
+    pub fn get_named(self, name: &str) -> Option<&'a [u8]> {
+        match self.read {
+            Some(read) => read.get(name.as_bytes()),
+            None => self.map.get(name).map(HeaderValue::as_bytes),
+        }
+    }
+
     /// Every value of field `name`, in order.
     pub fn get_all(self, name: &HeaderName) -> impl Iterator<Item = &'a [u8]> {
         let read = self
@@ -154,25 +162,6 @@ static HOP_BY_HOP_NAMES: [HeaderName; 8] = [
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
-/// `RateLimit-Policy` and `RateLimit` (draft-ietf-httpapi-ratelimit-headers) for one
-/// limit, and `Retry-After` on a refusal.
-pub fn insert_rate_limit(headers: &mut HeaderMap, status: &LimitStatus, retry_after: Option<u64>) {
-    // Both values written by hand and cut from the per-thread arena: `format!` and its
-    // `String`s cost ~1,000 instructions per limited request (docs/benchmarks.md).
-    let name = status.name.policy();
-    let item = |current: bool| crate::base::http1::arena_value(|value| rate_limit_value(value, &name, status, current));
-    if let (Ok(policy), Ok(current)) = (
-        HeaderValue::from_maybe_shared(item(false)),
-        HeaderValue::from_maybe_shared(item(true)),
-    ) {
-        headers.insert(&RATELIMIT_POLICY, policy);
-        headers.insert(&RATELIMIT, current);
-    }
-    if let Some(seconds) = retry_after {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-    }
-}
-
 /// The `RateLimit-Policy` value of `status` (`"name";q=quota;w=window`), or with `current`
 /// its `RateLimit` value (`"name";r=remaining;t=reset`).
 fn rate_limit_value(out: &mut impl bytes::BufMut, name: &str, status: &LimitStatus, current: bool) {
@@ -228,7 +217,7 @@ impl SetFields {
         }
         if let Some(status) = &self.limit {
             let name = status.name.policy();
-            // What `HeaderValue` refuses is left out, as `insert_rate_limit` leaves it.
+            // What `HeaderValue` refuses is left out, as `insert_into` leaves it.
             if name.bytes().all(|b| b == b'\t' || (b >= b' ' && b != 0x7f)) {
                 for (field, current) in [(&RATELIMIT_POLICY, false), (&RATELIMIT, true)] {
                     out.extend_from_slice(field.as_str().as_bytes());
@@ -245,18 +234,29 @@ impl SetFields {
         }
     }
 
-    /// Inserts the fields into `headers`, replacing any of the same name.
+    /// Inserts the fields into `headers`, replacing any of the same name: for a writer
+    /// that needs a map (hyper's server), and for a response Tollgate makes itself.
     pub fn insert_into(&self, headers: &mut HeaderMap) {
         if let Some(id) = &self.request_id {
             headers.insert(&X_REQUEST_ID, id.clone());
         }
-        match &self.limit {
-            Some(status) => insert_rate_limit(headers, status, self.retry_after),
-            None => {
-                if let Some(seconds) = self.retry_after {
-                    headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-                }
+        if let Some(status) = &self.limit {
+            // Both values written by hand and cut from the per-thread arena: `format!` and
+            // its `String`s cost ~1,000 instructions per limited request (docs/benchmarks.md).
+            let name = status.name.policy();
+            let item = |current: bool| {
+                crate::base::http1::arena_value(|value| rate_limit_value(value, &name, status, current))
+            };
+            if let (Ok(policy), Ok(current)) = (
+                HeaderValue::from_maybe_shared(item(false)),
+                HeaderValue::from_maybe_shared(item(true)),
+            ) {
+                headers.insert(&RATELIMIT_POLICY, policy);
+                headers.insert(&RATELIMIT, current);
             }
+        }
+        if let Some(seconds) = self.retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
     }
 }

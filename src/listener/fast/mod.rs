@@ -397,15 +397,15 @@ fn request_parts(head: &Bytes) -> Option<Parts> {
     let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
     // No map is built: the pipeline reads the fields where they lie, and the upstream's
     // head copies them from there (docs/benchmarks.md, "Request fields as read").
-    if parsed.headers.iter().any(|header| {
-        let name = header.name.as_bytes();
-        name.eq_ignore_ascii_case(UPGRADE.as_str().as_bytes()) || name.eq_ignore_ascii_case(EXPECT.as_str().as_bytes())
-    }) {
-        return None;
-    }
     let fields = RawFields::of(head, parsed.headers);
     let uri = Uri::from_maybe_shared(head.slice_ref(parsed.path?.as_bytes())).ok()?;
     let fields = RawHeaders::new(head.clone(), fields);
+    if [UPGRADE, EXPECT]
+        .iter()
+        .any(|name| fields.get(name.as_str().as_bytes()).is_some())
+    {
+        return None;
+    }
     let close = fields
         .values(FramingField::Connection)
         .any(|value| has_token(value, b"close"));
