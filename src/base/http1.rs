@@ -299,7 +299,8 @@ impl RawHeaders {
     pub fn get_all<'a, 'n>(&'a self, name: &'n [u8]) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
         self.fields
             .iter()
-            .filter(move |f| same_name(field(&self.head, f.name), name))
+            // The length from the offsets first: cheaper than slicing every name to compare.
+            .filter(move |f| (f.name.1 - f.name.0) as usize == name.len() && same_name(field(&self.head, f.name), name))
             .map(|f| field(&self.head, f.value))
     }
 

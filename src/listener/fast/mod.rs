@@ -38,7 +38,7 @@ use rewind::Rewind;
 use super::framing::{self, BodyLength};
 use super::guard::trim_leading_crlf;
 use super::{ConnSettings, Transport};
-use crate::base::http1::{FramingField, MAX_HEADERS, RawFields, RawHeaders, has_token};
+use crate::base::http1::{FramingField, MAX_HEADERS, RawFields, RawHeaders, has_token, same_name};
 use crate::base::{Deadline, stopped, stopped_armed};
 use crate::metrics::{Metrics, Protection};
 use crate::proxy::{ConnInfo, Inbound, Worker};
@@ -397,15 +397,17 @@ fn request_parts(head: &Bytes) -> Option<Parts> {
     let method = Method::from_bytes(parsed.method?.as_bytes()).ok()?;
     // No map is built: the pipeline reads the fields where they lie, and the upstream's
     // head copies them from there (docs/benchmarks.md, "Request fields as read").
+    // One pass over the parsed names finds a protocol switch or an `Expect`, both the
+    // general path's, before anything is built.
+    if parsed.headers.iter().any(|header| {
+        let name = header.name.as_bytes();
+        same_name(name, UPGRADE.as_str().as_bytes()) || same_name(name, EXPECT.as_str().as_bytes())
+    }) {
+        return None;
+    }
     let fields = RawFields::of(head, parsed.headers);
     let uri = Uri::from_maybe_shared(head.slice_ref(parsed.path?.as_bytes())).ok()?;
     let fields = RawHeaders::new(head.clone(), fields);
-    if [UPGRADE, EXPECT]
-        .iter()
-        .any(|name| fields.get(name.as_str().as_bytes()).is_some())
-    {
-        return None;
-    }
     let close = fields
         .values(FramingField::Connection)
         .any(|value| has_token(value, b"close"));
