@@ -463,7 +463,7 @@ async fn serve_http<S: Transport>(
     let refusals = access_log.as_ref().map(|log| {
         Box::new(refusal::RefusalLog {
             log: log.clone(),
-            client_ip: conn.peer_ip.clone(),
+            client_ip: conn.forwarded.peer_ip().into(),
             tls: conn.tls_version,
         })
     });

@@ -11,7 +11,7 @@ use crate::base::ErrorKind;
 pub struct RefusalLog {
     pub log: Arc<crate::logs::AccessLog>,
     /// The client's address as the access log writes it.
-    pub client_ip: http::HeaderValue,
+    pub client_ip: Box<[u8]>,
     pub tls: Option<&'static str>,
 }
 
@@ -40,7 +40,7 @@ pub(super) fn record(refusals: &RefusalLog, kind: ErrorKind, request_id: &http::
         .null("consumer")
         .null("key_id")
         .str("auth", "none")
-        .bytes("client_ip", refusals.client_ip.as_bytes())
+        .bytes("client_ip", &refusals.client_ip)
         .u64("status", u64::from(kind.status().as_u16()))
         .str("error", kind.code())
         .null("decision")

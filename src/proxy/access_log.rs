@@ -88,7 +88,7 @@ pub(super) fn record_response(
         .trusted("auth", auth);
     if ctx.caller_ip == ctx.conn.peer.ip() {
         // Rendered once per connection already.
-        fields.trusted("client_ip", ctx.conn.peer_ip.to_str().unwrap_or_default());
+        fields.bytes("client_ip", ctx.conn.forwarded.peer_ip());
     } else {
         fields.display("client_ip", &ctx.caller_ip);
     }

@@ -18,7 +18,6 @@ use crate::config::HashKey;
 use crate::gateway::{Route, Snapshot, UpstreamPool};
 use crate::upstream::body::{ClientBody, Inbound, RequestBody, UpstreamBody};
 use crate::upstream::client::{PooledConn, SendError};
-use crate::upstream::h1::Edits;
 use crate::upstream::{InflightGuard, Selected, Tried};
 
 /// The endpoint chosen for one try.
@@ -135,11 +134,7 @@ impl Worker {
             let mut sent: Sent = match (borrowed, &req) {
                 (true, Some(kept)) => {
                     let keep = |name: &[u8]| forwarding.keeps(name);
-                    let edits = Edits {
-                        keep: &keep,
-                        add: forwarding.added(),
-                        read: ctx.read,
-                    };
+                    let edits = forwarding.edits(&keep, ctx.read);
                     // The deadline is the connection's own timer, not one registered per
                     // request around the send (docs/benchmarks.md, "Where the time goes").
                     match client

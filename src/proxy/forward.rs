@@ -54,17 +54,65 @@ pub(super) fn forwarding<'c>(
     Forwarding::new(headers, ctx, host, anonymous_plan)
 }
 
+/// Where each field Tollgate sets is in `Forwarding::add`.
+const HOST_FIELD: usize = 0;
+const FORWARDED_HOST_FIELD: usize = 1;
+const REQUEST_ID_FIELD: usize = 2;
+/// The connection's own four ([`crate::proxy::ConnFields`]) come last, from here.
+const CONN_FIELDS_AT: usize = 6;
+const FORWARDED_FOR_FIELD: usize = 6;
+const REAL_IP_FIELD: usize = 7;
+const FORWARDED_PROTO_FIELD: usize = 8;
+const FORWARDED_PORT_FIELD: usize = 9;
+
+/// What a field of the client's is to the upstream's head, by its name alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Named {
+    /// Never forwarded, whatever the route: the caller's credentials (`X-API-Key`), and
+    /// the identity fields only Tollgate sets.
+    Dropped,
+    Authorization,
+    /// `Connection` or `Upgrade`: forwarded for a protocol switch only.
+    Switch,
+    /// Set by Tollgate, at this place in `Forwarding::add`, when it has a value.
+    Set(usize),
+}
+
+/// Which of the names [`Forwarding::keeps`] decides on `name` (in any case) is, if any.
+/// Most names are ruled out by their length alone, and the rest compared with the one or
+/// two of that length: going through every list for each field cost about 130
+/// instructions a field (docs/benchmarks.md, "Forwarding by name length").
+fn named(name: &[u8]) -> Option<Named> {
+    let candidates: &[(&str, Named)] = match name.len() {
+        4 => &[("host", Named::Set(HOST_FIELD))],
+        6 => &[("x-plan", Named::Dropped)],
+        7 => &[("upgrade", Named::Switch)],
+        9 => &[("x-api-key", Named::Dropped), ("x-real-ip", Named::Set(REAL_IP_FIELD))],
+        10 => &[("connection", Named::Switch)],
+        12 => &[("x-request-id", Named::Set(REQUEST_ID_FIELD))],
+        13 => &[
+            ("authorization", Named::Authorization),
+            ("x-consumer-id", Named::Dropped),
+        ],
+        15 => &[("x-forwarded-for", Named::Set(FORWARDED_FOR_FIELD))],
+        16 => &[
+            ("x-forwarded-host", Named::Set(FORWARDED_HOST_FIELD)),
+            ("x-forwarded-port", Named::Set(FORWARDED_PORT_FIELD)),
+        ],
+        17 => &[("x-forwarded-proto", Named::Set(FORWARDED_PROTO_FIELD))],
+        21 => &[("x-client-cert-subject", Named::Dropped)],
+        _ => return None,
+    };
+    candidates
+        .iter()
+        .find(|(known, _)| same_name(known.as_bytes(), name))
+        .map(|&(_, named)| named)
+}
+
 /// How the upstream's request head differs from the client's fields: written by the
 /// purpose-built client as it encodes the head, so the client's map is neither edited
 /// nor copied (docs/architecture.md, "Two HTTP/1.1 paths"), or applied to the map for
 /// hyper's client.
-/// The client's fields that never go upstream, whatever the route: its credentials, and
-/// the identity fields only Tollgate sets.
-const DROPPED: [&str; 4] = ["x-api-key", "x-client-cert-subject", "x-consumer-id", "x-plan"];
-
-/// Where `Host` is in `Forwarding::add` (first).
-const HOST_FIELD: usize = 0;
-
 pub(super) struct Forwarding<'c> {
     /// Set by Tollgate, replacing any the client sent (`None`: the client's is kept, or
     /// for the identity fields, removed). The connection's own values are borrowed.
@@ -73,6 +121,9 @@ pub(super) struct Forwarding<'c> {
     drop_authorization: bool,
     /// A protocol switch: `Connection: upgrade` and `Upgrade` go on.
     upgrade: bool,
+    /// The connection's four fields as rendered lines, when they are what `add` holds
+    /// for them (the caller is the peer and sent no `X-Forwarded-For`).
+    conn_lines: Option<&'c [u8]>,
 }
 
 impl<'c> Forwarding<'c> {
@@ -90,11 +141,15 @@ impl<'c> Forwarding<'c> {
         let fields = headers::Fields::new(headers, names, ctx.read);
         let conn: &'c ConnInfo = ctx.conn;
         // The caller as Tollgate identified it (after trusted proxies and PROXY protocol).
-        let real_ip = if ctx.caller_ip == ctx.client_addr.ip() {
-            FieldValue::Borrowed(&conn.peer_ip)
+        let from_peer = ctx.caller_ip == ctx.client_addr.ip();
+        let real_ip = if from_peer {
+            FieldValue::Read(conn.forwarded.peer_ip())
         } else {
             FieldValue::Header(headers::ip_header_value(ctx.caller_ip))
         };
+        let forwarded_for = headers::forwarded_for(fields, conn.forwarded.peer_ip());
+        let conn_lines =
+            (from_peer && matches!(forwarded_for, Some(FieldValue::Read(_)))).then(|| conn.forwarded.lines());
         // A bearer that is not ours (on a public route) is the upstream's business.
         let our_bearer = fields
             .text(&header::AUTHORIZATION)
@@ -111,10 +166,6 @@ impl<'c> Forwarding<'c> {
             add: [
                 (&headers::HOST, Some(host)),
                 (&headers::X_FORWARDED_HOST, ctx.host.clone()),
-                (&headers::X_FORWARDED_FOR, headers::forwarded_for(fields, &conn.peer_ip)),
-                (&headers::X_REAL_IP, Some(real_ip)),
-                (&headers::X_FORWARDED_PROTO, Some(FieldValue::Borrowed(&conn.proto))),
-                (&headers::X_FORWARDED_PORT, Some(FieldValue::Borrowed(&conn.port))),
                 (&headers::X_REQUEST_ID, Some(FieldValue::Borrowed(ctx.request_id))),
                 // Only Tollgate says which client certificate was verified.
                 (
@@ -123,33 +174,48 @@ impl<'c> Forwarding<'c> {
                 ),
                 (&headers::X_CONSUMER_ID, consumer),
                 (&headers::X_PLAN, plan),
+                (&headers::X_FORWARDED_FOR, forwarded_for),
+                (&headers::X_REAL_IP, Some(real_ip)),
+                (
+                    &headers::X_FORWARDED_PROTO,
+                    Some(FieldValue::Read(conn.forwarded.proto())),
+                ),
+                (
+                    &headers::X_FORWARDED_PORT,
+                    Some(FieldValue::Read(conn.forwarded.port())),
+                ),
             ],
             drop_authorization: our_bearer || ctx.caller.credentials() == Some(KeySource::Bearer),
             upgrade: ctx.upgrade,
+            conn_lines,
         }
     }
 
-    /// The client's field `name` (in any case) goes upstream.
+    /// The client's field `name` (in any case) goes upstream. The caller's credentials
+    /// never reach the upstream, on any route; who they are does, from Tollgate only.
     pub(super) fn keeps(&self, name: &[u8]) -> bool {
-        let is = |known: &str| same_name(known.as_bytes(), name);
-        // The caller's credentials never reach the upstream, on any route; who they are
-        // does, from Tollgate only.
-        if DROPPED.iter().any(|dropped| is(dropped)) {
-            return false;
+        match named(name) {
+            Some(Named::Dropped) => false,
+            Some(Named::Authorization) => !self.drop_authorization,
+            Some(Named::Switch) => self.upgrade,
+            Some(Named::Set(at)) => self.add.get(at).is_none_or(|(_, value)| value.is_none()),
+            None => !crate::base::http1::is_hop_by_hop(name),
         }
-        if is("authorization") {
-            return !self.drop_authorization;
-        }
-        if is("connection") || is("upgrade") {
-            return self.upgrade;
-        }
-        !crate::base::http1::is_hop_by_hop(name)
-            && !self.add.iter().any(|(set, value)| value.is_some() && is(set.as_str()))
     }
 
-    /// The fields Tollgate sets.
-    pub(super) fn added(&self) -> &[(&'static HeaderName, Option<FieldValue<'c>>)] {
-        &self.add
+    /// The edits the HTTP/1.1 encoder writes: `keep` (this `keeps`), then the fields
+    /// Tollgate sets, the connection's own four as one run of rendered lines when they
+    /// can be.
+    pub(super) fn edits<'e>(
+        &'e self,
+        keep: &'e (dyn Fn(&[u8]) -> bool + Sync),
+        read: Option<&'e RawHeaders>,
+    ) -> Edits<'e> {
+        let (add, lines): (&[_], &[u8]) = match self.conn_lines {
+            Some(lines) => (self.add.get(..CONN_FIELDS_AT).unwrap_or_default(), lines),
+            None => (&self.add, b""),
+        };
+        Edits { keep, add, lines, read }
     }
 
     /// A retry's endpoint's `Host`.
@@ -164,6 +230,7 @@ impl<'c> Forwarding<'c> {
         Edits {
             keep: &keep,
             add: &self.add,
+            lines: b"",
             read,
         }
         .apply(headers);
@@ -279,11 +346,7 @@ mod tests {
         let mut request = Request::new(());
         *request.headers_mut() = headers.clone();
         let keep = |name: &[u8]| forwarding.keeps(name);
-        let edits = Edits {
-            keep: &keep,
-            add: forwarding.added(),
-            read: None,
-        };
+        let edits = forwarding.edits(&keep, None);
         let mut written = Vec::new();
         crate::upstream::h1::encode_request(&mut written, &request, &edits, &[]);
         forwarding.apply(headers, None);
@@ -299,11 +362,7 @@ mod tests {
         ctx.read = Some(raw);
         let from_read = Forwarding::new(&mut empty, &ctx, FieldValue::Borrowed(host), anonymous);
         let keep = |name: &[u8]| from_read.keeps(name);
-        let edits = Edits {
-            keep: &keep,
-            add: from_read.added(),
-            read: ctx.read,
-        };
+        let edits = from_read.edits(&keep, ctx.read);
         let mut written = Vec::new();
         crate::upstream::h1::encode_request(&mut written, &Request::new(()), &edits, &[]);
         assert_eq!(parsed_fields(&written), applied, "fields as read are edited alike");
@@ -352,6 +411,56 @@ mod tests {
         Caller::Key {
             identity: Identity::new("key_1".into(), Arc::from("acme"), Arc::from("pro")),
             source,
+        }
+    }
+
+    /// `named` knows every field Tollgate sets at its place in `add`, the fields never
+    /// forwarded, and the protocol-switch fields, in any case; other names (hop-by-hop
+    /// ones included, which `keeps` checks against the shared list) are not its.
+    #[test]
+    fn names_are_told_apart_by_length_then_bytes() {
+        let dropped = ["x-api-key", "x-client-cert-subject", "x-consumer-id", "x-plan"];
+        let mut empty = HeaderMap::new();
+        let ctx = ctx(key_caller(KeySource::Header));
+        let host = HeaderValue::from_static("10.0.0.5:9000");
+        let forwarding = Forwarding::new(
+            &mut empty,
+            &ctx,
+            FieldValue::Borrowed(&host),
+            &HeaderValue::from_static("a"),
+        );
+        let cases = |name: &str| [name.to_string(), name.to_ascii_uppercase()];
+        for (at, (name, _)) in forwarding.add.iter().enumerate() {
+            let expected = if dropped.contains(&name.as_str()) {
+                Named::Dropped
+            } else {
+                Named::Set(at)
+            };
+            for name in cases(name.as_str()) {
+                assert_eq!(named(name.as_bytes()), Some(expected), "{name}");
+            }
+        }
+        for name in dropped {
+            assert_eq!(named(name.as_bytes()), Some(Named::Dropped), "{name}");
+            assert!(!forwarding.keeps(name.to_ascii_uppercase().as_bytes()));
+        }
+        assert_eq!(named(b"Authorization"), Some(Named::Authorization));
+        for name in crate::base::http1::HOP_BY_HOP {
+            let switch = ["connection", "upgrade"].contains(&name);
+            assert_eq!(named(name.as_bytes()), switch.then_some(Named::Switch), "{name}");
+            assert!(!forwarding.keeps(name.as_bytes()), "{name}");
+        }
+        for name in [
+            "accept",
+            "user-agent",
+            "x-forwarded-hosts",
+            "x-plan2",
+            "x-api-kez",
+            "hosT2",
+            "x-forwarded-fox",
+        ] {
+            assert_eq!(named(name.as_bytes()), None, "{name}");
+            assert!(forwarding.keeps(name.as_bytes()), "{name}");
         }
     }
 

@@ -200,31 +200,39 @@ impl SetFields {
         }
     }
 
-    /// A field named `name` (in any case) is set here.
+    /// A field named `name` (in any case) is set here. Told apart by length first, as
+    /// each of the upstream's fields is asked (docs/benchmarks.md, "Forwarding by name
+    /// length").
     pub fn sets(&self, name: &[u8]) -> bool {
         use crate::base::http1::same_name;
-        (self.request_id.is_some() && same_name(name, X_REQUEST_ID.as_str().as_bytes()))
-            || (self.limit.is_some()
-                && (same_name(name, RATELIMIT.as_str().as_bytes())
-                    || same_name(name, RATELIMIT_POLICY.as_str().as_bytes())))
-            || (self.retry_after.is_some() && same_name(name, header::RETRY_AFTER.as_str().as_bytes()))
+        match name.len() {
+            12 => self.request_id.is_some() && same_name(name, b"x-request-id"),
+            9 => self.limit.is_some() && same_name(name, b"ratelimit"),
+            16 => self.limit.is_some() && same_name(name, b"ratelimit-policy"),
+            11 => self.retry_after.is_some() && same_name(name, b"retry-after"),
+            _ => false,
+        }
     }
 
-    /// Writes the fields as HTTP/1.1 lines.
+    /// Writes the fields as HTTP/1.1 lines: each a few copies of known length, with room
+    /// made once.
     pub fn write(&self, out: &mut Vec<u8>) {
         if let Some(id) = &self.request_id {
-            crate::base::http1::write_field(out, X_REQUEST_ID.as_str().as_bytes(), id.as_bytes());
+            out.reserve(id.len() + 128);
+            out.extend_from_slice(b"x-request-id: ");
+            out.extend_from_slice(id.as_bytes());
+            out.extend_from_slice(b"\r\n");
         }
         if let Some(status) = &self.limit {
             let name = status.name.policy();
             // What `HeaderValue` refuses is left out, as `insert_into` leaves it.
             if name.bytes().all(|b| b == b'\t' || (b >= b' ' && b != 0x7f)) {
-                for (field, current) in [(&RATELIMIT_POLICY, false), (&RATELIMIT, true)] {
-                    out.extend_from_slice(field.as_str().as_bytes());
-                    out.extend_from_slice(b": ");
-                    rate_limit_value(out, &name, status, current);
-                    out.extend_from_slice(b"\r\n");
-                }
+                out.reserve(2 * name.len() + 128);
+                out.extend_from_slice(b"ratelimit-policy: ");
+                rate_limit_value(out, &name, status, false);
+                out.extend_from_slice(b"\r\nratelimit: ");
+                rate_limit_value(out, &name, status, true);
+                out.extend_from_slice(b"\r\n");
             }
         }
         if let Some(seconds) = self.retry_after {
@@ -333,18 +341,18 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// `$proxy_add_x_forwarded_for`). `client` is the address already rendered as a header
 /// value (once per connection), borrowed when it is the whole field: no reference count
 /// is touched for it per request (docs/benchmarks.md, "Locked instructions").
-pub fn forwarded_for<'c>(fields: Fields<'_>, client: &'c HeaderValue) -> Option<FieldValue<'c>> {
+pub fn forwarded_for<'c>(fields: Fields<'_>, client: &'c [u8]) -> Option<FieldValue<'c>> {
     match fields.get(&X_FORWARDED_FOR) {
         Some(existing) if !existing.is_empty() => {
             let mut joined = Vec::with_capacity(existing.len() + 2 + client.len());
             joined.extend_from_slice(existing);
             joined.extend_from_slice(b", ");
-            joined.extend_from_slice(client.as_bytes());
+            joined.extend_from_slice(client);
             HeaderValue::from_maybe_shared(bytes::Bytes::from(joined))
                 .ok()
                 .map(FieldValue::Header)
         }
-        _ => Some(FieldValue::Borrowed(client)),
+        _ => Some(FieldValue::Read(client)),
     }
 }
 
@@ -502,7 +510,7 @@ mod tests {
     fn forwarded_for_appends() {
         let append = |headers: &mut HeaderMap, ip: &str| {
             let client = ip_header_value(ip.parse().unwrap());
-            let value = forwarded_for(Fields::of_map(headers), &client).unwrap();
+            let value = forwarded_for(Fields::of_map(headers), client.as_bytes()).unwrap();
             headers.insert(&X_FORWARDED_FOR, HeaderValue::from_bytes(value.as_bytes()).unwrap());
         };
         let mut headers = HeaderMap::new();
@@ -567,7 +575,7 @@ mod tests {
         assert!(is_upgrade_request(from_read) && is_upgrade_request(from_map));
         let client = HeaderValue::from_static("10.0.0.2");
         assert_eq!(
-            forwarded_for(from_read, &client).unwrap().as_bytes(),
+            forwarded_for(from_read, client.as_bytes()).unwrap().as_bytes(),
             b"10.0.0.1, 10.0.0.2"
         );
     }

@@ -82,14 +82,10 @@ impl<'a> Head<'a> {
 /// What the connection knows about itself, shared by its requests.
 pub struct ConnInfo {
     pub peer: SocketAddr,
-    /// The peer's IP rendered once, for `X-Forwarded-For`.
-    pub peer_ip: HeaderValue,
+    /// The upstream head's fields that only the connection decides, rendered once.
+    pub forwarded: ConnFields,
     /// Present on HTTP/1 connections guarded by the listener's head reader.
     pub phase: Option<Arc<ConnPhase>>,
-    /// `X-Forwarded-Proto`: `https` on TLS listeners.
-    pub proto: HeaderValue,
-    /// `X-Forwarded-Port`: the listener's port.
-    pub port: HeaderValue,
     /// The verified client certificate's identity (mTLS), sent upstream as
     /// `X-Client-Cert-Subject`; the hook for certificate-based auth.
     pub client_identity: Option<HeaderValue>,
@@ -110,14 +106,81 @@ impl ConnInfo {
     pub fn new(peer: SocketAddr, port: u16, tls: bool) -> ConnInfo {
         ConnInfo {
             peer,
-            peer_ip: headers::ip_header_value(peer.ip()),
+            forwarded: ConnFields::new(peer.ip(), if tls { "https" } else { "http" }, port),
             phase: None,
-            proto: HeaderValue::from_static(if tls { "https" } else { "http" }),
-            port: HeaderValue::from(port),
             client_identity: None,
             streams: ConnStreams::new(0),
             tls_version: None,
         }
+    }
+}
+
+/// `X-Forwarded-For` (the peer alone), `X-Real-IP`, `X-Forwarded-Proto` and
+/// `X-Forwarded-Port` as the lines of the upstream's head, rendered once per connection:
+/// a request whose caller is the peer and that sent no `X-Forwarded-For` of its own, the
+/// usual case, gets all four in one copy (docs/benchmarks.md, "Forwarding by name
+/// length"). Their values are read off the lines.
+pub struct ConnFields {
+    lines: Box<[u8]>,
+    peer_ip: (u16, u16),
+    proto: (u16, u16),
+    port: (u16, u16),
+}
+
+impl ConnFields {
+    fn new(ip: std::net::IpAddr, proto: &str, port: u16) -> ConnFields {
+        use std::io::Write;
+        let mut lines = Vec::with_capacity(128);
+        let value = |lines: &mut Vec<u8>, name: &[u8], write: &dyn Fn(&mut Vec<u8>)| {
+            lines.extend_from_slice(name);
+            lines.extend_from_slice(b": ");
+            let start = lines.len();
+            write(lines);
+            let end = lines.len();
+            lines.extend_from_slice(b"\r\n");
+            (start as u16, end as u16)
+        };
+        let ip_text = |lines: &mut Vec<u8>| {
+            let _ = write!(lines, "{ip}");
+        };
+        value(&mut lines, headers::X_FORWARDED_FOR.as_str().as_bytes(), &ip_text);
+        let peer_ip = value(&mut lines, headers::X_REAL_IP.as_str().as_bytes(), &ip_text);
+        let proto = value(&mut lines, headers::X_FORWARDED_PROTO.as_str().as_bytes(), &|lines| {
+            lines.extend_from_slice(proto.as_bytes())
+        });
+        let port = value(&mut lines, headers::X_FORWARDED_PORT.as_str().as_bytes(), &|lines| {
+            crate::base::http1::push_decimal(lines, u64::from(port))
+        });
+        ConnFields {
+            lines: lines.into_boxed_slice(),
+            peer_ip,
+            proto,
+            port,
+        }
+    }
+
+    fn part(&self, (start, end): (u16, u16)) -> &[u8] {
+        self.lines.get(usize::from(start)..usize::from(end)).unwrap_or_default()
+    }
+
+    /// The four fields' lines.
+    pub fn lines(&self) -> &[u8] {
+        &self.lines
+    }
+
+    /// The peer's IP as text.
+    pub fn peer_ip(&self) -> &[u8] {
+        self.part(self.peer_ip)
+    }
+
+    /// `https` on TLS listeners, else `http`.
+    pub fn proto(&self) -> &[u8] {
+        self.part(self.proto)
+    }
+
+    /// The listener's port.
+    pub fn port(&self) -> &[u8] {
+        self.part(self.port)
     }
 }
 

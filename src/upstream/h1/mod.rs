@@ -288,22 +288,27 @@ pub struct Edits<'a> {
     pub keep: &'a (dyn Fn(&[u8]) -> bool + Sync),
     /// Fields written after the kept ones (`None`: nothing to write).
     pub add: &'a [(&'static HeaderName, Option<FieldValue<'a>>)],
+    /// More fields set, already as HTTP/1.1 lines (each ending in CRLF), written after
+    /// `add` by the encoder. A map writer takes its fields from `add` alone, so this is
+    /// empty for `apply`.
+    pub lines: &'a [u8],
     /// The client's fields as read, when the request's map is empty: written from there
     /// (docs/benchmarks.md, "Request fields as read").
     pub read: Option<&'a RawHeaders>,
 }
 
-/// A value the pipeline sets: a header value it holds, one it borrows (the connection's
-/// own, such as the peer's address: cloning it would cost two locked instructions per
-/// request, docs/benchmarks.md, "Locked instructions"), or text checked to be a valid one
-/// and kept inline when short, so a name per request (the caller's consumer and plan)
-/// costs no allocation.
+/// A value the pipeline sets: a header value it holds, one it borrows (the request id,
+/// the endpoint's `Host`: cloning it would cost two locked instructions per request,
+/// docs/benchmarks.md, "Locked instructions"), text checked to be a valid one and kept
+/// inline when short, so a name per request (the caller's consumer and plan) costs no
+/// allocation, or bytes borrowed from what was read or rendered once per connection.
 #[derive(Debug, Clone)]
 pub enum FieldValue<'a> {
     Header(HeaderValue),
     Borrowed(&'a HeaderValue),
     Text(compact_str::CompactString),
-    /// A value of the client's, as read (httparse took it: a valid field value).
+    /// Bytes known to be a valid field value: the client's, as read (httparse took
+    /// them), or the connection's own, rendered once (`proxy::ConnFields`).
     Read(&'a [u8]),
 }
 
@@ -346,11 +351,13 @@ impl Edits<'_> {
     pub const NONE: Edits<'static> = Edits {
         keep: &|_| true,
         add: &[],
+        lines: b"",
         read: None,
     };
 
     /// Applies the edits to `headers`, for a client that writes the map (hyper's).
     pub fn apply(&self, headers: &mut HeaderMap) {
+        debug_assert!(self.lines.is_empty(), "a map writer gets its fields from `add`");
         if let Some(read) = self.read {
             read.copy_into(headers);
         }
@@ -406,6 +413,7 @@ pub fn encode_request<B>(out: &mut Vec<u8>, req: &Request<B>, edits: &Edits<'_>,
             write_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
+    out.extend_from_slice(edits.lines);
     // The length is the body's as read, whatever the client declared (they were checked
     // to agree when it was read); none at all for a bodiless method that sent none.
     if framed || !body.is_empty() {
