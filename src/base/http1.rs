@@ -431,6 +431,12 @@ pub fn write_field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// `value` may be sent as a field value as it is: no control character but tabs, and no
+/// DEL (what `HeaderValue::from_bytes` takes).
+pub fn is_field_value(value: &[u8]) -> bool {
+    value.iter().all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
+}
+
 /// A field value as text when it is visible ASCII (and tabs): what
 /// `HeaderValue::to_str` accepts, for values read without a header map. `value` is one
 /// httparse or `http` took, so it holds no control character but tabs and no DEL: being

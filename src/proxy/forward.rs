@@ -60,10 +60,10 @@ const FORWARDED_HOST_FIELD: usize = 1;
 const REQUEST_ID_FIELD: usize = 2;
 /// The connection's own four ([`crate::proxy::ConnFields`]) come last, from here.
 const CONN_FIELDS_AT: usize = 6;
-const FORWARDED_FOR_FIELD: usize = 6;
-const REAL_IP_FIELD: usize = 7;
-const FORWARDED_PROTO_FIELD: usize = 8;
-const FORWARDED_PORT_FIELD: usize = 9;
+const FORWARDED_FOR_FIELD: usize = CONN_FIELDS_AT;
+const REAL_IP_FIELD: usize = CONN_FIELDS_AT + 1;
+const FORWARDED_PROTO_FIELD: usize = CONN_FIELDS_AT + 2;
+const FORWARDED_PORT_FIELD: usize = CONN_FIELDS_AT + 3;
 
 /// What a field of the client's is to the upstream's head, by its name alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

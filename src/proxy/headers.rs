@@ -214,19 +214,15 @@ impl SetFields {
         }
     }
 
-    /// Writes the fields as HTTP/1.1 lines: each a few copies of known length, with room
-    /// made once.
+    /// Writes the fields as HTTP/1.1 lines, the names as literals.
     pub fn write(&self, out: &mut Vec<u8>) {
         if let Some(id) = &self.request_id {
-            out.reserve(id.len() + 128);
-            out.extend_from_slice(b"x-request-id: ");
-            out.extend_from_slice(id.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            crate::base::http1::write_field(out, b"x-request-id", id.as_bytes());
         }
         if let Some(status) = &self.limit {
             let name = status.name.policy();
             // What `HeaderValue` refuses is left out, as `insert_into` leaves it.
-            if name.bytes().all(|b| b == b'\t' || (b >= b' ' && b != 0x7f)) {
+            if crate::base::http1::is_field_value(name.as_bytes()) {
                 out.reserve(2 * name.len() + 128);
                 out.extend_from_slice(b"ratelimit-policy: ");
                 rate_limit_value(out, &name, status, false);

@@ -129,28 +129,23 @@ pub struct ConnFields {
 
 impl ConnFields {
     fn new(ip: std::net::IpAddr, proto: &str, port: u16) -> ConnFields {
-        use std::io::Write;
+        let ip = ip.to_string();
+        let port = port.to_string();
         let mut lines = Vec::with_capacity(128);
-        let value = |lines: &mut Vec<u8>, name: &[u8], write: &dyn Fn(&mut Vec<u8>)| {
-            lines.extend_from_slice(name);
+        // Where each value lands in the lines.
+        let mut line = |name: &HeaderName, value: &str| {
+            lines.extend_from_slice(name.as_str().as_bytes());
             lines.extend_from_slice(b": ");
-            let start = lines.len();
-            write(lines);
-            let end = lines.len();
+            let start = lines.len() as u16;
+            lines.extend_from_slice(value.as_bytes());
+            let end = lines.len() as u16;
             lines.extend_from_slice(b"\r\n");
-            (start as u16, end as u16)
+            (start, end)
         };
-        let ip_text = |lines: &mut Vec<u8>| {
-            let _ = write!(lines, "{ip}");
-        };
-        value(&mut lines, headers::X_FORWARDED_FOR.as_str().as_bytes(), &ip_text);
-        let peer_ip = value(&mut lines, headers::X_REAL_IP.as_str().as_bytes(), &ip_text);
-        let proto = value(&mut lines, headers::X_FORWARDED_PROTO.as_str().as_bytes(), &|lines| {
-            lines.extend_from_slice(proto.as_bytes())
-        });
-        let port = value(&mut lines, headers::X_FORWARDED_PORT.as_str().as_bytes(), &|lines| {
-            crate::base::http1::push_decimal(lines, u64::from(port))
-        });
+        line(&headers::X_FORWARDED_FOR, &ip);
+        let peer_ip = line(&headers::X_REAL_IP, &ip);
+        let proto = line(&headers::X_FORWARDED_PROTO, proto);
+        let port = line(&headers::X_FORWARDED_PORT, &port);
         ConnFields {
             lines: lines.into_boxed_slice(),
             peer_ip,

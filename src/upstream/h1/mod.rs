@@ -316,9 +316,7 @@ impl FieldValue<'_> {
     /// `text` as a field value, if it is one (no control characters but tabs: what
     /// `HeaderValue::from_str` takes).
     pub fn text(text: &str) -> Option<FieldValue<'static>> {
-        text.bytes()
-            .all(|b| b == b'\t' || (b >= b' ' && b != 0x7f))
-            .then(|| FieldValue::Text(text.into()))
+        crate::base::http1::is_field_value(text.as_bytes()).then(|| FieldValue::Text(text.into()))
     }
 
     pub fn as_bytes(&self) -> &[u8] {
