@@ -140,7 +140,7 @@ impl axum::serve::Listener for TlsListener {
 /// The JSON error body of docs/operations.md, shared with the proxy's.
 pub fn json_error(status: StatusCode, code: &str, message: &str) -> Response {
     let request_id = new_request_id();
-    let body = error_body(code, message, request_id.to_str().unwrap_or(""));
+    let body = error_body(code, message, request_id.as_str());
     let mut response = (status, body).into_response();
     response
         .headers_mut()
@@ -343,7 +343,7 @@ async fn reload(State(state): State<AdminState>) -> Response {
                 "error": {
                     "code": "invalid_config",
                     "message": "configuration rejected; the running configuration is unchanged",
-                    "request_id": new_request_id().to_str().unwrap_or(""),
+                    "request_id": new_request_id().as_str(),
                     "details": details,
                 }
             });

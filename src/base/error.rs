@@ -262,9 +262,61 @@ const HEX_PAIRS: [[u8; 2]; 256] = {
     pairs
 };
 
+/// A request's id: 32 lower-case hex digits made here, held inline, so the request, its
+/// upstream head, its response and its log record share it with no allocation and no
+/// reference count (docs/benchmarks.md, "Request ids inline"); or the client's own
+/// `X-Request-Id` (printable ASCII, `proxy::headers::request_id`) sharing the bytes read.
+#[derive(Clone, PartialEq, Eq)]
+pub enum RequestId {
+    Generated([u8; 32]),
+    Given(http::HeaderValue),
+}
+
+impl RequestId {
+    pub fn as_bytes(&self) -> &[u8] {
+        match self {
+            RequestId::Generated(digits) => digits,
+            RequestId::Given(value) => value.as_bytes(),
+        }
+    }
+
+    /// Both kinds are ASCII, so this is never empty for a real id.
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.as_bytes()).unwrap_or("")
+    }
+
+    /// As a header value of its own, for a writer that needs a map.
+    pub fn to_header(&self) -> http::HeaderValue {
+        match self {
+            RequestId::Given(value) => value.clone(),
+            RequestId::Generated(digits) => {
+                http::HeaderValue::from_bytes(digits).unwrap_or_else(|_| http::HeaderValue::from_static("0"))
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for RequestId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl PartialEq<str> for RequestId {
+    fn eq(&self, other: &str) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for RequestId {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_bytes() == other.as_bytes()
+    }
+}
+
 /// 128 random bits as 32 hex digits. Uses the thread-local fast generator: ids need to be
 /// unique, not unpredictable, and a syscall per request would cost more than the proxying.
-pub fn new_request_id() -> http::HeaderValue {
+pub fn new_request_id() -> RequestId {
     let bits = fastrand::u128(..).to_be_bytes();
     let mut out = [0u8; 32];
     // Two digits per byte from a table: a quarter of the instructions of shifting the
@@ -272,10 +324,7 @@ pub fn new_request_id() -> http::HeaderValue {
     for (pair, byte) in out.chunks_exact_mut(2).zip(bits) {
         pair.copy_from_slice(&HEX_PAIRS[usize::from(byte)]);
     }
-    // Cut from the per-thread arena: the upstream request borrows the id and the response
-    // clones it, which only bumps a count.
-    let id = crate::base::http1::arena_value(|value| value.extend_from_slice(&out));
-    http::HeaderValue::from_maybe_shared(id).unwrap_or_else(|_| http::HeaderValue::from_static("0"))
+    RequestId::Generated(out)
 }
 
 #[cfg(test)]
@@ -284,9 +333,7 @@ mod tests {
 
     #[test]
     fn request_ids_are_32_lower_case_hex_digits_and_differ() {
-        let ids: std::collections::HashSet<String> = (0..1000)
-            .map(|_| new_request_id().to_str().unwrap().to_string())
-            .collect();
+        let ids: std::collections::HashSet<String> = (0..1000).map(|_| new_request_id().as_str().to_string()).collect();
         assert_eq!(ids.len(), 1000);
         for id in &ids {
             assert_eq!(id.len(), 32, "{id}");
@@ -298,5 +345,19 @@ mod tests {
             let digits: std::collections::HashSet<u8> = ids.iter().map(|id| id.as_bytes()[at]).collect();
             assert_eq!(digits.len(), 16, "position {at}");
         }
+    }
+
+    #[test]
+    fn request_ids_read_the_same_inline_or_given() {
+        let made = new_request_id();
+        assert!(matches!(made, RequestId::Generated(_)));
+        assert_eq!(made.to_header().as_bytes(), made.as_bytes());
+        assert_eq!(made.as_str().as_bytes(), made.as_bytes());
+        assert_eq!(format!("{made:?}"), format!("{:?}", made.as_str()));
+        let given = RequestId::Given(http::HeaderValue::from_static("abc-123"));
+        assert_eq!(given, "abc-123");
+        assert_eq!(given.to_header(), "abc-123");
+        assert_eq!(format!("{given:?}"), "\"abc-123\"");
+        assert_ne!(made, given);
     }
 }

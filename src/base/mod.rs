@@ -14,5 +14,5 @@ pub mod time;
 
 pub use conn::{ConnPhase, ConnStreams, Phase, StreamGuard};
 pub use deadline::Deadline;
-pub use error::{ErrorKind, ErrorSource, ProxyError, error_body, new_request_id, raw_error_response};
+pub use error::{ErrorKind, ErrorSource, ProxyError, RequestId, error_body, new_request_id, raw_error_response};
 pub use shutdown::{Shutdown, stopped, stopped_armed};

@@ -40,7 +40,7 @@ async fn demo(args: DemoArgs) -> std::io::Result<ExitCode> {
     let upstream = start_example_upstream().await?;
     let dir = std::env::temp_dir().join(format!("tollgate-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let token = crate::base::new_request_id().to_str().unwrap_or("demo").to_string();
+    let token = crate::base::new_request_id().as_str().to_string();
     let config_path = dir.join("tollgate.toml");
     std::fs::write(
         &config_path,

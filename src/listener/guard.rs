@@ -193,7 +193,7 @@ impl<S: Transport> GuardedStream<S> {
     /// `head`: what was read of the refused head, for the record's method and path.
     fn reject(&mut self, kind: ErrorKind, head: &[u8]) {
         let request_id = new_request_id();
-        let response = raw_error_response(kind, request_id.to_str().unwrap_or(""));
+        let response = raw_error_response(kind, request_id.as_str());
         if let Some(stream) = &mut self.inner {
             stream.write_final(&response);
         }

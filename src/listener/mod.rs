@@ -363,7 +363,7 @@ fn tls_version_name(version: rustls::ProtocolVersion) -> &'static str {
 /// once the client has read it or after a second.
 async fn refuse_connection(mut stream: tokio::net::TcpStream) {
     use tokio::io::AsyncReadExt;
-    let response = raw_error_response(ErrorKind::TooManyConnections, new_request_id().to_str().unwrap_or(""));
+    let response = raw_error_response(ErrorKind::TooManyConnections, new_request_id().as_str());
     stream.write_final(&response);
     let mut scratch = [0u8; 1024];
     let _ = tokio::time::timeout(Duration::from_secs(1), async {

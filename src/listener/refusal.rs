@@ -18,7 +18,13 @@ pub struct RefusalLog {
 /// A refused head's access-log record: the same fields as a request's
 /// (docs/access-logs.md), with the method, path and protocol read off the request line
 /// as far as they are well formed. The query is never recorded: it may hold a key.
-pub(super) fn record(refusals: &RefusalLog, kind: ErrorKind, request_id: &http::HeaderValue, head: &[u8], sent: usize) {
+pub(super) fn record(
+    refusals: &RefusalLog,
+    kind: ErrorKind,
+    request_id: &crate::base::RequestId,
+    head: &[u8],
+    sent: usize,
+) {
     let (method, path, protocol) = request_line(head);
     let mut record = crate::logs::Pending::begin(&refusals.log, tokio::time::Instant::now());
     let mut fields = record.fields();

@@ -9,7 +9,7 @@
 use std::cell::RefCell;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
@@ -18,9 +18,10 @@ use super::{AccessLog, Chunk};
 
 struct Lane {
     log: Arc<AccessLog>,
-    /// A monotonic instant and the wall-clock time it was, refreshed at every flush tick:
-    /// a request's arrival time is read off it without another clock read.
-    anchor: (Instant, SystemTime),
+    /// A monotonic instant and the wall-clock time it was (since the Unix epoch),
+    /// refreshed at every flush tick: a request's arrival time is read off it without
+    /// another clock read, in one subtraction of instants.
+    anchor: (Instant, Duration),
     buf: Vec<u8>,
     records: u64,
     /// Record buffers of finished requests, reused by the next ones.
@@ -51,12 +52,19 @@ thread_local! {
     static LANE: RefCell<Option<Lane>> = const { RefCell::new(None) };
 }
 
+fn anchor_now() -> (Instant, Duration) {
+    (
+        Instant::now(),
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default(),
+    )
+}
+
 /// Gives the current thread (a worker) a buffer for `log`'s records.
 pub fn install(log: &Arc<AccessLog>) {
     LANE.with(|lane| {
         *lane.borrow_mut() = Some(Lane {
             log: log.clone(),
-            anchor: (Instant::now(), SystemTime::now()),
+            anchor: anchor_now(),
             buf: Vec::with_capacity(log.settings.buffer_bytes + 1024),
             records: 0,
             spare: Vec::new(),
@@ -72,7 +80,7 @@ pub fn flush() {
             && let Some(lane) = lane.as_mut()
         {
             lane.hand_over();
-            lane.anchor = (Instant::now(), SystemTime::now());
+            lane.anchor = anchor_now();
         }
     });
 }
@@ -109,10 +117,10 @@ impl Pending {
             let mut lane = lane.try_borrow_mut().ok()?;
             let lane = lane.as_mut().filter(|l| l.log.id == log.id)?;
             let (instant, wall) = lane.anchor;
-            let arrived = if start >= instant {
-                wall + (start - instant)
-            } else {
-                wall.checked_sub(instant - start).unwrap_or(wall)
+            // A request that arrived before the last tick is rare (one in flight across it).
+            let arrived = match start.checked_duration_since(instant) {
+                Some(after) => wall + after,
+                None => wall.saturating_sub(instant.saturating_duration_since(start)),
             };
             let mut line = lane.spare.pop().unwrap_or_else(|| Vec::with_capacity(640));
             JsonObject::open(&mut line).time_cached("time", arrived, &mut lane.second);

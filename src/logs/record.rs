@@ -4,7 +4,7 @@
 //! in two parts (what the request head says, then what came of it), straight into a
 //! reused buffer, with no allocation per field.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::base::http1::push_decimal;
 
@@ -168,13 +168,12 @@ impl<'b> JsonObject<'b> {
         self
     }
 
-    /// [`JsonObject::time`], with the date and second rendered once per second in
-    /// `cache` (the worker's).
-    pub fn time_cached(&mut self, key: &str, at: SystemTime, cache: &mut SecondCache) -> &mut Self {
-        let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+    /// [`JsonObject::time`] of the time `since` the Unix epoch, with the date and second
+    /// rendered once per second in `cache` (the worker's).
+    pub fn time_cached(&mut self, key: &str, since: Duration, cache: &mut SecondCache) -> &mut Self {
         if cache.second != Some(since.as_secs()) {
             let mut text = Vec::with_capacity(27);
-            write_rfc3339_micros(&mut text, at);
+            write_rfc3339_micros(&mut text, UNIX_EPOCH + since);
             cache.prefix.copy_from_slice(&text[..20]);
             cache.second = Some(since.as_secs());
         }
@@ -451,7 +450,7 @@ mod tests {
         for micros in [42, 999_999, 1_000_001] {
             let at = UNIX_EPOCH + Duration::from_micros(1_796_208_258_000_000 + micros);
             let cached = line(|o| {
-                o.time_cached("time", at, &mut cache);
+                o.time_cached("time", at.duration_since(UNIX_EPOCH).unwrap(), &mut cache);
             });
             let plain = line(|o| {
                 o.time("time", at);

@@ -5,7 +5,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 
 use super::body::ProxyBody;
-use crate::base::{ErrorKind, error_body};
+use crate::base::{ErrorKind, RequestId, error_body};
 use crate::limits::{LimitStatus, Now, window};
 
 /// A 429: the error body names the limit, how many requests it allows, and when it resets
@@ -16,7 +16,7 @@ pub fn limit_response(
     status: &LimitStatus,
     retry_after: u64,
     now: Now,
-    request_id: &HeaderValue,
+    request_id: &RequestId,
 ) -> Response<ProxyBody> {
     let policy = status.name.policy();
     let message = match kind {
@@ -34,7 +34,7 @@ pub fn limit_response(
         "error": {
             "code": kind.code(),
             "message": message,
-            "request_id": request_id.to_str().unwrap_or(""),
+            "request_id": request_id.as_str(),
             "policy": policy,
             "window": status.name.window(),
             "limit": status.quota,
@@ -47,17 +47,17 @@ pub fn limit_response(
     *response.status_mut() = kind.status();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(&super::headers::X_REQUEST_ID, request_id.clone());
+    headers.insert(&super::headers::X_REQUEST_ID, request_id.to_header());
     response
 }
 
 /// The response a client sees for `kind`.
-pub fn error_response(kind: ErrorKind, request_id: &HeaderValue) -> Response<ProxyBody> {
-    let body = error_body(kind.code(), kind.message(), request_id.to_str().unwrap_or(""));
+pub fn error_response(kind: ErrorKind, request_id: &RequestId) -> Response<ProxyBody> {
+    let body = error_body(kind.code(), kind.message(), request_id.as_str());
     let mut response = Response::new(ProxyBody::full(body));
     *response.status_mut() = kind.status();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    headers.insert(&super::headers::X_REQUEST_ID, request_id.clone());
+    headers.insert(&super::headers::X_REQUEST_ID, request_id.to_header());
     response
 }

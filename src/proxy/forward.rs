@@ -166,7 +166,10 @@ impl<'c> Forwarding<'c> {
             add: [
                 (&headers::HOST, Some(host)),
                 (&headers::X_FORWARDED_HOST, ctx.host.clone()),
-                (&headers::X_REQUEST_ID, Some(FieldValue::Borrowed(ctx.request_id))),
+                (
+                    &headers::X_REQUEST_ID,
+                    Some(FieldValue::Read(ctx.request_id.as_bytes())),
+                ),
                 // Only Tollgate says which client certificate was verified.
                 (
                     &headers::X_CLIENT_CERT_SUBJECT,
@@ -322,7 +325,9 @@ mod tests {
 
     fn ctx(caller: Caller) -> RequestCtx<'static> {
         let conn = Box::leak(Box::new(ConnInfo::new("203.0.113.9:5000".parse().unwrap(), 8443, true)));
-        let request_id = Box::leak(Box::new(HeaderValue::from_static("req-1")));
+        let request_id = Box::leak(Box::new(crate::base::RequestId::Given(HeaderValue::from_static(
+            "req-1",
+        ))));
         let mut ctx = RequestCtx::new(request_id, Default::default(), None, conn);
         ctx.host = Some(FieldValue::Header(HeaderValue::from_static("api.example.com")));
         ctx.caller = caller;

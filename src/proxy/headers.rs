@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::base::http1::{RawHeaders, field_text, hop_by_hop_index};
-use crate::base::new_request_id;
+use crate::base::{RequestId, new_request_id};
 use crate::limits::LimitStatus;
 use crate::upstream::h1::FieldValue;
 
@@ -186,13 +186,13 @@ fn rate_limit_value(out: &mut impl bytes::BufMut, name: &str, status: &LimitStat
 /// any field of the same name the upstream sent.
 #[derive(Debug, Default)]
 pub struct SetFields {
-    request_id: Option<HeaderValue>,
+    request_id: Option<RequestId>,
     limit: Option<LimitStatus>,
     retry_after: Option<u64>,
 }
 
 impl SetFields {
-    pub fn new(request_id: HeaderValue, limit: Option<LimitStatus>, retry_after: Option<u64>) -> SetFields {
+    pub fn new(request_id: RequestId, limit: Option<LimitStatus>, retry_after: Option<u64>) -> SetFields {
         SetFields {
             request_id: Some(request_id),
             limit,
@@ -242,7 +242,7 @@ impl SetFields {
     /// that needs a map (hyper's server), and for a response Tollgate makes itself.
     pub fn insert_into(&self, headers: &mut HeaderMap) {
         if let Some(id) = &self.request_id {
-            headers.insert(&X_REQUEST_ID, id.clone());
+            headers.insert(&X_REQUEST_ID, id.to_header());
         }
         if let Some(status) = &self.limit {
             // Both values written by hand and cut from the per-thread arena: `format!` and
@@ -358,14 +358,14 @@ pub fn ip_header_value(ip: IpAddr) -> HeaderValue {
 }
 
 /// The client's request id when it is short and printable, else a new random one.
-pub fn request_id(fields: Fields<'_>) -> HeaderValue {
+pub fn request_id(fields: Fields<'_>) -> RequestId {
     if let Some(bytes) = fields.get(&X_REQUEST_ID)
         && !bytes.is_empty()
         && bytes.len() <= 128
         && bytes.iter().all(|b| b.is_ascii_graphic())
         && let Some(value) = fields.value(&X_REQUEST_ID)
     {
-        return value;
+        return RequestId::Given(value);
     }
     new_request_id()
 }
@@ -520,13 +520,13 @@ mod tests {
     #[test]
     fn request_ids() {
         let generated = new_request_id();
-        assert_eq!(generated.len(), 32);
+        assert_eq!(generated.as_bytes().len(), 32);
         assert_ne!(generated, new_request_id());
         let mut headers = HeaderMap::new();
         headers.insert(&X_REQUEST_ID, HeaderValue::from_static("abc-123"));
         assert_eq!(request_id(Fields::of_map(&headers)), "abc-123");
         headers.insert(&X_REQUEST_ID, HeaderValue::from_static("has space"));
-        assert_eq!(request_id(Fields::of_map(&headers)).len(), 32);
+        assert_eq!(request_id(Fields::of_map(&headers)).as_bytes().len(), 32);
     }
 
     #[test]
@@ -593,7 +593,11 @@ mod tests {
             (Some(status(LimitName::GroupDaily("bad\u{7f}name".into()))), None),
             (None, Some(5)),
         ] {
-            let set = SetFields::new(HeaderValue::from_static("req-1"), limit.clone(), retry_after);
+            let set = SetFields::new(
+                RequestId::Given(HeaderValue::from_static("req-1")),
+                limit.clone(),
+                retry_after,
+            );
             let mut written = b"HTTP/1.1 200 OK\r\n".to_vec();
             set.write(&mut written);
             written.extend_from_slice(b"\r\n");
@@ -622,7 +626,12 @@ mod tests {
             assert_eq!(set.sets(b"retry-after"), retry_after.is_some());
         }
         let mut map = HeaderMap::new();
-        SetFields::new(HeaderValue::from_static("r"), Some(status(LimitName::Rate)), None).insert_into(&mut map);
+        SetFields::new(
+            RequestId::Given(HeaderValue::from_static("r")),
+            Some(status(LimitName::Rate)),
+            None,
+        )
+        .insert_into(&mut map);
         assert_eq!(map["ratelimit-policy"], "\"rate\";q=1000000000;w=86400");
         assert_eq!(map["ratelimit"], "\"rate\";r=999999998;t=3600");
     }

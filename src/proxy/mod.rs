@@ -34,7 +34,7 @@ pub use identify::{Caller, Credentials, KeySource, presented_credentials};
 
 use crate::auth::Identity;
 use crate::base::http1::RawHeaders;
-use crate::base::{ConnPhase, ConnStreams, ErrorKind, ErrorSource, ProxyError};
+use crate::base::{ConnPhase, ConnStreams, ErrorKind, ErrorSource, ProxyError, RequestId};
 use crate::gateway::{Gateway, Snapshot};
 use crate::limits::LimitStatus;
 use crate::upstream::h1::FieldValue;
@@ -183,7 +183,7 @@ impl ConnFields {
 pub struct RequestCtx<'c> {
     /// Borrowed from `Worker::handle`, which owns it: the upstream's head borrows it too,
     /// with no reference count touched (docs/benchmarks.md, "Locked instructions").
-    pub request_id: &'c HeaderValue,
+    pub request_id: &'c RequestId,
     /// Which names the client's header map may hold (`headers::Names`).
     pub names: headers::Names,
     /// The client's fields as read, when the purpose-built server built no map for them.
@@ -244,7 +244,7 @@ pub struct RequestCtx<'c> {
 impl<'c> RequestCtx<'c> {
     #[inline]
     fn new(
-        request_id: &'c HeaderValue,
+        request_id: &'c RequestId,
         names: headers::Names,
         read: Option<&'c RawHeaders>,
         conn: &'c ConnInfo,

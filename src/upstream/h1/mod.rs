@@ -297,8 +297,8 @@ pub struct Edits<'a> {
     pub read: Option<&'a RawHeaders>,
 }
 
-/// A value the pipeline sets: a header value it holds, one it borrows (the request id,
-/// the endpoint's `Host`: cloning it would cost two locked instructions per request,
+/// A value the pipeline sets: a header value it holds, one it borrows (the endpoint's
+/// `Host`, the client certificate's subject: cloning it would cost two locked instructions per request,
 /// docs/benchmarks.md, "Locked instructions"), text checked to be a valid one and kept
 /// inline when short, so a name per request (the caller's consumer and plan) costs no
 /// allocation, or bytes borrowed from what was read or rendered once per connection.
