@@ -135,10 +135,7 @@ impl Pending {
             JsonObject::open(&mut line).time("time", arrived);
             line
         });
-        let mut object = JsonObject::resume(&mut line);
-        // Node names are checked tokens, or host names reduced to them.
-        object.trusted("node", &log.settings.node);
-        object.opt_str("region", log.settings.region.as_deref());
+        line.extend_from_slice(&log.node_fields);
         Pending {
             log_id: log.id,
             fallback: (!on_lane).then(|| log.clone()),

@@ -224,6 +224,8 @@ pub struct AccessLog {
     /// Tells a worker's lane which log it belongs to (several gateways may share a
     /// process in tests).
     id: u64,
+    /// `,"node":…,"region":…` as every record of this node has them, rendered once.
+    node_fields: Box<[u8]>,
 }
 
 static NEXT_LOG_ID: AtomicU64 = AtomicU64::new(1);
@@ -235,12 +237,18 @@ impl AccessLog {
         flush_interval: Duration,
         sender: std::sync::mpsc::SyncSender<writer::Message>,
     ) -> AccessLog {
+        let mut node_fields = Vec::new();
+        let mut object = record::JsonObject::resume(&mut node_fields);
+        // Node names are checked tokens, or host names reduced to them.
+        object.trusted("node", &settings.node);
+        object.opt_str("region", settings.region.as_deref());
         AccessLog {
             settings,
             stats,
             flush_interval,
             sender,
             id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
+            node_fields: node_fields.into(),
         }
     }
 

@@ -178,6 +178,59 @@ fn rate_limit_value(out: &mut impl bytes::BufMut, name: &str, status: &LimitStat
     crate::base::http1::push_decimal(out, y);
 }
 
+thread_local! {
+    static POLICY_LINES: std::cell::RefCell<PolicyLines> = std::cell::RefCell::new(PolicyLines::default());
+}
+
+/// The `RateLimit-Policy` line a worker wrote last, and the start of the `RateLimit`
+/// line that goes with it, with what they were rendered from. The policy is the same for
+/// every response of one plan's limit, so most responses copy the line rather than
+/// format the limit's name and two numbers again (docs/benchmarks.md, "Request ids
+/// inline").
+#[derive(Default)]
+struct PolicyLines {
+    /// The limit's name, quota and window the lines were rendered for.
+    of: Option<(crate::limits::LimitName, u64, u64)>,
+    /// `ratelimit-policy: "name";q=…;w=…` and CRLF, then `ratelimit: "name";r=`; empty
+    /// when the name is no field value (`HeaderValue` would refuse it, and `insert_into`
+    /// leaves such fields out).
+    lines: Vec<u8>,
+}
+
+impl PolicyLines {
+    fn write(&mut self, out: &mut Vec<u8>, status: &LimitStatus) {
+        let current = self.of.as_ref().is_some_and(|(name, quota, window)| {
+            *quota == status.quota && *window == status.window_secs && *name == status.name
+        });
+        if !current {
+            self.render(status);
+        }
+        if self.lines.is_empty() {
+            return;
+        }
+        out.reserve(self.lines.len() + 48);
+        out.extend_from_slice(&self.lines);
+        crate::base::http1::push_decimal(out, status.remaining);
+        out.extend_from_slice(b";t=");
+        crate::base::http1::push_decimal(out, status.reset_secs);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    fn render(&mut self, status: &LimitStatus) {
+        self.lines.clear();
+        self.of = Some((status.name.clone(), status.quota, status.window_secs));
+        let name = status.name.policy();
+        if !crate::base::http1::is_field_value(name.as_bytes()) {
+            return;
+        }
+        self.lines.extend_from_slice(b"ratelimit-policy: ");
+        rate_limit_value(&mut self.lines, &name, status, false);
+        self.lines.extend_from_slice(b"\r\nratelimit: \"");
+        self.lines.extend_from_slice(name.as_bytes());
+        self.lines.extend_from_slice(b"\";r=");
+    }
+}
+
 /// The fields the pipeline sets on a proxied response: `X-Request-Id`, and the
 /// `RateLimit` fields of the limit closest to exhaustion. Kept as values beside the
 /// upstream's fields as read, not in the response's map: the purpose-built server writes
@@ -220,16 +273,10 @@ impl SetFields {
             crate::base::http1::write_field(out, b"x-request-id", id.as_bytes());
         }
         if let Some(status) = &self.limit {
-            let name = status.name.policy();
-            // What `HeaderValue` refuses is left out, as `insert_into` leaves it.
-            if crate::base::http1::is_field_value(name.as_bytes()) {
-                out.reserve(2 * name.len() + 128);
-                out.extend_from_slice(b"ratelimit-policy: ");
-                rate_limit_value(out, &name, status, false);
-                out.extend_from_slice(b"\r\nratelimit: ");
-                rate_limit_value(out, &name, status, true);
-                out.extend_from_slice(b"\r\n");
-            }
+            POLICY_LINES.with(|lines| match lines.try_borrow_mut() {
+                Ok(mut lines) => lines.write(out, status),
+                Err(_) => PolicyLines::default().write(out, status),
+            });
         }
         if let Some(seconds) = self.retry_after {
             out.extend_from_slice(b"retry-after: ");
@@ -586,18 +633,37 @@ mod tests {
             remaining: 999_999_998,
             reset_secs: 3_600,
         };
+        let other = |name: LimitName, quota: u64, window_secs: u64, remaining: u64| LimitStatus {
+            name,
+            quota,
+            window_secs,
+            remaining,
+            reset_secs: 7,
+        };
+        // In this order on one thread, the worker's policy lines are reused (the same
+        // limit again, other counts) and rendered anew (another name, quota or window).
         for (limit, retry_after) in [
             (None, None),
             (Some(status(LimitName::Daily)), None),
+            (Some(other(LimitName::Daily, 1_000_000_000, 86_400, 5)), None),
+            (Some(other(LimitName::Daily, 1_000_000_001, 86_400, 5)), None),
+            (Some(other(LimitName::Daily, 1_000_000_001, 86_401, 0)), None),
+            (Some(other(LimitName::Monthly, 1_000_000_001, 86_401, 0)), None),
             (Some(status(LimitName::GroupMonthly("geo".into()))), Some(30)),
+            (Some(status(LimitName::GroupMonthly("geo2".into()))), Some(30)),
             (Some(status(LimitName::GroupDaily("bad\u{7f}name".into()))), None),
+            (
+                Some(other(LimitName::GroupDaily("bad\u{7f}name".into()), 3, 60, 1)),
+                None,
+            ),
+            (Some(status(LimitName::Rate)), None),
             (None, Some(5)),
         ] {
-            let set = SetFields::new(
-                RequestId::Given(HeaderValue::from_static("req-1")),
-                limit.clone(),
-                retry_after,
-            );
+            let id = match retry_after {
+                Some(_) => new_request_id(),
+                None => RequestId::Given(HeaderValue::from_static("req-1")),
+            };
+            let set = SetFields::new(id, limit.clone(), retry_after);
             let mut written = b"HTTP/1.1 200 OK\r\n".to_vec();
             set.write(&mut written);
             written.extend_from_slice(b"\r\n");
