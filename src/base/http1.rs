@@ -554,6 +554,28 @@ mod tests {
     }
 
     #[test]
+    fn fields_are_found_in_any_case_and_absent_ones_are_not() {
+        let fields =
+            raw_headers(b"HTTP/1.1 200 OK\r\nX-Api-KEY: k\r\nreferer: r\r\nSet-Cookie: a\r\nset-cookie: b\r\n\r\n");
+        assert_eq!(fields.get(b"x-api-key"), Some(&b"k"[..]));
+        assert_eq!(fields.get(b"X-API-Key"), Some(&b"k"[..]));
+        assert_eq!(fields.get(b"REFERER"), Some(&b"r"[..]));
+        assert_eq!(fields.get_all(b"set-cookie").collect::<Vec<_>>(), [&b"a"[..], b"b"]);
+        for absent in [
+            &b"x-request-id"[..],
+            b"x-forwarded-for",
+            b"authorization",
+            b"upgrade",
+            b"connection",
+            b"x-api-kez",
+            b"referer2",
+            b"",
+        ] {
+            assert_eq!(fields.get(absent), None, "{absent:?}");
+        }
+    }
+
+    #[test]
     fn forwarded_lines_are_whole_crlf_lines_and_bare_lf_ones_are_not_offered() {
         let lines = |raw: &'static [u8]| {
             let fields = raw_headers(raw);
