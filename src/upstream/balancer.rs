@@ -61,7 +61,13 @@ impl Balancer {
         }
         match self {
             Balancer::RoundRobin { schedule, cursor } => {
-                let start = cursor.fetch_add(1, Ordering::Relaxed);
+                // A load and a store, not a locked `fetch_add`: when two workers step the
+                // cursor at once, one step is lost and an endpoint takes one request out
+                // of turn, which round robin across threads never ruled out. A locked
+                // instruction per request cost more (docs/benchmarks.md, "Request ids
+                // inline").
+                let start = cursor.load(Ordering::Relaxed);
+                cursor.store(start.wrapping_add(1), Ordering::Relaxed);
                 (0..schedule.len())
                     .map(|step| schedule[(start + step) % schedule.len()] as usize)
                     .find(|&i| usable(i))
