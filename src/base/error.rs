@@ -302,12 +302,6 @@ impl std::fmt::Debug for RequestId {
     }
 }
 
-impl PartialEq<str> for RequestId {
-    fn eq(&self, other: &str) -> bool {
-        self.as_bytes() == other.as_bytes()
-    }
-}
-
 impl PartialEq<&str> for RequestId {
     fn eq(&self, other: &&str) -> bool {
         self.as_bytes() == other.as_bytes()

@@ -28,7 +28,7 @@ pub(super) fn record(
     let (method, path, protocol) = request_line(head);
     let mut record = crate::logs::Pending::begin(&refusals.log, tokio::time::Instant::now());
     let mut fields = record.fields();
-    fields.bytes("request_id", request_id.as_bytes());
+    fields.request_id("request_id", request_id);
     match method {
         Some(method) => fields.bytes("method", method),
         None => fields.null("method"),

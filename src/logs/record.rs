@@ -6,6 +6,7 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use crate::base::RequestId;
 use crate::base::http1::push_decimal;
 
 /// Appends `"key":value` pairs to a JSON object under construction.
@@ -46,6 +47,16 @@ impl<'b> JsonObject<'b> {
     #[inline(always)]
     pub fn trusted(&mut self, key: &str, value: &str) -> &mut Self {
         self.trusted_bytes(key, value.as_bytes())
+    }
+
+    /// A request id: a generated one is hex digits, copied as they are; a client's own is
+    /// printable ASCII (`proxy::headers::request_id`), which may still hold `"`.
+    #[inline(always)]
+    pub fn request_id(&mut self, key: &str, id: &RequestId) -> &mut Self {
+        match id {
+            RequestId::Generated(digits) => self.trusted_bytes(key, digits),
+            RequestId::Given(value) => self.bytes(key, value.as_bytes()),
+        }
     }
 
     /// [`JsonObject::trusted`] for bytes known to be such a string.
@@ -443,6 +454,17 @@ mod tests {
                 addr.to_string()
             );
         }
+    }
+
+    #[test]
+    fn request_ids_are_recorded_as_they_read() {
+        let made = crate::base::new_request_id();
+        let given = RequestId::Given(http::HeaderValue::from_static("a\"b\\c"));
+        let value = line(|o| {
+            o.request_id("made", &made).request_id("given", &given);
+        });
+        assert_eq!(value["made"], made.as_str());
+        assert_eq!(value["given"], "a\"b\\c");
     }
 
     #[test]

@@ -7,7 +7,7 @@
 use http::StatusCode;
 
 use super::{Caller, Head, RequestCtx};
-use crate::base::{ErrorKind, RequestId};
+use crate::base::ErrorKind;
 use crate::gateway::Route;
 use crate::logs::{Pending, RecordSettings};
 
@@ -39,13 +39,8 @@ const SECRET_PARAMETERS: &[&str] = &[
 pub(super) fn record_request(record: &mut Pending, settings: &RecordSettings, ctx: &RequestCtx<'_>, head: Head<'_>) {
     let include_query = settings.include_query;
     let mut fields = record.fields();
-    match ctx.request_id {
-        // Hex digits.
-        RequestId::Generated(digits) => fields.trusted_bytes("request_id", digits),
-        // Printable ASCII (headers::request_id), which may still hold `"`.
-        RequestId::Given(value) => fields.bytes("request_id", value.as_bytes()),
-    };
     fields
+        .request_id("request_id", ctx.request_id)
         // A method is a token: no character a JSON string must escape.
         .trusted("method", head.method.as_str())
         .bytes("path", ctx.path.as_deref().unwrap_or(head.uri.path()).as_bytes());

@@ -158,21 +158,32 @@ static HOP_BY_HOP_NAMES: [HeaderName; 8] = [
     header::PROXY_AUTHORIZATION,
 ];
 
-/// True when the client asks to switch protocols (WebSocket) on an HTTP/1.1 connection.
 static RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 
 /// The `RateLimit-Policy` value of `status` (`"name";q=quota;w=window`), or with `current`
 /// its `RateLimit` value (`"name";r=remaining;t=reset`).
 fn rate_limit_value(out: &mut impl bytes::BufMut, name: &str, status: &LimitStatus, current: bool) {
+    rate_limit_name(out, name);
+    rate_limit_numbers(out, status, current);
+}
+
+/// The part of [`rate_limit_value`] before the numbers: `"name";`.
+fn rate_limit_name(out: &mut impl bytes::BufMut, name: &str) {
+    out.put_slice(b"\"");
+    out.put_slice(name.as_bytes());
+    out.put_slice(b"\";");
+}
+
+/// The part of [`rate_limit_value`] after the name: `q=quota;w=window`, or with `current`
+/// `r=remaining;t=reset`.
+fn rate_limit_numbers(out: &mut impl bytes::BufMut, status: &LimitStatus, current: bool) {
     let (a, x, b, y) = if current {
         (b'r', status.remaining, b't', status.reset_secs)
     } else {
         (b'q', status.quota, b'w', status.window_secs)
     };
-    out.put_slice(b"\"");
-    out.put_slice(name.as_bytes());
-    out.put_slice(&[b'"', b';', a, b'=']);
+    out.put_slice(&[a, b'=']);
     crate::base::http1::push_decimal(out, x);
     out.put_slice(&[b';', b, b'=']);
     crate::base::http1::push_decimal(out, y);
@@ -191,7 +202,7 @@ thread_local! {
 struct PolicyLines {
     /// The limit's name, quota and window the lines were rendered for.
     of: Option<(crate::limits::LimitName, u64, u64)>,
-    /// `ratelimit-policy: "name";q=…;w=…` and CRLF, then `ratelimit: "name";r=`; empty
+    /// `ratelimit-policy: "name";q=…;w=…` and CRLF, then `ratelimit: "name";`; empty
     /// when the name is no field value (`HeaderValue` would refuse it, and `insert_into`
     /// leaves such fields out).
     lines: Vec<u8>,
@@ -210,9 +221,7 @@ impl PolicyLines {
         }
         out.reserve(self.lines.len() + 48);
         out.extend_from_slice(&self.lines);
-        crate::base::http1::push_decimal(out, status.remaining);
-        out.extend_from_slice(b";t=");
-        crate::base::http1::push_decimal(out, status.reset_secs);
+        rate_limit_numbers(out, status, true);
         out.extend_from_slice(b"\r\n");
     }
 
@@ -225,9 +234,8 @@ impl PolicyLines {
         }
         self.lines.extend_from_slice(b"ratelimit-policy: ");
         rate_limit_value(&mut self.lines, &name, status, false);
-        self.lines.extend_from_slice(b"\r\nratelimit: \"");
-        self.lines.extend_from_slice(name.as_bytes());
-        self.lines.extend_from_slice(b"\";r=");
+        self.lines.extend_from_slice(b"\r\nratelimit: ");
+        rate_limit_name(&mut self.lines, &name);
     }
 }
 
@@ -312,6 +320,7 @@ impl SetFields {
     }
 }
 
+/// True when the client asks to switch protocols (WebSocket) on an HTTP/1.1 connection.
 pub fn is_upgrade_request(fields: Fields<'_>) -> bool {
     fields.get(&header::UPGRADE).is_some()
         && fields
