@@ -3,6 +3,8 @@ mod common;
 
 use common::*;
 use http::Request;
+use http_body_util::BodyExt;
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 
 fn config(upstream: std::net::SocketAddr, data_dir: &std::path::Path) -> String {
@@ -115,6 +117,77 @@ async fn keys_authenticate_identify_and_revoke() {
     );
     assert_eq!(admin(&gateway, "DELETE", "/v1/keys/key_missing").await.status, 404);
     assert!(!gateway.stderr().contains(&secret), "the secret reached the log");
+}
+
+/// One keep-alive connection carrying several callers' keys, as a CDN's connection does,
+/// and a key revoked between two of its requests: the connection remembers its last key's
+/// hash (docs/security.md, "Keys in memory"), never another caller's identity or a
+/// revoked key's admission.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_connection_many_keys_and_a_revocation_between_requests() {
+    let upstream = Upstream::start("u").await;
+    let data = tempfile::tempdir().unwrap();
+    let gateway = Gateway::start(&config(upstream.addr, data.path()));
+    for (consumer, plan) in [("acme", "pro"), ("globex", "gold")] {
+        assert_eq!(
+            admin_json(&gateway, "POST", "/v1/plans", json!({"name": plan}))
+                .await
+                .status,
+            201
+        );
+        let reply = admin_json(&gateway, "POST", "/v1/consumers", json!({"id": consumer, "plan": plan})).await;
+        assert_eq!(reply.status, 201, "{}", reply.text());
+    }
+    let (acme_id, acme) = create_key(&gateway, json!({"consumer": "acme"})).await;
+    let (_, globex) = create_key(&gateway, json!({"consumer": "globex"})).await;
+
+    let tcp = tokio::net::TcpStream::connect(gateway.proxy).await.unwrap();
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut on_connection = async |key: &str| {
+        let request = Request::get("/v1/a")
+            .header("host", "gateway")
+            .header("x-api-key", key)
+            .body(full(""))
+            .unwrap();
+        let response = sender.send_request(request).await.expect("the connection stays open");
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, serde_json::from_slice::<Value>(&body).unwrap())
+    };
+    let mut near = acme.clone().into_bytes();
+    near[71] = if near[71] == b'0' { b'1' } else { b'0' };
+    let near = String::from_utf8(near).unwrap();
+    for (key, status, consumer) in [
+        (&acme, 200, "acme"),
+        (&acme, 200, "acme"),
+        (&globex, 200, "globex"),
+        (&acme, 200, "acme"),
+        (&near, 401, ""),
+        (&acme, 200, "acme"),
+    ] {
+        let (got, body) = on_connection(key).await;
+        assert_eq!(got, status, "{body}");
+        if status == 200 {
+            assert_eq!(body["headers"]["x-consumer-id"], consumer, "{body}");
+        } else {
+            assert_eq!(body["error"]["code"], "invalid_api_key");
+        }
+    }
+    assert_eq!(
+        admin(&gateway, "DELETE", &format!("/v1/keys/{acme_id}")).await.status,
+        204
+    );
+    let (status, body) = on_connection(&acme).await;
+    assert_eq!((status, &body["error"]["code"]), (403, &json!("key_revoked")), "{body}");
+    let (status, body) = on_connection(&globex).await;
+    assert_eq!(
+        (status, &body["headers"]["x-consumer-id"]),
+        (200, &json!("globex")),
+        "{body}"
+    );
+    drop(sender);
+    let _ = connection.await;
 }
 
 #[tokio::test(flavor = "multi_thread")]

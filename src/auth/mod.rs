@@ -175,6 +175,77 @@ pub fn hash_key(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
+/// The key a connection presented last, with its hash. Clients send the same key on every
+/// request of a keep-alive connection, and hashing a 72-byte key is two SHA-256 blocks,
+/// about 1 % of a proxied request's CPU (docs/benchmarks.md, "A connection's key hashed
+/// once"). Only the hash is remembered as the key's identity: the entry is looked up in
+/// the current table on every request, so a revoked, expired or deleted key is refused
+/// on the next request as it would be without the memo.
+///
+/// The presented key is compared in constant time, and whole: a connection a CDN or a
+/// shared proxy holds carries many callers' keys, and one caller's key must never match
+/// another's remembered one. Its bytes are zeroed when replaced and on drop, so a
+/// connection's memory holds at most the one key it was last sent.
+#[derive(Default)]
+pub struct KeyMemo {
+    presented: Vec<u8>,
+    hash: [u8; 32],
+}
+
+/// Longer keys are hashed every time rather than kept (ours are 72 bytes).
+const MEMO_MAX_KEY: usize = 256;
+
+impl KeyMemo {
+    /// `hash_key(presented)`, from the memo when `presented` is the key it holds.
+    pub fn hash(&mut self, presented: &str) -> [u8; 32] {
+        let bytes = presented.as_bytes();
+        if !self.presented.is_empty() && same_secret(&self.presented, bytes) {
+            return self.hash;
+        }
+        let hash = hash_key(presented);
+        zeroize::Zeroize::zeroize(&mut self.presented);
+        if bytes.len() <= MEMO_MAX_KEY {
+            self.presented.extend_from_slice(bytes);
+            self.hash = hash;
+        }
+        hash
+    }
+}
+
+/// `a == b` in a time that depends on their lengths only: every word is compared, with
+/// no early exit. Eight bytes at a time: `subtle`'s byte-wise comparison cost about 1,000
+/// instructions for a 72-byte key, more than the memo saved in instructions.
+fn same_secret(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let ((a_words, a_rest), (b_words, b_rest)) = (a.as_chunks::<8>(), b.as_chunks::<8>());
+    let mut difference = 0u64;
+    for (x, y) in a_words.iter().zip(b_words) {
+        difference |= u64::from_ne_bytes(*x) ^ u64::from_ne_bytes(*y);
+    }
+    for (x, y) in a_rest.iter().zip(b_rest) {
+        difference |= u64::from(x ^ y);
+    }
+    // Kept opaque so the compiler cannot turn the loop into one that stops early.
+    std::hint::black_box(difference) == 0
+}
+
+impl Drop for KeyMemo {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.presented);
+    }
+}
+
+impl std::fmt::Debug for KeyMemo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("KeyMemo")
+            .field("held", &!self.presented.is_empty())
+            .finish()
+    }
+}
+
 /// A new secret: the prefix and 32 random bytes in hex. Only its hash is stored.
 pub fn generate_secret() -> Result<String, getrandom::Error> {
     let mut bytes = [0u8; 32];
@@ -189,14 +260,15 @@ pub fn generate_secret() -> Result<String, getrandom::Error> {
 
 /// Checks a presented key for `route` at unix time `now`.
 /// `now`: the Unix time, read only for a key that has an expiry (most have none, and the
-/// clock read is one of several per request).
+/// clock read is one of several per request). `memo`: the connection's last key.
 pub fn authenticate(
     table: &KeyTable,
     presented: Option<&str>,
     route: &str,
     now: impl FnOnce() -> i64,
+    memo: &mut KeyMemo,
 ) -> Result<Identity, AuthError> {
-    let identity = authenticate_key(table, presented, now)?;
+    let identity = authenticate_key(table, presented, now, memo)?;
     if !identity.allowed_routes.is_empty() && !identity.allowed_routes.iter().any(|r| &**r == route) {
         return Err(AuthError::RouteNotAllowed);
     }
@@ -209,11 +281,12 @@ pub fn authenticate_key(
     table: &KeyTable,
     presented: Option<&str>,
     now: impl FnOnce() -> i64,
+    memo: &mut KeyMemo,
 ) -> Result<Identity, AuthError> {
     let presented = presented
         .filter(|k| !k.is_empty())
         .ok_or(AuthError::MissingCredentials)?;
-    let entry = table.get(&hash_key(presented)).ok_or(AuthError::InvalidApiKey)?;
+    let entry = table.get(&memo.hash(presented)).ok_or(AuthError::InvalidApiKey)?;
     if entry.revoked {
         return Err(AuthError::KeyRevoked);
     }
@@ -268,45 +341,145 @@ mod tests {
         assert!(secret.starts_with(KEY_PREFIX) && secret.len() == KEY_PREFIX.len() + 64);
         let table = KeyTable::default();
         load(&table, &data_with(&secret, |_| {}));
-        let id = authenticate(&table, Some(&secret), "lookup", || 10).unwrap();
+        let id = authenticate(&table, Some(&secret), "lookup", || 10, &mut KeyMemo::default()).unwrap();
         assert_eq!((&*id.consumer_id, &*id.plan, &*id.key_id), ("acme", "pro", "key_1"));
         assert_eq!(
-            authenticate(&table, None, "lookup", || 10),
+            authenticate(&table, None, "lookup", || 10, &mut KeyMemo::default()),
             Err(AuthError::MissingCredentials)
         );
         assert_eq!(
-            authenticate(&table, Some(""), "lookup", || 10),
+            authenticate(&table, Some(""), "lookup", || 10, &mut KeyMemo::default()),
             Err(AuthError::MissingCredentials)
         );
         assert_eq!(
-            authenticate(&table, Some("tg_live_nope"), "lookup", || 10),
+            authenticate(&table, Some("tg_live_nope"), "lookup", || 10, &mut KeyMemo::default()),
             Err(AuthError::InvalidApiKey)
         );
 
         load(&table, &data_with(&secret, |k| k.expires_at = Some(10)));
-        assert_eq!(authenticate(&table, Some(&secret), "lookup", || 9).map(|_| ()), Ok(()));
         assert_eq!(
-            authenticate(&table, Some(&secret), "lookup", || 10),
+            authenticate(&table, Some(&secret), "lookup", || 9, &mut KeyMemo::default()).map(|_| ()),
+            Ok(())
+        );
+        assert_eq!(
+            authenticate(&table, Some(&secret), "lookup", || 10, &mut KeyMemo::default()),
             Err(AuthError::KeyExpired)
         );
 
         load(&table, &data_with(&secret, |k| k.allowed_routes = vec!["batch".into()]));
         assert_eq!(
-            authenticate(&table, Some(&secret), "lookup", || 0),
+            authenticate(&table, Some(&secret), "lookup", || 0, &mut KeyMemo::default()),
             Err(AuthError::RouteNotAllowed)
         );
-        assert!(authenticate(&table, Some(&secret), "batch", || 0).is_ok());
+        assert!(authenticate(&table, Some(&secret), "batch", || 0, &mut KeyMemo::default()).is_ok());
 
         let mut state = data_with(&secret, |k| k.plan = Some("gold".into()));
         load(&table, &state);
-        assert_eq!(&*authenticate(&table, Some(&secret), "x", || 0).unwrap().plan, "gold");
+        assert_eq!(
+            &*authenticate(&table, Some(&secret), "x", || 0, &mut KeyMemo::default())
+                .unwrap()
+                .plan,
+            "gold"
+        );
         state.1[0].revoked = true;
         table.upsert(&state.1[0], &state.0, "free");
         assert_eq!(
-            authenticate(&table, Some(&secret), "x", || 0),
+            authenticate(&table, Some(&secret), "x", || 0, &mut KeyMemo::default()),
             Err(AuthError::KeyRevoked)
         );
         assert_eq!(table.len(), 1);
+    }
+
+    /// One memo, as one keep-alive connection holds it: a remembered key still answers
+    /// to the table as it is now, and no other key ever reads as the remembered one.
+    #[test]
+    fn a_connections_remembered_key_is_judged_as_the_table_is_now() {
+        let (first, second) = (generate_secret().unwrap(), generate_secret().unwrap());
+        let table = KeyTable::default();
+        let mut state = data_with(&first, |_| {});
+        let mut other = state.1[0].clone();
+        other.id = "key_2".into();
+        other.hash = hash_key(&second);
+        state.1.push(other);
+        load(&table, &state);
+        let mut memo = KeyMemo::default();
+        let key_id = |result: Result<Identity, AuthError>| result.map(|id| id.key_id.to_string());
+        assert_eq!(
+            key_id(authenticate(&table, Some(&first), "x", || 0, &mut memo)),
+            Ok("key_1".into())
+        );
+        assert_eq!(
+            key_id(authenticate(&table, Some(&first), "x", || 0, &mut memo)),
+            Ok("key_1".into())
+        );
+        // Another caller on the same connection (a CDN's): its own identity, then back.
+        assert_eq!(
+            key_id(authenticate(&table, Some(&second), "x", || 0, &mut memo)),
+            Ok("key_2".into())
+        );
+        assert_eq!(
+            key_id(authenticate(&table, Some(&first), "x", || 0, &mut memo)),
+            Ok("key_1".into())
+        );
+        // Same length, one character off; a prefix; the key with more after it.
+        let mut near = first.clone().into_bytes();
+        near[40] = if near[40] == b'0' { b'1' } else { b'0' };
+        let near = String::from_utf8(near).unwrap();
+        for wrong in [near.as_str(), &first[..first.len() - 1], &format!("{first}0")] {
+            assert_eq!(
+                authenticate(&table, Some(wrong), "x", || 0, &mut memo),
+                Err(AuthError::InvalidApiKey)
+            );
+        }
+        assert_eq!(
+            key_id(authenticate(&table, Some(&first), "x", || 0, &mut memo)),
+            Ok("key_1".into())
+        );
+        // Revoked, expired, deleted after it was remembered: refused on the next request.
+        state.1[0].revoked = true;
+        table.upsert(&state.1[0], &state.0, "free");
+        assert_eq!(
+            authenticate(&table, Some(&first), "x", || 0, &mut memo),
+            Err(AuthError::KeyRevoked)
+        );
+        state.1[0].revoked = false;
+        state.1[0].expires_at = Some(5);
+        table.upsert(&state.1[0], &state.0, "free");
+        assert_eq!(
+            authenticate(&table, Some(&first), "x", || 5, &mut memo),
+            Err(AuthError::KeyExpired)
+        );
+        load(&table, &(state.0.clone(), vec![state.1[1].clone()]));
+        assert_eq!(
+            authenticate(&table, Some(&first), "x", || 0, &mut memo),
+            Err(AuthError::InvalidApiKey)
+        );
+        // A key too long to keep is still judged, every time.
+        let long = format!("{first}{}", "0".repeat(MEMO_MAX_KEY));
+        for _ in 0..2 {
+            assert_eq!(
+                authenticate(&table, Some(&long), "x", || 0, &mut memo),
+                Err(AuthError::InvalidApiKey)
+            );
+        }
+        assert_eq!(memo.hash(&second), hash_key(&second));
+        assert_eq!(memo.hash(&second), hash_key(&second));
+        assert!(!format!("{memo:?}").contains(&second[8..]));
+    }
+
+    #[test]
+    fn secrets_are_the_same_only_when_every_byte_is() {
+        for len in [1, 7, 8, 9, 72, 75] {
+            let a: Vec<u8> = (0..len as u8).map(|b| b.wrapping_mul(31)).collect();
+            assert!(same_secret(&a, &a.clone()));
+            for at in 0..len {
+                let mut b = a.clone();
+                b[at] ^= 0x20;
+                assert!(!same_secret(&a, &b), "length {len}, byte {at}");
+            }
+            assert!(!same_secret(&a, &a[..len - 1]));
+        }
+        assert!(same_secret(b"", b""));
     }
 
     #[test]
@@ -322,7 +495,14 @@ mod tests {
         let table = KeyTable::default();
         load(&table, &state);
         assert_eq!(table.len(), 50_001);
-        let id = authenticate(&table, Some(&format!("tg_live_{:064}", 31_337)), "x", || 0).unwrap();
+        let id = authenticate(
+            &table,
+            Some(&format!("tg_live_{:064}", 31_337)),
+            "x",
+            || 0,
+            &mut KeyMemo::default(),
+        )
+        .unwrap();
         assert_eq!(&*id.key_id, "key_n31337");
     }
 }

@@ -244,13 +244,26 @@ struct Output {
     zstd: Option<zstd::bulk::Compressor<'static>>,
 }
 
+/// zstd's context for `level`. At level 1, the default, its match-finder's table is 4 KiB
+/// entries rather than the 8 KiB zstd picks for a 256 KiB input: 16 KiB that stays in the
+/// L1 cache of the core the proxy shares with it. Measured on access-log records, 24–33 %
+/// faster at a ratio within 0.3 % (docs/benchmarks.md, "zstd's table in the L1 cache").
+fn compressor(level: i32) -> Option<zstd::bulk::Compressor<'static>> {
+    let mut compressor = zstd::bulk::Compressor::new(level).ok()?;
+    if level == 1 {
+        // Refused only by a zstd without the parameter: its own table is then kept.
+        let _ = compressor.set_parameter(zstd::stream::raw::CParameter::HashLog(12));
+    }
+    Some(compressor)
+}
+
 fn compress(shared: Arc<Shared>) {
     let settings = &shared.settings;
     let stats = &shared.stats;
     let mut output = Output {
         segment: None,
         last_retention: std::time::Instant::now() - Duration::from_secs(3600),
-        zstd: zstd::bulk::Compressor::new(settings.level).ok(),
+        zstd: compressor(settings.level),
     };
     // Wakes at least this often to rotate by age and apply retention.
     let tick = Duration::from_millis(500).min(settings.max_segment_age);

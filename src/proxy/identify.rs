@@ -4,7 +4,7 @@
 
 use http::{HeaderValue, Version, header};
 
-use super::{Head, RequestCtx, Worker, headers};
+use super::{ConnInfo, Head, RequestCtx, Worker, headers};
 use crate::auth::{self, AuthError, Identity, KEY_PREFIX};
 use crate::base::http1::{RawHeaders, field_text};
 use crate::base::{ErrorKind, ProxyError};
@@ -106,7 +106,7 @@ impl Worker {
             let forwarded = head.text(&headers::X_FORWARDED_FOR);
             ctx.caller_ip = auth::client_ip(ctx.client_addr.ip(), forwarded, trusted);
         }
-        ctx.caller = self.identify(snapshot, route, head)?;
+        ctx.caller = self.identify(snapshot, route, head, ctx.conn)?;
         // A declared length over the route's limit is refused before anything is charged;
         // a body that grows past it is cut off in the exchange.
         if ctx.declared_body > route.max_body_bytes {
@@ -119,7 +119,13 @@ impl Worker {
 
     /// The caller of `route`: a presented key must be valid even where anonymous calls
     /// are allowed; no credentials on a keyed route is a 401.
-    fn identify(&self, snapshot: &Snapshot, route: &Route, head: Head<'_>) -> Result<Caller, ProxyError> {
+    fn identify(
+        &self,
+        snapshot: &Snapshot,
+        route: &Route,
+        head: Head<'_>,
+        conn: &ConnInfo,
+    ) -> Result<Caller, ProxyError> {
         match presented_credentials(route.api_key, route.jwt, head) {
             Credentials::Jwt(token) => snapshot
                 .jwt
@@ -127,15 +133,17 @@ impl Worker {
                 .map(Caller::Jwt)
                 .map_err(|e| ProxyError::new(ErrorKind::InvalidToken(e.reason()))),
             Credentials::Key(key, source) => {
-                auth::authenticate(&self.gateway.keys, Some(key), &route.name, auth::unix_now)
-                    .map(|identity| Caller::Key { identity, source })
-                    .map_err(|e| match e {
-                        // Created elsewhere and not seen here yet: it may be valid.
-                        AuthError::InvalidApiKey if !self.gateway.catalog.available() => {
-                            ProxyError::new(ErrorKind::StateUnavailable)
-                        }
-                        e => ProxyError::new(auth_error_kind(e)),
-                    })
+                conn.with_key_memo(|memo| {
+                    auth::authenticate(&self.gateway.keys, Some(key), &route.name, auth::unix_now, memo)
+                })
+                .map(|identity| Caller::Key { identity, source })
+                .map_err(|e| match e {
+                    // Created elsewhere and not seen here yet: it may be valid.
+                    AuthError::InvalidApiKey if !self.gateway.catalog.available() => {
+                        ProxyError::new(ErrorKind::StateUnavailable)
+                    }
+                    e => ProxyError::new(auth_error_kind(e)),
+                })
             }
             Credentials::None if route.anonymous => {
                 let anonymous = &snapshot.config.anonymous;

@@ -32,7 +32,7 @@ pub use crate::upstream::body::Inbound;
 pub use body::ProxyBody;
 pub use identify::{Caller, Credentials, KeySource, presented_credentials};
 
-use crate::auth::Identity;
+use crate::auth::{self, Identity};
 use crate::base::http1::RawHeaders;
 use crate::base::{ConnPhase, ConnStreams, ErrorKind, ErrorSource, ProxyError, RequestId};
 use crate::gateway::{Gateway, Snapshot};
@@ -93,9 +93,21 @@ pub struct ConnInfo {
     pub streams: ConnStreams,
     /// The negotiated TLS version, on TLS listeners (for the access log).
     pub tls_version: Option<&'static str>,
+    /// The key this connection presented last, so a keep-alive client's key is hashed
+    /// once (`auth::KeyMemo`). Locked only around the hash, never across an await.
+    key_memo: std::sync::Mutex<auth::KeyMemo>,
 }
 
 impl ConnInfo {
+    /// `f` with the connection's key memo; with a fresh one in the rare case another
+    /// stream of the connection holds it (HTTP/2), rather than waiting.
+    pub fn with_key_memo<R>(&self, f: impl FnOnce(&mut auth::KeyMemo) -> R) -> R {
+        match self.key_memo.try_lock() {
+            Ok(mut memo) => f(&mut memo),
+            Err(_) => f(&mut auth::KeyMemo::default()),
+        }
+    }
+
     /// With the per-connection limits' counts (set by the listener).
     pub fn with_streams(mut self, streams: ConnStreams) -> ConnInfo {
         self.streams = streams;
@@ -111,6 +123,7 @@ impl ConnInfo {
             client_identity: None,
             streams: ConnStreams::new(0),
             tls_version: None,
+            key_memo: std::sync::Mutex::default(),
         }
     }
 }

@@ -94,12 +94,15 @@ impl Worker {
             Credentials::Key(key, source) => (key, source),
             _ => return Err(ProxyError::new(ErrorKind::MissingCredentials)),
         };
-        let identity = auth::authenticate_key(&self.gateway.keys, Some(key), auth::unix_now).map_err(|e| match e {
-            AuthError::InvalidApiKey if !self.gateway.catalog.available() => {
-                ProxyError::new(ErrorKind::StateUnavailable)
-            }
-            e => ProxyError::new(auth_error_kind(e)),
-        })?;
+        let identity = ctx
+            .conn
+            .with_key_memo(|memo| auth::authenticate_key(&self.gateway.keys, Some(key), auth::unix_now, memo))
+            .map_err(|e| match e {
+                AuthError::InvalidApiKey if !self.gateway.catalog.available() => {
+                    ProxyError::new(ErrorKind::StateUnavailable)
+                }
+                e => ProxyError::new(auth_error_kind(e)),
+            })?;
         let now = self.gateway.usage.clock.now();
         let admitted = self.gateway.usage_page_rate.admit(&page.rate, &identity.key_id, now);
         ctx.caller = Caller::Key { identity, source };
