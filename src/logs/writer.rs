@@ -494,6 +494,20 @@ mod tests {
         Chunk { bytes, records }
     }
 
+    /// The default level's context, with its smaller match table, makes frames any zstd
+    /// reads back, and each frame on its own: a reused context carries nothing over.
+    #[test]
+    fn the_default_levels_frames_read_back() {
+        let mut zstd = compressor(1).expect("a level-1 context");
+        for (first, records) in [(0, 3_000), (3_000, 10), (3_010, 5_000)] {
+            let ndjson = chunk(first, records).bytes;
+            let frame = zstd.compress(&ndjson).unwrap();
+            assert!(frame.len() < ndjson.len());
+            assert_eq!(zstd::stream::decode_all(&frame[..]).unwrap(), ndjson);
+        }
+        assert!(compressor(19).is_some());
+    }
+
     #[test]
     fn a_writer_behind_spills_to_disk_and_loses_nothing() {
         let dir = tempfile::tempdir().unwrap();
