@@ -404,23 +404,19 @@ mod tests {
         load(&table, &state);
         let mut memo = KeyMemo::default();
         let key_id = |result: Result<Identity, AuthError>| result.map(|id| id.key_id.to_string());
-        assert_eq!(
-            key_id(authenticate(&table, Some(&first), "x", || 0, &mut memo)),
-            Ok("key_1".into())
-        );
-        assert_eq!(
-            key_id(authenticate(&table, Some(&first), "x", || 0, &mut memo)),
-            Ok("key_1".into())
-        );
-        // Another caller on the same connection (a CDN's): its own identity, then back.
-        assert_eq!(
-            key_id(authenticate(&table, Some(&second), "x", || 0, &mut memo)),
-            Ok("key_2".into())
-        );
-        assert_eq!(
-            key_id(authenticate(&table, Some(&first), "x", || 0, &mut memo)),
-            Ok("key_1".into())
-        );
+        // The same key twice; another caller on the same connection (a CDN's) gets its
+        // own identity; then the first again.
+        for (key, id) in [
+            (&first, "key_1"),
+            (&first, "key_1"),
+            (&second, "key_2"),
+            (&first, "key_1"),
+        ] {
+            assert_eq!(
+                key_id(authenticate(&table, Some(key), "x", || 0, &mut memo)),
+                Ok(id.into())
+            );
+        }
         // Same length, one character off; a prefix; the key with more after it.
         let mut near = first.clone().into_bytes();
         near[40] = if near[40] == b'0' { b'1' } else { b'0' };
