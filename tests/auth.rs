@@ -150,6 +150,7 @@ async fn one_connection_many_keys_and_a_revocation_between_requests() {
             .header("x-api-key", key)
             .body(full(""))
             .unwrap();
+        sender.ready().await.expect("the connection stays open");
         let response = sender.send_request(request).await.expect("the connection stays open");
         let status = response.status().as_u16();
         let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -174,6 +175,28 @@ async fn one_connection_many_keys_and_a_revocation_between_requests() {
             assert_eq!(body["error"]["code"], "invalid_api_key");
         }
     }
+    // HTTP/2, as CDNs connect: concurrent streams of one connection, the two callers'
+    // keys interleaved; each stream is its own caller.
+    let h2 = h2_client();
+    let streams = (0..40).map(|i| {
+        let (key, consumer) = if i % 2 == 0 {
+            (&acme, "acme")
+        } else {
+            (&globex, "globex")
+        };
+        let request = Request::get(gateway.url("/v1/a"))
+            .header("x-api-key", key.as_str())
+            .body(full(""))
+            .unwrap();
+        let h2 = h2.clone();
+        async move { (send_with(&h2, request).await, consumer) }
+    });
+    for (reply, consumer) in futures_util::future::join_all(streams).await {
+        assert_eq!(reply.version, http::Version::HTTP_2);
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        assert_eq!(reply.json()["headers"]["x-consumer-id"], consumer);
+    }
+
     assert_eq!(
         admin(&gateway, "DELETE", &format!("/v1/keys/{acme_id}")).await.status,
         204
