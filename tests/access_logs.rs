@@ -260,6 +260,12 @@ async fn every_request_is_recorded_rotated_readable_and_free_of_secrets() {
     ] {
         assert!(!sample[field].is_null(), "{field} in {sample}");
     }
+    // A record's latency runs from the head's arrival to the response written out, so it
+    // holds the upstream's (sent to answered), whichever clock read ended it.
+    for proxied in records.iter().filter(|r| r["status"] == 200 && r["route"] == "keyed") {
+        let (total, upstream) = (&proxied["latency_ms"], &proxied["upstream_latency_ms"]);
+        assert!(total.as_f64().unwrap() >= upstream.as_f64().unwrap(), "{proxied}");
+    }
     assert_eq!(sample["upstream_status"], 200);
     assert_eq!(sample["tries"], 1);
     assert_eq!(sample["completed"], true);

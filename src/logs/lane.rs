@@ -105,6 +105,8 @@ pub struct Pending {
     fallback: Option<Arc<AccessLog>>,
     line: Vec<u8>,
     start: Instant,
+    /// When the response was written out, if whoever wrote it read the clock already.
+    ended: Option<Instant>,
     bytes_out: u64,
     completed: bool,
     keep: bool,
@@ -141,6 +143,7 @@ impl Pending {
             fallback: (!on_lane).then(|| log.clone()),
             line,
             start,
+            ended: None,
             bytes_out: 0,
             completed: false,
             keep: true,
@@ -165,6 +168,12 @@ impl Pending {
     pub fn completed(&mut self) {
         self.completed = true;
     }
+
+    /// The response was written out at `at`: the record's latency ends there, without a
+    /// clock read of its own (docs/benchmarks.md, "One clock read for the response's end").
+    pub fn ended_at(&mut self, at: Instant) {
+        self.ended = Some(at);
+    }
 }
 
 impl Drop for Pending {
@@ -174,7 +183,13 @@ impl Drop for Pending {
             let mut object = JsonObject::resume(&mut line);
             object
                 .u64("bytes_out", self.bytes_out)
-                .millis("latency_ms", self.start.elapsed().as_micros() as u64)
+                .millis(
+                    "latency_ms",
+                    self.ended
+                        .unwrap_or_else(Instant::now)
+                        .saturating_duration_since(self.start)
+                        .as_micros() as u64,
+                )
                 .bool("completed", self.completed);
             object.close_line();
         }

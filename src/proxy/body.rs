@@ -128,6 +128,13 @@ impl ProxyBody {
         self.record = Some(record);
     }
 
+    /// The response was written out at `at` (its record's end).
+    pub fn ended_at(&mut self, at: Instant) {
+        if let Some(record) = self.record.as_mut() {
+            record.ended_at(at);
+        }
+    }
+
     /// The upstream's header fields as read, when the purpose-built client read them:
     /// they are part of the response's head beside its map (docs/architecture.md, "Two
     /// HTTP/1.1 paths").

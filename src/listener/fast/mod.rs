@@ -85,6 +85,7 @@ pub(super) fn serve<S: Transport>(
                     buf: BytesMut::new(),
                     out: Vec::new(),
                     timer: Deadline::new(head_deadline),
+                    responded_at: None,
                 };
                 // Boxed, and dropped when the connection parks: a parked connection's task
                 // then holds only what `wait_parked` needs, not the few KiB an exchange in
@@ -168,6 +169,9 @@ struct Exchange<'a> {
     out: Vec<u8>,
     /// Idle and park time between requests, moved rather than re-armed.
     timer: Deadline,
+    /// When the last response was written out: the idle wait after it starts there, and
+    /// the response's access-log record ends there, from one clock read.
+    responded_at: Option<Instant>,
 }
 
 impl Exchange<'_> {
@@ -300,7 +304,8 @@ impl Exchange<'_> {
         stop: Pin<&mut impl std::future::Future<Output = ()>>,
     ) -> Idle {
         let limits = self.settings.limits;
-        let now = Instant::now();
+        // Taken, so a later wait reads the clock unless another response has just ended.
+        let now = self.responded_at.take().unwrap_or_else(Instant::now);
         let idle_until = now + limits.idle_timeout;
         let parking = !limits.park_after.is_zero();
         self.timer

@@ -115,6 +115,7 @@ impl Exchange<'_> {
         let metrics = &self.worker.gateway.metrics;
         if bodiless {
             write_all(stream, out, send_timeout, metrics).await?;
+            self.responded(response);
             return Ok(if close { Next::Close } else { Next::KeepAlive });
         }
         let mut body = Pin::new(response.body_mut());
@@ -169,9 +170,18 @@ impl Exchange<'_> {
             write_all(stream, out, send_timeout, metrics).await?;
             out.clear();
         }
-        // The body's drop finishes its access-log record and frees the upstream's slot.
-        drop(response);
+        self.responded(response);
         Ok(if close { Next::Close } else { Next::KeepAlive })
+    }
+
+    /// `response` was written out. One clock read ends its access-log record and starts
+    /// the idle wait that follows (docs/benchmarks.md, "One clock read for the response's
+    /// end"); the body's drop finishes the record and frees the upstream's slot.
+    fn responded(&mut self, mut response: http::Response<ProxyBody>) {
+        let at = Instant::now();
+        response.body_mut().ended_at(at);
+        self.responded_at = Some(at);
+        drop(response);
     }
 }
 
