@@ -132,19 +132,12 @@ impl Worker {
                 .verify(token, DEFAULT_PLAN)
                 .map(Caller::Jwt)
                 .map_err(|e| ProxyError::new(ErrorKind::InvalidToken(e.reason()))),
-            Credentials::Key(key, source) => {
-                conn.with_key_memo(|memo| {
+            Credentials::Key(key, source) => conn
+                .with_key_memo(|memo| {
                     auth::authenticate(&self.gateway.keys, Some(key), &route.name, auth::unix_now, memo)
                 })
                 .map(|identity| Caller::Key { identity, source })
-                .map_err(|e| match e {
-                    // Created elsewhere and not seen here yet: it may be valid.
-                    AuthError::InvalidApiKey if !self.gateway.catalog.available() => {
-                        ProxyError::new(ErrorKind::StateUnavailable)
-                    }
-                    e => ProxyError::new(auth_error_kind(e)),
-                })
-            }
+                .map_err(|e| self.key_refused(e)),
             Credentials::None if route.anonymous => {
                 let anonymous = &snapshot.config.anonymous;
                 let by_referer = anonymous.by.contains(&AnonymousBy::Referer);
@@ -219,7 +212,20 @@ fn referer_host(head: Head<'_>) -> Option<String> {
     head.text(&header::REFERER).and_then(auth::referer_host)
 }
 
-pub(super) fn auth_error_kind(error: AuthError) -> ErrorKind {
+impl Worker {
+    /// A key's refusal as the request's error, for every place a key is checked.
+    pub(super) fn key_refused(&self, error: AuthError) -> ProxyError {
+        match error {
+            // Created elsewhere and not seen here yet: it may be valid.
+            AuthError::InvalidApiKey if !self.gateway.catalog.available() => {
+                ProxyError::new(ErrorKind::StateUnavailable)
+            }
+            error => ProxyError::new(auth_error_kind(error)),
+        }
+    }
+}
+
+fn auth_error_kind(error: AuthError) -> ErrorKind {
     match error {
         AuthError::MissingCredentials => ErrorKind::MissingCredentials,
         AuthError::InvalidApiKey => ErrorKind::InvalidApiKey,

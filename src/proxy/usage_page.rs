@@ -10,9 +10,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Response, header};
 use serde::Serialize;
 
-use super::identify::auth_error_kind;
 use super::{Caller, Credentials, Head, ProxyBody, RequestCtx, Worker, presented_credentials};
-use crate::auth::{self, AuthError, Identity};
+use crate::auth::{self, Identity};
 use crate::base::http1::field_text;
 use crate::base::{ErrorKind, ProxyError};
 use crate::gateway::{Snapshot, UsagePage};
@@ -97,12 +96,7 @@ impl Worker {
         let identity = ctx
             .conn
             .with_key_memo(|memo| auth::authenticate_key(&self.gateway.keys, Some(key), auth::unix_now, memo))
-            .map_err(|e| match e {
-                AuthError::InvalidApiKey if !self.gateway.catalog.available() => {
-                    ProxyError::new(ErrorKind::StateUnavailable)
-                }
-                e => ProxyError::new(auth_error_kind(e)),
-            })?;
+            .map_err(|e| self.key_refused(e))?;
         let now = self.gateway.usage.clock.now();
         let admitted = self.gateway.usage_page_rate.admit(&page.rate, &identity.key_id, now);
         ctx.caller = Caller::Key { identity, source };
