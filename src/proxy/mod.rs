@@ -94,8 +94,9 @@ pub struct ConnInfo {
     /// The negotiated TLS version, on TLS listeners (for the access log).
     pub tls_version: Option<&'static str>,
     /// The key this connection presented last, so a keep-alive client's key is hashed
-    /// once (`auth::KeyMemo`). Locked only around the hash, never across an await.
-    key_memo: std::sync::Mutex<auth::KeyMemo>,
+    /// once (`auth::KeyMemo`). Locked only around the hash, never across an await. Boxed
+    /// on first use: an idle connection that never sent a key holds 16 bytes for it.
+    key_memo: std::sync::Mutex<Option<Box<auth::KeyMemo>>>,
 }
 
 impl ConnInfo {
@@ -103,7 +104,7 @@ impl ConnInfo {
     /// stream of the connection holds it (HTTP/2), rather than waiting.
     pub fn with_key_memo<R>(&self, f: impl FnOnce(&mut auth::KeyMemo) -> R) -> R {
         match self.key_memo.try_lock() {
-            Ok(mut memo) => f(&mut memo),
+            Ok(mut memo) => f(memo.get_or_insert_with(Box::default)),
             Err(_) => f(&mut auth::KeyMemo::default()),
         }
     }
