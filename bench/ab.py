@@ -6,7 +6,7 @@ round of bench/run.py takes over half a minute, long enough for this VM's speed 
 change within it; adjacent two-second runs share most of that drift, so the per-turn
 ratios are far tighter than ratios of medians.
 
-Usage: python3 bench/ab.py [--pairs N] [--duration S] [--nologs] [--nginx] BINARY [BINARY ...]
+Usage: python3 bench/ab.py [--pairs N] [--duration S] [--nologs] [--nginx] [--nginx-fields] BINARY [BINARY ...]
 Every Tollgate has a keyed route, a plan with limits, usage, and access logs unless --nologs.
 Prints, per system: the median of its CPU µs/request and user-space µs/request, and the
 median and quartiles of its per-turn ratio to the first system.
@@ -30,6 +30,8 @@ def main():
     parser.add_argument("--connections", type=int, default=50)
     parser.add_argument("--nologs", action="store_true")
     parser.add_argument("--nginx", action="store_true", help="also NGINX proxying alone")
+    parser.add_argument("--nginx-fields", action="store_true",
+                        help="also NGINX adding the forwarded fields and a request id (bench/run.py's 'nginx-fields')")
     args = parser.parse_args()
     binaries = [os.path.abspath(b) for b in args.binaries]
     workdir = tempfile.mkdtemp(prefix="tollgate-ab-")
@@ -63,15 +65,16 @@ def main():
             systems.append((f"{i}:{name}", f"http://127.0.0.1:{port}/", proc.pid, key))
         if args.nginx:
             port = bench.free_port()
-            nginx = bench.start_nginx(workdir, "proxy", f"""
-upstream backend {{ server 127.0.0.1:{up}; keepalive 64; }}
-server {{
-  listen 127.0.0.1:{port} backlog=4096;
-  location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-}}""", 0)
+            nginx = bench.start_nginx(workdir, "proxy", bench.nginx_proxy_block(port, up), 0)
             procs.append(nginx)
             bench.wait_port(port)
             systems.append(("nginx", f"http://127.0.0.1:{port}/", bench.nginx_worker_pid(nginx), None))
+        if args.nginx_fields:
+            port = bench.free_port()
+            nginx = bench.start_nginx(workdir, "proxy-fields", bench.nginx_proxy_block(port, up, fields=True), 0)
+            procs.append(nginx)
+            bench.wait_port(port)
+            systems.append(("nginx-fields", f"http://127.0.0.1:{port}/", bench.nginx_worker_pid(nginx), None))
         load = argparse.Namespace(connections=args.connections, duration=args.duration)
         for _, url, _, key in systems:  # warm-up: pools, caches, the first segment
             bench.run_wrk(url, argparse.Namespace(connections=args.connections, duration=1), key)

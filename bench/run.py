@@ -131,6 +131,27 @@ http {{
     return proc
 
 
+def nginx_proxy_block(port, up_port, fields=False):
+    """NGINX proxying to the upstream with kept-alive connections. `fields`: it also does the
+    per-request field work a gateway in front of an API does and Tollgate always does: the
+    forwarded fields and `X-Real-IP` to the upstream, and a fresh request id both ways
+    (docs/benchmarks.md, "NGINX doing a gateway's field work")."""
+    extra = """
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Real-IP $remote_addr;
+    proxy_set_header X-Forwarded-Host $http_host;
+    proxy_set_header X-Forwarded-Port $server_port;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header X-Request-Id $request_id;
+    add_header X-Request-Id $request_id always;""" if fields else ""
+    return f"""
+upstream backend {{ server 127.0.0.1:{up_port}; keepalive 64; }}
+server {{
+  listen 127.0.0.1:{port} backlog=4096;
+  location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection "";{extra} }}
+}}"""
+
+
 def nginx_worker_pid(master):
     for _ in range(100):
         try:
@@ -236,6 +257,9 @@ def main():
     parser.add_argument("--haproxy", action="store_true",
                         help="also HAProxy (one thread, http-reuse always) proxying alone, pinned "
                              "like the others (apt-get install haproxy)")
+    parser.add_argument("--nginx-fields", action="store_true",
+                        help="also 'nginx-fields': NGINX adding the forwarded fields, X-Real-IP and a "
+                             "request id both ways, as Tollgate does on every request")
     parser.add_argument("--core-hour-usd", type=float, default=0.04,
                         help="price of one core-hour, for the cost per billion requests")
     args = parser.parse_args()
@@ -257,12 +281,7 @@ def main():
         wait_port(up_port)
 
         ng_port = free_port()
-        nginx = start_nginx(workdir, "proxy", f"""
-upstream backend {{ server 127.0.0.1:{up_port}; keepalive 64; }}
-server {{
-  listen 127.0.0.1:{ng_port} backlog=4096;
-  location / {{ proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }}
-}}""", 0)
+        nginx = start_nginx(workdir, "proxy", nginx_proxy_block(ng_port, up_port), 0)
         procs.append(nginx)
         wait_port(ng_port)
         nginx_pid = nginx_worker_pid(nginx)
@@ -346,6 +365,12 @@ server {{
             procs.append(nginx_logs)
             wait_port(ngl_port)
             extra.append(("nginx-logs", f"http://127.0.0.1:{ngl_port}/", nginx_worker_pid(nginx_logs)))
+        if args.nginx_fields:
+            ngf_port = free_port()
+            nginx_fields = start_nginx(workdir, "proxy-fields", nginx_proxy_block(ngf_port, up_port, fields=True), 0)
+            procs.append(nginx_fields)
+            wait_port(ngf_port)
+            extra.append(("nginx-fields", f"http://127.0.0.1:{ngf_port}/", nginx_worker_pid(nginx_fields)))
         if args.haproxy:
             ha_port = free_port()
             ha_conf = os.path.join(workdir, "haproxy.cfg")
@@ -429,6 +454,9 @@ backend b
         for name in [n for n, _, _ in extra if n.startswith("tollgate") and n != "tollgate-nologs"]:
             print(f"- {name} / NGINX: throughput {med(name, 'rps') / n:.2f}×, "
                   f"CPU per request {med(name, 'cpu_us') / med('nginx', 'cpu_us'):.2f}×")
+        if args.nginx_fields:
+            print(f"- The forwarded fields and request ids cost NGINX "
+                  f"**{(med('nginx-fields', 'cpu_us') / med('nginx', 'cpu_us') - 1) * 100:+.1f} %** CPU per request")
         if args.logs:
             tl, tn = med("tollgate", "cpu_us"), med("tollgate-nologs", "cpu_us")
             nl, nn = med("nginx-logs", "cpu_us"), med("nginx", "cpu_us")

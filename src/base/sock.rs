@@ -1,15 +1,18 @@
-//! Socket writes issued as system calls of their own, not through libc.
+//! Socket reads and writes issued as system calls of their own, not through libc.
 //!
-//! libc's `send` is a thread-cancellation point: it brackets the call with two locked
-//! instructions to switch cancellation on and off, about 9 ns each here, and Tollgate's
-//! threads are never cancelled. rustix makes the same system call directly, without the
-//! brackets (docs/benchmarks.md, "Locked instructions"). Readiness stays tokio's, as in
-//! its own `poll_write`.
+//! libc's `send` and `recv` are thread-cancellation points: in a process with more than
+//! one thread they bracket the call with two locked instructions to switch cancellation
+//! on and off, about 9 ns each here, and Tollgate's threads are never cancelled. rustix
+//! makes the same system calls directly, without the brackets (docs/benchmarks.md,
+//! "Locked instructions"). Readiness stays tokio's, as in its own `poll_write` and
+//! `poll_read`.
 
+use std::cell::RefCell;
 use std::io;
 use std::task::{Context, Poll, ready};
 
-use rustix::net::SendFlags;
+use bytes::BytesMut;
+use rustix::net::{RecvFlags, SendFlags};
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
@@ -23,6 +26,51 @@ pub fn poll_send(stream: &TcpStream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<i
         });
         match sent {
             // Not writable after all (tokio has cleared its readiness), or interrupted.
+            Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
+            result => return Poll::Ready(result),
+        }
+    }
+}
+
+/// The most one [`poll_recv_small`] reads.
+pub const SMALL_READ_BYTES: usize = 8 * 1024;
+
+thread_local! {
+    /// Where [`poll_recv_small`] reads: initialized once per thread, so the system call
+    /// can write into it without `unsafe` (a `BytesMut`'s spare room is uninitialized).
+    static SCRATCH: RefCell<[u8; SMALL_READ_BYTES]> = const { RefCell::new([0; SMALL_READ_BYTES]) };
+}
+
+/// Reads what the socket has (up to [`SMALL_READ_BYTES`]) onto the end of `buf`, or
+/// waits until it is readable; `Ok(0)` at the end of input. For heads and what comes
+/// with them: the bytes are copied once more, from a per-thread buffer, which costs less
+/// than libc's brackets for a read of a few hundred bytes and more for a bulk body, which
+/// is read through tokio instead.
+pub fn poll_recv_small(stream: &TcpStream, cx: &mut Context<'_>, buf: &mut BytesMut) -> Poll<io::Result<usize>> {
+    loop {
+        ready!(stream.poll_read_ready(cx))?;
+        // A read shorter than asked for drained the socket, and tokio's own `poll_read`
+        // then forgets the readiness it saw before the read, so that the next read waits
+        // for the next event instead of making a system call that would block. `try_io`
+        // does that when its closure says `WouldBlock`; a short read says it after
+        // keeping its bytes, which `drained` hands out.
+        let mut drained = None;
+        let read = SCRATCH.with_borrow_mut(|scratch| {
+            stream.try_io(Interest::READABLE, || {
+                let (read, _) = rustix::net::recv(stream, &mut scratch[..], RecvFlags::empty())?;
+                buf.extend_from_slice(scratch.get(..read).unwrap_or_default());
+                if read > 0 && read < scratch.len() {
+                    drained = Some(read);
+                    return Err(io::ErrorKind::WouldBlock.into());
+                }
+                Ok(read)
+            })
+        });
+        if let Some(read) = drained {
+            return Poll::Ready(Ok(read));
+        }
+        match read {
+            // Not readable after all (tokio has cleared its readiness), or interrupted.
             Err(error) if matches!(error.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => continue,
             result => return Poll::Ready(result),
         }
@@ -82,5 +130,42 @@ mod tests {
             ),
             "{failed:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn small_reads_append_wait_for_bytes_and_see_the_end() {
+        use tokio::io::AsyncWriteExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+
+        // Nothing sent yet: the read waits, and leaves the buffer as it was.
+        let mut buf = BytesMut::from(&b"kept:"[..]);
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        assert!(poll_recv_small(&server, &mut cx, &mut buf).is_pending());
+        assert_eq!(&buf[..], b"kept:");
+
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let read = std::future::poll_fn(|cx| poll_recv_small(&server, cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!(read, 18);
+        assert_eq!(&buf[..], b"kept:GET / HTTP/1.1\r\n\r\n");
+
+        // More than one read's worth arrives whole, in reads of at most SMALL_READ_BYTES.
+        let big: Vec<u8> = (0..SMALL_READ_BYTES * 3 + 17).map(|i| (i % 251) as u8).collect();
+        client.write_all(&big).await.unwrap();
+        client.shutdown().await.unwrap();
+        let mut got = BytesMut::new();
+        loop {
+            let read = std::future::poll_fn(|cx| poll_recv_small(&server, cx, &mut got))
+                .await
+                .unwrap();
+            assert!(read <= SMALL_READ_BYTES);
+            if read == 0 {
+                break;
+            }
+        }
+        assert_eq!(&got[..], &big[..]);
     }
 }

@@ -55,6 +55,13 @@ pub trait Transport: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     fn poll_send(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
         Pin::new(self).poll_write(cx, bytes)
     }
+    /// Reads what the transport has onto the end of `buf` (`read_buf`, unless the
+    /// transport has a cheaper way for a head); `Ok(0)` at the end of input.
+    fn poll_recv_head(&mut self, cx: &mut Context<'_>, buf: &mut bytes::BytesMut) -> Poll<std::io::Result<usize>> {
+        let read = tokio::io::AsyncReadExt::read_buf(self, buf);
+        tokio::pin!(read);
+        read.poll(cx)
+    }
 }
 
 impl Transport for TcpStream {
@@ -64,6 +71,10 @@ impl Transport for TcpStream {
 
     fn poll_send(&mut self, cx: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
         crate::base::sock::poll_send(self, cx, bytes)
+    }
+
+    fn poll_recv_head(&mut self, cx: &mut Context<'_>, buf: &mut bytes::BytesMut) -> Poll<std::io::Result<usize>> {
+        crate::base::sock::poll_recv_small(self, cx, buf)
     }
 
     fn write_final(&mut self, bytes: &[u8]) {

@@ -25,7 +25,6 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{EXPECT, UPGRADE};
 use http::{Method, Request, Uri, Version};
-use tokio::io::AsyncReadExt;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -287,7 +286,7 @@ impl Exchange<'_> {
         let timer = &mut self.timer;
         tokio::select! {
             biased;
-            read = stream.read_buf(&mut self.buf) => match read {
+            read = std::future::poll_fn(|cx| stream.poll_recv_head(cx, &mut self.buf)) => match read {
                 Ok(0) | Err(_) => Wait::Closed,
                 Ok(_) => Wait::Read,
             },

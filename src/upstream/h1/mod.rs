@@ -120,6 +120,16 @@ impl Conn {
         matches!(Pin::new(&mut self.io).poll_read(&mut cx, &mut probe), Poll::Pending)
     }
 
+    /// Reads more of a response's head (and what comes with it) into the buffer; `Ok(0)`
+    /// at the end of input. Plain sockets skip libc's cancellation brackets
+    /// ([`crate::base::sock::poll_recv_small`]).
+    fn poll_fill_head(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        match &self.io {
+            Io::Plain(stream) => crate::base::sock::poll_recv_small(stream, cx, &mut self.buf),
+            Io::Tls(_) => self.poll_fill(cx),
+        }
+    }
+
     /// Reads more of the response into the buffer; `Ok(0)` at the end of input.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
         self.buf.reserve(READ_SIZE);
@@ -245,7 +255,7 @@ pub async fn send(
             }
         }
         let filled = std::future::poll_fn(|cx| {
-            if let Poll::Ready(filled) = conn.poll_fill(cx) {
+            if let Poll::Ready(filled) = conn.poll_fill_head(cx) {
                 return Poll::Ready(Some(filled));
             }
             match deadline {
