@@ -105,6 +105,24 @@ impl ConnStreams {
         StreamGuard {
             streams: self,
             answered: false,
+            alone: false,
+        }
+    }
+
+    /// [`ConnStreams::start`] for a connection whose requests come one at a time from one
+    /// task, which alone writes these counts while the guard lives (HTTP/1 on the
+    /// purpose-built path; other tasks only read them). A plain load and store then
+    /// count as well as a locked add does, without the lock: three locked instructions a
+    /// request (docs/benchmarks.md, "Locked instructions").
+    pub fn start_alone(&self) -> StreamGuard<'_> {
+        self.started
+            .store(self.started.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        self.active
+            .store(self.active.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        StreamGuard {
+            streams: self,
+            answered: false,
+            alone: true,
         }
     }
 
@@ -135,8 +153,13 @@ impl ConnStreams {
         std::task::Poll::Pending
     }
 
-    fn ended(&self, answered: bool) {
-        self.active.fetch_sub(1, Ordering::Release);
+    fn ended(&self, answered: bool, alone: bool) {
+        if alone {
+            self.active
+                .store(self.active.load(Ordering::Relaxed).saturating_sub(1), Ordering::Release);
+        } else {
+            self.active.fetch_sub(1, Ordering::Release);
+        }
         if answered || self.max_premature_resets == 0 {
             return;
         }
@@ -156,6 +179,8 @@ impl ConnStreams {
 pub struct StreamGuard<'a> {
     streams: &'a ConnStreams,
     answered: bool,
+    /// Counted by [`ConnStreams::start_alone`].
+    alone: bool,
 }
 
 impl StreamGuard<'_> {
@@ -166,7 +191,7 @@ impl StreamGuard<'_> {
 
 impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
-        self.streams.ended(self.answered);
+        self.streams.ended(self.answered, self.alone);
     }
 }
 
@@ -214,5 +239,27 @@ mod tests {
         drop(streams.start());
         drop(streams.start());
         assert!(!streams.is_abusive());
+    }
+
+    #[test]
+    fn requests_counted_alone_are_counted_as_locked_ones_are() {
+        let streams = ConnStreams::new(2);
+        let open = streams.start_alone();
+        assert!(!streams.is_idle());
+        assert_eq!(streams.started(), 1);
+        open.answered();
+        assert!(streams.is_idle());
+        // Unanswered ones still count as resets, up to the connection found abusive.
+        drop(streams.start_alone());
+        assert!(!streams.is_abusive());
+        drop(streams.start_alone());
+        assert!(streams.is_abusive(), "2 resets of 3 streams");
+        assert!(streams.is_idle());
+        assert_eq!(streams.started(), 3);
+        // The general path's locked counts carry on from the same numbers.
+        let open = streams.start();
+        assert_eq!(streams.started(), 4);
+        open.answered();
+        assert!(streams.is_idle());
     }
 }

@@ -244,7 +244,8 @@ impl Exchange<'_> {
                 return Outcome::General(self.buf.split().freeze(), deadline(&mut head_deadline));
             };
             let head_only = request.method() == Method::HEAD;
-            let answer = self.conn.streams.start();
+            // This task alone counts the connection's requests while it serves them here.
+            let answer = self.conn.streams.start_alone();
             // Boxed: inline, the pipeline's state would make every connection's task as
             // large as a request in flight, idle ones too. One box for all the requests of
             // this run: the state (about 3 KiB) is too large for the allocator's per-thread
