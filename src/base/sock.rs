@@ -55,9 +55,9 @@ pub fn poll_recv_small(stream: &TcpStream, cx: &mut Context<'_>, buf: &mut Bytes
         // does that when its closure says `WouldBlock`; a short read says it after
         // keeping its bytes, which `drained` hands out.
         let mut drained = None;
-        let read = SCRATCH.with_borrow_mut(|scratch| {
+        let mut read_into = |scratch: &mut [u8]| {
             stream.try_io(Interest::READABLE, || {
-                let (read, _) = rustix::net::recv(stream, &mut scratch[..], RecvFlags::empty())?;
+                let (read, _) = rustix::net::recv(stream, &mut *scratch, RecvFlags::empty())?;
                 buf.extend_from_slice(scratch.get(..read).unwrap_or_default());
                 if read > 0 && read < scratch.len() {
                     drained = Some(read);
@@ -65,7 +65,18 @@ pub fn poll_recv_small(stream: &TcpStream, cx: &mut Context<'_>, buf: &mut Bytes
                 }
                 Ok(read)
             })
-        });
+        };
+        // The thread's buffer, or a small one of its own should the thread's be
+        // unavailable (borrowed, or gone as the thread ends): never a panic here.
+        let read = match SCRATCH.try_with(|scratch| {
+            scratch
+                .try_borrow_mut()
+                .ok()
+                .map(|mut scratch| read_into(&mut scratch[..]))
+        }) {
+            Ok(Some(read)) => read,
+            _ => read_into(&mut [0; 512]),
+        };
         if let Some(read) = drained {
             return Poll::Ready(Ok(read));
         }
