@@ -55,27 +55,16 @@ pub fn poll_recv_small(stream: &TcpStream, cx: &mut Context<'_>, buf: &mut Bytes
         // does that when its closure says `WouldBlock`; a short read says it after
         // keeping its bytes, which `drained` hands out.
         let mut drained = None;
-        let mut read_into = |scratch: &mut [u8]| {
-            stream.try_io(Interest::READABLE, || {
-                let (read, _) = rustix::net::recv(stream, &mut *scratch, RecvFlags::empty())?;
-                buf.extend_from_slice(scratch.get(..read).unwrap_or_default());
-                if read > 0 && read < scratch.len() {
-                    drained = Some(read);
-                    return Err(io::ErrorKind::WouldBlock.into());
-                }
-                Ok(read)
-            })
-        };
-        // The thread's buffer, or a small one of its own should the thread's be
-        // unavailable (borrowed, or gone as the thread ends): never a panic here.
+        // The thread's buffer, or tokio's read should the thread's be unavailable
+        // (borrowed, or gone as the thread ends): never a panic here.
         let read = match SCRATCH.try_with(|scratch| {
             scratch
                 .try_borrow_mut()
                 .ok()
-                .map(|mut scratch| read_into(&mut scratch[..]))
+                .map(|mut scratch| recv_onto(stream, &mut scratch[..], buf, &mut drained))
         }) {
             Ok(Some(read)) => read,
-            _ => read_into(&mut [0; 512]),
+            _ => recv_through_tokio(stream, buf),
         };
         if let Some(read) = drained {
             return Poll::Ready(Ok(read));
@@ -86,6 +75,33 @@ pub fn poll_recv_small(stream: &TcpStream, cx: &mut Context<'_>, buf: &mut Bytes
             result => return Poll::Ready(result),
         }
     }
+}
+
+/// One `recv` into `scratch`, its bytes appended to `buf`. A short read is returned in
+/// `drained` and reported to `try_io` as `WouldBlock` (see [`poll_recv_small`]).
+fn recv_onto(
+    stream: &TcpStream,
+    scratch: &mut [u8],
+    buf: &mut BytesMut,
+    drained: &mut Option<usize>,
+) -> io::Result<usize> {
+    stream.try_io(Interest::READABLE, || {
+        let (read, _) = rustix::net::recv(stream, &mut *scratch, RecvFlags::empty())?;
+        buf.extend_from_slice(scratch.get(..read).unwrap_or_default());
+        if read > 0 && read < scratch.len() {
+            *drained = Some(read);
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        Ok(read)
+    })
+}
+
+/// The read through tokio and libc, for a thread whose buffer is unavailable: kept apart,
+/// so that the common path's `try_io` stays inlined.
+#[cold]
+#[inline(never)]
+fn recv_through_tokio(stream: &TcpStream, buf: &mut BytesMut) -> io::Result<usize> {
+    stream.try_read_buf(buf)
 }
 
 #[cfg(test)]
