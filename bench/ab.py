@@ -63,18 +63,14 @@ def main():
             key = post(admin, "/v1/keys", {"consumer": "bench"})["key"]
             name = os.path.relpath(binary, bench.ROOT) if binary.startswith(bench.ROOT) else binary
             systems.append((f"{i}:{name}", f"http://127.0.0.1:{port}/", proc.pid, key))
-        if args.nginx:
+        for name, fields, wanted in (("nginx", False, args.nginx), ("nginx-fields", True, args.nginx_fields)):
+            if not wanted:
+                continue
             port = bench.free_port()
-            nginx = bench.start_nginx(workdir, "proxy", bench.nginx_proxy_block(port, up), 0)
+            nginx = bench.start_nginx(workdir, f"proxy-{name}", bench.nginx_proxy_block(port, up, fields=fields), 0)
             procs.append(nginx)
             bench.wait_port(port)
-            systems.append(("nginx", f"http://127.0.0.1:{port}/", bench.nginx_worker_pid(nginx), None))
-        if args.nginx_fields:
-            port = bench.free_port()
-            nginx = bench.start_nginx(workdir, "proxy-fields", bench.nginx_proxy_block(port, up, fields=True), 0)
-            procs.append(nginx)
-            bench.wait_port(port)
-            systems.append(("nginx-fields", f"http://127.0.0.1:{port}/", bench.nginx_worker_pid(nginx), None))
+            systems.append((name, f"http://127.0.0.1:{port}/", bench.nginx_worker_pid(nginx), None))
         load = argparse.Namespace(connections=args.connections, duration=args.duration)
         for _, url, _, key in systems:  # warm-up: pools, caches, the first segment
             bench.run_wrk(url, argparse.Namespace(connections=args.connections, duration=1), key)

@@ -33,7 +33,7 @@ pub fn poll_send(stream: &TcpStream, cx: &mut Context<'_>, buf: &[u8]) -> Poll<i
 }
 
 /// The most one [`poll_recv_small`] reads.
-pub const SMALL_READ_BYTES: usize = 8 * 1024;
+const SMALL_READ_BYTES: usize = 8 * 1024;
 
 thread_local! {
     /// Where [`poll_recv_small`] reads: initialized once per thread, so the system call
@@ -55,8 +55,8 @@ pub fn poll_recv_small(stream: &TcpStream, cx: &mut Context<'_>, buf: &mut Bytes
         // does that when its closure says `WouldBlock`; a short read says it after
         // keeping its bytes, which `drained` hands out.
         let mut drained = None;
-        // The thread's buffer, or tokio's read should the thread's be unavailable
-        // (borrowed, or gone as the thread ends): never a panic here.
+        // The thread's buffer; tokio's read if it were ever unavailable (nothing here
+        // borrows it twice, and it has no destructor to have run), so no panic is possible.
         let read = match SCRATCH.try_with(|scratch| {
             scratch
                 .try_borrow_mut()
