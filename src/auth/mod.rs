@@ -32,6 +32,10 @@ pub struct KeyEntry {
     pub expires_at: Option<i64>,
     pub allowed_routes: Box<[Box<str>]>,
     pub revoked: bool,
+    /// The consumer and key id need no escaping in a JSON string, checked once here so
+    /// that the access log copies them without a check per record. It fits where the
+    /// entry was padding.
+    pub plain_names: bool,
 }
 
 /// The caller once authenticated: the key's entry itself, shared. Holding the entry (one
@@ -45,6 +49,7 @@ impl Identity {
     /// An identity that no stored key backs (a verified JWT's consumer).
     pub fn new(key_id: CompactString, consumer_id: Arc<str>, plan: Arc<str>) -> Identity {
         Identity(Arc::new(KeyEntry {
+            plain_names: plain_names(&key_id, &consumer_id),
             key_id,
             consumer_id,
             plan,
@@ -105,7 +110,12 @@ fn entry(key: &ApiKey, data: &StateData, default_plan: &str, names: &mut Names) 
         expires_at: key.expires_at,
         allowed_routes: key.allowed_routes.iter().map(|r| r.as_str().into()).collect(),
         revoked: key.revoked || !data.consumers.contains_key(&key.consumer),
+        plain_names: plain_names(&key.id, &key.consumer),
     })
+}
+
+fn plain_names(key_id: &str, consumer: &str) -> bool {
+    crate::base::json::plain_string(key_id.as_bytes()) && crate::base::json::plain_string(consumer.as_bytes())
 }
 
 /// One shared copy of each consumer and plan name: with a million keys and a few thousand
@@ -333,6 +343,16 @@ mod tests {
         };
         mutate(&mut key);
         (data, vec![key])
+    }
+
+    #[test]
+    fn names_that_need_escaping_are_marked() {
+        let plain = Identity::new("key_0123".into(), Arc::from("acme-corp@x.io"), Arc::from("free"));
+        assert!(plain.plain_names);
+        let quoted = Identity::new("sub\"1".into(), Arc::from("acme"), Arc::from("free"));
+        assert!(!quoted.plain_names);
+        let control = Identity::new("key_1".into(), Arc::from("line\nbreak"), Arc::from("free"));
+        assert!(!control.plain_names);
     }
 
     #[test]

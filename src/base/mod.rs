@@ -8,6 +8,7 @@ pub mod conn;
 pub mod deadline;
 pub mod error;
 pub mod http1;
+pub mod json;
 pub mod shutdown;
 pub mod sock;
 pub mod time;

@@ -19,6 +19,8 @@ use crate::upstream::{Endpoint, Pool, UpstreamTls};
 /// A route with everything the request path needs resolved to direct references.
 pub struct Route {
     pub name: Arc<str>,
+    /// `name` needs no escaping in a JSON string (the access log's `route`).
+    pub plain_name: bool,
     /// The route group whose plan quotas this route counts against.
     pub group: Option<Arc<str>>,
     pub path: String,
@@ -180,6 +182,7 @@ impl Snapshot {
                 let upstream = pools.get(&r.upstream)?.clone();
                 Some(Route {
                     name: r.name.as_str().into(),
+                    plain_name: crate::base::json::plain_string(r.name.as_bytes()),
                     group: r.group.as_deref().map(Arc::from),
                     path: r.path.clone(),
                     strip_prefix: r.strip_prefix,

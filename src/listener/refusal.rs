@@ -28,33 +28,33 @@ pub(super) fn record(
     let (method, path, protocol) = request_line(head);
     let mut record = crate::logs::Pending::begin(&refusals.log, tokio::time::Instant::now());
     let mut fields = record.fields();
-    fields.request_id("request_id", request_id);
+    fields.request_id(crate::log_key!("request_id"), request_id);
     match method {
-        Some(method) => fields.bytes("method", method),
-        None => fields.null("method"),
+        Some(method) => fields.bytes(crate::log_key!("method"), method),
+        None => fields.null(crate::log_key!("method")),
     };
     match path {
-        Some(path) => fields.bytes("path", path),
-        None => fields.null("path"),
+        Some(path) => fields.bytes(crate::log_key!("path"), path),
+        None => fields.null(crate::log_key!("path")),
     };
     fields
-        .null("query")
-        .null("referer_host")
-        .opt_str("protocol", protocol)
-        .u64("bytes_in", 0)
-        .null("route")
-        .null("consumer")
-        .null("key_id")
-        .str("auth", "none")
-        .bytes("client_ip", &refusals.client_ip)
-        .u64("status", u64::from(kind.status().as_u16()))
-        .str("error", kind.code())
-        .null("decision")
-        .null("upstream")
-        .null("upstream_status")
-        .u64("tries", 0)
-        .null("upstream_latency_ms")
-        .opt_str("tls", refusals.tls);
+        .null(crate::log_key!("query"))
+        .null(crate::log_key!("referer_host"))
+        .opt_str(crate::log_key!("protocol"), protocol)
+        .u64(crate::log_key!("bytes_in"), 0)
+        .null(crate::log_key!("route"))
+        .null(crate::log_key!("consumer"))
+        .null(crate::log_key!("key_id"))
+        .str(crate::log_key!("auth"), "none")
+        .bytes(crate::log_key!("client_ip"), &refusals.client_ip)
+        .u64(crate::log_key!("status"), u64::from(kind.status().as_u16()))
+        .str(crate::log_key!("error"), kind.code())
+        .null(crate::log_key!("decision"))
+        .null(crate::log_key!("upstream"))
+        .null(crate::log_key!("upstream_status"))
+        .u64(crate::log_key!("tries"), 0)
+        .null(crate::log_key!("upstream_latency_ms"))
+        .opt_str(crate::log_key!("tls"), refusals.tls);
     record.sent(sent);
     record.completed();
 }

@@ -8,6 +8,16 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::base::RequestId;
 use crate::base::http1::push_decimal;
+use crate::base::json::plain_string;
+
+/// A record's key as [`JsonObject`]'s methods take it: `log_key!("status")` is
+/// `,"status":`, made at compile time.
+#[macro_export]
+macro_rules! log_key {
+    ($name:literal) => {
+        concat!(",\"", $name, "\":")
+    };
+}
 
 /// Appends `"key":value` pairs to a JSON object under construction.
 pub struct JsonObject<'b> {
@@ -28,18 +38,23 @@ impl<'b> JsonObject<'b> {
         JsonObject { out, first: false }
     }
 
-    // Inlined everywhere: with the key a literal, each copy below has a constant length
-    // and compiles to a few moves instead of a call to memcpy (most of a record's cost).
+    /// `key` is `,"name":` as [`log_key!`](crate::log_key) makes it: one copy of a
+    /// constant length per field, which compiles to a few moves, where the comma, the name
+    /// and the colon apart cost three copies and three checks of the line's capacity
+    /// (docs/benchmarks.md, "Keys as one literal").
     #[inline(always)]
     fn key(&mut self, key: &str) {
-        if self.first {
+        debug_assert!(
+            key.starts_with(",\"") && key.ends_with("\":"),
+            "{key} is not a log_key!"
+        );
+        let key = if self.first {
             self.first = false;
-            self.out.extend_from_slice(b"\"");
+            &key[1..]
         } else {
-            self.out.extend_from_slice(b",\"");
-        }
+            key
+        };
         self.out.extend_from_slice(key.as_bytes());
-        self.out.extend_from_slice(b"\":");
     }
 
     /// A string the caller knows needs no escaping (constants, validated ids, method
@@ -62,12 +77,23 @@ impl<'b> JsonObject<'b> {
     /// [`JsonObject::trusted`] for bytes known to be such a string.
     #[inline(always)]
     pub fn trusted_bytes(&mut self, key: &str, value: &[u8]) -> &mut Self {
-        debug_assert!(value.iter().all(|&b| SAFE[usize::from(b)]), "{value:?} needs escaping");
+        debug_assert!(plain_string(value), "{value:?} needs escaping");
         self.key(key);
         self.out.push(b'"');
         self.out.extend_from_slice(value);
         self.out.push(b'"');
         self
+    }
+
+    /// A string checked once, where it was loaded ([`plain_string`]): copied as it is when
+    /// `plain` says it may be, else escaped.
+    #[inline(always)]
+    pub fn checked(&mut self, key: &str, value: &str, plain: bool) -> &mut Self {
+        if plain {
+            self.trusted(key, value)
+        } else {
+            self.str(key, value)
+        }
     }
 
     #[inline(always)]
@@ -225,7 +251,7 @@ pub struct SecondCache {
 fn escape_into(out: &mut Vec<u8>, value: &[u8]) {
     out.push(b'"');
     // Most values (ids, paths, names) are printable ASCII with nothing to escape.
-    if all_safe(value) {
+    if plain_string(value) {
         out.extend_from_slice(value);
         out.push(b'"');
         return;
@@ -262,44 +288,6 @@ fn escape_into(out: &mut Vec<u8>, value: &[u8]) {
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
-
-/// Whether every byte of `value` is one [`SAFE`] holds, eight at a time: a byte-wise table
-/// lookup took about a hundred instructions for a request id alone, a record having
-/// several such values (docs/benchmarks.md, "Fewer and smaller moves").
-fn all_safe(value: &[u8]) -> bool {
-    let mut words = value.chunks_exact(8);
-    for word in &mut words {
-        let mut bytes = [0; 8];
-        bytes.copy_from_slice(word);
-        if !word_safe(u64::from_le_bytes(bytes)) {
-            return false;
-        }
-    }
-    words.remainder().iter().all(|&b| SAFE[usize::from(b)])
-}
-
-/// [`SAFE`] for eight bytes at once. Each test below is exact for "any byte", which is all
-/// that is asked (the classic bit tricks for bytes below, above or equal to a value).
-fn word_safe(x: u64) -> bool {
-    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
-    const HIGH: u64 = u64::from_le_bytes([0x80; 8]);
-    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH != 0;
-    let below_space = x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0;
-    // Adding 1 sets the high bit of 0x7f; bytes already at 0x80 and above have it.
-    let above_tilde = (x.wrapping_add(ONES) | x) & HIGH != 0;
-    !(below_space || above_tilde || zero_byte(x ^ (ONES * u64::from(b'"'))) || zero_byte(x ^ (ONES * u64::from(b'\\'))))
-}
-
-/// Bytes a JSON string holds as they are: printable ASCII but `"` and `\`.
-static SAFE: [bool; 256] = {
-    let mut safe = [false; 256];
-    let mut b = 0x20;
-    while b < 0x7f {
-        safe[b] = b != b'"' as usize && b != b'\\' as usize;
-        b += 1;
-    }
-    safe
-};
 
 /// Seconds since the epoch to a civil UTC date and time.
 pub fn civil(unix_secs: u64) -> (i64, u32, u32, u32, u32, u32) {
@@ -382,7 +370,7 @@ mod tests {
     #[test]
     fn strings_are_escaped_and_invalid_bytes_replaced() {
         let value = line(|o| {
-            o.bytes("a", b"quote\" back\\ nl\n tab\t ctl\x01 del\x7f bad\xff end");
+            o.bytes(log_key!("a"), b"quote\" back\\ nl\n tab\t ctl\x01 del\x7f bad\xff end");
         });
         assert_eq!(
             value["a"],
@@ -391,49 +379,33 @@ mod tests {
     }
 
     #[test]
-    fn eight_bytes_at_a_time_agree_with_the_table() {
-        // Every byte value at every place of a word, and in the tail behind one.
-        for len in [1, 7, 8, 9, 16, 17] {
-            for place in 0..len {
-                for b in 0..=255u8 {
-                    let mut value = vec![b'a'; len];
-                    value[place] = b;
-                    assert_eq!(
-                        all_safe(&value),
-                        SAFE[usize::from(b)],
-                        "byte {b:#04x} at {place} of {len}"
-                    );
-                }
-            }
-        }
-        // Neighbours of the limits together, where a borrow between bytes could hide one.
-        for pair in [
-            [0x1f, 0x20],
-            [0x20, 0x1f],
-            [0x7e, 0x7f],
-            [0x7f, 0x7e],
-            [0x00, 0xff],
-            [0x21, 0x23],
-            [0x5b, 0x5d],
-        ] {
-            let mut value = *b"abcdefgh";
-            value[3..5].copy_from_slice(&pair);
-            let expected = pair.iter().all(|&b| SAFE[usize::from(b)]);
-            assert_eq!(all_safe(&value), expected, "{pair:?}");
-        }
-        assert!(all_safe(b""));
-        assert!(all_safe(b"0123456789abcdef0123456789abcdef"));
+    fn checked_strings_are_copied_only_when_plain() {
+        let value = line(|o| {
+            o.checked(log_key!("plain"), "key_0123", true)
+                .checked(log_key!("escaped"), "a\"b\\c\n", false);
+        });
+        assert_eq!(value["plain"], "key_0123");
+        assert_eq!(value["escaped"], "a\"b\\c\n");
+    }
+
+    #[test]
+    fn keys_join_with_commas_after_the_first() {
+        let mut out = Vec::new();
+        let mut object = JsonObject::open(&mut out);
+        object.u64(log_key!("a"), 1).null(log_key!("b"));
+        object.close_line();
+        assert_eq!(out, b"{\"a\":1,\"b\":null}\n");
     }
 
     #[test]
     fn numbers_nulls_and_millis() {
         let value = line(|o| {
-            o.u64("zero", 0)
-                .u64("max", u64::MAX)
-                .null("none")
-                .millis("ms", 12_345)
-                .millis("small", 7)
-                .opt_u64("absent", None);
+            o.u64(log_key!("zero"), 0)
+                .u64(log_key!("max"), u64::MAX)
+                .null(log_key!("none"))
+                .millis(log_key!("ms"), 12_345)
+                .millis(log_key!("small"), 7)
+                .opt_u64(log_key!("absent"), None);
         });
         assert_eq!(value["zero"], 0);
         assert_eq!(value["max"], u64::MAX);
@@ -449,7 +421,7 @@ mod tests {
             let addr: std::net::SocketAddr = addr.parse().unwrap();
             assert_eq!(
                 line(|o| {
-                    o.addr("a", &addr);
+                    o.addr(log_key!("a"), &addr);
                 })["a"],
                 addr.to_string()
             );
@@ -461,7 +433,8 @@ mod tests {
         let made = crate::base::new_request_id();
         let given = RequestId::Given(http::HeaderValue::from_static("a\"b\\c"));
         let value = line(|o| {
-            o.request_id("made", &made).request_id("given", &given);
+            o.request_id(log_key!("made"), &made)
+                .request_id(log_key!("given"), &given);
         });
         assert_eq!(value["made"], made.as_str());
         assert_eq!(value["given"], "a\"b\\c");
@@ -471,17 +444,17 @@ mod tests {
     fn time_is_rfc3339_with_microseconds() {
         let at = UNIX_EPOCH + Duration::from_micros(1_796_208_258_000_042);
         let value = line(|o| {
-            o.time("time", at);
+            o.time(log_key!("time"), at);
         });
         assert_eq!(value["time"], "2026-12-02T10:44:18.000042Z");
         let mut cache = SecondCache::default();
         for micros in [42, 999_999, 1_000_001] {
             let at = UNIX_EPOCH + Duration::from_micros(1_796_208_258_000_000 + micros);
             let cached = line(|o| {
-                o.time_cached("time", at.duration_since(UNIX_EPOCH).unwrap(), &mut cache);
+                o.time_cached(log_key!("time"), at.duration_since(UNIX_EPOCH).unwrap(), &mut cache);
             });
             let plain = line(|o| {
-                o.time("time", at);
+                o.time(log_key!("time"), at);
             });
             assert_eq!(cached, plain);
         }
