@@ -34,7 +34,7 @@ mod rewind;
 use respond::Next;
 use rewind::Rewind;
 
-use super::framing::{self, BodyLength};
+use super::framing::{self, BodyLength, HeadScan};
 use super::guard::trim_leading_crlf;
 use super::{ConnSettings, Transport};
 use crate::base::http1::{FramingField, MAX_HEADERS, RawFields, RawHeaders, has_token, same_name};
@@ -44,11 +44,6 @@ use crate::proxy::{ConnInfo, Inbound, Worker};
 
 /// What a read asks the socket for at least.
 const READ_SIZE: usize = 8 * 1024;
-
-/// The blank line that ends a head. Built once: `memmem::find` builds its searcher on
-/// every call, which cost more than the search of a short head (docs/benchmarks.md).
-static HEAD_END: std::sync::LazyLock<memchr::memmem::Finder<'static>> =
-    std::sync::LazyLock::new(|| memchr::memmem::Finder::new(b"\r\n\r\n"));
 
 /// Serves an HTTP/1 connection (plain, or TLS without `h2` in use): on this path while
 /// its requests allow, on the general one from the first that does not.
@@ -220,21 +215,27 @@ impl Exchange<'_> {
                 continue;
             }
             first = false;
-            let Some(end) = HEAD_END.find(&self.buf).map(|at| at + 4) else {
+            let end = match framing::scan_head(&self.buf) {
+                HeadScan::End(end) => end,
+                // The guard refuses it (400), as it would have.
+                HeadScan::BareLf => {
+                    return Outcome::General(self.buf.split().freeze(), deadline(&mut head_deadline));
+                }
                 // Part of a head: read on while it is well-formed so far and within its
                 // limits; otherwise the guard refuses it as it would have (431, 400, or
                 // 408 once `head_deadline` has passed).
-                if self.buf.len() > limits.max_header_bytes
-                    || framing::has_bare_lf(&self.buf, 0)
-                    || framing::check_partial(&self.buf).is_err()
-                {
-                    return Outcome::General(self.buf.split().freeze(), deadline(&mut head_deadline));
-                }
-                self.timer.set(deadline(&mut head_deadline));
-                match self.read(stream, stop.as_mut()).await {
-                    Wait::Read => continue,
-                    Wait::Timeout => return Outcome::General(self.buf.split().freeze(), deadline(&mut head_deadline)),
-                    Wait::Closed => return Outcome::Closed,
+                HeadScan::Partial => {
+                    if self.buf.len() > limits.max_header_bytes || framing::check_partial(&self.buf).is_err() {
+                        return Outcome::General(self.buf.split().freeze(), deadline(&mut head_deadline));
+                    }
+                    self.timer.set(deadline(&mut head_deadline));
+                    match self.read(stream, stop.as_mut()).await {
+                        Wait::Read => continue,
+                        Wait::Timeout => {
+                            return Outcome::General(self.buf.split().freeze(), deadline(&mut head_deadline));
+                        }
+                        Wait::Closed => return Outcome::Closed,
+                    }
                 }
             };
             // Requests pipelined behind this one (`parse` sees bytes beyond its body) are
@@ -326,12 +327,10 @@ impl Exchange<'_> {
     /// length is served here when it arrived whole with the head and nothing follows it
     /// (the common API call: a small JSON body written with its head); the rest go to
     /// the general path, which streams them. `None` leaves the buffer as it was.
+    /// `end`: where the head ends, with no bare LF before it (`framing::scan_head`).
     fn parse(&mut self, end: usize) -> Option<(ClientRequest, RawHeaders, bool)> {
         let head = &self.buf[..end];
-        if end > self.settings.limits.max_header_bytes
-            || head.starts_with(b"PRI * HTTP/2.0")
-            || framing::has_bare_lf(head, 0)
-        {
+        if end > self.settings.limits.max_header_bytes || head.starts_with(b"PRI * HTTP/2.0") {
             return None;
         }
         // Split off and frozen before the parse, so the target and header values can
