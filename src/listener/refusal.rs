@@ -28,33 +28,33 @@ pub(super) fn record(
     let (method, path, protocol) = request_line(head);
     let mut record = crate::logs::Pending::begin(&refusals.log, tokio::time::Instant::now());
     let mut fields = record.fields();
-    fields.request_id(crate::log_key!("request_id"), request_id);
+    fields.request_id(crate::logs::log_key!("request_id"), request_id);
     match method {
-        Some(method) => fields.bytes(crate::log_key!("method"), method),
-        None => fields.null(crate::log_key!("method")),
+        Some(method) => fields.bytes(crate::logs::log_key!("method"), method),
+        None => fields.null(crate::logs::log_key!("method")),
     };
     match path {
-        Some(path) => fields.bytes(crate::log_key!("path"), path),
-        None => fields.null(crate::log_key!("path")),
+        Some(path) => fields.bytes(crate::logs::log_key!("path"), path),
+        None => fields.null(crate::logs::log_key!("path")),
     };
     fields
-        .null(crate::log_key!("query"))
-        .null(crate::log_key!("referer_host"))
-        .opt_str(crate::log_key!("protocol"), protocol)
-        .u64(crate::log_key!("bytes_in"), 0)
-        .null(crate::log_key!("route"))
-        .null(crate::log_key!("consumer"))
-        .null(crate::log_key!("key_id"))
-        .str(crate::log_key!("auth"), "none")
-        .bytes(crate::log_key!("client_ip"), &refusals.client_ip)
-        .u64(crate::log_key!("status"), u64::from(kind.status().as_u16()))
-        .str(crate::log_key!("error"), kind.code())
-        .null(crate::log_key!("decision"))
-        .null(crate::log_key!("upstream"))
-        .null(crate::log_key!("upstream_status"))
-        .u64(crate::log_key!("tries"), 0)
-        .null(crate::log_key!("upstream_latency_ms"))
-        .opt_str(crate::log_key!("tls"), refusals.tls);
+        .null(crate::logs::log_key!("query"))
+        .null(crate::logs::log_key!("referer_host"))
+        .opt_str(crate::logs::log_key!("protocol"), protocol)
+        .u64(crate::logs::log_key!("bytes_in"), 0)
+        .null(crate::logs::log_key!("route"))
+        .null(crate::logs::log_key!("consumer"))
+        .null(crate::logs::log_key!("key_id"))
+        .str(crate::logs::log_key!("auth"), "none")
+        .bytes(crate::logs::log_key!("client_ip"), &refusals.client_ip)
+        .u64(crate::logs::log_key!("status"), u64::from(kind.status().as_u16()))
+        .str(crate::logs::log_key!("error"), kind.code())
+        .null(crate::logs::log_key!("decision"))
+        .null(crate::logs::log_key!("upstream"))
+        .null(crate::logs::log_key!("upstream_status"))
+        .u64(crate::logs::log_key!("tries"), 0)
+        .null(crate::logs::log_key!("upstream_latency_ms"))
+        .opt_str(crate::logs::log_key!("tls"), refusals.tls);
     record.sent(sent);
     record.completed();
 }

@@ -125,7 +125,7 @@ impl Pending {
                 None => wall.saturating_sub(instant.saturating_duration_since(start)),
             };
             let mut line = lane.spare.pop().unwrap_or_else(|| Vec::with_capacity(640));
-            JsonObject::open(&mut line).time_cached(crate::log_key!("time"), arrived, &mut lane.second);
+            JsonObject::open(&mut line).time_cached(crate::logs::log_key!("time"), arrived, &mut lane.second);
             Some(line)
         });
         let on_lane = line.is_some();
@@ -134,7 +134,7 @@ impl Pending {
                 .checked_sub(start.elapsed())
                 .unwrap_or_else(SystemTime::now);
             let mut line = Vec::with_capacity(640);
-            JsonObject::open(&mut line).time(crate::log_key!("time"), arrived);
+            JsonObject::open(&mut line).time(crate::logs::log_key!("time"), arrived);
             line
         });
         line.extend_from_slice(&log.node_fields);
@@ -182,15 +182,15 @@ impl Drop for Pending {
         if self.keep {
             let mut object = JsonObject::resume(&mut line);
             object
-                .u64(crate::log_key!("bytes_out"), self.bytes_out)
+                .u64(crate::logs::log_key!("bytes_out"), self.bytes_out)
                 .millis(
-                    crate::log_key!("latency_ms"),
+                    crate::logs::log_key!("latency_ms"),
                     self.ended
                         .unwrap_or_else(Instant::now)
                         .saturating_duration_since(self.start)
                         .as_micros() as u64,
                 )
-                .bool(crate::log_key!("completed"), self.completed);
+                .bool(crate::logs::log_key!("completed"), self.completed);
             object.close_line();
         }
         let (keep, log_id) = (self.keep, self.log_id);

@@ -10,6 +10,7 @@
 pub mod lane;
 pub mod read;
 pub mod record;
+pub(crate) use record::log_key;
 pub mod segment;
 pub mod service;
 pub mod upload;
@@ -240,8 +241,8 @@ impl AccessLog {
         let mut node_fields = Vec::new();
         let mut object = record::JsonObject::resume(&mut node_fields);
         // Node names are checked tokens, or host names reduced to them.
-        object.trusted(crate::log_key!("node"), &settings.node);
-        object.opt_str(crate::log_key!("region"), settings.region.as_deref());
+        object.trusted(crate::logs::log_key!("node"), &settings.node);
+        object.opt_str(crate::logs::log_key!("region"), settings.region.as_deref());
         AccessLog {
             settings,
             stats,

@@ -12,12 +12,12 @@ use crate::base::json::plain_string;
 
 /// A record's key as [`JsonObject`]'s methods take it: `log_key!("status")` is
 /// `,"status":`, made at compile time.
-#[macro_export]
 macro_rules! log_key {
     ($name:literal) => {
         concat!(",\"", $name, "\":")
     };
 }
+pub(crate) use log_key;
 
 /// Appends `"key":value` pairs to a JSON object under construction.
 pub struct JsonObject<'b> {
@@ -38,7 +38,7 @@ impl<'b> JsonObject<'b> {
         JsonObject { out, first: false }
     }
 
-    /// `key` is `,"name":` as [`log_key!`](crate::log_key) makes it: one copy of a
+    /// `key` is `,"name":` as [`log_key!`] makes it: one copy of a
     /// constant length per field, which compiles to a few moves, where the comma, the name
     /// and the colon apart cost three copies and three checks of the line's capacity
     /// (docs/benchmarks.md, "Keys as one literal").
