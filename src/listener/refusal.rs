@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use super::guard::trim_leading_crlf;
 use crate::base::ErrorKind;
+use crate::logs::log_key;
 
 /// What a refused head's access-log record needs from its connection.
 pub struct RefusalLog {
@@ -28,33 +29,33 @@ pub(super) fn record(
     let (method, path, protocol) = request_line(head);
     let mut record = crate::logs::Pending::begin(&refusals.log, tokio::time::Instant::now());
     let mut fields = record.fields();
-    fields.request_id(crate::logs::log_key!("request_id"), request_id);
+    fields.request_id(log_key!("request_id"), request_id);
     match method {
-        Some(method) => fields.bytes(crate::logs::log_key!("method"), method),
-        None => fields.null(crate::logs::log_key!("method")),
+        Some(method) => fields.bytes(log_key!("method"), method),
+        None => fields.null(log_key!("method")),
     };
     match path {
-        Some(path) => fields.bytes(crate::logs::log_key!("path"), path),
-        None => fields.null(crate::logs::log_key!("path")),
+        Some(path) => fields.bytes(log_key!("path"), path),
+        None => fields.null(log_key!("path")),
     };
     fields
-        .null(crate::logs::log_key!("query"))
-        .null(crate::logs::log_key!("referer_host"))
-        .opt_str(crate::logs::log_key!("protocol"), protocol)
-        .u64(crate::logs::log_key!("bytes_in"), 0)
-        .null(crate::logs::log_key!("route"))
-        .null(crate::logs::log_key!("consumer"))
-        .null(crate::logs::log_key!("key_id"))
-        .str(crate::logs::log_key!("auth"), "none")
-        .bytes(crate::logs::log_key!("client_ip"), &refusals.client_ip)
-        .u64(crate::logs::log_key!("status"), u64::from(kind.status().as_u16()))
-        .str(crate::logs::log_key!("error"), kind.code())
-        .null(crate::logs::log_key!("decision"))
-        .null(crate::logs::log_key!("upstream"))
-        .null(crate::logs::log_key!("upstream_status"))
-        .u64(crate::logs::log_key!("tries"), 0)
-        .null(crate::logs::log_key!("upstream_latency_ms"))
-        .opt_str(crate::logs::log_key!("tls"), refusals.tls);
+        .null(log_key!("query"))
+        .null(log_key!("referer_host"))
+        .opt_str(log_key!("protocol"), protocol)
+        .u64(log_key!("bytes_in"), 0)
+        .null(log_key!("route"))
+        .null(log_key!("consumer"))
+        .null(log_key!("key_id"))
+        .str(log_key!("auth"), "none")
+        .bytes(log_key!("client_ip"), &refusals.client_ip)
+        .u64(log_key!("status"), u64::from(kind.status().as_u16()))
+        .str(log_key!("error"), kind.code())
+        .null(log_key!("decision"))
+        .null(log_key!("upstream"))
+        .null(log_key!("upstream_status"))
+        .u64(log_key!("tries"), 0)
+        .null(log_key!("upstream_latency_ms"))
+        .opt_str(log_key!("tls"), refusals.tls);
     record.sent(sent);
     record.completed();
 }

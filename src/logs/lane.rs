@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
+use super::log_key;
 use super::record::JsonObject;
 use super::{AccessLog, Chunk};
 
@@ -125,7 +126,7 @@ impl Pending {
                 None => wall.saturating_sub(instant.saturating_duration_since(start)),
             };
             let mut line = lane.spare.pop().unwrap_or_else(|| Vec::with_capacity(640));
-            JsonObject::open(&mut line).time_cached(crate::logs::log_key!("time"), arrived, &mut lane.second);
+            JsonObject::open(&mut line).time_cached(log_key!("time"), arrived, &mut lane.second);
             Some(line)
         });
         let on_lane = line.is_some();
@@ -134,7 +135,7 @@ impl Pending {
                 .checked_sub(start.elapsed())
                 .unwrap_or_else(SystemTime::now);
             let mut line = Vec::with_capacity(640);
-            JsonObject::open(&mut line).time(crate::logs::log_key!("time"), arrived);
+            JsonObject::open(&mut line).time(log_key!("time"), arrived);
             line
         });
         line.extend_from_slice(&log.node_fields);
@@ -182,15 +183,15 @@ impl Drop for Pending {
         if self.keep {
             let mut object = JsonObject::resume(&mut line);
             object
-                .u64(crate::logs::log_key!("bytes_out"), self.bytes_out)
+                .u64(log_key!("bytes_out"), self.bytes_out)
                 .millis(
-                    crate::logs::log_key!("latency_ms"),
+                    log_key!("latency_ms"),
                     self.ended
                         .unwrap_or_else(Instant::now)
                         .saturating_duration_since(self.start)
                         .as_micros() as u64,
                 )
-                .bool(crate::logs::log_key!("completed"), self.completed);
+                .bool(log_key!("completed"), self.completed);
             object.close_line();
         }
         let (keep, log_id) = (self.keep, self.log_id);

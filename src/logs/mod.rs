@@ -241,8 +241,8 @@ impl AccessLog {
         let mut node_fields = Vec::new();
         let mut object = record::JsonObject::resume(&mut node_fields);
         // Node names are checked tokens, or host names reduced to them.
-        object.trusted(crate::logs::log_key!("node"), &settings.node);
-        object.opt_str(crate::logs::log_key!("region"), settings.region.as_deref());
+        object.trusted(log_key!("node"), &settings.node);
+        object.opt_str(log_key!("region"), settings.region.as_deref());
         AccessLog {
             settings,
             stats,

@@ -9,6 +9,7 @@ use http::StatusCode;
 use super::{Caller, Head, RequestCtx};
 use crate::base::ErrorKind;
 use crate::gateway::Route;
+use crate::logs::log_key;
 use crate::logs::{Pending, RecordSettings};
 
 /// Query parameters that may carry a secret, compared without case after decoding.
@@ -40,16 +41,16 @@ pub(super) fn record_request(record: &mut Pending, settings: &RecordSettings, ct
     let include_query = settings.include_query;
     let mut fields = record.fields();
     fields
-        .request_id(crate::logs::log_key!("request_id"), ctx.request_id)
+        .request_id(log_key!("request_id"), ctx.request_id)
         // A method is a token: no character a JSON string must escape.
-        .trusted(crate::logs::log_key!("method"), head.method.as_str())
+        .trusted(log_key!("method"), head.method.as_str())
         .bytes(
-            crate::logs::log_key!("path"),
+            log_key!("path"),
             ctx.path.as_deref().unwrap_or(head.uri.path()).as_bytes(),
         );
     match head.uri.query().filter(|_| include_query) {
-        Some(query) => fields.str(crate::logs::log_key!("query"), &without_secrets(query)),
-        None => fields.null(crate::logs::log_key!("query")),
+        Some(query) => fields.str(log_key!("query"), &without_secrets(query)),
+        None => fields.null(log_key!("query")),
     };
     let referer = match &ctx.caller {
         Caller::Anonymous { referer_host } => referer_host.clone(),
@@ -59,8 +60,8 @@ pub(super) fn record_request(record: &mut Pending, settings: &RecordSettings, ct
             .filter(|host| host.len() <= 253),
     };
     fields
-        .opt_str(crate::logs::log_key!("referer_host"), referer.as_deref())
-        .trusted(crate::logs::log_key!("protocol"), version_name(head.version));
+        .opt_str(log_key!("referer_host"), referer.as_deref())
+        .trusted(log_key!("protocol"), version_name(head.version));
 }
 
 /// What came of the request: who called, how it was decided, where it went.
@@ -76,61 +77,56 @@ pub(super) fn record_response(
     let bytes_in = ctx.body_read.as_ref().map_or(ctx.declared_body, |read| {
         read.load(std::sync::atomic::Ordering::Relaxed)
     });
-    fields.u64(crate::logs::log_key!("bytes_in"), bytes_in);
+    fields.u64(log_key!("bytes_in"), bytes_in);
     match route {
-        Some(route) => fields.checked(crate::logs::log_key!("route"), &route.name, route.plain_name),
-        None => fields.null(crate::logs::log_key!("route")),
+        Some(route) => fields.checked(log_key!("route"), &route.name, route.plain_name),
+        None => fields.null(log_key!("route")),
     };
-    let (auth, identity) = match &ctx.caller {
-        Caller::Key { identity, .. } => ("api_key", Some(identity)),
-        Caller::Jwt(identity) => ("jwt", Some(identity)),
-        Caller::Anonymous { .. } => ("anonymous", None),
-        Caller::Public => ("none", None),
+    let auth = match &ctx.caller {
+        Caller::Key { .. } => "api_key",
+        Caller::Jwt(_) => "jwt",
+        Caller::Anonymous { .. } => "anonymous",
+        Caller::Public => "none",
     };
-    match identity {
+    match ctx.caller.identity() {
         // Names checked when the key was loaded (`KeyEntry::plain_names`).
         Some(id) => fields
-            .checked(crate::logs::log_key!("consumer"), &id.consumer_id, id.plain_names)
-            .checked(crate::logs::log_key!("key_id"), &id.key_id, id.plain_names),
-        None => fields
-            .null(crate::logs::log_key!("consumer"))
-            .null(crate::logs::log_key!("key_id")),
+            .checked(log_key!("consumer"), &id.consumer_id, id.plain_names)
+            .checked(log_key!("key_id"), &id.key_id, id.plain_names),
+        None => fields.null(log_key!("consumer")).null(log_key!("key_id")),
     };
-    fields.trusted(crate::logs::log_key!("auth"), auth);
+    fields.trusted(log_key!("auth"), auth);
     if ctx.caller_ip == ctx.conn.peer.ip() {
         // Rendered once per connection already, by `IpAddr`'s `Display`: digits, dots,
         // colons and hex letters, nothing to escape.
-        fields.trusted_bytes(crate::logs::log_key!("client_ip"), ctx.conn.forwarded.peer_ip());
+        fields.trusted_bytes(log_key!("client_ip"), ctx.conn.forwarded.peer_ip());
     } else {
-        fields.display(crate::logs::log_key!("client_ip"), &ctx.caller_ip);
+        fields.display(log_key!("client_ip"), &ctx.caller_ip);
     }
-    fields.u64(crate::logs::log_key!("status"), u64::from(status.as_u16()));
+    fields.u64(log_key!("status"), u64::from(status.as_u16()));
     match ctx.error {
-        Some(kind) => fields.trusted(crate::logs::log_key!("error"), kind.code()),
-        None => fields.null(crate::logs::log_key!("error")),
+        Some(kind) => fields.trusted(log_key!("error"), kind.code()),
+        None => fields.null(log_key!("error")),
     };
     match (&ctx.error, &ctx.limit) {
         // Group names come from the configuration: escaped like any text.
         (Some(ErrorKind::RateLimited | ErrorKind::QuotaExceeded), Some(limit)) => {
-            fields.str(crate::logs::log_key!("decision"), &limit.name.policy())
+            fields.str(log_key!("decision"), &limit.name.policy())
         }
-        _ if ctx.admitted => fields.trusted(crate::logs::log_key!("decision"), "admitted"),
-        _ => fields.null(crate::logs::log_key!("decision")),
+        _ if ctx.admitted => fields.trusted(log_key!("decision"), "admitted"),
+        _ => fields.null(log_key!("decision")),
     };
     match &ctx.upstream_addr {
-        Some(addr) => fields.addr(crate::logs::log_key!("upstream"), addr),
-        None => fields.null(crate::logs::log_key!("upstream")),
+        Some(addr) => fields.addr(log_key!("upstream"), addr),
+        None => fields.null(log_key!("upstream")),
     };
     fields
-        .opt_u64(
-            crate::logs::log_key!("upstream_status"),
-            ctx.upstream_status.map(u64::from),
-        )
-        .u64(crate::logs::log_key!("tries"), u64::from(ctx.tries))
-        .opt_millis(crate::logs::log_key!("upstream_latency_ms"), ctx.upstream_micros);
+        .opt_u64(log_key!("upstream_status"), ctx.upstream_status.map(u64::from))
+        .u64(log_key!("tries"), u64::from(ctx.tries))
+        .opt_millis(log_key!("upstream_latency_ms"), ctx.upstream_micros);
     match ctx.conn.tls_version {
-        Some(version) => fields.trusted(crate::logs::log_key!("tls"), version),
-        None => fields.null(crate::logs::log_key!("tls")),
+        Some(version) => fields.trusted(log_key!("tls"), version),
+        None => fields.null(log_key!("tls")),
     };
     // Errors and refusals are always kept; successes by the configured share.
     if sample < 1.0 && status.as_u16() < 400 && ctx.error.is_none() && fastrand::f64() >= sample {
