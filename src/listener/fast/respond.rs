@@ -30,11 +30,13 @@ pub(super) enum Next {
 
 impl Exchange<'_> {
     /// Writes the response: the head, then the body, framed by its known length or
-    /// chunked; a body that fails after the head was sent ends the connection.
+    /// chunked; a body that fails after the head was sent ends the connection. Borrowed,
+    /// not taken: each move of a response is a 256-byte copy, and the caller drops it as
+    /// soon as this returns (docs/benchmarks.md, "Responses written where they lie").
     pub(super) async fn respond<S: Transport>(
         &mut self,
         stream: &mut S,
-        mut response: http::Response<ProxyBody>,
+        response: &mut http::Response<ProxyBody>,
         head_only: bool,
         close: bool,
     ) -> io::Result<Next> {
@@ -176,12 +178,12 @@ impl Exchange<'_> {
 
     /// `response` was written out. One clock read ends its access-log record and starts
     /// the idle wait that follows (docs/benchmarks.md, "One clock read for the response's
-    /// end"); the body's drop finishes the record and frees the upstream's slot.
-    fn responded(&mut self, mut response: http::Response<ProxyBody>) {
+    /// end"); the body's drop, by the caller, finishes the record and frees the upstream's
+    /// slot.
+    fn responded(&mut self, response: &mut http::Response<ProxyBody>) {
         let at = Instant::now();
         response.body_mut().ended_at(at);
         self.responded_at = Some(at);
-        drop(response);
     }
 }
 

@@ -114,10 +114,20 @@ impl Conn {
         if !self.buf.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(std::task::Waker::noop());
         let mut byte = [0u8; 1];
-        let mut probe = ReadBuf::new(&mut byte);
-        matches!(Pin::new(&mut self.io).poll_read(&mut cx, &mut probe), Poll::Pending)
+        match &mut self.io {
+            // Asked without a waker: a poll that finds nothing would store one under the
+            // socket's lock, two locked instructions a request for a waker nothing needs
+            // (docs/benchmarks.md, "A pooled connection checked without a waker").
+            Io::Plain(stream) => {
+                matches!(stream.try_read(&mut byte), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
+            }
+            Io::Tls(_) => {
+                let mut cx = Context::from_waker(std::task::Waker::noop());
+                let mut probe = ReadBuf::new(&mut byte);
+                matches!(Pin::new(&mut self.io).poll_read(&mut cx, &mut probe), Poll::Pending)
+            }
+        }
     }
 
     /// Reads more of a response's head (and what comes with it) into the buffer; `Ok(0)`
@@ -704,5 +714,41 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "POST /k HTTP/1.1\r\ncontent-length: 0\r\n\r\n"
         );
+    }
+
+    /// A pooled connection is usable while its upstream has sent nothing and not closed
+    /// it; anything unasked, or the close, rules it out, seen without a waker stored.
+    #[tokio::test]
+    async fn an_idle_connection_is_usable_until_its_upstream_speaks_or_closes() {
+        use tokio::io::AsyncWriteExt;
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Until the socket reports what happened: readiness comes from the reactor, a turn
+        // or more after the peer's write; bounded by 5 s so a lost event fails the test.
+        async fn until_unusable(conn: &mut Conn) -> bool {
+            for _ in 0..500 {
+                if !conn.is_usable() {
+                    return true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            false
+        }
+
+        let mut conn = Conn::new(Io::Plain(TcpStream::connect(addr).await.unwrap()));
+        let (mut upstream, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(conn.is_usable(), "a quiet connection");
+        assert!(conn.is_usable(), "asking again changes nothing");
+        upstream.write_all(b"HTTP/1.1 200 OK\r\n").await.unwrap();
+        assert!(until_unusable(&mut conn).await, "bytes nobody asked for");
+
+        let mut conn = Conn::new(Io::Plain(TcpStream::connect(addr).await.unwrap()));
+        let (upstream, _) = listener.accept().await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(conn.is_usable());
+        drop(upstream);
+        assert!(until_unusable(&mut conn).await, "closed by the upstream");
     }
 }
