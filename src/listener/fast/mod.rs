@@ -340,8 +340,8 @@ impl Exchange<'_> {
         // Split off and frozen before the parse, so the target and header values can
         // share these bytes as they are read; given back if this path cannot serve it.
         let head = self.buf.split_to(end).freeze();
-        match request_parts(&head, self.buf.len() as u64) {
-            Some(parts) => {
+        match request_parts(head, self.buf.len() as u64) {
+            Ok(parts) => {
                 let body = (parts.body_len > 0).then(|| Inbound::Read(self.buf.split().freeze()));
                 // Boxed: the pipeline moves it whole several times on its way upstream.
                 let mut request = Box::new(Request::new(body));
@@ -350,7 +350,7 @@ impl Exchange<'_> {
                 *request.version_mut() = Version::HTTP_11;
                 Some((request, parts.fields, parts.close))
             }
-            None => {
+            Err(head) => {
                 let rest = std::mem::take(&mut self.buf);
                 self.buf = match head.try_into_mut() {
                     // Nothing else holds the head: its bytes are rejoined in place.
@@ -386,10 +386,32 @@ struct Parts {
     body_len: u64,
 }
 
-/// The request `head` holds, when the purpose-built path can serve it: its body must be
-/// exactly the `at_hand` bytes that follow the head, all of it and nothing more. Checked
-/// here rather than by a filter on the answer, which would move its 144 bytes once more.
-fn request_parts(head: &Bytes, at_hand: u64) -> Option<Parts> {
+/// The request `head` holds, when the purpose-built path can serve it (else `head` back):
+/// its body must be exactly the `at_hand` bytes that follow the head, all of it and
+/// nothing more. Checked here rather than by a filter on the answer, which would move its
+/// 144 bytes once more. The head moves into the fields as read rather than being shared
+/// with them: each share of a `Bytes` is a locked increment, and its drop a locked
+/// decrement (docs/benchmarks.md, "Responses written where they lie").
+fn request_parts(head: Bytes, at_hand: u64) -> Result<Parts, Bytes> {
+    let Some((method, uri, fields, body_len)) = head_parts(&head, at_hand) else {
+        return Err(head);
+    };
+    let fields = RawHeaders::new(head, fields);
+    let close = fields
+        .values(FramingField::Connection)
+        .any(|value| has_token(value, b"close"));
+    Ok(Parts {
+        method,
+        uri,
+        fields,
+        close,
+        body_len,
+    })
+}
+
+/// The method, target, fields and body length of the request `head` holds, when this path
+/// can serve it ([`request_parts`]).
+fn head_parts(head: &Bytes, at_hand: u64) -> Option<(Method, Uri, RawFields, u64)> {
     // Parsed once: the guard's RFC 9112 checks run on the same parse (they refuse
     // CONNECT, conflicting framing and bad targets; chunked bodies are the general path's).
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -417,19 +439,9 @@ fn request_parts(head: &Bytes, at_hand: u64) -> Option<Parts> {
     }) {
         return None;
     }
-    let fields = RawFields::of(head, parsed.headers);
     let uri = Uri::from_maybe_shared(head.slice_ref(parsed.path?.as_bytes())).ok()?;
-    let fields = RawHeaders::new(head.clone(), fields);
-    let close = fields
-        .values(FramingField::Connection)
-        .any(|value| has_token(value, b"close"));
-    Some(Parts {
-        method,
-        uri,
-        fields,
-        close,
-        body_len: length,
-    })
+    let fields = RawFields::of(head, parsed.headers);
+    Some((method, uri, fields, length))
 }
 
 /// `make()`'s future, put straight into its allocation: `Box::pin(future)` builds the
