@@ -391,7 +391,7 @@ struct Parts {
 /// nothing more. Checked here rather than by a filter on the answer, which would move its
 /// 144 bytes once more. The head moves into the fields as read rather than being shared
 /// with them: each share of a `Bytes` is a locked increment, and its drop a locked
-/// decrement (docs/benchmarks.md, "Responses written where they lie").
+/// decrement (docs/benchmarks.md, "The head moved, not shared, into its fields").
 fn request_parts(head: Bytes, at_hand: u64) -> Result<Parts, Bytes> {
     let Some((method, uri, fields, body_len)) = head_parts(&head, at_hand) else {
         return Err(head);

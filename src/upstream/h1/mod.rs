@@ -122,10 +122,10 @@ impl Conn {
             Io::Plain(stream) => {
                 matches!(stream.try_read(&mut byte), Err(error) if error.kind() == std::io::ErrorKind::WouldBlock)
             }
-            Io::Tls(_) => {
+            Io::Tls(stream) => {
                 let mut cx = Context::from_waker(std::task::Waker::noop());
                 let mut probe = ReadBuf::new(&mut byte);
-                matches!(Pin::new(&mut self.io).poll_read(&mut cx, &mut probe), Poll::Pending)
+                matches!(Pin::new(stream.as_mut()).poll_read(&mut cx, &mut probe), Poll::Pending)
             }
         }
     }
