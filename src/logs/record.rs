@@ -19,6 +19,25 @@ macro_rules! log_key {
 }
 pub(crate) use log_key;
 
+/// The IPv4 socket address a worker's [`JsonObject::addr`] wrote last, as it wrote it.
+#[derive(Clone, Copy)]
+struct RenderedAddr {
+    addr: Option<std::net::SocketAddrV4>,
+    /// `"255.255.255.255:65535"` at the longest, quotes included.
+    text: [u8; RenderedAddr::ROOM],
+    len: u8,
+}
+
+impl RenderedAddr {
+    const ROOM: usize = 24;
+}
+
+thread_local! {
+    static LAST_ADDR: std::cell::Cell<RenderedAddr> = const {
+        std::cell::Cell::new(RenderedAddr { addr: None, text: [0; RenderedAddr::ROOM], len: 0 })
+    };
+}
+
 /// Appends `"key":value` pairs to a JSON object under construction.
 pub struct JsonObject<'b> {
     out: &'b mut Vec<u8>,
@@ -123,12 +142,22 @@ impl<'b> JsonObject<'b> {
     }
 
     /// A socket address; IPv4 written by hand, since `fmt` cost about 2,000 instructions
-    /// per record (docs/benchmarks.md).
+    /// per record (docs/benchmarks.md), and copied as the worker last wrote it when it is
+    /// the same address: most records name one of a pool's few upstreams, and writing
+    /// five numbers cost five calls to `memcpy` ("tokio's test clock in production").
     pub fn addr(&mut self, key: &str, addr: &std::net::SocketAddr) -> &mut Self {
         let std::net::SocketAddr::V4(v4) = addr else {
             return self.display(key, addr);
         };
         self.key(key);
+        let at = self.out.len();
+        let last = LAST_ADDR.get();
+        if last.addr == Some(*v4) {
+            // A constant-length copy (a few moves), cut back to the text's length.
+            self.out.extend_from_slice(&last.text);
+            self.out.truncate(at + usize::from(last.len));
+            return self;
+        }
         self.out.push(b'"');
         for (i, octet) in v4.ip().octets().into_iter().enumerate() {
             if i > 0 {
@@ -139,6 +168,16 @@ impl<'b> JsonObject<'b> {
         self.out.push(b':');
         push_decimal(self.out, u64::from(v4.port()));
         self.out.push(b'"');
+        let written = &self.out[at..];
+        let mut text = [0; RenderedAddr::ROOM];
+        if let Some(room) = text.get_mut(..written.len()) {
+            room.copy_from_slice(written);
+            LAST_ADDR.set(RenderedAddr {
+                addr: Some(*v4),
+                text,
+                len: written.len() as u8,
+            });
+        }
         self
     }
 
@@ -425,6 +464,21 @@ mod tests {
                 })["a"],
                 addr.to_string()
             );
+        }
+    }
+
+    #[test]
+    fn an_address_written_again_reads_the_same_and_a_new_one_replaces_it() {
+        let first: std::net::SocketAddr = "255.255.255.255:65535".parse().unwrap();
+        let second: std::net::SocketAddr = "10.0.0.5:80".parse().unwrap();
+        for addr in [first, first, second, second, first] {
+            let value = line(|o| {
+                o.u64(log_key!("before"), 7)
+                    .addr(log_key!("a"), &addr)
+                    .u64(log_key!("after"), 9);
+            });
+            assert_eq!(value["a"], addr.to_string());
+            assert_eq!((value["before"].as_u64(), value["after"].as_u64()), (Some(7), Some(9)));
         }
     }
 
