@@ -308,15 +308,23 @@ impl RawHeaders {
             f.known = FramingField::of(name, hop);
         }
         // Fields a `Connection` header names describe the connection too (RFC 9110
-        // §7.6.1); rare, so looked for only when one is there.
+        // §7.6.1); rare, so looked for only when one is there. The usual tokens
+        // (`keep-alive`, `close`) name no field of the head, which the lengths show
+        // without comparing a name; a field already known to be hop-by-hop is not
+        // compared either.
         for i in 0..fields.len() {
             if fields[i].known != Some(FramingField::Connection) {
                 continue;
             }
             let named = field(&head, fields[i].value);
             for token in named.split(|&b| b == b',').map(trim_ows).filter(|t| !t.is_empty()) {
+                if lengths & length_bit(token.len()) == 0 {
+                    continue;
+                }
                 for f in fields.iter_mut() {
-                    f.hop |= same_name(field(&head, f.name), token);
+                    if !f.hop && (f.name.1 - f.name.0) as usize == token.len() {
+                        f.hop = same_name(field(&head, f.name), token);
+                    }
                 }
             }
         }
@@ -720,6 +728,24 @@ mod tests {
             [&b"gzip"[..], b"chunked"]
         );
         assert_eq!(fields.values(FramingField::Connection).collect::<Vec<_>>(), [b"close"]);
+    }
+
+    #[test]
+    fn a_connection_token_marks_every_field_of_its_name_and_no_other() {
+        let long = format!("x-{}", "a".repeat(64));
+        let raw = format!(
+            "HTTP/1.1 200 OK\r\nX-Abc: 1\r\nConnection: close,  x-abc ,x-bcd, X-Z\r\nX-Bcd: 2\r\nX-Cde: 3\r\n\
+             x-abc: 4\r\nX-Y: 5\r\n{long}: 6\r\nConnection: {}\r\nX-Z: 7\r\n\r\n",
+            &long[..2]
+        );
+        let fields = raw_headers(raw.leak().as_bytes());
+        let forwarded: Vec<_> = fields.forwarded().collect();
+        assert_eq!(
+            forwarded,
+            [(&b"X-Cde"[..], &b"3"[..]), (b"X-Y", b"5"), (long.as_bytes(), b"6")],
+            "both x-abc, x-bcd and X-Z are named; X-Cde and X-Y have their lengths only, and \
+             the long name's length is 64 more than a token's"
+        );
     }
 
     #[test]
