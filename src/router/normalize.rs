@@ -95,7 +95,9 @@ pub fn normalize(path: &str, rules: &PathRules) -> Result<Option<String>, PathEr
 /// Decodes unreserved escapes, upper-cases the others, applies the slash rules.
 fn decode(bytes: &[u8], rules: &PathRules) -> Result<String, PathError> {
     let hex = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-    let mut out = String::with_capacity(bytes.len());
+    // Bytes, not chars: a path may hold UTF-8 (the `http` crate takes bytes past ASCII in
+    // a target), and each of its bytes as a char of its own would re-encode it.
+    let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
     while i < bytes.len() {
         match bytes[i] {
@@ -109,23 +111,24 @@ fn decode(bytes: &[u8], rules: &PathRules) -> Result<String, PathError> {
                     _ => return Err(PathError::BadEscape),
                 };
                 if is_unreserved(value) {
-                    out.push(value as char);
+                    out.push(value);
                 } else if matches!(value, b'/' | b'\\') && rules.escaped_slashes == EscapedSlashes::Reject {
                     return Err(PathError::EscapedSlash);
                 } else {
-                    out.push('%');
-                    out.push_str(&format!("{value:02X}"));
+                    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+                    out.extend_from_slice(&[b'%', HEX[usize::from(value >> 4)], HEX[usize::from(value & 0xf)]]);
                 }
                 i += 3;
             }
             byte => {
-                // The path came from a parsed URI, so it is ASCII.
-                out.push(byte as char);
+                out.push(byte);
                 i += 1;
             }
         }
     }
-    Ok(out)
+    // Escapes add ASCII only, and every other byte of the UTF-8 input is copied in order,
+    // so this holds; an error rather than a panic if it ever did not.
+    String::from_utf8(out).map_err(|_| PathError::BadEscape)
 }
 
 #[cfg(test)]
@@ -158,6 +161,15 @@ mod tests {
         assert_eq!(normal("/v1/%7Euser/%41").unwrap(), "/v1/~user/A");
         assert_eq!(normal("/q/a%20b%3f").unwrap(), "/q/a%20b%3F");
         assert_eq!(normal("/v1//lookup///x").unwrap(), "/v1/lookup/x");
+    }
+
+    #[test]
+    fn bytes_past_ascii_are_kept_as_they_are() {
+        // Found by tests/fuzz.rs: each byte of a UTF-8 sequence was written as a char of
+        // its own, so the path changed and changed again when normalized twice.
+        assert_eq!(normal("/.FP\u{50f}").unwrap(), "/.FP\u{50f}");
+        assert_eq!(normal("/caf\u{e9}/../\u{1f600}/%41/./x").unwrap(), "/\u{1f600}/A/x");
+        assert_eq!(normal("/\u{e9}//%c3%a9").unwrap(), "/\u{e9}/%C3%A9");
     }
 
     #[test]
