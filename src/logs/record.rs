@@ -144,7 +144,8 @@ impl<'b> JsonObject<'b> {
     /// A socket address; IPv4 written by hand, since `fmt` cost about 2,000 instructions
     /// per record (docs/benchmarks.md), and copied as the worker last wrote it when it is
     /// the same address: most records name one of a pool's few upstreams, and writing
-    /// five numbers cost five calls to `memcpy` ("tokio's test clock in production").
+    /// five numbers cost five calls to `memcpy` (docs/benchmarks.md, "an upstream's
+    /// address written once").
     pub fn addr(&mut self, key: &str, addr: &std::net::SocketAddr) -> &mut Self {
         let std::net::SocketAddr::V4(v4) = addr else {
             return self.display(key, addr);

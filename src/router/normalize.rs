@@ -115,8 +115,7 @@ fn decode(bytes: &[u8], rules: &PathRules) -> Result<String, PathError> {
                 } else if matches!(value, b'/' | b'\\') && rules.escaped_slashes == EscapedSlashes::Reject {
                     return Err(PathError::EscapedSlash);
                 } else {
-                    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-                    out.extend_from_slice(&[b'%', HEX[usize::from(value >> 4)], HEX[usize::from(value & 0xf)]]);
+                    out.extend_from_slice(format!("%{value:02X}").as_bytes());
                 }
                 i += 3;
             }
