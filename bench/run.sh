@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Core proxy benchmark: direct vs Tollgate vs NGINX on loopback. See docs/benchmarks.md.
 # Usage: bench/run.sh [--pgo] [--haproxy] [--rounds N] [--duration SECONDS] [--connections N] [run.py's options]
-#   --pgo  also build the profile-guided release binary (bench/pgo.sh) and measure it as
-#          `tollgate-pgo` in the same rounds
+#   --pgo  also build the profile-guided release binary (bench/pgo.sh, laid out by BOLT
+#          unless PGO_BOLT=0) and measure it as `tollgate-pgo` in the same rounds
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -16,8 +16,7 @@ cargo build --release --quiet
 args=()
 for arg in "$@"; do
   if [ "$arg" = "--pgo" ]; then
-    bench/pgo.sh >/dev/null
-    args+=(--also "tollgate-pgo=target/pgo/release/tollgate")
+    args+=(--also "tollgate-pgo=$(bench/pgo.sh | tail -n1)")
   else
     args+=("$arg")
   fi

@@ -232,8 +232,14 @@ pub struct Gateway {
 
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
+/// The gateway the tests run: this checkout's build, or the one `TOLLGATE_TEST_BINARY`
+/// names, so the same tests can be run against a release or profile-guided build
+/// (docs/operations.md, "Building a production binary").
 pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_tollgate")
+    static BINARY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BINARY.get_or_init(|| {
+        std::env::var("TOLLGATE_TEST_BINARY").unwrap_or_else(|_| env!("CARGO_BIN_EXE_tollgate").to_string())
+    })
 }
 
 impl Gateway {
