@@ -16,7 +16,8 @@ cargo build --release --quiet
 args=()
 for arg in "$@"; do
   if [ "$arg" = "--pgo" ]; then
-    args+=(--also "tollgate-pgo=$(bench/pgo.sh | tail -n1)")
+    built="$(bench/pgo.sh | tail -n1)"
+    args+=(--also "tollgate-pgo=$built")
   else
     args+=("$arg")
   fi
