@@ -4,7 +4,7 @@ FROM rust:1-bookworm AS build
 # BUILD=release (the default): `cargo build --release`. BUILD=optimized: the production
 # build of docs/operations.md, profile-guided and laid out by BOLT (bench/pgo.sh), which
 # trains on loopback with NGINX as the upstream and wrk as the load; about three times as
-# long to build, and 5-17 % less CPU per request (docs/benchmarks.md).
+# long to build, and 5-18 % less CPU per request (docs/benchmarks.md).
 ARG BUILD=release
 RUN if [ "$BUILD" = optimized ]; then \
       apt-get update && apt-get install -y --no-install-recommends nginx-light wrk bolt-16 python3 \
