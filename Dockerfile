@@ -18,7 +18,7 @@ COPY benches ./benches
 COPY examples ./examples
 COPY bench ./bench
 RUN if [ "$BUILD" = optimized ]; then \
-      bench/pgo.sh > /tmp/built && built="$(tail -n1 /tmp/built)"; \
+      bench/pgo.sh && built=target/pgo/tollgate; \
     else \
       cargo build --release --locked --bin tollgate && built=target/release/tollgate; \
     fi \

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # A profile-guided release build (docs/benchmarks.md, "Profile-guided builds"): an
 # instrumented build runs bench/pgo_train.py's load, then the release build is made with
-# that profile (target/pgo/release/tollgate). Then LLVM's post-link optimizer, BOLT, lays
-# that binary's code out by a second profile of the same load (docs/benchmarks.md, "Code
-# laid out by a profile"): target/pgo/tollgate, the one to ship. `PGO_BOLT=0` stops after
-# the first. Usage: bench/pgo.sh [TRAIN_SECONDS]
+# that profile. Then LLVM's post-link optimizer, BOLT, lays that binary's code out by a
+# second profile of the same load (docs/benchmarks.md, "Code laid out by a profile").
+# Output, the binary to ship: target/pgo/tollgate (`PGO_BOLT=0`: profile-guided only).
+# Usage: bench/pgo.sh [TRAIN_SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
@@ -31,7 +31,7 @@ python3 bench/pgo_train.py target/pgo-gen/release/tollgate "${1:-20}"
 RUSTFLAGS="-Cprofile-use=$profiles/merged.profdata -Clink-arg=-Wl,--emit-relocs" \
   cargo build --release --locked --quiet --target-dir target/pgo
 if [ "${PGO_BOLT:-1}" = 0 ]; then
-  echo target/pgo/release/tollgate
+  cp target/pgo/release/tollgate target/pgo/tollgate
   exit 0
 fi
 # BOLT from LLVM 16 (Debian's bolt-16). Its instrumentation counts branches itself, so no
@@ -51,4 +51,3 @@ python3 bench/pgo_train.py target/pgo/tollgate.instrumented "${1:-20}"
   -reorder-blocks=ext-tsp -reorder-functions=hfsort -split-functions -split-all-cold \
   -icf=1 -use-gnu-stack >/dev/null
 rm -f target/pgo/tollgate.instrumented
-echo target/pgo/tollgate

@@ -16,8 +16,8 @@ cargo build --release --quiet
 args=()
 for arg in "$@"; do
   if [ "$arg" = "--pgo" ]; then
-    built="$(bench/pgo.sh | tail -n1)"
-    args+=(--also "tollgate-pgo=$built")
+    bench/pgo.sh
+    args+=(--also "tollgate-pgo=target/pgo/tollgate")
   else
     args+=("$arg")
   fi
