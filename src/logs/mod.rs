@@ -221,7 +221,7 @@ pub struct AccessLog {
     pub settings: RecordSettings,
     pub stats: Arc<LogStats>,
     pub flush_interval: Duration,
-    sender: std::sync::mpsc::SyncSender<writer::Message>,
+    writer: writer::Handle,
     /// Tells a worker's lane which log it belongs to (several gateways may share a
     /// process in tests).
     id: u64,
@@ -236,7 +236,7 @@ impl AccessLog {
         settings: RecordSettings,
         stats: Arc<LogStats>,
         flush_interval: Duration,
-        sender: std::sync::mpsc::SyncSender<writer::Message>,
+        writer: writer::Handle,
     ) -> AccessLog {
         let mut node_fields = Vec::new();
         let mut object = record::JsonObject::resume(&mut node_fields);
@@ -247,7 +247,7 @@ impl AccessLog {
             settings,
             stats,
             flush_interval,
-            sender,
+            writer,
             id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
             node_fields: node_fields.into(),
         }
@@ -255,19 +255,14 @@ impl AccessLog {
 
     /// Hands a chunk to the writer without waiting; counts it as dropped when it cannot.
     pub fn send(&self, chunk: Chunk) {
-        send_or_count(&self.sender, &self.stats, chunk);
-    }
-}
-
-fn send_or_count(sender: &std::sync::mpsc::SyncSender<writer::Message>, stats: &LogStats, chunk: Chunk) {
-    use std::sync::mpsc::TrySendError;
-    if chunk.records == 0 {
-        return;
-    }
-    let records = chunk.records;
-    match sender.try_send(writer::Message::Chunk(chunk)) {
-        Ok(()) => {}
-        Err(TrySendError::Full(_)) => stats.dropped(DropReason::QueueFull, records),
-        Err(TrySendError::Disconnected(_)) => stats.dropped(DropReason::Stopped, records),
+        if chunk.records == 0 {
+            return;
+        }
+        let records = chunk.records;
+        match self.writer.send(chunk) {
+            Ok(()) => {}
+            Err(writer::Refused::Full) => self.stats.dropped(DropReason::QueueFull, records),
+            Err(writer::Refused::Stopped) => self.stats.dropped(DropReason::Stopped, records),
+        }
     }
 }

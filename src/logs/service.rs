@@ -45,7 +45,7 @@ pub fn start(config: &LogsConfig, node: &str, region: Option<&str>) -> std::io::
         },
         stats.clone(),
         section.flush_interval,
-        writer.sender(),
+        writer.handle(),
     ));
     let uploader = match &section.upload {
         Some(upload) => {
