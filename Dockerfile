@@ -23,11 +23,19 @@ RUN if [ "$BUILD" = optimized ]; then \
       cargo build --release --locked --bin tollgate && built=target/release/tollgate; \
     fi \
     && install -D -s -m 0755 "$built" /out/tollgate
+# The state directory, empty: the runtime image has no shell to create it with, so it is
+# copied in with its owner (a step of its own, so that changing it reuses the build above).
+RUN mkdir -p /out/state
 
 # glibc and libgcc only (SQLite is compiled into the binary); `nonroot` is uid 65532.
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=build /out/tollgate /usr/local/bin/tollgate
-COPY examples/basic.toml /etc/tollgate/tollgate.toml
+# Listens on every interface of the container; the upstream and the admin token come from
+# TOLLGATE_UPSTREAM and TOLLGATE_ADMIN_TOKEN (deploy/container.toml).
+COPY deploy/container.toml /etc/tollgate/tollgate.toml
+# Where the SQLite store and access logs go, writable by the user the gateway runs as; a
+# named volume mounted here starts with the same owner.
+COPY --from=build --chown=65532:65532 /out/state /var/lib/tollgate
 USER nonroot
 WORKDIR /var/lib/tollgate
 EXPOSE 8080 9090

@@ -78,7 +78,10 @@ async fn invalid_reload_is_rejected_and_old_config_keeps_serving() {
     gateway.signal(libc::SIGHUP);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(get(&gateway.url("/x")).await.status, 200);
-    assert!(gateway.stderr().contains("reload rejected"));
+    let log = gateway.stderr();
+    assert!(log.contains("reload rejected"));
+    // Written to a file, not a terminal: plain text, as a container's or systemd's log.
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log:?}");
     let metrics = admin(&gateway, "GET", "/metrics").await.text();
     assert!(
         metrics.contains("tollgate_config_reloads_total{result=\"failure\"} 2"),

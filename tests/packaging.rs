@@ -1,6 +1,8 @@
 //! Packaging (docs/packaging.md): the Prometheus alert rules pass promtool (their syntax,
 //! and unit tests that make each alert fire on the series that should raise it), and the
-//! Grafana dashboard is well formed and uses only metrics a running gateway exports.
+//! Grafana dashboard is well formed and uses only metrics a running gateway exports; the
+//! container image's configuration passes `tollgate check` and listens where the image's
+//! published ports reach it.
 mod common;
 
 use std::collections::BTreeSet;
@@ -168,6 +170,51 @@ fn the_compose_cluster_configs_pass_tollgate_check() {
     for node in ["node1.toml", "node2.toml", "node3.toml"] {
         assert!(compose.contains(node), "{node} is mounted by the compose file");
     }
+}
+
+#[test]
+fn the_container_config_listens_outside_the_container_and_names_what_it_needs() {
+    let config = repo("deploy/container.toml");
+    let check = |env: &[(&str, &str)]| {
+        Command::new(binary())
+            .args(["check", "--config"])
+            .arg(&config)
+            .env_remove("TOLLGATE_UPSTREAM")
+            .env_remove("TOLLGATE_ADMIN_TOKEN")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap()
+    };
+    let ok = check(&[
+        ("TOLLGATE_UPSTREAM", "api.internal:9000"),
+        ("TOLLGATE_ADMIN_TOKEN", "t"),
+    ]);
+    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
+    // Without them, it refuses to start and says which variable, where.
+    let missing = check(&[]);
+    assert!(!missing.status.success());
+    let stderr = String::from_utf8_lossy(&missing.stderr);
+    for (line, name) in [(":16:", "TOLLGATE_ADMIN_TOKEN"), (":19:", "TOLLGATE_UPSTREAM")] {
+        assert!(
+            stderr.lines().any(|l| l.contains(line) && l.contains(name)),
+            "{name} at line {line} in:\n{stderr}"
+        );
+    }
+    // Loopback inside a container is unreachable through published ports; the ports are
+    // the ones the image exposes, and the image's default command reads this file.
+    let text = std::fs::read_to_string(&config).unwrap();
+    let dockerfile = std::fs::read_to_string(repo("Dockerfile")).unwrap();
+    for listen in ["\"0.0.0.0:8080\"", "\"0.0.0.0:9090\""] {
+        assert!(text.contains(listen), "{listen} in deploy/container.toml");
+    }
+    assert!(dockerfile.contains("EXPOSE 8080 9090"));
+    assert!(dockerfile.contains("COPY deploy/container.toml /etc/tollgate/tollgate.toml"));
+    assert!(dockerfile.contains(r#"CMD ["serve", "--config", "/etc/tollgate/tollgate.toml"]"#));
+    assert!(text.contains("data_dir = \"/var/lib/tollgate\""));
+    assert!(dockerfile.contains("--chown=65532:65532 /out/state /var/lib/tollgate"));
+    // The build context keeps it although the rest of deploy/ is left out.
+    let ignore = std::fs::read_to_string(repo(".dockerignore")).unwrap();
+    assert!(ignore.lines().any(|l| l == "!deploy/container.toml"));
 }
 
 #[test]
