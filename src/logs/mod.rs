@@ -259,10 +259,8 @@ impl AccessLog {
             return;
         }
         let records = chunk.records;
-        match self.writer.send(chunk) {
-            Ok(()) => {}
-            Err(writer::Refused::Full) => self.stats.dropped(DropReason::QueueFull, records),
-            Err(writer::Refused::Stopped) => self.stats.dropped(DropReason::Stopped, records),
+        if let Err(reason) = self.writer.send(chunk) {
+            self.stats.dropped(reason, records);
         }
     }
 }

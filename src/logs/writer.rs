@@ -89,22 +89,14 @@ pub struct Handle {
     shared: Arc<Shared>,
 }
 
-/// Why a chunk was not taken.
-#[derive(Debug)]
-pub enum Refused {
-    /// The queue and the receiver's channel were both full.
-    Full,
-    /// The writer has stopped.
-    Stopped,
-}
-
 impl Handle {
     /// Takes `chunk` without waiting: into the compressor's queue when it has room and
-    /// nothing is being spilled, else into the receiver's channel.
-    pub fn send(&self, chunk: Chunk) -> Result<(), Refused> {
+    /// nothing is being spilled, else into the receiver's channel. When neither takes it,
+    /// why it is dropped: `QueueFull` (both full) or `Stopped`.
+    pub fn send(&self, chunk: Chunk) -> Result<(), DropReason> {
         if let Ok(mut queue) = self.shared.queue.lock() {
             if queue.stopping {
-                return Err(Refused::Stopped);
+                return Err(DropReason::Stopped);
             }
             if !queue.spilling && queue.fits(&chunk, self.shared.settings.memory_bytes) {
                 queue.push(chunk);
@@ -115,8 +107,8 @@ impl Handle {
         }
         match self.sender.try_send(Message::Chunk(chunk)) {
             Ok(()) => Ok(()),
-            Err(std::sync::mpsc::TrySendError::Full(_)) => Err(Refused::Full),
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(Refused::Stopped),
+            Err(std::sync::mpsc::TrySendError::Full(_)) => Err(DropReason::QueueFull),
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => Err(DropReason::Stopped),
         }
     }
 }
