@@ -1,8 +1,8 @@
 """The kernel's TCP and IP counters per keep-alive request (docs/benchmarks.md): NGINX's
 proxy worker and each given Tollgate binary (keyed route with a plan's limits, usage and
 access logs, as bench/ab.py) proxy the same NGINX upstream, one at a time, under
-`wrk -t1 -c50 -d4s`; `nstat` is read before and after each run and the differences are
-divided by the requests served. Segments, pure ACKs and octets per request show whether a
+`wrk -t1 -c50 -d4s` (bench/run.py's, on CPU 1); `nstat` is read before and after each
+run and the differences are divided by the requests served. Segments, pure ACKs and octets per request show whether a
 proxy makes the kernel send more than the exchange needs (an ACK of its own, a head split
 over two segments) and how many bytes its added fields cost.
 
@@ -10,10 +10,10 @@ Usage (after bench/run.sh has installed wrk and nginx and built the release bina
 `python3 bench/tcp_counters.py [NAME=BINARY ...]` (default: this checkout's release build).
 The counters are the whole machine's: run it on an otherwise idle one.
 """
-import os, re, subprocess, sys, tempfile, time
+import argparse, os, subprocess, sys, tempfile, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import ROOT, free_port, nginx_proxy_block, start_nginx, stop_all, wait_port  # noqa: E402
+from run import ROOT, free_port, nginx_proxy_block, run_wrk, start_nginx, stop_all, wait_port  # noqa: E402
 from instructions import start_keyed, start_upstream  # noqa: E402
 
 # Counters that move by less than this per request are left out as background.
@@ -30,13 +30,11 @@ def counters():
     return values
 
 
-def measured(url, headers):
-    wrk = ["wrk", "-t1", "-c50", "-d4s"] + sum((["-H", h] for h in headers), []) + [url]
-    subprocess.run(wrk[:3] + ["-d1s"] + wrk[4:], capture_output=True)  # warm-up: pools, caches
+def measured(url, key=None):
+    run_wrk(url, argparse.Namespace(connections=50, duration=1), key)  # warm-up: pools, caches
     before = counters()
-    text = subprocess.run(wrk, capture_output=True, text=True).stdout
+    requests = run_wrk(url, argparse.Namespace(connections=50, duration=4), key)["requests"]
     after = counters()
-    requests = int(re.search(r"(\d+) requests in", text).group(1))
     return {name: (after[name] - before.get(name, 0)) / requests for name in after}
 
 
@@ -55,11 +53,11 @@ def main():
         procs.append(nginx)
         wait_port(px)
         time.sleep(0.5)
-        rows["nginx"] = measured(f"http://127.0.0.1:{px}/", [])
+        rows["nginx"] = measured(f"http://127.0.0.1:{px}/")
         for name, binary in binaries:
             proc, port, key = start_keyed(name, binary, up, workdir, ["taskset", "-c", "0"], logs=True)
             procs.append(proc)
-            rows[name] = measured(f"http://127.0.0.1:{port}/", [f"X-API-Key: {key}"])
+            rows[name] = measured(f"http://127.0.0.1:{port}/", key)
     finally:
         stop_all(procs, workdir)
     shown = sorted({c for row in rows.values() for c, v in row.items() if v >= SHOWN_FROM})

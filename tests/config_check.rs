@@ -4,15 +4,10 @@ mod common;
 
 use std::process::Command;
 
-use common::{binary, fixture};
+use common::{binary, check_config, fixture};
 
 fn check(path: &std::path::Path) -> (bool, String, String) {
-    let output = Command::new(binary())
-        .args(["check", "--config"])
-        .arg(path)
-        .env("TOLLGATE_ADMIN_TOKEN", "example-token")
-        .output()
-        .unwrap();
+    let output = check_config(path, &[("TOLLGATE_ADMIN_TOKEN", "example-token")]);
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).into_owned(),

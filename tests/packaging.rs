@@ -150,12 +150,7 @@ fn the_compose_cluster_configs_pass_tollgate_check() {
     for entry in std::fs::read_dir(repo("deploy/compose")).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let output = Command::new(binary())
-                .args(["check", "--config"])
-                .arg(&path)
-                .env("TOLLGATE_ADMIN_TOKEN", "compose-token")
-                .output()
-                .unwrap();
+            let output = check_config(&path, &[("TOLLGATE_ADMIN_TOKEN", "compose-token")]);
             assert!(
                 output.status.success(),
                 "{}: {}",
@@ -175,23 +170,16 @@ fn the_compose_cluster_configs_pass_tollgate_check() {
 #[test]
 fn the_container_config_listens_outside_the_container_and_names_what_it_needs() {
     let config = repo("deploy/container.toml");
-    let check = |env: &[(&str, &str)]| {
-        Command::new(binary())
-            .args(["check", "--config"])
-            .arg(&config)
-            .env_remove("TOLLGATE_UPSTREAM")
-            .env_remove("TOLLGATE_ADMIN_TOKEN")
-            .envs(env.iter().copied())
-            .output()
-            .unwrap()
-    };
-    let ok = check(&[
-        ("TOLLGATE_UPSTREAM", "api.internal:9000"),
-        ("TOLLGATE_ADMIN_TOKEN", "t"),
-    ]);
+    let ok = check_config(
+        &config,
+        &[
+            ("TOLLGATE_UPSTREAM", "api.internal:9000"),
+            ("TOLLGATE_ADMIN_TOKEN", "t"),
+        ],
+    );
     assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stderr));
     // Without them, it refuses to start and says which variable, where.
-    let missing = check(&[]);
+    let missing = check_config(&config, &[]);
     assert!(!missing.status.success());
     let stderr = String::from_utf8_lossy(&missing.stderr);
     for (line, name) in [(":16:", "TOLLGATE_ADMIN_TOKEN"), (":19:", "TOLLGATE_UPSTREAM")] {

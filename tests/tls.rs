@@ -518,11 +518,7 @@ async fn check_names_the_certificate_file_and_why() {
         ),
     )
     .unwrap();
-    let output = std::process::Command::new(binary())
-        .args(["check", "--config"])
-        .arg(&config)
-        .output()
-        .unwrap();
+    let output = check_config(&config, &[]);
     assert_eq!(output.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(

@@ -242,6 +242,20 @@ pub fn binary() -> &'static str {
     })
 }
 
+/// `tollgate check --config CONFIG` with exactly the `TOLLGATE_*` variables in `env` set
+/// (the ones the shipped configurations read are removed first, so a variable in the
+/// test's own environment cannot make a config pass).
+pub fn check_config(config: &Path, env: &[(&str, &str)]) -> std::process::Output {
+    Command::new(binary())
+        .args(["check", "--config"])
+        .arg(config)
+        .env_remove("TOLLGATE_ADMIN_TOKEN")
+        .env_remove("TOLLGATE_UPSTREAM")
+        .envs(env.iter().copied())
+        .output()
+        .expect("tollgate check runs")
+}
+
 impl Gateway {
     /// Starts `tollgate serve` with `config` (proxy and admin on free ports unless the
     /// config sets them) and waits for its ready line.
